@@ -1,0 +1,10 @@
+//! credbroker: a hardened credential broker. It keeps every third-party secret of an agent
+//! platform in an encrypted store and serves a narrow gRPC API over mutual TLS, so that callers
+//! never handle refresh tokens, client secrets or passwords.
+//!
+//! Layers, bottom up (DESIGN.md §3): [`vault`] (keys and envelopes) → [`store`] (durable,
+//! encrypted records) → [`model`] (connectors and connections).
+
+pub mod model;
+pub mod store;
+pub mod vault;

@@ -1,0 +1,106 @@
+//! The records the registry stores. Secrets live in their own records, read only where used.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Kind, Mode, Secret};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connector {
+    pub id: String,
+    pub workspace: String,
+    pub name: String,
+    pub kind: Kind,
+    pub mode: Mode,
+    /// OAuth provider preset ("google-mail", "slack"…); empty for generic.
+    #[serde(default)]
+    pub provider: String,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Which connector secret slots are set (never their values).
+    #[serde(default)]
+    pub secrets_set: BTreeSet<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Connector {
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.config.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+}
+
+/// Secrets of a connector: the OAuth client secret, a shared API key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectorSecrets {
+    #[serde(default)]
+    pub slots: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionStatus {
+    Connected,
+    NotConnected,
+    Expired,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connection {
+    pub connector_id: String,
+    /// Empty for the one connection of a shared connector.
+    pub user_id: String,
+    pub status: ConnectionStatus,
+    #[serde(default)]
+    pub account_label: String,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_error: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// User-given, non-secret settings (hosts, ports, username, aliases…).
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// When the stored access token expires (OAuth).
+    pub access_expires_at: Option<DateTime<Utc>>,
+}
+
+impl Connection {
+    pub fn new(connector_id: &str, user_id: &str) -> Self {
+        Self {
+            connector_id: connector_id.to_string(),
+            user_id: user_id.to_string(),
+            status: ConnectionStatus::NotConnected,
+            account_label: String::new(),
+            connected_at: None,
+            last_used_at: None,
+            last_refreshed_at: None,
+            last_error: String::new(),
+            scopes: Vec::new(),
+            settings: BTreeMap::new(),
+            access_expires_at: None,
+        }
+    }
+
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.settings.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+}
+
+/// Secrets of one connection: API key, password, OAuth access and refresh tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionSecrets {
+    #[serde(default)]
+    pub slots: BTreeMap<String, Secret>,
+}
+
+impl ConnectionSecrets {
+    pub fn get(&self, slot: &str) -> Option<&Secret> {
+        self.slots.get(slot)
+    }
+}

@@ -1,0 +1,252 @@
+//! The registry: the one place that reads and writes connectors and connections. Every write is
+//! one atomic, durable batch; name uniqueness is kept under a lock held across check and write.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::validate::{validate_config, validate_connector_name, validate_secret, workspace_or_default};
+use super::{
+    Connection, ConnectionSecrets, Connector, ConnectorSecrets, FieldError, Kind, ModelError, Mode, Secret, new_id,
+};
+use crate::store::{Batch, Store, Table};
+
+/// How many records one delete batch removes, so deleting a connector with a million
+/// connections never builds one giant batch.
+const DELETE_CHUNK: usize = 1000;
+
+pub struct Registry {
+    store: Arc<Store>,
+    /// Serialises the changes that must check-then-write a name (create, rename, delete).
+    names: tokio::sync::Mutex<()>,
+}
+
+/// A partial update of a connector, as an `update_mask` describes it.
+#[derive(Debug, Default)]
+pub struct ConnectorPatch {
+    /// Config keys to set (Some) or clear (None).
+    pub config: BTreeMap<String, Option<String>>,
+    /// Secret slots to set (Some) or clear (None).
+    pub secrets: BTreeMap<String, Option<Secret>>,
+    pub mode: Option<Mode>,
+}
+
+fn connector_path(workspace: &str, id: &str) -> String {
+    format!("{workspace}/{id}")
+}
+
+fn name_path(workspace: &str, name: &str) -> String {
+    format!("{workspace}/{}", name.to_lowercase())
+}
+
+pub fn connection_path(connector_id: &str, user_id: &str) -> String {
+    format!("{connector_id}/{user_id}")
+}
+
+impl Registry {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store, names: tokio::sync::Mutex::new(()) }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub async fn create_connector(
+        &self,
+        workspace: &str,
+        name: &str,
+        kind: Kind,
+        mode: Mode,
+        provider: &str,
+        config: BTreeMap<String, String>,
+        secrets: BTreeMap<String, Secret>,
+    ) -> Result<Connector, ModelError> {
+        let workspace = workspace_or_default("workspace", workspace)?;
+        validate_connector_name("name", name)?;
+        validate_config("config", &config, kind.config_keys())?;
+        for (slot, value) in &secrets {
+            validate_secret("secrets", slot, value.expose(), kind.connector_secret_slots())?;
+        }
+        if kind == Kind::ApiKey && mode == Mode::Personal && !secrets.is_empty() {
+            return Err(FieldError::new("secrets.api_key", "a personal API-key connector takes each user's key through ConnectWithCredentials").into());
+        }
+        let _guard = self.names.lock().await;
+        if self.store.get::<String>(Table::ConnectorNames, &name_path(&workspace, name))?.is_some() {
+            return Err(ModelError::AlreadyExists { workspace, name: name.to_string() });
+        }
+        let now = Utc::now();
+        let connector = Connector {
+            id: new_id("cn_"),
+            workspace: workspace.clone(),
+            name: name.to_string(),
+            kind,
+            mode,
+            provider: provider.to_string(),
+            config,
+            secrets_set: secrets.keys().cloned().collect(),
+            created_at: now,
+            updated_at: now,
+        };
+        let mut batch = Batch::new();
+        batch
+            .put(Table::Connectors, connector_path(&workspace, &connector.id), &connector)
+            .put(Table::ConnectorNames, name_path(&workspace, name), &connector.id);
+        if !secrets.is_empty() {
+            batch.put(Table::ConnectorSecrets, connector.id.clone(), &ConnectorSecrets { slots: secrets });
+        }
+        self.store.commit(batch).await?;
+        Ok(connector)
+    }
+
+    /// Finds a connector by id ("cn_…") or by name (case-insensitive).
+    pub fn find_connector(&self, workspace: &str, name_or_id: &str) -> Result<Connector, ModelError> {
+        let workspace = workspace_or_default("workspace", workspace)?;
+        if name_or_id.is_empty() {
+            return Err(FieldError::new("connector", "must name a connector (its name or id)").into());
+        }
+        let id = if name_or_id.starts_with("cn_") {
+            Some(name_or_id.to_string())
+        } else {
+            self.store.get::<String>(Table::ConnectorNames, &name_path(&workspace, name_or_id))?
+        };
+        let found = match id {
+            Some(id) => self.store.get::<Connector>(Table::Connectors, &connector_path(&workspace, &id))?,
+            None => None,
+        };
+        found.ok_or_else(|| ModelError::NotFound { what: "connector", workspace, name: name_or_id.to_string() })
+    }
+
+    pub fn list_connectors(&self, workspace: &str) -> Result<Vec<Connector>, ModelError> {
+        let workspace = workspace_or_default("workspace", workspace)?;
+        let rows = self.store.scan::<Connector>(Table::Connectors, &format!("{workspace}/"), None, usize::MAX)?;
+        let mut connectors: Vec<Connector> = rows.into_iter().map(|(_, c)| c).collect();
+        connectors.sort_by_key(|c| c.name.to_lowercase());
+        Ok(connectors)
+    }
+
+    pub fn connector_secrets(&self, connector: &Connector) -> Result<ConnectorSecrets, ModelError> {
+        Ok(self.store.get(Table::ConnectorSecrets, &connector.id)?.unwrap_or_default())
+    }
+
+    pub async fn update_connector(&self, workspace: &str, name_or_id: &str, patch: ConnectorPatch) -> Result<Connector, ModelError> {
+        let mut connector = self.find_connector(workspace, name_or_id)?;
+        let kind = connector.kind;
+        for (key, value) in &patch.config {
+            match value {
+                Some(value) => connector.config.insert(key.clone(), value.clone()),
+                None => connector.config.remove(key),
+            };
+        }
+        if let Some(mode) = patch.mode {
+            connector.mode = mode;
+        }
+        validate_config("config", &connector.config, kind.config_keys())?;
+        let mut secrets = self.connector_secrets(&connector)?;
+        for (slot, value) in patch.secrets {
+            match value {
+                Some(value) => {
+                    validate_secret("secrets", &slot, value.expose(), kind.connector_secret_slots())?;
+                    secrets.slots.insert(slot, value);
+                }
+                None => {
+                    secrets.slots.remove(&slot);
+                }
+            }
+        }
+        if kind == Kind::ApiKey && connector.mode == Mode::Personal && secrets.slots.contains_key("api_key") {
+            return Err(FieldError::new("secrets.api_key", "a personal API-key connector takes each user's key through ConnectWithCredentials").into());
+        }
+        connector.secrets_set = secrets.slots.keys().cloned().collect();
+        connector.updated_at = Utc::now();
+        let mut batch = Batch::new();
+        batch
+            .put(Table::Connectors, connector_path(&connector.workspace, &connector.id), &connector)
+            .put(Table::ConnectorSecrets, connector.id.clone(), &secrets);
+        self.store.commit(batch).await?;
+        Ok(connector)
+    }
+
+    pub async fn rename_connector(&self, workspace: &str, name_or_id: &str, new_name: &str) -> Result<Connector, ModelError> {
+        validate_connector_name("new_name", new_name)?;
+        let _guard = self.names.lock().await;
+        let mut connector = self.find_connector(workspace, name_or_id)?;
+        let ws = connector.workspace.clone();
+        let taken = self.store.get::<String>(Table::ConnectorNames, &name_path(&ws, new_name))?;
+        if taken.is_some_and(|id| id != connector.id) {
+            return Err(ModelError::AlreadyExists { workspace: ws, name: new_name.to_string() });
+        }
+        let mut batch = Batch::new();
+        batch.delete(Table::ConnectorNames, name_path(&ws, &connector.name));
+        connector.name = new_name.to_string();
+        connector.updated_at = Utc::now();
+        batch
+            .put(Table::ConnectorNames, name_path(&ws, new_name), &connector.id)
+            .put(Table::Connectors, connector_path(&ws, &connector.id), &connector);
+        self.store.commit(batch).await?;
+        Ok(connector)
+    }
+
+    /// Deletes a connector and every connection under it; returns how many connections went.
+    pub async fn delete_connector(&self, workspace: &str, name_or_id: &str) -> Result<usize, ModelError> {
+        let _guard = self.names.lock().await;
+        let connector = self.find_connector(workspace, name_or_id)?;
+        let ws = &connector.workspace;
+        // The connector goes first: from this commit on, callers get NOT_FOUND.
+        let mut batch = Batch::new();
+        batch
+            .delete(Table::Connectors, connector_path(ws, &connector.id))
+            .delete(Table::ConnectorNames, name_path(ws, &connector.name))
+            .delete(Table::ConnectorSecrets, connector.id.clone());
+        self.store.commit(batch).await?;
+        self.delete_connections_of(&connector.id).await
+    }
+
+    async fn delete_connections_of(&self, connector_id: &str) -> Result<usize, ModelError> {
+        let prefix = format!("{connector_id}/");
+        let mut removed = 0;
+        loop {
+            let rows = self.store.scan::<Connection>(Table::Connections, &prefix, None, DELETE_CHUNK)?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut batch = Batch::new();
+            for (path, _) in &rows {
+                batch.delete(Table::Connections, path.clone()).delete(Table::ConnectionSecrets, path.clone());
+            }
+            removed += rows.len();
+            self.store.commit(batch).await?;
+        }
+        Ok(removed)
+    }
+
+    pub fn connection(&self, connector: &Connector, user_id: &str) -> Result<Option<Connection>, ModelError> {
+        Ok(self.store.get(Table::Connections, &connection_path(&connector.id, user_id))?)
+    }
+
+    pub fn connection_secrets(&self, connector: &Connector, user_id: &str) -> Result<ConnectionSecrets, ModelError> {
+        Ok(self.store.get(Table::ConnectionSecrets, &connection_path(&connector.id, user_id))?.unwrap_or_default())
+    }
+
+    /// Saves a connection and, when given, replaces its secrets, in one durable batch.
+    pub async fn save_connection(&self, connection: &Connection, secrets: Option<&ConnectionSecrets>) -> Result<(), ModelError> {
+        let path = connection_path(&connection.connector_id, &connection.user_id);
+        let mut batch = Batch::new();
+        batch.put(Table::Connections, path.clone(), connection);
+        if let Some(secrets) = secrets {
+            batch.put(Table::ConnectionSecrets, path, secrets);
+        }
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Removes a connection's record and secrets.
+    pub async fn delete_connection(&self, connector: &Connector, user_id: &str) -> Result<(), ModelError> {
+        let path = connection_path(&connector.id, user_id);
+        let mut batch = Batch::new();
+        batch.delete(Table::Connections, path.clone()).delete(Table::ConnectionSecrets, path);
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+}

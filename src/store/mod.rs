@@ -1,0 +1,314 @@
+//! The store owns persistence: typed records, sealed by the vault, kept by a [`Backend`] (sled
+//! today), written in atomic batches that are durable when [`Store::commit`] returns.
+//!
+//! Invariants:
+//! - every value reaching the backend is an envelope sealed for its own record key; only the
+//!   header and the vault's counter reservations (nothing secret) are stored in the clear;
+//! - a commit returns only after the backend has synced it; concurrent commits share one sync
+//!   ([`group_commit`]).
+
+mod group_commit;
+mod sled_backend;
+
+pub use sled_backend::SledBackend;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+use crate::vault::{Header, KeySource, Vault, VaultError};
+use group_commit::GroupCommit;
+
+/// The logical tables. A record's full key is `table ‖ 0x00 ‖ path`; the envelope is bound to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `{workspace}/{connector_id}` → Connector
+    Connectors,
+    /// `{workspace}/{lowercased name}` → connector id
+    ConnectorNames,
+    /// `{connector_id}` → ConnectorSecrets
+    ConnectorSecrets,
+    /// `{connector_id}/{user_id}` → Connection (user_id empty for shared)
+    Connections,
+    /// `{connector_id}/{user_id}` → ConnectionSecrets
+    ConnectionSecrets,
+    /// `{state}` → pending OAuth authorization
+    OAuthStates,
+    /// `{seq:020}` → audit record
+    Audit,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::Connectors,
+        Table::ConnectorNames,
+        Table::ConnectorSecrets,
+        Table::Connections,
+        Table::ConnectionSecrets,
+        Table::OAuthStates,
+        Table::Audit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Connectors => "connectors",
+            Table::ConnectorNames => "connector_names",
+            Table::ConnectorSecrets => "connector_secrets",
+            Table::Connections => "connections",
+            Table::ConnectionSecrets => "connection_secrets",
+            Table::OAuthStates => "oauth_states",
+            Table::Audit => "audit",
+        }
+    }
+
+    fn key(self, path: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.name().len() + 1 + path.len());
+        key.extend_from_slice(self.name().as_bytes());
+        key.push(0);
+        key.extend_from_slice(path.as_bytes());
+        key
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no store at {path}: create one with `credbroker init`")]
+    NotInitialized { path: String },
+    #[error("a store already exists at {path}; refusing to overwrite it")]
+    AlreadyExists { path: String },
+    #[error("the store at {path} is in use by another process")]
+    Locked { path: String },
+    #[error("storage error: {0}")]
+    Backend(String),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("record {record} does not decode: {why}")]
+    Decode { record: String, why: String },
+    #[error("the write could not be made durable: {0}")]
+    Sync(String),
+}
+
+/// What a storage engine must offer. Small on purpose, so that another backend (PostgreSQL)
+/// can replace sled without touching any caller. Values here are opaque bytes (envelopes).
+pub trait Backend: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` entries whose key starts with `prefix` and sorts after `after`, in key order.
+    fn scan_prefix(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// The entry with the greatest key under `prefix`.
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Applies every put (Some) and delete (None) atomically; not yet durable.
+    fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError>;
+    /// Blocks until everything applied so far is on disk.
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Unencrypted metadata: the header and counter reservations.
+    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+}
+
+/// A set of writes that commit together or not at all.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Table, String, Option<Zeroizing<Vec<u8>>>)>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put<T: Serialize>(&mut self, table: Table, path: impl Into<String>, value: &T) -> &mut Self {
+        let bytes = Zeroizing::new(serde_json::to_vec(value).expect("records serialize"));
+        self.ops.push((table, path.into(), Some(bytes)));
+        self
+    }
+
+    pub fn delete(&mut self, table: Table, path: impl Into<String>) -> &mut Self {
+        self.ops.push((table, path.into(), None));
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// The encrypted, typed store shared by every part of the daemon.
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    vault: Arc<Vault>,
+    header: Header,
+    commits: GroupCommit,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("store_id", &self.header.store_id).field("vault", &self.vault).finish()
+    }
+}
+
+const HEADER_KEY: &str = "header";
+
+fn reservation_key(term: u32) -> String {
+    format!("reserved/{term}")
+}
+
+impl Store {
+    /// Creates a new store at `path`, refusing if one exists there.
+    pub fn create(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
+        Self::create_with(path, source, crate::vault::ARGON2_PARAMS)
+    }
+
+    /// As [`Store::create`] with explicit argon2id parameters.
+    pub fn create_with(path: &Path, source: &KeySource, argon2: (u32, u32, u32)) -> Result<Store, StoreError> {
+        let backend = Arc::new(SledBackend::open(path)?);
+        if backend.meta_get(HEADER_KEY)?.is_some() {
+            return Err(StoreError::AlreadyExists { path: path.display().to_string() });
+        }
+        let (header, _) = Header::create_with_params(source, argon2)?;
+        // The header is the last thing written: a store without one is not a store yet.
+        backend.meta_put(HEADER_KEY, &serde_json::to_vec(&header).expect("header serializes"))?;
+        backend.sync()?;
+        drop(backend);
+        Self::open(path, source)
+    }
+
+    /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.
+    pub fn open(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
+        if !path.join("conf").exists() {
+            return Err(StoreError::NotInitialized { path: path.display().to_string() });
+        }
+        let backend = Arc::new(SledBackend::open(path)?);
+        Self::open_backend(backend, source, path)
+    }
+
+    fn open_backend(backend: Arc<SledBackend>, source: &KeySource, path: &Path) -> Result<Store, StoreError> {
+        let raw = backend
+            .meta_get(HEADER_KEY)?
+            .ok_or_else(|| StoreError::NotInitialized { path: path.display().to_string() })?;
+        let header: Header = serde_json::from_slice(&raw)
+            .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
+        let keyring = header.unlock(source)?;
+        let term = keyring.current_term();
+        let reserved = backend
+            .meta_get(&reservation_key(term))?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let sink_backend = backend.clone();
+        let vault = Vault::new(
+            keyring,
+            reserved,
+            Box::new(move |term, n| {
+                sink_backend
+                    .meta_put(&reservation_key(term), &n.to_be_bytes())
+                    .and_then(|()| sink_backend.sync())
+                    .map_err(|e| e.to_string())
+            }),
+        );
+        let backend: Arc<dyn Backend> = backend;
+        Ok(Store { commits: GroupCommit::start(backend.clone()), backend, vault: Arc::new(vault), header })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    /// Reads and decrypts one record.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
+        let key = table.key(path);
+        match self.backend.get(&key)? {
+            None => Ok(None),
+            Some(sealed) => self.decode(&key, &sealed).map(Some),
+        }
+    }
+
+    /// Reads up to `limit` records whose path starts with `prefix`, after path `after`.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let after_key = after.map(|a| table.key(a));
+        let rows = self.backend.scan_prefix(&table.key(prefix), after_key.as_deref(), limit)?;
+        rows.into_iter()
+            .map(|(key, sealed)| {
+                let value = self.decode(&key, &sealed)?;
+                let path = String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned();
+                Ok((path, value))
+            })
+            .collect()
+    }
+
+    /// The record with the greatest path under `prefix` (the latest audit record, say).
+    pub fn last<T: DeserializeOwned>(&self, table: Table, prefix: &str) -> Result<Option<(String, T)>, StoreError> {
+        match self.backend.last_with_prefix(&table.key(prefix))? {
+            None => Ok(None),
+            Some((key, sealed)) => {
+                let value = self.decode(&key, &sealed)?;
+                Ok(Some((String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned(), value)))
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
+        let plain = self.vault.open(key, sealed)?;
+        serde_json::from_slice(&plain).map_err(|e| StoreError::Decode {
+            record: String::from_utf8_lossy(key).replace('\0', "/"),
+            why: e.to_string(),
+        })
+    }
+
+    /// Seals and applies `batch` atomically, returning once it is on disk.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.commits.wait().await
+    }
+
+    /// [`Store::commit`] for callers outside the async runtime (the CLI).
+    pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.commits.wait_blocking()
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::with_capacity(batch.ops.len());
+        for (table, path, value) in batch.ops {
+            let key = table.key(&path);
+            let sealed = match value {
+                Some(plain) => Some(self.vault.seal(&key, &plain)?),
+                None => None,
+            };
+            ops.push((key, sealed));
+        }
+        self.backend.apply(ops)
+    }
+
+    /// Test and forensics hook: the raw envelope of a record, as the backend holds it.
+    pub fn raw_get(&self, table: Table, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(&table.key(path))
+    }
+
+    /// Test and forensics hook: writes raw bytes as a record, bypassing the vault.
+    pub fn raw_put(&self, table: Table, path: &str, bytes: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.backend.apply(vec![(table.key(path), bytes)])?;
+        self.backend.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,81 @@
+//! The sled 0.34 backend: one tree for records, sled's default tree for metadata.
+
+use std::path::Path;
+
+use super::{Backend, StoreError};
+
+pub struct SledBackend {
+    db: sled::Db,
+    records: sled::Tree,
+}
+
+fn backend_error(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SledBackend {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                StoreError::Locked { path: path.display().to_string() }
+            }
+            other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
+        })?;
+        let records = db.open_tree("records").map_err(backend_error)?;
+        Ok(Self { db, records })
+    }
+}
+
+impl Backend for SledBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.records.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let iter = match after {
+            Some(after) => {
+                let mut start = after.to_vec();
+                start.push(0);
+                self.records.range(start..)
+            }
+            None => self.records.range(prefix.to_vec()..),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item.map_err(backend_error)?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let last = self.records.scan_prefix(prefix).next_back().transpose().map_err(backend_error)?;
+        Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
+    fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in ops {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        self.records.apply_batch(batch).map_err(backend_error)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| StoreError::Sync(e.to_string()))
+    }
+
+    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
+    }
+
+    fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value).map(|_| ()).map_err(backend_error)
+    }
+}

@@ -1,0 +1,105 @@
+//! The keyring: data keys by term (1, 2, …). New writes use the current (highest) term; older
+//! terms stay until a rewrap has moved every record off them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Encryptions allowed under one term: 2^32 minus a margin, the NIST bound for random 96-bit
+/// nonces under one AES-GCM key.
+pub const TERM_LIMIT: u64 = (1 << 32) - (1 << 20);
+
+/// One 256-bit data key, wiped on drop and never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct DataKey([u8; 32]);
+
+impl DataKey {
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredKeyring {
+    current: u32,
+    keys: BTreeMap<u32, String>,
+}
+
+impl Drop for StoredKeyring {
+    fn drop(&mut self) {
+        for key in self.keys.values_mut() {
+            key.zeroize();
+        }
+    }
+}
+
+pub struct Keyring {
+    current: u32,
+    keys: BTreeMap<u32, DataKey>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("current", &self.current)
+            .field("terms", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// A keyring with one fresh key, term 1.
+    pub fn generate() -> Self {
+        let mut keys = BTreeMap::new();
+        keys.insert(1, DataKey(super::random_bytes()));
+        Self { current: 1, keys }
+    }
+
+    pub fn current_term(&self) -> u32 {
+        self.current
+    }
+
+    pub fn terms(&self) -> impl Iterator<Item = u32> + '_ {
+        self.keys.keys().copied()
+    }
+
+    pub fn key(&self, term: u32) -> Option<&DataKey> {
+        self.keys.get(&term)
+    }
+
+    /// Adds a fresh key as the new current term.
+    pub fn add_term(&mut self) -> u32 {
+        self.current += 1;
+        self.keys.insert(self.current, DataKey(super::random_bytes()));
+        self.current
+    }
+
+    /// Forgets a term that no record uses any more. The current term cannot be retired.
+    pub fn retire(&mut self, term: u32) -> bool {
+        term != self.current && self.keys.remove(&term).is_some()
+    }
+
+    pub(super) fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let stored = StoredKeyring {
+            current: self.current,
+            keys: self.keys.iter().map(|(t, k)| (*t, hex::encode(k.0))).collect(),
+        };
+        Zeroizing::new(serde_json::to_vec(&stored).expect("keyring serializes"))
+    }
+
+    pub(super) fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let stored: StoredKeyring = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut keys = BTreeMap::new();
+        for (term, hex_key) in &stored.keys {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(hex_key, &mut key).map_err(|_| format!("key of term {term} is malformed"))?;
+            keys.insert(*term, DataKey(key));
+            key.zeroize();
+        }
+        if !keys.contains_key(&stored.current) {
+            return Err(format!("current term {} has no key", stored.current));
+        }
+        Ok(Self { current: stored.current, keys })
+    }
+}

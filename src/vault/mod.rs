@@ -1,0 +1,201 @@
+//! The vault owns every key: it unlocks the key-encryption key (KEK) from a key file or a
+//! passphrase, unwraps the keyring of data keys, and seals and opens the AES-256-GCM envelopes
+//! that every stored value travels in. Nothing outside this module sees a data key.
+//!
+//! Invariants:
+//! - the KEK only wraps the keyring (and the header's check value), never records;
+//! - every envelope is bound to its record's full key and its term (AAD), so a ciphertext moved
+//!   to another record, or re-labelled with another term, fails to open;
+//! - encryptions under one term are counted and refused past [`keyring::TERM_LIMIT`], well before
+//!   GCM's 2^32 random-nonce bound.
+
+mod envelope;
+mod header;
+mod kek;
+mod keyring;
+
+pub use envelope::{ENVELOPE_OVERHEAD, Envelope};
+pub use header::{ARGON2_PARAMS, FORMAT_VERSION, Header, Kdf};
+pub use kek::{Kek, KeySource, generate_key_file, random_bytes};
+pub use keyring::{Keyring, TERM_LIMIT};
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use zeroize::Zeroizing;
+
+/// Everything that can go wrong unlocking or using keys. Messages name the problem and what to
+/// do; none contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("cannot read key file {path}: {source}")]
+    KeyFileUnreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path} must hold exactly 32 bytes (raw) or 64 hex digits, found {found} bytes")]
+    KeyFileMalformed { path: String, found: usize },
+    #[error("the key file or passphrase does not unlock this store (wrong key)")]
+    WrongKey,
+    #[error("this store is unlocked with a {expected}, but a {given} was given")]
+    WrongKeyKind {
+        expected: &'static str,
+        given: &'static str,
+    },
+    #[error("the passphrase is empty")]
+    EmptyPassphrase,
+    #[error(
+        "store format version {found} is newer than this credbroker supports ({supported}); upgrade credbroker"
+    )]
+    NewerFormat { found: u32, supported: u32 },
+    #[error("the store header is damaged: {0}")]
+    HeaderCorrupt(String),
+    #[error("record {record} failed authentication: it was tampered with or moved from another record")]
+    Tampered { record: String },
+    #[error("record {record} is not a valid envelope: {why}")]
+    Malformed { record: String, why: &'static str },
+    #[error("record {record} is sealed under key term {term}, which this keyring does not hold")]
+    UnknownTerm { record: String, term: u32 },
+    #[error("key term {term} has reached its encryption limit; rotate the key (credbroker rotate-key)")]
+    TermExhausted { term: u32 },
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    #[error("cannot reserve encryptions: {0}")]
+    Reservation(String),
+}
+
+/// Persists how many encryptions of a term may be used, before they are used, so that a crash
+/// never lets the counter go back (see [`Vault::seal`]).
+pub type ReservationSink = Box<dyn Fn(u32, u64) -> Result<(), String> + Send + Sync>;
+
+/// How many encryptions one reservation covers: one durable header write per 64 Ki writes.
+const RESERVATION_BLOCK: u64 = 1 << 16;
+
+/// The unlocked keyring plus the counter of encryptions under its current term.
+pub struct Vault {
+    keyring: Keyring,
+    /// Encryptions done under the current term (persisted as reservations, not exactly).
+    used: AtomicU64,
+    /// Encryptions persisted as reserved; `used` may not pass it without a new reservation.
+    reserved: Mutex<u64>,
+    sink: ReservationSink,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("current_term", &self.keyring.current_term())
+            .field("used", &self.used.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// `reserved` is the last persisted reservation of the current term: counting restarts there,
+    /// so encryptions done before a crash are never counted twice as unused.
+    pub fn new(keyring: Keyring, reserved: u64, sink: ReservationSink) -> Self {
+        Self {
+            keyring,
+            used: AtomicU64::new(reserved),
+            reserved: Mutex::new(reserved),
+            sink,
+        }
+    }
+
+    pub fn current_term(&self) -> u32 {
+        self.keyring.current_term()
+    }
+
+    /// Encryptions counted under the current term.
+    pub fn encryptions(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Seals `plaintext` for the record named `record_key`.
+    pub fn seal(&self, record_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        let term = self.keyring.current_term();
+        let n = self.used.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > TERM_LIMIT {
+            return Err(VaultError::TermExhausted { term });
+        }
+        self.ensure_reserved(term, n)?;
+        Envelope::seal(term, self.keyring.key(term).expect("current term is held"), record_key, plaintext)
+    }
+
+    /// Opens an envelope read from the record named `record_key`.
+    pub fn open(&self, record_key: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let record = || String::from_utf8_lossy(record_key).replace('\0', "/");
+        let envelope = Envelope::parse(sealed).map_err(|why| VaultError::Malformed { record: record(), why })?;
+        let key = self
+            .keyring
+            .key(envelope.term)
+            .ok_or_else(|| VaultError::UnknownTerm { record: record(), term: envelope.term })?;
+        envelope.open(key, record_key).map_err(|()| VaultError::Tampered { record: record() })
+    }
+
+    fn ensure_reserved(&self, term: u32, n: u64) -> Result<(), VaultError> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        if n <= *reserved {
+            return Ok(());
+        }
+        let next = (n + RESERVATION_BLOCK).min(TERM_LIMIT);
+        (self.sink)(term, next).map_err(VaultError::Reservation)?;
+        *reserved = next;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn vault_with(sink_log: Arc<Mutex<Vec<u64>>>) -> Vault {
+        let keyring = Keyring::generate();
+        let log = sink_log.clone();
+        Vault::new(keyring, 0, Box::new(move |_, n| {
+            log.lock().unwrap().push(n);
+            Ok(())
+        }))
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_binding() {
+        let vault = vault_with(Arc::default());
+        let sealed = vault.seal(b"connectors\0a", b"hello").unwrap();
+        assert_eq!(&*vault.open(b"connectors\0a", &sealed).unwrap(), b"hello");
+        assert!(matches!(vault.open(b"connectors\0b", &sealed), Err(VaultError::Tampered { .. })));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let vault = vault_with(Arc::default());
+        let sealed = vault.seal(b"t\0k", b"canary-secret-value").unwrap();
+        for i in 0..sealed.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = sealed.clone();
+                bad[i] ^= bit;
+                assert!(vault.open(b"t\0k", &bad).is_err(), "flip at byte {i} went unnoticed");
+            }
+        }
+        assert!(vault.open(b"t\0k", &sealed[..sealed.len() - 1]).is_err());
+        assert!(vault.open(b"t\0k", &[]).is_err());
+    }
+
+    #[test]
+    fn reservations_are_persisted_before_use() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let vault = vault_with(log.clone());
+        for _ in 0..(RESERVATION_BLOCK + 2) {
+            vault.seal(b"t\0k", b"x").unwrap();
+        }
+        let log = log.lock().unwrap();
+        assert_eq!(log.as_slice(), &[1 + RESERVATION_BLOCK, RESERVATION_BLOCK + 2 + RESERVATION_BLOCK]);
+    }
+
+    #[test]
+    fn failed_reservation_refuses_to_seal() {
+        let vault = Vault::new(Keyring::generate(), 0, Box::new(|_, _| Err("disk full".into())));
+        assert!(matches!(vault.seal(b"t\0k", b"x"), Err(VaultError::Reservation(_))));
+    }
+}
