@@ -7,4 +7,5 @@
 
 pub mod model;
 pub mod store;
+pub mod tls;
 pub mod vault;

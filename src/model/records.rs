@@ -28,7 +28,10 @@ pub struct Connector {
 
 impl Connector {
     pub fn setting(&self, key: &str) -> Option<&str> {
-        self.config.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.config
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -88,7 +91,10 @@ impl Connection {
     }
 
     pub fn setting(&self, key: &str) -> Option<&str> {
-        self.settings.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.settings
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 

@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::validate::{validate_config, validate_connector_name, validate_secret, workspace_or_default};
+use super::validate::{
+    validate_config, validate_connector_name, validate_secret, workspace_or_default,
+};
 use super::{
-    Connection, ConnectionSecrets, Connector, ConnectorSecrets, FieldError, Kind, ModelError, Mode, Secret, new_id,
+    Connection, ConnectionSecrets, Connector, ConnectorSecrets, FieldError, Kind, Mode, ModelError,
+    Secret, new_id,
 };
 use crate::store::{Batch, Store, Table};
 
@@ -46,7 +49,10 @@ pub fn connection_path(connector_id: &str, user_id: &str) -> String {
 
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store, names: tokio::sync::Mutex::new(()) }
+        Self {
+            store,
+            names: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -67,14 +73,30 @@ impl Registry {
         validate_connector_name("name", name)?;
         validate_config("config", &config, kind.config_keys())?;
         for (slot, value) in &secrets {
-            validate_secret("secrets", slot, value.expose(), kind.connector_secret_slots())?;
+            validate_secret(
+                "secrets",
+                slot,
+                value.expose(),
+                kind.connector_secret_slots(),
+            )?;
         }
         if kind == Kind::ApiKey && mode == Mode::Personal && !secrets.is_empty() {
-            return Err(FieldError::new("secrets.api_key", "a personal API-key connector takes each user's key through ConnectWithCredentials").into());
+            return Err(FieldError::new(
+                "secrets.api_key",
+                "a personal API-key connector takes each user's key through ConnectWithCredentials",
+            )
+            .into());
         }
         let _guard = self.names.lock().await;
-        if self.store.get::<String>(Table::ConnectorNames, &name_path(&workspace, name))?.is_some() {
-            return Err(ModelError::AlreadyExists { workspace, name: name.to_string() });
+        if self
+            .store
+            .get::<String>(Table::ConnectorNames, &name_path(&workspace, name))?
+            .is_some()
+        {
+            return Err(ModelError::AlreadyExists {
+                workspace,
+                name: name.to_string(),
+            });
         }
         let now = Utc::now();
         let connector = Connector {
@@ -91,46 +113,84 @@ impl Registry {
         };
         let mut batch = Batch::new();
         batch
-            .put(Table::Connectors, connector_path(&workspace, &connector.id), &connector)
-            .put(Table::ConnectorNames, name_path(&workspace, name), &connector.id);
+            .put(
+                Table::Connectors,
+                connector_path(&workspace, &connector.id),
+                &connector,
+            )
+            .put(
+                Table::ConnectorNames,
+                name_path(&workspace, name),
+                &connector.id,
+            );
         if !secrets.is_empty() {
-            batch.put(Table::ConnectorSecrets, connector.id.clone(), &ConnectorSecrets { slots: secrets });
+            batch.put(
+                Table::ConnectorSecrets,
+                connector.id.clone(),
+                &ConnectorSecrets { slots: secrets },
+            );
         }
         self.store.commit(batch).await?;
         Ok(connector)
     }
 
     /// Finds a connector by id ("cn_…") or by name (case-insensitive).
-    pub fn find_connector(&self, workspace: &str, name_or_id: &str) -> Result<Connector, ModelError> {
+    pub fn find_connector(
+        &self,
+        workspace: &str,
+        name_or_id: &str,
+    ) -> Result<Connector, ModelError> {
         let workspace = workspace_or_default("workspace", workspace)?;
         if name_or_id.is_empty() {
-            return Err(FieldError::new("connector", "must name a connector (its name or id)").into());
+            return Err(
+                FieldError::new("connector", "must name a connector (its name or id)").into(),
+            );
         }
         let id = if name_or_id.starts_with("cn_") {
             Some(name_or_id.to_string())
         } else {
-            self.store.get::<String>(Table::ConnectorNames, &name_path(&workspace, name_or_id))?
+            self.store
+                .get::<String>(Table::ConnectorNames, &name_path(&workspace, name_or_id))?
         };
         let found = match id {
-            Some(id) => self.store.get::<Connector>(Table::Connectors, &connector_path(&workspace, &id))?,
+            Some(id) => self
+                .store
+                .get::<Connector>(Table::Connectors, &connector_path(&workspace, &id))?,
             None => None,
         };
-        found.ok_or_else(|| ModelError::NotFound { what: "connector", workspace, name: name_or_id.to_string() })
+        found.ok_or_else(|| ModelError::NotFound {
+            what: "connector",
+            workspace,
+            name: name_or_id.to_string(),
+        })
     }
 
     pub fn list_connectors(&self, workspace: &str) -> Result<Vec<Connector>, ModelError> {
         let workspace = workspace_or_default("workspace", workspace)?;
-        let rows = self.store.scan::<Connector>(Table::Connectors, &format!("{workspace}/"), None, usize::MAX)?;
+        let rows = self.store.scan::<Connector>(
+            Table::Connectors,
+            &format!("{workspace}/"),
+            None,
+            usize::MAX,
+        )?;
         let mut connectors: Vec<Connector> = rows.into_iter().map(|(_, c)| c).collect();
         connectors.sort_by_key(|c| c.name.to_lowercase());
         Ok(connectors)
     }
 
     pub fn connector_secrets(&self, connector: &Connector) -> Result<ConnectorSecrets, ModelError> {
-        Ok(self.store.get(Table::ConnectorSecrets, &connector.id)?.unwrap_or_default())
+        Ok(self
+            .store
+            .get(Table::ConnectorSecrets, &connector.id)?
+            .unwrap_or_default())
     }
 
-    pub async fn update_connector(&self, workspace: &str, name_or_id: &str, patch: ConnectorPatch) -> Result<Connector, ModelError> {
+    pub async fn update_connector(
+        &self,
+        workspace: &str,
+        name_or_id: &str,
+        patch: ConnectorPatch,
+    ) -> Result<Connector, ModelError> {
         let mut connector = self.find_connector(workspace, name_or_id)?;
         let kind = connector.kind;
         for (key, value) in &patch.config {
@@ -147,7 +207,12 @@ impl Registry {
         for (slot, value) in patch.secrets {
             match value {
                 Some(value) => {
-                    validate_secret("secrets", &slot, value.expose(), kind.connector_secret_slots())?;
+                    validate_secret(
+                        "secrets",
+                        &slot,
+                        value.expose(),
+                        kind.connector_secret_slots(),
+                    )?;
                     secrets.slots.insert(slot, value);
                 }
                 None => {
@@ -155,41 +220,74 @@ impl Registry {
                 }
             }
         }
-        if kind == Kind::ApiKey && connector.mode == Mode::Personal && secrets.slots.contains_key("api_key") {
-            return Err(FieldError::new("secrets.api_key", "a personal API-key connector takes each user's key through ConnectWithCredentials").into());
+        if kind == Kind::ApiKey
+            && connector.mode == Mode::Personal
+            && secrets.slots.contains_key("api_key")
+        {
+            return Err(FieldError::new(
+                "secrets.api_key",
+                "a personal API-key connector takes each user's key through ConnectWithCredentials",
+            )
+            .into());
         }
         connector.secrets_set = secrets.slots.keys().cloned().collect();
         connector.updated_at = Utc::now();
         let mut batch = Batch::new();
         batch
-            .put(Table::Connectors, connector_path(&connector.workspace, &connector.id), &connector)
+            .put(
+                Table::Connectors,
+                connector_path(&connector.workspace, &connector.id),
+                &connector,
+            )
             .put(Table::ConnectorSecrets, connector.id.clone(), &secrets);
         self.store.commit(batch).await?;
         Ok(connector)
     }
 
-    pub async fn rename_connector(&self, workspace: &str, name_or_id: &str, new_name: &str) -> Result<Connector, ModelError> {
+    pub async fn rename_connector(
+        &self,
+        workspace: &str,
+        name_or_id: &str,
+        new_name: &str,
+    ) -> Result<Connector, ModelError> {
         validate_connector_name("new_name", new_name)?;
         let _guard = self.names.lock().await;
         let mut connector = self.find_connector(workspace, name_or_id)?;
         let ws = connector.workspace.clone();
-        let taken = self.store.get::<String>(Table::ConnectorNames, &name_path(&ws, new_name))?;
+        let taken = self
+            .store
+            .get::<String>(Table::ConnectorNames, &name_path(&ws, new_name))?;
         if taken.is_some_and(|id| id != connector.id) {
-            return Err(ModelError::AlreadyExists { workspace: ws, name: new_name.to_string() });
+            return Err(ModelError::AlreadyExists {
+                workspace: ws,
+                name: new_name.to_string(),
+            });
         }
         let mut batch = Batch::new();
         batch.delete(Table::ConnectorNames, name_path(&ws, &connector.name));
         connector.name = new_name.to_string();
         connector.updated_at = Utc::now();
         batch
-            .put(Table::ConnectorNames, name_path(&ws, new_name), &connector.id)
-            .put(Table::Connectors, connector_path(&ws, &connector.id), &connector);
+            .put(
+                Table::ConnectorNames,
+                name_path(&ws, new_name),
+                &connector.id,
+            )
+            .put(
+                Table::Connectors,
+                connector_path(&ws, &connector.id),
+                &connector,
+            );
         self.store.commit(batch).await?;
         Ok(connector)
     }
 
     /// Deletes a connector and every connection under it; returns how many connections went.
-    pub async fn delete_connector(&self, workspace: &str, name_or_id: &str) -> Result<usize, ModelError> {
+    pub async fn delete_connector(
+        &self,
+        workspace: &str,
+        name_or_id: &str,
+    ) -> Result<usize, ModelError> {
         let _guard = self.names.lock().await;
         let connector = self.find_connector(workspace, name_or_id)?;
         let ws = &connector.workspace;
@@ -207,13 +305,17 @@ impl Registry {
         let prefix = format!("{connector_id}/");
         let mut removed = 0;
         loop {
-            let rows = self.store.scan::<Connection>(Table::Connections, &prefix, None, DELETE_CHUNK)?;
+            let rows =
+                self.store
+                    .scan::<Connection>(Table::Connections, &prefix, None, DELETE_CHUNK)?;
             if rows.is_empty() {
                 break;
             }
             let mut batch = Batch::new();
             for (path, _) in &rows {
-                batch.delete(Table::Connections, path.clone()).delete(Table::ConnectionSecrets, path.clone());
+                batch
+                    .delete(Table::Connections, path.clone())
+                    .delete(Table::ConnectionSecrets, path.clone());
             }
             removed += rows.len();
             self.store.commit(batch).await?;
@@ -221,16 +323,36 @@ impl Registry {
         Ok(removed)
     }
 
-    pub fn connection(&self, connector: &Connector, user_id: &str) -> Result<Option<Connection>, ModelError> {
-        Ok(self.store.get(Table::Connections, &connection_path(&connector.id, user_id))?)
+    pub fn connection(
+        &self,
+        connector: &Connector,
+        user_id: &str,
+    ) -> Result<Option<Connection>, ModelError> {
+        Ok(self
+            .store
+            .get(Table::Connections, &connection_path(&connector.id, user_id))?)
     }
 
-    pub fn connection_secrets(&self, connector: &Connector, user_id: &str) -> Result<ConnectionSecrets, ModelError> {
-        Ok(self.store.get(Table::ConnectionSecrets, &connection_path(&connector.id, user_id))?.unwrap_or_default())
+    pub fn connection_secrets(
+        &self,
+        connector: &Connector,
+        user_id: &str,
+    ) -> Result<ConnectionSecrets, ModelError> {
+        Ok(self
+            .store
+            .get(
+                Table::ConnectionSecrets,
+                &connection_path(&connector.id, user_id),
+            )?
+            .unwrap_or_default())
     }
 
     /// Saves a connection and, when given, replaces its secrets, in one durable batch.
-    pub async fn save_connection(&self, connection: &Connection, secrets: Option<&ConnectionSecrets>) -> Result<(), ModelError> {
+    pub async fn save_connection(
+        &self,
+        connection: &Connection,
+        secrets: Option<&ConnectionSecrets>,
+    ) -> Result<(), ModelError> {
         let path = connection_path(&connection.connector_id, &connection.user_id);
         let mut batch = Batch::new();
         batch.put(Table::Connections, path.clone(), connection);
@@ -242,10 +364,16 @@ impl Registry {
     }
 
     /// Removes a connection's record and secrets.
-    pub async fn delete_connection(&self, connector: &Connector, user_id: &str) -> Result<(), ModelError> {
+    pub async fn delete_connection(
+        &self,
+        connector: &Connector,
+        user_id: &str,
+    ) -> Result<(), ModelError> {
         let path = connection_path(&connector.id, user_id);
         let mut batch = Batch::new();
-        batch.delete(Table::Connections, path.clone()).delete(Table::ConnectionSecrets, path);
+        batch
+            .delete(Table::Connections, path.clone())
+            .delete(Table::ConnectionSecrets, path);
         self.store.commit(batch).await?;
         Ok(())
     }

@@ -20,7 +20,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self { field: field.into(), problem: problem.into() }
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -32,7 +35,9 @@ pub fn workspace_or_default(field: &str, workspace: &str) -> Result<String, Fiel
     let bytes = workspace.as_bytes();
     let ok = bytes.len() <= 63
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
     if !ok {
         return Err(FieldError::new(
             field,
@@ -50,34 +55,62 @@ pub fn validate_connector_name(field: &str, name: &str) -> Result<(), FieldError
         return Err(FieldError::new(field, "must not be empty"));
     }
     if chars > MAX_NAME_CHARS {
-        return Err(FieldError::new(field, format!("is {chars} characters long; at most {MAX_NAME_CHARS} allowed")));
+        return Err(FieldError::new(
+            field,
+            format!("is {chars} characters long; at most {MAX_NAME_CHARS} allowed"),
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     if name.trim() != name {
         return Err(FieldError::new(field, "must not start or end with spaces"));
     }
     if name.starts_with("cn_") {
-        return Err(FieldError::new(field, "must not start with \"cn_\" (reserved for connector ids)"));
+        return Err(FieldError::new(
+            field,
+            "must not start with \"cn_\" (reserved for connector ids)",
+        ));
     }
     Ok(())
 }
 
 pub fn validate_user_id(field: &str, user_id: &str) -> Result<(), FieldError> {
     if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(FieldError::new(field, format!("is {} bytes long; at most {MAX_USER_ID_BYTES} allowed", user_id.len())));
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_USER_ID_BYTES} allowed",
+                user_id.len()
+            ),
+        ));
     }
     if user_id.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
 
 /// Checks a map of settings against the keys a kind accepts.
-pub fn validate_config(field: &str, config: &BTreeMap<String, String>, known: &[&str]) -> Result<(), FieldError> {
+pub fn validate_config(
+    field: &str,
+    config: &BTreeMap<String, String>,
+    known: &[&str],
+) -> Result<(), FieldError> {
     if config.len() > MAX_CONFIG_ENTRIES {
-        return Err(FieldError::new(field, format!("has {} entries; at most {MAX_CONFIG_ENTRIES} allowed", config.len())));
+        return Err(FieldError::new(
+            field,
+            format!(
+                "has {} entries; at most {MAX_CONFIG_ENTRIES} allowed",
+                config.len()
+            ),
+        ));
     }
     for (key, value) in config {
         if !known.contains(&key.as_str()) {
@@ -87,10 +120,16 @@ pub fn validate_config(field: &str, config: &BTreeMap<String, String>, known: &[
             ));
         }
         if value.len() > MAX_CONFIG_VALUE_BYTES {
-            return Err(FieldError::new(format!("{field}.{key}"), format!("is longer than {MAX_CONFIG_VALUE_BYTES} bytes")));
+            return Err(FieldError::new(
+                format!("{field}.{key}"),
+                format!("is longer than {MAX_CONFIG_VALUE_BYTES} bytes"),
+            ));
         }
         if key != "ca_pem" && value.chars().any(|c| c.is_control()) {
-            return Err(FieldError::new(format!("{field}.{key}"), "must not contain control characters"));
+            return Err(FieldError::new(
+                format!("{field}.{key}"),
+                "must not contain control characters",
+            ));
         }
     }
     Ok(())
@@ -98,20 +137,38 @@ pub fn validate_config(field: &str, config: &BTreeMap<String, String>, known: &[
 
 /// Checks a secret slot name against the kind's slots, and its value's size. The value itself
 /// never appears in the error.
-pub fn validate_secret(field: &str, slot: &str, value: &str, slots: &[&str]) -> Result<(), FieldError> {
+pub fn validate_secret(
+    field: &str,
+    slot: &str,
+    value: &str,
+    slots: &[&str],
+) -> Result<(), FieldError> {
     let field = format!("{field}.{slot}");
     if !slots.contains(&slot) {
-        let known = if slots.is_empty() { "none".to_string() } else { slots.join(", ") };
-        return Err(FieldError::new(field, format!("is not a secret slot here (slots: {known})")));
+        let known = if slots.is_empty() {
+            "none".to_string()
+        } else {
+            slots.join(", ")
+        };
+        return Err(FieldError::new(
+            field,
+            format!("is not a secret slot here (slots: {known})"),
+        ));
     }
     if value.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
     if value.len() > MAX_SECRET_BYTES {
-        return Err(FieldError::new(field, format!("is longer than {MAX_SECRET_BYTES} bytes")));
+        return Err(FieldError::new(
+            field,
+            format!("is longer than {MAX_SECRET_BYTES} bytes"),
+        ));
     }
     if value.contains(['\r', '\n', '\0']) {
-        return Err(FieldError::new(field, "must not contain line breaks or NUL"));
+        return Err(FieldError::new(
+            field,
+            "must not contain line breaks or NUL",
+        ));
     }
     Ok(())
 }

@@ -40,7 +40,9 @@ impl GroupCommit {
 
     fn enqueue(&self) -> Result<oneshot::Receiver<Result<(), Arc<str>>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.queue.send(tx).map_err(|_| StoreError::Sync("commit thread stopped".into()))?;
+        self.queue
+            .send(tx)
+            .map_err(|_| StoreError::Sync("commit thread stopped".into()))?;
         Ok(rx)
     }
 

@@ -96,7 +96,12 @@ pub enum StoreError {
 pub trait Backend: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries whose key starts with `prefix` and sorts after `after`, in key order.
-    fn scan_prefix(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     /// The entry with the greatest key under `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
     /// Applies every put (Some) and delete (None) atomically; not yet durable.
@@ -119,7 +124,12 @@ impl Batch {
         Self::default()
     }
 
-    pub fn put<T: Serialize>(&mut self, table: Table, path: impl Into<String>, value: &T) -> &mut Self {
+    pub fn put<T: Serialize>(
+        &mut self,
+        table: Table,
+        path: impl Into<String>,
+        value: &T,
+    ) -> &mut Self {
         let bytes = Zeroizing::new(serde_json::to_vec(value).expect("records serialize"));
         self.ops.push((table, path.into(), Some(bytes)));
         self
@@ -149,7 +159,10 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("store_id", &self.header.store_id).field("vault", &self.vault).finish()
+        f.debug_struct("Store")
+            .field("store_id", &self.header.store_id)
+            .field("vault", &self.vault)
+            .finish()
     }
 }
 
@@ -166,14 +179,23 @@ impl Store {
     }
 
     /// As [`Store::create`] with explicit argon2id parameters.
-    pub fn create_with(path: &Path, source: &KeySource, argon2: (u32, u32, u32)) -> Result<Store, StoreError> {
+    pub fn create_with(
+        path: &Path,
+        source: &KeySource,
+        argon2: (u32, u32, u32),
+    ) -> Result<Store, StoreError> {
         let backend = Arc::new(SledBackend::open(path)?);
         if backend.meta_get(HEADER_KEY)?.is_some() {
-            return Err(StoreError::AlreadyExists { path: path.display().to_string() });
+            return Err(StoreError::AlreadyExists {
+                path: path.display().to_string(),
+            });
         }
         let (header, _) = Header::create_with_params(source, argon2)?;
         // The header is the last thing written: a store without one is not a store yet.
-        backend.meta_put(HEADER_KEY, &serde_json::to_vec(&header).expect("header serializes"))?;
+        backend.meta_put(
+            HEADER_KEY,
+            &serde_json::to_vec(&header).expect("header serializes"),
+        )?;
         backend.sync()?;
         drop(backend);
         Self::open(path, source)
@@ -182,16 +204,24 @@ impl Store {
     /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.
     pub fn open(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
         if !path.join("conf").exists() {
-            return Err(StoreError::NotInitialized { path: path.display().to_string() });
+            return Err(StoreError::NotInitialized {
+                path: path.display().to_string(),
+            });
         }
         let backend = Arc::new(SledBackend::open(path)?);
         Self::open_backend(backend, source, path)
     }
 
-    fn open_backend(backend: Arc<SledBackend>, source: &KeySource, path: &Path) -> Result<Store, StoreError> {
+    fn open_backend(
+        backend: Arc<SledBackend>,
+        source: &KeySource,
+        path: &Path,
+    ) -> Result<Store, StoreError> {
         let raw = backend
             .meta_get(HEADER_KEY)?
-            .ok_or_else(|| StoreError::NotInitialized { path: path.display().to_string() })?;
+            .ok_or_else(|| StoreError::NotInitialized {
+                path: path.display().to_string(),
+            })?;
         let header: Header = serde_json::from_slice(&raw)
             .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
         let keyring = header.unlock(source)?;
@@ -212,7 +242,12 @@ impl Store {
             }),
         );
         let backend: Arc<dyn Backend> = backend;
-        Ok(Store { commits: GroupCommit::start(backend.clone()), backend, vault: Arc::new(vault), header })
+        Ok(Store {
+            commits: GroupCommit::start(backend.clone()),
+            backend,
+            vault: Arc::new(vault),
+            header,
+        })
     }
 
     pub fn header(&self) -> &Header {
@@ -224,7 +259,11 @@ impl Store {
     }
 
     /// Reads and decrypts one record.
-    pub fn get<T: DeserializeOwned>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        path: &str,
+    ) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
         match self.backend.get(&key)? {
             None => Ok(None),
@@ -241,7 +280,9 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(String, T)>, StoreError> {
         let after_key = after.map(|a| table.key(a));
-        let rows = self.backend.scan_prefix(&table.key(prefix), after_key.as_deref(), limit)?;
+        let rows = self
+            .backend
+            .scan_prefix(&table.key(prefix), after_key.as_deref(), limit)?;
         rows.into_iter()
             .map(|(key, sealed)| {
                 let value = self.decode(&key, &sealed)?;
@@ -252,12 +293,19 @@ impl Store {
     }
 
     /// The record with the greatest path under `prefix` (the latest audit record, say).
-    pub fn last<T: DeserializeOwned>(&self, table: Table, prefix: &str) -> Result<Option<(String, T)>, StoreError> {
+    pub fn last<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> Result<Option<(String, T)>, StoreError> {
         match self.backend.last_with_prefix(&table.key(prefix))? {
             None => Ok(None),
             Some((key, sealed)) => {
                 let value = self.decode(&key, &sealed)?;
-                Ok(Some((String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned(), value)))
+                Ok(Some((
+                    String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned(),
+                    value,
+                )))
             }
         }
     }
@@ -304,7 +352,12 @@ impl Store {
     }
 
     /// Test and forensics hook: writes raw bytes as a record, bypassing the vault.
-    pub fn raw_put(&self, table: Table, path: &str, bytes: Option<Vec<u8>>) -> Result<(), StoreError> {
+    pub fn raw_put(
+        &self,
+        table: Table,
+        path: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
         self.backend.apply(vec![(table.key(path), bytes)])?;
         self.backend.sync()
     }

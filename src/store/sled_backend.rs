@@ -16,8 +16,13 @@ fn backend_error(e: sled::Error) -> StoreError {
 impl SledBackend {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                StoreError::Locked { path: path.display().to_string() }
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                }
             }
             other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
         })?;
@@ -28,10 +33,19 @@ impl SledBackend {
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.records.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
+        Ok(self
+            .records
+            .get(key)
+            .map_err(backend_error)?
+            .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let iter = match after {
             Some(after) => {
                 let mut start = after.to_vec();
@@ -52,7 +66,12 @@ impl Backend for SledBackend {
     }
 
     fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let last = self.records.scan_prefix(prefix).next_back().transpose().map_err(backend_error)?;
+        let last = self
+            .records
+            .scan_prefix(prefix)
+            .next_back()
+            .transpose()
+            .map_err(backend_error)?;
         Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
@@ -68,7 +87,10 @@ impl Backend for SledBackend {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(|e| StoreError::Sync(e.to_string()))
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| StoreError::Sync(e.to_string()))
     }
 
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -76,6 +98,9 @@ impl Backend for SledBackend {
     }
 
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.db.insert(key, value).map(|_| ()).map_err(backend_error)
+        self.db
+            .insert(key, value)
+            .map(|_| ())
+            .map_err(backend_error)
     }
 }

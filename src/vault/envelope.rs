@@ -39,11 +39,25 @@ fn cipher(key: &DataKey) -> Aes256Gcm {
 }
 
 impl<'a> Envelope<'a> {
-    pub fn seal(term: u32, key: &DataKey, record_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+    pub fn seal(
+        term: u32,
+        key: &DataKey,
+        record_key: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
         let nonce: [u8; 12] = super::random_bytes();
         let ciphertext = cipher(key)
-            .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad: &aad(record_key, term) })
-            .map_err(|_| VaultError::Malformed { record: String::new(), why: "plaintext too long" })?;
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad(record_key, term),
+                },
+            )
+            .map_err(|_| VaultError::Malformed {
+                record: String::new(),
+                why: "plaintext too long",
+            })?;
         let mut out = Vec::with_capacity(HEADER_LEN + ciphertext.len());
         out.push(VERSION);
         out.extend_from_slice(&term.to_be_bytes());
@@ -61,14 +75,25 @@ impl<'a> Envelope<'a> {
         }
         let term = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes"));
         let nonce = bytes[5..17].try_into().expect("12 bytes");
-        Ok(Self { term, nonce, ciphertext: &bytes[HEADER_LEN..] })
+        Ok(Self {
+            term,
+            nonce,
+            ciphertext: &bytes[HEADER_LEN..],
+        })
     }
 
-    pub fn open(&self, key: &DataKey, record_key: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, ()> {
+    pub fn open(
+        &self,
+        key: &DataKey,
+        record_key: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, ()> {
         cipher(key)
             .decrypt(
                 &Nonce::from(self.nonce),
-                Payload { msg: self.ciphertext, aad: &aad(record_key, self.term) },
+                Payload {
+                    msg: self.ciphertext,
+                    aad: &aad(record_key, self.term),
+                },
             )
             .map(zeroize::Zeroizing::new)
             .map_err(|_| ())

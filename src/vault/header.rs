@@ -20,7 +20,12 @@ pub const ARGON2_PARAMS: (u32, u32, u32) = (64 * 1024, 3, 1);
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Kdf {
     KeyFile,
-    Argon2id { salt: String, m_kib: u32, t: u32, p: u32 },
+    Argon2id {
+        salt: String,
+        m_kib: u32,
+        t: u32,
+        p: u32,
+    },
 }
 
 impl Kdf {
@@ -48,7 +53,13 @@ fn seal(kek: &Kek, aad: &[u8], plaintext: &[u8]) -> String {
     let nonce: [u8; 12] = random_bytes();
     let cipher = Aes256Gcm::new(&Key::<Aes256Gcm>::from(*kek.bytes()));
     let ct = cipher
-        .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .expect("small plaintext seals");
     hex::encode([&nonce[..], &ct].concat())
 }
@@ -61,7 +72,13 @@ fn open(kek: &Kek, aad: &[u8], sealed_hex: &str) -> Option<zeroize::Zeroizing<Ve
     let nonce: [u8; 12] = sealed[..12].try_into().ok()?;
     let cipher = Aes256Gcm::new(&Key::<Aes256Gcm>::from(*kek.bytes()));
     cipher
-        .decrypt(&Nonce::from(nonce), Payload { msg: &sealed[12..], aad })
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: &sealed[12..],
+                aad,
+            },
+        )
         .ok()
         .map(zeroize::Zeroizing::new)
 }
@@ -74,7 +91,10 @@ impl Header {
 
     /// As [`Header::create`], with explicit argon2id cost (tests use the floor; nothing lower is
     /// accepted for passphrases).
-    pub fn create_with_params(source: &KeySource, params: (u32, u32, u32)) -> Result<(Header, Keyring), VaultError> {
+    pub fn create_with_params(
+        source: &KeySource,
+        params: (u32, u32, u32),
+    ) -> Result<(Header, Keyring), VaultError> {
         let (kek, kdf) = new_kek(source, params)?;
         let keyring = Keyring::generate();
         let store_id = hex::encode(random_bytes::<16>());
@@ -83,27 +103,58 @@ impl Header {
     }
 
     fn seal_keyring(kek: &Kek, kdf: Kdf, store_id: String, keyring: &Keyring) -> Header {
-        let check = seal(kek, format!("credbroker/check/{store_id}").as_bytes(), &[0u8; 32]);
-        let wrapped = seal(kek, format!("credbroker/keyring/{store_id}").as_bytes(), &keyring.to_bytes());
-        Header { format_version: FORMAT_VERSION, store_id, kdf, check, keyring: wrapped }
+        let check = seal(
+            kek,
+            format!("credbroker/check/{store_id}").as_bytes(),
+            &[0u8; 32],
+        );
+        let wrapped = seal(
+            kek,
+            format!("credbroker/keyring/{store_id}").as_bytes(),
+            &keyring.to_bytes(),
+        );
+        Header {
+            format_version: FORMAT_VERSION,
+            store_id,
+            kdf,
+            check,
+            keyring: wrapped,
+        }
     }
 
     /// The same header with `keyring` wrapped again under the same KEK (after a rotation).
-    pub fn with_keyring(&self, source: &KeySource, keyring: &Keyring) -> Result<Header, VaultError> {
+    pub fn with_keyring(
+        &self,
+        source: &KeySource,
+        keyring: &Keyring,
+    ) -> Result<Header, VaultError> {
         let kek = self.check_key(source)?;
-        Ok(Header::seal_keyring(&kek, self.kdf.clone(), self.store_id.clone(), keyring))
+        Ok(Header::seal_keyring(
+            &kek,
+            self.kdf.clone(),
+            self.store_id.clone(),
+            keyring,
+        ))
     }
 
     /// The same keyring wrapped under a new key source (passphrase change, key file replacement).
     pub fn rewrapped(&self, old: &KeySource, new: &KeySource) -> Result<Header, VaultError> {
         let keyring = self.unlock(old)?;
         let (kek, kdf) = new_kek(new, ARGON2_PARAMS)?;
-        Ok(Header::seal_keyring(&kek, kdf, self.store_id.clone(), &keyring))
+        Ok(Header::seal_keyring(
+            &kek,
+            kdf,
+            self.store_id.clone(),
+            &keyring,
+        ))
     }
 
     pub fn check_version(&self) -> Result<(), VaultError> {
         if self.format_version > FORMAT_VERSION {
-            return Err(VaultError::NewerFormat { found: self.format_version, supported: FORMAT_VERSION });
+            return Err(VaultError::NewerFormat {
+                found: self.format_version,
+                supported: FORMAT_VERSION,
+            });
         }
         Ok(())
     }
@@ -111,15 +162,26 @@ impl Header {
     fn check_key(&self, source: &KeySource) -> Result<Kek, VaultError> {
         self.check_version()?;
         let kek = Kek::derive(source, &self.kdf)?;
-        open(&kek, format!("credbroker/check/{}", self.store_id).as_bytes(), &self.check).ok_or(VaultError::WrongKey)?;
+        open(
+            &kek,
+            format!("credbroker/check/{}", self.store_id).as_bytes(),
+            &self.check,
+        )
+        .ok_or(VaultError::WrongKey)?;
         Ok(kek)
     }
 
     /// Unlocks the keyring: a wrong key is reported as such, a damaged keyring as damage.
     pub fn unlock(&self, source: &KeySource) -> Result<Keyring, VaultError> {
         let kek = self.check_key(source)?;
-        let bytes = open(&kek, format!("credbroker/keyring/{}", self.store_id).as_bytes(), &self.keyring)
-            .ok_or_else(|| VaultError::HeaderCorrupt("the wrapped keyring fails authentication".into()))?;
+        let bytes = open(
+            &kek,
+            format!("credbroker/keyring/{}", self.store_id).as_bytes(),
+            &self.keyring,
+        )
+        .ok_or_else(|| {
+            VaultError::HeaderCorrupt("the wrapped keyring fails authentication".into())
+        })?;
         Keyring::from_bytes(&bytes).map_err(VaultError::HeaderCorrupt)
     }
 }
@@ -135,7 +197,10 @@ mod tests {
     fn passphrase_unlocks_and_wrong_one_is_named() {
         let good = KeySource::Passphrase(SecretString::from("correct horse"));
         let (header, keyring) = Header::create_with_params(&good, FAST).unwrap();
-        assert_eq!(header.unlock(&good).unwrap().current_term(), keyring.current_term());
+        assert_eq!(
+            header.unlock(&good).unwrap().current_term(),
+            keyring.current_term()
+        );
         let bad = KeySource::Passphrase(SecretString::from("wrong horse"));
         assert!(matches!(header.unlock(&bad), Err(VaultError::WrongKey)));
     }
@@ -150,7 +215,10 @@ mod tests {
         let mut bytes = hex::decode(&header.keyring).unwrap();
         bytes[20] ^= 1;
         header.keyring = hex::encode(bytes);
-        assert!(matches!(header.unlock(&source), Err(VaultError::HeaderCorrupt(_))));
+        assert!(matches!(
+            header.unlock(&source),
+            Err(VaultError::HeaderCorrupt(_))
+        ));
     }
 
     #[test]
@@ -161,6 +229,12 @@ mod tests {
         let source = KeySource::KeyFile(path);
         let (mut header, _) = Header::create(&source).unwrap();
         header.format_version = FORMAT_VERSION + 1;
-        assert!(matches!(header.unlock(&source), Err(VaultError::NewerFormat { found: 2, supported: 1 })));
+        assert!(matches!(
+            header.unlock(&source),
+            Err(VaultError::NewerFormat {
+                found: 2,
+                supported: 1
+            })
+        ));
     }
 }

@@ -52,15 +52,25 @@ impl Kek {
         match (source, kdf) {
             (KeySource::KeyFile(path), Kdf::KeyFile) => read_key_file(path),
             (KeySource::Passphrase(phrase), Kdf::Argon2id { salt, m_kib, t, p }) => {
-                let salt = hex::decode(salt).map_err(|_| VaultError::HeaderCorrupt("argon2 salt is not hex".into()))?;
+                let salt = hex::decode(salt)
+                    .map_err(|_| VaultError::HeaderCorrupt("argon2 salt is not hex".into()))?;
                 argon2id(phrase, &salt, *m_kib, *t, *p)
             }
-            (given, expected) => Err(VaultError::WrongKeyKind { expected: expected.kind(), given: given.kind() }),
+            (given, expected) => Err(VaultError::WrongKeyKind {
+                expected: expected.kind(),
+                given: given.kind(),
+            }),
         }
     }
 }
 
-fn argon2id(phrase: &SecretString, salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<Kek, VaultError> {
+fn argon2id(
+    phrase: &SecretString,
+    salt: &[u8],
+    m_kib: u32,
+    t: u32,
+    p: u32,
+) -> Result<Kek, VaultError> {
     if phrase.expose_secret().is_empty() {
         return Err(VaultError::EmptyPassphrase);
     }
@@ -74,9 +84,13 @@ fn argon2id(phrase: &SecretString, salt: &[u8], m_kib: u32, t: u32, p: u32) -> R
 
 fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
     let shown = path.display().to_string();
-    let raw = Zeroizing::new(
-        std::fs::read(path).map_err(|source| VaultError::KeyFileUnreadable { path: shown.clone(), source })?,
-    );
+    let raw =
+        Zeroizing::new(
+            std::fs::read(path).map_err(|source| VaultError::KeyFileUnreadable {
+                path: shown.clone(),
+                source,
+            })?,
+        );
     let mut key = Zeroizing::new([0u8; 32]);
     if raw.len() == 32 {
         key.copy_from_slice(&raw);
@@ -87,7 +101,10 @@ fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
     if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
         return Ok(Kek(key));
     }
-    Err(VaultError::KeyFileMalformed { path: shown, found: raw.len() })
+    Err(VaultError::KeyFileMalformed {
+        path: shown,
+        found: raw.len(),
+    })
 }
 
 /// Writes a new key file of 32 random bytes, readable by its owner only. Refuses to overwrite.
@@ -97,20 +114,35 @@ pub fn generate_key_file(path: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let key = Zeroizing::new(random_bytes::<32>());
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(key.as_ref())?;
     file.sync_all()
 }
 
 /// A fresh KEK for a new store, with the header's description of how to derive it again.
-pub(super) fn new_kek(source: &KeySource, kdf_params: (u32, u32, u32)) -> Result<(Kek, Kdf), VaultError> {
+pub(super) fn new_kek(
+    source: &KeySource,
+    kdf_params: (u32, u32, u32),
+) -> Result<(Kek, Kdf), VaultError> {
     match source {
         KeySource::KeyFile(path) => Ok((read_key_file(path)?, Kdf::KeyFile)),
         KeySource::Passphrase(phrase) => {
             let salt: [u8; 16] = random_bytes();
             let (m_kib, t, p) = kdf_params;
             let kek = argon2id(phrase, &salt, m_kib, t, p)?;
-            Ok((kek, Kdf::Argon2id { salt: hex::encode(salt), m_kib, t, p }))
+            Ok((
+                kek,
+                Kdf::Argon2id {
+                    salt: hex::encode(salt),
+                    m_kib,
+                    t,
+                    p,
+                },
+            ))
         }
     }
 }

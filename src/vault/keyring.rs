@@ -71,7 +71,8 @@ impl Keyring {
     /// Adds a fresh key as the new current term.
     pub fn add_term(&mut self) -> u32 {
         self.current += 1;
-        self.keys.insert(self.current, DataKey(super::random_bytes()));
+        self.keys
+            .insert(self.current, DataKey(super::random_bytes()));
         self.current
     }
 
@@ -83,7 +84,11 @@ impl Keyring {
     pub(super) fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
         let stored = StoredKeyring {
             current: self.current,
-            keys: self.keys.iter().map(|(t, k)| (*t, hex::encode(k.0))).collect(),
+            keys: self
+                .keys
+                .iter()
+                .map(|(t, k)| (*t, hex::encode(k.0)))
+                .collect(),
         };
         Zeroizing::new(serde_json::to_vec(&stored).expect("keyring serializes"))
     }
@@ -93,13 +98,17 @@ impl Keyring {
         let mut keys = BTreeMap::new();
         for (term, hex_key) in &stored.keys {
             let mut key = [0u8; 32];
-            hex::decode_to_slice(hex_key, &mut key).map_err(|_| format!("key of term {term} is malformed"))?;
+            hex::decode_to_slice(hex_key, &mut key)
+                .map_err(|_| format!("key of term {term} is malformed"))?;
             keys.insert(*term, DataKey(key));
             key.zeroize();
         }
         if !keys.contains_key(&stored.current) {
             return Err(format!("current term {} has no key", stored.current));
         }
-        Ok(Self { current: stored.current, keys })
+        Ok(Self {
+            current: stored.current,
+            keys,
+        })
     }
 }

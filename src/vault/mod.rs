@@ -33,7 +33,9 @@ pub enum VaultError {
         path: String,
         source: std::io::Error,
     },
-    #[error("key file {path} must hold exactly 32 bytes (raw) or 64 hex digits, found {found} bytes")]
+    #[error(
+        "key file {path} must hold exactly 32 bytes (raw) or 64 hex digits, found {found} bytes"
+    )]
     KeyFileMalformed { path: String, found: usize },
     #[error("the key file or passphrase does not unlock this store (wrong key)")]
     WrongKey,
@@ -50,13 +52,17 @@ pub enum VaultError {
     NewerFormat { found: u32, supported: u32 },
     #[error("the store header is damaged: {0}")]
     HeaderCorrupt(String),
-    #[error("record {record} failed authentication: it was tampered with or moved from another record")]
+    #[error(
+        "record {record} failed authentication: it was tampered with or moved from another record"
+    )]
     Tampered { record: String },
     #[error("record {record} is not a valid envelope: {why}")]
     Malformed { record: String, why: &'static str },
     #[error("record {record} is sealed under key term {term}, which this keyring does not hold")]
     UnknownTerm { record: String, term: u32 },
-    #[error("key term {term} has reached its encryption limit; rotate the key (credbroker rotate-key)")]
+    #[error(
+        "key term {term} has reached its encryption limit; rotate the key (credbroker rotate-key)"
+    )]
     TermExhausted { term: u32 },
     #[error("key derivation failed: {0}")]
     Kdf(String),
@@ -119,18 +125,31 @@ impl Vault {
             return Err(VaultError::TermExhausted { term });
         }
         self.ensure_reserved(term, n)?;
-        Envelope::seal(term, self.keyring.key(term).expect("current term is held"), record_key, plaintext)
+        Envelope::seal(
+            term,
+            self.keyring.key(term).expect("current term is held"),
+            record_key,
+            plaintext,
+        )
     }
 
     /// Opens an envelope read from the record named `record_key`.
     pub fn open(&self, record_key: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let record = || String::from_utf8_lossy(record_key).replace('\0', "/");
-        let envelope = Envelope::parse(sealed).map_err(|why| VaultError::Malformed { record: record(), why })?;
+        let envelope = Envelope::parse(sealed).map_err(|why| VaultError::Malformed {
+            record: record(),
+            why,
+        })?;
         let key = self
             .keyring
             .key(envelope.term)
-            .ok_or_else(|| VaultError::UnknownTerm { record: record(), term: envelope.term })?;
-        envelope.open(key, record_key).map_err(|()| VaultError::Tampered { record: record() })
+            .ok_or_else(|| VaultError::UnknownTerm {
+                record: record(),
+                term: envelope.term,
+            })?;
+        envelope
+            .open(key, record_key)
+            .map_err(|()| VaultError::Tampered { record: record() })
     }
 
     fn ensure_reserved(&self, term: u32, n: u64) -> Result<(), VaultError> {
@@ -153,10 +172,14 @@ mod tests {
     fn vault_with(sink_log: Arc<Mutex<Vec<u64>>>) -> Vault {
         let keyring = Keyring::generate();
         let log = sink_log.clone();
-        Vault::new(keyring, 0, Box::new(move |_, n| {
-            log.lock().unwrap().push(n);
-            Ok(())
-        }))
+        Vault::new(
+            keyring,
+            0,
+            Box::new(move |_, n| {
+                log.lock().unwrap().push(n);
+                Ok(())
+            }),
+        )
     }
 
     #[test]
@@ -164,7 +187,10 @@ mod tests {
         let vault = vault_with(Arc::default());
         let sealed = vault.seal(b"connectors\0a", b"hello").unwrap();
         assert_eq!(&*vault.open(b"connectors\0a", &sealed).unwrap(), b"hello");
-        assert!(matches!(vault.open(b"connectors\0b", &sealed), Err(VaultError::Tampered { .. })));
+        assert!(matches!(
+            vault.open(b"connectors\0b", &sealed),
+            Err(VaultError::Tampered { .. })
+        ));
     }
 
     #[test]
@@ -175,7 +201,10 @@ mod tests {
             for bit in [0x01u8, 0x80] {
                 let mut bad = sealed.clone();
                 bad[i] ^= bit;
-                assert!(vault.open(b"t\0k", &bad).is_err(), "flip at byte {i} went unnoticed");
+                assert!(
+                    vault.open(b"t\0k", &bad).is_err(),
+                    "flip at byte {i} went unnoticed"
+                );
             }
         }
         assert!(vault.open(b"t\0k", &sealed[..sealed.len() - 1]).is_err());
@@ -190,12 +219,25 @@ mod tests {
             vault.seal(b"t\0k", b"x").unwrap();
         }
         let log = log.lock().unwrap();
-        assert_eq!(log.as_slice(), &[1 + RESERVATION_BLOCK, RESERVATION_BLOCK + 2 + RESERVATION_BLOCK]);
+        assert_eq!(
+            log.as_slice(),
+            &[
+                1 + RESERVATION_BLOCK,
+                RESERVATION_BLOCK + 2 + RESERVATION_BLOCK
+            ]
+        );
     }
 
     #[test]
     fn failed_reservation_refuses_to_seal() {
-        let vault = Vault::new(Keyring::generate(), 0, Box::new(|_, _| Err("disk full".into())));
-        assert!(matches!(vault.seal(b"t\0k", b"x"), Err(VaultError::Reservation(_))));
+        let vault = Vault::new(
+            Keyring::generate(),
+            0,
+            Box::new(|_, _| Err("disk full".into())),
+        );
+        assert!(matches!(
+            vault.seal(b"t\0k", b"x"),
+            Err(VaultError::Reservation(_))
+        ));
     }
 }
