@@ -5,7 +5,10 @@
 //! Layers, bottom up (DESIGN.md §3): [`vault`] (keys and envelopes) → [`store`] (durable,
 //! encrypted records) → [`model`] (connectors and connections).
 
+pub mod audit;
 pub mod model;
+pub mod pki;
+pub mod policy;
 pub mod store;
 pub mod tls;
 pub mod vault;

@@ -1,0 +1,219 @@
+//! The audit log: every data-plane call and admin change, allowed or denied, as a hash chain
+//! (`h_n = SHA-256(h_{n-1} ‖ record)`), appended by one writer task that batches whatever is
+//! queued into one durable commit. [`AuditLog::record`] returns only once its record is on
+//! disk; if it cannot be written the caller fails the request (fail closed).
+//!
+//! Records live in the store (sealed like everything else) under `r/{seq:020}`; the latest
+//! head is kept beside them under `head`, written in the same batch, so that deleting the last
+//! records is detected too. Records never contain a secret.
+
+mod verify;
+
+pub use verify::{VerifyError, VerifySummary, export, verify};
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Batch, Store, StoreError, Table};
+
+/// Most records one commit carries.
+const MAX_BATCH: usize = 4096;
+/// Queue depth before callers wait for room (back-pressure, not loss).
+const QUEUE: usize = 65536;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Allowed and done.
+    Ok,
+    /// Refused by policy or by authentication.
+    Denied,
+    /// Allowed, but failed (bad input, upstream error…); `reason` says why.
+    Error,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// What a caller asks to be recorded.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub caller: String,
+    pub operation: String,
+    pub workspace: String,
+    pub connector: String,
+    pub user_id: String,
+    pub outcome: Option<Outcome>,
+    pub reason: String,
+    pub request_id: String,
+}
+
+/// A record as chained and stored. Field order is the canonical hashing order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    /// Hex SHA-256 of the chain up to and including this record.
+    pub hash: String,
+}
+
+/// The chain's latest position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+    pub time: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log cannot be written: {0}")]
+    Write(String),
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub(crate) const GENESIS: [u8; 32] = [0; 32];
+
+pub(crate) fn record_path(seq: u64) -> String {
+    format!("r/{seq:020}")
+}
+
+pub(crate) const HEAD_PATH: &str = "head";
+
+/// `SHA-256(prev ‖ canonical JSON of the record without its hash)`.
+pub(crate) fn chain_hash(prev: &[u8; 32], seq: u64, time: &DateTime<Utc>, event: &AuditEvent) -> [u8; 32] {
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        seq: u64,
+        time: &'a DateTime<Utc>,
+        #[serde(flatten)]
+        event: &'a AuditEvent,
+    }
+    let body = serde_json::to_vec(&Canonical { seq, time, event }).expect("audit record serializes");
+    let mut hasher = Sha256::new();
+    hasher.update(prev);
+    hasher.update(&body);
+    hasher.finalize().into()
+}
+
+type Pending = (AuditEvent, oneshot::Sender<Result<u64, Arc<str>>>);
+
+pub struct AuditLog {
+    queue: mpsc::Sender<Pending>,
+    head: Arc<Mutex<AuditHead>>,
+    store: Arc<Store>,
+}
+
+impl AuditLog {
+    /// Starts the writer task, continuing the chain from the stored head.
+    pub fn start(store: Arc<Store>) -> Result<AuditLog, AuditError> {
+        let head = store.get::<AuditHead>(Table::Audit, HEAD_PATH)?.unwrap_or(AuditHead {
+            seq: 0,
+            hash: hex::encode(GENESIS),
+            time: None,
+        });
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let head = Arc::new(Mutex::new(head));
+        tokio::spawn(writer(store.clone(), head.clone(), rx));
+        Ok(AuditLog { queue, head, store })
+    }
+
+    /// Appends `event`; returns its sequence number once it is durable.
+    pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.send((event, tx)).await.map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)?.map_err(|e| AuditError::Write(e.to_string()))
+    }
+
+    pub fn head(&self) -> AuditHead {
+        self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records after `after_seq` that pass `keep`, at most `limit`, scanning at most
+    /// `max_scan` records so one query cannot walk the whole log.
+    pub fn query(
+        &self,
+        after_seq: u64,
+        limit: usize,
+        max_scan: usize,
+        keep: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<AuditRecord>, AuditError> {
+        let mut out = Vec::new();
+        let mut after = record_path(after_seq);
+        let mut scanned = 0;
+        while out.len() < limit && scanned < max_scan {
+            let page = self.store.scan::<AuditRecord>(Table::Audit, "r/", Some(&after), 512)?;
+            let Some((last, _)) = page.last() else { break };
+            after = last.clone();
+            scanned += page.len();
+            out.extend(page.into_iter().map(|(_, r)| r).filter(|r| keep(r)).take(limit - out.len()));
+        }
+        Ok(out)
+    }
+
+    /// How many events wait to be written.
+    pub fn queue_depth(&self) -> usize {
+        QUEUE - self.queue.capacity()
+    }
+}
+
+async fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver<Pending>) {
+    let mut pending: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut pending, MAX_BATCH).await > 0 {
+        let start = head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut prev = [0u8; 32];
+        if hex::decode_to_slice(&start.hash, &mut prev).is_err() {
+            fail_all(&mut pending, "the stored audit head is damaged");
+            continue;
+        }
+        let mut seq = start.seq;
+        let mut batch = Batch::new();
+        let mut last_time = None;
+        for (event, _) in &pending {
+            seq += 1;
+            let time = Utc::now();
+            prev = chain_hash(&prev, seq, &time, event);
+            let record = AuditRecord { seq, time, event: event.clone(), hash: hex::encode(prev) };
+            batch.put(Table::Audit, record_path(seq), &record);
+            last_time = Some(time);
+        }
+        let new_head = AuditHead { seq, hash: hex::encode(prev), time: last_time };
+        batch.put(Table::Audit, HEAD_PATH, &new_head);
+        match store.commit(batch).await {
+            Ok(()) => {
+                *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
+                let first = start.seq + 1;
+                for (i, (_, reply)) in pending.drain(..).enumerate() {
+                    let _ = reply.send(Ok(first + i as u64));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed; failing the requests it covers");
+                fail_all(&mut pending, &e.to_string());
+            }
+        }
+    }
+}
+
+fn fail_all(pending: &mut Vec<Pending>, why: &str) {
+    let why: Arc<str> = Arc::from(why);
+    for (_, reply) in pending.drain(..) {
+        let _ = reply.send(Err(why.clone()));
+    }
+}

@@ -1,0 +1,219 @@
+//! The policy file and its evaluation. Default deny: a caller absent from the file, or an
+//! operation, workspace, connector or user no grant covers, is refused with a reason.
+//!
+//! ```toml
+//! [[callers]]
+//! id = "spiffe://example.org/console"
+//! admin_workspaces = ["*"]            # admin API on these workspaces
+//!
+//! [[callers]]
+//! id = "spiffe://example.org/agent-runtime"
+//! [[callers.grants]]
+//! workspace = "default"               # or "*"
+//! connectors = ["HubSpot*", "Gmail"]  # name patterns (case-insensitive), or ids
+//! operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
+//! users = ["*"]                        # end users it may act for; [] = shared connectors only
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use globset::{GlobBuilder, GlobMatcher};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Resolve,
+    SendEmail,
+    FetchMail,
+    WatchMail,
+    ListCalendar,
+    CreateEvent,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Resolve => "resolve",
+            Operation::SendEmail => "send_email",
+            Operation::FetchMail => "fetch_mail",
+            Operation::WatchMail => "watch_mail",
+            Operation::ListCalendar => "list_calendar",
+            Operation::CreateEvent => "create_event",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("policy file {path} is invalid: {why}")]
+    Invalid { path: String, why: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    callers: Vec<CallerFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallerFile {
+    id: String,
+    #[serde(default)]
+    admin_workspaces: Vec<String>,
+    #[serde(default)]
+    grants: Vec<GrantFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantFile {
+    workspace: String,
+    connectors: Vec<String>,
+    operations: Vec<Operation>,
+    #[serde(default)]
+    users: Vec<String>,
+}
+
+struct Grant {
+    workspace: String,
+    connectors: Vec<GlobMatcher>,
+    operations: Vec<Operation>,
+    users: Vec<String>,
+}
+
+#[derive(Default)]
+struct CallerRules {
+    admin_workspaces: Vec<String>,
+    grants: Vec<Grant>,
+}
+
+#[derive(Default)]
+pub struct Policy {
+    callers: HashMap<String, CallerRules>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy").field("callers", &self.callers.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+fn matches(pattern: &str, value: &str) -> bool {
+    pattern == "*" || pattern == value
+}
+
+impl Policy {
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: shown.clone(), source })?;
+        Self::parse(&text).map_err(|why| PolicyError::Invalid { path: shown, why })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut callers = HashMap::new();
+        for caller in file.callers {
+            if caller.id.is_empty() {
+                return Err("a caller has an empty id".into());
+            }
+            let mut grants = Vec::new();
+            for grant in caller.grants {
+                let connectors = grant
+                    .connectors
+                    .iter()
+                    .map(|p| {
+                        GlobBuilder::new(p)
+                            .case_insensitive(true)
+                            .literal_separator(false)
+                            .build()
+                            .map(|g| g.compile_matcher())
+                            .map_err(|e| format!("caller {}: connector pattern {p:?}: {e}", caller.id))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                grants.push(Grant { workspace: grant.workspace, connectors, operations: grant.operations, users: grant.users });
+            }
+            let rules = CallerRules { admin_workspaces: caller.admin_workspaces, grants };
+            if callers.insert(caller.id.clone(), rules).is_some() {
+                return Err(format!("caller {} is listed twice", caller.id));
+            }
+        }
+        Ok(Self { callers })
+    }
+
+    /// May `caller` use the admin API on `workspace`?
+    pub fn check_admin(&self, caller: &str, workspace: &str) -> Result<(), String> {
+        let rules = self.callers.get(caller).ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+        if rules.admin_workspaces.iter().any(|w| matches(w, workspace)) {
+            Ok(())
+        } else {
+            Err(format!("caller {caller} has no admin rights on workspace {workspace}"))
+        }
+    }
+
+    /// May `caller` do `op` on connector (`name`, `id`) of `workspace` for `user_id`?
+    /// An empty `user_id` (a shared connection used on no one's behalf) needs no user grant.
+    pub fn check(&self, caller: &str, op: Operation, workspace: &str, name: &str, id: &str, user_id: &str) -> Result<(), String> {
+        let rules = self.callers.get(caller).ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+        let granted = rules.grants.iter().any(|g| {
+            matches(&g.workspace, workspace)
+                && g.operations.contains(&op)
+                && g.connectors.iter().any(|m| m.is_match(name) || m.is_match(id))
+                && (user_id.is_empty() || g.users.iter().any(|u| matches(u, user_id)))
+        });
+        if granted {
+            Ok(())
+        } else {
+            Err(format!(
+                "caller {caller} is not granted {} on connector {name:?} in workspace {workspace}{}",
+                op.name(),
+                if user_id.is_empty() { String::new() } else { " for this user".to_string() }
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+[[callers]]
+id = "console"
+admin_workspaces = ["acme"]
+
+[[callers]]
+id = "agent"
+[[callers.grants]]
+workspace = "acme"
+connectors = ["hubspot*"]
+operations = ["resolve"]
+users = ["u1"]
+"#;
+
+    #[test]
+    fn default_deny_and_grants() {
+        let p = Policy::parse(POLICY).unwrap();
+        assert!(p.check_admin("console", "acme").is_ok());
+        assert!(p.check_admin("console", "other").is_err());
+        assert!(p.check_admin("agent", "acme").is_err());
+        assert!(p.check_admin("stranger", "acme").unwrap_err().contains("not in the policy"));
+        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "u1").is_ok());
+        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "").is_ok());
+        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "u2").is_err());
+        assert!(p.check("agent", Operation::Resolve, "other", "HubSpot API", "cn_1", "u1").is_err());
+        assert!(p.check("agent", Operation::Resolve, "acme", "Slack", "cn_1", "u1").is_err());
+        assert!(p.check("agent", Operation::SendEmail, "acme", "HubSpot API", "cn_1", "u1").is_err());
+    }
+
+    #[test]
+    fn bad_files_say_why() {
+        assert!(Policy::parse("[[callers]]\nid = \"a\"\nadmin = [\"x\"]").unwrap_err().contains("admin"));
+        assert!(Policy::parse("[[callers]]\nid = \"a\"\n[[callers.grants]]\nworkspace=\"w\"\nconnectors=[\"x\"]\noperations=[\"fly\"]").unwrap_err().contains("fly"));
+    }
+}
