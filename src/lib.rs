@@ -5,10 +5,20 @@
 //! Layers, bottom up (DESIGN.md §3): [`vault`] (keys and envelopes) → [`store`] (durable,
 //! encrypted records) → [`model`] (connectors and connections).
 
+pub mod api;
 pub mod audit;
+pub mod client;
+pub mod config;
+pub mod connect;
+pub mod dev;
+pub mod http;
 pub mod model;
+pub mod oauth;
 pub mod pki;
 pub mod policy;
+pub mod resolve;
+pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod vault;

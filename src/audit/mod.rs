@@ -97,7 +97,12 @@ pub(crate) fn record_path(seq: u64) -> String {
 pub(crate) const HEAD_PATH: &str = "head";
 
 /// `SHA-256(prev ‖ canonical JSON of the record without its hash)`.
-pub(crate) fn chain_hash(prev: &[u8; 32], seq: u64, time: &DateTime<Utc>, event: &AuditEvent) -> [u8; 32] {
+pub(crate) fn chain_hash(
+    prev: &[u8; 32],
+    seq: u64,
+    time: &DateTime<Utc>,
+    event: &AuditEvent,
+) -> [u8; 32] {
     #[derive(Serialize)]
     struct Canonical<'a> {
         seq: u64,
@@ -105,7 +110,8 @@ pub(crate) fn chain_hash(prev: &[u8; 32], seq: u64, time: &DateTime<Utc>, event:
         #[serde(flatten)]
         event: &'a AuditEvent,
     }
-    let body = serde_json::to_vec(&Canonical { seq, time, event }).expect("audit record serializes");
+    let body =
+        serde_json::to_vec(&Canonical { seq, time, event }).expect("audit record serializes");
     let mut hasher = Sha256::new();
     hasher.update(prev);
     hasher.update(&body);
@@ -123,11 +129,13 @@ pub struct AuditLog {
 impl AuditLog {
     /// Starts the writer task, continuing the chain from the stored head.
     pub fn start(store: Arc<Store>) -> Result<AuditLog, AuditError> {
-        let head = store.get::<AuditHead>(Table::Audit, HEAD_PATH)?.unwrap_or(AuditHead {
-            seq: 0,
-            hash: hex::encode(GENESIS),
-            time: None,
-        });
+        let head = store
+            .get::<AuditHead>(Table::Audit, HEAD_PATH)?
+            .unwrap_or(AuditHead {
+                seq: 0,
+                hash: hex::encode(GENESIS),
+                time: None,
+            });
         let (queue, rx) = mpsc::channel(QUEUE);
         let head = Arc::new(Mutex::new(head));
         tokio::spawn(writer(store.clone(), head.clone(), rx));
@@ -137,8 +145,13 @@ impl AuditLog {
     /// Appends `event`; returns its sequence number once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.queue.send((event, tx)).await.map_err(|_| AuditError::Stopped)?;
-        rx.await.map_err(|_| AuditError::Stopped)?.map_err(|e| AuditError::Write(e.to_string()))
+        self.queue
+            .send((event, tx))
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await
+            .map_err(|_| AuditError::Stopped)?
+            .map_err(|e| AuditError::Write(e.to_string()))
     }
 
     pub fn head(&self) -> AuditHead {
@@ -158,11 +171,18 @@ impl AuditLog {
         let mut after = record_path(after_seq);
         let mut scanned = 0;
         while out.len() < limit && scanned < max_scan {
-            let page = self.store.scan::<AuditRecord>(Table::Audit, "r/", Some(&after), 512)?;
+            let page = self
+                .store
+                .scan::<AuditRecord>(Table::Audit, "r/", Some(&after), 512)?;
             let Some((last, _)) = page.last() else { break };
             after = last.clone();
             scanned += page.len();
-            out.extend(page.into_iter().map(|(_, r)| r).filter(|r| keep(r)).take(limit - out.len()));
+            out.extend(
+                page.into_iter()
+                    .map(|(_, r)| r)
+                    .filter(|r| keep(r))
+                    .take(limit - out.len()),
+            );
         }
         Ok(out)
     }
@@ -189,11 +209,20 @@ async fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Re
             seq += 1;
             let time = Utc::now();
             prev = chain_hash(&prev, seq, &time, event);
-            let record = AuditRecord { seq, time, event: event.clone(), hash: hex::encode(prev) };
+            let record = AuditRecord {
+                seq,
+                time,
+                event: event.clone(),
+                hash: hex::encode(prev),
+            };
             batch.put(Table::Audit, record_path(seq), &record);
             last_time = Some(time);
         }
-        let new_head = AuditHead { seq, hash: hex::encode(prev), time: last_time };
+        let new_head = AuditHead {
+            seq,
+            hash: hex::encode(prev),
+            time: last_time,
+        };
         batch.put(Table::Audit, HEAD_PATH, &new_head);
         match store.commit(batch).await {
             Ok(()) => {

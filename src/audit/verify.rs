@@ -20,7 +20,9 @@ pub enum VerifyError {
     Altered { seq: u64, prev: u64 },
     #[error("the audit log cannot be read past record {after}: {why}")]
     Unreadable { after: u64, why: String },
-    #[error("the audit head says record {head_seq} is last, but the log ends at {last}: records were removed or added")]
+    #[error(
+        "the audit head says record {head_seq} is last, but the log ends at {last}: records were removed or added"
+    )]
     HeadMismatch { head_seq: u64, last: u64 },
 }
 
@@ -31,28 +33,46 @@ pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
     loop {
         let page = store
             .scan::<AuditRecord>(Table::Audit, "r/", after.as_deref(), 1024)
-            .map_err(|e| VerifyError::Unreadable { after: last, why: e.to_string() })?;
+            .map_err(|e| VerifyError::Unreadable {
+                after: last,
+                why: e.to_string(),
+            })?;
         let Some((path, _)) = page.last() else { break };
         after = Some(path.clone());
         for (_, record) in page {
             if record.seq != last + 1 {
-                return Err(VerifyError::Missing { seq: last + 1, prev: last, next: record.seq });
+                return Err(VerifyError::Missing {
+                    seq: last + 1,
+                    prev: last,
+                    next: record.seq,
+                });
             }
             let hash = chain_hash(&prev, record.seq, &record.time, &record.event);
             if hex::encode(hash) != record.hash {
-                return Err(VerifyError::Altered { seq: record.seq, prev: last });
+                return Err(VerifyError::Altered {
+                    seq: record.seq,
+                    prev: last,
+                });
             }
             prev = hash;
             last = record.seq;
         }
     }
     let head: Option<AuditHead> =
-        store.get(Table::Audit, HEAD_PATH).map_err(|e| VerifyError::Unreadable { after: last, why: e.to_string() })?;
+        store
+            .get(Table::Audit, HEAD_PATH)
+            .map_err(|e| VerifyError::Unreadable {
+                after: last,
+                why: e.to_string(),
+            })?;
     let head_seq = head.as_ref().map_or(0, |h| h.seq);
     if head_seq != last || head.is_some_and(|h| h.hash != hex::encode(prev)) {
         return Err(VerifyError::HeadMismatch { head_seq, last });
     }
-    Ok(VerifySummary { records: last, head: hex::encode(prev) })
+    Ok(VerifySummary {
+        records: last,
+        head: hex::encode(prev),
+    })
 }
 
 /// Writes every record as one JSON line, in sequence order.
@@ -84,14 +104,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         generate_key_file(&key).unwrap();
-        let store = Arc::new(Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap());
+        let store =
+            Arc::new(Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap());
         let log = AuditLog::start(store.clone()).unwrap();
         let mut tasks = Vec::new();
         let log = Arc::new(log);
         for i in 0..n {
             let log = log.clone();
             tasks.push(tokio::spawn(async move {
-                let event = AuditEvent { caller: "c".into(), operation: format!("op{i}"), ..Default::default() };
+                let event = AuditEvent {
+                    caller: "c".into(),
+                    operation: format!("op{i}"),
+                    ..Default::default()
+                };
                 log.record(event).await.unwrap()
             }));
         }
@@ -119,28 +144,52 @@ mod tests {
         let mut batch = Batch::new();
         batch.put(Table::Audit, record_path(4), &record);
         store.commit(batch).await.unwrap();
-        assert_eq!(verify(&store).unwrap_err(), VerifyError::Altered { seq: 4, prev: 3 });
+        assert_eq!(
+            verify(&store).unwrap_err(),
+            VerifyError::Altered { seq: 4, prev: 3 }
+        );
     }
 
     #[tokio::test]
     async fn deleted_records_are_named() {
         let (_dir, store) = log_with(10).await;
         store.raw_put(Table::Audit, &record_path(6), None).unwrap();
-        assert_eq!(verify(&store).unwrap_err(), VerifyError::Missing { seq: 6, prev: 5, next: 7 });
+        assert_eq!(
+            verify(&store).unwrap_err(),
+            VerifyError::Missing {
+                seq: 6,
+                prev: 5,
+                next: 7
+            }
+        );
         let (_dir, store) = log_with(10).await;
         store.raw_put(Table::Audit, &record_path(10), None).unwrap();
-        assert_eq!(verify(&store).unwrap_err(), VerifyError::HeadMismatch { head_seq: 10, last: 9 });
+        assert_eq!(
+            verify(&store).unwrap_err(),
+            VerifyError::HeadMismatch {
+                head_seq: 10,
+                last: 9
+            }
+        );
     }
 
     #[tokio::test]
     async fn flipped_ciphertext_is_unreadable_not_accepted() {
         let (_dir, store) = log_with(5).await;
-        let mut raw = store.raw_get(Table::Audit, &record_path(2)).unwrap().unwrap();
+        let mut raw = store
+            .raw_get(Table::Audit, &record_path(2))
+            .unwrap()
+            .unwrap();
         let last = raw.len() - 1;
         raw[last] ^= 1;
-        store.raw_put(Table::Audit, &record_path(2), Some(raw)).unwrap();
+        store
+            .raw_put(Table::Audit, &record_path(2), Some(raw))
+            .unwrap();
         let err = verify(&store).unwrap_err();
         assert!(matches!(err, VerifyError::Unreadable { .. }), "{err}");
-        assert!(err.to_string().contains("audit/r/00000000000000000002"), "{err}");
+        assert!(
+            err.to_string().contains("audit/r/00000000000000000002"),
+            "{err}"
+        );
     }
 }

@@ -32,7 +32,15 @@ impl Kind {
     /// Keys of the connector's (admin-set, non-secret) configuration.
     pub fn config_keys(self) -> &'static [&'static str] {
         match self {
-            Kind::ApiKey => &["header_name", "header_prefix", "base_url", "description"],
+            Kind::ApiKey => &[
+                "header_name",
+                "header_prefix",
+                "base_url",
+                "test_url",
+                "account_label",
+                "ca_pem",
+                "description",
+            ],
             Kind::Oauth2 => &[
                 "client_id",
                 "auth_url",

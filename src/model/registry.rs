@@ -7,11 +7,12 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use super::validate::{
-    validate_config, validate_connector_name, validate_secret, workspace_or_default,
+    validate_config, validate_connector_name, validate_secret, validate_user_id,
+    workspace_or_default,
 };
 use super::{
-    Connection, ConnectionSecrets, Connector, ConnectorSecrets, FieldError, Kind, Mode, ModelError,
-    Secret, new_id,
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, FieldError, Kind,
+    Mode, ModelError, Secret, new_id,
 };
 use crate::store::{Batch, Store, Table};
 
@@ -23,6 +24,19 @@ pub struct Registry {
     store: Arc<Store>,
     /// Serialises the changes that must check-then-write a name (create, rename, delete).
     names: tokio::sync::Mutex<()>,
+}
+
+/// A connector to create, as an admin describes it.
+#[derive(Debug)]
+pub struct NewConnector {
+    pub workspace: String,
+    pub name: String,
+    pub kind: Kind,
+    pub mode: Mode,
+    /// OAuth provider preset, empty for generic or non-OAuth kinds.
+    pub provider: String,
+    pub config: BTreeMap<String, String>,
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// A partial update of a connector, as an `update_mask` describes it.
@@ -43,6 +57,46 @@ fn name_path(workspace: &str, name: &str) -> String {
     format!("{workspace}/{}", name.to_lowercase())
 }
 
+/// A resolved connection reference.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub connector: Connector,
+    /// The connection's key: the user for personal connectors, "" for shared ones.
+    pub connection_user: String,
+    /// The user named in the request (audited), possibly empty.
+    pub on_behalf_of: String,
+}
+
+/// A shared API-key connector's key is a connector secret; its one connection mirrors whether
+/// it is set, so that status listings treat every connector alike.
+fn shared_key_connection(
+    batch: &mut Batch,
+    connector: &Connector,
+    secrets: &ConnectorSecrets,
+    existing: Option<Connection>,
+    key_changed: bool,
+) {
+    if connector.kind != Kind::ApiKey || connector.mode != Mode::Shared {
+        return;
+    }
+    let path = connection_path(&connector.id, "");
+    if secrets.slots.contains_key("api_key") {
+        let mut connection = existing.unwrap_or_else(|| Connection::new(&connector.id, ""));
+        if key_changed || connection.status != ConnectionStatus::Connected {
+            connection.status = ConnectionStatus::Connected;
+            connection.connected_at = Some(Utc::now());
+            connection.last_error.clear();
+        }
+        connection.account_label = connector
+            .setting("account_label")
+            .unwrap_or_default()
+            .to_string();
+        batch.put(Table::Connections, path, &connection);
+    } else if existing.is_some() {
+        batch.delete(Table::Connections, path);
+    }
+}
+
 pub fn connection_path(connector_id: &str, user_id: &str) -> String {
     format!("{connector_id}/{user_id}")
 }
@@ -59,17 +113,10 @@ impl Registry {
         &self.store
     }
 
-    pub async fn create_connector(
-        &self,
-        workspace: &str,
-        name: &str,
-        kind: Kind,
-        mode: Mode,
-        provider: &str,
-        config: BTreeMap<String, String>,
-        secrets: BTreeMap<String, Secret>,
-    ) -> Result<Connector, ModelError> {
-        let workspace = workspace_or_default("workspace", workspace)?;
+    pub async fn create_connector(&self, new: NewConnector) -> Result<Connector, ModelError> {
+        let NewConnector { workspace, name, kind, mode, provider, config, secrets } = new;
+        let (name, provider) = (name.as_str(), provider.as_str());
+        let workspace = workspace_or_default("workspace", &workspace)?;
         validate_connector_name("name", name)?;
         validate_config("config", &config, kind.config_keys())?;
         for (slot, value) in &secrets {
@@ -127,9 +174,18 @@ impl Registry {
             batch.put(
                 Table::ConnectorSecrets,
                 connector.id.clone(),
-                &ConnectorSecrets { slots: secrets },
+                &ConnectorSecrets {
+                    slots: secrets.clone(),
+                },
             );
         }
+        shared_key_connection(
+            &mut batch,
+            &connector,
+            &ConnectorSecrets { slots: secrets },
+            None,
+            true,
+        );
         self.store.commit(batch).await?;
         Ok(connector)
     }
@@ -204,6 +260,7 @@ impl Registry {
         }
         validate_config("config", &connector.config, kind.config_keys())?;
         let mut secrets = self.connector_secrets(&connector)?;
+        let key_changed = patch.secrets.contains_key("api_key");
         for (slot, value) in patch.secrets {
             match value {
                 Some(value) => {
@@ -240,6 +297,8 @@ impl Registry {
                 &connector,
             )
             .put(Table::ConnectorSecrets, connector.id.clone(), &secrets);
+        let existing = self.connection(&connector, "")?;
+        shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
         self.store.commit(batch).await?;
         Ok(connector)
     }
@@ -321,6 +380,43 @@ impl Registry {
             self.store.commit(batch).await?;
         }
         Ok(removed)
+    }
+
+    /// The connector and the connection's user that a connection reference names: personal
+    /// connectors need a user; for shared ones the user is only on whose behalf (the connection
+    /// is the shared one, user "").
+    pub fn target(
+        &self,
+        workspace: &str,
+        connector: &str,
+        user_id: &str,
+    ) -> Result<Target, ModelError> {
+        validate_user_id("connection.user_id", user_id)?;
+        let connector = self
+            .find_connector(workspace, connector)
+            .map_err(|e| match e {
+                ModelError::Invalid(f) => ModelError::Invalid(FieldError::new(
+                    format!("connection.{}", f.field),
+                    f.problem,
+                )),
+                other => other,
+            })?;
+        let connection_user = match connector.mode {
+            Mode::Shared => String::new(),
+            Mode::Personal if user_id.is_empty() => {
+                return Err(FieldError::new(
+                    "connection.user_id",
+                    format!("is required: connector {:?} is personal (each user connects their own account)", connector.name),
+                )
+                .into());
+            }
+            Mode::Personal => user_id.to_string(),
+        };
+        Ok(Target {
+            connector,
+            connection_user,
+            on_behalf_of: user_id.to_string(),
+        })
     }
 
     pub fn connection(

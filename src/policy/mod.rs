@@ -26,20 +26,31 @@ pub struct PolicyHandle {
 impl PolicyHandle {
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let policy = Policy::load(path)?;
-        Ok(Self { path: Some(path.to_path_buf()), current: RwLock::new(Arc::new(policy)) })
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            current: RwLock::new(Arc::new(policy)),
+        })
     }
 
     pub fn fixed(policy: Policy) -> Self {
-        Self { path: None, current: RwLock::new(Arc::new(policy)) }
+        Self {
+            path: None,
+            current: RwLock::new(Arc::new(policy)),
+        }
     }
 
     pub fn current(&self) -> Arc<Policy> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-reads the policy file. On error the old policy stays in force and the error says why.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let policy = Policy::load(path)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
         Ok(())

@@ -48,7 +48,10 @@ impl Operation {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read policy file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("policy file {path} is invalid: {why}")]
     Invalid { path: String, why: String },
 }
@@ -100,7 +103,9 @@ pub struct Policy {
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy").field("callers", &self.callers.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Policy")
+            .field("callers", &self.callers.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -111,7 +116,10 @@ fn matches(pattern: &str, value: &str) -> bool {
 impl Policy {
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         Self::parse(&text).map_err(|why| PolicyError::Invalid { path: shown, why })
     }
 
@@ -133,12 +141,22 @@ impl Policy {
                             .literal_separator(false)
                             .build()
                             .map(|g| g.compile_matcher())
-                            .map_err(|e| format!("caller {}: connector pattern {p:?}: {e}", caller.id))
+                            .map_err(|e| {
+                                format!("caller {}: connector pattern {p:?}: {e}", caller.id)
+                            })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                grants.push(Grant { workspace: grant.workspace, connectors, operations: grant.operations, users: grant.users });
+                grants.push(Grant {
+                    workspace: grant.workspace,
+                    connectors,
+                    operations: grant.operations,
+                    users: grant.users,
+                });
             }
-            let rules = CallerRules { admin_workspaces: caller.admin_workspaces, grants };
+            let rules = CallerRules {
+                admin_workspaces: caller.admin_workspaces,
+                grants,
+            };
             if callers.insert(caller.id.clone(), rules).is_some() {
                 return Err(format!("caller {} is listed twice", caller.id));
             }
@@ -148,22 +166,40 @@ impl Policy {
 
     /// May `caller` use the admin API on `workspace`?
     pub fn check_admin(&self, caller: &str, workspace: &str) -> Result<(), String> {
-        let rules = self.callers.get(caller).ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+        let rules = self
+            .callers
+            .get(caller)
+            .ok_or_else(|| format!("caller {caller} is not in the policy"))?;
         if rules.admin_workspaces.iter().any(|w| matches(w, workspace)) {
             Ok(())
         } else {
-            Err(format!("caller {caller} has no admin rights on workspace {workspace}"))
+            Err(format!(
+                "caller {caller} has no admin rights on workspace {workspace}"
+            ))
         }
     }
 
     /// May `caller` do `op` on connector (`name`, `id`) of `workspace` for `user_id`?
     /// An empty `user_id` (a shared connection used on no one's behalf) needs no user grant.
-    pub fn check(&self, caller: &str, op: Operation, workspace: &str, name: &str, id: &str, user_id: &str) -> Result<(), String> {
-        let rules = self.callers.get(caller).ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+    pub fn check(
+        &self,
+        caller: &str,
+        op: Operation,
+        workspace: &str,
+        name: &str,
+        id: &str,
+        user_id: &str,
+    ) -> Result<(), String> {
+        let rules = self
+            .callers
+            .get(caller)
+            .ok_or_else(|| format!("caller {caller} is not in the policy"))?;
         let granted = rules.grants.iter().any(|g| {
             matches(&g.workspace, workspace)
                 && g.operations.contains(&op)
-                && g.connectors.iter().any(|m| m.is_match(name) || m.is_match(id))
+                && g.connectors
+                    .iter()
+                    .any(|m| m.is_match(name) || m.is_match(id))
                 && (user_id.is_empty() || g.users.iter().any(|u| matches(u, user_id)))
         });
         if granted {
@@ -172,7 +208,11 @@ impl Policy {
             Err(format!(
                 "caller {caller} is not granted {} on connector {name:?} in workspace {workspace}{}",
                 op.name(),
-                if user_id.is_empty() { String::new() } else { " for this user".to_string() }
+                if user_id.is_empty() {
+                    String::new()
+                } else {
+                    " for this user".to_string()
+                }
             ))
         }
     }
@@ -202,18 +242,79 @@ users = ["u1"]
         assert!(p.check_admin("console", "acme").is_ok());
         assert!(p.check_admin("console", "other").is_err());
         assert!(p.check_admin("agent", "acme").is_err());
-        assert!(p.check_admin("stranger", "acme").unwrap_err().contains("not in the policy"));
-        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "u1").is_ok());
-        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "").is_ok());
-        assert!(p.check("agent", Operation::Resolve, "acme", "HubSpot API", "cn_1", "u2").is_err());
-        assert!(p.check("agent", Operation::Resolve, "other", "HubSpot API", "cn_1", "u1").is_err());
-        assert!(p.check("agent", Operation::Resolve, "acme", "Slack", "cn_1", "u1").is_err());
-        assert!(p.check("agent", Operation::SendEmail, "acme", "HubSpot API", "cn_1", "u1").is_err());
+        assert!(
+            p.check_admin("stranger", "acme")
+                .unwrap_err()
+                .contains("not in the policy")
+        );
+        assert!(
+            p.check(
+                "agent",
+                Operation::Resolve,
+                "acme",
+                "HubSpot API",
+                "cn_1",
+                "u1"
+            )
+            .is_ok()
+        );
+        assert!(
+            p.check(
+                "agent",
+                Operation::Resolve,
+                "acme",
+                "HubSpot API",
+                "cn_1",
+                ""
+            )
+            .is_ok()
+        );
+        assert!(
+            p.check(
+                "agent",
+                Operation::Resolve,
+                "acme",
+                "HubSpot API",
+                "cn_1",
+                "u2"
+            )
+            .is_err()
+        );
+        assert!(
+            p.check(
+                "agent",
+                Operation::Resolve,
+                "other",
+                "HubSpot API",
+                "cn_1",
+                "u1"
+            )
+            .is_err()
+        );
+        assert!(
+            p.check("agent", Operation::Resolve, "acme", "Slack", "cn_1", "u1")
+                .is_err()
+        );
+        assert!(
+            p.check(
+                "agent",
+                Operation::SendEmail,
+                "acme",
+                "HubSpot API",
+                "cn_1",
+                "u1"
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn bad_files_say_why() {
-        assert!(Policy::parse("[[callers]]\nid = \"a\"\nadmin = [\"x\"]").unwrap_err().contains("admin"));
+        assert!(
+            Policy::parse("[[callers]]\nid = \"a\"\nadmin = [\"x\"]")
+                .unwrap_err()
+                .contains("admin")
+        );
         assert!(Policy::parse("[[callers]]\nid = \"a\"\n[[callers.grants]]\nworkspace=\"w\"\nconnectors=[\"x\"]\noperations=[\"fly\"]").unwrap_err().contains("fly"));
     }
 }

@@ -93,6 +93,12 @@ pub enum StoreError {
 
 /// What a storage engine must offer. Small on purpose, so that another backend (PostgreSQL)
 /// can replace sled without touching any caller. Values here are opaque bytes (envelopes).
+/// A raw entry: full record key and envelope bytes.
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
+/// A raw write: a put (Some) or delete (None) of a full record key.
+pub type RawOp = (Vec<u8>, Option<Vec<u8>>);
+
 pub trait Backend: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries whose key starts with `prefix` and sorts after `after`, in key order.
@@ -101,11 +107,11 @@ pub trait Backend: Send + Sync + 'static {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<RawEntry>, StoreError>;
     /// The entry with the greatest key under `prefix`.
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<RawEntry>, StoreError>;
     /// Applies every put (Some) and delete (None) atomically; not yet durable.
-    fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError>;
+    fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError>;
     /// Blocks until everything applied so far is on disk.
     fn sync(&self) -> Result<(), StoreError>;
     /// Unencrypted metadata: the header and counter reservations.
@@ -113,10 +119,17 @@ pub trait Backend: Send + Sync + 'static {
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
 }
 
+/// One write of a batch, before sealing: a put (Some) or delete (None).
+struct Op {
+    table: Table,
+    path: String,
+    value: Option<Zeroizing<Vec<u8>>>,
+}
+
 /// A set of writes that commit together or not at all.
 #[derive(Default)]
 pub struct Batch {
-    ops: Vec<(Table, String, Option<Zeroizing<Vec<u8>>>)>,
+    ops: Vec<Op>,
 }
 
 impl Batch {
@@ -131,12 +144,12 @@ impl Batch {
         value: &T,
     ) -> &mut Self {
         let bytes = Zeroizing::new(serde_json::to_vec(value).expect("records serialize"));
-        self.ops.push((table, path.into(), Some(bytes)));
+        self.ops.push(Op { table, path: path.into(), value: Some(bytes) });
         self
     }
 
     pub fn delete(&mut self, table: Table, path: impl Into<String>) -> &mut Self {
-        self.ops.push((table, path.into(), None));
+        self.ops.push(Op { table, path: path.into(), value: None });
         self
     }
 
@@ -335,7 +348,7 @@ impl Store {
             return Ok(());
         }
         let mut ops = Vec::with_capacity(batch.ops.len());
-        for (table, path, value) in batch.ops {
+        for Op { table, path, value } in batch.ops {
             let key = table.key(&path);
             let sealed = match value {
                 Some(plain) => Some(self.vault.seal(&key, &plain)?),

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{Backend, StoreError};
+use super::{Backend, RawEntry, RawOp, StoreError};
 
 pub struct SledBackend {
     db: sled::Db,
@@ -45,7 +45,7 @@ impl Backend for SledBackend {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<RawEntry>, StoreError> {
         let iter = match after {
             Some(after) => {
                 let mut start = after.to_vec();
@@ -65,7 +65,7 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<RawEntry>, StoreError> {
         let last = self
             .records
             .scan_prefix(prefix)
@@ -75,7 +75,7 @@ impl Backend for SledBackend {
         Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
-    fn apply(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+    fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, value) in ops {
             match value {

@@ -86,7 +86,7 @@ impl<'a> Envelope<'a> {
         &self,
         key: &DataKey,
         record_key: &[u8],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, ()> {
+    ) -> Option<zeroize::Zeroizing<Vec<u8>>> {
         cipher(key)
             .decrypt(
                 &Nonce::from(self.nonce),
@@ -95,7 +95,7 @@ impl<'a> Envelope<'a> {
                     aad: &aad(record_key, self.term),
                 },
             )
+            .ok()
             .map(zeroize::Zeroizing::new)
-            .map_err(|_| ())
     }
 }

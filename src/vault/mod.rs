@@ -149,7 +149,7 @@ impl Vault {
             })?;
         envelope
             .open(key, record_key)
-            .map_err(|()| VaultError::Tampered { record: record() })
+            .ok_or_else(|| VaultError::Tampered { record: record() })
     }
 
     fn ensure_reserved(&self, term: u32, n: u64) -> Result<(), VaultError> {

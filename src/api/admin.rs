@@ -1,0 +1,459 @@
+//! The Admin service: connectors, connections and the audit log, for callers with admin rights
+//! on the workspace.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, settings};
+use super::proto::{self, admin_server::Admin};
+use super::{ApiError, Call, Services};
+use crate::connect::Candidate;
+use crate::model::{ConnectorPatch, FieldError, Kind, NewConnector, Target, workspace_or_default};
+
+pub struct AdminApi(pub Arc<Services>);
+
+/// Most audit records one QueryAudit returns, and most it scans looking for matches.
+const AUDIT_PAGE_MAX: u32 = 1000;
+const AUDIT_SCAN_MAX: usize = 100_000;
+
+impl AdminApi {
+    /// Validates the connection reference, checks admin rights on its workspace, and resolves it.
+    fn admin_target(
+        &self,
+        call: &mut Call,
+        connection: Option<proto::ConnectionRef>,
+    ) -> Result<Target, ApiError> {
+        let r = connection.ok_or_else(|| FieldError::new("connection", "is required"))?;
+        let workspace = workspace_or_default("connection.workspace", &r.workspace)?;
+        call.workspace = workspace.clone();
+        call.connector = r.connector.clone();
+        call.user_id = r.user_id.clone();
+        self.0.authorize_admin(call, &workspace)?;
+        let target = self
+            .0
+            .registry
+            .target(&workspace, &r.connector, &r.user_id)?;
+        call.on(&target);
+        Ok(target)
+    }
+
+    fn admin_workspace(
+        &self,
+        call: &mut Call,
+        field: &str,
+        workspace: &str,
+    ) -> Result<String, ApiError> {
+        let workspace = workspace_or_default(field, workspace)?;
+        call.workspace = workspace.clone();
+        self.0.authorize_admin(call, &workspace)?;
+        Ok(workspace)
+    }
+}
+
+fn candidate(
+    settings_map: std::collections::HashMap<String, String>,
+    secrets: std::collections::HashMap<String, proto::SecretValue>,
+) -> Candidate {
+    Candidate {
+        settings: settings(settings_map),
+        secrets: convert::secrets(secrets),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_connector(
+        &self,
+        req: Request<proto::CreateConnectorRequest>,
+    ) -> Result<Response<proto::Connector>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "CreateConnector")?;
+        let r = req.into_inner();
+        let result = async {
+            call.connector = r.name.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let kind = convert::kind_from("kind", r.kind)?;
+            let mode = convert::mode_from("mode", r.mode)?;
+            if kind != Kind::Oauth2 && !r.provider.is_empty() {
+                return Err(
+                    FieldError::new("provider", "only OAuth connectors take a provider").into(),
+                );
+            }
+            let new = NewConnector {
+                workspace,
+                name: r.name,
+                kind,
+                mode,
+                provider: r.provider,
+                config: settings(r.config),
+                secrets: convert::secrets(r.secrets),
+            };
+            let c = s.registry.create_connector(new).await?;
+            call.connector = format!("{} ({})", c.name, c.id);
+            Ok(convert::connector(&c))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn get_connector(
+        &self,
+        req: Request<proto::GetConnectorRequest>,
+    ) -> Result<Response<proto::Connector>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "GetConnector")?;
+        let r = req.into_inner();
+        let result = async {
+            call.connector = r.connector.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            Ok(convert::connector(
+                &s.registry.find_connector(&workspace, &r.connector)?,
+            ))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn list_connectors(
+        &self,
+        req: Request<proto::ListConnectorsRequest>,
+    ) -> Result<Response<proto::ListConnectorsResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "ListConnectors")?;
+        let r = req.into_inner();
+        let result = async {
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let connectors = s.registry.list_connectors(&workspace)?;
+            Ok(proto::ListConnectorsResponse {
+                connectors: connectors.iter().map(convert::connector).collect(),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn update_connector(
+        &self,
+        req: Request<proto::UpdateConnectorRequest>,
+    ) -> Result<Response<proto::Connector>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "UpdateConnector")?;
+        let mut r = req.into_inner();
+        let result = async {
+            call.connector = r.connector.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let paths = r.update_mask.take().map(|m| m.paths).unwrap_or_default();
+            if paths.is_empty() {
+                return Err(FieldError::new(
+                    "update_mask",
+                    "is required: name the fields to save (config.<key>, secrets.<slot>, mode)",
+                )
+                .into());
+            }
+            let mut patch = ConnectorPatch::default();
+            for (i, path) in paths.iter().enumerate() {
+                if let Some(key) = path.strip_prefix("config.") {
+                    patch.config.insert(key.to_string(), r.config.remove(key));
+                } else if let Some(slot) = path.strip_prefix("secrets.") {
+                    patch.secrets.insert(
+                        slot.to_string(),
+                        r.secrets
+                            .remove(slot)
+                            .map(|v| crate::model::Secret::new(v.value)),
+                    );
+                } else if path == "mode" {
+                    patch.mode = Some(convert::mode_from("mode", r.mode)?);
+                } else {
+                    return Err(FieldError::new(
+                        format!("update_mask.paths[{i}]"),
+                        format!("{path:?} is not config.<key>, secrets.<slot> or mode"),
+                    )
+                    .into());
+                }
+            }
+            let c = s
+                .registry
+                .update_connector(&workspace, &r.connector, patch)
+                .await?;
+            call.connector = format!("{} ({})", c.name, c.id);
+            Ok(convert::connector(&c))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn rename_connector(
+        &self,
+        req: Request<proto::RenameConnectorRequest>,
+    ) -> Result<Response<proto::Connector>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "RenameConnector")?;
+        let r = req.into_inner();
+        let result = async {
+            call.connector = r.connector.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let c = s
+                .registry
+                .rename_connector(&workspace, &r.connector, &r.new_name)
+                .await?;
+            call.connector = format!("{} ({})", c.name, c.id);
+            Ok(convert::connector(&c))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn delete_connector(
+        &self,
+        req: Request<proto::DeleteConnectorRequest>,
+    ) -> Result<Response<proto::DeleteConnectorResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "DeleteConnector")?;
+        let r = req.into_inner();
+        let result = async {
+            call.connector = r.connector.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let removed = s
+                .registry
+                .delete_connector(&workspace, &r.connector)
+                .await?;
+            Ok(proto::DeleteConnectorResponse {
+                connections_removed: removed as u32,
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn begin_connect(
+        &self,
+        req: Request<proto::BeginConnectRequest>,
+    ) -> Result<Response<proto::BeginConnectResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "BeginConnect")?;
+        let r = req.into_inner();
+        let result = async {
+            let _target = self.admin_target(&mut call, r.connection)?;
+            Err(ApiError::status(
+                tonic::Code::Unimplemented,
+                "UNSUPPORTED",
+                "OAuth connections are not available in this build",
+            ))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn complete_connect(
+        &self,
+        req: Request<proto::CompleteConnectRequest>,
+    ) -> Result<Response<proto::Connection>, Status> {
+        let s = &self.0;
+        let call = s.begin(&req, "CompleteConnect")?;
+        let result = async {
+            Err(ApiError::status(
+                tonic::Code::Unimplemented,
+                "UNSUPPORTED",
+                "OAuth connections are not available in this build",
+            ))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn connect_with_credentials(
+        &self,
+        req: Request<proto::ConnectWithCredentialsRequest>,
+    ) -> Result<Response<proto::ConnectWithCredentialsResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "ConnectWithCredentials")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.admin_target(&mut call, r.connection)?;
+            let done = s
+                .connect
+                .connect_with_credentials(
+                    &target,
+                    candidate(r.settings, r.secrets),
+                    r.save_on_failure,
+                )
+                .await?;
+            Ok(proto::ConnectWithCredentialsResponse {
+                connection: Some(convert::connection(&target.connector, &done.connection)),
+                test: Some(convert::report(&done.report)),
+                saved: done.saved,
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn test_connection(
+        &self,
+        req: Request<proto::TestConnectionRequest>,
+    ) -> Result<Response<proto::TestConnectionResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "TestConnection")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.admin_target(&mut call, r.connection)?;
+            let offered = (!r.settings.is_empty() || !r.secrets.is_empty())
+                .then(|| candidate(r.settings, r.secrets));
+            let report = s.connect.test(&target, offered).await?;
+            Ok(proto::TestConnectionResponse {
+                test: Some(convert::report(&report)),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<proto::DisconnectRequest>,
+    ) -> Result<Response<proto::DisconnectResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "Disconnect")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.admin_target(&mut call, r.connection)?;
+            let connection = s.connect.disconnect(&target).await?;
+            Ok(proto::DisconnectResponse {
+                revoked: false,
+                connection: Some(convert::connection(&target.connector, &connection)),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn get_connection(
+        &self,
+        req: Request<proto::GetConnectionRequest>,
+    ) -> Result<Response<proto::Connection>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "GetConnection")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.admin_target(&mut call, r.connection)?;
+            let connection = s
+                .registry
+                .connection(&target.connector, &target.connection_user)?
+                .unwrap_or_else(|| {
+                    crate::model::Connection::new(&target.connector.id, &target.connection_user)
+                });
+            Ok(convert::connection(&target.connector, &connection))
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn list_connections(
+        &self,
+        req: Request<proto::ListConnectionsRequest>,
+    ) -> Result<Response<proto::ListConnectionsResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "ListConnections")?;
+        let r = req.into_inner();
+        let result = async {
+            call.user_id = r.user_id.clone();
+            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            crate::model::validate_user_id("user_id", &r.user_id)?;
+            let rows = s.connect.statuses(&workspace, &r.user_id)?;
+            Ok(proto::ListConnectionsResponse {
+                connections: rows
+                    .iter()
+                    .map(|(c, conn)| convert::connection(c, conn))
+                    .collect(),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<proto::QueryAuditRequest>,
+    ) -> Result<Response<proto::QueryAuditResponse>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "QueryAudit")?;
+        let r = req.into_inner();
+        let result = async {
+            // Without a workspace, the whole log: only for admins of every workspace ("*").
+            let scope = if r.workspace.is_empty() {
+                "*".to_string()
+            } else {
+                workspace_or_default("workspace", &r.workspace)?
+            };
+            call.workspace = scope.clone();
+            s.authorize_admin(&call, &scope)?;
+            let limit = match r.limit {
+                0 => 100,
+                n if n <= AUDIT_PAGE_MAX => n,
+                n => {
+                    return Err(FieldError::new(
+                        "limit",
+                        format!("is {n}; at most {AUDIT_PAGE_MAX}"),
+                    )
+                    .into());
+                }
+            };
+            let keep = |rec: &crate::audit::AuditRecord| {
+                let e = &rec.event;
+                (r.caller.is_empty() || e.caller == r.caller)
+                    && (r.operation.is_empty() || e.operation == r.operation)
+                    && (scope == "*" || e.workspace == scope)
+                    && (r.connector.is_empty() || e.connector.contains(&r.connector))
+                    && (r.outcome.is_empty() || e.outcome.is_some_and(|o| o.name() == r.outcome))
+            };
+            let records = s
+                .audit
+                .query(r.after_seq, limit as usize, AUDIT_SCAN_MAX, keep)?;
+            Ok(proto::QueryAuditResponse {
+                records: records
+                    .into_iter()
+                    .map(|rec| proto::AuditRecord {
+                        seq: rec.seq,
+                        time: Some(convert::timestamp(rec.time)),
+                        caller: rec.event.caller,
+                        operation: rec.event.operation,
+                        workspace: rec.event.workspace,
+                        connector: rec.event.connector,
+                        user_id: rec.event.user_id,
+                        outcome: rec
+                            .event
+                            .outcome
+                            .map(|o| o.name().to_string())
+                            .unwrap_or_default(),
+                        reason: rec.event.reason,
+                        request_id: rec.event.request_id,
+                        hash: rec.hash,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn get_audit_head(
+        &self,
+        req: Request<proto::GetAuditHeadRequest>,
+    ) -> Result<Response<proto::AuditHead>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "GetAuditHead")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            let head = s.audit.head();
+            Ok(proto::AuditHead {
+                seq: head.seq,
+                hash: head.hash,
+                time: convert::opt_timestamp(head.time),
+            })
+        }
+        .await;
+        s.finish(call, result).await
+    }
+}

@@ -1,0 +1,140 @@
+//! Model ↔ protobuf. Nothing here ever copies a secret value into a response.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use super::proto;
+use crate::model::{Connection, ConnectionStatus, Connector, FieldError, Kind, Mode, Secret};
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
+    t.map(timestamp)
+}
+
+#[allow(dead_code)] // used by the calendar and mail handlers
+pub fn from_timestamp(
+    field: &str,
+    t: &prost_types::Timestamp,
+) -> Result<DateTime<Utc>, FieldError> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(FieldError::new(field, "nanos must be in 0..1e9"));
+    }
+    DateTime::from_timestamp(t.seconds, t.nanos as u32)
+        .ok_or_else(|| FieldError::new(field, "is out of range"))
+}
+
+pub fn kind_from(field: &str, kind: i32) -> Result<Kind, FieldError> {
+    match proto::ConnectorKind::try_from(kind) {
+        Ok(proto::ConnectorKind::ApiKey) => Ok(Kind::ApiKey),
+        Ok(proto::ConnectorKind::Oauth2) => Ok(Kind::Oauth2),
+        Ok(proto::ConnectorKind::ImapSmtp) => Ok(Kind::ImapSmtp),
+        Ok(proto::ConnectorKind::Caldav) => Ok(Kind::Caldav),
+        _ => Err(FieldError::new(
+            field,
+            "must be API_KEY, OAUTH2, IMAP_SMTP or CALDAV",
+        )),
+    }
+}
+
+pub fn kind_to(kind: Kind) -> proto::ConnectorKind {
+    match kind {
+        Kind::ApiKey => proto::ConnectorKind::ApiKey,
+        Kind::Oauth2 => proto::ConnectorKind::Oauth2,
+        Kind::ImapSmtp => proto::ConnectorKind::ImapSmtp,
+        Kind::Caldav => proto::ConnectorKind::Caldav,
+    }
+}
+
+pub fn mode_from(field: &str, mode: i32) -> Result<Mode, FieldError> {
+    match proto::ConnectorMode::try_from(mode) {
+        Ok(proto::ConnectorMode::Shared) => Ok(Mode::Shared),
+        Ok(proto::ConnectorMode::Personal) => Ok(Mode::Personal),
+        _ => Err(FieldError::new(field, "must be SHARED or PERSONAL")),
+    }
+}
+
+fn mode_to(mode: Mode) -> proto::ConnectorMode {
+    match mode {
+        Mode::Shared => proto::ConnectorMode::Shared,
+        Mode::Personal => proto::ConnectorMode::Personal,
+    }
+}
+
+fn status_to(status: ConnectionStatus) -> proto::ConnectionStatus {
+    match status {
+        ConnectionStatus::Connected => proto::ConnectionStatus::Connected,
+        ConnectionStatus::NotConnected => proto::ConnectionStatus::NotConnected,
+        ConnectionStatus::Expired => proto::ConnectionStatus::Expired,
+        ConnectionStatus::Error => proto::ConnectionStatus::Error,
+    }
+}
+
+pub fn connector(c: &Connector) -> proto::Connector {
+    proto::Connector {
+        id: c.id.clone(),
+        workspace: c.workspace.clone(),
+        name: c.name.clone(),
+        kind: kind_to(c.kind) as i32,
+        mode: mode_to(c.mode) as i32,
+        provider: c.provider.clone(),
+        config: c.config.clone().into_iter().collect(),
+        secrets_set: c.secrets_set.iter().cloned().collect(),
+        created_at: Some(timestamp(c.created_at)),
+        updated_at: Some(timestamp(c.updated_at)),
+    }
+}
+
+pub fn connection(c: &Connector, conn: &Connection) -> proto::Connection {
+    proto::Connection {
+        workspace: c.workspace.clone(),
+        connector_id: c.id.clone(),
+        connector_name: c.name.clone(),
+        kind: kind_to(c.kind) as i32,
+        provider: c.provider.clone(),
+        mode: mode_to(c.mode) as i32,
+        user_id: conn.user_id.clone(),
+        status: status_to(conn.status) as i32,
+        account_label: conn.account_label.clone(),
+        connected_at: opt_timestamp(conn.connected_at),
+        last_used_at: opt_timestamp(conn.last_used_at),
+        last_refreshed_at: opt_timestamp(conn.last_refreshed_at),
+        last_error: conn.last_error.clone(),
+        scopes: conn.scopes.clone(),
+    }
+}
+
+pub fn secrets(
+    map: std::collections::HashMap<String, proto::SecretValue>,
+) -> BTreeMap<String, Secret> {
+    map.into_iter()
+        .map(|(k, v)| (k, Secret::new(v.value)))
+        .collect()
+}
+
+pub fn settings(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+pub fn report(r: &crate::model::TestReport) -> proto::TestResult {
+    proto::TestResult {
+        ok: r.ok(),
+        checks: r
+            .checks
+            .iter()
+            .map(|c| proto::ConnectionCheck {
+                name: c.name.clone(),
+                ok: c.ok,
+                stage: c.stage.map(|s| s.name().to_string()).unwrap_or_default(),
+                message: c.message.clone(),
+            })
+            .collect(),
+        account_label: r.account_label.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,204 @@
+//! The daemon's configuration file (TOML) and where the store's key comes from. Relative paths
+//! are resolved against the folder of the configuration file.
+//!
+//! ```toml
+//! [store]
+//! path = "store"                    # sled folder
+//! key_file = "store.key"            # or key_credential = "credbroker.key" ($CREDENTIALS_DIRECTORY)
+//!                                   # or passphrase_file = "…" / passphrase_env = "VAR"
+//! [grpc]
+//! listen = "127.0.0.1:7443"
+//! cert = "certs/server.pem"
+//! key = "certs/server.key"
+//! client_ca = "certs/ca.pem"        # client certificates must chain to this
+//! crl = []                          # optional PEM CRLs
+//! allow_tls12 = false
+//! [http]                            # OAuth callback and health, HTTPS with the gRPC certificate
+//! listen = "127.0.0.1:7444"
+//! public_url = "https://127.0.0.1:7444"
+//! [policy]
+//! file = "policy.toml"
+//! [limits]
+//! upstream_timeout_secs = 15
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::vault::KeySource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("configuration {path} is invalid: {why}")]
+    Invalid { path: String, why: String },
+    #[error("store key: {0}")]
+    Key(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub grpc: GrpcConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub key_file: Option<PathBuf>,
+    /// Name of a systemd credential (`LoadCredentialEncrypted=`) holding the key.
+    pub key_credential: Option<String>,
+    pub passphrase_file: Option<PathBuf>,
+    pub passphrase_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    #[serde(default)]
+    pub allow_tls12: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+    /// The URL browsers reach the HTTP listener at; the OAuth redirect is `{public_url}/oauth/callback`.
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Deadline of every call to an upstream server (OAuth, SMTP, IMAP, CalDAV).
+    pub upstream_timeout_secs: u64,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Concurrent WatchMail streams per caller.
+    pub max_watch_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            upstream_timeout_secs: 15,
+            max_request_bytes: 32 * 1024 * 1024,
+            max_watch_streams: 64,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: shown,
+            why: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.store.path);
+        for p in [&mut self.store.key_file, &mut self.store.passphrase_file]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        fix(&mut self.grpc.cert);
+        fix(&mut self.grpc.key);
+        fix(&mut self.grpc.client_ca);
+        self.grpc.crl.iter_mut().for_each(fix);
+        fix(&mut self.policy.file);
+    }
+
+    pub fn upstream_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.limits.upstream_timeout_secs.max(1))
+    }
+}
+
+impl StoreConfig {
+    /// The key source this configuration names: exactly one of key file, systemd credential,
+    /// passphrase file or passphrase environment variable.
+    pub fn key_source(&self) -> Result<KeySource, ConfigError> {
+        let given = [
+            self.key_file.is_some(),
+            self.key_credential.is_some(),
+            self.passphrase_file.is_some(),
+            self.passphrase_env.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            return Err(ConfigError::Key(format!(
+                "[store] must set exactly one of key_file, key_credential, passphrase_file, passphrase_env ({given} set)"
+            )));
+        }
+        if let Some(path) = &self.key_file {
+            return Ok(KeySource::KeyFile(path.clone()));
+        }
+        if let Some(name) = &self.key_credential {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                .ok_or_else(|| ConfigError::Key(format!("key_credential {name:?} needs $CREDENTIALS_DIRECTORY (run under systemd with LoadCredentialEncrypted=)")))?;
+            return Ok(KeySource::KeyFile(PathBuf::from(dir).join(name)));
+        }
+        if let Some(path) = &self.passphrase_file {
+            return passphrase_from_file(path);
+        }
+        let var = self.passphrase_env.as_deref().unwrap_or_default();
+        let value = std::env::var(var)
+            .map_err(|_| ConfigError::Key(format!("environment variable {var} is not set")))?;
+        Ok(KeySource::Passphrase(SecretString::from(value)))
+    }
+}
+
+/// Reads a passphrase from a file (first line, trailing newline removed).
+pub fn passphrase_from_file(path: &Path) -> Result<KeySource, ConfigError> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Key(format!(
+            "cannot read passphrase file {}: {e}",
+            path.display()
+        ))
+    })?);
+    let line = text.lines().next().unwrap_or("");
+    Ok(KeySource::Passphrase(SecretString::from(line.to_string())))
+}

@@ -1,0 +1,382 @@
+//! Assembles and runs the daemon: opens the store, starts the audit writer, loads the policy,
+//! and serves gRPC over mutual TLS (plus health and reflection) and the HTTPS listener.
+//!
+//! The TLS handshake happens here, not in tonic, so that the caller's identity is taken from
+//! the verified certificate once per connection and attached to every request on it
+//! ([`PeerInfo`]), and so that refused handshakes are audited like any other refusal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
+use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
+use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::config::Config;
+use crate::connect::Connect;
+use crate::model::Registry;
+use crate::oauth::OAuth;
+use crate::policy::{PolicyHandle, caller_from_cert};
+use crate::resolve::Resolver;
+use crate::store::Store;
+use crate::vault::KeySource;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Where the daemon ended up listening (ports chosen by the OS when configured as 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+}
+
+fn certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, ServeError> {
+    let pem = read(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ServeError::Tls(format!(
+            "{}: no certificate found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, ServeError> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| ServeError::Tls(format!("{}: no private key found", path.display())))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn versions(allow_tls12: bool) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    if allow_tls12 {
+        rustls::ALL_VERSIONS
+    } else {
+        &TLS13_ONLY
+    }
+}
+
+/// The gRPC listener's TLS: client certificates required, chained to the client CA, checked
+/// against the CRLs; TLS 1.3 unless 1.2 is allowed.
+fn grpc_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(&config.grpc.client_ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| ServeError::Tls(format!("client CA: {e}")))?;
+    }
+    let mut crls = Vec::new();
+    for path in &config.grpc.crl {
+        let pem = read(path)?;
+        for crl in rustls_pemfile::crls(&mut pem.as_slice()) {
+            crls.push(crl.map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))?);
+        }
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| ServeError::Tls(format!("client verifier: {e}")))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(config.grpc.allow_tls12))
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&config.grpc.cert)?, private_key(&config.grpc.key)?)
+        .map_err(|e| ServeError::Tls(format!("server certificate: {e}")))?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tls)
+}
+
+/// The HTTPS listener's TLS: same server certificate, no client certificate.
+fn http_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs(&config.grpc.cert)?, private_key(&config.grpc.key)?)
+        .map_err(|e| ServeError::Tls(format!("server certificate: {e}")))?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// A verified mTLS connection, carrying its caller to every request (tonic puts
+/// `connect_info()` into each request's extensions).
+struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes each TLS handshake on its own task, so a slow
+/// client cannot hold up others. Refusals are audited.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    audit: Arc<AuditLog>,
+    out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, audit, out) = (acceptor.clone(), audit.clone(), out.clone());
+        tokio::spawn(async move {
+            let refused = |reason: String| AuditEvent {
+                caller: format!("unauthenticated {remote}"),
+                operation: "TlsHandshake".into(),
+                outcome: Some(Outcome::Denied),
+                reason,
+                ..Default::default()
+            };
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    let _ = audit.record(refused(e.to_string())).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = audit
+                        .record(refused("TLS handshake timed out".into()))
+                        .await;
+                    return;
+                }
+            };
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            let caller = match leaf.map(|der| caller_from_cert(der)) {
+                Some(Ok(caller)) => caller,
+                Some(Err(e)) => {
+                    let _ = audit.record(refused(e.to_string())).await;
+                    return;
+                }
+                None => {
+                    let _ = audit.record(refused("no client certificate".into())).await;
+                    return;
+                }
+            };
+            let _ = out
+                .send(Ok(TlsConnection {
+                    stream,
+                    peer: PeerInfo {
+                        caller,
+                        remote: Some(remote),
+                    },
+                }))
+                .await;
+        });
+    }
+}
+
+/// Opens everything the configuration names and builds the shared services.
+pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, ServeError> {
+    crate::tls::install_crypto_provider();
+    let store = Arc::new(Store::open(&config.store.path, key)?);
+    let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
+    let audit = Arc::new(AuditLog::start(store.clone())?);
+    let registry = Arc::new(Registry::new(store));
+    let timeout = config.upstream_timeout();
+    let callback = format!(
+        "{}/oauth/callback",
+        config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+    );
+    let oauth = Arc::new(OAuth::new(registry.clone(), callback, timeout));
+    Ok(Arc::new(Services {
+        resolver: Resolver::new(registry.clone(), oauth.clone()),
+        connect: Connect::new(registry.clone(), timeout),
+        registry,
+        audit,
+        policy,
+        oauth,
+        limits: config.limits.clone(),
+    }))
+}
+
+/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens.
+pub async fn run(
+    config: Config,
+    key: KeySource,
+    on_ready: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let services = open_services(&config, &key)?;
+    let grpc_listener = TcpListener::bind(config.grpc.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.grpc.listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen {
+            addr: config.grpc.listen,
+            source,
+        })?;
+    let acceptor = TlsAcceptor::from(Arc::new(grpc_tls(&config)?));
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(accept_loop(
+        grpc_listener,
+        acceptor,
+        services.audit.clone(),
+        tx,
+    ));
+
+    let mut http_addr = None;
+    if let Some(addr) = config.http.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Listen { addr, source })?;
+        http_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|source| ServeError::Listen { addr, source })?,
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
+        tokio::spawn(crate::http::serve(listener, acceptor, services.clone()));
+    }
+
+    spawn_policy_reload(services.policy.clone());
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BrokerServer<BrokerApi>>()
+        .await;
+    health_reporter.set_serving::<AdminServer<AdminApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    let max = config.limits.max_request_bytes;
+    let server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(120))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
+        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown);
+    on_ready(Bound {
+        grpc: grpc_addr,
+        http: http_addr,
+    });
+    crate::systemd::notify("READY=1");
+    server.await?;
+    crate::systemd::notify("STOPPING=1");
+    Ok(())
+}
+
+/// SIGHUP re-reads the policy; a file that fails to parse keeps the old policy and says why.
+fn spawn_policy_reload(policy: Arc<PolicyHandle>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: policy reload disabled");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match policy.reload() {
+                Ok(()) => tracing::info!("policy reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; keeping the previous policy")
+                }
+            }
+        }
+    });
+}
