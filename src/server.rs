@@ -289,6 +289,9 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     }))
 }
 
+/// How long a stopping daemon waits for in-flight calls before it exits.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens.
 pub async fn run(
     config: Config,
@@ -345,20 +348,34 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
     let max = config.limits.max_request_bytes;
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
         .add_service(health)
         .add_service(reflection)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown);
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
+            drain_rx.await.ok();
+        });
     on_ready(Bound {
         grpc: grpc_addr,
         http: http_addr,
     });
     crate::systemd::notify("READY=1");
-    server.await?;
-    crate::systemd::notify("STOPPING=1");
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served?,
+        () = shutdown => {
+            crate::systemd::notify("STOPPING=1");
+            drain_tx.send(()).ok();
+            // In-flight calls finish (their audit records are durable before they answer);
+            // idle client connections must not keep the process alive.
+            if tokio::time::timeout(DRAIN_GRACE, &mut server).await.is_err() {
+                tracing::warn!(grace = ?DRAIN_GRACE, "connections still open after the grace period; closing them");
+            }
+        }
+    }
     Ok(())
 }
 

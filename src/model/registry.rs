@@ -114,7 +114,15 @@ impl Registry {
     }
 
     pub async fn create_connector(&self, new: NewConnector) -> Result<Connector, ModelError> {
-        let NewConnector { workspace, name, kind, mode, provider, config, secrets } = new;
+        let NewConnector {
+            workspace,
+            name,
+            kind,
+            mode,
+            provider,
+            config,
+            secrets,
+        } = new;
         let (name, provider) = (name.as_str(), provider.as_str());
         let workspace = workspace_or_default("workspace", &workspace)?;
         validate_connector_name("name", name)?;

@@ -144,12 +144,20 @@ impl Batch {
         value: &T,
     ) -> &mut Self {
         let bytes = Zeroizing::new(serde_json::to_vec(value).expect("records serialize"));
-        self.ops.push(Op { table, path: path.into(), value: Some(bytes) });
+        self.ops.push(Op {
+            table,
+            path: path.into(),
+            value: Some(bytes),
+        });
         self
     }
 
     pub fn delete(&mut self, table: Table, path: impl Into<String>) -> &mut Self {
-        self.ops.push(Op { table, path: path.into(), value: None });
+        self.ops.push(Op {
+            table,
+            path: path.into(),
+            value: None,
+        });
         self
     }
 

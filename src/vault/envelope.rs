@@ -82,11 +82,7 @@ impl<'a> Envelope<'a> {
         })
     }
 
-    pub fn open(
-        &self,
-        key: &DataKey,
-        record_key: &[u8],
-    ) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    pub fn open(&self, key: &DataKey, record_key: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
         cipher(key)
             .decrypt(
                 &Nonce::from(self.nonce),

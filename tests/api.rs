@@ -1,0 +1,1046 @@
+//! The gRPC API against the real daemon process over mutual TLS: who gets in, what policy lets
+//! them do, what is audited, what is validated, and that no secret leaks or is lost.
+
+mod support;
+
+use std::collections::HashMap;
+
+use credbroker::api::proto::{self, admin_client::AdminClient};
+use credbroker::pki::{CertAuthority, ClientName};
+use support::daemon::{AGENT, Daemon, files_under, reason, write};
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn secret(v: &str) -> proto::SecretValue {
+    proto::SecretValue { value: v.into() }
+}
+
+fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
+    Some(proto::ConnectionRef {
+        workspace: String::new(),
+        connector: connector.into(),
+        user_id: user.into(),
+    })
+}
+
+async fn create(
+    admin: &mut AdminClient<Channel>,
+    workspace: &str,
+    name: &str,
+    kind: proto::ConnectorKind,
+    mode: proto::ConnectorMode,
+    secrets: &[(&str, &str)],
+) -> Result<proto::Connector, tonic::Status> {
+    let req = proto::CreateConnectorRequest {
+        workspace: workspace.into(),
+        name: name.into(),
+        kind: kind as i32,
+        mode: mode as i32,
+        secrets: secrets
+            .iter()
+            .map(|(k, v)| (k.to_string(), secret(v)))
+            .collect(),
+        ..Default::default()
+    };
+    admin.create_connector(req).await.map(|r| r.into_inner())
+}
+
+async fn audit(admin: &mut AdminClient<Channel>, outcome: &str) -> Vec<proto::AuditRecord> {
+    let req = proto::QueryAuditRequest {
+        limit: 1000,
+        outcome: outcome.into(),
+        ..Default::default()
+    };
+    admin.query_audit(req).await.unwrap().into_inner().records
+}
+
+async fn resolve(
+    broker: &mut proto::broker_client::BrokerClient<Channel>,
+    connector: &str,
+    user: &str,
+) -> Result<proto::ResolveCredentialResponse, tonic::Status> {
+    let req = proto::ResolveCredentialRequest {
+        connection: conn(connector, user),
+        min_ttl_seconds: 0,
+    };
+    broker.resolve_credential(req).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn strangers_never_get_in_and_every_refusal_is_audited() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    create(
+        &mut admin,
+        "",
+        "Shared key",
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Shared,
+        &[("api_key", "k-1")],
+    )
+    .await
+    .unwrap();
+
+    // No client certificate at all.
+    let ca = daemon.path("ca.pem");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&ca).unwrap(),
+        ))
+        .domain_name("127.0.0.1");
+    let anonymous = async {
+        let channel = Channel::from_shared(daemon.addr())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await?;
+        let mut broker = proto::broker_client::BrokerClient::new(channel);
+        resolve(&mut broker, "Shared key", "")
+            .await
+            .map_err(|e| e.into())
+    };
+    let result: Result<_, Box<dyn std::error::Error>> = anonymous.await;
+    assert!(result.is_err(), "a client without a certificate was served");
+
+    // A certificate from another CA, and an expired one from the right CA.
+    let other = CertAuthority::generate("other CA").unwrap();
+    let name = ClientName {
+        uri: Some(AGENT.into()),
+        dns: None,
+        common_name: "agent".into(),
+    };
+    let foreign = other.issue_client(&name, time::Duration::days(1)).unwrap();
+    write(&daemon.path("foreign.pem"), &foreign.cert_pem);
+    write(&daemon.path("foreign.key"), &foreign.key_pem);
+    let expired = daemon
+        .ca
+        .issue_client_at(&name, time::Duration::days(10), time::Duration::days(1))
+        .unwrap();
+    write(&daemon.path("expired.pem"), &expired.cert_pem);
+    write(&daemon.path("expired.key"), &expired.key_pem);
+    for who in ["foreign", "expired"] {
+        let outcome = match daemon.channel_as(who).await {
+            Err(_) => Err(()),
+            Ok(channel) => resolve(
+                &mut proto::broker_client::BrokerClient::new(channel),
+                "Shared key",
+                "",
+            )
+            .await
+            .map_err(|_| ()),
+        };
+        assert!(outcome.is_err(), "{who} certificate was served");
+    }
+
+    // A valid certificate whose identity is not in the policy.
+    daemon.issue("spiffe://test/stranger", "stranger");
+    let mut stranger =
+        proto::broker_client::BrokerClient::new(daemon.channel_as("stranger").await.unwrap());
+    let err = resolve(&mut stranger, "Shared key", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("not in the policy"),
+        "{}",
+        err.message()
+    );
+    let mut stranger_admin = AdminClient::new(daemon.channel_as("stranger").await.unwrap());
+    let err = stranger_admin
+        .list_connectors(proto::ListConnectorsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let denied = audit(&mut admin, "denied").await;
+    let handshakes: Vec<_> = denied
+        .iter()
+        .filter(|r| r.operation == "TlsHandshake")
+        .collect();
+    assert!(
+        handshakes.len() >= 3,
+        "expected 3 refused handshakes audited, got {denied:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.to_lowercase().contains("expired")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.contains("UnknownIssuer") || r.reason.contains("unknown issuer")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.contains("no certificate")
+                || r.reason.contains("NoCertificatesPresented")
+                || r.reason.contains("no client certificate")),
+        "{handshakes:#?}"
+    );
+    let strangers: Vec<_> = denied
+        .iter()
+        .filter(|r| r.caller == "spiffe://test/stranger")
+        .collect();
+    assert_eq!(strangers.len(), 2, "{denied:#?}");
+}
+
+#[tokio::test]
+async fn grants_limit_workspace_connector_and_user() {
+    let policy = r#"
+[[callers]]
+id = "spiffe://test/admin"
+admin_workspaces = ["*"]
+[[callers]]
+id = "spiffe://test/agent"
+[[callers.grants]]
+workspace = "acme"
+connectors = ["hub*"]
+operations = ["resolve"]
+users = ["u1"]
+"#;
+    let daemon = Daemon::start_with(policy, "");
+    let mut admin = daemon.admin().await;
+    let personal = proto::ConnectorMode::Personal;
+    for (ws, name) in [("acme", "HubSpot"), ("acme", "Slack"), ("other", "HubSpot")] {
+        create(
+            &mut admin,
+            ws,
+            name,
+            proto::ConnectorKind::ApiKey,
+            personal,
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    for (ws, user) in [("acme", "u1"), ("acme", "u2"), ("other", "u1")] {
+        let req = proto::ConnectWithCredentialsRequest {
+            connection: Some(proto::ConnectionRef {
+                workspace: ws.into(),
+                connector: "HubSpot".into(),
+                user_id: user.into(),
+            }),
+            secrets: HashMap::from([("api_key".to_string(), secret(&format!("key-{ws}-{user}")))]),
+            ..Default::default()
+        };
+        assert!(
+            admin
+                .connect_with_credentials(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .saved
+        );
+    }
+    let mut agent = daemon.agent().await;
+    let call = |ws: &str, connector: &str, user: &str| proto::ResolveCredentialRequest {
+        connection: Some(proto::ConnectionRef {
+            workspace: ws.into(),
+            connector: connector.into(),
+            user_id: user.into(),
+        }),
+        min_ttl_seconds: 0,
+    };
+    let ok = agent
+        .resolve_credential(call("acme", "hubspot", "u1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.secret, "key-acme-u1");
+    for (ws, connector, user) in [
+        ("other", "HubSpot", "u1"),
+        ("acme", "Slack", "u1"),
+        ("acme", "HubSpot", "u2"),
+    ] {
+        let err = agent
+            .resolve_credential(call(ws, connector, user))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "{ws}/{connector}/{user}: {err:?}"
+        );
+        assert!(
+            !err.message().contains("key-"),
+            "a denial leaked a key: {}",
+            err.message()
+        );
+    }
+    // The agent has no admin rights.
+    let mut agent_admin = AdminClient::new(daemon.channel_as("agent").await.unwrap());
+    assert_eq!(
+        agent_admin
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let denied = audit(&mut admin, "denied").await;
+    let by_agent: Vec<_> = denied.iter().filter(|r| r.caller == AGENT).collect();
+    assert_eq!(by_agent.len(), 4, "{denied:#?}");
+    assert!(
+        by_agent
+            .iter()
+            .any(|r| r.workspace == "other" && r.user_id == "u1")
+    );
+    assert!(by_agent.iter().any(|r| r.connector.starts_with("Slack")));
+    assert!(by_agent.iter().any(|r| r.user_id == "u2"));
+}
+
+#[tokio::test]
+async fn canary_secrets_never_leak() {
+    const SHARED: &str = "canary-shared-4f1d9a";
+    const PERSONAL: &str = "canary-personal-77c2e0";
+    const CLIENT_SECRET: &str = "canary-client-secret-b93a";
+    let mut daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let shared = create(
+        &mut admin,
+        "",
+        "Shared",
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Shared,
+        &[("api_key", SHARED)],
+    )
+    .await
+    .unwrap();
+    let personal = create(
+        &mut admin,
+        "",
+        "Personal",
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Personal,
+        &[],
+    )
+    .await
+    .unwrap();
+    let oauth = create(
+        &mut admin,
+        "",
+        "OAuth",
+        proto::ConnectorKind::Oauth2,
+        proto::ConnectorMode::Personal,
+        &[("client_secret", CLIENT_SECRET)],
+    )
+    .await
+    .unwrap();
+    let connected = admin
+        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+            connection: conn("Personal", "alice"),
+            secrets: HashMap::from([("api_key".to_string(), secret(PERSONAL))]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A bad secret slot must not echo the value either.
+    let bad = admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: "Shared".into(),
+            secrets: HashMap::from([("api_kee".to_string(), secret(SHARED))]),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["secrets.api_kee".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let mut responses = vec![format!(
+        "{shared:?}{personal:?}{oauth:?}{connected:?}{bad:?}"
+    )];
+    responses.push(format!(
+        "{:?}",
+        admin
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    ));
+    for name in ["Shared", "Personal", "OAuth"] {
+        let req = proto::GetConnectorRequest {
+            workspace: String::new(),
+            connector: name.into(),
+        };
+        let c = admin.get_connector(req).await.unwrap().into_inner();
+        assert!(
+            !c.secrets_set.is_empty() || name == "Personal",
+            "{name} should say its secret is set"
+        );
+        responses.push(format!("{c:?}"));
+    }
+    let list = proto::ListConnectionsRequest {
+        workspace: String::new(),
+        user_id: "alice".into(),
+    };
+    responses.push(format!(
+        "{:?}",
+        admin.list_connections(list).await.unwrap().into_inner()
+    ));
+    responses.push(format!(
+        "{:?}",
+        admin
+            .get_connection(proto::GetConnectionRequest {
+                connection: conn("Personal", "alice")
+            })
+            .await
+            .unwrap()
+    ));
+    responses.push(format!("{:?}", audit(&mut admin, "").await));
+    for text in &responses {
+        for canary in [SHARED, PERSONAL, CLIENT_SECRET] {
+            assert!(
+                !text.contains(canary),
+                "admin response leaked {canary}: {text}"
+            );
+        }
+    }
+    // The one response meant to carry a secret carries it, to the agent.
+    let mut agent = daemon.agent().await;
+    assert_eq!(
+        resolve(&mut agent, "Shared", "").await.unwrap().secret,
+        SHARED
+    );
+    assert_eq!(
+        resolve(&mut agent, "Personal", "alice")
+            .await
+            .unwrap()
+            .secret,
+        PERSONAL
+    );
+
+    daemon.stop();
+    let export = daemon.cli(&[
+        "audit",
+        "export",
+        "--config",
+        daemon.config().to_str().unwrap(),
+    ]);
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let export = String::from_utf8_lossy(&export.stdout).to_string();
+    assert!(export.lines().count() >= 10, "{export}");
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("ResolveCredential"),
+        "debug logs should show the calls"
+    );
+    for canary in [SHARED, PERSONAL, CLIENT_SECRET] {
+        assert!(!export.contains(canary), "audit export leaked {canary}");
+        assert!(!logs.contains(canary), "logs leaked {canary}");
+        for file in files_under(&daemon.path("store")) {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+                "{} holds {canary} in the clear",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_field_is_validated_and_names_itself() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let api = proto::ConnectorKind::ApiKey;
+    let shared = proto::ConnectorMode::Shared;
+    let cases: Vec<(proto::CreateConnectorRequest, &str)> = vec![
+        (
+            proto::CreateConnectorRequest {
+                name: "".into(),
+                kind: api as i32,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "name",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "x".repeat(65),
+                kind: api as i32,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "name",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "a\u{7}b".into(),
+                kind: api as i32,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "name",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "ok".into(),
+                kind: 0,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "kind",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "ok".into(),
+                kind: 42,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "kind",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "ok".into(),
+                kind: api as i32,
+                mode: 0,
+                ..Default::default()
+            },
+            "mode",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                workspace: "Bad WS".into(),
+                name: "ok".into(),
+                kind: api as i32,
+                mode: shared as i32,
+                ..Default::default()
+            },
+            "workspace",
+        ),
+        (
+            proto::CreateConnectorRequest {
+                name: "ok".into(),
+                kind: api as i32,
+                mode: shared as i32,
+                config: HashMap::from([("colour".to_string(), "blue".to_string())]),
+                ..Default::default()
+            },
+            "config.colour",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = admin.create_connector(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");
+        let (why, meta) = reason(&err);
+        assert_eq!(why, "INVALID_ARGUMENT");
+        assert_eq!(
+            meta.get("field").map(String::as_str),
+            Some(field),
+            "{req:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "message should name {field}: {}",
+            err.message()
+        );
+    }
+    assert!(
+        admin
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .connectors
+            .is_empty(),
+        "a bad request wrote something"
+    );
+
+    create(&mut admin, "", "HubSpot", api, shared, &[])
+        .await
+        .unwrap();
+    let dup = create(&mut admin, "", "hubspot", api, shared, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        dup.code(),
+        Code::AlreadyExists,
+        "names are unique case-insensitively"
+    );
+    let missing = admin
+        .get_connector(proto::GetConnectorRequest {
+            workspace: String::new(),
+            connector: "Nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let mut agent = daemon.agent().await;
+    let err = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: conn("HubSpot", ""),
+            min_ttl_seconds: 99_999,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&err).1.get("field").map(String::as_str),
+        Some("min_ttl_seconds")
+    );
+    let err = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: None,
+            min_ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: "HubSpot".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&err).1.get("field").map(String::as_str),
+        Some("update_mask")
+    );
+}
+
+#[tokio::test]
+async fn connector_lifecycle_and_connection_status() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let personal = create(
+        &mut admin,
+        "",
+        "Intercom",
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Personal,
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = resolve(&mut agent, "Intercom", "bob").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err).0, "NOT_CONNECTED");
+    let err = resolve(&mut agent, "Intercom", "").await.unwrap_err();
+    assert_eq!(
+        reason(&err).1.get("field").map(String::as_str),
+        Some("connection.user_id")
+    );
+
+    let req = proto::ConnectWithCredentialsRequest {
+        connection: conn("Intercom", "bob"),
+        settings: HashMap::from([("account_label".to_string(), "Bob's workspace".to_string())]),
+        secrets: HashMap::from([("api_key".to_string(), secret("ic-bob"))]),
+        ..Default::default()
+    };
+    admin.connect_with_credentials(req).await.unwrap();
+    // Rename keeps the id and the connection.
+    let renamed = admin
+        .rename_connector(proto::RenameConnectorRequest {
+            workspace: String::new(),
+            connector: "Intercom".into(),
+            new_name: "Intercom EU".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renamed.id, personal.id);
+    assert_eq!(
+        resolve(&mut agent, &personal.id, "bob")
+            .await
+            .unwrap()
+            .secret,
+        "ic-bob"
+    );
+    assert_eq!(
+        resolve(&mut agent, "intercom eu", "bob")
+            .await
+            .unwrap()
+            .secret,
+        "ic-bob"
+    );
+
+    let rows = admin
+        .list_connections(proto::ListConnectionsRequest {
+            workspace: String::new(),
+            user_id: "bob".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let row = &rows.connections[0];
+    assert_eq!(row.status, proto::ConnectionStatus::Connected as i32);
+    assert_eq!(row.account_label, "Bob's workspace");
+    assert!(row.connected_at.is_some());
+    let rows = admin
+        .list_connections(proto::ListConnectionsRequest {
+            workspace: String::new(),
+            user_id: "carol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows.connections[0].status,
+        proto::ConnectionStatus::NotConnected as i32
+    );
+
+    admin
+        .disconnect(proto::DisconnectRequest {
+            connection: conn("Intercom EU", "bob"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&resolve(&mut agent, "Intercom EU", "bob").await.unwrap_err()).0,
+        "NOT_CONNECTED"
+    );
+
+    admin
+        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+            connection: conn("Intercom EU", "bob"),
+            secrets: HashMap::from([("api_key".to_string(), secret("ic-bob-2"))]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deleted = admin
+        .delete_connector(proto::DeleteConnectorRequest {
+            workspace: String::new(),
+            connector: "Intercom EU".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.connections_removed, 1);
+    assert_eq!(
+        resolve(&mut agent, &personal.id, "bob")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_sigkill() {
+    let mut daemon = Daemon::start();
+    let mut acknowledged: Vec<String> = Vec::new();
+    for round in 0..5 {
+        let admin = daemon.admin().await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let (mut admin, tx) = (admin.clone(), tx.clone());
+            writers.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let name = format!("r{round}-w{w}-{i}");
+                    let req = proto::CreateConnectorRequest {
+                        name: name.clone(),
+                        kind: proto::ConnectorKind::ApiKey as i32,
+                        mode: proto::ConnectorMode::Shared as i32,
+                        secrets: HashMap::from([(
+                            "api_key".to_string(),
+                            secret(&format!("key-{name}")),
+                        )]),
+                        ..Default::default()
+                    };
+                    match admin.create_connector(req).await {
+                        Ok(_) => tx.send(name).unwrap(),
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        tokio::time::sleep(std::time::Duration::from_millis(300 + 150 * round)).await;
+        daemon.kill();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        while let Some(name) = rx.recv().await {
+            acknowledged.push(name);
+        }
+        daemon.respawn();
+        let mut admin = daemon.admin().await;
+        let stored: std::collections::HashSet<String> = admin
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .connectors
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        let lost: Vec<_> = acknowledged
+            .iter()
+            .filter(|n| !stored.contains(*n))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} acknowledged writes lost: {lost:?}",
+            lost.len()
+        );
+    }
+    assert!(
+        acknowledged.len() > 100,
+        "too few writes to mean anything: {}",
+        acknowledged.len()
+    );
+    let mut agent = daemon.agent().await;
+    let last = acknowledged.last().unwrap().clone();
+    assert_eq!(
+        resolve(&mut agent, &last, "").await.unwrap().secret,
+        format!("key-{last}")
+    );
+    daemon.stop();
+    let verify = daemon.cli(&[
+        "audit",
+        "verify",
+        "--config",
+        daemon.config().to_str().unwrap(),
+    ]);
+    assert!(
+        verify.status.success(),
+        "audit verify after kills: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    println!(
+        "{} acknowledged writes survived 5 SIGKILLs",
+        acknowledged.len()
+    );
+}
+
+#[tokio::test]
+async fn startup_errors_say_what_is_wrong() {
+    let mut daemon = Daemon::start();
+    daemon.stop();
+    let config = daemon.config();
+    let serve = |d: &Daemon| d.cli(&["serve", "--config", config.to_str().unwrap()]);
+    // Wrong key file.
+    let right = std::fs::read(daemon.path("store.key")).unwrap();
+    std::fs::write(daemon.path("store.key"), [7u8; 32]).unwrap();
+    let out = serve(&daemon);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not unlock this store (wrong key)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Malformed and missing key files.
+    std::fs::write(daemon.path("store.key"), b"short").unwrap();
+    assert!(String::from_utf8_lossy(&serve(&daemon).stderr).contains("must hold exactly 32 bytes"));
+    std::fs::remove_file(daemon.path("store.key")).unwrap();
+    assert!(String::from_utf8_lossy(&serve(&daemon).stderr).contains("cannot read key file"));
+    std::fs::write(daemon.path("store.key"), &right).unwrap();
+    // A store from a newer credbroker.
+    {
+        let db = sled::open(daemon.path("store")).unwrap();
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&db.get("header").unwrap().unwrap()).unwrap();
+        header["format_version"] = 99.into();
+        db.insert("header", serde_json::to_vec(&header).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = serve(&daemon);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("store format version 99 is newer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // init refuses to overwrite an existing store.
+    let out = daemon.cli(&["init", "--config", config.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn wrong_passphrase_is_named_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    write(
+        &config,
+        "[store]\npath = \"store\"\npassphrase_env = \"CB_TEST_PASSPHRASE\"\n[grpc]\nlisten = \"127.0.0.1:0\"\ncert = \"x\"\nkey = \"x\"\nclient_ca = \"x\"\n[policy]\nfile = \"p\"\n",
+    );
+    let run = |args: &[&str], phrase: &str| {
+        std::process::Command::new(support::daemon::bin())
+            .args(args)
+            .env("CB_TEST_PASSPHRASE", phrase)
+            .output()
+            .unwrap()
+    };
+    let c = config.to_str().unwrap();
+    let out = run(&["init", "--config", c], "correct horse battery");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["audit", "verify", "--config", c], "correct horse battery");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["audit", "verify", "--config", c], "wrong horse");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn audit_verify_names_the_tampered_record() {
+    let mut daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    for i in 0..6 {
+        create(
+            &mut admin,
+            "",
+            &format!("c{i}"),
+            proto::ConnectorKind::ApiKey,
+            proto::ConnectorMode::Shared,
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    daemon.stop();
+    let config = daemon.config();
+    let verify = |d: &Daemon| d.cli(&["audit", "verify", "--config", config.to_str().unwrap()]);
+    assert!(verify(&daemon).status.success());
+    let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
+    {
+        use credbroker::store::{Batch, Store, Table};
+        let store = Store::open(&daemon.path("store"), &key).unwrap();
+        let mut record: credbroker::audit::AuditRecord = store
+            .get(Table::Audit, "r/00000000000000000003")
+            .unwrap()
+            .unwrap();
+        record.event.caller = "spiffe://someone/else".into();
+        let mut batch = Batch::new();
+        batch.put(Table::Audit, "r/00000000000000000003", &record);
+        store.commit(batch).await.unwrap();
+    }
+    let out = verify(&daemon);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("audit record 3 was altered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        use credbroker::store::{Store, Table};
+        let store = Store::open(&daemon.path("store"), &key).unwrap();
+        store
+            .raw_put(Table::Audit, "r/00000000000000000003", None)
+            .unwrap();
+    }
+    let out = verify(&daemon);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("audit record 3 is missing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn reflection_health_and_policy_reload() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let daemon = Daemon::start();
+    let channel = daemon.channel_as("agent").await.unwrap();
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "credbroker.v1.Broker",
+        "credbroker.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "credbroker.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // SIGHUP reloads the policy; a broken file keeps the old one.
+    daemon.issue("spiffe://test/newcomer", "newcomer");
+    let mut newcomer = AdminClient::new(daemon.channel_as("newcomer").await.unwrap());
+    assert_eq!(
+        newcomer
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let policy = std::fs::read_to_string(daemon.path("policy.toml")).unwrap();
+    write(
+        &daemon.path("policy.toml"),
+        &format!(
+            "{policy}\n[[callers]]\nid = \"spiffe://test/newcomer\"\nadmin_workspaces = [\"default\"]\n"
+        ),
+    );
+    daemon.hangup();
+    let mut allowed = false;
+    for _ in 0..50 {
+        if newcomer
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .is_ok()
+        {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(allowed, "policy reload did not take effect");
+    write(&daemon.path("policy.toml"), "this is [not toml");
+    daemon.hangup();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        newcomer
+            .list_connectors(proto::ListConnectorsRequest::default())
+            .await
+            .is_ok(),
+        "a broken policy replaced the good one"
+    );
+    assert!(daemon.logs().contains("policy reload failed"));
+}

@@ -1,0 +1,294 @@
+//! Runs the real `credbroker` binary for integration tests: a fresh folder with a key file, a
+//! store made by `credbroker init`, a test PKI, a policy and a configuration listening on free
+//! loopback ports. Clients are always given the test CA explicitly.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use credbroker::api::proto::{admin_client::AdminClient, broker_client::BrokerClient};
+use credbroker::client::{self, ClientTls};
+use credbroker::pki::{CertAuthority, ClientName};
+use tonic::transport::Channel;
+
+pub const ADMIN: &str = "spiffe://test/admin";
+pub const AGENT: &str = "spiffe://test/agent";
+
+/// A policy like the dev one: ADMIN administers everything, AGENT may do everything.
+pub const OPEN_POLICY: &str = r#"
+[[callers]]
+id = "spiffe://test/admin"
+admin_workspaces = ["*"]
+
+[[callers]]
+id = "spiffe://test/agent"
+[[callers.grants]]
+workspace = "*"
+connectors = ["*"]
+operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
+users = ["*"]
+"#;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_credbroker")
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub ca: CertAuthority,
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
+    child: Option<Child>,
+}
+
+/// Paths of one client identity's certificate and key.
+pub struct ClientFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(OPEN_POLICY, "")
+    }
+
+    /// Starts with a policy and extra configuration appended to the file.
+    pub fn start_with(policy: &str, extra_config: &str) -> Daemon {
+        credbroker::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertAuthority::generate("credbroker test CA").unwrap();
+        let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+        write(&dir.path().join("ca.pem"), &ca.cert_pem);
+        write(&dir.path().join("server.pem"), &server.cert_pem);
+        write(&dir.path().join("server.key"), &server.key_pem);
+        write(&dir.path().join("policy.toml"), policy);
+        let config = format!(
+            r#"
+[store]
+path = "store"
+key_file = "store.key"
+[grpc]
+listen = "127.0.0.1:0"
+cert = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+[http]
+listen = "127.0.0.1:0"
+public_url = "https://127.0.0.1:0"
+[policy]
+file = "policy.toml"
+{extra_config}
+"#
+        );
+        write(&dir.path().join("credbroker.toml"), &config);
+        let mut daemon = Daemon {
+            dir,
+            ca,
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: None,
+            child: None,
+        };
+        daemon.issue(ADMIN, "admin");
+        daemon.issue(AGENT, "agent");
+        let init = daemon.cli(&["init", "--config", daemon.config().to_str().unwrap()]);
+        assert!(
+            init.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("credbroker.toml")
+    }
+
+    /// Issues a client certificate from the test CA naming `uri`, saved as `{name}.pem/.key`.
+    pub fn issue(&self, uri: &str, name: &str) -> ClientFiles {
+        let cert = self
+            .ca
+            .issue_client(
+                &ClientName {
+                    uri: Some(uri.into()),
+                    dns: None,
+                    common_name: name.into(),
+                },
+                time::Duration::days(1),
+            )
+            .unwrap();
+        let files = ClientFiles {
+            cert: self.path(&format!("{name}.pem")),
+            key: self.path(&format!("{name}.key")),
+        };
+        write(&files.cert, &cert.cert_pem);
+        write(&files.key, &cert.key_pem);
+        files
+    }
+
+    pub fn files(&self, name: &str) -> ClientFiles {
+        ClientFiles {
+            cert: self.path(&format!("{name}.pem")),
+            key: self.path(&format!("{name}.key")),
+        }
+    }
+
+    /// Runs the CLI with this daemon's folder as working directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run credbroker")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--config", self.config().to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start credbroker serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("credbroker: listening ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "credbroker did not start; log:\n{}",
+                    std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+                )
+            });
+        for part in ready.split_whitespace() {
+            if let Some(addr) = part.strip_prefix("grpc=") {
+                self.grpc = addr.parse().unwrap();
+            } else if let Some(addr) = part.strip_prefix("http=").filter(|a| !a.is_empty()) {
+                self.http = Some(addr.parse().unwrap());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) with a PID we own and a valid signal number.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn hangup(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) with a PID we own and a valid signal number.
+            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Restarts after a SIGKILL.
+    pub fn respawn(&mut self) {
+        self.spawn();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("https://{}", self.grpc)
+    }
+
+    pub async fn channel_as(&self, name: &str) -> Result<Channel, client::ClientError> {
+        let files = self.files(name);
+        let ca = self.path("ca.pem");
+        client::channel(
+            &self.addr(),
+            &ClientTls {
+                ca: &ca,
+                cert: &files.cert,
+                key: &files.key,
+            },
+        )
+        .await
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel_as("admin").await.expect("admin channel"))
+    }
+
+    pub async fn agent(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel_as("agent").await.expect("agent channel"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    out
+}
+
+/// The ErrorInfo reason and metadata of a status, if it has one.
+pub fn reason(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    details
+        .error_info()
+        .map(|i| (i.reason.clone(), i.metadata.clone()))
+        .unwrap_or_default()
+}
