@@ -9,7 +9,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 async fn greeting(port: u16) -> String {
     let config = credbroker::tls::client_config(Some(&peers().ca_pem)).unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     let mut line = String::new();
@@ -24,13 +26,19 @@ async fn every_peer_answers_over_tls() {
     assert!(greeting(peers::SMTPS_PORT).await.starts_with("220"));
     let http = peers().http();
     let discovery = http
-        .get(format!("{}/.well-known/openid-configuration", peers().oauth_issuer()))
+        .get(format!(
+            "{}/.well-known/openid-configuration",
+            peers().oauth_issuer()
+        ))
         .send()
         .await
         .unwrap();
     assert!(discovery.status().is_success());
     let propfind = http
-        .request(reqwest::Method::from_bytes(b"PROPFIND").unwrap(), format!("{}alice/", peers().caldav_url()))
+        .request(
+            reqwest::Method::from_bytes(b"PROPFIND").unwrap(),
+            format!("{}alice/", peers().caldav_url()),
+        )
         .basic_auth("alice", Some("secret1"))
         .header("Depth", "0")
         .send()

@@ -39,7 +39,14 @@ fn repo() -> &'static Path {
 }
 
 fn all_ports() -> [u16; 6] {
-    [IMAPS_PORT, IMAP_PORT, SUBMISSION_PORT, SMTPS_PORT, CALDAV_PORT, OAUTH_PORT]
+    [
+        IMAPS_PORT,
+        IMAP_PORT,
+        SUBMISSION_PORT,
+        SMTPS_PORT,
+        CALDAV_PORT,
+        OAUTH_PORT,
+    ]
 }
 
 fn answers(port: u16) -> bool {
@@ -48,7 +55,10 @@ fn answers(port: u16) -> bool {
 }
 
 fn start() -> Peers {
-    let dir = repo().join("target/peers");
+    // CREDBROKER_PEERS_DIR lets several checkouts of the repository share one set of peers.
+    let dir = std::env::var_os("CREDBROKER_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/peers"));
     std::fs::create_dir_all(&dir).expect("create target/peers");
     // Test binaries may start at the same time: one of them starts the peers, the others wait.
     let lock = File::create(dir.join(".lock")).expect("create the peers lock file");
@@ -91,7 +101,10 @@ fn wait_port(port: u16, open: bool) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("port {port} did not {}", if open { "open" } else { "close" });
+    panic!(
+        "port {port} did not {}",
+        if open { "open" } else { "close" }
+    );
 }
 
 impl Peers {
@@ -113,13 +126,22 @@ impl Peers {
 
     /// An HTTP client that trusts only the peers' CA (the machine's own bundle is not theirs).
     pub fn http(&self) -> reqwest::Client {
-        credbroker::tls::http_client(Some(&self.ca_pem), Duration::from_secs(10)).expect("http client")
+        credbroker::tls::http_client(Some(&self.ca_pem), Duration::from_secs(10))
+            .expect("http client")
     }
 
     /// Successful grants at the OAuth server's token endpoint, by grant type, and revocations.
     pub async fn oauth_stats(&self) -> OAuthStats {
         let url = format!("{}/__stats", self.oauth_issuer());
-        let body: serde_json::Value = self.http().get(url).send().await.unwrap().json().await.unwrap();
+        let body: serde_json::Value = self
+            .http()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let n = |k: &str| body[k].as_u64().unwrap_or(0);
         OAuthStats {
             authorization_code: n("authorization_code"),
@@ -135,13 +157,22 @@ impl Peers {
     }
 
     pub fn stop_dovecot(&self) {
-        let status = Command::new("doveadm").arg("-c").arg(self.dovecot_conf()).arg("stop").status().unwrap();
+        let status = Command::new("doveadm")
+            .arg("-c")
+            .arg(self.dovecot_conf())
+            .arg("stop")
+            .status()
+            .unwrap();
         assert!(status.success(), "doveadm stop failed");
         wait_port(IMAPS_PORT, false);
     }
 
     pub fn start_dovecot(&self) {
-        let status = Command::new("dovecot").arg("-c").arg(self.dovecot_conf()).status().unwrap();
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(self.dovecot_conf())
+            .status()
+            .unwrap();
         assert!(status.success(), "dovecot did not start again");
         wait_port(IMAPS_PORT, true);
     }
