@@ -70,6 +70,14 @@ impl Connect {
                 connector.kind.connection_secret_slots(),
             )?;
         }
+        if connector.kind == Kind::ImapSmtp {
+            // Hosts, ports, TLS modes and addresses are checked before anything is tried.
+            crate::mail::account::from_settings(
+                connector,
+                &candidate.settings,
+                Some(crate::mail::Auth::Password(Secret::new(""))),
+            )?;
+        }
         Ok(())
     }
 
@@ -80,6 +88,7 @@ impl Connect {
         candidate: Option<Candidate>,
     ) -> Result<TestReport, ConnectError> {
         let connector = &target.connector;
+        let stored = candidate.is_none();
         let candidate = match candidate {
             Some(candidate) => {
                 Self::check_candidate(connector, &candidate)?;
@@ -112,7 +121,19 @@ impl Connect {
                 }
             }
         };
-        Ok(self.run_test(connector, &candidate).await)
+        let report = self.run_test(connector, &candidate).await;
+        if stored && connector.kind == Kind::ImapSmtp && report.auth_refused() {
+            // The stored password no longer works: the user must reconnect.
+            let why = report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            crate::mail::mark_expired(&self.registry, target, &why).await?;
+        }
+        Ok(report)
     }
 
     async fn run_test(&self, connector: &Connector, candidate: &Candidate) -> TestReport {
@@ -126,7 +147,16 @@ impl Connect {
                 )],
                 account_label: None,
             },
-            Kind::ImapSmtp | Kind::Caldav => TestReport {
+            Kind::ImapSmtp => {
+                crate::mail::test_account(
+                    connector,
+                    &candidate.settings,
+                    candidate.secrets.get("password"),
+                    self.upstream_timeout,
+                )
+                .await
+            }
+            Kind::Caldav => TestReport {
                 checks: vec![Check::failed(
                     connector.kind.name(),
                     Stage::Config,

@@ -281,6 +281,12 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),
         connect: Connect::new(registry.clone(), timeout),
+        mail: Arc::new(crate::mail::Mail::new(
+            registry.clone(),
+            oauth.clone(),
+            timeout,
+            config.limits.max_watch_streams,
+        )),
         registry,
         audit,
         policy,

@@ -4,12 +4,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::proto::{self, broker_server::Broker};
 use super::{ApiError, Call, Services};
+use crate::mail::imap::FetchQuery;
+use crate::mail::watch::WatchQuery;
+use crate::mail::{OutgoingAttachment, SendRequest};
 use crate::model::{FieldError, Target, workspace_or_default};
 use crate::policy::Operation;
 
@@ -104,29 +107,106 @@ impl Broker for BrokerApi {
         &self,
         req: Request<proto::SendEmailRequest>,
     ) -> Result<Response<proto::SendEmailResponse>, Status> {
-        let call = self.0.begin(&req, "SendEmail")?;
-        self.unimplemented(call, Operation::SendEmail, req.into_inner().connection)
-            .await
+        let s = &self.0;
+        let mut call = s.begin(&req, "SendEmail")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.target(&mut call, Operation::SendEmail, r.connection)?;
+            let request = SendRequest {
+                from: r.from,
+                to: r.to,
+                cc: r.cc,
+                bcc: r.bcc,
+                reply_to: r.reply_to,
+                subject: r.subject,
+                text_body: r.text_body,
+                html_body: r.html_body,
+                attachments: r
+                    .attachments
+                    .into_iter()
+                    .map(|a| OutgoingAttachment {
+                        filename: a.filename,
+                        content_type: a.content_type,
+                        content: a.content,
+                    })
+                    .collect(),
+                in_reply_to: r.in_reply_to,
+                references: r.references,
+            };
+            let sent = s.mail.send(&target, request).await?;
+            Ok(proto::SendEmailResponse {
+                message_id: sent.message_id,
+                accepted: sent.accepted,
+            })
+        }
+        .await;
+        s.finish(call, result).await
     }
 
     async fn fetch_mail(
         &self,
         req: Request<proto::FetchMailRequest>,
     ) -> Result<Response<proto::FetchMailResponse>, Status> {
-        let call = self.0.begin(&req, "FetchMail")?;
-        self.unimplemented(call, Operation::FetchMail, req.into_inner().connection)
-            .await
+        let s = &self.0;
+        let mut call = s.begin(&req, "FetchMail")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.target(&mut call, Operation::FetchMail, r.connection)?;
+            let query = FetchQuery {
+                mailbox: r.mailbox,
+                limit: r.limit,
+                unseen_only: r.unseen_only,
+                since_uid: r.since_uid,
+                since: r
+                    .since
+                    .as_ref()
+                    .map(|t| convert::from_timestamp("since", t))
+                    .transpose()?,
+                include_html: r.include_html,
+                mark_seen: r.mark_seen,
+            };
+            let fetched = s.mail.fetch(&target, query).await?;
+            Ok(proto::FetchMailResponse {
+                messages: fetched.messages.into_iter().map(convert::mail).collect(),
+                uid_validity: fetched.uid_validity,
+                highest_uid: fetched.highest_uid,
+            })
+        }
+        .await;
+        s.finish(call, result).await
     }
 
     type WatchMailStream = MailStream;
 
+    /// The stream is audited when it opens; what it delivers afterwards is not audited per
+    /// message.
     async fn watch_mail(
         &self,
         req: Request<proto::WatchMailRequest>,
     ) -> Result<Response<Self::WatchMailStream>, Status> {
-        let call = self.0.begin(&req, "WatchMail")?;
-        self.unimplemented(call, Operation::WatchMail, req.into_inner().connection)
-            .await
+        let s = &self.0;
+        let mut call = s.begin(&req, "WatchMail")?;
+        let r = req.into_inner();
+        let result = async {
+            let target = self.target(&mut call, Operation::WatchMail, r.connection)?;
+            let query = WatchQuery {
+                mailbox: r.mailbox,
+                since_uid: r.since_uid,
+                include_html: r.include_html,
+            };
+            let watcher = s.mail.watch(&call.caller, &target, query).await?;
+            let stream = tokio_stream::wrappers::ReceiverStream::new(watcher).map(|event| {
+                event
+                    .map(|e| proto::MailEvent {
+                        message: Some(convert::mail(e.message)),
+                        uid_validity: e.uid_validity,
+                    })
+                    .map_err(|e| Status::from(ApiError::from(e)))
+            });
+            Ok(Box::pin(stream) as MailStream)
+        }
+        .await;
+        s.finish(call, result).await
     }
 
     async fn list_calendar(

@@ -18,7 +18,6 @@ pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp>
     t.map(timestamp)
 }
 
-#[allow(dead_code)] // used by the calendar and mail handlers
 pub fn from_timestamp(
     field: &str,
     t: &prost_types::Timestamp,
@@ -136,5 +135,32 @@ pub fn report(r: &crate::model::TestReport) -> proto::TestResult {
             })
             .collect(),
         account_label: r.account_label.clone().unwrap_or_default(),
+    }
+}
+
+pub fn mail(m: crate::mail::MailMessage) -> proto::MailMessage {
+    proto::MailMessage {
+        uid: m.uid,
+        message_id: m.message_id,
+        from: m.from,
+        to: m.to,
+        cc: m.cc,
+        subject: m.subject,
+        date: opt_timestamp(m.date),
+        text_body: m.text_body,
+        html_body: m.html_body,
+        flags: m.flags,
+        attachments: m
+            .attachments
+            .into_iter()
+            .map(|a| proto::AttachmentInfo {
+                filename: a.filename,
+                content_type: a.content_type,
+                size: a.size,
+            })
+            .collect(),
+        in_reply_to: m.in_reply_to,
+        references: m.references,
+        reply_to: m.reply_to,
     }
 }

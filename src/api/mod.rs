@@ -46,6 +46,7 @@ pub struct Services {
     pub policy: Arc<PolicyHandle>,
     pub resolver: Resolver,
     pub connect: Connect,
+    pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,
     pub limits: Limits,
 }

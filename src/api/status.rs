@@ -8,6 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditError;
 use crate::connect::ConnectError;
+use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
 use crate::oauth::OAuthError;
 use crate::resolve::ResolveError;
@@ -28,6 +29,8 @@ pub enum ApiError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     OAuth(#[from] OAuthError),
+    #[error(transparent)]
+    Mail(#[from] MailError),
     #[error("{message}")]
     Status {
         code: Code,
@@ -137,6 +140,7 @@ impl From<ApiError> for Status {
                 message,
                 HashMap::new(),
             ),
+            ApiError::Mail(m) => mail_status(m),
             ApiError::Connect(ConnectError::Unsupported(_)) => {
                 with_reason(Code::Unimplemented, "UNSUPPORTED", message, HashMap::new())
             }
@@ -165,4 +169,55 @@ fn oauth_status(e: &OAuthError, message: String) -> Status {
         OAuthError::Model(_) => (Code::Internal, "INTERNAL"),
     };
     with_reason(code, reason, message, HashMap::new())
+}
+
+fn mail_status(e: MailError) -> Status {
+    let message = e.to_string();
+    match e {
+        MailError::Invalid(f) => model_status(f.into()),
+        MailError::Model(m) => model_status(m),
+        MailError::Resolve(r) => ApiError::Resolve(r).into(),
+        MailError::Upstream { service, stage, .. } => with_reason(
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            message,
+            HashMap::from([
+                ("service".to_string(), service.name().to_string()),
+                ("stage".to_string(), stage.name().to_string()),
+            ]),
+        ),
+        // A stored password refused: the connection is now EXPIRED and must be reconnected.
+        MailError::AuthRefused { what, .. } if what != "access token" => {
+            with_reason(Code::FailedPrecondition, "EXPIRED", message, HashMap::new())
+        }
+        MailError::AuthRefused { .. } => with_reason(
+            Code::Unauthenticated,
+            "UPSTREAM_AUTH_REFUSED",
+            message,
+            HashMap::new(),
+        ),
+        MailError::Rejected {
+            too_large: true, ..
+        } => with_reason(
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+            message,
+            HashMap::new(),
+        ),
+        MailError::Rejected { .. } => with_reason(
+            Code::FailedPrecondition,
+            "MAIL_REJECTED",
+            message,
+            HashMap::new(),
+        ),
+        MailError::NoMailbox { .. } => {
+            with_reason(Code::NotFound, "MAILBOX_NOT_FOUND", message, HashMap::new())
+        }
+        MailError::TooManyWatchers(_) => with_reason(
+            Code::ResourceExhausted,
+            "TOO_MANY_STREAMS",
+            message,
+            HashMap::new(),
+        ),
+    }
 }

@@ -1,0 +1,313 @@
+//! Mail on a user's behalf: the IMAP/SMTP side of a connection. This module owns
+//! - [`account`]: which servers, TLS modes, addresses and credentials a mail connection uses
+//!   (settings merged over the connector's config, password or XOAUTH2 token);
+//! - [`message`]: validating and building outgoing mail, parsing incoming mail (mail-parser);
+//! - [`smtp`]: sending through a pooled lettre transport per connection;
+//! - [`imap`]: reading a mailbox with async-imap over tokio-rustls;
+//! - [`watch`]: the IMAP IDLE loop behind WatchMail;
+//! - [`test_account`]: the IMAP login + SMTP AUTH check behind ConnectWithCredentials.
+//!
+//! Every upstream step is bounded by the configured upstream timeout. A stored password the
+//! server refuses marks the connection EXPIRED. No password or token ever appears in an error.
+
+pub mod account;
+pub mod imap;
+pub mod message;
+pub mod smtp;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use account::{Account, Auth, Endpoint, TlsMode};
+pub use message::{AttachmentInfo, MailMessage, OutgoingAttachment, SendRequest};
+
+use crate::model::{
+    Check, ConnectionStatus, FieldError, ModelError, Registry, Secret, Stage, Target, TestReport,
+};
+use crate::oauth::OAuth;
+use crate::resolve::{ResolveError, Resolver};
+
+/// Which server a failure is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Imap,
+    Smtp,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Imap => "IMAP",
+            Service::Smtp => "SMTP",
+        }
+    }
+
+    fn check_name(self) -> &'static str {
+        match self {
+            Service::Imap => "imap",
+            Service::Smtp => "smtp",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// The server could not be reached or did not speak the protocol (DNS, TCP, TLS, timeout).
+    #[error("{} server {server}: {message}", service.name())]
+    Upstream {
+        service: Service,
+        server: String,
+        stage: Stage,
+        message: String,
+    },
+    /// The server refused the credentials.
+    #[error("{} server {server} refused the {what}: {hint}", service.name())]
+    AuthRefused {
+        service: Service,
+        server: String,
+        /// "password" or "access token".
+        what: &'static str,
+        hint: &'static str,
+    },
+    /// The server understood the request and refused it (a recipient, a mailbox…).
+    #[error("{} server {server} refused the request: {message}", service.name())]
+    Rejected {
+        service: Service,
+        server: String,
+        message: String,
+        /// The server's limit on message size was exceeded.
+        too_large: bool,
+    },
+    #[error("mailbox {mailbox:?} does not exist or cannot be opened: {message}")]
+    NoMailbox { mailbox: String, message: String },
+    #[error("too many WatchMail streams for this caller (at most {0})")]
+    TooManyWatchers(usize),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl MailError {
+    fn upstream(
+        service: Service,
+        server: &str,
+        stage: Stage,
+        message: impl Into<String>,
+    ) -> MailError {
+        MailError::Upstream {
+            service,
+            server: server.to_string(),
+            stage,
+            message: message.into(),
+        }
+    }
+
+    fn timeout(service: Service, server: &str, timeout: Duration) -> MailError {
+        MailError::upstream(
+            service,
+            server,
+            Stage::Timeout,
+            format!("did not answer within {}s", timeout.as_secs()),
+        )
+    }
+
+    /// As one check of a credentials test.
+    fn to_check(&self, service: Service) -> Check {
+        let name = service.check_name();
+        match self {
+            MailError::Upstream { stage, .. } => Check::failed(name, *stage, self.to_string()),
+            MailError::AuthRefused { .. } => Check::failed(name, Stage::Auth, self.to_string()),
+            MailError::Invalid(_) => Check::failed(name, Stage::Config, self.to_string()),
+            _ => Check::failed(name, Stage::Protocol, self.to_string()),
+        }
+    }
+}
+
+/// The mail service: accounts, the SMTP pools and the watchers.
+pub struct Mail {
+    registry: Arc<Registry>,
+    resolver: Resolver,
+    timeout: Duration,
+    smtp: smtp::Pools,
+    max_watchers: usize,
+    watchers: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Mail {
+    pub fn new(
+        registry: Arc<Registry>,
+        oauth: Arc<OAuth>,
+        timeout: Duration,
+        max_watchers: usize,
+    ) -> Self {
+        Self {
+            resolver: Resolver::new(registry.clone(), oauth),
+            registry,
+            timeout,
+            smtp: smtp::Pools::default(),
+            max_watchers,
+            watchers: Arc::default(),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The account behind a connection, with fresh credentials.
+    pub async fn account(&self, target: &Target) -> Result<Account, MailError> {
+        account::load(&self.registry, &self.resolver, target, self.timeout).await
+    }
+
+    /// Sends a message; returns its Message-ID and the accepted recipients.
+    pub async fn send(
+        &self,
+        target: &Target,
+        request: SendRequest,
+    ) -> Result<message::Sent, MailError> {
+        let account = self.account(target).await?;
+        let outgoing = message::build(&account, request)?;
+        let result = self.smtp.send(&account, &outgoing, self.timeout).await;
+        self.on_auth_refused(target, &account, result).await
+    }
+
+    /// Reads messages from a mailbox.
+    pub async fn fetch(
+        &self,
+        target: &Target,
+        mut query: imap::FetchQuery,
+    ) -> Result<imap::FetchResult, MailError> {
+        query.validate()?;
+        let account = self.account(target).await?;
+        let result = imap::fetch(&account, &query, self.timeout).await;
+        self.on_auth_refused(target, &account, result).await
+    }
+
+    /// Starts watching a mailbox. The first connection is made before this returns, so that
+    /// configuration, credential and reachability problems are answered as errors; afterwards
+    /// the stream reconnects by itself until the receiver is dropped.
+    pub async fn watch(
+        self: &Arc<Self>,
+        caller: &str,
+        target: &Target,
+        mut query: watch::WatchQuery,
+    ) -> Result<watch::Watcher, MailError> {
+        query.validate()?;
+        let slot = self.watch_slot(caller)?;
+        let account = self.account(target).await?;
+        let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
+        let first = self.on_auth_refused(target, &account, first).await?;
+        Ok(watch::spawn(
+            self.clone(),
+            target.clone(),
+            query,
+            first,
+            slot,
+        ))
+    }
+
+    fn watch_slot(&self, caller: &str) -> Result<watch::Slot, MailError> {
+        let mut map = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(caller.to_string()).or_default();
+        if *n >= self.max_watchers {
+            return Err(MailError::TooManyWatchers(self.max_watchers));
+        }
+        *n += 1;
+        Ok(watch::Slot {
+            caller: caller.to_string(),
+            watchers: self.watchers.clone(),
+        })
+    }
+
+    /// A stored password the server refused marks the connection EXPIRED: the user must
+    /// reconnect. A refused OAuth token is left to the OAuth module.
+    async fn on_auth_refused<T>(
+        &self,
+        target: &Target,
+        account: &Account,
+        result: Result<T, MailError>,
+    ) -> Result<T, MailError> {
+        if let Err(e @ MailError::AuthRefused { .. }) = &result
+            && matches!(account.auth, Auth::Password(_))
+            && let Err(save) = mark_expired(&self.registry, target, &e.to_string()).await
+        {
+            tracing::warn!(error = %save, "could not mark the mail connection expired");
+        }
+        result
+    }
+}
+
+/// Marks a connection EXPIRED, with the reason for people.
+pub async fn mark_expired(
+    registry: &Registry,
+    target: &Target,
+    why: &str,
+) -> Result<(), ModelError> {
+    let Some(mut connection) = registry.connection(&target.connector, &target.connection_user)?
+    else {
+        return Ok(());
+    };
+    connection.status = ConnectionStatus::Expired;
+    connection.last_error = format!("{why}; reconnect the account");
+    registry.save_connection(&connection, None).await
+}
+
+/// Tests candidate IMAP/SMTP credentials: an IMAP login and an SMTP AUTH, each reported as one
+/// check saying where it failed (DNS, TCP, TLS, auth…).
+pub async fn test_account(
+    connector: &crate::model::Connector,
+    settings: &std::collections::BTreeMap<String, String>,
+    password: Option<&Secret>,
+    timeout: Duration,
+) -> TestReport {
+    let account =
+        match account::from_settings(connector, settings, password.cloned().map(Auth::Password)) {
+            Ok(account) => account,
+            Err(e) => {
+                return TestReport {
+                    checks: vec![Check::failed("settings", Stage::Config, e.to_string())],
+                    account_label: None,
+                };
+            }
+        };
+    let (imap, smtp) = tokio::join!(
+        imap::test_login(&account, timeout),
+        smtp::test_auth(&account, timeout)
+    );
+    let imap = match imap {
+        Ok(()) => Check::passed(
+            "imap",
+            format!("logged in to {} as {}", account.imap, account.username),
+        ),
+        Err(e) => e.to_check(Service::Imap),
+    };
+    let smtp = match smtp {
+        Ok(()) => Check::passed(
+            "smtp",
+            format!("authenticated to {} as {}", account.smtp, account.username),
+        ),
+        Err(e) => e.to_check(Service::Smtp),
+    };
+    TestReport {
+        checks: vec![imap, smtp],
+        account_label: Some(account.email.clone()),
+    }
+}
+
+/// Runs `fut` within `timeout`; a late answer is an UNAVAILABLE-class error, never a hang.
+async fn bounded<T>(
+    service: Service,
+    server: &str,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, MailError>>,
+) -> Result<T, MailError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(MailError::timeout(service, server, timeout)),
+    }
+}

@@ -1,0 +1,239 @@
+//! SMTP: a pooled lettre transport per connection (STARTTLS or implicit TLS, rustls with the
+//! connection's trusted CAs), replaced whenever the account's settings or credentials change;
+//! and the staged AUTH check behind a credentials test.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, Certificate, CertificateStore, Tls, TlsParameters,
+};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::{self, PoolConfig};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+
+use super::account::{Account, Auth, TlsMode};
+use super::message::{Outgoing, Sent};
+use super::{MailError, Service, bounded};
+use crate::model::Stage;
+
+type Transport = AsyncSmtpTransport<Tokio1Executor>;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+const POOL_MAX: u32 = 4;
+
+/// One pooled transport per connection, tagged with the account fingerprint it was built from.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<String, (String, Transport)>>,
+}
+
+impl Pools {
+    fn transport(&self, account: &Account, timeout: Duration) -> Result<Transport, MailError> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((fingerprint, transport)) = pools.get(&account.key)
+            && *fingerprint == account.fingerprint
+        {
+            return Ok(transport.clone());
+        }
+        let transport = build_transport(account, timeout)?;
+        // The old transport (if any) is dropped here: its pooled connections close.
+        pools.insert(
+            account.key.clone(),
+            (account.fingerprint.clone(), transport.clone()),
+        );
+        Ok(transport)
+    }
+
+    fn forget(&self, account: &Account) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if pools
+            .get(&account.key)
+            .is_some_and(|(f, _)| *f == account.fingerprint)
+        {
+            pools.remove(&account.key);
+        }
+    }
+
+    /// Sends a built message within `timeout`.
+    pub async fn send(
+        &self,
+        account: &Account,
+        outgoing: &Outgoing,
+        timeout: Duration,
+    ) -> Result<Sent, MailError> {
+        let transport = self.transport(account, timeout)?;
+        let server = account.smtp.addr();
+        let result = bounded(Service::Smtp, &server, timeout, async {
+            transport
+                .send(outgoing.message.clone())
+                .await
+                .map_err(|e| classify(account, &e))
+        })
+        .await;
+        if let Err(MailError::AuthRefused { .. } | MailError::Upstream { .. }) = &result {
+            // Do not keep connections (or a transport) that just failed.
+            self.forget(account);
+        }
+        result?;
+        Ok(Sent {
+            message_id: outgoing.message_id.clone(),
+            accepted: outgoing.recipients.clone(),
+        })
+    }
+}
+
+fn tls_parameters(account: &Account) -> Result<TlsParameters, MailError> {
+    let mut builder = TlsParameters::builder(account.smtp.host.clone())
+        .certificate_store(CertificateStore::WebpkiRoots);
+    if let Some(pem) = &account.ca_pem {
+        let cert = Certificate::from_pem(pem.as_bytes()).map_err(|_| {
+            crate::model::FieldError::new("settings.ca_pem", "is not a valid PEM certificate")
+        })?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build_rustls().map_err(|e| {
+        MailError::upstream(
+            Service::Smtp,
+            &account.smtp.addr(),
+            Stage::Tls,
+            format!("cannot set up TLS: {e}"),
+        )
+    })
+}
+
+fn credentials(account: &Account) -> (Credentials, Vec<Mechanism>) {
+    match &account.auth {
+        Auth::Password(p) => (
+            Credentials::new(account.username.clone(), p.expose().to_string()),
+            vec![Mechanism::Plain, Mechanism::Login],
+        ),
+        Auth::XOAuth2(t) => (
+            Credentials::new(account.username.clone(), t.expose().to_string()),
+            vec![Mechanism::Xoauth2],
+        ),
+    }
+}
+
+fn hello() -> ClientId {
+    ClientId::Domain("credbroker.localhost".into())
+}
+
+fn build_transport(account: &Account, timeout: Duration) -> Result<Transport, MailError> {
+    let params = tls_parameters(account)?;
+    let tls = match account.smtp.tls {
+        TlsMode::Implicit => Tls::Wrapper(params),
+        TlsMode::StartTls => Tls::Required(params),
+    };
+    let (credentials, mechanisms) = credentials(account);
+    Ok(
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(account.smtp.host.clone())
+            .port(account.smtp.port)
+            .tls(tls)
+            .hello_name(hello())
+            .credentials(credentials)
+            .authentication(mechanisms)
+            .timeout(Some(timeout))
+            .pool_config(PoolConfig::new().max_size(POOL_MAX).idle_timeout(POOL_IDLE))
+            .build(),
+    )
+}
+
+/// Reply codes that mean "these credentials are not accepted".
+fn is_auth_code(code: &str) -> bool {
+    matches!(code, "535" | "534" | "530" | "538")
+}
+
+/// A lettre error as a mail error. Server texts are kept (they never contain the password);
+/// lettre's own texts are summarised.
+fn classify(account: &Account, e: &smtp::Error) -> MailError {
+    let server = account.smtp.addr();
+    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+    if e.is_permanent() && is_auth_code(&code) {
+        return MailError::AuthRefused {
+            service: Service::Smtp,
+            server,
+            what: account.auth.what(),
+            hint: "check the username and password (an app password if the account uses two-factor authentication)",
+        };
+    }
+    if e.is_permanent() {
+        return MailError::Rejected {
+            service: Service::Smtp,
+            server,
+            message: e.to_string(),
+            too_large: code == "552",
+        };
+    }
+    let (stage, message) = if e.is_timeout() {
+        (Stage::Timeout, "timed out".to_string())
+    } else if e.is_tls() {
+        (
+            Stage::Tls,
+            format!(
+                "TLS failed ({e}); check the TLS mode ({}) and that the server's certificate is trusted (ca_pem)",
+                match account.smtp.tls {
+                    TlsMode::Implicit => "implicit TLS, usually port 465",
+                    TlsMode::StartTls => "STARTTLS, usually port 587",
+                }
+            ),
+        )
+    } else if e.is_transient() {
+        (Stage::Protocol, format!("temporary failure: {e}"))
+    } else if e.is_client() && e.to_string().contains("STARTTLS") {
+        (
+            Stage::Tls,
+            "the server does not offer STARTTLS; try implicit TLS (port 465)".to_string(),
+        )
+    } else if e.is_client() && e.to_string().contains("authentication mechanism") {
+        (
+            Stage::Auth,
+            format!(
+                "the server offers no usable authentication mechanism ({})",
+                match account.auth {
+                    Auth::Password(_) => "PLAIN or LOGIN",
+                    Auth::XOAuth2(_) => "XOAUTH2",
+                }
+            ),
+        )
+    } else {
+        (
+            Stage::Tcp,
+            format!("cannot talk to the server ({e}); check the host and port"),
+        )
+    };
+    MailError::upstream(Service::Smtp, &server, stage, message)
+}
+
+/// Connects, secures the connection and authenticates, reporting the stage that failed.
+pub async fn test_auth(account: &Account, timeout: Duration) -> Result<(), MailError> {
+    let server = account.smtp.addr();
+    bounded(Service::Smtp, &server, timeout, async {
+        let addrs = super::imap::resolve(Service::Smtp, &account.smtp).await?;
+        let params = tls_parameters(account)?;
+        let wrapper = (account.smtp.tls == TlsMode::Implicit).then(|| params.clone());
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            addrs.as_slice(),
+            Some(timeout),
+            &hello(),
+            wrapper,
+            None,
+        )
+        .await
+        .map_err(|e| classify(account, &e))?;
+        if account.smtp.tls == TlsMode::StartTls {
+            conn.starttls(params, &hello())
+                .await
+                .map_err(|e| classify(account, &e))?;
+        }
+        let (credentials, mechanisms) = credentials(account);
+        let result = conn.auth(&mechanisms, &credentials).await;
+        let _ = conn.quit().await;
+        result.map_err(|e| classify(account, &e))?;
+        Ok(())
+    })
+    .await
+}
