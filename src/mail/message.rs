@@ -223,7 +223,13 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
                 )
             })?,
         };
-        attachments.push(Attachment::new(a.filename.clone()).body(a.content.clone(), content_type));
+        // Base64 always: attachments arrive byte for byte (no line-ending rewriting on the way).
+        let content = lettre::message::Body::new_with_encoding(
+            a.content.clone(),
+            lettre::message::header::ContentTransferEncoding::Base64,
+        )
+        .map_err(|_| FieldError::new(format!("attachments[{i}].content"), "cannot be encoded"))?;
+        attachments.push(Attachment::new(a.filename.clone()).body(content, content_type));
     }
     if total > MAX_MESSAGE_BYTES {
         return Err(FieldError::new(
@@ -394,7 +400,11 @@ pub fn parse(raw: &[u8], html: bool) -> MailMessage {
     let Some(m) = mail_parser::MessageParser::default().parse(raw) else {
         return MailMessage::default();
     };
-    let text_body = m.body_text(0).map(|s| s.into_owned()).unwrap_or_default();
+    // Bodies come back with the line breaks the sender wrote (MIME transports CRLF).
+    let text_body = m
+        .body_text(0)
+        .map(|s| s.replace("\r\n", "\n"))
+        .unwrap_or_default();
     // mail-parser offers a text part converted to HTML when there is no HTML part: only a
     // real HTML part is returned.
     let html_body = if html {
@@ -402,7 +412,7 @@ pub fn parse(raw: &[u8], html: bool) -> MailMessage {
             .next()
             .filter(|p| p.is_content_type("text", "html"))
             .and_then(|p| p.text_contents())
-            .map(str::to_string)
+            .map(|s| s.replace("\r\n", "\n"))
             .unwrap_or_default()
     } else {
         String::new()
@@ -497,13 +507,14 @@ mod tests {
         r.bcc = vec!["dave@x.test".into(), "bob@x.test".into()];
         r.reply_to = "help@x.test".into();
         r.html_body = "<p>Hi <b>Bob</b></p>".into();
+        r.text_body = "Hi Bob,\nsee you".into();
         r.in_reply_to = "parent@x.test".into();
         r.references = vec!["<root@x.test>".into()];
         r.subject = "Réunion à 10h".into();
         r.attachments = vec![OutgoingAttachment {
             filename: "notes.txt".into(),
             content_type: "text/plain".into(),
-            content: b"attached".to_vec(),
+            content: b"attached\nline\n".to_vec(),
         }];
         let out = build(&account(), r).unwrap();
         assert_eq!(
@@ -520,7 +531,7 @@ mod tests {
         let parsed = parse(&raw, true);
         assert_eq!(parsed.subject, "Réunion à 10h");
         assert_eq!(parsed.from, "Support <SUPPORT@x.test>");
-        assert_eq!(parsed.text_body.trim_end(), "Hi Bob");
+        assert_eq!(parsed.text_body.trim_end(), "Hi Bob,\nsee you");
         assert_eq!(parsed.html_body.trim_end(), "<p>Hi <b>Bob</b></p>");
         assert_eq!(parsed.in_reply_to, "<parent@x.test>");
         assert_eq!(parsed.references, ["<root@x.test>", "<parent@x.test>"]);
@@ -531,7 +542,7 @@ mod tests {
             [AttachmentInfo {
                 filename: "notes.txt".into(),
                 content_type: "text/plain".into(),
-                size: 8
+                size: 14
             }]
         );
     }

@@ -1,0 +1,872 @@
+//! Mail against real servers (DESIGN.md §4): postfix submission (STARTTLS and implicit TLS,
+//! SASL through dovecot) delivering into dovecot, read back over IMAP (implicit TLS and
+//! STARTTLS), through the real daemon over mTLS. The mailboxes are shared between tests (and
+//! test runs), so every test marks its messages with a random subject.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
+use support::daemon::{Daemon, reason};
+use support::peers::{IMAP_PORT, IMAPS_PORT, SMTPS_PORT, SUBMISSION_PORT, peers};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// How long a test waits for postfix to deliver a message into dovecot before failing.
+const DELIVERY: Duration = Duration::from_secs(60);
+
+fn token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn conn(connector: &str) -> Option<proto::ConnectionRef> {
+    Some(proto::ConnectionRef {
+        workspace: String::new(),
+        connector: connector.into(),
+        user_id: String::new(),
+    })
+}
+
+struct Servers {
+    imap_port: u16,
+    imap_tls: &'static str,
+    smtp_port: u16,
+    smtp_tls: &'static str,
+}
+
+const IMPLICIT_IMAP_STARTTLS_SMTP: Servers = Servers {
+    imap_port: IMAPS_PORT,
+    imap_tls: "implicit",
+    smtp_port: SUBMISSION_PORT,
+    smtp_tls: "starttls",
+};
+
+const STARTTLS_IMAP_IMPLICIT_SMTP: Servers = Servers {
+    imap_port: IMAP_PORT,
+    imap_tls: "starttls",
+    smtp_port: SMTPS_PORT,
+    smtp_tls: "implicit",
+};
+
+/// A shared imap_smtp connector pointing at the peers, trusting their CA.
+async fn mail_connector(admin: &mut AdminClient<Channel>, name: &str, s: &Servers) {
+    let config = HashMap::from([
+        ("imap_host".to_string(), "127.0.0.1".to_string()),
+        ("imap_port".to_string(), s.imap_port.to_string()),
+        ("imap_tls".to_string(), s.imap_tls.to_string()),
+        ("smtp_host".to_string(), "localhost".to_string()),
+        ("smtp_port".to_string(), s.smtp_port.to_string()),
+        ("smtp_tls".to_string(), s.smtp_tls.to_string()),
+        ("ca_pem".to_string(), peers().ca_pem.clone()),
+    ]);
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: name.into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config,
+            ..Default::default()
+        })
+        .await
+        .expect("create the mail connector");
+}
+
+fn credentials(
+    connector: &str,
+    email: &str,
+    password: &str,
+    extra: &[(&str, &str)],
+    save_on_failure: bool,
+) -> proto::ConnectWithCredentialsRequest {
+    let mut settings = HashMap::from([("email".to_string(), email.to_string())]);
+    for (k, v) in extra {
+        settings.insert(k.to_string(), v.to_string());
+    }
+    proto::ConnectWithCredentialsRequest {
+        connection: conn(connector),
+        settings,
+        secrets: HashMap::from([(
+            "password".to_string(),
+            proto::SecretValue {
+                value: password.into(),
+            },
+        )]),
+        save_on_failure,
+    }
+}
+
+/// Creates a connector and connects it with the given account; the test must pass.
+async fn connected(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    s: &Servers,
+    email: &str,
+    password: &str,
+    extra: &[(&str, &str)],
+) {
+    mail_connector(admin, name, s).await;
+    let resp = admin
+        .connect_with_credentials(credentials(name, email, password, extra, false))
+        .await
+        .expect("ConnectWithCredentials")
+        .into_inner();
+    let test = resp.test.expect("a test result");
+    assert!(test.ok, "the credentials test failed: {:?}", test.checks);
+    assert!(resp.saved);
+    assert_eq!(
+        test.checks
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["imap", "smtp"]
+    );
+    assert_eq!(test.account_label, email);
+}
+
+async fn fetch(
+    broker: &mut BrokerClient<Channel>,
+    connector: &str,
+    change: impl FnOnce(&mut proto::FetchMailRequest),
+) -> Result<proto::FetchMailResponse, tonic::Status> {
+    let mut req = proto::FetchMailRequest {
+        connection: conn(connector),
+        limit: 100,
+        ..Default::default()
+    };
+    change(&mut req);
+    broker.fetch_mail(req).await.map(|r| r.into_inner())
+}
+
+/// Waits until a message with `subject` is in the connector's INBOX.
+async fn wait_for(
+    broker: &mut BrokerClient<Channel>,
+    connector: &str,
+    subject: &str,
+    include_html: bool,
+) -> proto::MailMessage {
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        let resp = fetch(broker, connector, |r| r.include_html = include_html)
+            .await
+            .expect("FetchMail");
+        if let Some(m) = resp.messages.into_iter().find(|m| m.subject == subject) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{subject:?} was not delivered within {DELIVERY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn field(status: &tonic::Status) -> String {
+    reason(status).1.get("field").cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threading() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    // Alice sends over STARTTLS (587-style); Bob reads over implicit TLS (993-style).
+    connected(
+        &mut admin,
+        "Alice",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "alice@x.test",
+        "secret1",
+        &[("aliases", "alice.support@x.test")],
+    )
+    .await;
+    connected(
+        &mut admin,
+        "Bob",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "bob@x.test",
+        "secret2",
+        &[],
+    )
+    .await;
+
+    let subject = format!("Réunion de suivi {}", token());
+    let pdf = vec![0x25u8; 3000];
+    let sent = agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Alice"),
+            from: "Alice Support <alice.support@x.test>".into(),
+            to: vec!["Bob <bob@x.test>".into()],
+            cc: vec!["alice@x.test".into()],
+            reply_to: "help@x.test".into(),
+            subject: subject.clone(),
+            text_body: "Bonjour Bob,\nvoici les notes.".into(),
+            html_body: "<p>Bonjour <b>Bob</b>, voici les notes.</p>".into(),
+            attachments: vec![
+                proto::Attachment {
+                    filename: "notes.txt".into(),
+                    content_type: "text/plain".into(),
+                    content: b"line one\nline two\n".to_vec(),
+                },
+                proto::Attachment {
+                    filename: "rapport.pdf".into(),
+                    content_type: "application/pdf".into(),
+                    content: pdf.clone(),
+                },
+            ],
+            in_reply_to: "<thread-parent@x.test>".into(),
+            references: vec!["<thread-root@x.test>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("SendEmail")
+        .into_inner();
+    assert!(
+        sent.message_id.starts_with('<') && sent.message_id.ends_with("@x.test>"),
+        "{}",
+        sent.message_id
+    );
+    assert_eq!(sent.accepted, ["bob@x.test", "alice@x.test"]);
+
+    let m = wait_for(&mut agent, "Bob", &subject, true).await;
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.from, "Alice Support <alice.support@x.test>");
+    assert_eq!(m.to, ["Bob <bob@x.test>"]);
+    assert_eq!(m.cc, ["alice@x.test"]);
+    assert_eq!(m.reply_to, "help@x.test");
+    assert_eq!(m.text_body.trim_end(), "Bonjour Bob,\nvoici les notes.");
+    assert_eq!(
+        m.html_body.trim_end(),
+        "<p>Bonjour <b>Bob</b>, voici les notes.</p>"
+    );
+    assert_eq!(m.in_reply_to, "<thread-parent@x.test>");
+    assert_eq!(
+        m.references,
+        ["<thread-root@x.test>", "<thread-parent@x.test>"]
+    );
+    let attachments: Vec<(&str, &str, u64)> = m
+        .attachments
+        .iter()
+        .map(|a| (a.filename.as_str(), a.content_type.as_str(), a.size))
+        .collect();
+    assert_eq!(
+        attachments,
+        [
+            ("notes.txt", "text/plain", 18),
+            ("rapport.pdf", "application/pdf", pdf.len() as u64)
+        ]
+    );
+    assert!(m.date.is_some());
+    // Reading did not mark it as read.
+    assert!(!m.flags.iter().any(|f| f == "\\Seen"), "{:?}", m.flags);
+
+    // since_uid, since, unseen_only and mark_seen.
+    let after = fetch(&mut agent, "Bob", |r| r.since_uid = m.uid - 1)
+        .await
+        .unwrap();
+    assert_eq!(after.messages.first().map(|x| x.uid), Some(m.uid));
+    assert!(after.highest_uid >= m.uid && after.uid_validity > 0);
+    let future = fetch(&mut agent, "Bob", |r| {
+        r.since_uid = m.uid - 1;
+        r.since = Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + 3600,
+            nanos: 0,
+        });
+    })
+    .await
+    .unwrap();
+    assert!(future.messages.is_empty(), "{:?}", future.messages);
+    let unseen = fetch(&mut agent, "Bob", |r| {
+        r.since_uid = m.uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(unseen.messages.iter().any(|x| x.uid == m.uid));
+    fetch(&mut agent, "Bob", |r| {
+        r.since_uid = m.uid - 1;
+        r.limit = 1;
+        r.mark_seen = true;
+    })
+    .await
+    .unwrap();
+    let unseen = fetch(&mut agent, "Bob", |r| {
+        r.since_uid = m.uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(!unseen.messages.iter().any(|x| x.uid == m.uid));
+    let seen = fetch(&mut agent, "Bob", |r| r.since_uid = m.uid - 1)
+        .await
+        .unwrap();
+    assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
+
+    // A reply threads on the message's own Message-ID.
+    let reply_subject = format!("Re: {subject}");
+    agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Bob"),
+            // The alias it came from has no mailbox on the test server: answer the account.
+            to: vec!["alice@x.test".into()],
+            subject: reply_subject.clone(),
+            text_body: "Merci !".into(),
+            in_reply_to: m.message_id.clone(),
+            references: m.references.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("reply");
+    let reply = wait_for(&mut agent, "Alice", &reply_subject, false).await;
+    assert_eq!(reply.in_reply_to, sent.message_id);
+    assert_eq!(
+        reply.references,
+        [
+            "<thread-root@x.test>",
+            "<thread-parent@x.test>",
+            sent.message_id.as_str()
+        ]
+    );
+    assert!(reply.html_body.is_empty());
+}
+
+#[tokio::test]
+async fn implicit_tls_smtp_and_starttls_imap_work_too() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    connected(
+        &mut admin,
+        "Bob 465",
+        &STARTTLS_IMAP_IMPLICIT_SMTP,
+        "bob@x.test",
+        "secret2",
+        &[],
+    )
+    .await;
+    let subject = format!("implicit TLS {}", token());
+    let sent = agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Bob 465"),
+            to: vec!["bob@x.test".into()],
+            subject: subject.clone(),
+            text_body: "to myself".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SendEmail over implicit TLS")
+        .into_inner();
+    let m = wait_for(&mut agent, "Bob 465", &subject, false).await;
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.text_body.trim_end(), "to myself");
+    // The pooled SMTP connection is reused for a second message.
+    let again = format!("implicit TLS again {}", token());
+    agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Bob 465"),
+            to: vec!["bob@x.test".into()],
+            subject: again.clone(),
+            text_body: "once more".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("second SendEmail");
+    wait_for(&mut agent, "Bob 465", &again, false).await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_saved() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    mail_connector(&mut admin, "Alice", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    let canary = format!("canary-{}", token());
+    let resp = admin
+        .connect_with_credentials(credentials("Alice", "alice@x.test", &canary, &[], false))
+        .await
+        .expect("ConnectWithCredentials answers with a report")
+        .into_inner();
+    assert!(!resp.saved);
+    let test = resp.test.clone().unwrap();
+    assert!(!test.ok);
+    for check in &test.checks {
+        assert!(!check.ok, "{check:?}");
+        assert_eq!(check.stage, "auth", "{check:?}");
+        assert!(check.message.contains("refused"), "{check:?}");
+    }
+    assert_eq!(test.checks.len(), 2);
+    let connection = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn("Alice"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        connection.status,
+        proto::ConnectionStatus::NotConnected as i32
+    );
+    let mut agent = daemon.agent().await;
+    let err = agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Alice"),
+            to: vec!["bob@x.test".into()],
+            subject: "never".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err).0, "NOT_CONNECTED");
+
+    // TestConnection with candidate credentials says the same, and saves nothing either.
+    let tested = admin
+        .test_connection(proto::TestConnectionRequest {
+            connection: conn("Alice"),
+            settings: HashMap::from([("email".to_string(), "alice@x.test".to_string())]),
+            secrets: HashMap::from([(
+                "password".to_string(),
+                proto::SecretValue {
+                    value: canary.clone(),
+                },
+            )]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .test
+        .unwrap();
+    assert!(!tested.ok && tested.checks.iter().all(|c| c.stage == "auth"));
+    assert!(!format!("{resp:?}{tested:?}").contains(&canary));
+}
+
+#[tokio::test]
+async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    mail_connector(&mut admin, "Alice", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    let canary = format!("canary-{}", token());
+    // Saved anyway (ERROR), as a console may do; the servers still refuse it.
+    let resp = admin
+        .connect_with_credentials(credentials("Alice", "alice@x.test", &canary, &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.saved);
+    assert_eq!(
+        resp.connection.as_ref().unwrap().status,
+        proto::ConnectionStatus::Error as i32
+    );
+    let mut responses = format!("{resp:?}");
+
+    let err = agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Alice"),
+            to: vec!["bob@x.test".into()],
+            subject: format!("never sent {}", token()),
+            text_body: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err).0, "EXPIRED");
+    responses += &format!("{err:?}");
+    let connection = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn("Alice"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
+    assert!(connection.last_error.contains("refused"), "{connection:?}");
+    responses += &format!("{connection:?}");
+    // Now every mail call says EXPIRED without trying the server again.
+    for err in [
+        fetch(&mut agent, "Alice", |_| {}).await.unwrap_err(),
+        agent
+            .watch_mail(proto::WatchMailRequest {
+                connection: conn("Alice"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(reason(&err).0, "EXPIRED", "{err:?}");
+        responses += &format!("{err:?}");
+    }
+
+    // FetchMail on a second connection whose IMAP login is refused also expires it.
+    mail_connector(&mut admin, "Alice IMAP", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    admin
+        .connect_with_credentials(credentials(
+            "Alice IMAP",
+            "alice@x.test",
+            &canary,
+            &[],
+            true,
+        ))
+        .await
+        .unwrap();
+    let err = fetch(&mut agent, "Alice IMAP", |_| {}).await.unwrap_err();
+    assert_eq!(reason(&err).0, "EXPIRED", "{err:?}");
+    assert!(err.message().contains("IMAP"), "{err:?}");
+    responses += &format!("{err:?}");
+
+    // The canary is nowhere: not in responses, the audit or the daemon's (debug) log.
+    let audit = admin
+        .query_audit(proto::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(audit.iter().any(|r| r.operation == "SendEmail"));
+    assert!(!responses.contains(&canary));
+    assert!(!format!("{audit:?}").contains(&canary));
+    let logs = daemon.logs();
+    assert!(logs.contains("SendEmail"), "the log is not the daemon's");
+    assert!(!logs.contains(&canary), "the password leaked into the log");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_within_the_deadline() {
+    let daemon = Daemon::start_with(
+        support::daemon::OPEN_POLICY,
+        "[limits]\nupstream_timeout_secs = 2\n",
+    );
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    // A closed port (connection refused) and a server that accepts but never answers.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    for (name, port, stage) in [
+        ("Closed", closed, "tcp"),
+        ("Silent", silent_port, "timeout"),
+    ] {
+        mail_connector(
+            &mut admin,
+            name,
+            &Servers {
+                imap_port: port,
+                imap_tls: "implicit",
+                smtp_port: port,
+                smtp_tls: "starttls",
+            },
+        )
+        .await;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(30),
+            admin.connect_with_credentials(credentials(name, "alice@x.test", "secret1", &[], true)),
+        )
+        .await
+        .expect("the credentials test hung")
+        .unwrap()
+        .into_inner();
+        let test = resp.test.unwrap();
+        assert!(!test.ok);
+        assert!(
+            test.checks.iter().all(|c| c.stage == stage),
+            "{name}: {:?}",
+            test.checks
+        );
+        let err = tokio::time::timeout(
+            Duration::from_secs(30),
+            agent.send_email(proto::SendEmailRequest {
+                connection: conn(name),
+                to: vec!["bob@x.test".into()],
+                subject: "unreachable".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("SendEmail hung")
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
+        assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
+        let err = tokio::time::timeout(Duration::from_secs(30), fetch(&mut agent, name, |_| {}))
+            .await
+            .expect("FetchMail hung")
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
+        assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some(stage));
+    }
+    drop(silent);
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    connected(
+        &mut admin,
+        "Alice",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "alice@x.test",
+        "secret1",
+        &[("aliases", "alice.support@x.test")],
+    )
+    .await;
+    connected(
+        &mut admin,
+        "Bob",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "bob@x.test",
+        "secret2",
+        &[],
+    )
+    .await;
+    let mark = token();
+    let base = |i: usize| proto::SendEmailRequest {
+        connection: conn("Alice"),
+        to: vec!["bob@x.test".into()],
+        subject: format!("bad {mark} {i}"),
+        text_body: "should never arrive".into(),
+        ..Default::default()
+    };
+    type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (Box::new(|r| r.to = vec!["not an address".into()]), "to[0]"),
+        (
+            Box::new(|r| r.to.push("bob@x.test\r\nBcc: eve@evil.test".into())),
+            "to[1]",
+        ),
+        (Box::new(|r| r.cc = vec!["@x.test".into()]), "cc[0]"),
+        (Box::new(|r| r.bcc = vec!["eve@".into()]), "bcc[0]"),
+        (
+            Box::new(|r| r.subject.push_str("\r\nBcc: eve@evil.test")),
+            "subject",
+        ),
+        (Box::new(|r| r.subject.push('\n')), "subject"),
+        (
+            Box::new(|r| r.reply_to = "x@x.test\nX: y".into()),
+            "reply_to",
+        ),
+        (Box::new(|r| r.from = "mallory@x.test".into()), "from"),
+        (Box::new(|r| r.from = "bob@x.test".into()), "from"),
+        (Box::new(|r| r.to.clear()), "to"),
+        (
+            Box::new(|r| r.in_reply_to = "<a@b>\r\nBcc: eve@evil.test".into()),
+            "in_reply_to",
+        ),
+        (
+            Box::new(|r| r.references = vec!["not-a-message-id".into()]),
+            "references[0]",
+        ),
+        (
+            Box::new(|r| r.text_body = "x".repeat(3 * 1024 * 1024)),
+            "text_body",
+        ),
+        (
+            Box::new(|r| {
+                r.attachments = vec![proto::Attachment {
+                    filename: "big.bin".into(),
+                    content_type: "application/octet-stream".into(),
+                    content: vec![7; 11 * 1024 * 1024],
+                }]
+            }),
+            "attachments[0].content",
+        ),
+        (
+            Box::new(|r| {
+                r.attachments = vec![proto::Attachment {
+                    filename: "evil\r\n.txt".into(),
+                    content_type: "text/plain".into(),
+                    content: b"x".to_vec(),
+                }]
+            }),
+            "attachments[0].filename",
+        ),
+        (
+            Box::new(|r| r.connection.as_mut().unwrap().connector = String::new()),
+            "connection.connector",
+        ),
+    ];
+    for (i, (change, want)) in cases.iter().enumerate() {
+        let mut req = base(i);
+        change(&mut req);
+        let err = agent.send_email(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {err:?}");
+        assert_eq!(field(&err), *want, "case {i}: {err:?}");
+    }
+    for (limit, ok) in [(0, true), (200, true), (201, false), (100_000, false)] {
+        let result = fetch(&mut agent, "Bob", |r| {
+            r.limit = limit;
+            r.since_uid = u32::MAX - 1;
+        })
+        .await;
+        match (ok, result) {
+            (true, Ok(_)) => {}
+            (false, Err(err)) => {
+                assert_eq!(err.code(), Code::InvalidArgument);
+                assert_eq!(field(&err), "limit");
+            }
+            (_, other) => panic!("limit {limit}: {other:?}"),
+        }
+    }
+    let err = fetch(&mut agent, "Bob", |r| {
+        r.mailbox = "INBOX\r\nA1 DELETE INBOX".into()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err)),
+        (Code::InvalidArgument, "mailbox".into())
+    );
+    let err = fetch(&mut agent, "Bob", |r| {
+        r.mailbox = format!("Nope{}", token())
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = admin
+        .connect_with_credentials(credentials(
+            "Bob",
+            "bob@x.test",
+            "secret2",
+            &[("imap_port", "ninety-nine")],
+            true,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err)),
+        (Code::InvalidArgument, "settings.imap_port".into())
+    );
+
+    // A valid message sent last arrives; none of the refused ones did.
+    let good = format!("good {mark}");
+    agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Alice"),
+            to: vec!["bob@x.test".into()],
+            subject: good.clone(),
+            text_body: "fine".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a valid message");
+    let arrived = wait_for(&mut agent, "Bob", &good, false).await;
+    let since = fetch(&mut agent, "Bob", |r| {
+        r.since_uid = arrived.uid.saturating_sub(200)
+    })
+    .await
+    .unwrap();
+    let bad: Vec<&str> = since
+        .messages
+        .iter()
+        .map(|m| m.subject.as_str())
+        .filter(|s| s.contains(&mark) && !s.starts_with("good"))
+        .collect();
+    assert!(bad.is_empty(), "refused messages were sent: {bad:?}");
+}
+
+#[tokio::test]
+async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    connected(
+        &mut admin,
+        "Bob",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "bob@x.test",
+        "secret2",
+        &[],
+    )
+    .await;
+    connected(
+        &mut admin,
+        "Alice",
+        &STARTTLS_IMAP_IMPLICIT_SMTP,
+        "alice@x.test",
+        "secret1",
+        &[],
+    )
+    .await;
+    let mut stream = agent
+        .watch_mail(proto::WatchMailRequest {
+            connection: conn("Bob"),
+            include_html: true,
+            ..Default::default()
+        })
+        .await
+        .expect("WatchMail")
+        .into_inner();
+    let subject = format!("watch {}", token());
+    agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn("Alice"),
+            to: vec!["bob@x.test".into()],
+            subject: subject.clone(),
+            text_body: "are you watching?".into(),
+            html_body: "<i>are you watching?</i>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SendEmail");
+    let event = next_with_subject(&mut stream, &subject).await;
+    let m = event.message.unwrap();
+    assert_eq!(m.text_body.trim_end(), "are you watching?");
+    assert_eq!(m.html_body.trim_end(), "<i>are you watching?</i>");
+    assert!(event.uid_validity > 0);
+
+    // A second stream resuming after an earlier UID gets that message from the mailbox.
+    let mut resumed = agent
+        .watch_mail(proto::WatchMailRequest {
+            connection: conn("Bob"),
+            since_uid: m.uid - 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DELIVERY, resumed.message())
+        .await
+        .expect("no message")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.message.unwrap().uid, m.uid);
+    drop(resumed);
+
+    // Bad requests are refused before any stream opens.
+    let err = agent
+        .watch_mail(proto::WatchMailRequest {
+            connection: conn("Bob"),
+            mailbox: "a\nb".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err)),
+        (Code::InvalidArgument, "mailbox".into())
+    );
+}
+
+/// Reads the stream until a message with `subject` arrives (other tests share the mailbox).
+pub async fn next_with_subject(
+    stream: &mut tonic::Streaming<proto::MailEvent>,
+    subject: &str,
+) -> proto::MailEvent {
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{subject:?} was not streamed within {DELIVERY:?}"))
+            .expect("the stream failed")
+            .expect("the stream ended");
+        if event.message.as_ref().is_some_and(|m| m.subject == subject) {
+            return event;
+        }
+    }
+}
