@@ -603,6 +603,55 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
 }
 
 #[tokio::test]
+async fn a_wrong_tls_mode_or_an_untrusted_certificate_is_reported_as_tls() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    // Implicit TLS against the STARTTLS ports.
+    mail_connector(
+        &mut admin,
+        "Wrong mode",
+        &Servers {
+            imap_port: IMAP_PORT,
+            imap_tls: "implicit",
+            smtp_port: SUBMISSION_PORT,
+            smtp_tls: "implicit",
+        },
+    )
+    .await;
+    // The right modes, but without the servers' CA: their certificates are not trusted.
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Untrusted".into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config: HashMap::from([
+                ("imap_host".to_string(), "127.0.0.1".to_string()),
+                ("imap_port".to_string(), IMAPS_PORT.to_string()),
+                ("smtp_host".to_string(), "127.0.0.1".to_string()),
+                ("smtp_port".to_string(), SUBMISSION_PORT.to_string()),
+                ("smtp_tls".to_string(), "starttls".to_string()),
+            ]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for name in ["Wrong mode", "Untrusted"] {
+        let resp = admin
+            .connect_with_credentials(credentials(name, "alice@x.test", "secret1", &[], false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!resp.saved);
+        let checks = resp.test.unwrap().checks;
+        assert_eq!(checks.len(), 2);
+        for c in &checks {
+            assert!(!c.ok && c.stage == "tls", "{name}: {c:?}");
+            assert!(c.message.contains("TLS"), "{name}: {c:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;

@@ -24,6 +24,9 @@ type Transport = AsyncSmtpTransport<Tokio1Executor>;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 const POOL_MAX: u32 = 4;
+/// Tries per message (or credentials test) when the server answers 4xx.
+const TRANSIENT_ATTEMPTS: u32 = 3;
+const TRANSIENT_PAUSE: Duration = Duration::from_millis(200);
 
 /// One pooled transport per connection, tagged with the account fingerprint it was built from.
 #[derive(Default)]
@@ -65,13 +68,24 @@ impl Pools {
         outgoing: &Outgoing,
         timeout: Duration,
     ) -> Result<Sent, MailError> {
-        let transport = self.transport(account, timeout)?;
         let server = account.smtp.addr();
         let result = bounded(Service::Smtp, &server, timeout, async {
-            transport
-                .send(outgoing.message.clone())
-                .await
-                .map_err(|e| classify(account, &e))
+            let mut attempt = 1;
+            loop {
+                let transport = self.transport(account, timeout)?;
+                match transport.send(outgoing.message.clone()).await {
+                    Ok(_) => return Ok(()),
+                    // A 4xx reply means the server did not take the message: trying again on
+                    // a fresh connection cannot duplicate it.
+                    Err(e) if e.is_transient() && attempt < TRANSIENT_ATTEMPTS => {
+                        tracing::info!(server = %server, error = %e, "SMTP temporary failure; trying again");
+                        self.forget(account);
+                        attempt += 1;
+                        tokio::time::sleep(TRANSIENT_PAUSE * attempt).await;
+                    }
+                    Err(e) => return Err(classify(account, &e)),
+                }
+            }
         })
         .await;
         if let Err(MailError::AuthRefused { .. } | MailError::Upstream { .. }) = &result {
@@ -168,9 +182,21 @@ fn classify(account: &Account, e: &smtp::Error) -> MailError {
             too_large: code == "552",
         };
     }
+    let text = e.to_string().to_ascii_lowercase();
+    // rustls failures during the handshake surface as connection errors in lettre.
+    let tls_failure = e.is_tls()
+        || [
+            "corrupt message",
+            "invalidcontenttype",
+            "certificate",
+            "handshake",
+            "tls",
+        ]
+        .iter()
+        .any(|w| text.contains(w));
     let (stage, message) = if e.is_timeout() {
         (Stage::Timeout, "timed out".to_string())
-    } else if e.is_tls() {
+    } else if tls_failure {
         (
             Stage::Tls,
             format!(
@@ -212,6 +238,43 @@ fn classify(account: &Account, e: &smtp::Error) -> MailError {
 pub async fn test_auth(account: &Account, timeout: Duration) -> Result<(), MailError> {
     let server = account.smtp.addr();
     bounded(Service::Smtp, &server, timeout, async {
+        let mut attempt = 1;
+        loop {
+            match try_auth(account, timeout).await {
+                Err(TestFailure::Transient(_)) if attempt < TRANSIENT_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(TRANSIENT_PAUSE * attempt).await;
+                }
+                Err(TestFailure::Transient(e)) => return Err(classify(account, &e)),
+                Err(TestFailure::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    })
+    .await
+}
+
+enum TestFailure {
+    /// A 4xx reply: worth another try (e.g. the SASL backend was just restarted).
+    Transient(smtp::Error),
+    Failed(MailError),
+}
+
+impl From<MailError> for TestFailure {
+    fn from(e: MailError) -> Self {
+        TestFailure::Failed(e)
+    }
+}
+
+async fn try_auth(account: &Account, timeout: Duration) -> Result<(), TestFailure> {
+    let fail = |e: smtp::Error| {
+        if e.is_transient() {
+            TestFailure::Transient(e)
+        } else {
+            TestFailure::Failed(classify(account, &e))
+        }
+    };
+    {
         let addrs = super::imap::resolve(Service::Smtp, &account.smtp).await?;
         let params = tls_parameters(account)?;
         let wrapper = (account.smtp.tls == TlsMode::Implicit).then(|| params.clone());
@@ -223,17 +286,14 @@ pub async fn test_auth(account: &Account, timeout: Duration) -> Result<(), MailE
             None,
         )
         .await
-        .map_err(|e| classify(account, &e))?;
+        .map_err(fail)?;
         if account.smtp.tls == TlsMode::StartTls {
-            conn.starttls(params, &hello())
-                .await
-                .map_err(|e| classify(account, &e))?;
+            conn.starttls(params, &hello()).await.map_err(fail)?;
         }
         let (credentials, mechanisms) = credentials(account);
         let result = conn.auth(&mechanisms, &credentials).await;
         let _ = conn.quit().await;
-        result.map_err(|e| classify(account, &e))?;
+        result.map_err(fail)?;
         Ok(())
-    })
-    .await
+    }
 }

@@ -182,9 +182,14 @@ impl Peers {
     }
 
     pub fn start_dovecot(&self) {
+        // The daemon outlives the test: it must not hold the test's stdout/stderr open (a
+        // `cargo test | grep` would never end).
         let status = Command::new("dovecot")
             .arg("-c")
             .arg(self.dovecot_conf())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .status()
             .unwrap();
         assert!(status.success(), "dovecot did not start again");
