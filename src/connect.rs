@@ -38,6 +38,8 @@ impl From<FieldError> for ConnectError {
 pub struct Connect {
     registry: Arc<Registry>,
     upstream_timeout: Duration,
+    /// For mail connections that sign in with OAuth (XOAUTH2).
+    mail: Option<Arc<crate::mail::Mail>>,
 }
 
 /// Outcome of ConnectWithCredentials.
@@ -53,7 +55,14 @@ impl Connect {
         Self {
             registry,
             upstream_timeout,
+            mail: None,
         }
+    }
+
+    /// Lets IMAP/SMTP tests of connectors with an `oauth_connector` sign in with XOAUTH2.
+    pub fn with_mail(mut self, mail: Arc<crate::mail::Mail>) -> Self {
+        self.mail = Some(mail);
+        self
     }
 
     fn check_candidate(connector: &Connector, candidate: &Candidate) -> Result<(), FieldError> {
@@ -121,7 +130,7 @@ impl Connect {
                 }
             }
         };
-        let report = self.run_test(connector, &candidate).await;
+        let report = self.run_test(target, &candidate).await;
         if stored && connector.kind == Kind::ImapSmtp && report.auth_refused() {
             // The stored password no longer works: the user must reconnect.
             let why = report
@@ -136,7 +145,8 @@ impl Connect {
         Ok(report)
     }
 
-    async fn run_test(&self, connector: &Connector, candidate: &Candidate) -> TestReport {
+    async fn run_test(&self, target: &Target, candidate: &Candidate) -> TestReport {
+        let connector = &target.connector;
         match connector.kind {
             Kind::ApiKey => test_api_key(connector, candidate, self.upstream_timeout).await,
             Kind::Oauth2 => TestReport {
@@ -148,10 +158,32 @@ impl Connect {
                 account_label: None,
             },
             Kind::ImapSmtp => {
+                let oauth = match &self.mail {
+                    Some(mail) => mail.oauth_auth(target).await,
+                    None => Ok(None),
+                };
+                let auth = match oauth {
+                    Ok(Some(auth)) => Some(auth),
+                    Ok(None) => candidate
+                        .secrets
+                        .get("password")
+                        .cloned()
+                        .map(crate::mail::Auth::Password),
+                    Err(e) => {
+                        return TestReport {
+                            checks: vec![Check::failed(
+                                "oauth",
+                                Stage::Auth,
+                                format!("no access token to sign in with: {e}"),
+                            )],
+                            account_label: None,
+                        };
+                    }
+                };
                 crate::mail::test_account(
                     connector,
                     &candidate.settings,
-                    candidate.secrets.get("password"),
+                    auth,
                     self.upstream_timeout,
                 )
                 .await
@@ -191,12 +223,15 @@ impl Connect {
             .into());
         }
         Self::check_candidate(connector, &candidate)?;
+        // A mail connector that signs in with OAuth needs no password.
+        let oauth_mail =
+            connector.kind == Kind::ImapSmtp && connector.setting("oauth_connector").is_some();
         for slot in connector.kind.connection_secret_slots() {
-            if !candidate.secrets.contains_key(*slot) {
+            if !oauth_mail && !candidate.secrets.contains_key(*slot) {
                 return Err(FieldError::new(format!("secrets.{slot}"), "is required").into());
             }
         }
-        let report = self.run_test(connector, &candidate).await;
+        let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry
             .connection(connector, &target.connection_user)?;

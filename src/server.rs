@@ -278,15 +278,16 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
             .trim_end_matches('/')
     );
     let oauth = Arc::new(OAuth::new(registry.clone(), callback, timeout));
+    let mail = Arc::new(crate::mail::Mail::new(
+        registry.clone(),
+        oauth.clone(),
+        timeout,
+        config.limits.max_watch_streams,
+    ));
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),
-        connect: Connect::new(registry.clone(), timeout),
-        mail: Arc::new(crate::mail::Mail::new(
-            registry.clone(),
-            oauth.clone(),
-            timeout,
-            config.limits.max_watch_streams,
-        )),
+        connect: Connect::new(registry.clone(), timeout).with_mail(mail.clone()),
+        mail,
         registry,
         audit,
         policy,

@@ -306,6 +306,32 @@ pub fn from_settings(
     })
 }
 
+/// The access token of the OAuth connector (`oauth_connector`, same workspace) an imap_smtp
+/// connector authenticates with, for the same user.
+pub async fn oauth_credential(
+    registry: &crate::model::Registry,
+    resolver: &Resolver,
+    target: &Target,
+    oauth_connector: &str,
+    min_ttl: Duration,
+) -> Result<crate::resolve::Credential, MailError> {
+    let oauth_target = registry
+        .target(
+            &target.connector.workspace,
+            oauth_connector,
+            &target.on_behalf_of,
+        )
+        .map_err(|e| match e {
+            crate::model::ModelError::NotFound { .. } => FieldError::new(
+                "config.oauth_connector",
+                format!("names {oauth_connector:?}, which is not a connector of this workspace"),
+            )
+            .into(),
+            other => MailError::from(other),
+        })?;
+    Ok(resolver.resolve(&oauth_target, min_ttl).await?)
+}
+
 /// The account of a stored connection, with a current credential (an OAuth access token is
 /// refreshed first if it is about to expire).
 pub async fn load(
@@ -348,9 +374,8 @@ pub async fn load(
             );
             let auth = match connector.setting("oauth_connector") {
                 Some(oauth) => {
-                    let oauth_target =
-                        registry.target(&connector.workspace, oauth, &target.on_behalf_of)?;
-                    let credential = resolver.resolve(&oauth_target, min_ttl).await?;
+                    let credential =
+                        oauth_credential(registry, resolver, target, oauth, min_ttl).await?;
                     hash.update(format!("{:?}", credential.expires_at).as_bytes());
                     Auth::XOAuth2(credential.secret)
                 }

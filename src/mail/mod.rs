@@ -24,7 +24,7 @@ pub use account::{Account, Auth, Endpoint, TlsMode};
 pub use message::{AttachmentInfo, MailMessage, OutgoingAttachment, SendRequest};
 
 use crate::model::{
-    Check, ConnectionStatus, FieldError, ModelError, Registry, Secret, Stage, Target, TestReport,
+    Check, ConnectionStatus, FieldError, ModelError, Registry, Stage, Target, TestReport,
 };
 use crate::oauth::OAuth;
 use crate::resolve::{ResolveError, Resolver};
@@ -164,6 +164,19 @@ impl Mail {
         account::load(&self.registry, &self.resolver, target, self.timeout).await
     }
 
+    /// For an imap_smtp connector that signs in with OAuth (`oauth_connector`): the current
+    /// access token of the user's OAuth connection. None for password connectors.
+    pub async fn oauth_auth(&self, target: &Target) -> Result<Option<Auth>, MailError> {
+        let Some(oauth) = target.connector.setting("oauth_connector") else {
+            return Ok(None);
+        };
+        let min_ttl = self.timeout + Duration::from_secs(60);
+        let credential =
+            account::oauth_credential(&self.registry, &self.resolver, target, oauth, min_ttl)
+                .await?;
+        Ok(Some(Auth::XOAuth2(credential.secret)))
+    }
+
     /// Sends a message; returns its Message-ID and the accepted recipients.
     pub async fn send(
         &self,
@@ -262,19 +275,18 @@ pub async fn mark_expired(
 pub async fn test_account(
     connector: &crate::model::Connector,
     settings: &std::collections::BTreeMap<String, String>,
-    password: Option<&Secret>,
+    auth: Option<Auth>,
     timeout: Duration,
 ) -> TestReport {
-    let account =
-        match account::from_settings(connector, settings, password.cloned().map(Auth::Password)) {
-            Ok(account) => account,
-            Err(e) => {
-                return TestReport {
-                    checks: vec![Check::failed("settings", Stage::Config, e.to_string())],
-                    account_label: None,
-                };
-            }
-        };
+    let account = match account::from_settings(connector, settings, auth) {
+        Ok(account) => account,
+        Err(e) => {
+            return TestReport {
+                checks: vec![Check::failed("settings", Stage::Config, e.to_string())],
+                account_label: None,
+            };
+        }
+    };
     let (imap, smtp) = tokio::join!(
         imap::test_login(&account, timeout),
         smtp::test_auth(&account, timeout)
