@@ -919,3 +919,53 @@ pub async fn next_with_subject(
         }
     }
 }
+
+#[tokio::test]
+async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_away() {
+    let daemon = Daemon::start_with(
+        support::daemon::OPEN_POLICY,
+        "[limits]\nmax_watch_streams = 1\n",
+    );
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    connected(
+        &mut admin,
+        "Bob",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "bob@x.test",
+        "secret2",
+        &[],
+    )
+    .await;
+    let watch = || proto::WatchMailRequest {
+        connection: conn("Bob"),
+        ..Default::default()
+    };
+    let first = agent.watch_mail(watch()).await.expect("first stream");
+    let err = agent.watch_mail(watch()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err).0, "TOO_MANY_STREAMS");
+
+    // The client goes away: the daemon notices, ends the stream and frees its place.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        match agent.watch_mail(watch()).await {
+            Ok(stream) => break stream,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the stream of a client that went away was never ended"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    drop(again);
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("WatchMail stream ended"),
+        "no end of stream logged"
+    );
+}
