@@ -359,6 +359,19 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
         .into_inner();
     let m = wait_for(&mut agent, "Bob 465", &subject, false).await;
     assert_eq!(m.message_id, sent.message_id);
+    let connection = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn("Bob 465"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(connection.status, proto::ConnectionStatus::Connected as i32);
+    assert_eq!(connection.account_label, "bob@x.test");
+    assert!(
+        connection.last_used_at.is_some(),
+        "last_used_at not recorded"
+    );
     assert_eq!(m.text_body.trim_end(), "to myself");
     // The pooled SMTP connection is reused for a second message.
     let again = format!("implicit TLS again {}", token());

@@ -186,7 +186,9 @@ impl Mail {
         let account = self.account(target).await?;
         let outgoing = message::build(&account, request)?;
         let result = self.smtp.send(&account, &outgoing, self.timeout).await;
-        self.on_auth_refused(target, &account, result).await
+        let result = self.on_auth_refused(target, &account, result).await;
+        self.touch(target, result.is_ok());
+        result
     }
 
     /// Reads messages from a mailbox.
@@ -198,7 +200,9 @@ impl Mail {
         query.validate()?;
         let account = self.account(target).await?;
         let result = imap::fetch(&account, &query, self.timeout).await;
-        self.on_auth_refused(target, &account, result).await
+        let result = self.on_auth_refused(target, &account, result).await;
+        self.touch(target, result.is_ok());
+        result
     }
 
     /// Starts watching a mailbox. The first connection is made before this returns, so that
@@ -215,6 +219,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
         let first = self.on_auth_refused(target, &account, first).await?;
+        self.touch(target, true);
         Ok(watch::spawn(
             self.clone(),
             target.clone(),
@@ -222,6 +227,34 @@ impl Mail {
             first,
             slot,
         ))
+    }
+
+    /// Records `last_used_at` of a mail connection at most once a minute, without making the
+    /// caller wait. (OAuth mail connections are recorded by the OAuth module.)
+    fn touch(&self, target: &Target, used: bool) {
+        if !used || target.connector.kind != crate::model::Kind::ImapSmtp {
+            return;
+        }
+        let registry = self.registry.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let now = chrono::Utc::now();
+            let Ok(Some(mut connection)) =
+                registry.connection(&target.connector, &target.connection_user)
+            else {
+                return;
+            };
+            if connection
+                .last_used_at
+                .is_some_and(|t| now - t < chrono::TimeDelta::seconds(60))
+            {
+                return;
+            }
+            connection.last_used_at = Some(now);
+            if let Err(e) = registry.save_connection(&connection, None).await {
+                tracing::warn!(error = %e, "could not record last_used_at");
+            }
+        });
     }
 
     fn watch_slot(&self, caller: &str) -> Result<watch::Slot, MailError> {
