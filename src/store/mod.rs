@@ -218,8 +218,9 @@ impl Store {
             &serde_json::to_vec(&header).expect("header serializes"),
         )?;
         backend.sync()?;
-        drop(backend);
-        Self::open(path, source)
+        // Reuse the open database: dropping it and opening the path again can fail with
+        // "in use by another process" while sled's background flusher still holds the lock.
+        Self::open_backend(backend, source, path)
     }
 
     /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.
