@@ -982,3 +982,53 @@ async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_awa
         "no end of stream logged"
     );
 }
+
+#[tokio::test]
+async fn new_credentials_replace_the_pooled_smtp_connection() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    connected(
+        &mut admin,
+        "Alice",
+        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        "alice@x.test",
+        "secret1",
+        &[],
+    )
+    .await;
+    let send = |subject: String| proto::SendEmailRequest {
+        connection: conn("Alice"),
+        to: vec!["bob@x.test".into()],
+        subject,
+        text_body: "pooled".into(),
+        ..Default::default()
+    };
+    // A pooled, authenticated SMTP connection now exists for this connection.
+    agent
+        .send_email(send(format!("pool {}", token())))
+        .await
+        .expect("first send");
+    // The user changes the stored password (saved anyway though the servers refuse it): the
+    // pooled session authenticated with the old one must not be used any more.
+    let resp = admin
+        .connect_with_credentials(credentials("Alice", "alice@x.test", "not-it", &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.saved && !resp.test.unwrap().ok);
+    let err = agent
+        .send_email(send(format!("pool {}", token())))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err).0, "EXPIRED", "{err:?}");
+    // Reconnecting with the right password works again.
+    admin
+        .connect_with_credentials(credentials("Alice", "alice@x.test", "secret1", &[], false))
+        .await
+        .unwrap();
+    agent
+        .send_email(send(format!("pool {}", token())))
+        .await
+        .expect("send after reconnecting");
+}

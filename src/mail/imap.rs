@@ -192,7 +192,7 @@ impl async_imap::Authenticator for XOAuth2<'_> {
 async fn login(account: &Account) -> Result<async_imap::Session<Stream>, MailError> {
     let ep = &account.imap;
     let stream = tcp(Service::Imap, ep).await?;
-    let mut client = match ep.tls {
+    let client = match ep.tls {
         TlsMode::Implicit => {
             let mut client = async_imap::Client::new(tls(account, stream).await?);
             greeting(account, &mut client).await?;
@@ -215,8 +215,6 @@ async fn login(account: &Account) -> Result<async_imap::Session<Stream>, MailErr
             async_imap::Client::new(tls(account, plain.into_inner()).await?)
         }
     };
-    // Some servers repeat capabilities after STARTTLS; nothing else is expected here.
-    let _ = &mut client;
     let result = match &account.auth {
         Auth::Password(p) => client.login(&account.username, p.expose()).await,
         Auth::XOAuth2(t) => {

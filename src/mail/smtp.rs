@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
@@ -28,25 +28,44 @@ const POOL_MAX: u32 = 4;
 const TRANSIENT_ATTEMPTS: u32 = 3;
 const TRANSIENT_PAUSE: Duration = Duration::from_millis(200);
 
+/// Above this many pooled transports, those unused for [`POOL_IDLE`] are dropped.
+const MAX_POOLS: usize = 256;
+
+struct Pooled {
+    /// The account fingerprint the transport was built from.
+    fingerprint: String,
+    transport: Transport,
+    last_used: Instant,
+}
+
 /// One pooled transport per connection, tagged with the account fingerprint it was built from.
 #[derive(Default)]
 pub struct Pools {
-    pools: Mutex<HashMap<String, (String, Transport)>>,
+    pools: Mutex<HashMap<String, Pooled>>,
 }
 
 impl Pools {
     fn transport(&self, account: &Account, timeout: Duration) -> Result<Transport, MailError> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((fingerprint, transport)) = pools.get(&account.key)
-            && *fingerprint == account.fingerprint
+        let now = Instant::now();
+        if let Some(pooled) = pools.get_mut(&account.key)
+            && pooled.fingerprint == account.fingerprint
         {
-            return Ok(transport.clone());
+            pooled.last_used = now;
+            return Ok(pooled.transport.clone());
+        }
+        if pools.len() >= MAX_POOLS {
+            pools.retain(|_, p| now.duration_since(p.last_used) < POOL_IDLE);
         }
         let transport = build_transport(account, timeout)?;
         // The old transport (if any) is dropped here: its pooled connections close.
         pools.insert(
             account.key.clone(),
-            (account.fingerprint.clone(), transport.clone()),
+            Pooled {
+                fingerprint: account.fingerprint.clone(),
+                transport: transport.clone(),
+                last_used: now,
+            },
         );
         Ok(transport)
     }
@@ -55,7 +74,7 @@ impl Pools {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if pools
             .get(&account.key)
-            .is_some_and(|(f, _)| *f == account.fingerprint)
+            .is_some_and(|p| p.fingerprint == account.fingerprint)
         {
             pools.remove(&account.key);
         }
