@@ -528,6 +528,37 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     assert!(err.message().contains("IMAP"), "{err:?}");
     responses += &format!("{err:?}");
 
+    // So does TestConnection of a stored connection whose password the servers refuse.
+    mail_connector(&mut admin, "Alice test", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    admin
+        .connect_with_credentials(credentials(
+            "Alice test",
+            "alice@x.test",
+            &canary,
+            &[],
+            true,
+        ))
+        .await
+        .unwrap();
+    let tested = admin
+        .test_connection(proto::TestConnectionRequest {
+            connection: conn("Alice test"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tested.test.as_ref().is_some_and(|t| !t.ok));
+    responses += &format!("{tested:?}");
+    let connection = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn("Alice test"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
+
     // The canary is nowhere: not in responses, the audit or the daemon's (debug) log.
     let audit = admin
         .query_audit(proto::QueryAuditRequest {
@@ -613,6 +644,35 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some(stage));
     }
     drop(silent);
+
+    // A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Nowhere".into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config: HashMap::from([
+                ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
+                ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
+            ]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let resp = admin
+        .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    let checks = resp.test.unwrap().checks;
+    assert_eq!(checks.len(), 2);
+    for c in &checks {
+        assert_eq!(c.stage, "dns", "{c:?}");
+        assert!(c.message.contains("nowhere.invalid"), "{c:?}");
+    }
+    let err = fetch(&mut agent, "Nowhere", |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
 }
 
 #[tokio::test]
