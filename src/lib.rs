@@ -12,6 +12,7 @@ pub mod config;
 pub mod connect;
 pub mod dev;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod oauth;
 pub mod pki;

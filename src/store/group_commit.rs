@@ -28,7 +28,9 @@ impl GroupCommit {
                 while let Ok(first) = waiters.recv() {
                     let mut group = vec![first];
                     group.extend(waiters.try_iter());
+                    let started = std::time::Instant::now();
                     let outcome = backend.sync().map_err(|e| Arc::<str>::from(e.to_string()));
+                    crate::metrics::store_sync(group.len(), started.elapsed());
                     for waiter in group {
                         let _ = waiter.send(outcome.clone());
                     }
