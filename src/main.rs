@@ -110,6 +110,22 @@ enum Command {
     /// Check, export or read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Save a consistent, still encrypted snapshot of a running broker's store (admin of "*").
+    Backup {
+        /// The backup file to create (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Recreate a store from a backup file into the configuration's (new, empty) store folder.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// Ask for the passphrase on the terminal.
+        #[arg(long)]
+        prompt: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -340,8 +356,68 @@ async fn run(cli: Cli) -> Result<(), Error> {
             credbroker::audit::export(&store, &mut out)?;
             Ok(())
         }
+        Command::Restore {
+            from,
+            config,
+            prompt,
+        } => {
+            let config = Config::load(&config)?;
+            let key = key_source(&config, prompt, false)?;
+            let bytes = std::fs::read(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+            let snapshot = credbroker::store::Snapshot::decode(&bytes)?;
+            credbroker::store::restore(&config.store.path, &snapshot, &key)?;
+            let store = Store::open(&config.store.path, &key)?;
+            println!(
+                "restored {} records of store {} into {}",
+                snapshot.records.len(),
+                store.header().store_id,
+                config.store.path.display()
+            );
+            Ok(())
+        }
         command => remote(command, &cli.remote).await,
     }
+}
+
+/// Streams a backup into `{out}.partial`, checks it, syncs it and renames it to `out`.
+async fn backup(
+    admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>,
+    out: &Path,
+) -> Result<(), Error> {
+    use std::io::Write;
+    if out.exists() {
+        return Err(format!("{} exists; refusing to overwrite it", out.display()).into());
+    }
+    let partial = out.with_extension("partial");
+    let mut stream = admin.backup(proto::BackupRequest {}).await?.into_inner();
+    let mut bytes = Vec::new();
+    let (mut records, mut store_id) = (0, String::new());
+    while let Some(chunk) = stream.message().await? {
+        if !chunk.store_id.is_empty() {
+            (records, store_id) = (chunk.records, chunk.store_id);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    credbroker::store::Snapshot::decode(&bytes)?;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, out)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(format!("{}: {e}", out.display()).into());
+    }
+    println!(
+        "backup of store {store_id}: {records} records, {} bytes, in {}",
+        bytes.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 async fn serve(
@@ -655,7 +731,15 @@ async fn remote(command: Command, remote: &Remote) -> Result<(), Error> {
                 );
             }
         }
-        Command::Dev { .. } | Command::Init { .. } | Command::Serve { .. } | Command::Audit(_) => {
+        Command::Backup { out } => {
+            let mut admin = client::admin(&remote.addr, &tls).await?;
+            backup(&mut admin, &out).await?;
+        }
+        Command::Dev { .. }
+        | Command::Init { .. }
+        | Command::Serve { .. }
+        | Command::Audit(_)
+        | Command::Restore { .. } => {
             unreachable!("handled locally")
         }
     }

@@ -177,3 +177,165 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         );
     }
 }
+
+/// A configuration like the daemon's, for another store folder (same key file).
+fn config_for(daemon: &Daemon, store: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(daemon.config()).unwrap();
+    let path = daemon.path(&format!("{store}.toml"));
+    support::daemon::write(
+        &path,
+        &text.replace("path = \"store\"", &format!("path = \"{store}\"")),
+    );
+    path
+}
+
+fn cli_ok(daemon: &Daemon, args: &[&str]) -> String {
+    let out = daemon.cli(args);
+    assert!(
+        out.status.success(),
+        "credbroker {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn admin_args(daemon: &Daemon) -> Vec<String> {
+    let d = daemon.dir.path();
+    vec![
+        "--addr".into(),
+        daemon.addr(),
+        "--ca".into(),
+        d.join("ca.pem").display().to_string(),
+        "--cert".into(),
+        d.join("admin.pem").display().to_string(),
+        "--key".into(),
+        d.join("admin.key").display().to_string(),
+    ]
+}
+
+/// Writers that keep the store busy (connector updates and resolves, each audited) until
+/// `stop` is set; returns how many calls succeeded. Any failure fails the test.
+async fn spawn_load(
+    daemon: &Daemon,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: usize,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let stop = stop.clone();
+        let mut admin = daemon.admin().await;
+        let mut agent = daemon.agent().await;
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                admin
+                    .update_connector(proto::UpdateConnectorRequest {
+                        connector: "Shared".into(),
+                        config: HashMap::from([(
+                            "description".to_string(),
+                            format!("w{w}-{done}"),
+                        )]),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["config.description".into()],
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("update under load");
+                let cred = agent
+                    .resolve_credential(proto::ResolveCredentialRequest {
+                        connection: conn("Shared", ""),
+                        min_ttl_seconds: 0,
+                    })
+                    .await
+                    .expect("resolve under load")
+                    .into_inner();
+                assert_eq!(cred.secret, CANARY_SECRET);
+                done += 2;
+            }
+            done
+        }));
+    }
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_under_write_load_restores_and_verifies() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    api_key_connector(
+        &mut admin,
+        "Shared",
+        proto::ConnectorMode::Shared,
+        &[("api_key", CANARY_SECRET)],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = spawn_load(&daemon, stop.clone(), 4).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let mut args = admin_args(&daemon);
+    args.extend(["backup".into(), "--out".into(), "backup.cbk".into()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tokio::task::block_in_place(|| cli_ok(&daemon, &argv));
+    assert!(out.contains("records"), "{out}");
+    // A second backup to the same file is refused, not overwritten.
+    assert!(
+        !tokio::task::block_in_place(|| daemon.cli(&argv))
+            .status
+            .success()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for task in load {
+        calls += task.await.unwrap();
+    }
+    assert!(calls > 0);
+    let raw = std::fs::read(daemon.path("backup.cbk")).unwrap();
+    println!("{calls} writes and resolves under load; {out}");
+    assert!(
+        !raw.windows(CANARY_SECRET.len())
+            .any(|w| w == CANARY_SECRET.as_bytes()),
+        "the backup holds a secret in the clear"
+    );
+
+    let restored = config_for(&daemon, "restored");
+    let restored_arg = restored.to_str().unwrap();
+    let out = cli_ok(
+        &daemon,
+        &["restore", "--from", "backup.cbk", "--config", restored_arg],
+    );
+    assert!(out.contains("restored"), "{out}");
+    let verified = cli_ok(&daemon, &["audit", "verify", "--config", restored_arg]);
+    assert!(verified.contains("audit chain intact"), "{verified}");
+
+    // Never over an existing store, live or not.
+    let again = daemon.cli(&["restore", "--from", "backup.cbk", "--config", restored_arg]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let live = daemon.config();
+    let over_live = daemon.cli(&[
+        "restore",
+        "--from",
+        "backup.cbk",
+        "--config",
+        live.to_str().unwrap(),
+    ]);
+    assert!(!over_live.status.success());
+
+    // The restored store opens with the same key and holds the secret.
+    let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
+    let store = std::sync::Arc::new(
+        credbroker::store::Store::open(&daemon.path("restored"), &key).unwrap(),
+    );
+    let registry = credbroker::model::Registry::new(store.clone());
+    let connector = registry.find_connector("default", "Shared").unwrap();
+    let secrets = registry.connector_secrets(&connector).unwrap();
+    assert_eq!(
+        secrets.slots.get("api_key").unwrap().expose(),
+        CANARY_SECRET
+    );
+    let summary = credbroker::audit::verify(&store).unwrap();
+    assert!(summary.records > 2, "{summary:?}");
+}

@@ -61,8 +61,56 @@ fn candidate(
     }
 }
 
+/// Bytes per BackupChunk: well under gRPC's default 4 MiB message limit.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+pub type BackupStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    type BackupStream = BackupStream;
+
+    async fn backup(
+        &self,
+        req: Request<proto::BackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "Backup")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            let store = s.registry.store().clone();
+            let (bytes, records) = tokio::task::spawn_blocking(move || {
+                store
+                    .snapshot()
+                    .map(|snap| (snap.encode(), snap.records.len()))
+            })
+            .await
+            .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
+            .map_err(crate::model::ModelError::from)?;
+            let store_id = s.registry.store().header().store_id.clone();
+            let chunks: Vec<Result<proto::BackupChunk, Status>> = bytes
+                .chunks(BACKUP_CHUNK)
+                .enumerate()
+                .map(|(i, data)| {
+                    Ok(proto::BackupChunk {
+                        data: data.to_vec(),
+                        records: if i == 0 { records as u64 } else { 0 },
+                        store_id: if i == 0 {
+                            store_id.clone()
+                        } else {
+                            String::new()
+                        },
+                    })
+                })
+                .collect();
+            Ok(Box::pin(tokio_stream::iter(chunks)) as BackupStream)
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
     async fn create_connector(
         &self,
         req: Request<proto::CreateConnectorRequest>,

@@ -7,13 +7,15 @@
 //! - a commit returns only after the backend has synced it; concurrent commits share one sync
 //!   ([`group_commit`]).
 
+mod backup;
 mod group_commit;
 mod sled_backend;
 
+pub use backup::{BackupError, Snapshot, restore};
 pub use sled_backend::SledBackend;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -117,6 +119,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Unencrypted metadata: the header and counter reservations.
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Every metadata entry, in key order.
+    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// One write of a batch, before sealing: a put (Some) or delete (None).
@@ -176,6 +180,9 @@ pub struct Store {
     vault: Arc<Vault>,
     header: Header,
     commits: GroupCommit,
+    /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
+    /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
+    gate: RwLock<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -268,6 +275,7 @@ impl Store {
             backend,
             vault: Arc::new(vault),
             header,
+            gate: RwLock::new(()),
         })
     }
 
@@ -355,6 +363,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut ops = Vec::with_capacity(batch.ops.len());
         for Op { table, path, value } in batch.ops {
             let key = table.key(&path);
@@ -379,6 +388,7 @@ impl Store {
         path: &str,
         bytes: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
+        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
         self.backend.apply(vec![(table.key(path), bytes)])?;
         self.backend.sync()
     }

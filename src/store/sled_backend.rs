@@ -97,6 +97,16 @@ impl Backend for SledBackend {
         Ok(self.db.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
     }
 
+    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.db
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend_error)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.db
             .insert(key, value)
