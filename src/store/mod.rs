@@ -9,9 +9,11 @@
 
 mod backup;
 mod group_commit;
+mod rotation;
 mod sled_backend;
 
 pub use backup::{BackupError, Snapshot, restore};
+pub use rotation::{RewrapState, RewrapStep, change_key};
 pub use sled_backend::SledBackend;
 
 use std::path::Path;
@@ -21,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use crate::vault::{Header, KeySource, Vault, VaultError};
+use crate::vault::{Header, Kek, KeySource, Vault, VaultError};
 use group_commit::GroupCommit;
 
 /// The logical tables. A record's full key is `table ‖ 0x00 ‖ path`; the envelope is bound to it.
@@ -121,6 +123,8 @@ pub trait Backend: Send + Sync + 'static {
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Every metadata entry, in key order.
     fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Replaces the value of `key` only if it still is `old`; false if it changed (or is gone).
+    fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError>;
 }
 
 /// One write of a batch, before sealing: a put (Some) or delete (None).
@@ -178,8 +182,14 @@ impl Batch {
 pub struct Store {
     backend: Arc<dyn Backend>,
     vault: Arc<Vault>,
-    header: Header,
+    header: RwLock<Header>,
+    /// The unlocked key-encryption key, kept to rewrap the keyring after a rotation.
+    kek: Kek,
     commits: GroupCommit,
+    /// One rotation (or retirement) at a time.
+    rotation: std::sync::Mutex<()>,
+    /// Wakes the background rewrap after a rotation.
+    rewrap_wanted: tokio::sync::Notify,
     /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
     /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
     gate: RwLock<()>,
@@ -188,7 +198,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("store_id", &self.header.store_id)
+            .field("store_id", &self.header().store_id)
             .field("vault", &self.vault)
             .finish()
     }
@@ -252,7 +262,7 @@ impl Store {
             })?;
         let header: Header = serde_json::from_slice(&raw)
             .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
-        let keyring = header.unlock(source)?;
+        let (kek, keyring) = header.unlock_with_kek(source)?;
         let term = keyring.current_term();
         let reserved = backend
             .meta_get(&reservation_key(term))?
@@ -274,13 +284,19 @@ impl Store {
             commits: GroupCommit::start(backend.clone()),
             backend,
             vault: Arc::new(vault),
-            header,
+            header: RwLock::new(header),
+            kek,
             gate: RwLock::new(()),
+            rotation: std::sync::Mutex::new(()),
+            rewrap_wanted: tokio::sync::Notify::new(),
         })
     }
 
-    pub fn header(&self) -> &Header {
-        &self.header
+    pub fn header(&self) -> Header {
+        self.header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn vault(&self) -> &Vault {
@@ -350,13 +366,15 @@ impl Store {
     /// Seals and applies `batch` atomically, returning once it is on disk.
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
-        self.commits.wait().await
+        self.commits.wait().await?;
+        self.rotate_if_worn()
     }
 
     /// [`Store::commit`] for callers outside the async runtime (the CLI).
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
-        self.commits.wait_blocking()
+        self.commits.wait_blocking()?;
+        self.rotate_if_worn()
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
