@@ -339,3 +339,185 @@ async fn backup_under_write_load_restores_and_verifies() {
     let summary = credbroker::audit::verify(&store).unwrap();
     assert!(summary.records > 2, "{summary:?}");
 }
+
+const SLOW_REWRAP: &str = "[limits]\nrewrap_batch = 4\nrewrap_pause_ms = 150\n";
+
+async fn status(admin: &mut AdminClient<Channel>) -> proto::StoreStatus {
+    admin
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls GetStatus until `done` holds (at most 90 s).
+async fn wait_status(
+    admin: &mut AdminClient<Channel>,
+    what: &str,
+    done: impl Fn(&proto::StoreStatus) -> bool,
+) -> proto::StoreStatus {
+    for _ in 0..900 {
+        let s = status(admin).await;
+        if done(&s) {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}: {:?}", status(admin).await)
+}
+
+fn rewrap_finished(s: &proto::StoreStatus) -> bool {
+    s.rewrap.as_ref().is_some_and(|r| r.finished)
+}
+
+/// Connectors and connections, so the store has records of every kind to rewrap.
+async fn populate(admin: &mut AdminClient<Channel>, users: usize) {
+    api_key_connector(
+        admin,
+        "Shared",
+        proto::ConnectorMode::Shared,
+        &[("api_key", CANARY_SECRET)],
+    )
+    .await;
+    api_key_connector(admin, "Personal", proto::ConnectorMode::Personal, &[]).await;
+    for u in 0..users {
+        connect_user(admin, "Personal", &format!("user-{u}"), CANARY_SECRET).await;
+    }
+}
+
+fn open_offline(daemon: &Daemon) -> std::sync::Arc<credbroker::store::Store> {
+    let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
+    std::sync::Arc::new(credbroker::store::Store::open(&daemon.path("store"), &key).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotate_key_under_concurrent_resolves() {
+    let mut daemon = Daemon::start_with(
+        OPEN_POLICY,
+        "[limits]\nrewrap_batch = 16\nrewrap_pause_ms = 20\n",
+    );
+    let mut admin = daemon.admin().await;
+    populate(&mut admin, 20).await;
+    let before = status(&mut admin).await;
+    assert_eq!((before.current_term, before.terms.clone()), (1, vec![1]));
+    assert!(before.rewrap.is_none());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = spawn_load(&daemon, stop.clone(), 4).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let rotated = admin
+        .rotate_key(proto::RotateKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.current_term, 2);
+    assert_eq!(
+        rotated.terms,
+        vec![1, 2],
+        "term 1 stays until the rewrap is done"
+    );
+    let done = wait_status(&mut admin, "the rewrap", rewrap_finished).await;
+    // Keep the load going a little past the retirement too.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for task in load {
+        calls += task.await.expect("no request failed during the rotation");
+    }
+    let r = done.rewrap.clone().unwrap();
+    println!(
+        "{calls} calls under load, none failed; rewrap: {} scanned, {} re-sealed, {} pass(es)",
+        r.scanned,
+        r.rewrapped,
+        r.pass + 1
+    );
+    assert_eq!(done.terms, vec![2]);
+    assert_eq!(r.retired, vec![1]);
+    assert!(r.rewrapped > 20, "{r:?}");
+    let (_, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(sample(&metrics, "credbroker_key_term"), 2.0);
+    let mut args = admin_args(&daemon);
+    args.push("status".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let shown = tokio::task::block_in_place(|| cli_ok(&daemon, &argv));
+    assert!(shown.contains("key term 2 (keyring holds [2])"), "{shown}");
+    assert!(shown.contains("retired terms [1]"), "{shown}");
+
+    daemon.stop();
+    let store = open_offline(&daemon);
+    let terms = store.terms_in_use().unwrap();
+    assert_eq!(
+        terms.keys().copied().collect::<Vec<_>>(),
+        vec![2],
+        "{terms:?}"
+    );
+    assert_eq!(store.vault().terms(), vec![2], "term 1's data key is gone");
+    credbroker::audit::verify(&store).unwrap();
+    let registry = credbroker::model::Registry::new(store.clone());
+    let connector = registry.find_connector("default", "Shared").unwrap();
+    assert_eq!(
+        registry
+            .connector_secrets(&connector)
+            .unwrap()
+            .slots
+            .get("api_key")
+            .unwrap()
+            .expose(),
+        CANARY_SECRET
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
+    let mut daemon = Daemon::start_with(OPEN_POLICY, SLOW_REWRAP);
+    let mut admin = daemon.admin().await;
+    populate(&mut admin, 15).await;
+    let mut args = admin_args(&daemon);
+    args.push("rotate-key".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tokio::task::block_in_place(|| cli_ok(&daemon, &argv));
+    assert!(out.contains("new writes use key term 2"), "{out}");
+
+    let mid = wait_status(&mut admin, "a rewrap under way", |s| {
+        s.rewrap.as_ref().is_some_and(|r| r.scanned >= 8)
+    })
+    .await;
+    daemon.kill();
+    drop(admin);
+    let at_kill = {
+        let store = open_offline(&daemon);
+        let state = store.rewrap_state().unwrap().unwrap();
+        assert!(!state.finished, "killed too late: {state:?}");
+        assert_eq!(store.vault().terms(), vec![1, 2]);
+        assert!(store.records_below(2).unwrap() > 0);
+        state
+    };
+    assert!(at_kill.scanned >= mid.rewrap.unwrap().scanned);
+
+    daemon.respawn();
+    let mut admin = daemon.admin().await;
+    let resumed = status(&mut admin).await.rewrap.unwrap();
+    assert!(
+        resumed.scanned >= at_kill.scanned,
+        "progress went back: {resumed:?} after {at_kill:?}"
+    );
+    let done = wait_status(&mut admin, "the resumed rewrap", rewrap_finished).await;
+    let r = done.rewrap.unwrap();
+    assert_eq!(r.retired, vec![1]);
+    assert_eq!(done.terms, vec![2]);
+    daemon.stop();
+    let store = open_offline(&daemon);
+    let terms = store.terms_in_use().unwrap();
+    assert_eq!(terms.keys().copied().collect::<Vec<_>>(), vec![2]);
+    let records: u64 = terms.values().sum();
+    // One pass from where it stopped: a restart from the beginning would have scanned the
+    // records before the kill twice.
+    assert_eq!(r.pass, 0, "{r:?}");
+    assert!(
+        r.scanned <= records,
+        "scanned {} of {records} records",
+        r.scanned
+    );
+    assert_eq!(store.vault().terms(), vec![2]);
+    credbroker::audit::verify(&store).unwrap();
+}

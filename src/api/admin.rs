@@ -67,9 +67,73 @@ const BACKUP_CHUNK: usize = 1 << 20;
 pub type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
+/// The store's key and rewrap state, for GetStatus and RotateKey.
+fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
+    let store = s.registry.store();
+    let vault = store.vault();
+    let rewrap = store
+        .rewrap_state()
+        .map_err(crate::model::ModelError::from)?
+        .map(|r| proto::RewrapStatus {
+            finished: r.finished,
+            to_term: r.to_term,
+            pass: r.pass,
+            scanned: r.scanned,
+            rewrapped: r.rewrapped,
+            total: r.total,
+            retired: r.retired,
+            started_at: convert::opt_timestamp(r.started_at),
+            finished_at: convert::opt_timestamp(r.finished_at),
+        });
+    Ok(proto::StoreStatus {
+        store_id: store.header().store_id,
+        current_term: vault.current_term(),
+        terms: vault.terms(),
+        term_encryptions: vault.encryptions(),
+        rewrap,
+        audit_seq: s.audit.head().seq,
+        audit_queue_depth: s.audit.queue_depth() as u64,
+    })
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
     type BackupStream = BackupStream;
+
+    async fn rotate_key(
+        &self,
+        req: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::StoreStatus>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "RotateKey")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            let store = s.registry.store().clone();
+            tokio::task::spawn_blocking(move || store.rotate_key())
+                .await
+                .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
+                .map_err(crate::model::ModelError::from)?;
+            store_status(s)
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::StoreStatus>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "GetStatus")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            store_status(s)
+        }
+        .await;
+        s.finish(call, result).await
+    }
 
     async fn backup(
         &self,
