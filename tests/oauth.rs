@@ -205,6 +205,14 @@ async fn connection(admin: &mut AdminClient<Channel>, user: &str) -> proto::Conn
 }
 
 /// Waits until access tokens issued before now have expired at the server.
+/// The value of one series in a Prometheus text body (0 when absent).
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 async fn let_tokens_expire() {
     tokio::time::sleep(Duration::from_secs(peers::ACCESS_TTL_SECS + 1)).await;
 }
@@ -399,6 +407,17 @@ async fn two_hundred_waiting_callers_cause_one_refresh() {
     );
     assert_eq!(tokens.len(), 1, "every caller got the one refreshed token");
     assert!(!tokens.contains(&first));
+    let (_, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "credbroker_token_refresh_total{outcome=\"ok\"}"),
+        1.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "credbroker_upstream_duration_seconds_count{kind=\"oauth\"}"
+        ) >= 2.0
+    );
     assert_eq!(whoami(tokens.iter().next().unwrap()).await.as_u16(), 200);
 }
 
@@ -462,6 +481,19 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
         "{}",
         shown.last_error
     );
+    let (_, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "credbroker_token_refresh_total{outcome=\"expired\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "credbroker_connections{status=\"expired\"}"),
+        1.0
+    );
+    assert!(!metrics.contains("u1"), "a user id in the metrics");
     // Expired stays expired without asking the provider again.
     assert_eq!(
         reason(&resolve(&mut agent, "u1").await.unwrap_err()).0,
