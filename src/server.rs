@@ -363,6 +363,7 @@ pub async fn run(
         http: http_addr,
     });
     crate::systemd::notify("READY=1");
+    crate::systemd::spawn_watchdog();
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served?,
