@@ -13,7 +13,7 @@ use std::time::Duration;
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{Daemon, reason};
 use support::oauth::{Browser, RETURN_URL, begin, callback_url, conn, connect, create_connector};
-use support::peers::{self, OAUTH_CLIENT_SECRET, peers};
+use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -391,4 +391,173 @@ async fn client_credentials_tokens_are_cached_until_near_expiry() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Google's and Slack's identity endpoints cannot run here: a fake serves their documented
+/// shapes over HTTPS, and the presets' label fields pick the account from them, through the
+/// same flow as every other connection (the rest of the flow runs at the real test server).
+#[tokio::test]
+async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
+    let _serial = SERIAL.lock().await;
+    let fake_ca = credbroker::pki::CertAuthority::generate("fake identity CA").unwrap();
+    let fake = fake_identity_server(&fake_ca).await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
+    for (provider, path, label) in [
+        ("google-mail", "/oauth2/v3/userinfo", "alice@x.test"),
+        ("slack", "/api/auth.test", "Acme Corp"),
+    ] {
+        let issuer = peers().oauth_issuer();
+        let config: HashMap<String, String> = [
+            ("client_id", OAUTH_CLIENT_ID.to_string()),
+            // Only the identity endpoint is Google's or Slack's; the rest is the real test server.
+            ("auth_url", format!("{issuer}/auth")),
+            ("token_url", format!("{issuer}/token")),
+            ("revocation_url", format!("{issuer}/token/revocation")),
+            ("userinfo_url", format!("https://{fake}{path}")),
+            ("scopes", "openid email mail.read".into()),
+            ("token_auth", "basic".into()),
+            ("ca_pem", cas.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        admin
+            .create_connector(proto::CreateConnectorRequest {
+                name: provider.into(),
+                kind: proto::ConnectorKind::Oauth2 as i32,
+                mode: proto::ConnectorMode::Personal as i32,
+                provider: provider.into(),
+                config,
+                secrets: [(
+                    "client_secret".to_string(),
+                    proto::SecretValue {
+                        value: OAUTH_CLIENT_SECRET.into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let started = begin(&mut admin, provider, "u1").await;
+        if provider == "google-mail" {
+            // The preset's extra authorization parameters (offline access) are sent.
+            assert!(
+                started.authorization_url.contains("access_type=offline"),
+                "{}",
+                started.authorization_url
+            );
+        }
+        let mut browser = Browser::new(&daemon);
+        let callback = browser
+            .consent(&started.authorization_url, &callback_url(&daemon))
+            .await;
+        assert_eq!(browser.get(&callback).await.status().as_u16(), 303);
+        let shown = admin
+            .get_connection(proto::GetConnectionRequest {
+                connection: conn(provider, "u1"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(shown.account_label, label, "{provider}");
+        assert_eq!(shown.provider, provider);
+        let token = agent
+            .resolve_credential(proto::ResolveCredentialRequest {
+                connection: conn(provider, "u1"),
+                min_ttl_seconds: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(token.account_label, label);
+    }
+    // An unknown provider is refused by name.
+    let err = admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Gitlab".into(),
+            kind: proto::ConnectorKind::Oauth2 as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            provider: "gitlab".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("provider"), "{}", err.message());
+}
+
+/// Serves Google's userinfo and Slack's auth.test documents (their documented shapes) over
+/// HTTPS to any bearer token; returns its address.
+async fn fake_identity_server(ca: &credbroker::pki::CertAuthority) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
+    };
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let bearer = |headers: &axum::http::HeaderMap| {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() > "Bearer ".len())
+    };
+    let app = axum::Router::new()
+        .route(
+            "/oauth2/v3/userinfo",
+            get(move |headers: axum::http::HeaderMap| async move {
+                if !bearer(&headers) {
+                    return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"error": "invalid_request"})));
+                }
+                let doc = serde_json::json!({
+                    "sub": "110169484474386276334", "name": "Alice", "given_name": "Alice",
+                    "picture": "https://lh3.googleusercontent.com/a/x", "email": "alice@x.test",
+                    "email_verified": true, "locale": "en", "hd": "x.test"
+                });
+                (axum::http::StatusCode::OK, axum::Json(doc))
+            }),
+        )
+        .route(
+            "/api/auth.test",
+            get(move |headers: axum::http::HeaderMap| async move {
+                if !bearer(&headers) {
+                    return axum::Json(serde_json::json!({"ok": false, "error": "not_authed"}));
+                }
+                axum::Json(serde_json::json!({
+                    "ok": true, "url": "https://acme.slack.com/", "team": "Acme Corp", "user": "alice",
+                    "team_id": "T12345", "user_id": "W12345", "bot_id": null, "is_enterprise_install": false
+                }))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    addr
 }
