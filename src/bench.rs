@@ -271,7 +271,7 @@ impl Broker {
         Ok(channel(&self.addr, &self.tls()).await?)
     }
 
-    fn tls(&self) -> ClientTls<'_> {
+    fn tls(&self) -> ClientTls<'static> {
         ClientTls {
             ca: leak(self.certs.join("ca.pem")),
             cert: leak(self.certs.join("agent.pem")),
@@ -370,47 +370,24 @@ async fn new_connections<F, Fut>(
     parallel: usize,
     duration: Duration,
     call: F,
-) -> Stats
+) -> Result<Stats, BenchError>
 where
-    F: Fn(Channel) -> Fut + Clone + Send + 'static,
+    F: Fn(Channel) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), Status>> + Send,
 {
-    let deadline = Instant::now() + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..parallel {
-        let (addr, certs, call) = (broker.addr.clone(), broker.certs.clone(), call.clone());
-        tasks.spawn(async move {
-            let tls = ClientTls {
-                ca: leak(certs.join("ca.pem")),
-                cert: leak(certs.join("agent.pem")),
-                key: leak(certs.join("agent.key")),
-            };
-            let mut stats = Stats::default();
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let ok = match channel(&addr, &tls).await {
-                    Ok(ch) => call(ch).await.is_ok(),
-                    Err(_) => false,
-                };
-                if ok {
-                    stats.calls += 1;
-                    stats
-                        .latencies_us
-                        .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    stats.errors += 1;
-                }
-            }
-            stats
-        });
-    }
-    let started = Instant::now();
-    let mut total = Stats::default();
-    while let Some(Ok(stats)) = tasks.join_next().await {
-        total = total.merge(stats);
-    }
-    total.seconds = started.elapsed().as_secs_f64();
-    total
+    let (addr, tls) = (broker.addr.clone(), broker.tls());
+    let connect_and_call = move |_: Channel| {
+        let (addr, tls, call) = (addr.clone(), tls.clone(), call.clone());
+        async move {
+            let fresh = channel(&addr, &tls)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            call(fresh).await
+        }
+    };
+    // The shared channel handed to each task is not used: every call opens its own.
+    let unused = [broker.channel().await?];
+    Ok(closed_loop(&unused, parallel, duration, connect_and_call).await)
 }
 
 async fn echo(channel: Channel) -> Result<(), Status> {
@@ -587,7 +564,7 @@ pub async fn run(
         );
     }
 
-    let echo_new = new_connections(&broker, 8, duration, echo).await;
+    let echo_new = new_connections(&broker, 8, duration, echo).await?;
     emit(
         Row {
             scenario: "new mTLS connection + echo".into(),
@@ -596,7 +573,7 @@ pub async fn run(
         },
         &mut rows,
     );
-    let key_new = new_connections(&broker, 8, duration, resolve_key).await;
+    let key_new = new_connections(&broker, 8, duration, resolve_key).await?;
     emit(
         Row {
             scenario: "new mTLS connection + resolve".into(),
