@@ -172,4 +172,13 @@ fn every_record_type_round_trips() {
             hash: "ab".repeat(32),
         },
     );
+    check(
+        &store,
+        Table::Audit,
+        &AuditHead {
+            seq: 7,
+            hash: "ab".repeat(32),
+            time: Some(now),
+        },
+    );
 }
