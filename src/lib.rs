@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod calendar;
 pub mod client;
 pub mod config;
 pub mod connect;
