@@ -297,15 +297,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Init { config, prompt } => {
             let config = Config::load(&config)?;
             let key = key_source(&config, prompt, true)?;
-            if let KeySource::KeyFile(path) = &key {
-                if !path.exists() {
-                    generate_key_file(path)
-                        .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
-                    println!(
-                        "wrote a new key file {} (keep it safe: without it the store cannot be opened)",
-                        path.display()
-                    );
-                }
+            if let KeySource::KeyFile(path) = &key
+                && !path.exists()
+            {
+                generate_key_file(path)
+                    .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
+                println!(
+                    "wrote a new key file {} (keep it safe: without it the store cannot be opened)",
+                    path.display()
+                );
             }
             drop(Store::create(&config.store.path, &key)?);
             println!("created store {}", config.store.path.display());

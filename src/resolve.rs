@@ -44,6 +44,8 @@ pub enum ResolveError {
         kind: &'static str,
     },
     #[error(transparent)]
+    OAuth(#[from] crate::oauth::OAuthError),
+    #[error(transparent)]
     Model(#[from] ModelError),
 }
 

@@ -234,12 +234,16 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "BeginConnect")?;
         let r = req.into_inner();
         let result = async {
-            let _target = self.admin_target(&mut call, r.connection)?;
-            Err(ApiError::status(
-                tonic::Code::Unimplemented,
-                "UNSUPPORTED",
-                "OAuth connections are not available in this build",
-            ))
+            let target = self.admin_target(&mut call, r.connection)?;
+            let started = s
+                .oauth
+                .begin(&target, &r.return_url, &r.scopes, &r.login_hint)
+                .await?;
+            Ok(proto::BeginConnectResponse {
+                authorization_url: started.authorization_url,
+                state: started.state,
+                expires_at: Some(convert::timestamp(started.expires_at)),
+            })
         }
         .await;
         s.finish(call, result).await
@@ -250,13 +254,18 @@ impl Admin for AdminApi {
         req: Request<proto::CompleteConnectRequest>,
     ) -> Result<Response<proto::Connection>, Status> {
         let s = &self.0;
-        let call = s.begin(&req, "CompleteConnect")?;
+        let mut call = s.begin(&req, "CompleteConnect")?;
+        let r = req.into_inner();
         let result = async {
-            Err(ApiError::status(
-                tonic::Code::Unimplemented,
-                "UNSUPPORTED",
-                "OAuth connections are not available in this build",
-            ))
+            // The state names the connection; the caller must administer its workspace.
+            let pending = s.oauth.take_state(&r.state).await?;
+            call.workspace = pending.workspace.clone();
+            call.connector = pending.connector_id.clone();
+            call.user_id = pending.user_id.clone();
+            s.authorize_admin(&call, &pending.workspace)?;
+            let done = s.oauth.complete(pending, &r.code).await?;
+            call.connector = format!("{} ({})", done.connector.name, done.connector.id);
+            Ok(convert::connection(&done.connector, &done.connection))
         }
         .await;
         s.finish(call, result).await
@@ -318,9 +327,13 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let result = async {
             let target = self.admin_target(&mut call, r.connection)?;
-            let connection = s.connect.disconnect(&target).await?;
+            let (connection, revoked) = if target.connector.kind == Kind::Oauth2 {
+                s.oauth.disconnect(&target).await?
+            } else {
+                (s.connect.disconnect(&target).await?, false)
+            };
             Ok(proto::DisconnectResponse {
-                revoked: false,
+                revoked,
                 connection: Some(convert::connection(&target.connector, &connection)),
             })
         }

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::audit::AuditError;
 use crate::connect::ConnectError;
 use crate::model::{FieldError, ModelError};
+use crate::oauth::OAuthError;
 use crate::resolve::ResolveError;
 
 const DOMAIN: &str = "credbroker";
@@ -25,6 +26,8 @@ pub enum ApiError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    OAuth(#[from] OAuthError),
     #[error("{message}")]
     Status {
         code: Code,
@@ -107,7 +110,12 @@ impl From<ApiError> for Status {
             }
             ApiError::Model(m)
             | ApiError::Connect(ConnectError::Model(m))
-            | ApiError::Resolve(ResolveError::Model(m)) => model_status(m),
+            | ApiError::Resolve(ResolveError::Model(m))
+            | ApiError::OAuth(OAuthError::Model(m))
+            | ApiError::Resolve(ResolveError::OAuth(OAuthError::Model(m))) => model_status(m),
+            ApiError::OAuth(o) | ApiError::Resolve(ResolveError::OAuth(o)) => {
+                oauth_status(&o, message)
+            }
             ApiError::Resolve(ResolveError::NotConnected { .. }) => with_reason(
                 Code::FailedPrecondition,
                 "NOT_CONNECTED",
@@ -143,4 +151,18 @@ impl From<ApiError> for Status {
             }
         }
     }
+}
+
+fn oauth_status(e: &OAuthError, message: String) -> Status {
+    let (code, reason) = match e {
+        OAuthError::NotConnected { .. } => (Code::FailedPrecondition, "NOT_CONNECTED"),
+        OAuthError::Expired { .. } => (Code::FailedPrecondition, "EXPIRED"),
+        OAuthError::NotOAuth { .. } => (Code::FailedPrecondition, "NOT_OAUTH"),
+        OAuthError::UnknownState => (Code::InvalidArgument, "STATE_UNKNOWN"),
+        OAuthError::StateExpired => (Code::InvalidArgument, "STATE_EXPIRED"),
+        OAuthError::Refused(_) => (Code::FailedPrecondition, "PROVIDER_REFUSED"),
+        OAuthError::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+        OAuthError::Model(_) => (Code::Internal, "INTERNAL"),
+    };
+    with_reason(code, reason, message, HashMap::new())
 }

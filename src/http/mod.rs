@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Services;
+use crate::audit::{AuditEvent, Outcome};
+use axum::http::StatusCode;
 
 #[derive(Deserialize)]
 struct CallbackParams {
@@ -30,29 +32,108 @@ fn router(services: Arc<Services>) -> Router {
         .with_state(services)
 }
 
+/// The provider sends the browser here after consent. The state names the pending connection;
+/// the outcome is audited (the browser is the caller) and the browser goes on to the return
+/// URL given at BeginConnect with `status=connected` or `status=error&error=…`.
 async fn callback(
     State(services): State<Arc<Services>>,
     Query(params): Query<CallbackParams>,
 ) -> Response {
-    let _ = (&services, params.state, params.code, params.error);
-    (
-        axum::http::StatusCode::NOT_IMPLEMENTED,
-        "OAuth connections are not available in this build\n",
-    )
-        .into_response()
+    let mut event = AuditEvent {
+        caller: "browser (oauth callback)".into(),
+        operation: "OAuthCallback".into(),
+        request_id: hex::encode(crate::vault::random_bytes::<8>()),
+        ..AuditEvent::default()
+    };
+    let pending = match services
+        .oauth
+        .take_state(params.state.as_deref().unwrap_or_default())
+        .await
+    {
+        Ok(pending) => pending,
+        Err(e) => {
+            event.outcome = Some(Outcome::Denied);
+            event.reason = e.to_string();
+            if let Err(response) = audit(&services, event).await {
+                return response;
+            }
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{e}\nReturn to the application and connect the account again.\n"),
+            )
+                .into_response();
+        }
+    };
+    event.workspace = pending.workspace.clone();
+    event.connector = pending.connector_id.clone();
+    event.user_id = pending.user_id.clone();
+    let return_url = pending.return_url.clone();
+    let outcome = match (params.error, params.code) {
+        (Some(error), _) => Err(provider_error_code(&error)),
+        (None, Some(code)) => services
+            .oauth
+            .complete(pending, &code)
+            .await
+            .map_err(|e| e.to_string()),
+        (None, None) => Err("the provider returned neither a code nor an error".into()),
+    };
+    let pairs: Vec<(&str, String)> = match &outcome {
+        Ok(done) => {
+            event.connector = format!("{} ({})", done.connector.name, done.connector.id);
+            event.outcome = Some(Outcome::Ok);
+            vec![
+                ("status", "connected".into()),
+                ("connector", done.connector.name.clone()),
+            ]
+        }
+        Err(why) => {
+            event.outcome = Some(Outcome::Error);
+            event.reason = why.clone();
+            vec![("status", "error".into()), ("error", why.clone())]
+        }
+    };
+    if let Err(response) = audit(&services, event).await {
+        return response;
+    }
+    redirect_with(&return_url, &pairs)
 }
 
-/// Appends `?status=…&…` to a return URL.
-#[allow(dead_code)]
-fn redirect_with(return_url: &str, pairs: &[(&str, &str)]) -> Response {
+/// Keeps only the error code a provider sent (`access_denied`), never arbitrary text.
+fn provider_error_code(error: &str) -> String {
+    let code: String = error
+        .chars()
+        .take(64)
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    format!("the provider returned {code}")
+}
+
+/// Writes the callback's audit record; the browser gets an error page if that fails.
+async fn audit(services: &Services, event: AuditEvent) -> Result<(), Response> {
+    services.audit.record(event).await.map(drop).map_err(|e| {
+        tracing::error!(error = %e, "audit failed: refusing the OAuth callback");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The audit log cannot be written; the connection was not completed.\n",
+        )
+            .into_response()
+    })
+}
+
+/// Sends the browser to the return URL with the outcome, or shows it when there is none.
+fn redirect_with(return_url: &str, pairs: &[(&str, String)]) -> Response {
     let mut url = match reqwest::Url::parse(return_url) {
         Ok(url) => url,
         Err(_) => {
-            return (
-                axum::http::StatusCode::OK,
-                "done: you may close this window\n",
-            )
-                .into_response();
+            let connected = pairs
+                .iter()
+                .any(|(k, v)| *k == "status" && v == "connected");
+            let text = if connected {
+                "Connected: you may close this window.\n"
+            } else {
+                "The account could not be connected. Return to the application and try again.\n"
+            };
+            return (StatusCode::OK, text).into_response();
         }
     };
     url.query_pairs_mut().extend_pairs(pairs);

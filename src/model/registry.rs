@@ -126,6 +126,13 @@ impl Registry {
         let (name, provider) = (name.as_str(), provider.as_str());
         let workspace = workspace_or_default("workspace", &workspace)?;
         validate_connector_name("name", name)?;
+        if kind == Kind::Oauth2 {
+            crate::oauth::catalog::validate_provider("provider", provider)?;
+        } else if !provider.is_empty() {
+            return Err(
+                FieldError::new("provider", "only OAuth connectors take a provider").into(),
+            );
+        }
         validate_config("config", &config, kind.config_keys())?;
         for (slot, value) in &secrets {
             validate_secret(

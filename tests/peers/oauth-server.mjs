@@ -78,6 +78,20 @@ provider.use(async (ctx, next) => {
   if (ctx.path === '/token/revocation' && ctx.status === 200) stats.revocation += 1;
 });
 
+// POST /__revoke_grant?token=AT: revokes the whole grant behind an access token, as a user does
+// from the provider's "connected apps" page; the next refresh then fails with invalid_grant.
+provider.use(async (ctx, next) => {
+  if (ctx.path !== '/__revoke_grant' || ctx.method !== 'POST') return next();
+  const at = await provider.AccessToken.find(String(ctx.query.token || ''));
+  if (!at) { ctx.status = 404; ctx.body = { error: 'unknown token' }; return; }
+  const grant = await provider.Grant.find(at.grantId);
+  if (grant) await grant.destroy();
+  for (const model of [provider.AccessToken, provider.RefreshToken, provider.AuthorizationCode]) {
+    await model.adapter.revokeByGrantId(at.grantId);
+  }
+  ctx.body = { revoked: true };
+});
+
 // GET /me with an access token for the API: the account behind it ({sub, email, name}), as a
 // provider's identity endpoint (Google's userinfo, Slack's auth.test) answers for its API tokens.
 provider.use(async (ctx, next) => {

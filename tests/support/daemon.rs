@@ -66,6 +66,11 @@ impl Daemon {
         write(&dir.path().join("server.pem"), &server.cert_pem);
         write(&dir.path().join("server.key"), &server.key_pem);
         write(&dir.path().join("policy.toml"), policy);
+        // The OAuth callback URL must be known before the daemon starts: reserve a port.
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("reserve a port")
+            .port();
         let config = format!(
             r#"
 [store]
@@ -77,8 +82,8 @@ cert = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
 [http]
-listen = "127.0.0.1:0"
-public_url = "https://127.0.0.1:0"
+listen = "127.0.0.1:{http_port}"
+public_url = "https://127.0.0.1:{http_port}"
 [policy]
 file = "policy.toml"
 {extra_config}

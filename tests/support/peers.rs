@@ -64,9 +64,11 @@ fn start() -> Peers {
     let lock = File::create(dir.join(".lock")).expect("create the peers lock file");
     lock.lock().expect("lock target/peers");
     let ca = dir.join("pki/ca.pem");
-    let stamp = dir.join(".access-ttl");
+    // Peers started from other scripts or settings are restarted, not reused.
+    let stamp = dir.join(".stamp");
+    let wanted = kit_stamp();
     let up = ca.exists()
-        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&ACCESS_TTL_SECS.to_string())
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str())
         && all_ports().into_iter().all(answers);
     if !up {
         run_script("down.sh", &dir);
@@ -81,10 +83,22 @@ fn start() -> Peers {
             out.status.success(),
             "the test peers did not start (DESIGN.md §4).\n{stderr}\nIf something is missing, install it with: sudo bash tests/peers/install.sh"
         );
-        std::fs::write(&stamp, ACCESS_TTL_SECS.to_string()).expect("write the peers stamp");
+        std::fs::write(&stamp, &wanted).expect("write the peers stamp");
     }
     let ca_pem = std::fs::read_to_string(&ca).expect("read the peers CA");
     Peers { dir, ca_pem }
+}
+
+/// Identifies the kit's scripts and settings, so a change to them restarts the peers.
+fn kit_stamp() -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for file in ["up.sh", "oauth-server.mjs"] {
+        hash.update(
+            std::fs::read(repo().join("tests/peers").join(file)).expect("read the peers kit"),
+        );
+    }
+    format!("ttl={ACCESS_TTL_SECS} kit={}", hex::encode(hash.finalize()))
 }
 
 fn run_script(name: &str, dir: &Path) {

@@ -1,0 +1,361 @@
+//! The authorization-code flow: BeginConnect makes the authorization URL (PKCE S256, a
+//! single-use state kept encrypted for ten minutes); the callback or CompleteConnect exchanges
+//! the code, reads the account label and stores the tokens. Reconnect is the same flow on an
+//! existing connection. Disconnect revokes at the provider where it can.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use oauth2::basic::BasicClient;
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, RequestTokenError, RevocationUrl, Scope, StandardRevocableToken, TokenResponse,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::catalog::{Endpoints, Grant, label_at};
+use super::http::{self, Identity};
+use super::{OAuth, OAuthError, describe, lifetime};
+use crate::model::{
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
+};
+use crate::store::{Batch, Table};
+
+/// How long a user has to finish consenting at the provider.
+pub const STATE_TTL: TimeDelta = TimeDelta::minutes(10);
+
+/// What BeginConnect stored, keyed by a hash of the state (the state itself is a bearer value).
+#[derive(Serialize, Deserialize)]
+pub struct PendingConnect {
+    pub workspace: String,
+    pub connector_id: String,
+    pub user_id: String,
+    verifier: Secret,
+    redirect_uri: String,
+    pub return_url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl PendingConnect {
+    fn check_fresh(&self, now: DateTime<Utc>) -> Result<(), OAuthError> {
+        if now > self.expires_at {
+            return Err(OAuthError::StateExpired);
+        }
+        Ok(())
+    }
+}
+
+pub struct Started {
+    pub authorization_url: String,
+    pub state: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+pub struct Completed {
+    pub connector: Connector,
+    pub connection: Connection,
+    pub return_url: String,
+}
+
+fn state_key(state: &str) -> String {
+    hex::encode(sha2::Sha256::digest(state.as_bytes()))
+}
+
+/// A return URL is where a browser is sent afterwards: it must be an absolute http(s) URL.
+fn validate_return_url(url: &str) -> Result<(), FieldError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => Ok(()),
+        _ => Err(FieldError::new(
+            "return_url",
+            "must be an absolute https:// URL (or empty)",
+        )),
+    }
+}
+
+impl OAuth {
+    fn redirect_uri(&self, endpoints: &Endpoints) -> String {
+        endpoints
+            .redirect_uri
+            .clone()
+            .unwrap_or_else(|| self.callback_url.clone())
+    }
+
+    /// Starts connecting (or reconnecting) the target's account.
+    pub async fn begin(
+        &self,
+        target: &Target,
+        return_url: &str,
+        extra_scopes: &[String],
+        login_hint: &str,
+    ) -> Result<Started, OAuthError> {
+        let connector = &target.connector;
+        if connector.kind != Kind::Oauth2 {
+            return Err(OAuthError::NotOAuth {
+                connector: connector.name.clone(),
+            });
+        }
+        validate_return_url(return_url)?;
+        let endpoints = Endpoints::of(connector)?;
+        if endpoints.grant == Grant::ClientCredentials {
+            return Err(FieldError::new(
+                "connection",
+                "this connector uses client credentials: it needs no consent, resolve it directly",
+            )
+            .into());
+        }
+        let auth_url = endpoints.auth_url.clone().unwrap_or_default();
+        let redirect_uri = self.redirect_uri(&endpoints);
+        let client = BasicClient::new(ClientId::new(endpoints.client_id.clone()))
+            .set_auth_uri(
+                AuthUrl::new(auth_url)
+                    .map_err(|e| FieldError::new("config.auth_url", e.to_string()))?,
+            )
+            .set_redirect_uri(
+                RedirectUrl::new(redirect_uri.clone())
+                    .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
+            );
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = hex::encode(crate::vault::random_bytes::<32>());
+        let mut request = client
+            .authorize_url(|| CsrfToken::new(state.clone()))
+            .set_pkce_challenge(challenge);
+        for scope in endpoints.scopes.iter().chain(extra_scopes) {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        for (name, value) in &endpoints.auth_params {
+            request = request.add_extra_param(name.clone(), value.clone());
+        }
+        if !login_hint.is_empty() {
+            request = request.add_extra_param("login_hint", login_hint.to_string());
+        }
+        if let Some(resource) = &endpoints.resource {
+            request = request.add_extra_param("resource", resource.clone());
+        }
+        let (url, _) = request.url();
+        let expires_at = Utc::now() + STATE_TTL;
+        let pending = PendingConnect {
+            workspace: connector.workspace.clone(),
+            connector_id: connector.id.clone(),
+            user_id: target.connection_user.clone(),
+            verifier: Secret::new(verifier.secret().clone()),
+            redirect_uri,
+            return_url: return_url.to_string(),
+            expires_at,
+        };
+        let mut batch = Batch::new();
+        batch.put(Table::OAuthStates, state_key(&state), &pending);
+        self.registry
+            .store()
+            .commit(batch)
+            .await
+            .map_err(crate::model::ModelError::from)?;
+        Ok(Started {
+            authorization_url: url.to_string(),
+            state,
+            expires_at,
+        })
+    }
+
+    /// Takes a state out of the store: a state works once, and only before it expires.
+    pub async fn take_state(&self, state: &str) -> Result<PendingConnect, OAuthError> {
+        if state.is_empty() || state.len() > 256 {
+            return Err(OAuthError::UnknownState);
+        }
+        let key = state_key(state);
+        let _one_at_a_time = self.states.lock().await;
+        let store = self.registry.store();
+        let pending: PendingConnect = store
+            .get(Table::OAuthStates, &key)
+            .map_err(crate::model::ModelError::from)?
+            .ok_or(OAuthError::UnknownState)?;
+        let mut batch = Batch::new();
+        batch.delete(Table::OAuthStates, key);
+        store
+            .commit(batch)
+            .await
+            .map_err(crate::model::ModelError::from)?;
+        pending.check_fresh(Utc::now())?;
+        Ok(pending)
+    }
+
+    /// Finishes a connection: exchanges the code (with the PKCE verifier), asks the provider
+    /// who the account is, and stores the tokens.
+    pub async fn complete(
+        &self,
+        pending: PendingConnect,
+        code: &str,
+    ) -> Result<Completed, OAuthError> {
+        if code.is_empty() || code.len() > 4096 {
+            return Err(FieldError::new(
+                "code",
+                "must be the authorization code the provider returned",
+            )
+            .into());
+        }
+        let connector = self
+            .registry
+            .find_connector(&pending.workspace, &pending.connector_id)?;
+        let endpoints = Endpoints::of(&connector)?;
+        let client = self.token_client(&connector, &endpoints)?.set_redirect_uri(
+            RedirectUrl::new(pending.redirect_uri.clone())
+                .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
+        );
+        let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
+        let sender = http::Sender(http);
+        let response = client
+            .exchange_code(AuthorizationCode::new(code.to_string()))
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.expose().to_string()))
+            .request_async(&sender)
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(r) => OAuthError::Refused(r.to_string()),
+                other => OAuthError::Unavailable(describe(&other)),
+            })?;
+        let access = Secret::new(response.access_token().secret().clone());
+        let account_label = match &endpoints.userinfo_url {
+            Some(url) => match http::identity(&sender.0, url, &access).await? {
+                Identity::Document(doc) => {
+                    label_at(&doc, &endpoints.account_label_field).unwrap_or_default()
+                }
+                Identity::Refused(status) => {
+                    return Err(OAuthError::Refused(format!(
+                        "the identity endpoint refused the new token (HTTP {status})"
+                    )));
+                }
+            },
+            None => String::new(),
+        };
+        let now = Utc::now();
+        let user = &pending.user_id;
+        let mut connection = self
+            .registry
+            .connection(&connector, user)?
+            .unwrap_or_else(|| Connection::new(&connector.id, user));
+        connection.status = ConnectionStatus::Connected;
+        connection.account_label = account_label;
+        connection.connected_at = Some(now);
+        connection.last_refreshed_at = Some(now);
+        connection.access_expires_at = Some(now + lifetime(response.expires_in()));
+        connection.last_error.clear();
+        connection.scopes = response
+            .scopes()
+            .map(|s| s.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_else(|| endpoints.scopes.clone());
+        let mut secrets = ConnectionSecrets::default();
+        secrets.slots.insert("access_token".into(), access);
+        if let Some(refresh) = response.refresh_token() {
+            secrets.slots.insert(
+                "refresh_token".into(),
+                Secret::new(refresh.secret().clone()),
+            );
+        }
+        self.registry
+            .save_connection(&connection, Some(&secrets))
+            .await?;
+        self.backoff_clear(&crate::model::connection_path(&connector.id, user));
+        Ok(Completed {
+            connector,
+            connection,
+            return_url: pending.return_url,
+        })
+    }
+
+    /// Disconnects an OAuth connection: revokes at the provider where it can, then erases the
+    /// tokens. Returns the connection as it now is and whether the provider confirmed.
+    pub async fn disconnect(&self, target: &Target) -> Result<(Connection, bool), OAuthError> {
+        let connector = &target.connector;
+        let user = &target.connection_user;
+        if connector.kind != Kind::Oauth2 {
+            return Err(OAuthError::NotOAuth {
+                connector: connector.name.clone(),
+            });
+        }
+        if self.registry.connection(connector, user)?.is_none() {
+            return Err(OAuthError::NotConnected {
+                connector: connector.name.clone(),
+                for_user: crate::resolve::for_user(user),
+            });
+        }
+        let revoked = self.revoke(connector, user).await?;
+        self.registry.delete_connection(connector, user).await?;
+        self.client_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&connector.id);
+        self.backoff_clear(&crate::model::connection_path(&connector.id, user));
+        Ok((Connection::new(&connector.id, user), revoked))
+    }
+
+    /// Revokes the connection's grant at the provider, if it has a revocation endpoint.
+    /// Returns whether the provider confirmed; the caller erases the tokens either way.
+    async fn revoke(&self, connector: &Connector, user: &str) -> Result<bool, OAuthError> {
+        let endpoints = Endpoints::of(connector)?;
+        let Some(url) = &endpoints.revocation_url else {
+            return Ok(false);
+        };
+        let secrets = self.registry.connection_secrets(connector, user)?;
+        let token = match (secrets.get("refresh_token"), secrets.get("access_token")) {
+            (Some(refresh), _) => StandardRevocableToken::RefreshToken(oauth2::RefreshToken::new(
+                refresh.expose().to_string(),
+            )),
+            (None, Some(access)) => StandardRevocableToken::AccessToken(oauth2::AccessToken::new(
+                access.expose().to_string(),
+            )),
+            (None, None) => return Ok(false),
+        };
+        let client = self
+            .token_client(connector, &endpoints)?
+            .set_revocation_url(
+                RevocationUrl::new(url.clone())
+                    .map_err(|e| FieldError::new("config.revocation_url", e.to_string()))?,
+            );
+        let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
+        let sender = http::Sender(http);
+        let revoked = match client.revoke_token(token) {
+            Ok(request) => request.request_async(&sender).await,
+            Err(e) => {
+                tracing::warn!(connector = %connector.id, error = %e, "revocation not attempted");
+                return Ok(false);
+            }
+        };
+        match revoked {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(connector = %connector.id, error = %describe(&e), "revocation failed; erasing the tokens anyway");
+                Ok(false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_state_is_refused_and_return_urls_are_checked() {
+        let pending = PendingConnect {
+            workspace: "default".into(),
+            connector_id: "cn_x".into(),
+            user_id: String::new(),
+            verifier: Secret::new("v"),
+            redirect_uri: "https://127.0.0.1/oauth/callback".into(),
+            return_url: String::new(),
+            expires_at: Utc::now(),
+        };
+        assert!(
+            pending
+                .check_fresh(Utc::now() - TimeDelta::seconds(1))
+                .is_ok()
+        );
+        assert!(matches!(
+            pending.check_fresh(Utc::now() + TimeDelta::seconds(1)),
+            Err(OAuthError::StateExpired)
+        ));
+        assert!(validate_return_url("https://console.example/settings").is_ok());
+        assert!(validate_return_url("javascript:alert(1)").is_err());
+        assert!(validate_return_url("/relative").is_err());
+    }
+}
