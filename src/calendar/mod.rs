@@ -626,3 +626,6 @@ pub async fn test_caldav(
 ) -> TestReport {
     caldav::test(connector, settings, secrets, timeout).await
 }
+
+#[cfg(test)]
+mod tests;
