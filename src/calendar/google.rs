@@ -83,9 +83,21 @@ fn events_url(base: &str, calendar: &str) -> Result<Url, CalendarError> {
 /// (start, date) of a Google time.
 fn time(t: &GTime, what: &str) -> Result<(DateTime<Utc>, Option<NaiveDate>), CalendarError> {
     if let Some(dt) = &t.date_time {
-        let t = DateTime::parse_from_rfc3339(dt)
-            .map_err(|_| malformed(format!("{what}.dateTime {dt:?} is not RFC 3339")))?;
-        return Ok((t.with_timezone(&Utc), None));
+        if let Ok(t) = DateTime::parse_from_rfc3339(dt) {
+            return Ok((t.with_timezone(&Utc), None));
+        }
+        // Without an offset the time is local to `timeZone` (as Google accepts on input).
+        let zone = t
+            .time_zone
+            .as_deref()
+            .and_then(|z| z.parse::<chrono_tz::Tz>().ok());
+        let local = chrono::NaiveDateTime::parse_from_str(dt, "%Y-%m-%dT%H:%M:%S").ok();
+        return match (zone, local) {
+            (Some(tz), Some(local)) => Ok((super::ical::Zone::Named(tz).to_utc(local), None)),
+            _ => Err(malformed(format!(
+                "{what}.dateTime {dt:?} is not RFC 3339 and has no usable timeZone"
+            ))),
+        };
     }
     if let Some(d) = &t.date {
         let day = NaiveDate::parse_from_str(d, "%Y-%m-%d")
@@ -262,10 +274,14 @@ fn g_time(m: Moment) -> serde_json::Value {
     match m {
         Moment::Date(d) => json!({ "date": d.format("%Y-%m-%d").to_string() }),
         Moment::Local(t, zone) => match zone.iana() {
-            Some(name) => json!({
-                "dateTime": t.format("%Y-%m-%dT%H:%M:%S").to_string(),
-                "timeZone": name,
-            }),
+            Some(name) => {
+                let utc = zone.to_utc(t);
+                let local = match zone {
+                    super::ical::Zone::Named(tz) => utc.with_timezone(&tz).to_rfc3339(),
+                    _ => utc.to_rfc3339(),
+                };
+                json!({ "dateTime": local, "timeZone": name })
+            }
             None => json!({ "dateTime": zone.to_utc(t).to_rfc3339() }),
         },
     }
