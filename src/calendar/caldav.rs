@@ -338,7 +338,11 @@ pub(crate) fn transport_error(
     let (stage, why) = if e.is_timeout() || all.contains("timed out") {
         (
             Stage::Timeout,
-            format!("did not answer within {}s", timeout.as_secs()),
+            if timeout.is_zero() {
+                "did not answer in time".to_string()
+            } else {
+                format!("did not answer within {}s", timeout.as_secs())
+            },
         )
     } else if all.contains("dns error") || all.contains("failed to lookup") {
         (
@@ -394,11 +398,21 @@ impl Account {
         }
     }
 
-    fn url(&self, href: &str) -> Result<Url, CalendarError> {
-        self.settings
-            .url
+    /// Resolves a path the server (or a caller) named against the server's URL. It must stay
+    /// on the same origin: the password is never sent to another host, whatever a server
+    /// answers in its hrefs.
+    pub(crate) fn url(&self, href: &str) -> Result<Url, CalendarError> {
+        let base = &self.settings.url;
+        let url = base
             .join(href)
-            .map_err(|_| xml_error(format!("the server named an invalid path {href:?}")))
+            .map_err(|_| xml_error(format!("the server named an invalid path {href:?}")))?;
+        if url.origin() != base.origin() {
+            return Err(xml_error(format!(
+                "the server named {href:?}, outside {}: refused",
+                self.server()
+            )));
+        }
+        Ok(url)
     }
 
     /// Sends one request and reads the body (bounded); maps 401/403/404/5xx to errors.

@@ -449,3 +449,38 @@ fn malformed_xml_is_an_error_not_a_panic() {
         );
     }
 }
+
+#[test]
+fn hrefs_never_leave_the_servers_origin() {
+    use super::caldav::{Account, Settings};
+    let account = Account::new(
+        Settings {
+            url: "https://dav.example.org:8443/dav/".parse().unwrap(),
+            username: "alice".into(),
+            password: crate::model::Secret::new("pw"),
+            ca_pem: None,
+        },
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(
+        account.url("/alice/work/").unwrap().as_str(),
+        "https://dav.example.org:8443/alice/work/"
+    );
+    assert_eq!(
+        account.url("cal/").unwrap().as_str(),
+        "https://dav.example.org:8443/dav/cal/"
+    );
+    for outside in [
+        "https://evil.example/alice/",
+        "//evil.example/alice/",
+        "http://dav.example.org:8443/alice/",
+        "https://dav.example.org/alice/",
+    ] {
+        let err = account.url(outside).unwrap_err();
+        assert!(
+            matches!(err, CalendarError::Malformed { .. }),
+            "{outside}: {err:?}"
+        );
+    }
+}
