@@ -890,8 +890,15 @@ mod google_fake {
 
     type Shared = Arc<Mutex<Seen>>;
 
+    /// "tok-123" for the direct tests; through the daemon, any token the OAuth server issued
+    /// (recorded, so the test can check it came from there).
     fn authorized(headers: &HeaderMap) -> bool {
-        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer tok-123")
+        let value = headers.get("authorization").and_then(|v| v.to_str().ok());
+        match value.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some("tok-123") => true,
+            Some(token) => token.len() >= 20,
+            None => false,
+        }
     }
 
     async fn list(
@@ -905,6 +912,10 @@ mod google_fake {
                 StatusCode::UNAUTHORIZED,
                 json!({"error": {"code": 401}}).to_string(),
             );
+        }
+        let mut q = q;
+        if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            q.insert("authorization".into(), v.to_string());
         }
         seen.lock().unwrap().queries.push(q.clone());
         if calendar == "broken" {
@@ -947,16 +958,63 @@ mod google_fake {
         (StatusCode::OK, Json(stored))
     }
 
-    /// Serves `/calendar/v3/calendars/{id}/events` on a free loopback port.
+    fn app(seen: &Shared) -> axum::Router {
+        axum::Router::new()
+            .route("/calendar/v3/calendars/{id}/events", get(list).post(insert))
+            .with_state(seen.clone())
+    }
+
+    /// Serves `/calendar/v3/calendars/{id}/events` over plain HTTP on a free loopback port.
     pub async fn start() -> (String, Shared) {
         let seen = Shared::default();
-        let app = axum::Router::new()
-            .route("/calendar/v3/calendars/{id}/events", get(list).post(insert))
-            .with_state(seen.clone());
+        let app = app(&seen);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         (format!("http://{addr}/calendar/v3"), seen)
+    }
+
+    /// The same over HTTPS with a certificate from its own CA; returns (base URL, CA PEM, log).
+    pub async fn start_tls() -> (String, String, Shared) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use hyper_util::server::conn::auto;
+        use hyper_util::service::TowerToHyperService;
+
+        let ca = credbroker::pki::CertAuthority::generate("fake Google CA").unwrap();
+        let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
+        let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
+            .unwrap()
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let seen = Shared::default();
+        let app = app(&seen);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let service = TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    }
+                });
+            }
+        });
+        (format!("https://{addr}/calendar/v3"), ca.cert_pem, seen)
     }
 }
 
@@ -1091,4 +1149,122 @@ async fn google_calendar_rest_against_its_documented_json() {
         .await
         .unwrap_err();
     assert!(matches!(err, CalendarError::Malformed { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn google_calendar_through_the_daemon_with_an_oauth_token() {
+    use support::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET};
+
+    let (base, fake_ca, seen) = google_fake::start_tls().await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    // A google-calendar connector whose token comes from the test OAuth server (client
+    // credentials keep a browser out of this test) and whose API base is the local fake.
+    let issuer = peers().oauth_issuer();
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            workspace: String::new(),
+            name: "Google".into(),
+            kind: proto::ConnectorKind::Oauth2 as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            provider: "google-calendar".into(),
+            config: HashMap::from([
+                ("client_id".to_string(), OAUTH_CLIENT_ID.to_string()),
+                ("token_url".to_string(), format!("{issuer}/token")),
+                ("token_auth".to_string(), "basic".to_string()),
+                ("grant_type".to_string(), "client_credentials".to_string()),
+                ("scopes".to_string(), "mail.read".to_string()),
+                ("base_url".to_string(), base.clone()),
+                (
+                    "ca_pem".to_string(),
+                    format!("{}\n{fake_ca}", peers().ca_pem),
+                ),
+            ]),
+            secrets: HashMap::from([(
+                "client_secret".to_string(),
+                proto::SecretValue {
+                    value: OAUTH_CLIENT_SECRET.into(),
+                },
+            )]),
+        })
+        .await
+        .unwrap();
+
+    let listed = list(
+        &mut agent,
+        "Google",
+        "",
+        "",
+        ("2031-03-01T00:00:00Z", "2031-04-01T00:00:00Z"),
+        0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(&listed.events),
+        vec![
+            row(
+                "Offsite",
+                "2031-03-03T00:00Z",
+                "2031-03-05T00:00Z",
+                "2031-03-03..2031-03-05",
+                ""
+            ),
+            row(
+                "Weekly",
+                "2031-03-10T08:00Z",
+                "2031-03-10T08:30Z",
+                "..",
+                "2031-03-10T08:00Z"
+            ),
+        ]
+    );
+    let token = seen.lock().unwrap().queries[0]["authorization"].clone();
+    assert!(
+        token.starts_with("Bearer ") && !token.contains(OAUTH_CLIENT_SECRET),
+        "{token}"
+    );
+
+    let stored = create(
+        &mut agent,
+        "Google",
+        "",
+        "",
+        timed(
+            "Planning",
+            "2031-03-12T08:00:00Z",
+            "2031-03-12T09:00:00Z",
+            "Europe/Paris",
+        ),
+        "FREQ=WEEKLY;COUNT=2",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            stored.summary.as_str(),
+            at(&stored.start).as_str(),
+            stored.calendar.as_str()
+        ),
+        ("Planning", "2031-03-12T08:00Z", "primary")
+    );
+    assert_eq!(seen.lock().unwrap().inserted.len(), 1);
+    // Bad input never reaches Google.
+    let err = create(
+        &mut agent,
+        "Google",
+        "",
+        "",
+        timed("x\ny", "2031-03-12T08:00:00Z", "2031-03-12T09:00:00Z", ""),
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        reason(&err).1.get("field").map(String::as_str),
+        Some("event.summary")
+    );
+    assert_eq!(seen.lock().unwrap().inserted.len(), 1);
+    assert!(!daemon.logs().contains(OAUTH_CLIENT_SECRET));
 }
