@@ -561,3 +561,57 @@ async fn fake_identity_server(ca: &credbroker::pki::CertAuthority) -> std::net::
     });
     addr
 }
+
+#[tokio::test]
+async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    create_connector(&mut admin, CONNECTOR, &[]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    let current = resolve(&mut agent, "u1").await.unwrap().secret;
+    // The token endpoint goes away (a closed port).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: CONNECTOR.into(),
+            config: [("token_url".to_string(), format!("https://{closed}/token"))].into(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["config.token_url".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let wants_refresh = |agent: &mut BrokerClient<Channel>| {
+        let mut agent = agent.clone();
+        async move {
+            agent
+                .resolve_credential(proto::ResolveCredentialRequest {
+                    connection: conn(CONNECTOR, "u1"),
+                    min_ttl_seconds: 3600,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    // The refresh fails, but the stored token still works: the caller gets it.
+    let served = wants_refresh(&mut agent).await.unwrap();
+    assert_eq!(served.secret, current);
+    let shown = connection(&mut admin, "u1").await;
+    assert_eq!(shown.status, proto::ConnectionStatus::Error as i32);
+    assert!(!shown.last_error.is_empty());
+    // Once it has expired there is nothing valid to serve: UNAVAILABLE, not EXPIRED (the grant
+    // may be fine; the provider is down).
+    let_tokens_expire().await;
+    let err = wants_refresh(&mut agent).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_ne!(
+        connection(&mut admin, "u1").await.status,
+        proto::ConnectionStatus::Expired as i32
+    );
+}
