@@ -126,7 +126,16 @@ impl Connect {
                 )],
                 account_label: None,
             },
-            Kind::ImapSmtp | Kind::Caldav => TestReport {
+            Kind::Caldav => {
+                crate::calendar::test_caldav(
+                    connector,
+                    &candidate.settings,
+                    &candidate.secrets,
+                    self.upstream_timeout,
+                )
+                .await
+            }
+            Kind::ImapSmtp => TestReport {
                 checks: vec![Check::failed(
                     connector.kind.name(),
                     Stage::Config,

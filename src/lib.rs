@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod audit;
+pub mod bench;
+pub mod calendar;
 pub mod client;
 pub mod config;
 pub mod connect;

@@ -152,6 +152,24 @@ enum Command {
         #[arg(long)]
         prompt: bool,
     },
+    /// Load-test a throwaway broker over mTLS against an Echo baseline (see BENCHMARKS.md).
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Calls in flight for the peak measurements.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// Client connections they share.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Open-loop rate as a fraction of Echo's peak.
+        #[arg(long, default_value_t = 0.25)]
+        rate_fraction: f64,
+        /// Personal connections to store first, to see resolve at that store size.
+        #[arg(long, default_value_t = 0)]
+        stored: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,6 +339,28 @@ fn key_source(config: &Config, prompt: bool, confirm: bool) -> Result<KeySource,
 
 async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
+        Command::Bench {
+            seconds,
+            in_flight,
+            connections,
+            rate_fraction,
+            stored,
+        } => {
+            let options = credbroker::bench::BenchOptions {
+                seconds,
+                in_flight,
+                connections,
+                rate_fraction,
+                stored,
+                dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
+            };
+            println!("{}", credbroker::bench::header());
+            credbroker::bench::run(&options, |row| {
+                println!("{}", credbroker::bench::format_row(row))
+            })
+            .await?;
+            Ok(())
+        }
         Command::Dev {
             dir,
             certs,
@@ -880,7 +920,8 @@ async fn remote(command: Command, remote: &Remote) -> Result<(), Error> {
         | Command::Audit(_)
         | Command::Restore { .. }
         | Command::RotateKey { .. }
-        | Command::ChangePassphrase { .. } => {
+        | Command::ChangePassphrase { .. }
+        | Command::Bench { .. } => {
             unreachable!("handled locally")
         }
     }

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+use crate::api::proto::echo_server::EchoServer;
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
@@ -360,6 +361,12 @@ pub async fn run(
         .add_service(reflection)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
+        .add_optional_service(
+            config
+                .bench
+                .echo
+                .then(|| EchoServer::new(crate::bench::EchoApi)),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });
@@ -368,6 +375,7 @@ pub async fn run(
         http: http_addr,
     });
     crate::systemd::notify("READY=1");
+    crate::systemd::spawn_watchdog();
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served?,

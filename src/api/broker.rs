@@ -20,7 +20,7 @@ const MAX_MIN_TTL: u32 = 3600;
 
 impl BrokerApi {
     /// Validates the connection reference, resolves it and checks the caller's grant for `op`.
-    fn target(
+    pub(super) fn target(
         &self,
         call: &mut Call,
         op: Operation,
@@ -134,8 +134,7 @@ impl Broker for BrokerApi {
         req: Request<proto::ListCalendarRequest>,
     ) -> Result<Response<proto::ListCalendarResponse>, Status> {
         let call = self.0.begin(&req, "ListCalendar")?;
-        self.unimplemented(call, Operation::ListCalendar, req.into_inner().connection)
-            .await
+        self.list_calendar_call(call, req.into_inner()).await
     }
 
     async fn create_event(
@@ -143,7 +142,6 @@ impl Broker for BrokerApi {
         req: Request<proto::CreateEventRequest>,
     ) -> Result<Response<proto::CreateEventResponse>, Status> {
         let call = self.0.begin(&req, "CreateEvent")?;
-        self.unimplemented(call, Operation::CreateEvent, req.into_inner().connection)
-            .await
+        self.create_event_call(call, req.into_inner()).await
     }
 }

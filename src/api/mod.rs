@@ -4,6 +4,7 @@
 
 mod admin;
 mod broker;
+mod calendar;
 mod convert;
 mod redact;
 mod status;

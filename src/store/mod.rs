@@ -235,8 +235,8 @@ impl Store {
             &serde_json::to_vec(&header).expect("header serializes"),
         )?;
         backend.sync()?;
-        drop(backend);
-        Self::open(path, source)
+        // The same handle goes on: reopening would race sled's release of its file lock.
+        Self::open_backend(backend, source, path)
     }
 
     /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.

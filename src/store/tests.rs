@@ -257,3 +257,97 @@ fn change_key_rewraps_the_keyring_only() {
     assert_eq!(v, "value 4");
     assert_eq!(store.vault().terms(), vec![1]);
 }
+
+#[test]
+fn every_record_type_round_trips() {
+    use crate::audit::{AuditEvent, AuditHead, AuditRecord, Outcome};
+    use crate::model::{
+        Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Kind, Mode,
+        Secret,
+    };
+    fn check<T: serde::Serialize + serde::de::DeserializeOwned>(
+        store: &Store,
+        table: Table,
+        value: &T,
+    ) {
+        let mut batch = Batch::new();
+        batch.put(table, "some/path", value);
+        store.commit_blocking(batch).unwrap();
+        let back: T = store.get(table, "some/path").unwrap().unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(value).unwrap(),
+            "{table:?}"
+        );
+    }
+    let (_dir, store) = new_store();
+    let now = chrono::Utc::now();
+    let connector = Connector {
+        id: "cn_1".into(),
+        workspace: "acme".into(),
+        name: "Gmail".into(),
+        kind: Kind::Oauth2,
+        mode: Mode::Personal,
+        provider: "google-mail".into(),
+        config: [("client_id".to_string(), "abc".to_string())].into(),
+        secrets_set: ["client_secret".to_string()].into(),
+        created_at: now,
+        updated_at: now,
+    };
+    check(&store, Table::Connectors, &connector);
+    check(&store, Table::ConnectorNames, &"cn_1".to_string());
+    check(
+        &store,
+        Table::ConnectorSecrets,
+        &ConnectorSecrets {
+            slots: [("client_secret".to_string(), Secret::new("s3cr3t"))].into(),
+        },
+    );
+    let mut connection = Connection::new("cn_1", "u1");
+    connection.status = ConnectionStatus::Expired;
+    connection.account_label = "alice@x.test".into();
+    connection.connected_at = Some(now);
+    connection.last_used_at = Some(now);
+    connection.last_refreshed_at = Some(now);
+    connection.access_expires_at = Some(now);
+    connection.last_error = "invalid_grant".into();
+    connection.scopes = vec!["openid".into()];
+    connection.settings = [("imap_host".to_string(), "imap.x.test".to_string())].into();
+    check(&store, Table::Connections, &connection);
+    check(
+        &store,
+        Table::ConnectionSecrets,
+        &ConnectionSecrets {
+            slots: [("refresh_token".to_string(), Secret::new("rt"))].into(),
+        },
+    );
+    let event = AuditEvent {
+        caller: "spiffe://x/agent".into(),
+        operation: "ResolveCredential".into(),
+        workspace: "acme".into(),
+        connector: "Gmail (cn_1)".into(),
+        user_id: "u1".into(),
+        outcome: Some(Outcome::Denied),
+        reason: "no grant".into(),
+        request_id: "00ff".into(),
+    };
+    check(
+        &store,
+        Table::Audit,
+        &AuditRecord {
+            seq: 7,
+            time: now,
+            event,
+            hash: "ab".repeat(32),
+        },
+    );
+    check(
+        &store,
+        Table::Audit,
+        &AuditHead {
+            seq: 7,
+            hash: "ab".repeat(32),
+            time: Some(now),
+        },
+    );
+}
