@@ -63,9 +63,10 @@ impl Store {
     }
 
     fn rotate_locked(&self) -> Result<u32, StoreError> {
+        // Counted before writes pause: only an estimate for progress.
+        let total = self.record_count()?;
         // No write is between sealing and applying while the term changes.
         let _quiet = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let total = self.backend.scan_prefix(b"", None, usize::MAX)?.len() as u64;
         let term = self.vault.rotate(|keyring| {
             let state = RewrapState {
                 to_term: keyring.current_term(),
@@ -227,6 +228,11 @@ impl Store {
                 .filter(|(_, v)| Vault::term_of(v).is_some_and(|t| t < term))
                 .count() as u64;
         }
+    }
+
+    /// Records in the store, counted page by page.
+    fn record_count(&self) -> Result<u64, StoreError> {
+        Ok(self.terms_in_use()?.values().sum())
     }
 
     /// Every term records are sealed under, with how many records use it.
