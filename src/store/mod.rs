@@ -8,6 +8,7 @@
 //!   ([`group_commit`]).
 
 mod backup;
+mod cache;
 mod group_commit;
 mod rotation;
 mod sled_backend;
@@ -193,6 +194,7 @@ pub struct Store {
     /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
     /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
     gate: RwLock<()>,
+    cache: cache::ReadCache,
 }
 
 impl std::fmt::Debug for Store {
@@ -287,6 +289,7 @@ impl Store {
             header: RwLock::new(header),
             kek,
             gate: RwLock::new(()),
+            cache: cache::ReadCache::default(),
             rotation: std::sync::Mutex::new(()),
             rewrap_wanted: tokio::sync::Notify::new(),
         })
@@ -310,9 +313,18 @@ impl Store {
         path: &str,
     ) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
+        if let Some(plain) = self.cache.get(&key) {
+            return Self::parse(&key, &plain).map(Some);
+        }
+        let generation = self.cache.generation(table);
         match self.backend.get(&key)? {
             None => Ok(None),
-            Some(sealed) => self.decode(&key, &sealed).map(Some),
+            Some(sealed) => {
+                let plain = self.vault.open(&key, &sealed)?;
+                let value = Self::parse(&key, &plain)?;
+                self.cache.put(table, generation, key, Arc::new(plain));
+                Ok(Some(value))
+            }
         }
     }
 
@@ -356,8 +368,11 @@ impl Store {
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
-        let plain = self.vault.open(key, sealed)?;
-        serde_json::from_slice(&plain).map_err(|e| StoreError::Decode {
+        Self::parse(key, &self.vault.open(key, sealed)?)
+    }
+
+    fn parse<T: DeserializeOwned>(key: &[u8], plain: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(plain).map_err(|e| StoreError::Decode {
             record: String::from_utf8_lossy(key).replace('\0', "/"),
             why: e.to_string(),
         })
@@ -383,6 +398,7 @@ impl Store {
         }
         let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut ops = Vec::with_capacity(batch.ops.len());
+        let mut tables = Vec::with_capacity(batch.ops.len());
         for Op { table, path, value } in batch.ops {
             let key = table.key(&path);
             let sealed = match value {
@@ -390,8 +406,19 @@ impl Store {
                 None => None,
             };
             ops.push((key, sealed));
+            tables.push(table);
         }
-        self.backend.apply(ops)
+        let touched: Vec<(Table, Vec<u8>)> = tables
+            .into_iter()
+            .zip(&ops)
+            .filter(|(table, _)| cache::cached(*table))
+            .map(|(table, (key, _))| (table, key.clone()))
+            .collect();
+        let keys = || touched.iter().map(|(t, k)| (*t, k.as_slice()));
+        self.cache.invalidate(keys());
+        let applied = self.backend.apply(ops);
+        self.cache.invalidate(keys());
+        applied
     }
 
     /// Test and forensics hook: the raw envelope of a record, as the backend holds it.
@@ -407,7 +434,10 @@ impl Store {
         bytes: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
         let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.backend.apply(vec![(table.key(path), bytes)])?;
+        let key = table.key(path);
+        self.cache.invalidate([(table, key.as_slice())]);
+        self.backend.apply(vec![(key.clone(), bytes)])?;
+        self.cache.invalidate([(table, key.as_slice())]);
         self.backend.sync()
     }
 }
