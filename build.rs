@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/credbroker/v1/common.proto",
                 "proto/credbroker/v1/broker.proto",
                 "proto/credbroker/v1/admin.proto",
+                "proto/credbroker/v1/bench.proto",
             ],
             &["proto"],
         )?;

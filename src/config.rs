@@ -20,6 +20,8 @@
 //! file = "policy.toml"
 //! [limits]
 //! upstream_timeout_secs = 15
+//! rewrap_batch = 256                # records re-sealed per step after a key rotation
+//! rewrap_pause_ms = 10              # pause between rewrap steps
 //! ```
 
 use std::net::SocketAddr;
@@ -53,6 +55,17 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub bench: BenchConfig,
+}
+
+/// For `credbroker bench` only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchConfig {
+    /// Also serve the do-nothing Echo service, the benchmark's baseline.
+    #[serde(default)]
+    pub echo: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +115,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Concurrent WatchMail streams per caller.
     pub max_watch_streams: usize,
+    /// Records the background rewrap re-seals per step after a key rotation…
+    pub rewrap_batch: usize,
+    /// …and the pause between steps, which bounds the I/O a rewrap adds.
+    pub rewrap_pause_ms: u64,
 }
 
 impl Default for Limits {
@@ -110,6 +127,8 @@ impl Default for Limits {
             upstream_timeout_secs: 15,
             max_request_bytes: 32 * 1024 * 1024,
             max_watch_streams: 64,
+            rewrap_batch: 256,
+            rewrap_pause_ms: 10,
         }
     }
 }

@@ -188,14 +188,15 @@ impl Connect {
                 )
                 .await
             }
-            Kind::Caldav => TestReport {
-                checks: vec![Check::failed(
-                    connector.kind.name(),
-                    Stage::Config,
-                    "not available in this build",
-                )],
-                account_label: None,
-            },
+            Kind::Caldav => {
+                crate::calendar::test_caldav(
+                    connector,
+                    &candidate.settings,
+                    &candidate.secrets,
+                    self.upstream_timeout,
+                )
+                .await
+            }
         }
     }
 

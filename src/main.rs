@@ -110,6 +110,66 @@ enum Command {
     /// Check, export or read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Save a consistent, still encrypted snapshot of a running broker's store (admin of "*").
+    Backup {
+        /// The backup file to create (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a running broker's key terms, rewrap progress and audit head (admin of "*").
+    Status,
+    /// Add a data-key term: new writes use it at once, a background rewrap moves older records
+    /// onto it and then removes the older keys. Against a running broker (admin of "*"), or with
+    /// --config against a stopped store (the rewrap then runs to the end before returning).
+    RotateKey {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        prompt: bool,
+    },
+    /// Rewrap the keyring of a stopped store under a new passphrase or key file (one atomic
+    /// header write; no record is re-encrypted). Then point the configuration at the new key.
+    ChangePassphrase {
+        #[arg(long)]
+        config: PathBuf,
+        /// Ask for the current passphrase on the terminal (else the configuration's key).
+        #[arg(long)]
+        prompt: bool,
+        /// The new key file (created with 32 random bytes if missing).
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<PathBuf>,
+        /// A file holding the new passphrase. Without either option, it is asked for twice.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Recreate a store from a backup file into the configuration's (new, empty) store folder.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// Ask for the passphrase on the terminal.
+        #[arg(long)]
+        prompt: bool,
+    },
+    /// Load-test a throwaway broker over mTLS against an Echo baseline (see BENCHMARKS.md).
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Calls in flight for the peak measurements.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// Client connections they share.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Open-loop rate as a fraction of Echo's peak.
+        #[arg(long, default_value_t = 0.25)]
+        rate_fraction: f64,
+        /// Personal connections to store first, to see resolve at that store size.
+        #[arg(long, default_value_t = 0)]
+        stored: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -279,6 +339,28 @@ fn key_source(config: &Config, prompt: bool, confirm: bool) -> Result<KeySource,
 
 async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
+        Command::Bench {
+            seconds,
+            in_flight,
+            connections,
+            rate_fraction,
+            stored,
+        } => {
+            let options = credbroker::bench::BenchOptions {
+                seconds,
+                in_flight,
+                connections,
+                rate_fraction,
+                stored,
+                dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
+            };
+            println!("{}", credbroker::bench::header());
+            credbroker::bench::run(&options, |row| {
+                println!("{}", credbroker::bench::format_row(row))
+            })
+            .await?;
+            Ok(())
+        }
         Command::Dev {
             dir,
             certs,
@@ -340,8 +422,161 @@ async fn run(cli: Cli) -> Result<(), Error> {
             credbroker::audit::export(&store, &mut out)?;
             Ok(())
         }
+        Command::Restore {
+            from,
+            config,
+            prompt,
+        } => {
+            let config = Config::load(&config)?;
+            let key = key_source(&config, prompt, false)?;
+            let bytes = std::fs::read(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+            let snapshot = credbroker::store::Snapshot::decode(&bytes)?;
+            credbroker::store::restore(&config.store.path, &snapshot, &key)?;
+            let store = Store::open(&config.store.path, &key)?;
+            println!(
+                "restored {} records of store {} into {}",
+                snapshot.records.len(),
+                store.header().store_id,
+                config.store.path.display()
+            );
+            Ok(())
+        }
+        Command::RotateKey {
+            config: Some(config),
+            prompt,
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::open(&config.store.path, &key_source(&config, prompt, false)?)?;
+            let term = store.rotate_key()?;
+            println!("rotated: new writes use key term {term}; rewrapping older records…");
+            loop {
+                match store.rewrap_step(config.limits.rewrap_batch)? {
+                    credbroker::store::RewrapStep::Progress(_) => {}
+                    credbroker::store::RewrapStep::Finished(state) => {
+                        println!(
+                            "rewrap finished: {} records re-sealed, terms retired: {:?}",
+                            state.rewrapped, state.retired
+                        );
+                        return Ok(());
+                    }
+                    credbroker::store::RewrapStep::Idle => return Ok(()),
+                }
+            }
+        }
+        Command::ChangePassphrase {
+            config,
+            prompt,
+            new_key_file,
+            new_passphrase_file,
+        } => {
+            let config = Config::load(&config)?;
+            let old = key_source(&config, prompt, false)?;
+            let new = match (new_key_file, new_passphrase_file) {
+                (Some(path), _) => {
+                    if !path.exists() {
+                        generate_key_file(&path).map_err(|e| {
+                            format!("cannot create key file {}: {e}", path.display())
+                        })?;
+                        println!("wrote a new key file {}", path.display());
+                    }
+                    KeySource::KeyFile(path)
+                }
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    KeySource::Passphrase(SecretString::from(
+                        text.trim_end_matches(['\n', '\r']).to_string(),
+                    ))
+                }
+                (None, None) => {
+                    let phrase = rpassword::prompt_password("New passphrase: ")?;
+                    if rpassword::prompt_password("Again: ")? != phrase {
+                        return Err("the passphrases differ".into());
+                    }
+                    KeySource::Passphrase(SecretString::from(phrase))
+                }
+            };
+            credbroker::store::change_key(&config.store.path, &old, &new)?;
+            println!(
+                "the store {} now opens with the new {} only; update [store] in the configuration before starting the daemon",
+                config.store.path.display(),
+                new.kind()
+            );
+            Ok(())
+        }
         command => remote(command, &cli.remote).await,
     }
+}
+
+fn print_status(status: &proto::StoreStatus) {
+    println!("store {}", status.store_id);
+    println!(
+        "key term {} (keyring holds {:?}), {} encryptions under it",
+        status.current_term, status.terms, status.term_encryptions
+    );
+    match &status.rewrap {
+        None => println!("rewrap: never rotated"),
+        Some(r) if r.finished => println!(
+            "rewrap: finished onto term {}: {} records re-sealed in {} pass(es), retired terms {:?}",
+            r.to_term,
+            r.rewrapped,
+            r.pass + 1,
+            r.retired
+        ),
+        Some(r) => println!(
+            "rewrap: in progress onto term {}: pass {}, {} of ~{} records scanned, {} re-sealed",
+            r.to_term,
+            r.pass + 1,
+            r.scanned,
+            r.total,
+            r.rewrapped
+        ),
+    }
+    println!(
+        "audit: head {}, {} queued",
+        status.audit_seq, status.audit_queue_depth
+    );
+}
+
+/// Streams a backup into `{out}.partial`, checks it, syncs it and renames it to `out`.
+async fn backup(
+    admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>,
+    out: &Path,
+) -> Result<(), Error> {
+    use std::io::Write;
+    if out.exists() {
+        return Err(format!("{} exists; refusing to overwrite it", out.display()).into());
+    }
+    let partial = out.with_extension("partial");
+    let mut stream = admin.backup(proto::BackupRequest {}).await?.into_inner();
+    let mut bytes = Vec::new();
+    let (mut records, mut store_id) = (0, String::new());
+    while let Some(chunk) = stream.message().await? {
+        if !chunk.store_id.is_empty() {
+            (records, store_id) = (chunk.records, chunk.store_id);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    credbroker::store::Snapshot::decode(&bytes)?;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, out)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(format!("{}: {e}", out.display()).into());
+    }
+    println!(
+        "backup of store {store_id}: {records} records, {} bytes, in {}",
+        bytes.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 async fn serve(
@@ -655,7 +890,38 @@ async fn remote(command: Command, remote: &Remote) -> Result<(), Error> {
                 );
             }
         }
-        Command::Dev { .. } | Command::Init { .. } | Command::Serve { .. } | Command::Audit(_) => {
+        Command::Backup { out } => {
+            let mut admin = client::admin(&remote.addr, &tls).await?;
+            backup(&mut admin, &out).await?;
+        }
+        Command::Status => {
+            let mut admin = client::admin(&remote.addr, &tls).await?;
+            let status = admin
+                .get_status(proto::GetStatusRequest {})
+                .await?
+                .into_inner();
+            print_status(&status);
+        }
+        Command::RotateKey { config: None, .. } => {
+            let mut admin = client::admin(&remote.addr, &tls).await?;
+            let status = admin
+                .rotate_key(proto::RotateKeyRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "rotated: new writes use key term {}; the rewrap runs in the background",
+                status.current_term
+            );
+            print_status(&status);
+        }
+        Command::Dev { .. }
+        | Command::Init { .. }
+        | Command::Serve { .. }
+        | Command::Audit(_)
+        | Command::Restore { .. }
+        | Command::RotateKey { .. }
+        | Command::ChangePassphrase { .. }
+        | Command::Bench { .. } => {
             unreachable!("handled locally")
         }
     }

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+use crate::api::proto::echo_server::EchoServer;
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
@@ -343,6 +344,11 @@ pub async fn run(
     }
 
     spawn_policy_reload(services.policy.clone());
+    spawn_rewrap(
+        services.registry.store().clone(),
+        config.limits.rewrap_batch,
+        Duration::from_millis(config.limits.rewrap_pause_ms),
+    );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -362,6 +368,12 @@ pub async fn run(
         .add_service(reflection)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
+        .add_optional_service(
+            config
+                .bench
+                .echo
+                .then(|| EchoServer::new(crate::bench::EchoApi)),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });
@@ -370,6 +382,7 @@ pub async fn run(
         http: http_addr,
     });
     crate::systemd::notify("READY=1");
+    crate::systemd::spawn_watchdog();
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served?,
@@ -384,6 +397,37 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The background rewrap after a key rotation: resumes an unfinished one at startup, then
+/// waits for the next rotation. Steps run on the blocking pool, `pause` apart.
+fn spawn_rewrap(store: Arc<Store>, batch: usize, pause: Duration) {
+    use crate::store::RewrapStep;
+    tokio::spawn(async move {
+        loop {
+            let step = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.rewrap_step(batch)).await
+            };
+            match step {
+                Ok(Ok(RewrapStep::Progress(_))) => tokio::time::sleep(pause).await,
+                Ok(Ok(RewrapStep::Finished(_))) => {}
+                Ok(Ok(RewrapStep::Idle)) => {
+                    // A rotation notifies; the timeout is a safety net only.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(60), store.rewrap_wanted()).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "key rewrap step failed; retrying in 30s");
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "key rewrap task failed; retrying in 30s");
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            }
+        }
+    });
 }
 
 /// SIGHUP re-reads the policy; a file that fails to parse keeps the old policy and says why.

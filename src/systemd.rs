@@ -40,3 +40,23 @@ pub fn harden_process() {
         }
     }
 }
+
+/// Pings systemd's watchdog at half the interval it asked for (`WatchdogSec=`), from the
+/// runtime itself: a wedged runtime stops pinging and systemd restarts the service.
+pub fn spawn_watchdog() {
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v > 0)
+    else {
+        return;
+    };
+    let period = std::time::Duration::from_micros(usec / 2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            notify("WATCHDOG=1");
+        }
+    });
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{Daemon, reason};
+use support::oauth::{Browser, RETURN_URL, begin, callback_url, conn, connect, create_connector};
 use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -19,167 +20,6 @@ use tonic::transport::Channel;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CONNECTOR: &str = "Team Mail";
-const RETURN_URL: &str = "https://console.example/settings/integrations";
-
-fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
-
-/// A personal OAuth connector pointed at the test server; its identity endpoint is `/me`.
-async fn create_connector(admin: &mut AdminClient<Channel>, name: &str, extra: &[(&str, &str)]) {
-    let issuer = peers().oauth_issuer();
-    let mut config: HashMap<String, String> = [
-        ("client_id", OAUTH_CLIENT_ID.to_string()),
-        ("auth_url", format!("{issuer}/auth")),
-        ("token_url", format!("{issuer}/token")),
-        ("revocation_url", format!("{issuer}/token/revocation")),
-        ("userinfo_url", format!("{issuer}/me")),
-        ("account_label_field", "email".into()),
-        ("scopes", "openid email mail.read".into()),
-        ("ca_pem", peers().ca_pem.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    for (k, v) in extra {
-        config.insert(k.to_string(), v.to_string());
-    }
-    let mode = if extra
-        .iter()
-        .any(|(k, v)| *k == "grant_type" && *v == "client_credentials")
-    {
-        proto::ConnectorMode::Shared
-    } else {
-        proto::ConnectorMode::Personal
-    };
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::Oauth2 as i32,
-            mode: mode as i32,
-            config,
-            secrets: [(
-                "client_secret".to_string(),
-                proto::SecretValue {
-                    value: OAUTH_CLIENT_SECRET.into(),
-                },
-            )]
-            .into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-/// A browser: follows redirects by hand, keeps cookies, trusts the provider's and the daemon's CAs.
-struct Browser {
-    http: reqwest::Client,
-    cookies: HashMap<String, String>,
-}
-
-impl Browser {
-    fn new(daemon: &Daemon) -> Self {
-        let cas = format!("{}\n{}", peers().ca_pem, daemon.ca.cert_pem);
-        let http = credbroker::tls::http_client(Some(&cas), Duration::from_secs(10)).unwrap();
-        Self {
-            http,
-            cookies: HashMap::new(),
-        }
-    }
-
-    async fn get(&mut self, url: &str) -> reqwest::Response {
-        let cookie = self
-            .cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let response = self
-            .http
-            .get(url)
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap();
-        for value in response.headers().get_all("set-cookie") {
-            let pair = value.to_str().unwrap().split(';').next().unwrap();
-            if let Some((k, v)) = pair.split_once('=') {
-                self.cookies.insert(k.trim().to_string(), v.to_string());
-            }
-        }
-        response
-    }
-
-    /// Follows the provider's redirects until the browser is sent to `stop_at`; returns that URL.
-    async fn consent(&mut self, authorization_url: &str, stop_at: &str) -> String {
-        let mut url = authorization_url.to_string();
-        for _ in 0..10 {
-            let response = self.get(&url).await;
-            let status = response.status();
-            let location = response
-                .headers()
-                .get("location")
-                .map(|l| l.to_str().unwrap().to_string());
-            let Some(location) = location else {
-                panic!(
-                    "the provider stopped at {url} with {status}: {}",
-                    response.text().await.unwrap()
-                );
-            };
-            url = reqwest::Url::parse(&url)
-                .unwrap()
-                .join(&location)
-                .unwrap()
-                .to_string();
-            if url.starts_with(stop_at) {
-                return url;
-            }
-        }
-        panic!("too many redirects from the provider");
-    }
-}
-
-fn callback_url(daemon: &Daemon) -> String {
-    format!(
-        "https://{}/oauth/callback",
-        daemon.http.expect("http listener")
-    )
-}
-
-async fn begin(admin: &mut AdminClient<Channel>, user: &str) -> proto::BeginConnectResponse {
-    admin
-        .begin_connect(proto::BeginConnectRequest {
-            connection: conn(CONNECTOR, user),
-            return_url: RETURN_URL.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Connects `user` through the browser flow and the daemon's callback; returns where the
-/// browser ended up.
-async fn connect(daemon: &Daemon, admin: &mut AdminClient<Channel>, user: &str) -> reqwest::Url {
-    let started = begin(admin, user).await;
-    let mut browser = Browser::new(daemon);
-    let callback = browser
-        .consent(&started.authorization_url, &callback_url(daemon))
-        .await;
-    let response = browser.get(&callback).await;
-    assert_eq!(
-        response.status().as_u16(),
-        303,
-        "{}",
-        response.text().await.unwrap()
-    );
-    let location = response.headers()["location"].to_str().unwrap().to_string();
-    reqwest::Url::parse(&location).unwrap()
-}
 
 async fn resolve(
     agent: &mut BrokerClient<Channel>,
@@ -205,6 +45,14 @@ async fn connection(admin: &mut AdminClient<Channel>, user: &str) -> proto::Conn
 }
 
 /// Waits until access tokens issued before now have expired at the server.
+/// The value of one series in a Prometheus text body (0 when absent).
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 async fn let_tokens_expire() {
     tokio::time::sleep(Duration::from_secs(peers::ACCESS_TTL_SECS + 1)).await;
 }
@@ -234,7 +82,7 @@ async fn browser_flow_connects_through_the_callback() {
     assert_eq!(reason(&err).0, "NOT_CONNECTED");
 
     let before = peers().oauth_stats().await;
-    let started = begin(&mut admin, "u1").await;
+    let started = begin(&mut admin, CONNECTOR, "u1").await;
     let url = reqwest::Url::parse(&started.authorization_url).unwrap();
     let query: HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(query["code_challenge_method"], "S256");
@@ -328,7 +176,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    let started = begin(&mut admin, "u2").await;
+    let started = begin(&mut admin, CONNECTOR, "u2").await;
     let mut browser = Browser::new(&daemon);
     // The platform receives the browser at its own page and hands state and code over.
     let callback = browser
@@ -351,7 +199,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
     assert_eq!(connected.user_id, "u2");
     assert!(resolve(&mut agent, "u2").await.is_ok());
     // A wrong code for a fresh state is refused by the provider and nothing is connected.
-    let started = begin(&mut admin, "u3").await;
+    let started = begin(&mut admin, CONNECTOR, "u3").await;
     let err = admin
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state,
@@ -372,7 +220,7 @@ async fn two_hundred_waiting_callers_cause_one_refresh() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
     let first = resolve(&mut daemon.agent().await, "u1")
         .await
         .unwrap()
@@ -399,6 +247,17 @@ async fn two_hundred_waiting_callers_cause_one_refresh() {
     );
     assert_eq!(tokens.len(), 1, "every caller got the one refreshed token");
     assert!(!tokens.contains(&first));
+    let (_, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "credbroker_token_refresh_total{outcome=\"ok\"}"),
+        1.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "credbroker_upstream_duration_seconds_count{kind=\"oauth\"}"
+        ) >= 2.0
+    );
     assert_eq!(whoami(tokens.iter().next().unwrap()).await.as_u16(), 200);
 }
 
@@ -408,7 +267,7 @@ async fn a_rotated_refresh_token_survives_sigkill() {
     let mut daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
     for round in 0..2 {
         let_tokens_expire().await;
         // This resolve refreshes; the server rotates the refresh token and would treat a reuse
@@ -436,7 +295,7 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     // The user revokes the app at the provider.
     let url = format!("{}/__revoke_grant?token={token}", peers().oauth_issuer());
@@ -462,13 +321,26 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
         "{}",
         shown.last_error
     );
+    let (_, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "credbroker_token_refresh_total{outcome=\"expired\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "credbroker_connections{status=\"expired\"}"),
+        1.0
+    );
+    assert!(!metrics.contains("u1"), "a user id in the metrics");
     // Expired stays expired without asking the provider again.
     assert_eq!(
         reason(&resolve(&mut agent, "u1").await.unwrap_err()).0,
         "EXPIRED"
     );
 
-    let back = connect(&daemon, &mut admin, "u1").await;
+    let back = connect(&daemon, &mut admin, CONNECTOR, "u1").await;
     assert!(back.as_str().contains("status=connected"), "{back}");
     let token = resolve(&mut agent, "u1").await.unwrap();
     assert_eq!(whoami(&token.secret).await.as_u16(), 200);
@@ -485,7 +357,7 @@ async fn disconnect_revokes_at_the_provider_and_erases_the_tokens() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     let before = peers().oauth_stats().await;
     let done = admin
@@ -551,4 +423,227 @@ async fn client_credentials_tokens_are_cached_until_near_expiry() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Google's and Slack's identity endpoints cannot run here: a fake serves their documented
+/// shapes over HTTPS, and the presets' label fields pick the account from them, through the
+/// same flow as every other connection (the rest of the flow runs at the real test server).
+#[tokio::test]
+async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
+    let _serial = SERIAL.lock().await;
+    let fake_ca = credbroker::pki::CertAuthority::generate("fake identity CA").unwrap();
+    let fake = fake_identity_server(&fake_ca).await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
+    for (provider, path, label) in [
+        ("google-mail", "/oauth2/v3/userinfo", "alice@x.test"),
+        ("slack", "/api/auth.test", "Acme Corp"),
+    ] {
+        let issuer = peers().oauth_issuer();
+        let config: HashMap<String, String> = [
+            ("client_id", OAUTH_CLIENT_ID.to_string()),
+            // Only the identity endpoint is Google's or Slack's; the rest is the real test server.
+            ("auth_url", format!("{issuer}/auth")),
+            ("token_url", format!("{issuer}/token")),
+            ("revocation_url", format!("{issuer}/token/revocation")),
+            ("userinfo_url", format!("https://{fake}{path}")),
+            ("scopes", "openid email mail.read".into()),
+            ("token_auth", "basic".into()),
+            ("ca_pem", cas.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        admin
+            .create_connector(proto::CreateConnectorRequest {
+                name: provider.into(),
+                kind: proto::ConnectorKind::Oauth2 as i32,
+                mode: proto::ConnectorMode::Personal as i32,
+                provider: provider.into(),
+                config,
+                secrets: [(
+                    "client_secret".to_string(),
+                    proto::SecretValue {
+                        value: OAUTH_CLIENT_SECRET.into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let started = begin(&mut admin, provider, "u1").await;
+        if provider == "google-mail" {
+            // The preset's extra authorization parameters (offline access) are sent.
+            assert!(
+                started.authorization_url.contains("access_type=offline"),
+                "{}",
+                started.authorization_url
+            );
+        }
+        let mut browser = Browser::new(&daemon);
+        let callback = browser
+            .consent(&started.authorization_url, &callback_url(&daemon))
+            .await;
+        assert_eq!(browser.get(&callback).await.status().as_u16(), 303);
+        let shown = admin
+            .get_connection(proto::GetConnectionRequest {
+                connection: conn(provider, "u1"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(shown.account_label, label, "{provider}");
+        assert_eq!(shown.provider, provider);
+        let token = agent
+            .resolve_credential(proto::ResolveCredentialRequest {
+                connection: conn(provider, "u1"),
+                min_ttl_seconds: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(token.account_label, label);
+    }
+    // An unknown provider is refused by name.
+    let err = admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Gitlab".into(),
+            kind: proto::ConnectorKind::Oauth2 as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            provider: "gitlab".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("provider"), "{}", err.message());
+}
+
+/// Serves Google's userinfo and Slack's auth.test documents (their documented shapes) over
+/// HTTPS to any bearer token; returns its address.
+async fn fake_identity_server(ca: &credbroker::pki::CertAuthority) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
+    };
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let bearer = |headers: &axum::http::HeaderMap| {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() > "Bearer ".len())
+    };
+    let app = axum::Router::new()
+        .route(
+            "/oauth2/v3/userinfo",
+            get(move |headers: axum::http::HeaderMap| async move {
+                if !bearer(&headers) {
+                    return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"error": "invalid_request"})));
+                }
+                let doc = serde_json::json!({
+                    "sub": "110169484474386276334", "name": "Alice", "given_name": "Alice",
+                    "picture": "https://lh3.googleusercontent.com/a/x", "email": "alice@x.test",
+                    "email_verified": true, "locale": "en", "hd": "x.test"
+                });
+                (axum::http::StatusCode::OK, axum::Json(doc))
+            }),
+        )
+        .route(
+            "/api/auth.test",
+            get(move |headers: axum::http::HeaderMap| async move {
+                if !bearer(&headers) {
+                    return axum::Json(serde_json::json!({"ok": false, "error": "not_authed"}));
+                }
+                axum::Json(serde_json::json!({
+                    "ok": true, "url": "https://acme.slack.com/", "team": "Acme Corp", "user": "alice",
+                    "team_id": "T12345", "user_id": "W12345", "bot_id": null, "is_enterprise_install": false
+                }))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    create_connector(&mut admin, CONNECTOR, &[]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    let current = resolve(&mut agent, "u1").await.unwrap().secret;
+    // The token endpoint goes away (a closed port).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: CONNECTOR.into(),
+            config: [("token_url".to_string(), format!("https://{closed}/token"))].into(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["config.token_url".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let wants_refresh = |agent: &mut BrokerClient<Channel>| {
+        let mut agent = agent.clone();
+        async move {
+            agent
+                .resolve_credential(proto::ResolveCredentialRequest {
+                    connection: conn(CONNECTOR, "u1"),
+                    min_ttl_seconds: 3600,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    // The refresh fails, but the stored token still works: the caller gets it.
+    let served = wants_refresh(&mut agent).await.unwrap();
+    assert_eq!(served.secret, current);
+    let shown = connection(&mut admin, "u1").await;
+    assert_eq!(shown.status, proto::ConnectionStatus::Error as i32);
+    assert!(!shown.last_error.is_empty());
+    // Once it has expired there is nothing valid to serve: UNAVAILABLE, not EXPIRED (the grant
+    // may be fine; the provider is down).
+    let_tokens_expire().await;
+    let err = wants_refresh(&mut agent).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_ne!(
+        connection(&mut admin, "u1").await.status,
+        proto::ConnectionStatus::Expired as i32
+    );
 }

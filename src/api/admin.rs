@@ -61,8 +61,120 @@ fn candidate(
     }
 }
 
+/// Bytes per BackupChunk: well under gRPC's default 4 MiB message limit.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+pub type BackupStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
+/// The store's key and rewrap state, for GetStatus and RotateKey.
+fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
+    let store = s.registry.store();
+    let vault = store.vault();
+    let rewrap = store
+        .rewrap_state()
+        .map_err(crate::model::ModelError::from)?
+        .map(|r| proto::RewrapStatus {
+            finished: r.finished,
+            to_term: r.to_term,
+            pass: r.pass,
+            scanned: r.scanned,
+            rewrapped: r.rewrapped,
+            total: r.total,
+            retired: r.retired,
+            started_at: convert::opt_timestamp(r.started_at),
+            finished_at: convert::opt_timestamp(r.finished_at),
+        });
+    Ok(proto::StoreStatus {
+        store_id: store.header().store_id,
+        current_term: vault.current_term(),
+        terms: vault.terms(),
+        term_encryptions: vault.encryptions(),
+        rewrap,
+        audit_seq: s.audit.head().seq,
+        audit_queue_depth: s.audit.queue_depth() as u64,
+    })
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    type BackupStream = BackupStream;
+
+    async fn rotate_key(
+        &self,
+        req: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::StoreStatus>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "RotateKey")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            let store = s.registry.store().clone();
+            tokio::task::spawn_blocking(move || store.rotate_key())
+                .await
+                .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
+                .map_err(crate::model::ModelError::from)?;
+            store_status(s)
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::StoreStatus>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "GetStatus")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            store_status(s)
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
+    async fn backup(
+        &self,
+        req: Request<proto::BackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let s = &self.0;
+        let mut call = s.begin(&req, "Backup")?;
+        let result = async {
+            call.workspace = "*".into();
+            s.authorize_admin(&call, "*")?;
+            let store = s.registry.store().clone();
+            let (bytes, records) = tokio::task::spawn_blocking(move || {
+                store
+                    .snapshot()
+                    .map(|snap| (snap.encode(), snap.records.len()))
+            })
+            .await
+            .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
+            .map_err(crate::model::ModelError::from)?;
+            let store_id = s.registry.store().header().store_id.clone();
+            let chunks: Vec<Result<proto::BackupChunk, Status>> = bytes
+                .chunks(BACKUP_CHUNK)
+                .enumerate()
+                .map(|(i, data)| {
+                    Ok(proto::BackupChunk {
+                        data: data.to_vec(),
+                        records: if i == 0 { records as u64 } else { 0 },
+                        store_id: if i == 0 {
+                            store_id.clone()
+                        } else {
+                            String::new()
+                        },
+                    })
+                })
+                .collect();
+            Ok(Box::pin(tokio_stream::iter(chunks)) as BackupStream)
+        }
+        .await;
+        s.finish(call, result).await
+    }
+
     async fn create_connector(
         &self,
         req: Request<proto::CreateConnectorRequest>,

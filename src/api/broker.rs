@@ -23,7 +23,7 @@ const MAX_MIN_TTL: u32 = 3600;
 
 impl BrokerApi {
     /// Validates the connection reference, resolves it and checks the caller's grant for `op`.
-    fn target(
+    pub(super) fn target(
         &self,
         call: &mut Call,
         op: Operation,
@@ -41,22 +41,6 @@ impl BrokerApi {
         call.on(&target);
         self.0.authorize(call, op, &target)?;
         Ok(target)
-    }
-
-    async fn unimplemented<T>(
-        &self,
-        mut call: Call,
-        op: Operation,
-        connection: Option<proto::ConnectionRef>,
-    ) -> Result<Response<T>, Status> {
-        let result = self.target(&mut call, op, connection).and_then(|_| {
-            Err(ApiError::status(
-                tonic::Code::Unimplemented,
-                "UNSUPPORTED",
-                format!("{} is not available in this build", op.name()),
-            ))
-        });
-        self.0.finish(call, result).await
     }
 }
 
@@ -214,8 +198,7 @@ impl Broker for BrokerApi {
         req: Request<proto::ListCalendarRequest>,
     ) -> Result<Response<proto::ListCalendarResponse>, Status> {
         let call = self.0.begin(&req, "ListCalendar")?;
-        self.unimplemented(call, Operation::ListCalendar, req.into_inner().connection)
-            .await
+        self.list_calendar_call(call, req.into_inner()).await
     }
 
     async fn create_event(
@@ -223,7 +206,6 @@ impl Broker for BrokerApi {
         req: Request<proto::CreateEventRequest>,
     ) -> Result<Response<proto::CreateEventResponse>, Status> {
         let call = self.0.begin(&req, "CreateEvent")?;
-        self.unimplemented(call, Operation::CreateEvent, req.into_inner().connection)
-            .await
+        self.create_event_call(call, req.into_inner()).await
     }
 }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod broker;
+mod calendar;
 mod convert;
 mod redact;
 mod status;
@@ -147,19 +148,31 @@ impl Services {
         };
         if let Err(e) = self.audit.record(event).await {
             tracing::error!(error = %e, request_id = %call.request_id, "audit failed: refusing the call");
+            crate::metrics::rpc(
+                call.operation,
+                tonic::Code::Unavailable,
+                call.started.elapsed(),
+            );
             return Err(tonic::Status::unavailable(
                 "the audit log cannot be written; the request was refused",
             ));
         }
+        let result = result.map_err(tonic::Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let elapsed = call.started.elapsed();
+        crate::metrics::rpc(call.operation, code, elapsed);
         tracing::info!(
             op = call.operation,
             caller = %caller,
             request_id = %call.request_id,
             outcome = outcome.name(),
-            elapsed_us = call.started.elapsed().as_micros() as u64,
+            code = crate::metrics::code_name(code),
+            elapsed_us = elapsed.as_micros() as u64,
             "rpc"
         );
-        let mut response = tonic::Response::new(result.map_err(tonic::Status::from)?);
+        let mut response = tonic::Response::new(result?);
         if let Ok(value) = call.request_id.parse() {
             response.metadata_mut().insert("x-request-id", value);
         }

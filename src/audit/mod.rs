@@ -224,7 +224,10 @@ async fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Re
             time: last_time,
         };
         batch.put(Table::Audit, HEAD_PATH, &new_head);
-        match store.commit(batch).await {
+        let started = std::time::Instant::now();
+        let committed = store.commit(batch).await;
+        crate::metrics::audit_flush(pending.len(), started.elapsed());
+        match committed {
             Ok(()) => {
                 *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
                 let first = start.seq + 1;

@@ -1,5 +1,5 @@
-//! The HTTPS listener for browsers and probes: `/healthz` and the OAuth redirect target
-//! `/oauth/callback`. It uses the gRPC server certificate but asks for no client certificate.
+//! The HTTPS listener for browsers and probes: `/healthz`, Prometheus `/metrics` and the OAuth
+//! redirect target `/oauth/callback`. It uses the gRPC server certificate but asks for no client certificate.
 
 use std::sync::Arc;
 
@@ -28,8 +28,38 @@ struct CallbackParams {
 fn router(services: Arc<Services>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/oauth/callback", get(callback))
         .with_state(services)
+}
+
+/// Prometheus text format. Gauges are read now; counters and histograms live in [`crate::metrics`].
+async fn metrics(State(services): State<Arc<Services>>) -> Response {
+    let registry = services.registry.clone();
+    let connections = tokio::task::spawn_blocking(move || registry.count_connections())
+        .await
+        .ok()
+        .and_then(|counted| {
+            counted
+                .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
+                .ok()
+        })
+        .unwrap_or_default();
+    let vault = services.registry.store().vault();
+    let gauges = crate::metrics::Gauges {
+        audit_queue_depth: services.audit.queue_depth(),
+        connections,
+        key_term: vault.current_term(),
+        key_term_encryptions: vault.encryptions(),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&gauges),
+    )
+        .into_response()
 }
 
 /// The provider sends the browser here after consent. The state names the pending connection;

@@ -51,6 +51,17 @@ pub enum ConnectionStatus {
     Error,
 }
 
+impl ConnectionStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnectionStatus::Connected => "connected",
+            ConnectionStatus::NotConnected => "not_connected",
+            ConnectionStatus::Expired => "expired",
+            ConnectionStatus::Error => "error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connection {
     pub connector_id: String,

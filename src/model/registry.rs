@@ -474,6 +474,25 @@ impl Registry {
         Ok(())
     }
 
+    /// Connections by status across every workspace (for metrics), scanning page by page.
+    pub fn count_connections(
+        &self,
+    ) -> Result<std::collections::BTreeMap<&'static str, u64>, ModelError> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page =
+                self.store
+                    .scan::<Connection>(Table::Connections, "", after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (_, connection) in &page {
+                *counts.entry(connection.status.name()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Removes a connection's record and secrets.
     pub async fn delete_connection(
         &self,

@@ -47,7 +47,10 @@ async fn send(
     request: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, HttpError> {
     let request = reqwest::Request::try_from(request)?;
-    let response = client.execute(request).await?;
+    let started = std::time::Instant::now();
+    let response = client.execute(request).await;
+    crate::metrics::upstream(crate::metrics::Upstream::OAuth, started.elapsed());
+    let response = response?;
     let mut builder = http::Response::builder().status(response.status());
     for (name, value) in response.headers() {
         builder = builder.header(name, value);
@@ -79,12 +82,15 @@ pub async fn identity(
     url: &str,
     access_token: &Secret,
 ) -> Result<Identity, HttpError> {
+    let started = std::time::Instant::now();
     let response = client
         .get(url)
         .bearer_auth(access_token.expose())
         .header("accept", "application/json")
         .send()
-        .await?;
+        .await;
+    crate::metrics::upstream(crate::metrics::Upstream::OAuth, started.elapsed());
+    let response = response?;
     let status = response.status();
     let body = read_bounded(response).await?;
     if !status.is_success() {

@@ -286,6 +286,15 @@ impl OAuth {
             .exchange_refresh_token(&refresh)
             .request_async(&sender)
             .await;
+        crate::metrics::refresh(match &response {
+            Ok(_) => crate::metrics::Refresh::Ok,
+            Err(RequestTokenError::ServerResponse(e))
+                if *e.error() == BasicErrorResponseType::InvalidGrant =>
+            {
+                crate::metrics::Refresh::Expired
+            }
+            Err(_) => crate::metrics::Refresh::Failed,
+        });
         match response {
             Ok(response) => {
                 let now = Utc::now();

@@ -15,32 +15,51 @@ use super::{Backend, StoreError};
 type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
 
 pub struct GroupCommit {
-    queue: mpsc::Sender<Waiter>,
+    queue: Option<mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    /// Stops the thread and waits for it, so that the backend (and sled's lock on its folder)
+    /// is released when the store is dropped, not some time later.
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl GroupCommit {
     pub fn start(backend: Arc<dyn Backend>) -> Self {
         let (queue, waiters) = mpsc::channel::<Waiter>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("credbroker-commit".into())
             .spawn(move || {
                 // Ends when every Store handle (and so every sender) is gone.
                 while let Ok(first) = waiters.recv() {
                     let mut group = vec![first];
                     group.extend(waiters.try_iter());
+                    let started = std::time::Instant::now();
                     let outcome = backend.sync().map_err(|e| Arc::<str>::from(e.to_string()));
+                    crate::metrics::store_sync(group.len(), started.elapsed());
                     for waiter in group {
                         let _ = waiter.send(outcome.clone());
                     }
                 }
             })
             .expect("spawn commit thread");
-        Self { queue }
+        Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        }
     }
 
     fn enqueue(&self) -> Result<oneshot::Receiver<Result<(), Arc<str>>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.queue
+            .as_ref()
+            .ok_or_else(|| StoreError::Sync("commit thread stopped".into()))?
             .send(tx)
             .map_err(|_| StoreError::Sync("commit thread stopped".into()))?;
         Ok(rx)

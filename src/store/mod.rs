@@ -7,19 +7,24 @@
 //! - a commit returns only after the backend has synced it; concurrent commits share one sync
 //!   ([`group_commit`]).
 
+mod backup;
+mod cache;
 mod group_commit;
+mod rotation;
 mod sled_backend;
 
+pub use backup::{BackupError, Snapshot, restore};
+pub use rotation::{RewrapState, RewrapStep, change_key};
 pub use sled_backend::SledBackend;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use crate::vault::{Header, KeySource, Vault, VaultError};
+use crate::vault::{Header, Kek, KeySource, Vault, VaultError};
 use group_commit::GroupCommit;
 
 /// The logical tables. A record's full key is `table ‖ 0x00 ‖ path`; the envelope is bound to it.
@@ -117,6 +122,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Unencrypted metadata: the header and counter reservations.
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Every metadata entry, in key order.
+    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Replaces the value of `key` only if it still is `old`; false if it changed (or is gone).
+    fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError>;
 }
 
 /// One write of a batch, before sealing: a put (Some) or delete (None).
@@ -174,14 +183,24 @@ impl Batch {
 pub struct Store {
     backend: Arc<dyn Backend>,
     vault: Arc<Vault>,
-    header: Header,
+    header: RwLock<Header>,
+    /// The unlocked key-encryption key, kept to rewrap the keyring after a rotation.
+    kek: Kek,
     commits: GroupCommit,
+    /// One rotation (or retirement) at a time.
+    rotation: std::sync::Mutex<()>,
+    /// Wakes the background rewrap after a rotation.
+    rewrap_wanted: tokio::sync::Notify,
+    /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
+    /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
+    gate: RwLock<()>,
+    cache: cache::ReadCache,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("store_id", &self.header.store_id)
+            .field("store_id", &self.header().store_id)
             .field("vault", &self.vault)
             .finish()
     }
@@ -218,8 +237,7 @@ impl Store {
             &serde_json::to_vec(&header).expect("header serializes"),
         )?;
         backend.sync()?;
-        // Reuse the open database: dropping it and opening the path again can fail with
-        // "in use by another process" while sled's background flusher still holds the lock.
+        // The same handle goes on: reopening would race sled's release of its file lock.
         Self::open_backend(backend, source, path)
     }
 
@@ -246,7 +264,7 @@ impl Store {
             })?;
         let header: Header = serde_json::from_slice(&raw)
             .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
-        let keyring = header.unlock(source)?;
+        let (kek, keyring) = header.unlock_with_kek(source)?;
         let term = keyring.current_term();
         let reserved = backend
             .meta_get(&reservation_key(term))?
@@ -268,12 +286,20 @@ impl Store {
             commits: GroupCommit::start(backend.clone()),
             backend,
             vault: Arc::new(vault),
-            header,
+            header: RwLock::new(header),
+            kek,
+            gate: RwLock::new(()),
+            cache: cache::ReadCache::default(),
+            rotation: std::sync::Mutex::new(()),
+            rewrap_wanted: tokio::sync::Notify::new(),
         })
     }
 
-    pub fn header(&self) -> &Header {
-        &self.header
+    pub fn header(&self) -> Header {
+        self.header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn vault(&self) -> &Vault {
@@ -287,9 +313,18 @@ impl Store {
         path: &str,
     ) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
+        if let Some(plain) = self.cache.get(&key) {
+            return Self::parse(&key, &plain).map(Some);
+        }
+        let generation = self.cache.generation(table);
         match self.backend.get(&key)? {
             None => Ok(None),
-            Some(sealed) => self.decode(&key, &sealed).map(Some),
+            Some(sealed) => {
+                let plain = self.vault.open(&key, &sealed)?;
+                let value = Self::parse(&key, &plain)?;
+                self.cache.put(table, generation, key, Arc::new(plain));
+                Ok(Some(value))
+            }
         }
     }
 
@@ -333,8 +368,11 @@ impl Store {
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
-        let plain = self.vault.open(key, sealed)?;
-        serde_json::from_slice(&plain).map_err(|e| StoreError::Decode {
+        Self::parse(key, &self.vault.open(key, sealed)?)
+    }
+
+    fn parse<T: DeserializeOwned>(key: &[u8], plain: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(plain).map_err(|e| StoreError::Decode {
             record: String::from_utf8_lossy(key).replace('\0', "/"),
             why: e.to_string(),
         })
@@ -343,20 +381,24 @@ impl Store {
     /// Seals and applies `batch` atomically, returning once it is on disk.
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
-        self.commits.wait().await
+        self.commits.wait().await?;
+        self.rotate_if_worn()
     }
 
     /// [`Store::commit`] for callers outside the async runtime (the CLI).
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
-        self.commits.wait_blocking()
+        self.commits.wait_blocking()?;
+        self.rotate_if_worn()
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut ops = Vec::with_capacity(batch.ops.len());
+        let mut tables = Vec::with_capacity(batch.ops.len());
         for Op { table, path, value } in batch.ops {
             let key = table.key(&path);
             let sealed = match value {
@@ -364,8 +406,19 @@ impl Store {
                 None => None,
             };
             ops.push((key, sealed));
+            tables.push(table);
         }
-        self.backend.apply(ops)
+        let touched: Vec<(Table, Vec<u8>)> = tables
+            .into_iter()
+            .zip(&ops)
+            .filter(|(table, _)| cache::cached(*table))
+            .map(|(table, (key, _))| (table, key.clone()))
+            .collect();
+        let keys = || touched.iter().map(|(t, k)| (*t, k.as_slice()));
+        self.cache.invalidate(keys());
+        let applied = self.backend.apply(ops);
+        self.cache.invalidate(keys());
+        applied
     }
 
     /// Test and forensics hook: the raw envelope of a record, as the backend holds it.
@@ -380,7 +433,11 @@ impl Store {
         path: &str,
         bytes: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        self.backend.apply(vec![(table.key(path), bytes)])?;
+        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let key = table.key(path);
+        self.cache.invalidate([(table, key.as_slice())]);
+        self.backend.apply(vec![(key.clone(), bytes)])?;
+        self.cache.invalidate([(table, key.as_slice())]);
         self.backend.sync()
     }
 }

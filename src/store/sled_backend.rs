@@ -9,12 +9,28 @@ pub struct SledBackend {
     records: sled::Tree,
 }
 
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn backend_error(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
 impl SledBackend {
+    /// Opens the store, waiting up to [`LOCK_WAIT`] for a lock that is being released: sled's
+    /// flusher thread still holds a just-closed store for a moment.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match Self::try_open(path) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
             sled::Error::Io(ref io)
                 if io.kind() == std::io::ErrorKind::WouldBlock
@@ -95,6 +111,24 @@ impl Backend for SledBackend {
 
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
+    }
+
+    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.db
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend_error)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError> {
+        Ok(self
+            .records
+            .compare_and_swap(key, Some(old), Some(new))
+            .map_err(backend_error)?
+            .is_ok())
     }
 
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {

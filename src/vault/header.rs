@@ -137,6 +137,19 @@ impl Header {
         ))
     }
 
+    /// The same header with `keyring` wrapped again under an already unlocked KEK.
+    pub fn with_keyring_kek(&self, kek: &Kek, keyring: &Keyring) -> Header {
+        Header::seal_keyring(kek, self.kdf.clone(), self.store_id.clone(), keyring)
+    }
+
+    /// Unlocks the keyring and keeps the KEK, for a daemon that will rewrap the keyring later
+    /// (key rotation) without asking for the key again.
+    pub fn unlock_with_kek(&self, source: &KeySource) -> Result<(Kek, Keyring), VaultError> {
+        let kek = self.check_key(source)?;
+        let keyring = self.open_keyring(&kek)?;
+        Ok((kek, keyring))
+    }
+
     /// The same keyring wrapped under a new key source (passphrase change, key file replacement).
     pub fn rewrapped(&self, old: &KeySource, new: &KeySource) -> Result<Header, VaultError> {
         let keyring = self.unlock(old)?;
@@ -174,8 +187,12 @@ impl Header {
     /// Unlocks the keyring: a wrong key is reported as such, a damaged keyring as damage.
     pub fn unlock(&self, source: &KeySource) -> Result<Keyring, VaultError> {
         let kek = self.check_key(source)?;
+        self.open_keyring(&kek)
+    }
+
+    fn open_keyring(&self, kek: &Kek) -> Result<Keyring, VaultError> {
         let bytes = open(
-            &kek,
+            kek,
             format!("credbroker/keyring/{}", self.store_id).as_bytes(),
             &self.keyring,
         )

@@ -34,6 +34,7 @@ impl Drop for StoredKeyring {
     }
 }
 
+#[derive(Clone)]
 pub struct Keyring {
     current: u32,
     keys: BTreeMap<u32, DataKey>,

@@ -19,8 +19,8 @@ pub use header::{ARGON2_PARAMS, FORMAT_VERSION, Header, Kdf};
 pub use kek::{Kek, KeySource, generate_key_file, random_bytes};
 pub use keyring::{Keyring, TERM_LIMIT};
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use zeroize::Zeroizing;
 
@@ -77,9 +77,15 @@ pub type ReservationSink = Box<dyn Fn(u32, u64) -> Result<(), String> + Send + S
 /// How many encryptions one reservation covers: one durable header write per 64 Ki writes.
 const RESERVATION_BLOCK: u64 = 1 << 16;
 
+/// Encryptions under one term after which the store rotates on its own: half of
+/// [`TERM_LIMIT`], so rotation (and a rewrap) happens long before the limit refuses writes.
+pub const AUTO_ROTATE_AT: u64 = 1 << 31;
+
 /// The unlocked keyring plus the counter of encryptions under its current term.
 pub struct Vault {
-    keyring: Keyring,
+    keyring: RwLock<Keyring>,
+    /// Encryptions under the current term that call for a rotation ([`Vault::needs_rotation`]).
+    rotate_at: AtomicU64,
     /// Encryptions done under the current term (persisted as reservations, not exactly).
     used: AtomicU64,
     /// Encryptions persisted as reserved; `used` may not pass it without a new reservation.
@@ -90,7 +96,7 @@ pub struct Vault {
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault")
-            .field("current_term", &self.keyring.current_term())
+            .field("current_term", &self.current_term())
             .field("used", &self.used.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -101,15 +107,69 @@ impl Vault {
     /// so encryptions done before a crash are never counted twice as unused.
     pub fn new(keyring: Keyring, reserved: u64, sink: ReservationSink) -> Self {
         Self {
-            keyring,
+            keyring: RwLock::new(keyring),
+            rotate_at: AtomicU64::new(AUTO_ROTATE_AT),
             used: AtomicU64::new(reserved),
             reserved: Mutex::new(reserved),
             sink,
         }
     }
 
+    fn keyring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
+        self.keyring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn current_term(&self) -> u32 {
-        self.keyring.current_term()
+        self.keyring().current_term()
+    }
+
+    /// Every term the keyring holds, oldest first.
+    pub fn terms(&self) -> Vec<u32> {
+        self.keyring().terms().collect()
+    }
+
+    /// Whether the current term has been used enough to rotate.
+    pub fn needs_rotation(&self) -> bool {
+        self.encryptions() >= self.rotate_at.load(Ordering::Relaxed)
+    }
+
+    /// Test hook: rotate automatically after `n` encryptions under one term.
+    #[doc(hidden)]
+    pub fn set_rotate_at(&self, n: u64) {
+        self.rotate_at.store(n.min(TERM_LIMIT), Ordering::Relaxed);
+    }
+
+    /// Adds a term and makes it current. `persist` must make the new keyring durable (the
+    /// wrapped header) before it returns: only then do seals use the new term.
+    pub fn rotate<E>(&self, persist: impl FnOnce(&Keyring) -> Result<(), E>) -> Result<u32, E> {
+        let mut keyring = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = keyring.clone();
+        let term = next.add_term();
+        persist(&next)?;
+        *keyring = next;
+        // Counting restarts for the new term; its reservations start at zero.
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        *reserved = 0;
+        self.used.store(0, Ordering::Relaxed);
+        Ok(term)
+    }
+
+    /// Forgets `terms` (never the current one) once `persist` has made the smaller keyring
+    /// durable. Returns the terms actually removed.
+    pub fn retire<E>(
+        &self,
+        terms: &[u32],
+        persist: impl FnOnce(&Keyring) -> Result<(), E>,
+    ) -> Result<Vec<u32>, E> {
+        let mut keyring = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = keyring.clone();
+        let removed: Vec<u32> = terms.iter().copied().filter(|t| next.retire(*t)).collect();
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        persist(&next)?;
+        *keyring = next;
+        Ok(removed)
     }
 
     /// Encryptions counted under the current term.
@@ -119,7 +179,8 @@ impl Vault {
 
     /// Seals `plaintext` for the record named `record_key`.
     pub fn seal(&self, record_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        let term = self.keyring.current_term();
+        let keyring = self.keyring();
+        let term = keyring.current_term();
         let n = self.used.fetch_add(1, Ordering::Relaxed) + 1;
         if n > TERM_LIMIT {
             return Err(VaultError::TermExhausted { term });
@@ -127,10 +188,15 @@ impl Vault {
         self.ensure_reserved(term, n)?;
         Envelope::seal(
             term,
-            self.keyring.key(term).expect("current term is held"),
+            keyring.key(term).expect("current term is held"),
             record_key,
             plaintext,
         )
+    }
+
+    /// The term an envelope was sealed under, without opening it.
+    pub fn term_of(sealed: &[u8]) -> Option<u32> {
+        Envelope::parse(sealed).ok().map(|e| e.term)
     }
 
     /// Opens an envelope read from the record named `record_key`.
@@ -140,8 +206,8 @@ impl Vault {
             record: record(),
             why,
         })?;
-        let key = self
-            .keyring
+        let keyring = self.keyring();
+        let key = keyring
             .key(envelope.term)
             .ok_or_else(|| VaultError::UnknownTerm {
                 record: record(),

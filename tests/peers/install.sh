@@ -15,7 +15,9 @@ command -v postfix >/dev/null || {
 }
 command -v openssl >/dev/null || pkgs+=(openssl)
 command -v node >/dev/null || pkgs+=(nodejs npm)
+# python3-venv also serves tests/python_client.rs (it pip-installs clients/python from PyPI deps).
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+command -v systemd-analyze >/dev/null || pkgs+=(systemd)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing ${pkgs[*]}"
   apt-get update -qq

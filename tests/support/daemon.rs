@@ -43,6 +43,8 @@ pub struct Daemon {
     pub grpc: SocketAddr,
     pub http: Option<SocketAddr>,
     child: Option<Child>,
+    /// Extra arguments of `credbroker serve` (e.g. `--log-format json`).
+    serve_args: Vec<String>,
 }
 
 /// Paths of one client identity's certificate and key.
@@ -58,6 +60,11 @@ impl Daemon {
 
     /// Starts with a policy and extra configuration appended to the file.
     pub fn start_with(policy: &str, extra_config: &str) -> Daemon {
+        Self::start_with_args(policy, extra_config, &[])
+    }
+
+    /// As [`Daemon::start_with`], passing `serve_args` to `credbroker serve`.
+    pub fn start_with_args(policy: &str, extra_config: &str, serve_args: &[&str]) -> Daemon {
         credbroker::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertAuthority::generate("credbroker test CA").unwrap();
@@ -96,6 +103,7 @@ file = "policy.toml"
             grpc: "127.0.0.1:0".parse().unwrap(),
             http: None,
             child: None,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         daemon.issue(ADMIN, "admin");
         daemon.issue(AGENT, "agent");
@@ -163,6 +171,7 @@ file = "policy.toml"
             .unwrap();
         let mut child = Command::new(bin())
             .args(["serve", "--config", self.config().to_str().unwrap()])
+            .args(&self.serve_args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -254,6 +263,20 @@ file = "policy.toml"
 
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel_as("admin").await.expect("admin channel"))
+    }
+
+    /// An HTTPS client for the HTTP listener, trusting the test CA only.
+    pub fn https(&self) -> reqwest::Client {
+        let ca = std::fs::read_to_string(self.path("ca.pem")).unwrap();
+        credbroker::tls::http_client(Some(&ca), Duration::from_secs(10)).unwrap()
+    }
+
+    /// `GET {http listener}{path}`: status and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let url = format!("https://{}{path}", self.http.expect("http listener"));
+        let response = self.https().get(url).send().await.expect("GET");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
     }
 
     pub async fn agent(&self) -> BrokerClient<Channel> {

@@ -1,0 +1,1 @@
+"""Messages and stubs generated from proto/credbroker/v1 when the package is built."""

@@ -1,0 +1,617 @@
+//! `credbroker bench`: a load benchmark of the real daemon over mTLS, with its own baseline.
+//!
+//! It prepares a throwaway broker (dev PKI, store, policy) with an API-key connector and an
+//! OAuth connection holding a cached token, starts `credbroker serve` as a child process with
+//! the do-nothing Echo service enabled, and drives Echo and ResolveCredential with the same
+//! client: closed loop (N in flight) for peak throughput, one call in flight for base latency,
+//! open loop (a fixed rate, latency counted from each call's scheduled time) for tails, and new
+//! mTLS connections per second. Every figure is also given as a ratio to Echo's, because the
+//! machines this runs on are shared and noisy.
+
+use std::future::Future;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::api::proto::{
+    self, EchoMessage, broker_client::BrokerClient, echo_client::EchoClient, echo_server::Echo,
+};
+use crate::client::{ClientTls, channel};
+use crate::model::{
+    Connection, ConnectionSecrets, ConnectionStatus, Kind, Mode, NewConnector, Registry, Secret,
+};
+use crate::store::Store;
+
+/// The baseline service: answers with what it was sent.
+pub struct EchoApi;
+
+#[tonic::async_trait]
+impl Echo for EchoApi {
+    async fn echo(&self, request: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
+        Ok(Response::new(request.into_inner()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Dev(#[from] crate::dev::DevError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the daemon did not start: {0}")]
+    Daemon(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// How long each measurement runs.
+    pub seconds: u64,
+    /// Calls in flight for the peak measurement.
+    pub in_flight: usize,
+    /// Connections they share.
+    pub connections: usize,
+    /// The open-loop rate, as a fraction of Echo's peak.
+    pub rate_fraction: f64,
+    /// Personal connections stored besides the benchmark's own (resolve picks among them).
+    pub stored: u64,
+    /// Where the throwaway broker lives (removed afterwards).
+    pub dir: PathBuf,
+}
+
+/// Latencies of one measurement.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub calls: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    pub fn rate(&self) -> f64 {
+        self.calls as f64 / self.seconds.max(1e-9)
+    }
+
+    pub fn percentile_us(&self, p: f64) -> u32 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+        sorted[rank.min(sorted.len() - 1)]
+    }
+
+    fn merge(mut self, other: Stats) -> Stats {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.latencies_us.extend(other.latencies_us);
+        self
+    }
+}
+
+/// A running throwaway broker; killed and removed on drop.
+struct Broker {
+    child: Child,
+    addr: String,
+    certs: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const KEY_CONNECTOR: &str = "Bench Key";
+const OAUTH_CONNECTOR: &str = "Bench OAuth";
+const PERSONAL_CONNECTOR: &str = "Bench Personal";
+
+/// Makes the broker's store: the connectors the benchmark resolves, and `stored` personal
+/// connections to show how resolve scales with the store's size.
+async fn populate(config: &crate::config::Config, stored: u64) -> Result<(), BenchError> {
+    let key = config
+        .store
+        .key_source()
+        .map_err(|e| BenchError::Daemon(e.to_string()))?;
+    let store = std::sync::Arc::new(Store::open(&config.store.path, &key)?);
+    let registry = Registry::new(store.clone());
+    let connector =
+        |name: &str, kind, mode, config: &[(&str, &str)], secrets: &[(&str, &str)]| NewConnector {
+            workspace: String::new(),
+            name: name.into(),
+            kind,
+            mode,
+            provider: String::new(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets: secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), Secret::new(*v)))
+                .collect(),
+        };
+    registry
+        .create_connector(connector(
+            KEY_CONNECTOR,
+            Kind::ApiKey,
+            Mode::Shared,
+            &[],
+            &[("api_key", "bench-key-0000")],
+        ))
+        .await?;
+    let oauth = registry
+        .create_connector(connector(
+            OAUTH_CONNECTOR,
+            Kind::Oauth2,
+            Mode::Shared,
+            &[
+                ("client_id", "bench"),
+                ("auth_url", "https://127.0.0.1:9/auth"),
+                ("token_url", "https://127.0.0.1:9/token"),
+            ],
+            &[],
+        ))
+        .await?;
+    // A cached token valid for a day: resolve serves it without asking any provider.
+    let mut connection = Connection::new(&oauth.id, "");
+    connection.status = ConnectionStatus::Connected;
+    connection.account_label = "bench@example.com".into();
+    connection.connected_at = Some(Utc::now());
+    connection.access_expires_at = Some(Utc::now() + chrono::TimeDelta::days(1));
+    let mut secrets = ConnectionSecrets::default();
+    secrets
+        .slots
+        .insert("access_token".into(), Secret::new("bench-access-token"));
+    registry
+        .save_connection(&connection, Some(&secrets))
+        .await?;
+
+    let personal = registry
+        .create_connector(connector(
+            PERSONAL_CONNECTOR,
+            Kind::ApiKey,
+            Mode::Personal,
+            &[],
+            &[],
+        ))
+        .await?;
+    let mut user = 0;
+    while user < stored {
+        let mut batch = crate::store::Batch::new();
+        for _ in 0..1000.min(stored - user) {
+            let mut connection = Connection::new(&personal.id, &format!("u{user}"));
+            connection.status = ConnectionStatus::Connected;
+            connection.connected_at = Some(Utc::now());
+            let path = crate::model::connection_path(&personal.id, &connection.user_id);
+            let mut secrets = ConnectionSecrets::default();
+            secrets
+                .slots
+                .insert("api_key".into(), Secret::new(format!("key-{user}")));
+            batch
+                .put(crate::store::Table::Connections, path.clone(), &connection)
+                .put(crate::store::Table::ConnectionSecrets, path, &secrets);
+            user += 1;
+        }
+        store.commit(batch).await?;
+    }
+    Ok(())
+}
+
+async fn start(options: &BenchOptions) -> Result<Broker, BenchError> {
+    let dir = options.dir.clone();
+    let certs = dir.join("certs");
+    let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0)?;
+    let mut text = std::fs::read_to_string(&config_path).map_err(io("read the bench config"))?;
+    text.push_str("\n[bench]\necho = true\n");
+    std::fs::write(&config_path, text).map_err(io("write the bench config"))?;
+    let config =
+        crate::config::Config::load(&config_path).map_err(|e| BenchError::Daemon(e.to_string()))?;
+    populate(&config, options.stored).await?;
+
+    let exe = std::env::current_exe().map_err(io("find the credbroker binary"))?;
+    let log = std::fs::File::create(dir.join("daemon.log")).map_err(io("create the daemon log"))?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(io("start credbroker serve"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| BenchError::Daemon("no stdout".into()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(io("read the daemon's first line"))?;
+    let addr = line
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix("grpc="))
+        .ok_or_else(|| {
+            BenchError::Daemon(format!(
+                "unexpected first line {line:?}; see {}",
+                dir.join("daemon.log").display()
+            ))
+        })?;
+    Ok(Broker {
+        addr: format!("https://{addr}"),
+        child,
+        certs,
+        dir,
+    })
+}
+
+impl Broker {
+    async fn channel(&self) -> Result<Channel, BenchError> {
+        Ok(channel(&self.addr, &self.tls()).await?)
+    }
+
+    fn tls(&self) -> ClientTls<'static> {
+        ClientTls {
+            ca: leak(self.certs.join("ca.pem")),
+            cert: leak(self.certs.join("agent.pem")),
+            key: leak(self.certs.join("agent.key")),
+        }
+    }
+}
+
+/// The client TLS paths live as long as the benchmark; leaking three paths keeps `ClientTls`'s
+/// borrowed shape without threading lifetimes through every task.
+fn leak(path: PathBuf) -> &'static Path {
+    Box::leak(path.into_boxed_path())
+}
+
+/// N tasks, each with one call in flight, for `duration`.
+async fn closed_loop<F, Fut>(
+    channels: &[Channel],
+    in_flight: usize,
+    duration: Duration,
+    call: F,
+) -> Stats
+where
+    F: Fn(Channel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send,
+{
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..in_flight {
+        let channel = channels[i % channels.len()].clone();
+        let call = call.clone();
+        tasks.spawn(async move {
+            let mut stats = Stats::default();
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                match call(channel.clone()).await {
+                    Ok(()) => {
+                        stats.calls += 1;
+                        stats
+                            .latencies_us
+                            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Err(_) => stats.errors += 1,
+                }
+            }
+            stats
+        });
+    }
+    let started = Instant::now();
+    let mut total = Stats::default();
+    while let Some(Ok(stats)) = tasks.join_next().await {
+        total = total.merge(stats);
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    total
+}
+
+/// Calls started at a fixed rate whatever the answers; latency counts from the scheduled time,
+/// so a stall shows as the delay of every call queued behind it (no coordinated omission).
+async fn open_loop<F, Fut>(channels: &[Channel], rate: f64, duration: Duration, call: F) -> Stats
+where
+    F: Fn(Channel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let start = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let scheduled = start + interval * i as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let channel = channels[i as usize % channels.len()].clone();
+        let call = call.clone();
+        tasks.spawn(async move {
+            let ok = call(channel).await.is_ok();
+            (ok, scheduled.elapsed())
+        });
+    }
+    let mut stats = Stats::default();
+    while let Some(Ok((ok, latency))) = tasks.join_next().await {
+        if ok {
+            stats.calls += 1;
+            stats
+                .latencies_us
+                .push(latency.as_micros().min(u32::MAX as u128) as u32);
+        } else {
+            stats.errors += 1;
+        }
+    }
+    stats.seconds = duration.as_secs_f64();
+    stats
+}
+
+/// New mTLS connections per second: connect, one call, close — `parallel` at a time.
+async fn new_connections<F, Fut>(
+    broker: &Broker,
+    parallel: usize,
+    duration: Duration,
+    call: F,
+) -> Result<Stats, BenchError>
+where
+    F: Fn(Channel) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send,
+{
+    let (addr, tls) = (broker.addr.clone(), broker.tls());
+    let connect_and_call = move |_: Channel| {
+        let (addr, tls, call) = (addr.clone(), tls.clone(), call.clone());
+        async move {
+            let fresh = channel(&addr, &tls)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            call(fresh).await
+        }
+    };
+    // The shared channel handed to each task is not used: every call opens its own.
+    let unused = [broker.channel().await?];
+    Ok(closed_loop(&unused, parallel, duration, connect_and_call).await)
+}
+
+async fn echo(channel: Channel) -> Result<(), Status> {
+    EchoClient::new(channel)
+        .echo(EchoMessage {
+            payload: vec![0; 16],
+        })
+        .await
+        .map(drop)
+}
+
+fn resolve_call(
+    connector: &'static str,
+    users: u64,
+) -> impl Fn(Channel) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>
++ Clone
++ Send
++ 'static {
+    move |channel| {
+        let user = if users > 0 {
+            format!("u{}", rand::random_range(0..users))
+        } else {
+            String::new()
+        };
+        Box::pin(async move {
+            let request = proto::ResolveCredentialRequest {
+                connection: Some(proto::ConnectionRef {
+                    workspace: String::new(),
+                    connector: connector.into(),
+                    user_id: user,
+                }),
+                min_ttl_seconds: 60,
+            };
+            BrokerClient::new(channel)
+                .resolve_credential(request)
+                .await
+                .map(drop)
+        })
+    }
+}
+
+/// One line of the report.
+pub struct Row {
+    pub scenario: String,
+    pub stats: Stats,
+    pub baseline: Option<Stats>,
+}
+
+/// Runs every measurement and returns the report's rows.
+pub async fn run(
+    options: &BenchOptions,
+    mut progress: impl FnMut(&Row),
+) -> Result<Vec<Row>, BenchError> {
+    let broker = start(options).await?;
+    let duration = Duration::from_secs(options.seconds.max(1));
+    let mut channels = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        channels.push(broker.channel().await?);
+    }
+    let one = &channels[..1];
+    let resolve_key = resolve_call(KEY_CONNECTOR, 0);
+    let resolve_oauth = resolve_call(OAUTH_CONNECTOR, 0);
+    let mut rows = Vec::new();
+    let mut emit = |row: Row, rows: &mut Vec<Row>| {
+        progress(&row);
+        rows.push(row);
+    };
+    // Warm-up: connections, caches, the group-commit thread.
+    closed_loop(
+        &channels,
+        options.in_flight,
+        Duration::from_secs(1),
+        resolve_key.clone(),
+    )
+    .await;
+
+    let n = options.in_flight;
+    let echo_peak = closed_loop(&channels, n, duration, echo).await;
+    emit(
+        Row {
+            scenario: format!("echo, {n} in flight"),
+            stats: echo_peak.clone(),
+            baseline: None,
+        },
+        &mut rows,
+    );
+    let peak = closed_loop(&channels, n, duration, resolve_key.clone()).await;
+    emit(
+        Row {
+            scenario: format!("resolve api key, {n} in flight"),
+            stats: peak,
+            baseline: Some(echo_peak.clone()),
+        },
+        &mut rows,
+    );
+    let peak = closed_loop(&channels, n, duration, resolve_oauth.clone()).await;
+    emit(
+        Row {
+            scenario: format!("resolve cached oauth, {n} in flight"),
+            stats: peak,
+            baseline: Some(echo_peak.clone()),
+        },
+        &mut rows,
+    );
+
+    let echo_one = closed_loop(one, 1, duration, echo).await;
+    emit(
+        Row {
+            scenario: "echo, 1 in flight".into(),
+            stats: echo_one.clone(),
+            baseline: None,
+        },
+        &mut rows,
+    );
+    let key_one = closed_loop(one, 1, duration, resolve_key.clone()).await;
+    emit(
+        Row {
+            scenario: "resolve api key, 1 in flight".into(),
+            stats: key_one,
+            baseline: Some(echo_one.clone()),
+        },
+        &mut rows,
+    );
+    let oauth_one = closed_loop(one, 1, duration, resolve_oauth.clone()).await;
+    emit(
+        Row {
+            scenario: "resolve cached oauth, 1 in flight".into(),
+            stats: oauth_one,
+            baseline: Some(echo_one),
+        },
+        &mut rows,
+    );
+
+    let rate = (echo_peak.rate() * options.rate_fraction).max(1.0);
+    let echo_open = open_loop(&channels, rate, duration, echo).await;
+    emit(
+        Row {
+            scenario: format!("echo at {rate:.0}/s"),
+            stats: echo_open.clone(),
+            baseline: None,
+        },
+        &mut rows,
+    );
+    let key_open = open_loop(&channels, rate, duration, resolve_key.clone()).await;
+    emit(
+        Row {
+            scenario: format!("resolve api key at {rate:.0}/s"),
+            stats: key_open,
+            baseline: Some(echo_open.clone()),
+        },
+        &mut rows,
+    );
+    let oauth_open = open_loop(&channels, rate, duration, resolve_oauth).await;
+    emit(
+        Row {
+            scenario: format!("resolve cached oauth at {rate:.0}/s"),
+            stats: oauth_open,
+            baseline: Some(echo_open),
+        },
+        &mut rows,
+    );
+
+    if options.stored > 0 {
+        let stored = options.stored;
+        let personal =
+            closed_loop(one, 1, duration, resolve_call(PERSONAL_CONNECTOR, stored)).await;
+        emit(
+            Row {
+                scenario: format!("resolve personal key among {stored}, 1 in flight"),
+                stats: personal,
+                baseline: None,
+            },
+            &mut rows,
+        );
+    }
+
+    let echo_new = new_connections(&broker, 8, duration, echo).await?;
+    emit(
+        Row {
+            scenario: "new mTLS connection + echo".into(),
+            stats: echo_new.clone(),
+            baseline: None,
+        },
+        &mut rows,
+    );
+    let key_new = new_connections(&broker, 8, duration, resolve_key).await?;
+    emit(
+        Row {
+            scenario: "new mTLS connection + resolve".into(),
+            stats: key_new,
+            baseline: Some(echo_new),
+        },
+        &mut rows,
+    );
+    Ok(rows)
+}
+
+/// The report's header and one line per row, ratios to the row's baseline.
+pub fn header() -> String {
+    format!(
+        "{:<44} {:>10} {:>8} {:>8} {:>9} {:>7} {:>16}",
+        "scenario", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "errors", "vs echo"
+    )
+}
+
+pub fn format_row(row: &Row) -> String {
+    let s = &row.stats;
+    let ratio = match &row.baseline {
+        Some(b) => format!(
+            "{:.0}% rate, p50 +{}µs, p99 x{:.2}",
+            100.0 * s.rate() / b.rate().max(1e-9),
+            s.percentile_us(50.0) as i64 - b.percentile_us(50.0) as i64,
+            s.percentile_us(99.0) as f64 / b.percentile_us(99.0).max(1) as f64
+        ),
+        None => "baseline".into(),
+    };
+    format!(
+        "{:<44} {:>10.0} {:>8} {:>8} {:>9} {:>7}   {}",
+        row.scenario,
+        s.rate(),
+        s.percentile_us(50.0),
+        s.percentile_us(99.0),
+        s.percentile_us(99.9),
+        s.errors,
+        ratio
+    )
+}

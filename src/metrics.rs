@@ -1,0 +1,390 @@
+//! Process-wide metrics, rendered in the Prometheus text format on the HTTP listener's
+//! `/metrics`. A small hand-rolled registry (atomic counters, fixed-bucket histograms) rather
+//! than a dependency.
+//!
+//! Invariant: every label value comes from a closed set chosen here (RPC method names, gRPC
+//! codes, refresh outcomes, upstream kinds, connection statuses). No label ever carries a user
+//! id, a connector name, a caller identity or anything derived from a secret.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+/// Latency buckets in seconds, from 100 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    30.0,
+];
+
+/// A histogram over [`LATENCY_BUCKETS`]; the sum is kept in microseconds.
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// How a token refresh ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Refresh {
+    Ok,
+    /// Transient failure (network, 5xx, malformed response).
+    Failed,
+    /// The provider refused the refresh token: the connection is now EXPIRED.
+    Expired,
+}
+
+/// The upstream services the daemon calls. Mail and calendar code call [`upstream`] with theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Upstream {
+    OAuth,
+    Smtp,
+    Imap,
+    CalDav,
+}
+
+impl Upstream {
+    fn name(self) -> &'static str {
+        match self {
+            Upstream::OAuth => "oauth",
+            Upstream::Smtp => "smtp",
+            Upstream::Imap => "imap",
+            Upstream::CalDav => "caldav",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    /// (method, code) → calls.
+    rpcs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    rpc_latency: Mutex<BTreeMap<&'static str, &'static Histogram>>,
+    refreshes: [AtomicU64; 3],
+    upstream: Mutex<BTreeMap<Upstream, &'static Histogram>>,
+    audit_flush: Histogram,
+    audit_batch_records: AtomicU64,
+    audit_batches: AtomicU64,
+    store_sync: Histogram,
+    store_sync_waiters: AtomicU64,
+}
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
+
+/// Histograms live for the whole process: leaking one per label value (a closed set) lets the
+/// hot path observe without holding the map's lock.
+fn histogram<K: Ord + Copy>(
+    map: &Mutex<BTreeMap<K, &'static Histogram>>,
+    key: K,
+) -> &'static Histogram {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(key).or_insert_with(|| Box::leak(Box::default()))
+}
+
+/// One finished RPC. `method` is the gRPC method name (a compile-time constant).
+pub fn rpc(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    *REGISTRY
+        .rpcs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((method, code_name(code)))
+        .or_default() += 1;
+    histogram(&REGISTRY.rpc_latency, method).observe(elapsed);
+}
+
+/// One OAuth token refresh.
+pub fn refresh(outcome: Refresh) {
+    REGISTRY.refreshes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// One call to an upstream server, however it ended.
+pub fn upstream(kind: Upstream, elapsed: Duration) {
+    histogram(&REGISTRY.upstream, kind).observe(elapsed);
+}
+
+/// One audit batch made durable.
+pub fn audit_flush(records: usize, elapsed: Duration) {
+    REGISTRY.audit_flush.observe(elapsed);
+    REGISTRY
+        .audit_batch_records
+        .fetch_add(records as u64, Ordering::Relaxed);
+    REGISTRY.audit_batches.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One group-commit sync of the store, covering `waiters` commits.
+pub fn store_sync(waiters: usize, elapsed: Duration) {
+    REGISTRY.store_sync.observe(elapsed);
+    REGISTRY
+        .store_sync_waiters
+        .fetch_add(waiters as u64, Ordering::Relaxed);
+}
+
+/// Values read at scrape time from the running daemon.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub audit_queue_depth: usize,
+    /// Status name ("connected", "expired"…) → connections.
+    pub connections: BTreeMap<&'static str, u64>,
+    pub key_term: u32,
+    pub key_term_encryptions: u64,
+}
+
+/// The Prometheus text exposition of everything above.
+pub fn render(gauges: &Gauges) -> String {
+    let r = &*REGISTRY;
+    let mut out = String::with_capacity(8192);
+    let help = |out: &mut String, name: &str, kind: &str, text: &str| {
+        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+    };
+
+    help(
+        &mut out,
+        "credbroker_rpc_total",
+        "counter",
+        "gRPC calls by method and status code.",
+    );
+    for ((method, code), n) in r.rpcs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            out,
+            "credbroker_rpc_total{{method=\"{method}\",code=\"{code}\"}} {n}"
+        );
+    }
+    help(
+        &mut out,
+        "credbroker_rpc_duration_seconds",
+        "histogram",
+        "gRPC call latency by method, audit write included.",
+    );
+    for (method, h) in r
+        .rpc_latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        h.render(
+            &mut out,
+            "credbroker_rpc_duration_seconds",
+            &format!("method=\"{method}\""),
+        );
+    }
+
+    help(
+        &mut out,
+        "credbroker_token_refresh_total",
+        "counter",
+        "OAuth token refreshes by outcome.",
+    );
+    for (i, outcome) in ["ok", "failed", "expired"].iter().enumerate() {
+        let n = r.refreshes[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "credbroker_token_refresh_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+
+    help(
+        &mut out,
+        "credbroker_upstream_duration_seconds",
+        "histogram",
+        "Latency of calls to upstream servers (OAuth, SMTP, IMAP, CalDAV).",
+    );
+    for (kind, h) in r.upstream.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        h.render(
+            &mut out,
+            "credbroker_upstream_duration_seconds",
+            &format!("kind=\"{}\"", kind.name()),
+        );
+    }
+
+    help(
+        &mut out,
+        "credbroker_connections",
+        "gauge",
+        "Connections by status.",
+    );
+    for (status, n) in &gauges.connections {
+        let _ = writeln!(out, "credbroker_connections{{status=\"{status}\"}} {n}");
+    }
+
+    help(
+        &mut out,
+        "credbroker_audit_queue_depth",
+        "gauge",
+        "Audit events waiting to be written.",
+    );
+    let _ = writeln!(
+        out,
+        "credbroker_audit_queue_depth {}",
+        gauges.audit_queue_depth
+    );
+    help(
+        &mut out,
+        "credbroker_audit_flush_duration_seconds",
+        "histogram",
+        "Time to make one audit batch durable.",
+    );
+    r.audit_flush
+        .render(&mut out, "credbroker_audit_flush_duration_seconds", "");
+    help(
+        &mut out,
+        "credbroker_audit_records_total",
+        "counter",
+        "Audit records written.",
+    );
+    let _ = writeln!(
+        out,
+        "credbroker_audit_records_total {}",
+        r.audit_batch_records.load(Ordering::Relaxed)
+    );
+    help(
+        &mut out,
+        "credbroker_store_sync_duration_seconds",
+        "histogram",
+        "Duration of one group-commit sync (fsync) of the store.",
+    );
+    r.store_sync
+        .render(&mut out, "credbroker_store_sync_duration_seconds", "");
+    help(
+        &mut out,
+        "credbroker_store_sync_commits_total",
+        "counter",
+        "Commits made durable by group-commit syncs (divide by the sync count for the group size).",
+    );
+    let _ = writeln!(
+        out,
+        "credbroker_store_sync_commits_total {}",
+        r.store_sync_waiters.load(Ordering::Relaxed)
+    );
+
+    help(
+        &mut out,
+        "credbroker_key_term",
+        "gauge",
+        "Current data-key term.",
+    );
+    let _ = writeln!(out, "credbroker_key_term {}", gauges.key_term);
+    help(
+        &mut out,
+        "credbroker_key_term_encryptions",
+        "gauge",
+        "Encryptions counted under the current term (rotation happens well before 2^32).",
+    );
+    let _ = writeln!(
+        out,
+        "credbroker_key_term_encryptions {}",
+        gauges.key_term_encryptions
+    );
+    out
+}
+
+/// The gRPC code as its canonical upper-case name.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"30\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn rpc_counts_by_method_and_code() {
+        rpc(
+            "UnitTestMethod",
+            tonic::Code::NotFound,
+            Duration::from_millis(1),
+        );
+        rpc(
+            "UnitTestMethod",
+            tonic::Code::NotFound,
+            Duration::from_millis(1),
+        );
+        let text = render(&Gauges::default());
+        assert!(
+            text.contains("credbroker_rpc_total{method=\"UnitTestMethod\",code=\"NOT_FOUND\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("credbroker_rpc_duration_seconds_count{method=\"UnitTestMethod\"} 2\n")
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! The Python client (`clients/python`) installed into a fresh virtualenv and run against the
+//! real daemon: it resolves a credential as the agent and lists connections as the admin.
+//!
+//! Needs `python3` with the `venv` module and access to PyPI (grpcio, protobuf, grpcio-tools);
+//! `tests/peers/install.sh` installs python3-venv on Debian. A missing tool fails the test with
+//! the command that installs it: this test is never skipped.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use credbroker::api::proto;
+use support::daemon::Daemon;
+
+const KEY: &str = "canary-python-key-2c9e";
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A virtualenv under the target folder with the client package (re)installed from source.
+fn venv_with_client() -> PathBuf {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import venv, ensurepip"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        _ => panic!(
+            "the Python client test needs {python} with the venv module: \
+             run `sudo bash tests/peers/install.sh` (or `apt-get install python3 python3-venv`), \
+             or set PYTHON to a python3 that has it"
+        ),
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-client-venv");
+    let pip = venv.join("bin/pip");
+    if !pip.exists() {
+        run(
+            Command::new(&python).args(["-m", "venv"]).arg(&venv),
+            "creating the virtualenv",
+        );
+    }
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
+    // Rebuilt every run so that the stubs follow the protos.
+    run(
+        Command::new(&pip)
+            .args(["install", "-q", "--force-reinstall", "--no-deps"])
+            .arg(&package),
+        "pip install clients/python (needs PyPI for grpcio-tools)",
+    );
+    run(
+        Command::new(&pip).args(["install", "-q", "grpcio>=1.85.1", "protobuf>=7.35.1,<8"]),
+        "pip install grpcio protobuf",
+    );
+    venv
+}
+
+const SCRIPT: &str = r#"
+import json, sys
+import grpc
+import credbroker
+from credbroker.v1 import admin_pb2, broker_pb2, common_pb2
+
+addr, d = sys.argv[1], sys.argv[2]
+ca = f"{d}/ca.pem"
+with credbroker.connect(addr, ca=ca, cert=f"{d}/agent.pem", key=f"{d}/agent.key") as cb:
+    cred = cb.broker.ResolveCredential(broker_pb2.ResolveCredentialRequest(
+        connection=common_pb2.ConnectionRef(connector="Weather")))
+    print(json.dumps({"resolved": cred.secret, "kind": common_pb2.ConnectorKind.Name(cred.kind)}))
+    try:
+        cb.broker.ResolveCredential(broker_pb2.ResolveCredentialRequest(
+            connection=common_pb2.ConnectionRef(connector="Nope")))
+    except grpc.RpcError as e:
+        print(json.dumps({"missing": e.code().name}))
+with credbroker.connect(addr, ca=ca, cert=f"{d}/admin.pem", key=f"{d}/admin.key") as cb:
+    resp = cb.admin.ListConnections(admin_pb2.ListConnectionsRequest(user_id="alice"))
+    print(json.dumps({"connections": sorted(
+        [c.connector_name, common_pb2.ConnectionStatus.Name(c.status)] for c in resp.connections)}))
+# A CA that did not sign the broker's certificate: the handshake must fail.
+try:
+    credbroker.connect(addr, ca=f"{d}/other-ca.pem", cert=f"{d}/agent.pem", key=f"{d}/agent.key", timeout=3)
+    print(json.dumps({"wrong_ca": "connected"}))
+except grpc.FutureTimeoutError:
+    print(json.dumps({"wrong_ca": "refused"}))
+"#;
+
+#[tokio::test]
+async fn python_client_resolves_and_lists_connections() {
+    let venv = venv_with_client();
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    for (name, mode, secrets) in [
+        (
+            "Weather",
+            proto::ConnectorMode::Shared,
+            vec![("api_key", KEY)],
+        ),
+        ("Personal", proto::ConnectorMode::Personal, vec![]),
+    ] {
+        admin
+            .create_connector(proto::CreateConnectorRequest {
+                name: name.into(),
+                kind: proto::ConnectorKind::ApiKey as i32,
+                mode: mode as i32,
+                secrets: secrets
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), proto::SecretValue { value: v.into() }))
+                    .collect::<HashMap<_, _>>(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let other = credbroker::pki::CertAuthority::generate("not the broker's CA").unwrap();
+    support::daemon::write(&daemon.path("other-ca.pem"), &other.cert_pem);
+    support::daemon::write(&daemon.path("client.py"), SCRIPT);
+
+    let python = venv.join("bin/python");
+    let out = run(
+        Command::new(&python)
+            .arg(daemon.path("client.py"))
+            .arg(daemon.grpc.to_string())
+            .arg(daemon.dir.path()),
+        "the Python client script",
+    );
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[0]["resolved"], KEY);
+    assert_eq!(lines[0]["kind"], "API_KEY");
+    assert_eq!(lines[1]["missing"], "NOT_FOUND");
+    assert_eq!(
+        lines[2]["connections"],
+        serde_json::json!([["Personal", "NOT_CONNECTED"], ["Weather", "CONNECTED"]])
+    );
+    assert_eq!(lines[3]["wrong_ca"], "refused");
+
+    // The example agent script, as documented.
+    let dir = daemon.dir.path();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/agent.py");
+    let out = run(
+        Command::new(&python)
+            .arg(example)
+            .args(["--addr", &daemon.grpc.to_string(), "--connector", "Weather"])
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("agent.pem"))
+            .arg("--key")
+            .arg(dir.join("agent.key")),
+        "examples/agent.py",
+    );
+    assert!(
+        out.contains(&format!("got credential kind=API_KEY length={}", KEY.len())),
+        "{out}"
+    );
+    assert!(!out.contains(KEY), "the example prints the secret: {out}");
+}
