@@ -53,6 +53,21 @@ pub struct ClientFiles {
     pub key: PathBuf,
 }
 
+/// The OAuth callback URL must be known before the daemon starts, so its HTTP port is chosen
+/// here: below the kernel's ephemeral range (where every port-0 bind lands, so no other test's
+/// listener can take it between our check and the daemon's bind), in a window of this process.
+fn http_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 120) as u16 * 100;
+    for _ in 0..100 {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{base}..{}", base + 100);
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(OPEN_POLICY, "")
@@ -73,11 +88,7 @@ impl Daemon {
         write(&dir.path().join("server.pem"), &server.cert_pem);
         write(&dir.path().join("server.key"), &server.key_pem);
         write(&dir.path().join("policy.toml"), policy);
-        // The OAuth callback URL must be known before the daemon starts: reserve a port.
-        let http_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("reserve a port")
-            .port();
+        let http_port = http_port();
         let config = format!(
             r#"
 [store]
