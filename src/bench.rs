@@ -615,3 +615,67 @@ pub fn format_row(row: &Row) -> String {
         ratio
     )
 }
+
+/// The daemon's resident memory, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory over a long run of resolves, sampled every `every`.
+pub struct Soak {
+    pub samples_kib: Vec<u64>,
+    pub calls: u64,
+    pub errors: u64,
+}
+
+impl Soak {
+    /// Largest over smallest sample after the first minute (warm-up), as a ratio.
+    pub fn growth_after_warmup(&self, every: Duration) -> f64 {
+        let skip = (60 / every.as_secs().max(1)) as usize;
+        let rest = self.samples_kib.get(skip..).unwrap_or_default();
+        match (rest.iter().min(), rest.iter().max()) {
+            (Some(&min), Some(&max)) if min > 0 => max as f64 / min as f64,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Resolves (API key and cached OAuth, alternately) with `in_flight` calls for `total`,
+/// sampling the daemon's RSS every `every`.
+pub async fn soak(
+    options: &BenchOptions,
+    total: Duration,
+    every: Duration,
+    mut progress: impl FnMut(Duration, u64),
+) -> Result<Soak, BenchError> {
+    let broker = start(options).await?;
+    let mut channels = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        channels.push(broker.channel().await?);
+    }
+    let pid = broker.child.id();
+    let mut soak = Soak {
+        samples_kib: Vec::new(),
+        calls: 0,
+        errors: 0,
+    };
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < total {
+        let call = if round % 2 == 0 {
+            resolve_call(KEY_CONNECTOR, 0)
+        } else {
+            resolve_call(OAUTH_CONNECTOR, 0)
+        };
+        let stats = closed_loop(&channels, options.in_flight, every, call).await;
+        soak.calls += stats.calls;
+        soak.errors += stats.errors;
+        let rss = rss_kib(pid).unwrap_or(0);
+        soak.samples_kib.push(rss);
+        progress(started.elapsed(), rss);
+        round += 1;
+    }
+    Ok(soak)
+}
