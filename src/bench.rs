@@ -258,6 +258,16 @@ async fn start(options: &BenchOptions) -> Result<Broker, BenchError> {
                 dir.join("daemon.log").display()
             ))
         })?;
+    if let Some(http) = line
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix("http="))
+    {
+        // While it runs, the daemon's own view: sync latency, audit batch sizes, RPC timings.
+        eprintln!(
+            "bench: daemon metrics at https://{http}/metrics (CA {})",
+            certs.join("ca.pem").display()
+        );
+    }
     Ok(Broker {
         addr: format!("https://{addr}"),
         child,

@@ -1,6 +1,7 @@
 //! The audit log: every data-plane call and admin change, allowed or denied, as a hash chain
-//! (`h_n = SHA-256(h_{n-1} ‖ record)`), appended by one writer task that batches whatever is
-//! queued into one durable commit. [`AuditLog::record`] returns only once its record is on
+//! (`h_n = SHA-256(h_{n-1} ‖ record)`), appended by one writer thread that batches whatever is
+//! queued into one durable commit, which it syncs itself: every hop between threads costs a
+//! wake-up on the path of every call, so the writer does not hand its sync to another thread. [`AuditLog::record`] returns only once its record is on
 //! disk; if it cannot be written the caller fails the request (fail closed).
 //!
 //! Records live in the store (sealed like everything else) under `r/{seq:020}`; the latest
@@ -138,7 +139,11 @@ impl AuditLog {
             });
         let (queue, rx) = mpsc::channel(QUEUE);
         let head = Arc::new(Mutex::new(head));
-        tokio::spawn(writer(store.clone(), head.clone(), rx));
+        let (writer_store, writer_head) = (store.clone(), head.clone());
+        std::thread::Builder::new()
+            .name("credbroker-audit".into())
+            .spawn(move || writer(writer_store, writer_head, rx))
+            .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
         Ok(AuditLog { queue, head, store })
     }
 
@@ -193,9 +198,10 @@ impl AuditLog {
     }
 }
 
-async fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver<Pending>) {
+/// Runs until every [`AuditLog`] (and so every sender) is gone.
+fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver<Pending>) {
     let mut pending: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut pending, MAX_BATCH).await > 0 {
+    while rx.blocking_recv_many(&mut pending, MAX_BATCH) > 0 {
         let start = head.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut prev = [0u8; 32];
         if hex::decode_to_slice(&start.hash, &mut prev).is_err() {
@@ -225,7 +231,7 @@ async fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Re
         };
         batch.put(Table::Audit, HEAD_PATH, &new_head);
         let started = std::time::Instant::now();
-        let committed = store.commit(batch).await;
+        let committed = store.commit_here(batch);
         crate::metrics::audit_flush(pending.len(), started.elapsed());
         match committed {
             Ok(()) => {

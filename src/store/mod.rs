@@ -385,6 +385,16 @@ impl Store {
         self.rotate_if_worn()
     }
 
+    /// Applies and syncs `batch` on the calling thread, without the group-commit thread: for a
+    /// writer that batches on its own and waits for nothing else (the audit writer).
+    pub fn commit_here(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        let started = std::time::Instant::now();
+        self.backend.sync()?;
+        crate::metrics::store_sync(1, started.elapsed());
+        self.rotate_if_worn()
+    }
+
     /// [`Store::commit`] for callers outside the async runtime (the CLI).
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
