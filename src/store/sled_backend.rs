@@ -4,6 +4,11 @@ use std::path::Path;
 
 use super::{Backend, RawEntry, RawOp, StoreError};
 
+/// sled's page cache. Its default (1 GiB) fills with audit records, which are written once and
+/// rarely read, so a long-running daemon's memory grew by a gigabyte; the records resolve reads
+/// are kept decrypted by the store's own read cache instead.
+const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 pub struct SledBackend {
     db: sled::Db,
     records: sled::Tree,
@@ -31,17 +36,21 @@ impl SledBackend {
     }
 
     fn try_open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                StoreError::Locked {
-                    path: path.display().to_string(),
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(PAGE_CACHE_BYTES)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: path.display().to_string(),
+                    }
                 }
-            }
-            other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
-        })?;
+                other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
+            })?;
         let records = db.open_tree("records").map_err(backend_error)?;
         Ok(Self { db, records })
     }
