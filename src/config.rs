@@ -22,6 +22,8 @@
 //! upstream_timeout_secs = 15
 //! rewrap_batch = 256                # records re-sealed per step after a key rotation
 //! rewrap_pause_ms = 10              # pause between rewrap steps
+//! caller_rate_per_sec = 2000        # per caller identity (0: no limit)…
+//! caller_burst = 4000               # …with bursts up to this many
 //! ```
 
 use std::net::SocketAddr;
@@ -119,6 +121,10 @@ pub struct Limits {
     pub rewrap_batch: usize,
     /// …and the pause between steps, which bounds the I/O a rewrap adds.
     pub rewrap_pause_ms: u64,
+    /// Requests per second one caller may make (0: no limit)…
+    pub caller_rate_per_sec: f64,
+    /// …with bursts up to this many.
+    pub caller_burst: f64,
 }
 
 impl Default for Limits {
@@ -129,6 +135,8 @@ impl Default for Limits {
             max_watch_streams: 64,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,
+            caller_rate_per_sec: 2000.0,
+            caller_burst: 4000.0,
         }
     }
 }

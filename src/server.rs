@@ -293,6 +293,10 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
         audit,
         policy,
         oauth,
+        rate: crate::policy::RateLimiter::new(
+            config.limits.caller_rate_per_sec,
+            config.limits.caller_burst,
+        ),
         limits: config.limits.clone(),
     }))
 }

@@ -1044,3 +1044,45 @@ async fn reflection_health_and_policy_reload() {
     );
     assert!(daemon.logs().contains("policy reload failed"));
 }
+
+#[tokio::test]
+async fn a_caller_over_its_rate_gets_resource_exhausted_and_is_audited() {
+    let daemon = Daemon::start_with(
+        support::daemon::OPEN_POLICY,
+        "[limits]\ncaller_rate_per_sec = 1\ncaller_burst = 5\n",
+    );
+    let mut agent = daemon.agent().await;
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(e) = resolve(&mut agent, "nothing-here", "").await
+            && e.code() == Code::ResourceExhausted
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("the sixth call within a second is refused");
+    assert!(
+        refused.message().contains("requests per second"),
+        "{}",
+        refused.message()
+    );
+    // Another caller has its own allowance.
+    let mut admin = daemon.admin().await;
+    admin
+        .list_connectors(proto::ListConnectorsRequest::default())
+        .await
+        .unwrap();
+    // The refusal's audit record is written without delaying the refusal: look a few times.
+    for attempt in 0..4 {
+        let denied = audit(&mut admin, "denied").await;
+        if denied
+            .iter()
+            .any(|r| r.reason.contains("requests per second") && r.caller == AGENT)
+        {
+            return;
+        }
+        assert!(attempt < 3, "no audit record of the refusal: {denied:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -49,6 +49,7 @@ pub struct Services {
     pub connect: Connect,
     pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,
+    pub rate: crate::policy::RateLimiter,
     pub limits: Limits,
 }
 
@@ -85,9 +86,31 @@ impl Services {
             .extensions()
             .get::<PeerInfo>()
             .ok_or_else(|| tonic::Status::unauthenticated("no verified client certificate"))?;
+        let request_id = hex::encode(crate::vault::random_bytes::<8>());
+        if !self.rate.allow(&peer.caller.id) {
+            let why = format!(
+                "caller {} exceeded its limit of {} requests per second; retry later",
+                peer.caller.id,
+                self.rate.per_second()
+            );
+            // Refused before any work; its audit record need not delay the refusal.
+            let (audit, event) = (
+                self.audit.clone(),
+                AuditEvent {
+                    caller: peer.caller.id.clone(),
+                    operation: operation.to_string(),
+                    outcome: Some(Outcome::Denied),
+                    reason: why.clone(),
+                    request_id,
+                    ..AuditEvent::default()
+                },
+            );
+            tokio::spawn(async move { audit.record(event).await });
+            return Err(tonic::Status::resource_exhausted(why));
+        }
         Ok(Call {
             caller: peer.caller.id.clone(),
-            request_id: hex::encode(crate::vault::random_bytes::<8>()),
+            request_id,
             operation,
             workspace: String::new(),
             connector: String::new(),

@@ -3,9 +3,11 @@
 //! operations per workspace, connector-name pattern and end user. Anything not granted is denied.
 
 mod identity;
+mod rate;
 mod rules;
 
 pub use identity::{IdentityError, caller_from_cert};
+pub use rate::RateLimiter;
 pub use rules::{Operation, Policy, PolicyError};
 
 use std::path::{Path, PathBuf};
