@@ -26,3 +26,6 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 pub mod vault;
+
+#[cfg(test)]
+mod robustness;
