@@ -647,3 +647,42 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
         proto::ConnectionStatus::Expired as i32
     );
 }
+
+#[tokio::test]
+async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start_with(
+        support::daemon::OPEN_POLICY,
+        "[limits]\nupstream_timeout_secs = 2\n",
+    );
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    create_connector(&mut admin, CONNECTOR, &[]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    // Accepts TCP, then says nothing, ever.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: CONNECTOR.into(),
+            config: [("token_url".to_string(), format!("https://{addr}/token"))].into(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["config.token_url".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let_tokens_expire().await;
+    // The daemon's own deadline ends the call; the outer one only keeps a bug from hanging CI.
+    let answer = tokio::time::timeout(Duration::from_secs(60), resolve(&mut agent, "u1")).await;
+    let err = answer.expect("the daemon answered").unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
+}

@@ -423,6 +423,19 @@ impl Account {
         headers: &[(&str, &str)],
         body: Option<(&str, String)>,
     ) -> Result<(StatusCode, String), CalendarError> {
+        let started = std::time::Instant::now();
+        let answered = self.send_once(method, url, headers, body).await;
+        crate::metrics::upstream(crate::metrics::Upstream::CalDav, started.elapsed());
+        answered
+    }
+
+    async fn send_once(
+        &self,
+        method: &str,
+        url: Url,
+        headers: &[(&str, &str)],
+        body: Option<(&str, String)>,
+    ) -> Result<(StatusCode, String), CalendarError> {
         let server = self.server();
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|e| CalendarError::Internal(e.to_string()))?;

@@ -351,8 +351,15 @@ async fn bounded<T>(
     timeout: Duration,
     fut: impl Future<Output = Result<T, MailError>>,
 ) -> Result<T, MailError> {
-    match tokio::time::timeout(timeout, fut).await {
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(timeout, fut).await {
         Ok(result) => result,
         Err(_) => Err(MailError::timeout(service, server, timeout)),
-    }
+    };
+    let upstream = match service {
+        Service::Smtp => crate::metrics::Upstream::Smtp,
+        Service::Imap => crate::metrics::Upstream::Imap,
+    };
+    crate::metrics::upstream(upstream, started.elapsed());
+    result
 }
