@@ -133,14 +133,15 @@ impl Connect {
         let report = self.run_test(target, &candidate).await;
         if stored && connector.kind == Kind::ImapSmtp && report.auth_refused() {
             // The stored password no longer works: the user must reconnect.
-            let why = report
-                .checks
-                .iter()
-                .filter(|c| !c.ok)
-                .map(|c| c.message.clone())
-                .collect::<Vec<_>>()
-                .join("; ");
-            crate::mail::mark_expired(&self.registry, target, &why).await?;
+            let why = report.failures();
+            self.registry
+                .mark_expired(
+                    connector,
+                    &target.connection_user,
+                    format!("{why}; reconnect the account"),
+                    false,
+                )
+                .await?;
         }
         Ok(report)
     }
@@ -261,13 +262,7 @@ impl Connect {
             connection.last_error.clear();
         } else {
             connection.status = ConnectionStatus::Error;
-            connection.last_error = report
-                .checks
-                .iter()
-                .filter(|c| !c.ok)
-                .map(|c| c.message.clone())
-                .collect::<Vec<_>>()
-                .join("; ");
+            connection.last_error = report.failures();
         }
         let secrets = ConnectionSecrets {
             slots: candidate.secrets,

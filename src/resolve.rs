@@ -10,10 +10,6 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{ConnectionStatus, FieldError, Kind, ModelError, Registry, Secret, Target};
 
-/// How often `last_used_at` is written for a busy connection: it is a hint for people, not a
-/// counter, so it must not add a write to every call.
-const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-
 #[derive(Debug, Clone)]
 pub struct Credential {
     pub kind: Kind,
@@ -63,6 +59,29 @@ pub fn for_user(user: &str) -> String {
     }
 }
 
+/// The stored connection of a target, if it can be used: absent → NOT_CONNECTED, refused by
+/// its provider or server → EXPIRED (the user must reconnect).
+pub fn usable_connection(
+    registry: &Registry,
+    connector: &crate::model::Connector,
+    user: &str,
+) -> Result<crate::model::Connection, ResolveError> {
+    let connection =
+        registry
+            .connection(connector, user)?
+            .ok_or_else(|| ResolveError::NotConnected {
+                connector: connector.name.clone(),
+                for_user: for_user(user),
+            })?;
+    if connection.status == ConnectionStatus::Expired {
+        return Err(ResolveError::Expired {
+            connector: connector.name.clone(),
+            for_user: for_user(user),
+        });
+    }
+    Ok(connection)
+}
+
 pub struct Resolver {
     registry: Arc<Registry>,
     oauth: Arc<crate::oauth::OAuth>,
@@ -86,16 +105,7 @@ impl Resolver {
         };
         match connector.kind {
             Kind::ApiKey => {
-                let connection = self
-                    .registry
-                    .connection(connector, user)?
-                    .ok_or_else(not_connected)?;
-                if connection.status == ConnectionStatus::Expired {
-                    return Err(ResolveError::Expired {
-                        connector: connector.name.clone(),
-                        for_user: for_user(user),
-                    });
-                }
+                let connection = usable_connection(&self.registry, connector, user)?;
                 let key = if user.is_empty() {
                     self.registry
                         .connector_secrets(connector)?
@@ -109,7 +119,7 @@ impl Resolver {
                         .cloned()
                 };
                 let key = key.ok_or_else(not_connected)?;
-                self.touch(&connection);
+                self.registry.record_use(connector, user);
                 Ok(Credential {
                     kind: Kind::ApiKey,
                     secret: key,
@@ -146,25 +156,5 @@ impl Resolver {
                 kind: kind.name(),
             }),
         }
-    }
-
-    /// Records `last_used_at` at most once a minute per connection, without making the caller
-    /// wait for it.
-    fn touch(&self, connection: &crate::model::Connection) {
-        let now = Utc::now();
-        if connection
-            .last_used_at
-            .is_some_and(|t| now - t < LAST_USED_GRANULARITY)
-        {
-            return;
-        }
-        let mut connection = connection.clone();
-        connection.last_used_at = Some(now);
-        let registry = self.registry.clone();
-        tokio::spawn(async move {
-            if let Err(e) = registry.save_connection(&connection, None).await {
-                tracing::warn!(error = %e, "could not record last_used_at");
-            }
-        });
     }
 }

@@ -423,19 +423,6 @@ impl Account {
         headers: &[(&str, &str)],
         body: Option<(&str, String)>,
     ) -> Result<(StatusCode, String), CalendarError> {
-        let started = std::time::Instant::now();
-        let answered = self.send_once(method, url, headers, body).await;
-        crate::metrics::upstream(crate::metrics::Upstream::CalDav, started.elapsed());
-        answered
-    }
-
-    async fn send_once(
-        &self,
-        method: &str,
-        url: Url,
-        headers: &[(&str, &str)],
-        body: Option<(&str, String)>,
-    ) -> Result<(StatusCode, String), CalendarError> {
         let server = self.server();
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|e| CalendarError::Internal(e.to_string()))?;
@@ -450,28 +437,35 @@ impl Account {
         if let Some((content_type, body)) = body {
             req = req.header("Content-Type", content_type).body(body);
         }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| transport_error(&server, &e, self.timeout))?;
-        let status = resp.status();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| transport_error(&server, &e, self.timeout))?
-        {
-            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(CalendarError::Rejected {
-                    server,
-                    status: status.as_u16(),
-                    why: format!(
-                        "the response is larger than {MAX_BODY_BYTES} bytes; narrow the window"
-                    ),
-                });
+        let started = std::time::Instant::now();
+        let exchange = async {
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&server, &e, self.timeout))?;
+            let status = resp.status();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| transport_error(&server, &e, self.timeout))?
+            {
+                if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(CalendarError::Rejected {
+                        server: server.clone(),
+                        status: status.as_u16(),
+                        why: format!(
+                            "the response is larger than {MAX_BODY_BYTES} bytes; narrow the window"
+                        ),
+                    });
+                }
+                bytes.extend_from_slice(&chunk);
             }
-            bytes.extend_from_slice(&chunk);
+            Ok((status, bytes))
         }
+        .await;
+        crate::metrics::upstream(crate::metrics::Upstream::CalDav, started.elapsed());
+        let (status, bytes) = exchange?;
         let text = String::from_utf8(bytes).map_err(|_| xml_error("the response is not UTF-8"))?;
         match status.as_u16() {
             401 => Err(CalendarError::AuthRefused {

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use crate::model::{
-    ConnectionStatus, FieldError, Kind, ModelError, Registry, Stage, Target, TestReport,
-};
+use crate::model::{FieldError, Kind, ModelError, Registry, Stage, Target, TestReport};
 use crate::resolve::{ResolveError, Resolver, for_user};
 use ical::{Moment, Zone};
 
@@ -474,19 +472,7 @@ impl Calendars<'_> {
                         "CalDAV over OAuth (oauth_connector) is not available in this build".into(),
                     ));
                 }
-                let connection = self.registry.connection(connector, user)?.ok_or_else(|| {
-                    ResolveError::NotConnected {
-                        connector: connector.name.clone(),
-                        for_user: for_user(user),
-                    }
-                })?;
-                if connection.status == ConnectionStatus::Expired {
-                    return Err(ResolveError::Expired {
-                        connector: connector.name.clone(),
-                        for_user: for_user(user),
-                    }
-                    .into());
-                }
+                let connection = crate::resolve::usable_connection(self.registry, connector, user)?;
                 let secrets = self.registry.connection_secrets(connector, user)?;
                 let settings =
                     caldav::Settings::new(connector, &connection.settings, &secrets.slots)?;
@@ -537,13 +523,18 @@ impl Calendars<'_> {
         let connector = &target.connector;
         let user = &target.connection_user;
         if connector.kind == Kind::Caldav
-            && let Some(mut connection) = self.registry.connection(connector, user)?
+            && self
+                .registry
+                .mark_expired(
+                    connector,
+                    user,
+                    format!(
+                        "{server} refused the stored password (HTTP {status}): reconnect the account"
+                    ),
+                    false,
+                )
+                .await?
         {
-            connection.status = ConnectionStatus::Expired;
-            connection.last_error = format!(
-                "{server} refused the stored password (HTTP {status}): reconnect the account"
-            );
-            self.registry.save_connection(&connection, None).await?;
             tracing::warn!(connector = %connector.id, "CalDAV server refused the stored password: connection marked expired");
             return Err(ResolveError::Expired {
                 connector: connector.name.clone(),

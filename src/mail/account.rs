@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::MailError;
-use crate::model::{ConnectionStatus, Connector, FieldError, Kind, Secret, Target};
+use crate::model::{Connector, FieldError, Kind, Secret, Target};
 use crate::resolve::{ResolveError, Resolver, for_user};
 
 /// How a connection to a server is encrypted. There is deliberately no plaintext mode.
@@ -355,16 +355,7 @@ pub async fn load(
     hash.update(connector.updated_at.to_rfc3339().as_bytes());
     let (settings, auth) = match connector.kind {
         Kind::ImapSmtp => {
-            let connection = registry
-                .connection(connector, user)?
-                .ok_or_else(not_connected)?;
-            if connection.status == ConnectionStatus::Expired {
-                return Err(ResolveError::Expired {
-                    connector: connector.name.clone(),
-                    for_user: for_user(user),
-                }
-                .into());
-            }
+            let connection = crate::resolve::usable_connection(registry, connector, user)?;
             hash.update(
                 connection
                     .connected_at

@@ -23,9 +23,7 @@ use std::time::Duration;
 pub use account::{Account, Auth, Endpoint, TlsMode};
 pub use message::{AttachmentInfo, MailMessage, OutgoingAttachment, SendRequest};
 
-use crate::model::{
-    Check, ConnectionStatus, FieldError, ModelError, Registry, Stage, Target, TestReport,
-};
+use crate::model::{Check, FieldError, ModelError, Registry, Stage, Target, TestReport};
 use crate::oauth::OAuth;
 use crate::resolve::{ResolveError, Resolver};
 
@@ -187,7 +185,9 @@ impl Mail {
         let outgoing = message::build(&account, request)?;
         let result = self.smtp.send(&account, &outgoing, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
-        self.touch(target, result.is_ok());
+        if result.is_ok() {
+            self.record_use(target);
+        }
         result
     }
 
@@ -201,7 +201,9 @@ impl Mail {
         let account = self.account(target).await?;
         let result = imap::fetch(&account, &query, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
-        self.touch(target, result.is_ok());
+        if result.is_ok() {
+            self.record_use(target);
+        }
         result
     }
 
@@ -219,7 +221,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
         let first = self.on_auth_refused(target, &account, first).await?;
-        self.touch(target, true);
+        self.record_use(target);
         Ok(watch::spawn(
             self.clone(),
             target.clone(),
@@ -229,32 +231,12 @@ impl Mail {
         ))
     }
 
-    /// Records `last_used_at` of a mail connection at most once a minute, without making the
-    /// caller wait. (OAuth mail connections are recorded by the OAuth module.)
-    fn touch(&self, target: &Target, used: bool) {
-        if !used || target.connector.kind != crate::model::Kind::ImapSmtp {
-            return;
+    /// OAuth mail connections are recorded by the resolver of their OAuth connection.
+    fn record_use(&self, target: &Target) {
+        if target.connector.kind == crate::model::Kind::ImapSmtp {
+            self.registry
+                .record_use(&target.connector, &target.connection_user);
         }
-        let registry = self.registry.clone();
-        let target = target.clone();
-        tokio::spawn(async move {
-            let now = chrono::Utc::now();
-            let Ok(Some(mut connection)) =
-                registry.connection(&target.connector, &target.connection_user)
-            else {
-                return;
-            };
-            if connection
-                .last_used_at
-                .is_some_and(|t| now - t < chrono::TimeDelta::seconds(60))
-            {
-                return;
-            }
-            connection.last_used_at = Some(now);
-            if let Err(e) = registry.save_connection(&connection, None).await {
-                tracing::warn!(error = %e, "could not record last_used_at");
-            }
-        });
     }
 
     fn watch_slot(&self, caller: &str) -> Result<watch::Slot, MailError> {
@@ -280,27 +262,20 @@ impl Mail {
     ) -> Result<T, MailError> {
         if let Err(e @ MailError::AuthRefused { .. }) = &result
             && matches!(account.auth, Auth::Password(_))
-            && let Err(save) = mark_expired(&self.registry, target, &e.to_string()).await
+            && let Err(save) = self
+                .registry
+                .mark_expired(
+                    &target.connector,
+                    &target.connection_user,
+                    format!("{e}; reconnect the account"),
+                    false,
+                )
+                .await
         {
             tracing::warn!(error = %save, "could not mark the mail connection expired");
         }
         result
     }
-}
-
-/// Marks a connection EXPIRED, with the reason for people.
-pub async fn mark_expired(
-    registry: &Registry,
-    target: &Target,
-    why: &str,
-) -> Result<(), ModelError> {
-    let Some(mut connection) = registry.connection(&target.connector, &target.connection_user)?
-    else {
-        return Ok(());
-    };
-    connection.status = ConnectionStatus::Expired;
-    connection.last_error = format!("{why}; reconnect the account");
-    registry.save_connection(&connection, None).await
 }
 
 /// Tests candidate IMAP/SMTP credentials: an IMAP login and an SMTP AUTH, each reported as one

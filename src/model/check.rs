@@ -77,4 +77,14 @@ impl TestReport {
     pub fn auth_refused(&self) -> bool {
         self.checks.iter().any(|c| c.stage == Some(Stage::Auth))
     }
+
+    /// The failed checks' messages, for a connection's `last_error`.
+    pub fn failures(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }

@@ -16,6 +16,10 @@ use super::{
 };
 use crate::store::{Batch, Store, Table};
 
+/// How often `last_used_at` is written for a busy connection: it is a hint for people, not a
+/// counter, so it must not add a write to every call.
+const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// How many records one delete batch removes, so deleting a connector with a million
 /// connections never builds one giant batch.
 const DELETE_CHUNK: usize = 1000;
@@ -491,6 +495,60 @@ impl Registry {
             }
         }
         Ok(counts)
+    }
+
+    /// Marks a connection EXPIRED (its provider or server refused the stored credential): the
+    /// user must reconnect. With `erase_secrets`, the refused credentials are dropped too.
+    /// Returns false if there is no such connection.
+    pub async fn mark_expired(
+        &self,
+        connector: &Connector,
+        user_id: &str,
+        why: String,
+        erase_secrets: bool,
+    ) -> Result<bool, ModelError> {
+        let Some(mut connection) = self.connection(connector, user_id)? else {
+            return Ok(false);
+        };
+        connection.status = ConnectionStatus::Expired;
+        connection.last_error = why;
+        let erased = ConnectionSecrets::default();
+        if erase_secrets {
+            connection.access_expires_at = None;
+        }
+        self.save_connection(&connection, erase_secrets.then_some(&erased))
+            .await?;
+        Ok(true)
+    }
+
+    /// Records that a connection was used, at most once a minute and without making the
+    /// caller wait. The record is read again when written, so a concurrent change (a new
+    /// status, a disconnect) is never overwritten by a stale copy.
+    pub fn record_use(self: &Arc<Self>, connector: &Connector, user_id: &str) {
+        let recent = |connection: &Connection| {
+            connection
+                .last_used_at
+                .is_some_and(|t| Utc::now() - t < LAST_USED_GRANULARITY)
+        };
+        // The common case (used within the minute) costs one cached read and no task.
+        match self.connection(connector, user_id) {
+            Ok(Some(connection)) if !recent(&connection) => {}
+            _ => return,
+        }
+        let registry = self.clone();
+        let (connector, user_id) = (connector.clone(), user_id.to_string());
+        tokio::spawn(async move {
+            let Ok(Some(mut connection)) = registry.connection(&connector, &user_id) else {
+                return;
+            };
+            if recent(&connection) {
+                return;
+            }
+            connection.last_used_at = Some(Utc::now());
+            if let Err(e) = registry.save_connection(&connection, None).await {
+                tracing::warn!(error = %e, "could not record last_used_at");
+            }
+        });
     }
 
     /// Removes a connection's record and secrets.

@@ -75,6 +75,20 @@ pub enum Grant {
     ClientCredentials,
 }
 
+impl Grant {
+    /// The connector's grant (`config.grant_type`, authorization code by default).
+    pub fn of(connector: &Connector) -> Result<Grant, FieldError> {
+        match connector.setting("grant_type") {
+            None | Some("authorization_code") => Ok(Grant::AuthorizationCode),
+            Some("client_credentials") => Ok(Grant::ClientCredentials),
+            Some(other) => Err(FieldError::new(
+                "config.grant_type",
+                format!("{other:?} is not authorization_code or client_credentials"),
+            )),
+        }
+    }
+}
+
 /// Everything the flows need to talk to one connector's provider.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
@@ -108,16 +122,7 @@ impl Endpoints {
                 )
             })
         };
-        let grant = match connector.setting("grant_type") {
-            None | Some("authorization_code") => Grant::AuthorizationCode,
-            Some("client_credentials") => Grant::ClientCredentials,
-            Some(other) => {
-                return Err(FieldError::new(
-                    "config.grant_type",
-                    format!("{other:?} is not authorization_code or client_credentials"),
-                ));
-            }
-        };
+        let grant = Grant::of(connector)?;
         let token_auth = match pick("token_auth", preset.token_auth).as_deref() {
             None | Some("basic") => TokenAuth::Basic,
             Some("post") => TokenAuth::Post,

@@ -168,11 +168,10 @@ impl OAuth {
                 connector: connector.name.clone(),
             });
         }
-        let endpoints = Endpoints::of(connector)?;
-        if endpoints.grant == Grant::ClientCredentials {
-            return self
-                .client_credentials(connector, &endpoints, min_ttl)
-                .await;
+        // The endpoints are worked out only when the provider must be asked: serving a
+        // stored token (every call but one per token lifetime) needs none of them.
+        if Grant::of(connector)? == Grant::ClientCredentials {
+            return self.client_credentials(connector, min_ttl).await;
         }
         let key = crate::model::connection_path(&connector.id, user);
         let asked_at = Utc::now();
@@ -186,7 +185,8 @@ impl OAuth {
         if let Some(token) = self.stored_token(connector, user, min_ttl, Some(asked_at))? {
             return Ok(token);
         }
-        self.refresh(connector, user, &endpoints, &key).await
+        self.refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .await
     }
 
     /// The stored access token if it is fresh enough; errors if there is no usable connection.
@@ -275,7 +275,7 @@ impl OAuth {
         }
         let Some(refresh_token) = secrets.get("refresh_token").cloned() else {
             return self
-                .expire(connector, connection, "the provider gave no refresh token")
+                .expire(connector, user, "the provider gave no refresh token")
                 .await;
         };
         let client = self.token_client(connector, endpoints)?;
@@ -332,7 +332,7 @@ impl OAuth {
             {
                 self.expire(
                     connector,
-                    connection,
+                    user,
                     "the provider refused the refresh token (invalid_grant)",
                 )
                 .await
@@ -355,25 +355,21 @@ impl OAuth {
     async fn expire(
         &self,
         connector: &Connector,
-        mut connection: Connection,
+        user: &str,
         why: &str,
     ) -> Result<AccessToken, OAuthError> {
-        connection.status = ConnectionStatus::Expired;
-        connection.last_error = why.to_string();
-        connection.access_expires_at = None;
         self.registry
-            .save_connection(&connection, Some(&ConnectionSecrets::default()))
+            .mark_expired(connector, user, why.to_string(), true)
             .await?;
         Err(OAuthError::Expired {
             connector: connector.name.clone(),
-            for_user: for_user(&connection.user_id),
+            for_user: for_user(user),
         })
     }
 
     async fn client_credentials(
         &self,
         connector: &Connector,
-        endpoints: &Endpoints,
         min_ttl: Duration,
     ) -> Result<AccessToken, OAuthError> {
         if connector.mode != Mode::Shared {
@@ -398,7 +394,10 @@ impl OAuth {
                 let _turn = flight.lock().await;
                 match cached() {
                     Some(hit) => hit,
-                    None => self.request_client_token(connector, endpoints).await?,
+                    None => {
+                        self.request_client_token(connector, &Endpoints::of(connector)?)
+                            .await?
+                    }
                 }
             }
         };
@@ -406,7 +405,10 @@ impl OAuth {
             token: hit.token,
             expires_at: hit.expires_at,
             scopes: hit.scopes,
-            account_label: endpoints.client_id.clone(),
+            account_label: connector
+                .setting("client_id")
+                .unwrap_or_default()
+                .to_string(),
         })
     }
 

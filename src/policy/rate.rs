@@ -46,10 +46,19 @@ impl RateLimiter {
                 b.tokens + now.duration_since(b.updated).as_secs_f64() * rate < burst
             });
         }
-        let bucket = buckets.entry(caller.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
+        // Looked up by reference first: a known caller (every call but its first) allocates nothing.
+        if !buckets.contains_key(caller) {
+            buckets.insert(
+                caller.to_string(),
+                Bucket {
+                    tokens: self.burst,
+                    updated: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(caller) else {
+            return true;
+        };
         let refill = now.duration_since(bucket.updated).as_secs_f64() * self.per_second;
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.updated = now;

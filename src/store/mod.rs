@@ -212,6 +212,17 @@ fn reservation_key(term: u32) -> String {
     format!("reserved/{term}")
 }
 
+/// The store's header, as the backend at `path` holds it.
+fn read_header(backend: &dyn Backend, path: &Path) -> Result<Header, StoreError> {
+    let raw = backend
+        .meta_get(HEADER_KEY)?
+        .ok_or_else(|| StoreError::NotInitialized {
+            path: path.display().to_string(),
+        })?;
+    serde_json::from_slice(&raw)
+        .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))
+}
+
 impl Store {
     /// Creates a new store at `path`, refusing if one exists there.
     pub fn create(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
@@ -257,13 +268,7 @@ impl Store {
         source: &KeySource,
         path: &Path,
     ) -> Result<Store, StoreError> {
-        let raw = backend
-            .meta_get(HEADER_KEY)?
-            .ok_or_else(|| StoreError::NotInitialized {
-                path: path.display().to_string(),
-            })?;
-        let header: Header = serde_json::from_slice(&raw)
-            .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
+        let header = read_header(backend.as_ref(), path)?;
         let (kek, keyring) = header.unlock_with_kek(source)?;
         let term = keyring.current_term();
         let reserved = backend

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Backend, HEADER_KEY, SledBackend, Store, StoreError};
-use crate::vault::{Header, KeySource, Keyring, Vault, VaultError};
+use crate::vault::{KeySource, Keyring, Vault};
 
 const REWRAP_KEY: &str = "rewrap";
 
@@ -263,13 +263,7 @@ pub fn change_key(path: &Path, old: &KeySource, new: &KeySource) -> Result<(), S
         });
     }
     let backend = SledBackend::open(path)?;
-    let raw = backend
-        .meta_get(HEADER_KEY)?
-        .ok_or_else(|| StoreError::NotInitialized {
-            path: path.display().to_string(),
-        })?;
-    let header: Header = serde_json::from_slice(&raw)
-        .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))?;
+    let header = super::read_header(&backend, path)?;
     let rewrapped = header.rewrapped(old, new)?;
     backend.meta_put(HEADER_KEY, &json(&rewrapped))?;
     backend.sync()
