@@ -922,16 +922,25 @@ async fn audit_verify_names_the_tampered_record() {
     let verify = |d: &Daemon| d.cli(&["audit", "verify", "--config", config.to_str().unwrap()]);
     assert!(verify(&daemon).status.success());
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
+    // Records are stored a commit at a time: the batch holding record 3 starts at or before it.
+    let batch_of_3 = |store: &credbroker::store::Store| {
+        store
+            .last::<Vec<credbroker::audit::AuditRecord>>(
+                credbroker::store::Table::Audit,
+                "b/",
+                Some("b/00000000000000000003"),
+            )
+            .unwrap()
+            .unwrap()
+    };
     {
         use credbroker::store::{Batch, Store, Table};
         let store = Store::open(&daemon.path("store"), &key).unwrap();
-        let mut record: credbroker::audit::AuditRecord = store
-            .get(Table::Audit, "r/00000000000000000003")
-            .unwrap()
-            .unwrap();
+        let (path, mut records) = batch_of_3(&store);
+        let record = records.iter_mut().find(|r| r.seq == 3).unwrap();
         record.event.caller = "spiffe://someone/else".into();
         let mut batch = Batch::new();
-        batch.put(Table::Audit, "r/00000000000000000003", &record);
+        batch.put(Table::Audit, path, &records);
         store.commit(batch).await.unwrap();
     }
     let out = verify(&daemon);
@@ -941,16 +950,19 @@ async fn audit_verify_names_the_tampered_record() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    {
+    let removed_from = {
         use credbroker::store::{Store, Table};
         let store = Store::open(&daemon.path("store"), &key).unwrap();
-        store
-            .raw_put(Table::Audit, "r/00000000000000000003", None)
-            .unwrap();
-    }
+        let (path, records) = batch_of_3(&store);
+        let first = records[0].seq;
+        store.raw_put(Table::Audit, &path, None).unwrap();
+        assert!(first <= 3 && records.iter().any(|r| r.seq == 3));
+        first
+    };
     let out = verify(&daemon);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("audit record 3 is missing"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("audit record {removed_from} is missing")),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

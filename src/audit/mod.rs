@@ -1,17 +1,20 @@
 //! The audit log: every data-plane call and admin change, allowed or denied, as a hash chain
 //! (`h_n = SHA-256(h_{n-1} ‖ record)`), appended by one writer thread that batches whatever is
 //! queued into one durable commit, which it syncs itself: every hop between threads costs a
-//! wake-up on the path of every call, so the writer does not hand its sync to another thread. [`AuditLog::record`] returns only once its record is on
-//! disk; if it cannot be written the caller fails the request (fail closed).
+//! wake-up on the path of every call, so the writer does not hand its sync to another thread.
+//! [`AuditLog::record`] returns only once its record is on disk; if it cannot be written the
+//! caller fails the request (fail closed).
 //!
-//! Records live in the store (sealed like everything else) under `r/{seq:020}`; the latest
-//! head is kept beside them under `head`, written in the same batch, so that deleting the last
-//! records is detected too. Records never contain a secret.
+//! Records live in the store (sealed like everything else), one value per commit: the records
+//! of a batch under `b/{first seq:020}`, because one store write per record was most of the
+//! writer's cost. The latest head is kept beside them under `head`, written in the same commit,
+//! so that deleting the last records is detected too. Records never contain a secret.
 
 mod verify;
 
 pub use verify::{VerifyError, VerifySummary, export, verify};
 
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -91,9 +94,12 @@ pub enum AuditError {
 
 pub(crate) const GENESIS: [u8; 32] = [0; 32];
 
-pub(crate) fn record_path(seq: u64) -> String {
-    format!("r/{seq:020}")
+/// Where the batch whose first record is `first_seq` is stored.
+pub(crate) fn batch_path(first_seq: u64) -> String {
+    format!("{BATCH_PREFIX}{first_seq:020}")
 }
+
+pub(crate) const BATCH_PREFIX: &str = "b/";
 
 pub(crate) const HEAD_PATH: &str = "head";
 
@@ -163,7 +169,7 @@ impl AuditLog {
         self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Records after `after_seq` that pass `keep`, at most `limit`, scanning at most
+    /// Records after `after_seq` that pass `keep`, at most `limit`, looking at most at
     /// `max_scan` records so one query cannot walk the whole log.
     pub fn query(
         &self,
@@ -173,22 +179,18 @@ impl AuditLog {
         keep: impl Fn(&AuditRecord) -> bool,
     ) -> Result<Vec<AuditRecord>, AuditError> {
         let mut out = Vec::new();
-        let mut after = record_path(after_seq);
         let mut scanned = 0;
-        while out.len() < limit && scanned < max_scan {
-            let page = self
-                .store
-                .scan::<AuditRecord>(Table::Audit, "r/", Some(&after), 512)?;
-            let Some((last, _)) = page.last() else { break };
-            after = last.clone();
-            scanned += page.len();
-            out.extend(
-                page.into_iter()
-                    .map(|(_, r)| r)
-                    .filter(|r| keep(r))
-                    .take(limit - out.len()),
-            );
-        }
+        for_each_record(&self.store, after_seq.saturating_add(1), |record| {
+            scanned += 1;
+            if keep(&record) {
+                out.push(record);
+            }
+            if out.len() < limit && scanned < max_scan {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        })?;
         Ok(out)
     }
 
@@ -209,27 +211,27 @@ fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver
             continue;
         }
         let mut seq = start.seq;
-        let mut batch = Batch::new();
-        let mut last_time = None;
+        let mut records = Vec::with_capacity(pending.len());
+        let time = Utc::now();
         for (event, _) in &pending {
             seq += 1;
-            let time = Utc::now();
             prev = chain_hash(&prev, seq, &time, event);
-            let record = AuditRecord {
+            records.push(AuditRecord {
                 seq,
                 time,
                 event: event.clone(),
                 hash: hex::encode(prev),
-            };
-            batch.put(Table::Audit, record_path(seq), &record);
-            last_time = Some(time);
+            });
         }
         let new_head = AuditHead {
             seq,
             hash: hex::encode(prev),
-            time: last_time,
+            time: Some(time),
         };
-        batch.put(Table::Audit, HEAD_PATH, &new_head);
+        let mut batch = Batch::new();
+        batch
+            .put(Table::Audit, batch_path(start.seq + 1), &records)
+            .put(Table::Audit, HEAD_PATH, &new_head);
         let started = std::time::Instant::now();
         let committed = store.commit_here(batch);
         crate::metrics::audit_flush(pending.len(), started.elapsed());
@@ -246,6 +248,33 @@ fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver
                 fail_all(&mut pending, &e.to_string());
             }
         }
+    }
+}
+
+/// Calls `visit` on every stored record from `from_seq` on, in sequence order, until it breaks.
+pub(crate) fn for_each_record(
+    store: &Store,
+    from_seq: u64,
+    mut visit: impl FnMut(AuditRecord) -> ControlFlow<()>,
+) -> Result<(), StoreError> {
+    // The batch holding `from_seq` is the last one starting at or before it.
+    let first =
+        store.last::<Vec<AuditRecord>>(Table::Audit, BATCH_PREFIX, Some(&batch_path(from_seq)))?;
+    let mut after = first.as_ref().map(|(path, _)| path.clone());
+    let mut page: Vec<Vec<AuditRecord>> = first.into_iter().map(|(_, records)| records).collect();
+    loop {
+        for record in page.drain(..).flatten() {
+            if record.seq >= from_seq && visit(record).is_break() {
+                return Ok(());
+            }
+        }
+        let next =
+            store.scan::<Vec<AuditRecord>>(Table::Audit, BATCH_PREFIX, after.as_deref(), 64)?;
+        let Some((last, _)) = next.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        page.extend(next.into_iter().map(|(_, records)| records));
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use super::{AuditHead, AuditRecord, GENESIS, HEAD_PATH, chain_hash};
+use std::ops::ControlFlow;
+
+use super::{AuditHead, GENESIS, HEAD_PATH, chain_hash, for_each_record};
 use crate::store::{Store, Table};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,34 +31,34 @@ pub enum VerifyError {
 pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
     let mut prev = GENESIS;
     let mut last = 0u64;
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .scan::<AuditRecord>(Table::Audit, "r/", after.as_deref(), 1024)
-            .map_err(|e| VerifyError::Unreadable {
-                after: last,
-                why: e.to_string(),
-            })?;
-        let Some((path, _)) = page.last() else { break };
-        after = Some(path.clone());
-        for (_, record) in page {
-            if record.seq != last + 1 {
-                return Err(VerifyError::Missing {
-                    seq: last + 1,
-                    prev: last,
-                    next: record.seq,
-                });
-            }
-            let hash = chain_hash(&prev, record.seq, &record.time, &record.event);
-            if hex::encode(hash) != record.hash {
-                return Err(VerifyError::Altered {
-                    seq: record.seq,
-                    prev: last,
-                });
-            }
-            prev = hash;
-            last = record.seq;
+    let mut broken = None;
+    for_each_record(store, 1, |record| {
+        if record.seq != last + 1 {
+            broken = Some(VerifyError::Missing {
+                seq: last + 1,
+                prev: last,
+                next: record.seq,
+            });
+            return ControlFlow::Break(());
         }
+        let hash = chain_hash(&prev, record.seq, &record.time, &record.event);
+        if hex::encode(hash) != record.hash {
+            broken = Some(VerifyError::Altered {
+                seq: record.seq,
+                prev: last,
+            });
+            return ControlFlow::Break(());
+        }
+        prev = hash;
+        last = record.seq;
+        ControlFlow::Continue(())
+    })
+    .map_err(|e| VerifyError::Unreadable {
+        after: last,
+        why: e.to_string(),
+    })?;
+    if let Some(broken) = broken {
+        return Err(broken);
     }
     let head: Option<AuditHead> =
         store
@@ -77,19 +79,27 @@ pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
 
 /// Writes every record as one JSON line, in sequence order.
 pub fn export(store: &Store, out: &mut dyn Write) -> Result<u64, Box<dyn std::error::Error>> {
-    let mut after: Option<String> = None;
     let mut count = 0;
-    loop {
-        let page = store.scan::<AuditRecord>(Table::Audit, "r/", after.as_deref(), 1024)?;
-        let Some((path, _)) = page.last() else { break };
-        after = Some(path.clone());
-        for (_, record) in page {
-            serde_json::to_writer(&mut *out, &record)?;
-            out.write_all(b"\n")?;
-            count += 1;
+    let mut failed = None;
+    for_each_record(store, 1, |record| {
+        let written = serde_json::to_writer(&mut *out, &record)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        match written {
+            Ok(()) => {
+                count += 1;
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
         }
+    })?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(count),
     }
-    Ok(count)
 }
 
 #[cfg(test)]
@@ -100,49 +110,91 @@ mod tests {
     use crate::vault::{KeySource, generate_key_file};
     use std::sync::Arc;
 
-    async fn log_with(n: usize) -> (tempfile::TempDir, Arc<Store>) {
+    fn event(i: usize) -> AuditEvent {
+        AuditEvent {
+            caller: "c".into(),
+            operation: format!("op{i}"),
+            ..Default::default()
+        }
+    }
+
+    fn new_log() -> (tempfile::TempDir, Arc<Store>, Arc<AuditLog>) {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         generate_key_file(&key).unwrap();
         let store =
             Arc::new(Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap());
-        let log = AuditLog::start(store.clone()).unwrap();
-        let mut tasks = Vec::new();
-        let log = Arc::new(log);
-        for i in 0..n {
-            let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                let event = AuditEvent {
-                    caller: "c".into(),
-                    operation: format!("op{i}"),
-                    ..Default::default()
-                };
-                log.record(event).await.unwrap()
-            }));
+        let log = Arc::new(AuditLog::start(store.clone()).unwrap());
+        (dir, store, log)
+    }
+
+    /// `n` records, one commit each: batch `b/{seq}` holds record `seq` alone.
+    async fn log_with(n: usize) -> (tempfile::TempDir, Arc<Store>) {
+        let (dir, store, log) = new_log();
+        for i in 1..=n {
+            assert_eq!(log.record(event(i)).await.unwrap(), i as u64);
         }
-        let mut seqs: Vec<u64> = Vec::new();
+        (dir, store)
+    }
+
+    /// The batch holding `seq`, as stored.
+    fn batch_of(store: &Store, seq: u64) -> (String, Vec<AuditRecord>) {
+        store
+            .last(Table::Audit, BATCH_PREFIX, Some(&batch_path(seq)))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_records_chain_in_batches_and_query_across_them() {
+        let (_dir, store, log) = new_log();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.record(event(i)).await.unwrap() })
+            })
+            .collect();
+        let mut seqs = Vec::new();
         for t in tasks {
             seqs.push(t.await.unwrap());
         }
         seqs.sort();
-        assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
-        (dir, store)
-    }
+        assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+        assert_eq!(verify(&store).unwrap().records, 300);
+        let batches: Vec<(String, Vec<AuditRecord>)> = store
+            .scan(Table::Audit, BATCH_PREFIX, None, usize::MAX)
+            .unwrap();
+        assert!(
+            batches.len() < 300,
+            "300 concurrent records took {} commits",
+            batches.len()
+        );
 
-    #[tokio::test]
-    async fn a_clean_chain_verifies() {
-        let (_dir, store) = log_with(50).await;
-        assert_eq!(verify(&store).unwrap().records, 50);
+        let seqs_of = |records: Vec<AuditRecord>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        for after in [0, 1, 17, 150, 298] {
+            let page = log.query(after, 5, usize::MAX, |_| true).unwrap();
+            let want: Vec<u64> = (after + 1..=(after + 5).min(300)).collect();
+            assert_eq!(seqs_of(page), want, "after {after}");
+        }
+        assert!(log.query(300, 5, usize::MAX, |_| true).unwrap().is_empty());
+        let even = log.query(10, 3, usize::MAX, |r| r.seq % 2 == 0).unwrap();
+        assert_eq!(seqs_of(even), [12, 14, 16]);
+        let bounded = log.query(10, 100, 4, |_| true).unwrap();
+        assert_eq!(
+            seqs_of(bounded),
+            [11, 12, 13, 14],
+            "max_scan bounds the walk"
+        );
     }
 
     #[tokio::test]
     async fn altered_record_is_named() {
         let (_dir, store) = log_with(10).await;
-        let mut record: AuditRecord = store.get(Table::Audit, &record_path(4)).unwrap().unwrap();
-        record.event.outcome = Some(Outcome::Ok);
-        record.event.reason = "rewritten".into();
+        let (path, mut records) = batch_of(&store, 4);
+        records[0].event.outcome = Some(Outcome::Ok);
+        records[0].event.reason = "rewritten".into();
         let mut batch = Batch::new();
-        batch.put(Table::Audit, record_path(4), &record);
+        batch.put(Table::Audit, path, &records);
         store.commit(batch).await.unwrap();
         assert_eq!(
             verify(&store).unwrap_err(),
@@ -153,7 +205,7 @@ mod tests {
     #[tokio::test]
     async fn deleted_records_are_named() {
         let (_dir, store) = log_with(10).await;
-        store.raw_put(Table::Audit, &record_path(6), None).unwrap();
+        store.raw_put(Table::Audit, &batch_path(6), None).unwrap();
         assert_eq!(
             verify(&store).unwrap_err(),
             VerifyError::Missing {
@@ -163,7 +215,7 @@ mod tests {
             }
         );
         let (_dir, store) = log_with(10).await;
-        store.raw_put(Table::Audit, &record_path(10), None).unwrap();
+        store.raw_put(Table::Audit, &batch_path(10), None).unwrap();
         assert_eq!(
             verify(&store).unwrap_err(),
             VerifyError::HeadMismatch {
@@ -174,22 +226,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_removed_from_inside_a_batch_is_named() {
+        let (_dir, store) = log_with(3).await;
+        // One batch holding records 1, 2 and 3, then record 2 taken out of it.
+        let records: Vec<AuditRecord> = (1..=3).flat_map(|seq| batch_of(&store, seq).1).collect();
+        let mut batch = Batch::new();
+        batch
+            .delete(Table::Audit, batch_path(2))
+            .delete(Table::Audit, batch_path(3))
+            .put(Table::Audit, batch_path(1), &records);
+        store.commit(batch).await.unwrap();
+        assert_eq!(verify(&store).unwrap().records, 3);
+        let without_2 = vec![records[0].clone(), records[2].clone()];
+        let mut batch = Batch::new();
+        batch.put(Table::Audit, batch_path(1), &without_2);
+        store.commit(batch).await.unwrap();
+        assert_eq!(
+            verify(&store).unwrap_err(),
+            VerifyError::Missing {
+                seq: 2,
+                prev: 1,
+                next: 3
+            }
+        );
+    }
+
+    #[tokio::test]
     async fn flipped_ciphertext_is_unreadable_not_accepted() {
         let (_dir, store) = log_with(5).await;
         let mut raw = store
-            .raw_get(Table::Audit, &record_path(2))
+            .raw_get(Table::Audit, &batch_path(2))
             .unwrap()
             .unwrap();
         let last = raw.len() - 1;
         raw[last] ^= 1;
         store
-            .raw_put(Table::Audit, &record_path(2), Some(raw))
+            .raw_put(Table::Audit, &batch_path(2), Some(raw))
             .unwrap();
         let err = verify(&store).unwrap_err();
         assert!(matches!(err, VerifyError::Unreadable { .. }), "{err}");
         assert!(
-            err.to_string().contains("audit/r/00000000000000000002"),
+            err.to_string().contains("audit/b/00000000000000000002"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn export_writes_every_record_in_order() {
+        let (_dir, store) = log_with(7).await;
+        let mut out = Vec::new();
+        assert_eq!(export(&store, &mut out).unwrap(), 7);
+        let seqs: Vec<u64> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<AuditRecord>(line).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
     }
 }

@@ -113,8 +113,12 @@ pub trait Backend: Send + Sync + 'static {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<RawEntry>, StoreError>;
-    /// The entry with the greatest key under `prefix`.
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<RawEntry>, StoreError>;
+    /// The entry with the greatest key under `prefix`, and not above `at_most` if given.
+    fn last_with_prefix(
+        &self,
+        prefix: &[u8],
+        at_most: Option<&[u8]>,
+    ) -> Result<Option<RawEntry>, StoreError>;
     /// Applies every put (Some) and delete (None) atomically; not yet durable.
     fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError>;
     /// Blocks until everything applied so far is on disk.
@@ -354,13 +358,19 @@ impl Store {
             .collect()
     }
 
-    /// The record with the greatest path under `prefix` (the latest audit record, say).
+    /// The record with the greatest path under `prefix`, and not above `at_most` if given (the
+    /// audit batch holding a sequence number, say).
     pub fn last<T: DeserializeOwned>(
         &self,
         table: Table,
         prefix: &str,
+        at_most: Option<&str>,
     ) -> Result<Option<(String, T)>, StoreError> {
-        match self.backend.last_with_prefix(&table.key(prefix))? {
+        let at_most = at_most.map(|path| table.key(path));
+        match self
+            .backend
+            .last_with_prefix(&table.key(prefix), at_most.as_deref())?
+        {
             None => Ok(None),
             Some((key, sealed)) => {
                 let value = self.decode(&key, &sealed)?;

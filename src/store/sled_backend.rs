@@ -90,14 +90,20 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<RawEntry>, StoreError> {
-        let last = self
-            .records
-            .scan_prefix(prefix)
-            .next_back()
-            .transpose()
-            .map_err(backend_error)?;
-        Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    fn last_with_prefix(
+        &self,
+        prefix: &[u8],
+        at_most: Option<&[u8]>,
+    ) -> Result<Option<RawEntry>, StoreError> {
+        let last = match at_most {
+            Some(at_most) => self.records.range(prefix..=at_most).next_back(),
+            None => self.records.scan_prefix(prefix).next_back(),
+        }
+        .transpose()
+        .map_err(backend_error)?;
+        Ok(last
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {

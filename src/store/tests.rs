@@ -25,8 +25,19 @@ fn round_trip_scan_and_last() {
         .scan(Table::Audit, "", Some(&format!("{:020}", 2)), 1)
         .unwrap();
     assert_eq!(after[0].1, "record 3");
-    let (_, last): (String, String) = store.last(Table::Audit, "").unwrap().unwrap();
+    let (_, last): (String, String) = store.last(Table::Audit, "", None).unwrap().unwrap();
     assert_eq!(last, "record 4");
+    let at_most = |path: &str| -> Option<String> {
+        let found: Option<(String, String)> = store.last(Table::Audit, "", Some(path)).unwrap();
+        found.map(|(_, value)| value)
+    };
+    assert_eq!(at_most(&format!("{:020}", 2)).as_deref(), Some("record 2"));
+    assert_eq!(at_most(&format!("{:019}5", 0)).as_deref(), Some("record 4"));
+    assert_eq!(
+        at_most("0").as_deref(),
+        None,
+        "nothing sorts at or before \"0\""
+    );
 }
 
 #[test]
@@ -334,12 +345,12 @@ fn every_record_type_round_trips() {
     check(
         &store,
         Table::Audit,
-        &AuditRecord {
+        &vec![AuditRecord {
             seq: 7,
             time: now,
             event,
             hash: "ab".repeat(32),
-        },
+        }],
     );
     check(
         &store,
