@@ -521,34 +521,32 @@ impl Registry {
         Ok(true)
     }
 
-    /// Records that a connection was used, at most once a minute and without making the
-    /// caller wait. The record is read again when written, so a concurrent change (a new
-    /// status, a disconnect) is never overwritten by a stale copy.
-    pub fn record_use(self: &Arc<Self>, connector: &Connector, user_id: &str) {
-        let recent = |connection: &Connection| {
-            connection
-                .last_used_at
-                .is_some_and(|t| Utc::now() - t < LAST_USED_GRANULARITY)
+    /// Records that a connection was used, at most once a minute, without a sync of its own:
+    /// `last_used_at` is a hint, made durable by the next commit (the call's audit record).
+    /// The record is read again just before the write, so a concurrent change (a new status, a
+    /// disconnect) is not overwritten by a stale copy.
+    pub fn record_use(&self, connector: &Connector, user_id: &str) {
+        let Ok(Some(mut connection)) = self.connection(connector, user_id) else {
+            return;
         };
-        // The common case (used within the minute) costs one cached read and no task.
-        match self.connection(connector, user_id) {
-            Ok(Some(connection)) if !recent(&connection) => {}
-            _ => return,
+        let now = Utc::now();
+        // The common case (used within the minute) costs one cached read and no write.
+        if connection
+            .last_used_at
+            .is_some_and(|t| now - t < LAST_USED_GRANULARITY)
+        {
+            return;
         }
-        let registry = self.clone();
-        let (connector, user_id) = (connector.clone(), user_id.to_string());
-        tokio::spawn(async move {
-            let Ok(Some(mut connection)) = registry.connection(&connector, &user_id) else {
-                return;
-            };
-            if recent(&connection) {
-                return;
-            }
-            connection.last_used_at = Some(Utc::now());
-            if let Err(e) = registry.save_connection(&connection, None).await {
-                tracing::warn!(error = %e, "could not record last_used_at");
-            }
-        });
+        connection.last_used_at = Some(now);
+        let mut batch = Batch::new();
+        batch.put(
+            Table::Connections,
+            connection_path(&connection.connector_id, &connection.user_id),
+            &connection,
+        );
+        if let Err(e) = self.store.apply_unsynced(batch) {
+            tracing::warn!(error = %e, "could not record last_used_at");
+        }
     }
 
     /// Removes a connection's record and secrets.
@@ -564,5 +562,56 @@ impl Registry {
             .delete(Table::ConnectionSecrets, path);
         self.store.commit(batch).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::{KeySource, generate_key_file};
+
+    #[tokio::test]
+    async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let store = Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap();
+        let registry = Registry::new(Arc::new(store));
+        let connector = registry
+            .create_connector(NewConnector {
+                workspace: String::new(),
+                name: "Personal".into(),
+                kind: Kind::ApiKey,
+                mode: Mode::Personal,
+                provider: String::new(),
+                config: BTreeMap::new(),
+                secrets: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let mut connection = Connection::new(&connector.id, "u1");
+        connection.status = ConnectionStatus::Connected;
+        registry.save_connection(&connection, None).await.unwrap();
+        let last_used = |registry: &Registry| {
+            registry
+                .connection(&connector, "u1")
+                .unwrap()
+                .unwrap()
+                .last_used_at
+        };
+        assert_eq!(last_used(&registry), None);
+
+        registry.record_use(&connector, "u1");
+        let first = last_used(&registry).expect("recorded without waiting for a sync");
+        registry.record_use(&connector, "u1");
+        assert_eq!(
+            last_used(&registry),
+            Some(first),
+            "once a minute, not per call"
+        );
+
+        // A use of a connection that does not exist creates nothing.
+        registry.record_use(&connector, "nobody");
+        assert!(registry.connection(&connector, "nobody").unwrap().is_none());
     }
 }

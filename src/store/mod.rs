@@ -410,6 +410,13 @@ impl Store {
         self.rotate_if_worn()
     }
 
+    /// Applies `batch` without waiting for it to reach the disk: only for hints a crash may
+    /// lose (a connection's last use). Readers see it at once; it becomes durable with the next
+    /// commit of any writer, which on a serving daemon is the audit record of the same call.
+    pub fn apply_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch)
+    }
+
     /// [`Store::commit`] for callers outside the async runtime (the CLI).
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch)?;
