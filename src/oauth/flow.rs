@@ -24,7 +24,7 @@ use crate::store::{Batch, Table};
 pub const STATE_TTL: TimeDelta = TimeDelta::minutes(10);
 
 /// What BeginConnect stored, keyed by a hash of the state (the state itself is a bearer value).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct PendingConnect {
     pub workspace: String,
     pub connector_id: String,

@@ -1,27 +1,29 @@
-//! A read cache of decrypted registry records (connectors, names, connections and their
-//! secrets): the records every ResolveCredential reads, which change rarely. Audit records and
-//! OAuth states are never cached.
+//! A read cache of decrypted, parsed registry records (connectors, names, connections and
+//! their secrets): the records every ResolveCredential reads, which change rarely. Audit records
+//! and OAuth states are never cached. Values are kept parsed because parsing them (JSON, dates)
+//! cost more than decrypting them; secrets among them are [`crate::model::Secret`]s, wiped when
+//! the last copy is dropped.
 //!
 //! Invariant: the cache never serves a value older than the last committed write to its key.
 //! Every write bumps its table's generation before and after it reaches the backend, and drops
 //! its keys; a reader caches what it read only if its table's generation did not move while it
-//! read. Plaintexts are zeroized when they leave the cache.
+//! read.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use zeroize::Zeroizing;
 
 use super::Table;
 
 /// Entries kept at most; past it the cache starts over (simple, and cheap to refill).
 const CAPACITY: usize = 16_384;
 
-pub type Plain = Arc<Zeroizing<Vec<u8>>>;
+/// A parsed record, of whatever type its reader asked for.
+type Value = Arc<dyn Any + Send + Sync>;
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<Vec<u8>, Plain>,
+    entries: HashMap<Vec<u8>, Value>,
     generations: [u64; Table::ALL.len()],
 }
 
@@ -39,8 +41,10 @@ impl ReadCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<Plain> {
-        self.lock().entries.get(key).cloned()
+    /// A copy of the cached value, if one is cached as a `T` (a reader asking for another
+    /// type reads the backend instead).
+    pub fn get<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
+        self.lock().entries.get(key)?.downcast_ref::<T>().cloned()
     }
 
     /// The table's generation, taken before reading the backend.
@@ -49,7 +53,13 @@ impl ReadCache {
     }
 
     /// Keeps what a reader read, unless a write to the table began since `generation`.
-    pub fn put(&self, table: Table, generation: u64, key: Vec<u8>, plain: Plain) {
+    pub fn put<T: Send + Sync + 'static>(
+        &self,
+        table: Table,
+        generation: u64,
+        key: Vec<u8>,
+        value: T,
+    ) {
         if !cached(table) {
             return;
         }
@@ -60,7 +70,7 @@ impl ReadCache {
         if inner.entries.len() >= CAPACITY {
             inner.entries.clear();
         }
-        inner.entries.insert(key, plain);
+        inner.entries.insert(key, Arc::new(value));
     }
 
     /// Called before and after a write reaches the backend, with the keys it touches.
@@ -82,29 +92,15 @@ mod tests {
         let cache = ReadCache::default();
         let before = cache.generation(Table::Connections);
         cache.invalidate([(Table::Connections, b"k".as_slice())]);
-        cache.put(
-            Table::Connections,
-            before,
-            b"k".to_vec(),
-            Arc::new(Zeroizing::new(b"old".to_vec())),
-        );
-        assert!(cache.get(b"k").is_none());
+        cache.put(Table::Connections, before, b"k".to_vec(), "old".to_string());
+        assert!(cache.get::<String>(b"k").is_none());
         let now = cache.generation(Table::Connections);
-        cache.put(
-            Table::Connections,
-            now,
-            b"k".to_vec(),
-            Arc::new(Zeroizing::new(b"new".to_vec())),
-        );
-        assert_eq!(cache.get(b"k").unwrap().as_slice(), b"new");
+        cache.put(Table::Connections, now, b"k".to_vec(), "new".to_string());
+        assert_eq!(cache.get::<String>(b"k").as_deref(), Some("new"));
+        assert!(cache.get::<u32>(b"k").is_none(), "another type is a miss");
         // Audit records are never kept.
         let audit = cache.generation(Table::Audit);
-        cache.put(
-            Table::Audit,
-            audit,
-            b"a".to_vec(),
-            Arc::new(Zeroizing::new(b"x".to_vec())),
-        );
-        assert!(cache.get(b"a").is_none());
+        cache.put(Table::Audit, audit, b"a".to_vec(), "x".to_string());
+        assert!(cache.get::<String>(b"a").is_none());
     }
 }

@@ -27,6 +27,11 @@ use zeroize::Zeroizing;
 use crate::vault::{Header, Kek, KeySource, Vault, VaultError};
 use group_commit::GroupCommit;
 
+/// A value the store reads through its cache: parsed once, then copied out to readers.
+pub trait Record: DeserializeOwned + Clone + Send + Sync + 'static {}
+
+impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Record for T {}
+
 /// The logical tables. A record's full key is `table ‖ 0x00 ‖ path`; the envelope is bound to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
@@ -316,22 +321,17 @@ impl Store {
     }
 
     /// Reads and decrypts one record.
-    pub fn get<T: DeserializeOwned>(
-        &self,
-        table: Table,
-        path: &str,
-    ) -> Result<Option<T>, StoreError> {
+    pub fn get<T: Record>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
-        if let Some(plain) = self.cache.get(&key) {
-            return Self::parse(&key, &plain).map(Some);
+        if let Some(value) = self.cache.get::<T>(&key) {
+            return Ok(Some(value));
         }
         let generation = self.cache.generation(table);
         match self.backend.get(&key)? {
             None => Ok(None),
             Some(sealed) => {
-                let plain = self.vault.open(&key, &sealed)?;
-                let value = Self::parse(&key, &plain)?;
-                self.cache.put(table, generation, key, Arc::new(plain));
+                let value: T = self.decode(&key, &sealed)?;
+                self.cache.put(table, generation, key, value.clone());
                 Ok(Some(value))
             }
         }

@@ -276,11 +276,7 @@ fn every_record_type_round_trips() {
         Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Kind, Mode,
         Secret,
     };
-    fn check<T: serde::Serialize + serde::de::DeserializeOwned>(
-        store: &Store,
-        table: Table,
-        value: &T,
-    ) {
+    fn check<T: serde::Serialize + Record>(store: &Store, table: Table, value: &T) {
         let mut batch = Batch::new();
         batch.put(table, "some/path", value);
         store.commit_blocking(batch).unwrap();
