@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use super::VaultError;
 use super::header::Kdf;
+use super::locked::LockedKey;
 
 /// Fills an array from the thread-local CSPRNG (ChaCha, seeded and reseeded from the OS).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -33,8 +34,8 @@ impl KeySource {
     }
 }
 
-/// The unlocked key-encryption key, wiped from memory on drop.
-pub struct Kek(Zeroizing<[u8; 32]>);
+/// The unlocked key-encryption key: locked in memory where allowed, wiped on drop.
+pub struct Kek(LockedKey);
 
 impl std::fmt::Debug for Kek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,7 +45,7 @@ impl std::fmt::Debug for Kek {
 
 impl Kek {
     pub fn bytes(&self) -> &[u8; 32] {
-        &self.0
+        self.0.bytes()
     }
 
     /// Derives the KEK that `kdf` (from the store's header) describes.
@@ -79,7 +80,7 @@ fn argon2id(
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(phrase.expose_secret().as_bytes(), salt, out.as_mut())
         .map_err(|e| VaultError::Kdf(e.to_string()))?;
-    Ok(Kek(out))
+    Ok(Kek(LockedKey::new(*out)))
 }
 
 fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
@@ -94,12 +95,12 @@ fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
     let mut key = Zeroizing::new([0u8; 32]);
     if raw.len() == 32 {
         key.copy_from_slice(&raw);
-        return Ok(Kek(key));
+        return Ok(Kek(LockedKey::new(*key)));
     }
     // Also accept 64 hex digits (e.g. a systemd credential written with a text editor).
     let text = std::str::from_utf8(&raw).unwrap_or("").trim();
     if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
-        return Ok(Kek(key));
+        return Ok(Kek(LockedKey::new(*key)));
     }
     Err(VaultError::KeyFileMalformed {
         path: shown,

@@ -4,19 +4,25 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, Zeroizing};
+
+use super::locked::LockedKey;
 
 /// Encryptions allowed under one term: 2^32 minus a margin, the NIST bound for random 96-bit
 /// nonces under one AES-GCM key.
 pub const TERM_LIMIT: u64 = (1 << 32) - (1 << 20);
 
-/// One 256-bit data key, wiped on drop and never printed.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct DataKey([u8; 32]);
+/// One 256-bit data key: locked in memory where allowed, wiped on drop and never printed.
+#[derive(Clone)]
+pub struct DataKey(LockedKey);
 
 impl DataKey {
+    fn new(bytes: [u8; 32]) -> Self {
+        Self(LockedKey::new(bytes))
+    }
+
     pub fn bytes(&self) -> &[u8; 32] {
-        &self.0
+        self.0.bytes()
     }
 }
 
@@ -53,7 +59,7 @@ impl Keyring {
     /// A keyring with one fresh key, term 1.
     pub fn generate() -> Self {
         let mut keys = BTreeMap::new();
-        keys.insert(1, DataKey(super::random_bytes()));
+        keys.insert(1, DataKey::new(super::random_bytes()));
         Self { current: 1, keys }
     }
 
@@ -73,7 +79,7 @@ impl Keyring {
     pub fn add_term(&mut self) -> u32 {
         self.current += 1;
         self.keys
-            .insert(self.current, DataKey(super::random_bytes()));
+            .insert(self.current, DataKey::new(super::random_bytes()));
         self.current
     }
 
@@ -88,7 +94,7 @@ impl Keyring {
             keys: self
                 .keys
                 .iter()
-                .map(|(t, k)| (*t, hex::encode(k.0)))
+                .map(|(t, k)| (*t, hex::encode(k.bytes())))
                 .collect(),
         };
         Zeroizing::new(serde_json::to_vec(&stored).expect("keyring serializes"))
@@ -101,7 +107,7 @@ impl Keyring {
             let mut key = [0u8; 32];
             hex::decode_to_slice(hex_key, &mut key)
                 .map_err(|_| format!("key of term {term} is malformed"))?;
-            keys.insert(*term, DataKey(key));
+            keys.insert(*term, DataKey::new(key));
             key.zeroize();
         }
         if !keys.contains_key(&stored.current) {

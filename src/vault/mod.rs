@@ -13,6 +13,7 @@ mod envelope;
 mod header;
 mod kek;
 mod keyring;
+mod locked;
 
 pub use envelope::{ENVELOPE_OVERHEAD, Envelope};
 pub use header::{ARGON2_PARAMS, FORMAT_VERSION, Header, Kdf};
