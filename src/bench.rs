@@ -71,7 +71,8 @@ pub struct BenchOptions {
     pub connections: usize,
     /// The open-loop rate, as a fraction of Echo's peak.
     pub rate_fraction: f64,
-    /// Personal connections stored besides the benchmark's own (resolve picks among them).
+    /// Personal connections to grow the store to, from 1,000 (resolve picks among them); 0 for
+    /// none.
     pub stored: u64,
     /// Where the throwaway broker lives (removed afterwards).
     pub dir: PathBuf,
@@ -115,6 +116,11 @@ struct Broker {
     addr: String,
     certs: PathBuf,
     dir: PathBuf,
+    config: crate::config::Config,
+    config_path: PathBuf,
+    /// The personal connector's id, and how many connections it has.
+    personal: String,
+    stored: u64,
 }
 
 impl Drop for Broker {
@@ -128,15 +134,14 @@ impl Drop for Broker {
 const KEY_CONNECTOR: &str = "Bench Key";
 const OAUTH_CONNECTOR: &str = "Bench OAuth";
 const PERSONAL_CONNECTOR: &str = "Bench Personal";
+/// Stored personal connections of the first store-size measurement; `--stored` grows it.
+const STORED_BASE: u64 = 1000;
 
 /// Makes the broker's store: the connectors the benchmark resolves, and `stored` personal
-/// connections to show how resolve scales with the store's size.
-async fn populate(config: &crate::config::Config, stored: u64) -> Result<(), BenchError> {
-    let key = config
-        .store
-        .key_source()
-        .map_err(|e| BenchError::Daemon(e.to_string()))?;
-    let store = std::sync::Arc::new(Store::open(&config.store.path, &key)?);
+/// connections to show how resolve scales with the store's size. Returns the personal
+/// connector's id.
+async fn populate(config: &crate::config::Config, stored: u64) -> Result<String, BenchError> {
+    let store = std::sync::Arc::new(open_store(config)?);
     let registry = Registry::new(store.clone());
     let connector =
         |name: &str, kind, mode, config: &[(&str, &str)], secrets: &[(&str, &str)]| NewConnector {
@@ -199,14 +204,20 @@ async fn populate(config: &crate::config::Config, stored: u64) -> Result<(), Ben
             &[],
         ))
         .await?;
-    let mut user = 0;
-    while user < stored {
+    add_users(&store, &personal.id, 0, stored).await?;
+    Ok(personal.id)
+}
+
+/// Stores personal connections `u{from}`..`u{to}` of the connector `personal`.
+async fn add_users(store: &Store, personal: &str, from: u64, to: u64) -> Result<(), BenchError> {
+    let mut user = from;
+    while user < to {
         let mut batch = crate::store::Batch::new();
-        for _ in 0..1000.min(stored - user) {
-            let mut connection = Connection::new(&personal.id, &format!("u{user}"));
+        for _ in 0..1000.min(to - user) {
+            let mut connection = Connection::new(personal, &format!("u{user}"));
             connection.status = ConnectionStatus::Connected;
             connection.connected_at = Some(Utc::now());
-            let path = crate::model::connection_path(&personal.id, &connection.user_id);
+            let path = crate::model::connection_path(personal, &connection.user_id);
             let mut secrets = ConnectionSecrets::default();
             secrets
                 .slots
@@ -221,7 +232,16 @@ async fn populate(config: &crate::config::Config, stored: u64) -> Result<(), Ben
     Ok(())
 }
 
-async fn start(options: &BenchOptions) -> Result<Broker, BenchError> {
+fn open_store(config: &crate::config::Config) -> Result<Store, BenchError> {
+    let key = config
+        .store
+        .key_source()
+        .map_err(|e| BenchError::Daemon(e.to_string()))?;
+    Ok(Store::open(&config.store.path, &key)?)
+}
+
+/// Prepares a throwaway broker's state (`stored` personal connections) and starts it.
+async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError> {
     let dir = options.dir.clone();
     let certs = dir.join("certs");
     let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0)?;
@@ -231,13 +251,35 @@ async fn start(options: &BenchOptions) -> Result<Broker, BenchError> {
     std::fs::write(&config_path, text).map_err(io("write the bench config"))?;
     let config =
         crate::config::Config::load(&config_path).map_err(|e| BenchError::Daemon(e.to_string()))?;
-    populate(&config, options.stored).await?;
+    let personal = populate(&config, stored).await?;
+    let (child, addr) = spawn_daemon(&dir, &config_path, &certs)?;
+    Ok(Broker {
+        addr,
+        child,
+        certs,
+        dir,
+        config,
+        config_path,
+        personal,
+        stored,
+    })
+}
 
+/// Starts `credbroker serve` on `config_path`; returns it with its gRPC address.
+fn spawn_daemon(
+    dir: &Path,
+    config_path: &Path,
+    certs: &Path,
+) -> Result<(Child, String), BenchError> {
     let exe = std::env::current_exe().map_err(io("find the credbroker binary"))?;
-    let log = std::fs::File::create(dir.join("daemon.log")).map_err(io("create the daemon log"))?;
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .map_err(io("open the daemon log"))?;
     let mut child = Command::new(exe)
         .args(["serve", "--config"])
-        .arg(&config_path)
+        .arg(config_path)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -269,15 +311,24 @@ async fn start(options: &BenchOptions) -> Result<Broker, BenchError> {
             certs.join("ca.pem").display()
         );
     }
-    Ok(Broker {
-        addr: format!("https://{addr}"),
-        child,
-        certs,
-        dir,
-    })
+    Ok((child, format!("https://{addr}")))
 }
 
 impl Broker {
+    /// Stops the daemon (it holds the store), adds personal connections up to `stored`, and
+    /// starts it again on the same state.
+    async fn grow_to(&mut self, stored: u64) -> Result<(), BenchError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let store = open_store(&self.config)?;
+        add_users(&store, &self.personal, self.stored, stored).await?;
+        drop(store);
+        self.stored = stored;
+        let (child, addr) = spawn_daemon(&self.dir, &self.config_path, &self.certs)?;
+        (self.child, self.addr) = (child, addr);
+        Ok(())
+    }
+
     async fn channel(&self) -> Result<Channel, BenchError> {
         Ok(channel(&self.addr, &self.tls()).await?)
     }
@@ -452,7 +503,7 @@ pub async fn run(
     options: &BenchOptions,
     mut progress: impl FnMut(&Row),
 ) -> Result<Vec<Row>, BenchError> {
-    let broker = start(options).await?;
+    let mut broker = start(options, options.stored.min(STORED_BASE)).await?;
     let duration = Duration::from_secs(options.seconds.max(1));
     let mut channels = Vec::new();
     for _ in 0..options.connections.max(1) {
@@ -527,7 +578,7 @@ pub async fn run(
         Row {
             scenario: "resolve cached oauth, 1 in flight".into(),
             stats: oauth_one,
-            baseline: Some(echo_one),
+            baseline: Some(echo_one.clone()),
         },
         &mut rows,
     );
@@ -561,20 +612,6 @@ pub async fn run(
         &mut rows,
     );
 
-    if options.stored > 0 {
-        let stored = options.stored;
-        let personal =
-            closed_loop(one, 1, duration, resolve_call(PERSONAL_CONNECTOR, stored)).await;
-        emit(
-            Row {
-                scenario: format!("resolve personal key among {stored}, 1 in flight"),
-                stats: personal,
-                baseline: None,
-            },
-            &mut rows,
-        );
-    }
-
     let echo_new = new_connections(&broker, 8, duration, echo).await?;
     emit(
         Row {
@@ -593,6 +630,39 @@ pub async fn run(
         },
         &mut rows,
     );
+
+    // Last, because growing the store restarts the daemon: resolve among the first
+    // `STORED_BASE` personal connections, then among all of them, each a random user per call.
+    if options.stored > 0 {
+        let base = broker.stored;
+        let among_base =
+            closed_loop(one, 1, duration, resolve_call(PERSONAL_CONNECTOR, base)).await;
+        emit(
+            Row {
+                scenario: format!("resolve personal key among {base}, 1 in flight"),
+                stats: among_base.clone(),
+                baseline: Some(echo_one),
+            },
+            &mut rows,
+        );
+        if options.stored > base {
+            broker.grow_to(options.stored).await?;
+            let one = [broker.channel().await?];
+            // Warm the connection only: the store's caches start cold, as after any restart.
+            closed_loop(&one, 1, Duration::from_secs(1), echo).await;
+            let stored = options.stored;
+            let among_all =
+                closed_loop(&one, 1, duration, resolve_call(PERSONAL_CONNECTOR, stored)).await;
+            emit(
+                Row {
+                    scenario: format!("resolve personal key among {stored}, 1 in flight"),
+                    stats: among_all,
+                    baseline: Some(among_base),
+                },
+                &mut rows,
+            );
+        }
+    }
     Ok(rows)
 }
 
@@ -661,7 +731,7 @@ pub async fn soak(
     every: Duration,
     mut progress: impl FnMut(Duration, u64),
 ) -> Result<Soak, BenchError> {
-    let broker = start(options).await?;
+    let broker = start(options, 0).await?;
     let mut channels = Vec::new();
     for _ in 0..options.connections.max(1) {
         channels.push(broker.channel().await?);

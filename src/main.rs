@@ -166,7 +166,8 @@ enum Command {
         /// Open-loop rate as a fraction of Echo's peak.
         #[arg(long, default_value_t = 0.25)]
         rate_fraction: f64,
-        /// Personal connections to store first, to see resolve at that store size.
+        /// Also resolve among 1,000 stored personal connections, then grow the store to this
+        /// many and resolve among them all (the daemon restarts in between).
         #[arg(long, default_value_t = 0)]
         stored: u64,
         /// Instead of the measurements, resolve for this many seconds and report the daemon's
