@@ -170,8 +170,8 @@ enum Command {
         /// many and resolve among them all (the daemon restarts in between).
         #[arg(long, default_value_t = 0)]
         stored: u64,
-        /// Instead of the measurements, resolve for this many seconds and report the daemon's
-        /// memory (RSS) every 10 s.
+        /// After the measurements, resolve for this many seconds on a fresh broker and report
+        /// its memory (RSS) every 10 s.
         #[arg(long)]
         soak: Option<u64>,
     },
@@ -363,28 +363,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 stored,
                 dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
             };
+            println!("{}", credbroker::bench::header());
+            credbroker::bench::run(&options, |row| {
+                println!("{}", credbroker::bench::format_row(row))
+            })
+            .await?;
             if let Some(seconds) = soak {
                 let every = std::time::Duration::from_secs(10);
                 let report = credbroker::bench::soak(
                     &options,
                     std::time::Duration::from_secs(seconds),
                     every,
-                    |at, rss| println!("{:>5}s  rss {rss} KiB", at.as_secs()),
+                    |at, rss| println!("soak {:>5}s  rss {rss} KiB", at.as_secs()),
                 )
                 .await?;
                 println!(
-                    "{} calls, {} errors; RSS max/min after the first minute: {:.3}",
+                    "soak: {} calls, {} errors; RSS max/min after the first minute: {:.3}",
                     report.calls,
                     report.errors,
                     report.growth_after_warmup(every)
                 );
-                return Ok(());
             }
-            println!("{}", credbroker::bench::header());
-            credbroker::bench::run(&options, |row| {
-                println!("{}", credbroker::bench::format_row(row))
-            })
-            .await?;
             Ok(())
         }
         Command::Dev {
