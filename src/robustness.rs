@@ -1,7 +1,8 @@
 //! Garbage in, errors out: seeded mutations of valid inputs through every parser that reads
 //! untrusted bytes — envelopes, the configuration, the policy, the provider catalog's label
-//! paths, iCalendar and MIME — must return (an error or a value), never panic. A cheap stand-in
-//! for cargo-fuzz, which needs a nightly toolchain this project's machines do not have.
+//! paths, iCalendar and MIME — must return (an error or a value), never panic. These seeded
+//! mutations are the cheap, always-on check in `cargo test`; the coverage-guided cargo-fuzz
+//! targets for the same parsers live in `fuzz/` (nightly only, see fuzz/README.md).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
