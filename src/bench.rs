@@ -678,7 +678,7 @@ pub fn format_row(row: &Row) -> String {
     let s = &row.stats;
     let ratio = match &row.baseline {
         Some(b) => format!(
-            "{:.0}% rate, p50 +{}µs, p99 x{:.2}",
+            "{:.0}% rate, p50 {:+}µs, p99 x{:.2}",
             100.0 * s.rate() / b.rate().max(1e-9),
             s.percentile_us(50.0) as i64 - b.percentile_us(50.0) as i64,
             s.percentile_us(99.0) as f64 / b.percentile_us(99.0).max(1) as f64

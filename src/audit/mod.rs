@@ -5,8 +5,8 @@
 //! [`AuditLog::record`] returns only once its record is on disk; if it cannot be written the
 //! caller fails the request (fail closed).
 //!
-//! Records live in the store (sealed like everything else), one value per commit: the records
-//! of a batch under `b/{first seq:020}`, because one store write per record was most of the
+//! Records live in the store (sealed like everything else), up to [`RECORDS_PER_VALUE`] per
+//! value under `b/{first seq:020}`, because one store write per record was most of the
 //! writer's cost. The latest head is kept beside them under `head`, written in the same commit,
 //! so that deleting the last records is detected too. Records never contain a secret.
 
@@ -26,6 +26,9 @@ use crate::store::{Batch, Store, StoreError, Table};
 
 /// Most records one commit carries.
 const MAX_BATCH: usize = 4096;
+/// Records stored in one value. Small enough that sled's leaves (up to 17 values) stay under
+/// its blob threshold (128 KiB): larger pages go to blob files, one file and two syncs each.
+const RECORDS_PER_VALUE: usize = 16;
 /// Queue depth before callers wait for room (back-pressure, not loss).
 const QUEUE: usize = 65536;
 
@@ -229,9 +232,10 @@ fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver
             time: Some(time),
         };
         let mut batch = Batch::new();
-        batch
-            .put(Table::Audit, batch_path(start.seq + 1), &records)
-            .put(Table::Audit, HEAD_PATH, &new_head);
+        for chunk in records.chunks(RECORDS_PER_VALUE) {
+            batch.put(Table::Audit, batch_path(chunk[0].seq), &chunk);
+        }
+        batch.put(Table::Audit, HEAD_PATH, &new_head);
         let started = std::time::Instant::now();
         let committed = store.commit_here(batch);
         crate::metrics::audit_flush(pending.len(), started.elapsed());

@@ -166,8 +166,13 @@ mod tests {
             .unwrap();
         assert!(
             batches.len() < 300,
-            "300 concurrent records took {} commits",
+            "300 concurrent records took {} values",
             batches.len()
+        );
+        assert!(
+            batches
+                .iter()
+                .all(|(_, records)| records.len() <= RECORDS_PER_VALUE)
         );
 
         let seqs_of = |records: Vec<AuditRecord>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
