@@ -131,8 +131,14 @@ impl Connect {
             }
         };
         let report = self.run_test(target, &candidate).await;
-        if stored && connector.kind == Kind::ImapSmtp && report.auth_refused() {
-            // The stored password no longer works: the user must reconnect.
+        let signs_in_with_password = candidate.secrets.contains_key("password");
+        if stored
+            && connector.kind == Kind::ImapSmtp
+            && signs_in_with_password
+            && report.auth_refused()
+        {
+            // The stored password no longer works: the user must reconnect. (A refused OAuth
+            // token is the OAuth connection's business: it expires through its own refresh.)
             let why = report.failures();
             self.registry
                 .mark_expired(
@@ -174,7 +180,7 @@ impl Connect {
                         return TestReport {
                             checks: vec![Check::failed(
                                 "oauth",
-                                Stage::Auth,
+                                Stage::Config,
                                 format!("no access token to sign in with: {e}"),
                             )],
                             account_label: None,

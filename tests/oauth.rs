@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, reason};
+use support::daemon::{Daemon, metric, reason};
 use support::oauth::{Browser, RETURN_URL, begin, callback_url, conn, connect, create_connector};
 use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
@@ -45,14 +45,6 @@ async fn connection(admin: &mut AdminClient<Channel>, user: &str) -> proto::Conn
 }
 
 /// Waits until access tokens issued before now have expired at the server.
-/// The value of one series in a Prometheus text body (0 when absent).
-fn metric(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 async fn let_tokens_expire() {
     tokio::time::sleep(Duration::from_secs(peers::ACCESS_TTL_SECS + 1)).await;
 }

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY};
+use support::daemon::{Daemon, OPEN_POLICY, metric};
 use tonic::transport::Channel;
 
 const CANARY_SECRET: &str = "canary-secret-6d0b1e";
@@ -59,13 +59,6 @@ async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &
 }
 
 /// The value of the sample line `name{labels}` in a Prometheus text body (0 when absent).
-fn sample(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     let daemon = Daemon::start_with_args(OPEN_POLICY, "", &["--log-format", "json"]);
@@ -76,7 +69,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
 
     let (status, before) = daemon.http_get("/metrics").await;
     assert_eq!(status, 200);
-    assert_eq!(sample(&before, ok_resolves), 0.0);
+    assert_eq!(metric(&before, ok_resolves), 0.0);
 
     api_key_connector(
         &mut admin,
@@ -111,26 +104,26 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 
     let (_, after) = daemon.http_get("/metrics").await;
-    assert_eq!(sample(&after, ok_resolves), 3.0, "{after}");
-    assert_eq!(sample(&after, missing), 1.0, "{after}");
+    assert_eq!(metric(&after, ok_resolves), 3.0, "{after}");
+    assert_eq!(metric(&after, missing), 1.0, "{after}");
     assert_eq!(
-        sample(
+        metric(
             &after,
             "credbroker_rpc_duration_seconds_count{method=\"ResolveCredential\"}"
         ),
         4.0
     );
     assert_eq!(
-        sample(&after, "credbroker_connections{status=\"connected\"}"),
+        metric(&after, "credbroker_connections{status=\"connected\"}"),
         2.0,
         "{after}"
     );
-    assert!(sample(&after, "credbroker_audit_records_total") >= 7.0);
-    assert!(sample(&after, "credbroker_audit_flush_duration_seconds_count") >= 1.0);
-    assert!(sample(&after, "credbroker_store_sync_duration_seconds_count") >= 1.0);
+    assert!(metric(&after, "credbroker_audit_records_total") >= 7.0);
+    assert!(metric(&after, "credbroker_audit_flush_duration_seconds_count") >= 1.0);
+    assert!(metric(&after, "credbroker_store_sync_duration_seconds_count") >= 1.0);
     assert!(after.contains("# TYPE credbroker_audit_queue_depth gauge"));
-    assert_eq!(sample(&after, "credbroker_key_term"), 1.0);
-    assert!(sample(&after, "credbroker_token_refresh_total{outcome=\"ok\"}") == 0.0);
+    assert_eq!(metric(&after, "credbroker_key_term"), 1.0);
+    assert!(metric(&after, "credbroker_token_refresh_total{outcome=\"ok\"}") == 0.0);
     for body in [&before, &after] {
         assert!(!body.contains(CANARY_SECRET) && !body.contains(CANARY_USER));
         assert!(
@@ -435,7 +428,7 @@ async fn rotate_key_under_concurrent_resolves() {
     assert_eq!(r.retired, vec![1]);
     assert!(r.rewrapped > 20, "{r:?}");
     let (_, metrics) = daemon.http_get("/metrics").await;
-    assert_eq!(sample(&metrics, "credbroker_key_term"), 2.0);
+    assert_eq!(metric(&metrics, "credbroker_key_term"), 2.0);
     let mut args = admin_args(&daemon);
     args.push("status".into());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -57,8 +57,9 @@ impl Settings {
                     "no CalDAV server URL: set `url` on the connection or the connector".into(),
                 )
             })?;
+        // The value is not echoed: a malformed URL may still carry a password.
         let mut url = Url::parse(url)
-            .map_err(|_| CalendarError::Config(format!("the CalDAV URL {url:?} is not a URL")))?;
+            .map_err(|e| CalendarError::Config(format!("the CalDAV URL is not a URL: {e}")))?;
         if url.scheme() != "https" {
             return Err(CalendarError::Config(
                 "the CalDAV URL must start with https://".into(),

@@ -70,10 +70,11 @@ fn calendar_id(calendar: &str) -> &str {
 }
 
 fn events_url(base: &str, calendar: &str) -> Result<Url, CalendarError> {
+    // The value is not echoed: a malformed URL may still carry credentials.
     let mut url = Url::parse(base.trim_end_matches('/'))
-        .map_err(|_| CalendarError::Config(format!("base_url {base:?} is not a URL")))?;
+        .map_err(|e| CalendarError::Config(format!("base_url is not a URL: {e}")))?;
     url.path_segments_mut()
-        .map_err(|_| CalendarError::Config(format!("base_url {base:?} cannot take a path")))?
+        .map_err(|_| CalendarError::Config("base_url cannot take a path".into()))?
         .push("calendars")
         .push(calendar_id(calendar))
         .push("events");

@@ -510,18 +510,22 @@ impl Calendars<'_> {
         }
     }
 
-    /// A stored password the server refuses marks the connection EXPIRED: the user must
-    /// reconnect, and callers are told so instead of retrying.
-    async fn expire_on_refusal<T>(
+    /// Records the use of a CalDAV connection that worked (OAuth ones are recorded when their
+    /// token is served). A stored password the server refuses marks the connection EXPIRED:
+    /// the user must reconnect, and callers are told so instead of retrying.
+    async fn settle<T>(
         &self,
         target: &Target,
         result: Result<T, CalendarError>,
     ) -> Result<T, CalendarError> {
+        let connector = &target.connector;
+        let user = &target.connection_user;
+        if result.is_ok() && connector.kind == Kind::Caldav {
+            self.registry.record_use(connector, user);
+        }
         let Err(CalendarError::AuthRefused { server, status }) = &result else {
             return result;
         };
-        let connector = &target.connector;
-        let user = &target.connection_user;
         if connector.kind == Kind::Caldav
             && self
                 .registry
@@ -575,7 +579,7 @@ impl Calendars<'_> {
                 .await
             }
         };
-        self.expire_on_refusal(target, result).await
+        self.settle(target, result).await
     }
 
     pub async fn create(
@@ -603,7 +607,7 @@ impl Calendars<'_> {
                 .await
             }
         };
-        self.expire_on_refusal(target, result).await
+        self.settle(target, result).await
     }
 }
 

@@ -231,7 +231,7 @@ impl Mail {
         ))
     }
 
-    /// OAuth mail connections are recorded by the resolver of their OAuth connection.
+    /// OAuth mail connections are recorded when their token is served (`OAuth::access_token`).
     fn record_use(&self, target: &Target) {
         if target.connector.kind == crate::model::Kind::ImapSmtp {
             self.registry

@@ -182,16 +182,20 @@ fn is_auth_code(code: &str) -> bool {
 
 /// A lettre error as a mail error. Server texts are kept (they never contain the password);
 /// lettre's own texts are summarised.
+fn auth_refused(account: &Account) -> MailError {
+    MailError::AuthRefused {
+        service: Service::Smtp,
+        server: account.smtp.addr(),
+        what: account.auth.what(),
+        hint: "check the username and password (an app password if the account uses two-factor authentication)",
+    }
+}
+
 fn classify(account: &Account, e: &smtp::Error) -> MailError {
     let server = account.smtp.addr();
     let code = e.status().map(|c| c.to_string()).unwrap_or_default();
     if e.is_permanent() && is_auth_code(&code) {
-        return MailError::AuthRefused {
-            service: Service::Smtp,
-            server,
-            what: account.auth.what(),
-            hint: "check the username and password (an app password if the account uses two-factor authentication)",
-        };
+        return auth_refused(account);
     }
     if e.is_permanent() {
         return MailError::Rejected {
@@ -312,7 +316,12 @@ async fn try_auth(account: &Account, timeout: Duration) -> Result<(), TestFailur
         let (credentials, mechanisms) = credentials(account);
         let result = conn.auth(&mechanisms, &credentials).await;
         let _ = conn.quit().await;
-        result.map_err(fail)?;
+        // Any permanent refusal of AUTH is a refusal, and its text is not kept: a server may
+        // echo the AUTH argument, which holds the password.
+        result.map_err(|e| match e.is_permanent() {
+            true => TestFailure::Failed(auth_refused(account)),
+            false => fail(e),
+        })?;
         Ok(())
     }
 }

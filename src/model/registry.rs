@@ -523,28 +523,31 @@ impl Registry {
 
     /// Records that a connection was used, at most once a minute, without a sync of its own:
     /// `last_used_at` is a hint, made durable by the next commit (the call's audit record).
-    /// The record is read again just before the write, so a concurrent change (a new status, a
-    /// disconnect) is not overwritten by a stale copy.
+    /// A concurrent change (a new status, a disconnect) wins over it: the record is rewritten
+    /// only if it is still the one read.
     pub fn record_use(&self, connector: &Connector, user_id: &str) {
-        let Ok(Some(mut connection)) = self.connection(connector, user_id) else {
-            return;
-        };
         let now = Utc::now();
+        let recent = |connection: &Connection| {
+            connection
+                .last_used_at
+                .is_some_and(|t| now - t < LAST_USED_GRANULARITY)
+        };
         // The common case (used within the minute) costs one cached read and no write.
-        if connection
-            .last_used_at
-            .is_some_and(|t| now - t < LAST_USED_GRANULARITY)
-        {
-            return;
+        match self.connection(connector, user_id) {
+            Ok(Some(connection)) if !recent(&connection) => {}
+            _ => return,
         }
-        connection.last_used_at = Some(now);
-        let mut batch = Batch::new();
-        batch.put(
-            Table::Connections,
-            connection_path(&connection.connector_id, &connection.user_id),
-            &connection,
-        );
-        if let Err(e) = self.store.apply_unsynced(batch) {
+        let path = connection_path(&connector.id, user_id);
+        let written =
+            self.store
+                .update_unsynced(Table::Connections, &path, |connection: &mut Connection| {
+                    if recent(connection) {
+                        return false;
+                    }
+                    connection.last_used_at = Some(now);
+                    true
+                });
+        if let Err(e) = written {
             tracing::warn!(error = %e, "could not record last_used_at");
         }
     }

@@ -163,6 +163,18 @@ impl OAuth {
         user: &str,
         min_ttl: Duration,
     ) -> Result<AccessToken, OAuthError> {
+        let token = self.fresh_token(connector, user, min_ttl).await?;
+        // Every use of an OAuth connection comes through here: resolve, mail, calendar.
+        self.registry.record_use(connector, user);
+        Ok(token)
+    }
+
+    async fn fresh_token(
+        &self,
+        connector: &Connector,
+        user: &str,
+        min_ttl: Duration,
+    ) -> Result<AccessToken, OAuthError> {
         if connector.kind != Kind::Oauth2 {
             return Err(OAuthError::NotOAuth {
                 connector: connector.name.clone(),

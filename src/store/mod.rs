@@ -323,6 +323,13 @@ impl Store {
     /// Reads and decrypts one record.
     pub fn get<T: Record>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
+        if !cache::cached(table) {
+            return self
+                .backend
+                .get(&key)?
+                .map(|sealed| self.decode(&key, &sealed))
+                .transpose();
+        }
         if let Some(value) = self.cache.get::<T>(&key) {
             return Ok(Some(value));
         }
@@ -410,11 +417,33 @@ impl Store {
         self.rotate_if_worn()
     }
 
-    /// Applies `batch` without waiting for it to reach the disk: only for hints a crash may
-    /// lose (a connection's last use). Readers see it at once; it becomes durable with the next
-    /// commit of any writer, which on a serving daemon is the audit record of the same call.
-    pub fn apply_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch)
+    /// Rewrites one record with `change` (which returns whether it changed anything), without
+    /// a sync of its own: only for hints a crash may lose (a connection's last use), made
+    /// durable by the next commit of any writer — on a serving daemon, the same call's audit
+    /// record. The write happens only if the record is still what was read: a concurrent
+    /// change or delete wins, and the hint is dropped. Returns whether it wrote.
+    pub fn update_unsynced<T: Record + Serialize>(
+        &self,
+        table: Table,
+        path: &str,
+        change: impl FnOnce(&mut T) -> bool,
+    ) -> Result<bool, StoreError> {
+        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let key = table.key(path);
+        let Some(sealed) = self.backend.get(&key)? else {
+            return Ok(false);
+        };
+        let mut value: T = self.decode(&key, &sealed)?;
+        if !change(&mut value) {
+            return Ok(false);
+        }
+        let plain = Zeroizing::new(serde_json::to_vec(&value).expect("records serialize"));
+        let resealed = self.vault.seal(&key, &plain)?;
+        let keys = [(table, key.as_slice())];
+        self.cache.invalidate(keys);
+        let written = self.backend.replace_if(&key, &sealed, resealed);
+        self.cache.invalidate(keys);
+        written
     }
 
     /// [`Store::commit`] for callers outside the async runtime (the CLI).

@@ -215,19 +215,7 @@ impl Store {
 
     /// Records whose envelope is sealed under a term older than `term`.
     pub fn records_below(&self, term: u32) -> Result<u64, StoreError> {
-        let mut count = 0;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.backend.scan_prefix(b"", after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else {
-                return Ok(count);
-            };
-            after = Some(last.clone());
-            count += page
-                .iter()
-                .filter(|(_, v)| Vault::term_of(v).is_some_and(|t| t < term))
-                .count() as u64;
-        }
+        Ok(self.terms_in_use()?.range(..term).map(|(_, n)| n).sum())
     }
 
     /// Records in the store, counted page by page.

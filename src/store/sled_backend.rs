@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Backend, RawEntry, RawOp, StoreError};
 
@@ -28,6 +29,9 @@ pub struct SledBackend {
     blobs: PathBuf,
     /// Blob files already synced (those sled removed are dropped at the next sync).
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// Set by the first failed sync. Linux reports a failed writeback once and then forgets
+    /// it, so a later sync could succeed over lost data: after one failure, none succeeds.
+    sync_failed: AtomicBool,
 }
 
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -76,6 +80,7 @@ impl SledBackend {
             log,
             blobs: path.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
+            sync_failed: AtomicBool::new(false),
         };
         // Whatever an earlier process left unsynced is synced before anything is acknowledged,
         // and so are the directory entries of a store just created.
@@ -180,10 +185,23 @@ impl Backend for SledBackend {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let sync_error = |e: &dyn std::fmt::Display| StoreError::Sync(e.to_string());
-        self.db.flush().map_err(|e| sync_error(&e))?;
-        self.log.sync_data().map_err(|e| sync_error(&e))?;
-        self.sync_new_blobs().map_err(|e| sync_error(&e))
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Sync(
+                "an earlier sync failed, so later writes may not be on disk; restart the daemon"
+                    .into(),
+            ));
+        }
+        let synced = self
+            .db
+            .flush()
+            .map(drop)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.log.sync_data().map_err(|e| e.to_string()))
+            .and_then(|()| self.sync_new_blobs().map_err(|e| e.to_string()));
+        synced.map_err(|why| {
+            self.sync_failed.store(true, Ordering::Release);
+            StoreError::Sync(why)
+        })
     }
 
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -358,3 +358,40 @@ fn every_record_type_round_trips() {
         },
     );
 }
+
+#[test]
+fn an_unsynced_update_loses_to_a_concurrent_write() {
+    let (_dir, store) = new_store();
+    let mut batch = Batch::new();
+    batch.put(Table::Connections, "cn_1/u1", &"first".to_string());
+    store.commit_blocking(batch).unwrap();
+
+    let written = store
+        .update_unsynced(Table::Connections, "cn_1/u1", |v: &mut String| {
+            *v = "hint".into();
+            true
+        })
+        .unwrap();
+    assert!(written);
+    let now: String = store.get(Table::Connections, "cn_1/u1").unwrap().unwrap();
+    assert_eq!(now, "hint", "readers see the update at once");
+
+    // Another writer (a disconnect) lands between the update's read and its write.
+    let key = Table::Connections.key("cn_1/u1");
+    let written = store
+        .update_unsynced(Table::Connections, "cn_1/u1", |v: &mut String| {
+            store.backend.apply(vec![(key.clone(), None)]).unwrap();
+            *v = "stale".into();
+            true
+        })
+        .unwrap();
+    assert!(!written);
+    let gone: Option<String> = store.get(Table::Connections, "cn_1/u1").unwrap();
+    assert_eq!(gone, None, "the concurrent delete wins");
+    // A record that does not exist is not created.
+    assert!(
+        !store
+            .update_unsynced(Table::Connections, "cn_1/u1", |_: &mut String| true)
+            .unwrap()
+    );
+}

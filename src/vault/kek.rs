@@ -80,7 +80,7 @@ fn argon2id(
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(phrase.expose_secret().as_bytes(), salt, out.as_mut())
         .map_err(|e| VaultError::Kdf(e.to_string()))?;
-    Ok(Kek(LockedKey::new(*out)))
+    Ok(Kek(LockedKey::new(&out)))
 }
 
 fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
@@ -95,12 +95,12 @@ fn read_key_file(path: &Path) -> Result<Kek, VaultError> {
     let mut key = Zeroizing::new([0u8; 32]);
     if raw.len() == 32 {
         key.copy_from_slice(&raw);
-        return Ok(Kek(LockedKey::new(*key)));
+        return Ok(Kek(LockedKey::new(&key)));
     }
     // Also accept 64 hex digits (e.g. a systemd credential written with a text editor).
     let text = std::str::from_utf8(&raw).unwrap_or("").trim();
     if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
-        return Ok(Kek(LockedKey::new(*key)));
+        return Ok(Kek(LockedKey::new(&key)));
     }
     Err(VaultError::KeyFileMalformed {
         path: shown,

@@ -17,8 +17,11 @@ pub const TERM_LIMIT: u64 = (1 << 32) - (1 << 20);
 pub struct DataKey(LockedKey);
 
 impl DataKey {
-    fn new(bytes: [u8; 32]) -> Self {
-        Self(LockedKey::new(bytes))
+    /// Takes `bytes` and wipes them once they are in a locked page.
+    fn new(mut bytes: [u8; 32]) -> Self {
+        let key = Self(LockedKey::new(&bytes));
+        bytes.zeroize();
+        key
     }
 
     pub fn bytes(&self) -> &[u8; 32] {

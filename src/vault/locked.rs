@@ -25,10 +25,10 @@ pub struct LockedKey {
 }
 
 impl LockedKey {
-    pub fn new(bytes: [u8; 32]) -> Self {
-        let mut bytes = bytes;
-        let page = Box::new(Page(bytes));
-        bytes.zeroize();
+    /// Copies `bytes` into a fresh locked page; the caller wipes its own copy.
+    pub fn new(bytes: &[u8; 32]) -> Self {
+        let mut page = Box::new(Page([0; 32]));
+        page.0.copy_from_slice(bytes);
         let locked = lock(&page);
         Self { page, locked }
     }
@@ -40,7 +40,7 @@ impl LockedKey {
 
 impl Clone for LockedKey {
     fn clone(&self) -> Self {
-        Self::new(self.page.0)
+        Self::new(&self.page.0)
     }
 }
 
@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn a_key_is_locked_where_allowed() {
-        let key = LockedKey::new([7; 32]);
+        let key = LockedKey::new(&[7; 32]);
         assert_eq!(key.locked, may_lock(), "mlock refused within the limit");
         assert_eq!(key.bytes(), &[7; 32]);
         assert_eq!(

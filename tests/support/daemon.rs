@@ -68,6 +68,15 @@ fn http_port() -> u16 {
     panic!("no free port in 127.0.0.1:{base}..{}", base + 100);
 }
 
+/// The value of one series in a Prometheus text body (0 when absent: a counter that never
+/// moved is not printed).
+pub fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(OPEN_POLICY, "")
