@@ -19,6 +19,33 @@ const CALDAV: &str = "urn:ietf:params:xml:ns:caldav";
 /// Largest response body read from a server.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// A response body, refused past [`MAX_BODY_BYTES`] (CalDAV and Google Calendar alike).
+pub(super) async fn read_bounded(
+    mut resp: reqwest::Response,
+    server: &str,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, CalendarError> {
+    let status = resp.status().as_u16();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| transport_error(server, &e, timeout))?
+    {
+        if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(CalendarError::Rejected {
+                server: server.to_string(),
+                status,
+                why: format!(
+                    "the response is larger than {MAX_BODY_BYTES} bytes; narrow the window"
+                ),
+            });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
 /// Where and as whom to connect.
 pub struct Settings {
     pub url: Url,
@@ -440,29 +467,13 @@ impl Account {
         }
         let started = std::time::Instant::now();
         let exchange = async {
-            let mut resp = req
+            let resp = req
                 .send()
                 .await
                 .map_err(|e| transport_error(&server, &e, self.timeout))?;
             let status = resp.status();
-            let mut bytes = Vec::new();
-            while let Some(chunk) = resp
-                .chunk()
-                .await
-                .map_err(|e| transport_error(&server, &e, self.timeout))?
-            {
-                if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(CalendarError::Rejected {
-                        server: server.clone(),
-                        status: status.as_u16(),
-                        why: format!(
-                            "the response is larger than {MAX_BODY_BYTES} bytes; narrow the window"
-                        ),
-                    });
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            Ok((status, bytes))
+            let bytes = read_bounded(resp, &server, self.timeout).await?;
+            Ok::<_, CalendarError>((status, bytes))
         }
         .await;
         crate::metrics::upstream(crate::metrics::Upstream::CalDav, started.elapsed());

@@ -180,10 +180,7 @@ async fn send(
         .await
         .map_err(|e| super::caldav::transport_error(server, &e, std::time::Duration::ZERO))?;
     let status = resp.status().as_u16();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| super::caldav::transport_error(server, &e, std::time::Duration::ZERO))?;
+    let body = super::caldav::read_bounded(resp, server, std::time::Duration::ZERO).await?;
     match status {
         200..=299 => serde_json::from_slice(&body)
             .map_err(|e| malformed(format!("the body is not JSON: {e}"))),
