@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::connect::Connect;
 use crate::model::Registry;
 use crate::oauth::OAuth;
-use crate::policy::{PolicyHandle, caller_from_cert};
+use crate::policy::{PolicyHandle, RateLimiter, caller_from_cert};
 use crate::resolve::Resolver;
 use crate::store::Store;
 use crate::vault::KeySource;
@@ -293,9 +293,12 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
         audit,
         policy,
         oauth,
-        rate: crate::policy::RateLimiter::new(
-            config.limits.caller_rate_per_sec,
-            config.limits.caller_burst,
+        rate: crate::policy::Budgets::new(
+            RateLimiter::new(
+                config.limits.caller_rate_per_sec,
+                config.limits.caller_burst,
+            ),
+            RateLimiter::new(config.limits.user_rate_per_sec, config.limits.user_burst),
         ),
         limits: config.limits.clone(),
     }))
