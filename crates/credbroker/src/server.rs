@@ -20,7 +20,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::api::proto::echo_server::EchoServer;
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
@@ -307,10 +306,13 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens.
+/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens. `extra`
+/// holds services served beside the broker's on the same listener and TLS (the benchmark's
+/// Echo baseline); the daemon itself adds none.
 pub async fn run(
     config: Config,
     key: KeySource,
+    extra: tonic::service::Routes,
     on_ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -381,19 +383,16 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     let max = config.limits.max_request_bytes;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(120))
+    let mut routes = tonic::service::RoutesBuilder::from(extra);
+    routes
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
-        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
-        .add_optional_service(
-            config
-                .bench
-                .echo
-                .then(|| EchoServer::new(crate::bench::EchoApi)),
-        )
+        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max));
+    let server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(120))
+        .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });

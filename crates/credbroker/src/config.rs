@@ -59,17 +59,6 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
-    pub bench: BenchConfig,
-}
-
-/// For `credbroker bench` only.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BenchConfig {
-    /// Also serve the do-nothing Echo service, the benchmark's baseline.
-    #[serde(default)]
-    pub echo: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
