@@ -128,10 +128,11 @@ fn grpc_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     Ok(tls)
 }
 
-/// The HTTPS listener's TLS: same server certificate, no client certificate.
+/// The HTTPS listener's TLS: same server certificate, no client certificate; TLS 1.3 unless
+/// `[http] allow_tls12`.
 fn http_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .with_protocol_versions(versions(config.http.allow_tls12))
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs(&config.grpc.cert)?, private_key(&config.grpc.key)?)
@@ -303,6 +304,10 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     }))
 }
 
+/// Admin requests carry settings, secrets and certificates, never attachments: a client that
+/// sends more is refused before the body is buffered past this.
+const ADMIN_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -349,7 +354,13 @@ pub async fn run(
                 .map_err(|source| ServeError::Listen { addr, source })?,
         );
         let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
-        tokio::spawn(crate::http::serve(listener, acceptor, services.clone()));
+        let limits = crate::http::ConnectionLimits::from(&config.http);
+        tokio::spawn(crate::http::serve(
+            listener,
+            acceptor,
+            limits,
+            services.clone(),
+        ));
     }
 
     spawn_policy_reload(services.policy.clone());
@@ -389,9 +400,15 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
-        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max));
+        .add_service(
+            AdminServer::new(AdminApi(services.clone()))
+                .max_decoding_message_size(max.min(ADMIN_MAX_REQUEST_BYTES)),
+        );
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
+        .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
