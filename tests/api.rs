@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use credbroker::pki::{CertAuthority, ClientName};
+use credbroker_devpki::{CertAuthority, ClientName};
 use support::daemon::{AGENT, Daemon, conn, files_under, reason, secrets, write};
 use support::wait;
 use tonic::Code;

@@ -22,8 +22,10 @@
 //! upstream_timeout_secs = 15
 //! rewrap_batch = 256                # records re-sealed per step after a key rotation
 //! rewrap_pause_ms = 10              # pause between rewrap steps
-//! caller_rate_per_sec = 2000        # per caller identity (0: no limit)…
-//! caller_burst = 4000               # …with bursts up to this many
+//! caller_rate_per_sec = 100000      # per caller identity, a flood guard (0: no limit)…
+//! caller_burst = 200000             # …with bursts up to this many
+//! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
+//! user_burst = 1000                 # …with bursts up to this many
 //! ```
 
 use std::net::SocketAddr;
@@ -57,17 +59,6 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
-    pub bench: BenchConfig,
-}
-
-/// For `credbroker bench` only.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BenchConfig {
-    /// Also serve the do-nothing Echo service, the benchmark's baseline.
-    #[serde(default)]
-    pub echo: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,14 +83,43 @@ pub struct GrpcConfig {
     pub crl: Vec<PathBuf>,
     #[serde(default)]
     pub allow_tls12: bool,
+    /// HTTP/2 streams (calls in flight) one client connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+fn default_max_concurrent_streams() -> u32 {
+    256
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// The URL browsers reach the HTTP listener at; the OAuth redirect is `{public_url}/oauth/callback`.
     pub public_url: Option<String>,
+    /// TLS 1.3 only unless set (the listener faces browsers, which all speak 1.3).
+    pub allow_tls12: bool,
+    /// Connections served at once; more are closed as soon as they are accepted, so the
+    /// listener never holds the descriptors the gRPC listener and upstream calls need.
+    pub max_connections: usize,
+    /// Time for a connection to finish its TLS handshake and send a request's headers.
+    pub header_timeout_secs: u64,
+    /// A connection's whole life: browsers and scrapers make one or two requests and go.
+    pub max_connection_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            public_url: None,
+            allow_tls12: false,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            max_connection_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +145,10 @@ pub struct Limits {
     pub caller_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub caller_burst: f64,
+    /// Requests per second one caller may make for one user (0: no limit)…
+    pub user_rate_per_sec: f64,
+    /// …with bursts up to this many.
+    pub user_burst: f64,
 }
 
 impl Default for Limits {
@@ -135,8 +159,13 @@ impl Default for Limits {
             max_watch_streams: 64,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,
-            caller_rate_per_sec: 2000.0,
-            caller_burst: 4000.0,
+            // An agent runtime is one caller for a whole platform: its budget is a flood
+            // guard well above what one broker serves (~40,000/s on 2 cores), and fairness
+            // between the users it acts for comes from the per-user budget.
+            caller_rate_per_sec: 100_000.0,
+            caller_burst: 200_000.0,
+            user_rate_per_sec: 500.0,
+            user_burst: 1000.0,
         }
     }
 }
