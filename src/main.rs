@@ -392,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             port,
             http_port,
         } => {
-            let config_path = credbroker::dev::prepare(&dir, &certs, port, http_port)?;
+            let config_path = credbroker::dev::prepare(&dir, &certs, port, http_port).await?;
             let config = Config::load(&config_path)?;
             let key = config.store.key_source()?;
             let certs = certs.clone();
@@ -414,7 +414,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     path.display()
                 );
             }
-            drop(Store::create(&config.store.path, &key)?);
+            drop(Store::create(&config.store, &key).await?);
             println!("created store {}", config.store.path.display());
             Ok(())
         }
@@ -432,8 +432,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Audit(AuditCommand::Verify { config, prompt }) => {
             let config = Config::load(&config)?;
-            let store = Store::open(&config.store.path, &key_source(&config, prompt, false)?)?;
-            let summary = credbroker::audit::verify(&store)?;
+            let store = Store::open(&config.store, &key_source(&config, prompt, false)?).await?;
+            let summary = credbroker::audit::verify(&store).await?;
             println!(
                 "audit chain intact: {} records, head {}",
                 summary.records, summary.head
@@ -442,9 +442,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Audit(AuditCommand::Export { config, prompt }) => {
             let config = Config::load(&config)?;
-            let store = Store::open(&config.store.path, &key_source(&config, prompt, false)?)?;
+            let store = Store::open(&config.store, &key_source(&config, prompt, false)?).await?;
             let mut out = std::io::stdout().lock();
-            credbroker::audit::export(&store, &mut out)?;
+            credbroker::audit::export(&store, &mut out).await?;
             Ok(())
         }
         Command::Restore {
@@ -456,8 +456,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let key = key_source(&config, prompt, false)?;
             let bytes = std::fs::read(&from).map_err(|e| format!("{}: {e}", from.display()))?;
             let snapshot = credbroker::store::Snapshot::decode(&bytes)?;
-            credbroker::store::restore(&config.store.path, &snapshot, &key)?;
-            let store = Store::open(&config.store.path, &key)?;
+            credbroker::store::restore(&config.store, &snapshot, &key).await?;
+            let store = Store::open(&config.store, &key).await?;
             println!(
                 "restored {} records of store {} into {}",
                 snapshot.records.len(),
@@ -471,11 +471,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             prompt,
         } => {
             let config = Config::load(&config)?;
-            let store = Store::open(&config.store.path, &key_source(&config, prompt, false)?)?;
-            let term = store.rotate_key()?;
+            let store = Store::open(&config.store, &key_source(&config, prompt, false)?).await?;
+            let term = store.rotate_key().await?;
             println!("rotated: new writes use key term {term}; rewrapping older records…");
             loop {
-                match store.rewrap_step(config.limits.rewrap_batch)? {
+                match store.rewrap_step(config.limits.rewrap_batch).await? {
                     credbroker::store::RewrapStep::Progress(_) => {}
                     credbroker::store::RewrapStep::Finished(state) => {
                         println!(
@@ -521,7 +521,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     KeySource::Passphrase(SecretString::from(phrase))
                 }
             };
-            credbroker::store::change_key(&config.store.path, &old, &new)?;
+            credbroker::store::change_key(&config.store, &old, &new).await?;
             println!(
                 "the store {} now opens with the new {} only; update [store] in the configuration before starting the daemon",
                 config.store.path.display(),
