@@ -842,13 +842,18 @@ async fn startup_errors_say_what_is_wrong() {
     std::fs::write(daemon.path("store.key"), &right).unwrap();
     // A store from a newer credbroker.
     {
-        let db = sled::open(daemon.path("store")).unwrap();
-        let mut header: serde_json::Value =
-            serde_json::from_slice(&db.get("header").unwrap().unwrap()).unwrap();
-        header["format_version"] = 99.into();
-        db.insert("header", serde_json::to_vec(&header).unwrap())
+        let config = credbroker::config::StoreConfig::at(daemon.path("store"));
+        let backend = credbroker::store::open_backend(&config, credbroker::store::Intent::Existing)
+            .await
             .unwrap();
-        db.flush().unwrap();
+        let raw = backend.meta_get("header").await.unwrap().unwrap();
+        let mut header: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        header["format_version"] = 99.into();
+        backend
+            .meta_put("header", &serde_json::to_vec(&header).unwrap())
+            .await
+            .unwrap();
+        backend.sync().await.unwrap();
     }
     let out = serve(&daemon);
     assert!(

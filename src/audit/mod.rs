@@ -30,8 +30,9 @@ pub const TABLE: Table = Table::uncached("audit");
 
 /// Most records one commit carries.
 const MAX_BATCH: usize = 4096;
-/// Records stored in one value. Small enough that sled's leaves (up to 17 values) stay under
-/// its blob threshold (128 KiB): larger pages go to blob files, one file and two syncs each.
+/// Records stored in one value. Small enough that the default backend's pages (up to 17
+/// values) stay under its blob threshold (128 KiB): larger pages go to blob files, one file
+/// and two syncs each.
 const RECORDS_PER_VALUE: usize = 16;
 /// Queue depth before callers wait for room (back-pressure, not loss).
 const QUEUE: usize = 65536;
