@@ -25,7 +25,7 @@ mod rotation;
 mod sled_backend;
 
 pub use backend::{BACKENDS, Backend, Intent, RawEntry, RawOp, open_backend};
-pub use backup::{BackupError, Snapshot, restore};
+pub use backup::{BackupError, Snapshot, restore, write_backup_file};
 pub use rotation::{RewrapState, RewrapStep, change_key};
 
 use std::future::Future;
