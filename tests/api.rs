@@ -826,13 +826,18 @@ async fn startup_errors_say_what_is_wrong() {
     std::fs::write(daemon.path("store.key"), &right).unwrap();
     // A store from a newer credbroker.
     {
-        let db = sled::open(daemon.path("store")).unwrap();
-        let mut header: serde_json::Value =
-            serde_json::from_slice(&db.get("header").unwrap().unwrap()).unwrap();
-        header["format_version"] = 99.into();
-        db.insert("header", serde_json::to_vec(&header).unwrap())
+        let config = credbroker::config::StoreConfig::at(daemon.path("store"));
+        let backend = credbroker::store::open_backend(&config, credbroker::store::Intent::Existing)
+            .await
             .unwrap();
-        db.flush().unwrap();
+        let raw = backend.meta_get("header").await.unwrap().unwrap();
+        let mut header: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        header["format_version"] = 99.into();
+        backend
+            .meta_put("header", &serde_json::to_vec(&header).unwrap())
+            .await
+            .unwrap();
+        backend.sync().await.unwrap();
     }
     let out = serve(&daemon);
     assert!(
@@ -907,24 +912,31 @@ async fn audit_verify_names_the_tampered_record() {
     assert!(verify(&daemon).status.success());
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
     // Records are stored a commit at a time: the batch holding record 3 starts at or before it.
-    let batch_of_3 = |store: &credbroker::store::Store| {
+    let batch_of_3 = async |store: &credbroker::store::Store| {
         store
             .last::<Vec<credbroker::audit::AuditRecord>>(
-                credbroker::store::Table::Audit,
+                credbroker::audit::TABLE,
                 "b/",
                 Some("b/00000000000000000003"),
             )
+            .await
             .unwrap()
             .unwrap()
     };
     {
-        use credbroker::store::{Batch, Store, Table};
-        let store = Store::open(&daemon.path("store"), &key).unwrap();
-        let (path, mut records) = batch_of_3(&store);
+        use credbroker::audit::TABLE;
+        use credbroker::store::{Batch, Store};
+        let store = Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap();
+        let (path, mut records) = batch_of_3(&store).await;
         let record = records.iter_mut().find(|r| r.seq == 3).unwrap();
         record.event.caller = "spiffe://someone/else".into();
         let mut batch = Batch::new();
-        batch.put(Table::Audit, path, &records);
+        batch.put(TABLE, path, &records);
         store.commit(batch).await.unwrap();
     }
     let out = verify(&daemon);
@@ -935,11 +947,17 @@ async fn audit_verify_names_the_tampered_record() {
         String::from_utf8_lossy(&out.stderr)
     );
     let removed_from = {
-        use credbroker::store::{Store, Table};
-        let store = Store::open(&daemon.path("store"), &key).unwrap();
-        let (path, records) = batch_of_3(&store);
+        use credbroker::audit::TABLE;
+        use credbroker::store::Store;
+        let store = Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap();
+        let (path, records) = batch_of_3(&store).await;
         let first = records[0].seq;
-        store.raw_put(Table::Audit, &path, None).unwrap();
+        store.raw_put(TABLE, &path, None).await.unwrap();
         assert!(first <= 3 && records.iter().any(|r| r.seq == 3));
         first
     };

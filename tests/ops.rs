@@ -337,16 +337,21 @@ async fn backup_under_write_load_restores_and_verifies() {
     // The restored store opens with the same key and holds the secret.
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
     let store = std::sync::Arc::new(
-        credbroker::store::Store::open(&daemon.path("restored"), &key).unwrap(),
+        credbroker::store::Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("restored")),
+            &key,
+        )
+        .await
+        .unwrap(),
     );
     let registry = credbroker::model::Registry::new(store.clone());
-    let connector = registry.find_connector("default", "Shared").unwrap();
-    let secrets = registry.connector_secrets(&connector).unwrap();
+    let connector = registry.find_connector("default", "Shared").await.unwrap();
+    let secrets = registry.connector_secrets(&connector).await.unwrap();
     assert_eq!(
         secrets.slots.get("api_key").unwrap().expose(),
         CANARY_SECRET
     );
-    let summary = credbroker::audit::verify(&store).unwrap();
+    let summary = credbroker::audit::verify(&store).await.unwrap();
     assert!(summary.records > 2, "{summary:?}");
 }
 
@@ -396,9 +401,16 @@ async fn populate(admin: &mut AdminClient<Channel>, users: usize) {
     }
 }
 
-fn open_offline(daemon: &Daemon) -> std::sync::Arc<credbroker::store::Store> {
+async fn open_offline(daemon: &Daemon) -> std::sync::Arc<credbroker::store::Store> {
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
-    std::sync::Arc::new(credbroker::store::Store::open(&daemon.path("store"), &key).unwrap())
+    std::sync::Arc::new(
+        credbroker::store::Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -450,20 +462,21 @@ async fn rotate_key_under_concurrent_resolves() {
     assert!(shown.contains("retired terms [1]"), "{shown}");
 
     daemon.stop();
-    let store = open_offline(&daemon);
-    let terms = store.terms_in_use().unwrap();
+    let store = open_offline(&daemon).await;
+    let terms = store.terms_in_use().await.unwrap();
     assert_eq!(
         terms.keys().copied().collect::<Vec<_>>(),
         vec![2],
         "{terms:?}"
     );
     assert_eq!(store.vault().terms(), vec![2], "term 1's data key is gone");
-    credbroker::audit::verify(&store).unwrap();
+    credbroker::audit::verify(&store).await.unwrap();
     let registry = credbroker::model::Registry::new(store.clone());
-    let connector = registry.find_connector("default", "Shared").unwrap();
+    let connector = registry.find_connector("default", "Shared").await.unwrap();
     assert_eq!(
         registry
             .connector_secrets(&connector)
+            .await
             .unwrap()
             .slots
             .get("api_key")
@@ -491,11 +504,11 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
     daemon.kill();
     drop(admin);
     let at_kill = {
-        let store = open_offline(&daemon);
-        let state = store.rewrap_state().unwrap().unwrap();
+        let store = open_offline(&daemon).await;
+        let state = store.rewrap_state().await.unwrap().unwrap();
         assert!(!state.finished, "killed too late: {state:?}");
         assert_eq!(store.vault().terms(), vec![1, 2]);
-        assert!(store.records_below(2).unwrap() > 0);
+        assert!(store.records_below(2).await.unwrap() > 0);
         state
     };
     assert!(at_kill.scanned >= mid.rewrap.unwrap().scanned);
@@ -512,8 +525,8 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
     assert_eq!(r.retired, vec![1]);
     assert_eq!(done.terms, vec![2]);
     daemon.stop();
-    let store = open_offline(&daemon);
-    let terms = store.terms_in_use().unwrap();
+    let store = open_offline(&daemon).await;
+    let terms = store.terms_in_use().await.unwrap();
     assert_eq!(terms.keys().copied().collect::<Vec<_>>(), vec![2]);
     let records: u64 = terms.values().sum();
     // One pass from where it stopped: a restart from the beginning would have scanned the
@@ -525,5 +538,5 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
         r.scanned
     );
     assert_eq!(store.vault().terms(), vec![2]);
-    credbroker::audit::verify(&store).unwrap();
+    credbroker::audit::verify(&store).await.unwrap();
 }

@@ -106,7 +106,8 @@ impl Connect {
             None => {
                 let connection = self
                     .registry
-                    .connection(connector, &target.connection_user)?;
+                    .connection(connector, &target.connection_user)
+                    .await?;
                 let Some(connection) = connection else {
                     return Ok(TestReport {
                         checks: vec![Check::failed(
@@ -119,10 +120,11 @@ impl Connect {
                 };
                 let mut secrets = self
                     .registry
-                    .connection_secrets(connector, &target.connection_user)?
+                    .connection_secrets(connector, &target.connection_user)
+                    .await?
                     .slots;
                 if connector.kind == Kind::ApiKey && connector.mode == Mode::Shared {
-                    secrets = self.registry.connector_secrets(connector)?.slots;
+                    secrets = self.registry.connector_secrets(connector).await?.slots;
                 }
                 Candidate {
                     settings: connection.settings,
@@ -242,7 +244,8 @@ impl Connect {
         let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry
-            .connection(connector, &target.connection_user)?;
+            .connection(connector, &target.connection_user)
+            .await?;
         let mut connection =
             previous.unwrap_or_else(|| Connection::new(&connector.id, &target.connection_user));
         if !report.ok() && !save_on_failure {
@@ -295,7 +298,8 @@ impl Connect {
         }
         if self
             .registry
-            .connection(connector, &target.connection_user)?
+            .connection(connector, &target.connection_user)
+            .await?
             .is_none()
         {
             return Err(ModelError::NotFound {
@@ -316,13 +320,13 @@ impl Connect {
     }
 
     /// One row per connector of the workspace: the shared connection, or this user's.
-    pub fn statuses(
+    pub async fn statuses(
         &self,
         workspace: &str,
         user_id: &str,
     ) -> Result<Vec<(Connector, Connection)>, ModelError> {
         let mut rows = Vec::new();
-        for connector in self.registry.list_connectors(workspace)? {
+        for connector in self.registry.list_connectors(workspace).await? {
             let user = match connector.mode {
                 Mode::Shared => "",
                 Mode::Personal => user_id,
@@ -330,7 +334,7 @@ impl Connect {
             let connection = if connector.mode == Mode::Personal && user.is_empty() {
                 None
             } else {
-                self.registry.connection(&connector, user)?
+                self.registry.connection(&connector, user).await?
             };
             rows.push((
                 connector.clone(),

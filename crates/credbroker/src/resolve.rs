@@ -61,14 +61,15 @@ pub fn for_user(user: &str) -> String {
 
 /// The stored connection of a target, if it can be used: absent → NOT_CONNECTED, refused by
 /// its provider or server → EXPIRED (the user must reconnect).
-pub fn usable_connection(
+pub async fn usable_connection(
     registry: &Registry,
     connector: &crate::model::Connector,
     user: &str,
 ) -> Result<crate::model::Connection, ResolveError> {
     let connection =
         registry
-            .connection(connector, user)?
+            .connection(connector, user)
+            .await?
             .ok_or_else(|| ResolveError::NotConnected {
                 connector: connector.name.clone(),
                 for_user: for_user(user),
@@ -105,21 +106,23 @@ impl Resolver {
         };
         match connector.kind {
             Kind::ApiKey => {
-                let connection = usable_connection(&self.registry, connector, user)?;
+                let connection = usable_connection(&self.registry, connector, user).await?;
                 let key = if user.is_empty() {
                     self.registry
-                        .connector_secrets(connector)?
+                        .connector_secrets(connector)
+                        .await?
                         .slots
                         .get("api_key")
                         .cloned()
                 } else {
                     self.registry
-                        .connection_secrets(connector, user)?
+                        .connection_secrets(connector, user)
+                        .await?
                         .get("api_key")
                         .cloned()
                 };
                 let key = key.ok_or_else(not_connected)?;
-                self.registry.record_use(connector, user);
+                self.registry.record_use(connector, user).await;
                 Ok(Credential {
                     kind: Kind::ApiKey,
                     secret: key,

@@ -255,12 +255,15 @@ async fn accept_loop(
     }
 }
 
-/// Opens everything the configuration names and builds the shared services.
-pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, ServeError> {
-    crate::tls::install_crypto_provider();
-    let store = Arc::new(Store::open(&config.store.path, key)?);
+/// Opens everything else the configuration names over `store` and builds the shared services.
+/// The audit log gets its own handle on the store; every other service goes through the
+/// registry.
+pub async fn open_services(
+    config: &Config,
+    store: Arc<Store>,
+) -> Result<Arc<Services>, ServeError> {
     let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
-    let audit = Arc::new(AuditLog::start(store.clone())?);
+    let audit = Arc::new(AuditLog::start(store.clone()).await?);
     let refusals = Refusals::start(audit.clone());
     let registry = Arc::new(Registry::new(store));
     let timeout = config.upstream_timeout();
@@ -321,7 +324,9 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let services = open_services(&config, &key)?;
+    crate::tls::install_crypto_provider();
+    let store = Arc::new(Store::open(&config.store, &key).await?);
+    let services = open_services(&config, store.clone()).await?;
     let grpc_listener = TcpListener::bind(config.grpc.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -365,7 +370,7 @@ pub async fn run(
 
     spawn_policy_reload(services.policy.clone());
     spawn_rewrap(
-        services.registry.store().clone(),
+        store,
         config.limits.rewrap_batch,
         Duration::from_millis(config.limits.rewrap_pause_ms),
     );
@@ -443,7 +448,7 @@ fn spawn_rewrap(store: Arc<Store>, batch: usize, pause: Duration) {
         loop {
             let step = {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || store.rewrap_step(batch)).await
+                crate::store::run_blocking(async move { store.rewrap_step(batch).await }).await
             };
             match step {
                 Ok(Ok(RewrapStep::Progress(_))) => tokio::time::sleep(pause).await,

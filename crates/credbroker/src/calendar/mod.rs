@@ -472,8 +472,9 @@ impl Calendars<'_> {
                         "CalDAV over OAuth (oauth_connector) is not available in this build".into(),
                     ));
                 }
-                let connection = crate::resolve::usable_connection(self.registry, connector, user)?;
-                let secrets = self.registry.connection_secrets(connector, user)?;
+                let connection =
+                    crate::resolve::usable_connection(self.registry, connector, user).await?;
+                let secrets = self.registry.connection_secrets(connector, user).await?;
                 let settings =
                     caldav::Settings::new(connector, &connection.settings, &secrets.slots)?;
                 Ok(Backend::Caldav(caldav::Account::new(
@@ -521,7 +522,7 @@ impl Calendars<'_> {
         let connector = &target.connector;
         let user = &target.connection_user;
         if result.is_ok() && connector.kind == Kind::Caldav {
-            self.registry.record_use(connector, user);
+            self.registry.record_use(connector, user).await;
         }
         let Err(CalendarError::AuthRefused { server, status }) = &result else {
             return result;

@@ -40,22 +40,18 @@ fn router(services: Arc<Services>) -> Router {
 
 /// Prometheus text format. Gauges are read now; counters and histograms live in [`crate::metrics`].
 async fn metrics(State(services): State<Arc<Services>>) -> Response {
-    let registry = services.registry.clone();
-    let connections = tokio::task::spawn_blocking(move || registry.count_connections())
+    let connections = services
+        .registry
+        .count_connections()
         .await
-        .ok()
-        .and_then(|counted| {
-            counted
-                .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
-                .ok()
-        })
+        .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
         .unwrap_or_default();
-    let vault = services.registry.store().vault();
+    let key = services.registry.key_status();
     let gauges = crate::metrics::Gauges {
         audit_queue_depth: services.audit.queue_depth(),
         connections,
-        key_term: vault.current_term(),
-        key_term_encryptions: vault.encryptions(),
+        key_term: key.current_term,
+        key_term_encryptions: key.term_encryptions,
     };
     (
         [(

@@ -321,6 +321,7 @@ pub async fn oauth_credential(
             oauth_connector,
             &target.on_behalf_of,
         )
+        .await
         .map_err(|e| match e {
             crate::model::ModelError::NotFound { .. } => FieldError::new(
                 "config.oauth_connector",
@@ -355,7 +356,7 @@ pub async fn load(
     hash.update(connector.updated_at.to_rfc3339().as_bytes());
     let (settings, auth) = match connector.kind {
         Kind::ImapSmtp => {
-            let connection = crate::resolve::usable_connection(registry, connector, user)?;
+            let connection = crate::resolve::usable_connection(registry, connector, user).await?;
             hash.update(
                 connection
                     .connected_at
@@ -371,7 +372,7 @@ pub async fn load(
                     Auth::XOAuth2(credential.secret)
                 }
                 None => {
-                    let secrets = registry.connection_secrets(connector, user)?;
+                    let secrets = registry.connection_secrets(connector, user).await?;
                     let password = secrets.get("password").cloned().ok_or_else(not_connected)?;
                     Auth::Password(password)
                 }

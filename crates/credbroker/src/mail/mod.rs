@@ -186,7 +186,7 @@ impl Mail {
         let result = self.smtp.send(&account, &outgoing, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
         if result.is_ok() {
-            self.record_use(target);
+            self.record_use(target).await;
         }
         result
     }
@@ -202,7 +202,7 @@ impl Mail {
         let result = imap::fetch(&account, &query, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
         if result.is_ok() {
-            self.record_use(target);
+            self.record_use(target).await;
         }
         result
     }
@@ -221,7 +221,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
         let first = self.on_auth_refused(target, &account, first).await?;
-        self.record_use(target);
+        self.record_use(target).await;
         Ok(watch::spawn(
             self.clone(),
             target.clone(),
@@ -232,10 +232,11 @@ impl Mail {
     }
 
     /// OAuth mail connections are recorded when their token is served (`OAuth::access_token`).
-    fn record_use(&self, target: &Target) {
+    async fn record_use(&self, target: &Target) {
         if target.connector.kind == crate::model::Kind::ImapSmtp {
             self.registry
-                .record_use(&target.connector, &target.connection_user);
+                .record_use(&target.connector, &target.connection_user)
+                .await;
         }
     }
 
