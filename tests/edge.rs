@@ -180,3 +180,35 @@ async fn floods_of_junk_callbacks_and_refused_handshakes_write_a_few_records() {
     );
     println!("callbacks refused {refused}, rate-limited {limited}; audit grew by {grown}");
 }
+
+#[tokio::test]
+async fn metrics_can_require_a_bearer_token() {
+    let mut daemon = Daemon::start();
+    let token = "scrape-token-0123456789";
+    std::fs::write(daemon.path("metrics.token"), format!("{token}\n")).unwrap();
+    reconfigure(
+        &mut daemon,
+        "http",
+        "metrics_token_file = \"metrics.token\"",
+    );
+    let url = format!("https://{}/metrics", daemon.http.expect("http listener"));
+    let https = daemon.https();
+    let anonymous = https.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let wrong = https
+        .get(&url)
+        .bearer_auth("scrape-token-0123456788")
+        .send();
+    assert_eq!(wrong.await.unwrap().status().as_u16(), 401);
+    let scraped = https.get(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(scraped.status().as_u16(), 200);
+    assert!(
+        scraped
+            .text()
+            .await
+            .unwrap()
+            .contains("credbroker_rpc_total")
+    );
+    // Probes need no token.
+    assert_eq!(daemon.http_get("/healthz").await.0, 200);
+}

@@ -111,6 +111,8 @@ pub struct HttpConfig {
     pub header_timeout_secs: u64,
     /// A connection's whole life: browsers and scrapers make one or two requests and go.
     pub max_connection_secs: u64,
+    /// A file holding the bearer token `/metrics` requires; without it `/metrics` is open.
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -122,6 +124,7 @@ impl Default for HttpConfig {
             max_connections: 256,
             header_timeout_secs: 10,
             max_connection_secs: 60,
+            metrics_token_file: None,
         }
     }
 }
@@ -217,6 +220,9 @@ impl Config {
         fix(&mut self.grpc.client_ca);
         self.grpc.crl.iter_mut().for_each(fix);
         fix(&mut self.policy.file);
+        if let Some(p) = &mut self.http.metrics_token_file {
+            fix(p);
+        }
     }
 
     pub fn upstream_timeout(&self) -> std::time::Duration {

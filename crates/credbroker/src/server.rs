@@ -52,6 +52,25 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("[http] metrics_token_file {path}: {why}")]
+    MetricsToken { path: String, why: String },
+}
+
+/// The bearer token `/metrics` requires, read from `[http] metrics_token_file`.
+fn metrics_token(config: &Config) -> Result<Option<String>, ServeError> {
+    let Some(path) = &config.http.metrics_token_file else {
+        return Ok(None);
+    };
+    let invalid = |why: String| ServeError::MetricsToken {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(invalid("the token must be at least 16 characters".into()));
+    }
+    Ok(Some(token.to_string()))
 }
 
 /// Where the daemon ended up listening (ports chosen by the OS when configured as 0).
@@ -360,11 +379,13 @@ pub async fn run(
         );
         let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
         let limits = crate::http::ConnectionLimits::from(&config.http);
+        let metrics_token = metrics_token(&config)?;
         tokio::spawn(crate::http::serve(
             listener,
             acceptor,
             limits,
             services.clone(),
+            metrics_token,
         ));
     }
 

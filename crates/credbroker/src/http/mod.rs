@@ -30,26 +30,87 @@ struct CallbackParams {
     error: Option<String>,
 }
 
-fn router(services: Arc<Services>) -> Router {
+fn router(services: Arc<Services>, metrics_token: Option<String>) -> Router {
+    let scrapes = Arc::new(Scrapes {
+        services: services.clone(),
+        token: metrics_token,
+        connections: tokio::sync::Mutex::default(),
+    });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .route("/oauth/callback", get(callback))
         .with_state(services)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(scrapes),
+        )
 }
 
-/// Prometheus text format. Gauges are read now; counters and histograms live in [`crate::metrics`].
-async fn metrics(State(services): State<Arc<Services>>) -> Response {
-    let connections = services
-        .registry
-        .count_connections()
-        .await
-        .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
-        .unwrap_or_default();
+/// How long connection counts (which decrypt every connection record) serve later scrapes.
+const CONNECTION_COUNT_TTL: Duration = Duration::from_secs(15);
+
+/// What `/metrics` needs. Invariant: the connections table is counted at most once per
+/// [`CONNECTION_COUNT_TTL`], by one scrape at a time; concurrent scrapes wait for it and share
+/// the result, so unauthenticated GETs cannot make the broker decrypt its store in a loop.
+struct Scrapes {
+    services: Arc<Services>,
+    /// A bearer token scrapers must present, when `[http] metrics_token_file` is set.
+    token: Option<String>,
+    connections: tokio::sync::Mutex<Option<(std::time::Instant, ConnectionCounts)>>,
+}
+
+type ConnectionCounts = std::collections::BTreeMap<&'static str, u64>;
+
+impl Scrapes {
+    async fn connection_counts(&self) -> ConnectionCounts {
+        let mut cached = self.connections.lock().await;
+        if let Some((at, counts)) = cached.as_ref()
+            && at.elapsed() < CONNECTION_COUNT_TTL
+        {
+            return counts.clone();
+        }
+        let counts = self
+            .services
+            .registry
+            .count_connections()
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
+            .unwrap_or_default();
+        *cached = Some((std::time::Instant::now(), counts.clone()));
+        counts
+    }
+
+    /// True if no token is configured or the request carries it (compared in constant time).
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+/// Prometheus text format. Counters and histograms live in [`crate::metrics`]; gauges are read
+/// now, except connection counts (see [`Scrapes`]).
+async fn metrics(State(scrapes): State<Arc<Scrapes>>, headers: axum::http::HeaderMap) -> Response {
+    if !scrapes.authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response();
+    }
+    let services = &scrapes.services;
     let key = services.registry.key_status();
     let gauges = crate::metrics::Gauges {
         audit_queue_depth: services.audit.queue_depth(),
-        connections,
+        connections: scrapes.connection_counts().await,
         key_term: key.current_term,
         key_term_encryptions: key.term_encryptions,
     };
@@ -211,8 +272,9 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     limits: ConnectionLimits,
     services: Arc<Services>,
+    metrics_token: Option<String>,
 ) {
-    let app = router(services);
+    let app = router(services, metrics_token);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (tcp, remote) = match listener.accept().await {
