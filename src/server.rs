@@ -213,7 +213,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let refused = |reason: String| AuditEvent {
                 caller: format!("unauthenticated {remote}"),
-                operation: "TlsHandshake".into(),
+                operation: crate::audit::label::TLS_HANDSHAKE.into(),
                 outcome: Some(Outcome::Denied),
                 reason,
                 ..Default::default()

@@ -71,7 +71,7 @@ async fn callback(
 ) -> Response {
     let mut event = AuditEvent {
         caller: "browser (oauth callback)".into(),
-        operation: "OAuthCallback".into(),
+        operation: crate::audit::label::OAUTH_CALLBACK.into(),
         request_id: hex::encode(crate::vault::random_bytes::<8>()),
         ..AuditEvent::default()
     };
