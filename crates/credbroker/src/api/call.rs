@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto;
 use super::rpc::{Access, Rpc};
+use super::status::exhausted_status;
 use super::{ApiError, PeerInfo, Services};
 use crate::audit::{AuditEvent, Outcome};
 use crate::model::{Connector, FieldError, Target, workspace_or_default};
@@ -121,11 +122,10 @@ impl Services {
             let status = Status::unauthenticated("no verified client certificate");
             return Err(tagged(status, &request_id));
         };
-        if !self.rate.allow(&peer.caller.id) {
+        if let Err(exhausted) = self.rate.caller(&peer.caller.id) {
             let why = format!(
                 "caller {} exceeded its limit of {} requests per second; retry later",
-                peer.caller.id,
-                self.rate.per_second()
+                peer.caller.id, exhausted.per_second
             );
             // Refused before any work; its audit record need not delay the refusal.
             let (audit, event) = (
@@ -140,7 +140,7 @@ impl Services {
                 },
             );
             tokio::spawn(async move { audit.record(event).await });
-            return Err(tagged(Status::resource_exhausted(why), &request_id));
+            return Err(tagged(exhausted_status(why, &exhausted), &request_id));
         }
         Ok(Call {
             rpc,
@@ -162,7 +162,9 @@ impl Services {
     ) -> Result<Response<T>, Status> {
         let (outcome, reason) = match &result {
             Ok(_) => (Outcome::Ok, String::new()),
-            Err(ApiError::Denied(why)) => (Outcome::Denied, why.clone()),
+            Err(ApiError::Denied(why) | ApiError::Exhausted { message: why, .. }) => {
+                (Outcome::Denied, why.clone())
+            }
             Err(e) => (Outcome::Error, e.to_string()),
         };
         let event = AuditEvent {
@@ -235,6 +237,15 @@ impl Services {
                     &target.on_behalf_of,
                 )
                 .map_err(ApiError::Denied)?;
+            self.rate
+                .user(&call.caller, &target.on_behalf_of)
+                .map_err(|exhausted| ApiError::Exhausted {
+                    message: format!(
+                        "caller {} exceeded its limit of {} requests per second for user {:?}; retry later",
+                        call.caller, exhausted.per_second, target.on_behalf_of
+                    ),
+                    exhausted,
+                })?;
         }
         Ok(target)
     }

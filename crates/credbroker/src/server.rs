@@ -20,7 +20,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::api::proto::echo_server::EchoServer;
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
@@ -28,7 +27,7 @@ use crate::config::Config;
 use crate::connect::Connect;
 use crate::model::Registry;
 use crate::oauth::OAuth;
-use crate::policy::{PolicyHandle, caller_from_cert};
+use crate::policy::{PolicyHandle, RateLimiter, caller_from_cert};
 use crate::resolve::Resolver;
 use crate::store::Store;
 use crate::vault::KeySource;
@@ -293,9 +292,12 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
         audit,
         policy,
         oauth,
-        rate: crate::policy::RateLimiter::new(
-            config.limits.caller_rate_per_sec,
-            config.limits.caller_burst,
+        rate: crate::policy::Budgets::new(
+            RateLimiter::new(
+                config.limits.caller_rate_per_sec,
+                config.limits.caller_burst,
+            ),
+            RateLimiter::new(config.limits.user_rate_per_sec, config.limits.user_burst),
         ),
         limits: config.limits.clone(),
     }))
@@ -304,10 +306,13 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens.
+/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens. `extra`
+/// holds services served beside the broker's on the same listener and TLS (the benchmark's
+/// Echo baseline); the daemon itself adds none.
 pub async fn run(
     config: Config,
     key: KeySource,
+    extra: tonic::service::Routes,
     on_ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -359,25 +364,35 @@ pub async fn run(
         .set_serving::<BrokerServer<BrokerApi>>()
         .await;
     health_reporter.set_serving::<AdminServer<AdminApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    // Both reflection versions: grpcurl and Postman speak v1, Python's grpcio-reflection and
+    // older tools only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version lists both reflection services, not only itself.
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| ServeError::Tls(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     let max = config.limits.max_request_bytes;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut routes = tonic::service::RoutesBuilder::from(extra);
+    routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
+        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max));
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
-        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
-        .add_optional_service(
-            config
-                .bench
-                .echo
-                .then(|| EchoServer::new(crate::bench::EchoApi)),
-        )
+        .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });

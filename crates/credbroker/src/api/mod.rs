@@ -53,7 +53,7 @@ pub struct Services {
     pub connect: Connect,
     pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,
-    pub rate: crate::policy::RateLimiter,
+    pub rate: crate::policy::Budgets,
     pub limits: Limits,
 }
 

@@ -39,6 +39,12 @@ pub enum ApiError {
     Mail(#[from] MailError),
     #[error(transparent)]
     Calendar(#[from] CalendarError),
+    /// A request budget ran out ([`crate::policy::Budgets`]).
+    #[error("{message}")]
+    Exhausted {
+        message: String,
+        exhausted: crate::policy::Exhausted,
+    },
     /// A blocking task of the call panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
@@ -54,6 +60,7 @@ impl From<FieldError> for ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     Policy,
+    RateLimited,
     InvalidArgument,
     NotFound,
     AlreadyExists,
@@ -87,6 +94,7 @@ impl Reason {
         use Code::*;
         match self {
             Reason::Policy => ("POLICY", PermissionDenied),
+            Reason::RateLimited => ("RATE_LIMITED", ResourceExhausted),
             Reason::InvalidArgument => ("INVALID_ARGUMENT", InvalidArgument),
             Reason::NotFound => ("NOT_FOUND", NotFound),
             Reason::AlreadyExists => ("ALREADY_EXISTS", AlreadyExists),
@@ -138,6 +146,10 @@ fn plain(reason: Reason) -> Class {
 pub fn classify(e: &ApiError) -> Class {
     match e {
         ApiError::Denied(_) => plain(Reason::Policy),
+        ApiError::Exhausted { exhausted, .. } => (
+            Reason::RateLimited,
+            vec![("per_second", exhausted.per_second.to_string())],
+        ),
         ApiError::Model(m) => model(m),
         ApiError::Resolve(r) => resolve(r),
         ApiError::Connect(ConnectError::Model(m)) => model(m),
@@ -228,6 +240,24 @@ fn calendar(e: &CalendarError) -> Class {
     }
 }
 
+fn error_info(reason: Reason, metadata: Vec<(&'static str, String)>) -> ErrorDetails {
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    ErrorDetails::with_error_info(reason.name(), DOMAIN, metadata)
+}
+
+/// RESOURCE_EXHAUSTED with reason RATE_LIMITED and a `google.rpc.RetryInfo` saying when a
+/// retry will pass.
+pub fn exhausted_status(message: String, exhausted: &crate::policy::Exhausted) -> Status {
+    let e = ApiError::Exhausted {
+        message,
+        exhausted: exhausted.clone(),
+    };
+    Status::from(e)
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let (reason, metadata) = classify(&e);
@@ -237,15 +267,11 @@ impl From<ApiError> for Status {
         } else {
             e.to_string()
         };
-        let metadata: HashMap<String, String> = metadata
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        Status::with_error_details(
-            reason.code(),
-            message,
-            ErrorDetails::with_error_info(reason.name(), DOMAIN, metadata),
-        )
+        let mut details = error_info(reason, metadata);
+        if let ApiError::Exhausted { exhausted, .. } = &e {
+            details.set_retry_info(Some(exhausted.retry_after));
+        }
+        Status::with_error_details(reason.code(), message, details)
     }
 }
 
