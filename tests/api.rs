@@ -1104,9 +1104,11 @@ async fn error_replies_carry_the_request_id_of_their_audit_record() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     daemon.issue("spiffe://test/stranger", "stranger");
-    let mut stranger =
-        proto::broker_client::BrokerClient::new(daemon.channel_as("stranger").await.unwrap());
-    let denied = resolve(&mut stranger, "Shared key", "").await.unwrap_err();
+    let mut stranger = AdminClient::new(daemon.channel_as("stranger").await.unwrap());
+    let denied = stranger
+        .list_connectors(proto::ListConnectorsRequest::default())
+        .await
+        .unwrap_err();
     let missing = admin
         .get_connector(proto::GetConnectorRequest {
             connector: "no such connector".into(),
@@ -1122,7 +1124,7 @@ async fn error_replies_carry_the_request_id_of_their_audit_record() {
         .unwrap_err();
     let records = audit(&mut admin, "").await;
     for (err, code, operation) in [
-        (denied, Code::PermissionDenied, "ResolveCredential"),
+        (denied, Code::PermissionDenied, "ListConnectors"),
         (missing, Code::NotFound, "GetConnector"),
         (invalid, Code::InvalidArgument, "ResolveCredential"),
     ] {

@@ -18,119 +18,78 @@ pub enum Access {
     Admin,
 }
 
-/// One RPC of the Broker or Admin service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rpc {
-    ResolveCredential,
-    SendEmail,
-    FetchMail,
-    WatchMail,
-    ListCalendar,
-    CreateEvent,
-    CreateConnector,
-    GetConnector,
-    ListConnectors,
-    UpdateConnector,
-    RenameConnector,
-    DeleteConnector,
-    BeginConnect,
-    CompleteConnect,
-    ConnectWithCredentials,
-    TestConnection,
-    Disconnect,
-    GetConnection,
-    ListConnections,
-    QueryAudit,
-    GetAuditHead,
-    Backup,
-    RotateKey,
-    GetStatus,
-}
-
 /// One row of the table.
 struct Row {
     /// `/package.Service/Method`, as the client sends it.
     path: &'static str,
+    /// The method alone: the audit and metric label.
+    method: &'static str,
     access: Access,
 }
 
-const fn broker(path: &'static str, op: Operation) -> Row {
-    Row {
-        path,
-        access: Access::Grant(op),
-    }
+macro_rules! access {
+    () => {
+        Access::Admin
+    };
+    ($op:ident) => {
+        Access::Grant(Operation::$op)
+    };
 }
 
-const fn admin(path: &'static str) -> Row {
-    Row {
-        path,
-        access: Access::Admin,
-    }
+/// The table: `Method: Service`, with the policy operation in parentheses for the RPCs a
+/// grant admits to (the others need admin rights).
+macro_rules! rpcs {
+    ($($rpc:ident: $service:ident $(($op:ident))?,)*) => {
+        /// One RPC of the Broker or Admin service.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Rpc {
+            $($rpc,)*
+        }
+
+        impl Rpc {
+            pub const ALL: &[Rpc] = &[$(Rpc::$rpc,)*];
+
+            const fn row(self) -> Row {
+                match self {
+                    $(Rpc::$rpc => Row {
+                        path: concat!("/credbroker.v1.", stringify!($service), "/", stringify!($rpc)),
+                        method: stringify!($rpc),
+                        access: access!($($op)?),
+                    },)*
+                }
+            }
+        }
+    };
+}
+
+rpcs! {
+    ResolveCredential: Broker(Resolve),
+    SendEmail: Broker(SendEmail),
+    FetchMail: Broker(FetchMail),
+    WatchMail: Broker(WatchMail),
+    ListCalendar: Broker(ListCalendar),
+    CreateEvent: Broker(CreateEvent),
+    CreateConnector: Admin,
+    GetConnector: Admin,
+    ListConnectors: Admin,
+    UpdateConnector: Admin,
+    RenameConnector: Admin,
+    DeleteConnector: Admin,
+    BeginConnect: Admin,
+    CompleteConnect: Admin,
+    ConnectWithCredentials: Admin,
+    TestConnection: Admin,
+    Disconnect: Admin,
+    GetConnection: Admin,
+    ListConnections: Admin,
+    QueryAudit: Admin,
+    GetAuditHead: Admin,
+    Backup: Admin,
+    RotateKey: Admin,
+    GetStatus: Admin,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 24] = {
-        use Rpc::*;
-        [
-            ResolveCredential,
-            SendEmail,
-            FetchMail,
-            WatchMail,
-            ListCalendar,
-            CreateEvent,
-            CreateConnector,
-            GetConnector,
-            ListConnectors,
-            UpdateConnector,
-            RenameConnector,
-            DeleteConnector,
-            BeginConnect,
-            CompleteConnect,
-            ConnectWithCredentials,
-            TestConnection,
-            Disconnect,
-            GetConnection,
-            ListConnections,
-            QueryAudit,
-            GetAuditHead,
-            Backup,
-            RotateKey,
-            GetStatus,
-        ]
-    };
-
-    const fn row(self) -> Row {
-        use Operation as Op;
-        match self {
-            Rpc::ResolveCredential => {
-                broker("/credbroker.v1.Broker/ResolveCredential", Op::Resolve)
-            }
-            Rpc::SendEmail => broker("/credbroker.v1.Broker/SendEmail", Op::SendEmail),
-            Rpc::FetchMail => broker("/credbroker.v1.Broker/FetchMail", Op::FetchMail),
-            Rpc::WatchMail => broker("/credbroker.v1.Broker/WatchMail", Op::WatchMail),
-            Rpc::ListCalendar => broker("/credbroker.v1.Broker/ListCalendar", Op::ListCalendar),
-            Rpc::CreateEvent => broker("/credbroker.v1.Broker/CreateEvent", Op::CreateEvent),
-            Rpc::CreateConnector => admin("/credbroker.v1.Admin/CreateConnector"),
-            Rpc::GetConnector => admin("/credbroker.v1.Admin/GetConnector"),
-            Rpc::ListConnectors => admin("/credbroker.v1.Admin/ListConnectors"),
-            Rpc::UpdateConnector => admin("/credbroker.v1.Admin/UpdateConnector"),
-            Rpc::RenameConnector => admin("/credbroker.v1.Admin/RenameConnector"),
-            Rpc::DeleteConnector => admin("/credbroker.v1.Admin/DeleteConnector"),
-            Rpc::BeginConnect => admin("/credbroker.v1.Admin/BeginConnect"),
-            Rpc::CompleteConnect => admin("/credbroker.v1.Admin/CompleteConnect"),
-            Rpc::ConnectWithCredentials => admin("/credbroker.v1.Admin/ConnectWithCredentials"),
-            Rpc::TestConnection => admin("/credbroker.v1.Admin/TestConnection"),
-            Rpc::Disconnect => admin("/credbroker.v1.Admin/Disconnect"),
-            Rpc::GetConnection => admin("/credbroker.v1.Admin/GetConnection"),
-            Rpc::ListConnections => admin("/credbroker.v1.Admin/ListConnections"),
-            Rpc::QueryAudit => admin("/credbroker.v1.Admin/QueryAudit"),
-            Rpc::GetAuditHead => admin("/credbroker.v1.Admin/GetAuditHead"),
-            Rpc::Backup => admin("/credbroker.v1.Admin/Backup"),
-            Rpc::RotateKey => admin("/credbroker.v1.Admin/RotateKey"),
-            Rpc::GetStatus => admin("/credbroker.v1.Admin/GetStatus"),
-        }
-    }
-
     /// The full gRPC path, `/credbroker.v1.Service/Method`.
     pub fn grpc_path(self) -> &'static str {
         self.row().path
@@ -138,8 +97,7 @@ impl Rpc {
 
     /// The gRPC method name alone (`ResolveCredential`).
     pub fn method(self) -> &'static str {
-        let path = self.grpc_path();
-        path.rfind('/').map_or(path, |i| &path[i + 1..])
+        self.row().method
     }
 
     /// What the caller needs to be let in.
@@ -190,7 +148,7 @@ mod tests {
         let unique: BTreeSet<String> = table.iter().cloned().collect();
         assert_eq!(unique.len(), table.len(), "a path appears twice: {table:?}");
         assert_eq!(unique, served_paths());
-        for rpc in Rpc::ALL {
+        for &rpc in Rpc::ALL {
             assert!(rpc.grpc_path().ends_with(&format!("/{:?}", rpc)), "{rpc:?}");
             assert_eq!(rpc.audit_label(), format!("{rpc:?}"));
             assert_eq!(rpc.metric_label(), format!("{rpc:?}"));
@@ -201,7 +159,8 @@ mod tests {
     fn every_operation_is_reached_by_exactly_one_rpc() {
         for op in Operation::ALL {
             let rpcs: Vec<Rpc> = Rpc::ALL
-                .into_iter()
+                .iter()
+                .copied()
                 .filter(|r| r.access() == Access::Grant(op))
                 .collect();
             assert_eq!(rpcs.len(), 1, "{op:?} is reached by {rpcs:?}");
