@@ -22,12 +22,13 @@ use tonic::transport::server::Connected;
 
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
-use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::connect::Connect;
 use crate::model::Registry;
 use crate::oauth::OAuth;
 use crate::policy::{PolicyHandle, RateLimiter, caller_from_cert};
+use crate::refusals::Refusals;
 use crate::resolve::Resolver;
 use crate::store::Store;
 use crate::vault::KeySource;
@@ -128,10 +129,11 @@ fn grpc_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     Ok(tls)
 }
 
-/// The HTTPS listener's TLS: same server certificate, no client certificate.
+/// The HTTPS listener's TLS: same server certificate, no client certificate; TLS 1.3 unless
+/// `[http] allow_tls12`.
 fn http_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .with_protocol_versions(versions(config.http.allow_tls12))
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs(&config.grpc.cert)?, private_key(&config.grpc.key)?)
@@ -191,11 +193,12 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// Accepts TCP connections and completes each TLS handshake on its own task, so a slow
-/// client cannot hold up others. Refusals are audited.
+/// client cannot hold up others. Refusals are audited through [`Refusals`] (a flood of them
+/// is summarised, not written one by one).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    audit: Arc<AuditLog>,
+    refusals: Arc<Refusals>,
     out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
 ) {
     loop {
@@ -208,26 +211,20 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, audit, out) = (acceptor.clone(), audit.clone(), out.clone());
+        let (acceptor, refusals, out) = (acceptor.clone(), refusals.clone(), out.clone());
         tokio::spawn(async move {
-            let refused = |reason: String| AuditEvent {
-                caller: format!("unauthenticated {remote}"),
-                operation: crate::audit::label::TLS_HANDSHAKE.into(),
-                outcome: Some(Outcome::Denied),
-                reason,
-                ..Default::default()
+            let refuse = |reason: String| {
+                refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason)
             };
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::info!(%remote, error = %e, "TLS handshake refused");
-                    let _ = audit.record(refused(e.to_string())).await;
+                    refuse(e.to_string()).await;
                     return;
                 }
                 Err(_) => {
-                    let _ = audit
-                        .record(refused("TLS handshake timed out".into()))
-                        .await;
+                    refuse("TLS handshake timed out".into()).await;
                     return;
                 }
             };
@@ -239,11 +236,11 @@ async fn accept_loop(
             let caller = match leaf.map(|der| caller_from_cert(der)) {
                 Some(Ok(caller)) => caller,
                 Some(Err(e)) => {
-                    let _ = audit.record(refused(e.to_string())).await;
+                    refuse(e.to_string()).await;
                     return;
                 }
                 None => {
-                    let _ = audit.record(refused("no client certificate".into())).await;
+                    refuse("no client certificate".into()).await;
                     return;
                 }
             };
@@ -266,6 +263,7 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     let store = Arc::new(Store::open(&config.store.path, key)?);
     let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
     let audit = Arc::new(AuditLog::start(store.clone())?);
+    let refusals = Refusals::start(audit.clone());
     let registry = Arc::new(Registry::new(store));
     let timeout = config.upstream_timeout();
     let callback = format!(
@@ -300,8 +298,17 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
             RateLimiter::new(config.limits.user_rate_per_sec, config.limits.user_burst),
         ),
         limits: config.limits.clone(),
+        refusals,
+        callback_rate: RateLimiter::new(CALLBACK_RATE_PER_SOURCE, 2.0 * CALLBACK_RATE_PER_SOURCE),
     }))
 }
+
+/// OAuth callbacks per second one source address may send (a browser sends one per consent).
+const CALLBACK_RATE_PER_SOURCE: f64 = 10.0;
+
+/// Admin requests carry settings, secrets and certificates, never attachments: a client that
+/// sends more is refused before the body is buffered past this.
+const ADMIN_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -334,7 +341,7 @@ pub async fn run(
     tokio::spawn(accept_loop(
         grpc_listener,
         acceptor,
-        services.audit.clone(),
+        services.refusals.clone(),
         tx,
     ));
 
@@ -349,7 +356,13 @@ pub async fn run(
                 .map_err(|source| ServeError::Listen { addr, source })?,
         );
         let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
-        tokio::spawn(crate::http::serve(listener, acceptor, services.clone()));
+        let limits = crate::http::ConnectionLimits::from(&config.http);
+        tokio::spawn(crate::http::serve(
+            listener,
+            acceptor,
+            limits,
+            services.clone(),
+        ));
     }
 
     spawn_policy_reload(services.policy.clone());
@@ -389,9 +402,15 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
-        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max));
+        .add_service(
+            AdminServer::new(AdminApi(services.clone()))
+                .max_decoding_message_size(max.min(ADMIN_MAX_REQUEST_BYTES)),
+        );
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
+        .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();

@@ -55,6 +55,10 @@ pub struct Services {
     pub oauth: Arc<OAuth>,
     pub rate: crate::policy::Budgets,
     pub limits: Limits,
+    /// Refusals of unauthenticated callers (handshakes, OAuth callbacks), summarised.
+    pub refusals: Arc<crate::refusals::Refusals>,
+    /// OAuth callbacks one source address may send, per second.
+    pub callback_rate: crate::policy::RateLimiter,
 }
 
 pub use admin::AdminApi;
