@@ -1102,3 +1102,41 @@ async fn a_caller_over_its_rate_gets_resource_exhausted_and_is_audited() {
         "no audit record of the refusal: {denied:?}"
     );
 }
+
+#[tokio::test]
+async fn error_replies_carry_the_request_id_of_their_audit_record() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    daemon.issue("spiffe://test/stranger", "stranger");
+    let mut stranger = AdminClient::new(daemon.channel_as("stranger").await.unwrap());
+    let denied = stranger
+        .list_connectors(proto::ListConnectorsRequest::default())
+        .await
+        .unwrap_err();
+    let missing = admin
+        .get_connector(proto::GetConnectorRequest {
+            connector: "no such connector".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let invalid = daemon
+        .agent()
+        .await
+        .resolve_credential(proto::ResolveCredentialRequest::default())
+        .await
+        .unwrap_err();
+    let records = audit(&mut admin, "").await;
+    for (err, code, operation) in [
+        (denied, Code::PermissionDenied, "ListConnectors"),
+        (missing, Code::NotFound, "GetConnector"),
+        (invalid, Code::InvalidArgument, "ResolveCredential"),
+    ] {
+        assert_eq!(err.code(), code, "{err:?}");
+        let id = err.metadata().get("x-request-id").expect("x-request-id");
+        let id = id.to_str().unwrap();
+        let record = records.iter().find(|r| r.request_id == id);
+        let record = record.unwrap_or_else(|| panic!("no audit record has {id}: {records:#?}"));
+        assert_eq!(record.operation, operation, "{record:?}");
+    }
+}

@@ -11,14 +11,6 @@ const CALLERS: [&str; 3] = [
     "spiffe://credbroker.dev/agent-runtime",
     "",
 ];
-const OPERATIONS: [Operation; 6] = [
-    Operation::Resolve,
-    Operation::SendEmail,
-    Operation::FetchMail,
-    Operation::WatchMail,
-    Operation::ListCalendar,
-    Operation::CreateEvent,
-];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -29,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for caller in CALLERS {
         let _ = policy.check_admin(caller, "acme");
-        for op in OPERATIONS {
+        for op in Operation::ALL {
             let _ = policy.check(caller, op, "acme", "Google-Mail", "cn_1", "u1");
             let _ = policy.check(caller, op, "", "", "", "");
         }

@@ -2,8 +2,9 @@
 //! `/metrics`. A small hand-rolled registry (atomic counters, fixed-bucket histograms) rather
 //! than a dependency.
 //!
-//! Invariant: every label value comes from a closed set chosen here (RPC method names, gRPC
-//! codes, refresh outcomes, upstream kinds, connection statuses). No label ever carries a user
+//! Invariant: every label value comes from a closed set chosen here or in the RPC table
+//! ([`crate::api::Rpc::metric_label`]): RPC method names, gRPC codes, refresh outcomes,
+//! upstream kinds, connection statuses. No label ever carries a user
 //! id, a connector name, a caller identity or anything derived from a secret.
 
 use std::collections::BTreeMap;
@@ -128,8 +129,12 @@ fn histogram<K: Ord + Copy>(
     map.entry(key).or_insert_with(|| Box::leak(Box::default()))
 }
 
-/// One finished RPC. `method` is the gRPC method name (a compile-time constant).
-pub fn rpc(method: &'static str, code: tonic::Code, elapsed: Duration) {
+/// One finished RPC, labelled from the RPC table.
+pub fn rpc(rpc: crate::api::Rpc, code: tonic::Code, elapsed: Duration) {
+    count_rpc(rpc.metric_label(), code, elapsed);
+}
+
+fn count_rpc(method: &'static str, code: tonic::Code, elapsed: Duration) {
     *REGISTRY
         .rpcs
         .lock()
@@ -387,12 +392,12 @@ mod tests {
 
     #[test]
     fn rpc_counts_by_method_and_code() {
-        rpc(
+        count_rpc(
             "UnitTestMethod",
             tonic::Code::NotFound,
             Duration::from_millis(1),
         );
-        rpc(
+        count_rpc(
             "UnitTestMethod",
             tonic::Code::NotFound,
             Duration::from_millis(1),

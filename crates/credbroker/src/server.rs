@@ -232,7 +232,9 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (acceptor, refusals, out) = (acceptor.clone(), refusals.clone(), out.clone());
         tokio::spawn(async move {
-            let refuse = |reason: String| refusals.refuse("TlsHandshake", remote.ip(), reason);
+            let refuse = |reason: String| {
+                refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason)
+            };
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {

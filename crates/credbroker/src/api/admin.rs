@@ -1,15 +1,18 @@
 //! The Admin service: connectors, connections and the audit log, for callers with admin rights
-//! on the workspace.
+//! on the workspace. Each handler is one [`Services::handle`] or [`Services::handle_on`] call;
+//! what a request means for the domain is worked out by the functions beside them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, settings};
 use super::proto::{self, admin_server::Admin};
-use super::{ApiError, Call, Services};
+use super::{ApiError, Rpc, Services};
+use crate::audit::AuditRecord;
 use crate::connect::Candidate;
-use crate::model::{ConnectorPatch, FieldError, Kind, NewConnector, Target, workspace_or_default};
+use crate::model::{ConnectorPatch, FieldError, Kind, NewConnector, workspace_or_default};
 
 pub struct AdminApi(pub Arc<Services>);
 
@@ -17,56 +20,24 @@ pub struct AdminApi(pub Arc<Services>);
 const AUDIT_PAGE_MAX: u32 = 1000;
 const AUDIT_SCAN_MAX: usize = 100_000;
 
-impl AdminApi {
-    /// Validates the connection reference, checks admin rights on its workspace, and resolves it.
-    async fn admin_target(
-        &self,
-        call: &mut Call,
-        connection: Option<proto::ConnectionRef>,
-    ) -> Result<Target, ApiError> {
-        let r = connection.ok_or_else(|| FieldError::new("connection", "is required"))?;
-        let workspace = workspace_or_default("connection.workspace", &r.workspace)?;
-        call.workspace = workspace.clone();
-        call.connector = r.connector.clone();
-        call.user_id = r.user_id.clone();
-        self.0.authorize_admin(call, &workspace)?;
-        let target = self
-            .0
-            .registry
-            .target(&workspace, &r.connector, &r.user_id)
-            .await?;
-        call.on(&target);
-        Ok(target)
-    }
-
-    fn admin_workspace(
-        &self,
-        call: &mut Call,
-        field: &str,
-        workspace: &str,
-    ) -> Result<String, ApiError> {
-        let workspace = workspace_or_default(field, workspace)?;
-        call.workspace = workspace.clone();
-        self.0.authorize_admin(call, &workspace)?;
-        Ok(workspace)
-    }
-}
-
-fn candidate(
-    settings_map: std::collections::HashMap<String, String>,
-    secrets: std::collections::HashMap<String, proto::SecretValue>,
-) -> Candidate {
-    Candidate {
-        settings: settings(settings_map),
-        secrets: convert::secrets(secrets),
-    }
-}
+/// The admin scope of the RPCs about the whole store: every workspace.
+const ALL: &str = "*";
 
 /// Bytes per BackupChunk: well under gRPC's default 4 MiB message limit.
 const BACKUP_CHUNK: usize = 1 << 20;
 
 pub type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
+fn candidate(
+    settings_map: HashMap<String, String>,
+    secrets: HashMap<String, proto::SecretValue>,
+) -> Candidate {
+    Candidate {
+        settings: settings(settings_map),
+        secrets: convert::secrets(secrets),
+    }
+}
 
 /// The store's key and rewrap state, for GetStatus and RotateKey.
 async fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
@@ -97,6 +68,134 @@ async fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
     })
 }
 
+/// A snapshot of the store, encoded and cut into chunks; the first names the store and counts
+/// the records.
+async fn backup(s: &Services) -> Result<BackupStream, ApiError> {
+    let (bytes, records) = s.registry.backup().await?;
+    let store_id = s.registry.key_status().store_id;
+    let chunks: Vec<Result<proto::BackupChunk, Status>> = bytes
+        .chunks(BACKUP_CHUNK)
+        .enumerate()
+        .map(|(i, data)| {
+            Ok(proto::BackupChunk {
+                data: data.to_vec(),
+                records: if i == 0 { records as u64 } else { 0 },
+                store_id: if i == 0 {
+                    store_id.clone()
+                } else {
+                    String::new()
+                },
+            })
+        })
+        .collect();
+    Ok(Box::pin(tokio_stream::iter(chunks)) as BackupStream)
+}
+
+fn new_connector(
+    workspace: String,
+    r: proto::CreateConnectorRequest,
+) -> Result<NewConnector, FieldError> {
+    let kind = convert::kind_from("kind", r.kind)?;
+    let mode = convert::mode_from("mode", r.mode)?;
+    if kind != Kind::Oauth2 && !r.provider.is_empty() {
+        return Err(FieldError::new(
+            "provider",
+            "only OAuth connectors take a provider",
+        ));
+    }
+    Ok(NewConnector {
+        workspace,
+        name: r.name,
+        kind,
+        mode,
+        provider: r.provider,
+        config: settings(r.config),
+        secrets: convert::secrets(r.secrets),
+    })
+}
+
+/// The fields an UpdateConnector's mask names, with their new values (absent: removed).
+fn connector_patch(r: &mut proto::UpdateConnectorRequest) -> Result<ConnectorPatch, FieldError> {
+    let paths = r.update_mask.take().map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(FieldError::new(
+            "update_mask",
+            "is required: name the fields to save (config.<key>, secrets.<slot>, mode)",
+        ));
+    }
+    let mut patch = ConnectorPatch::default();
+    for (i, path) in paths.iter().enumerate() {
+        if let Some(key) = path.strip_prefix("config.") {
+            patch.config.insert(key.to_string(), r.config.remove(key));
+        } else if let Some(slot) = path.strip_prefix("secrets.") {
+            patch.secrets.insert(
+                slot.to_string(),
+                r.secrets
+                    .remove(slot)
+                    .map(|v| crate::model::Secret::new(v.value)),
+            );
+        } else if path == "mode" {
+            patch.mode = Some(convert::mode_from("mode", r.mode)?);
+        } else {
+            return Err(FieldError::new(
+                format!("update_mask.paths[{i}]"),
+                format!("{path:?} is not config.<key>, secrets.<slot> or mode"),
+            ));
+        }
+    }
+    Ok(patch)
+}
+
+/// QueryAudit's scope: without a workspace, the whole log (for admins of every workspace).
+fn audit_scope(workspace: &str) -> Result<String, FieldError> {
+    if workspace.is_empty() {
+        Ok(ALL.to_string())
+    } else {
+        workspace_or_default("workspace", workspace)
+    }
+}
+
+fn audit_limit(limit: u32) -> Result<usize, FieldError> {
+    match limit {
+        0 => Ok(100),
+        n if n <= AUDIT_PAGE_MAX => Ok(n as usize),
+        n => Err(FieldError::new(
+            "limit",
+            format!("is {n}; at most {AUDIT_PAGE_MAX}"),
+        )),
+    }
+}
+
+/// Whether a record matches a QueryAudit's filters within `scope`.
+fn audit_matches(r: &proto::QueryAuditRequest, scope: &str, rec: &AuditRecord) -> bool {
+    let e = &rec.event;
+    (r.caller.is_empty() || e.caller == r.caller)
+        && (r.operation.is_empty() || e.operation == r.operation)
+        && (scope == ALL || e.workspace == scope)
+        && (r.connector.is_empty() || e.connector.contains(&r.connector))
+        && (r.outcome.is_empty() || e.outcome.is_some_and(|o| o.name() == r.outcome))
+}
+
+fn audit_record(rec: AuditRecord) -> proto::AuditRecord {
+    proto::AuditRecord {
+        seq: rec.seq,
+        time: Some(convert::timestamp(rec.time)),
+        caller: rec.event.caller,
+        operation: rec.event.operation,
+        workspace: rec.event.workspace,
+        connector: rec.event.connector,
+        user_id: rec.event.user_id,
+        outcome: rec
+            .event
+            .outcome
+            .map(|o| o.name().to_string())
+            .unwrap_or_default(),
+        reason: rec.event.reason,
+        request_id: rec.event.request_id,
+        hash: rec.hash,
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
     type BackupStream = BackupStream;
@@ -106,15 +205,12 @@ impl Admin for AdminApi {
         req: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::StoreStatus>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "RotateKey")?;
-        let result = async {
-            call.workspace = "*".into();
-            s.authorize_admin(&call, "*")?;
+        s.handle(Rpc::RotateKey, req, async |call, _| {
+            s.admin_of(call, ALL)?;
             s.registry.rotate_key().await?;
             store_status(s).await
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn get_status(
@@ -122,14 +218,11 @@ impl Admin for AdminApi {
         req: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::StoreStatus>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "GetStatus")?;
-        let result = async {
-            call.workspace = "*".into();
-            s.authorize_admin(&call, "*")?;
+        s.handle(Rpc::GetStatus, req, async |call, _| {
+            s.admin_of(call, ALL)?;
             store_status(s).await
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn backup(
@@ -137,31 +230,11 @@ impl Admin for AdminApi {
         req: Request<proto::BackupRequest>,
     ) -> Result<Response<BackupStream>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "Backup")?;
-        let result = async {
-            call.workspace = "*".into();
-            s.authorize_admin(&call, "*")?;
-            let (bytes, records) = s.registry.backup().await?;
-            let store_id = s.registry.key_status().store_id;
-            let chunks: Vec<Result<proto::BackupChunk, Status>> = bytes
-                .chunks(BACKUP_CHUNK)
-                .enumerate()
-                .map(|(i, data)| {
-                    Ok(proto::BackupChunk {
-                        data: data.to_vec(),
-                        records: if i == 0 { records as u64 } else { 0 },
-                        store_id: if i == 0 {
-                            store_id.clone()
-                        } else {
-                            String::new()
-                        },
-                    })
-                })
-                .collect();
-            Ok(Box::pin(tokio_stream::iter(chunks)) as BackupStream)
-        }
-        .await;
-        s.finish(call, result).await
+        s.handle(Rpc::Backup, req, async |call, _| {
+            s.admin_of(call, ALL)?;
+            backup(s).await
+        })
+        .await
     }
 
     async fn create_connector(
@@ -169,33 +242,17 @@ impl Admin for AdminApi {
         req: Request<proto::CreateConnectorRequest>,
     ) -> Result<Response<proto::Connector>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "CreateConnector")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::CreateConnector, req, async |call, r| {
             call.connector = r.name.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
-            let kind = convert::kind_from("kind", r.kind)?;
-            let mode = convert::mode_from("mode", r.mode)?;
-            if kind != Kind::Oauth2 && !r.provider.is_empty() {
-                return Err(
-                    FieldError::new("provider", "only OAuth connectors take a provider").into(),
-                );
-            }
-            let new = NewConnector {
-                workspace,
-                name: r.name,
-                kind,
-                mode,
-                provider: r.provider,
-                config: settings(r.config),
-                secrets: convert::secrets(r.secrets),
-            };
-            let c = s.registry.create_connector(new).await?;
-            call.connector = format!("{} ({})", c.name, c.id);
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
+            let c = s
+                .registry
+                .create_connector(new_connector(workspace, r)?)
+                .await?;
+            call.on_connector(&c);
             Ok(convert::connector(&c))
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn get_connector(
@@ -203,17 +260,13 @@ impl Admin for AdminApi {
         req: Request<proto::GetConnectorRequest>,
     ) -> Result<Response<proto::Connector>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "GetConnector")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::GetConnector, req, async |call, r| {
             call.connector = r.connector.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
-            Ok(convert::connector(
-                &s.registry.find_connector(&workspace, &r.connector).await?,
-            ))
-        }
-        .await;
-        s.finish(call, result).await
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
+            let c = s.registry.find_connector(&workspace, &r.connector).await?;
+            Ok(convert::connector(&c))
+        })
+        .await
     }
 
     async fn list_connectors(
@@ -221,17 +274,14 @@ impl Admin for AdminApi {
         req: Request<proto::ListConnectorsRequest>,
     ) -> Result<Response<proto::ListConnectorsResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "ListConnectors")?;
-        let r = req.into_inner();
-        let result = async {
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+        s.handle(Rpc::ListConnectors, req, async |call, r| {
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             let connectors = s.registry.list_connectors(&workspace).await?;
             Ok(proto::ListConnectorsResponse {
                 connectors: connectors.iter().map(convert::connector).collect(),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn update_connector(
@@ -239,49 +289,18 @@ impl Admin for AdminApi {
         req: Request<proto::UpdateConnectorRequest>,
     ) -> Result<Response<proto::Connector>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "UpdateConnector")?;
-        let mut r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::UpdateConnector, req, async |call, mut r| {
             call.connector = r.connector.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
-            let paths = r.update_mask.take().map(|m| m.paths).unwrap_or_default();
-            if paths.is_empty() {
-                return Err(FieldError::new(
-                    "update_mask",
-                    "is required: name the fields to save (config.<key>, secrets.<slot>, mode)",
-                )
-                .into());
-            }
-            let mut patch = ConnectorPatch::default();
-            for (i, path) in paths.iter().enumerate() {
-                if let Some(key) = path.strip_prefix("config.") {
-                    patch.config.insert(key.to_string(), r.config.remove(key));
-                } else if let Some(slot) = path.strip_prefix("secrets.") {
-                    patch.secrets.insert(
-                        slot.to_string(),
-                        r.secrets
-                            .remove(slot)
-                            .map(|v| crate::model::Secret::new(v.value)),
-                    );
-                } else if path == "mode" {
-                    patch.mode = Some(convert::mode_from("mode", r.mode)?);
-                } else {
-                    return Err(FieldError::new(
-                        format!("update_mask.paths[{i}]"),
-                        format!("{path:?} is not config.<key>, secrets.<slot> or mode"),
-                    )
-                    .into());
-                }
-            }
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
+            let patch = connector_patch(&mut r)?;
             let c = s
                 .registry
                 .update_connector(&workspace, &r.connector, patch)
                 .await?;
-            call.connector = format!("{} ({})", c.name, c.id);
+            call.on_connector(&c);
             Ok(convert::connector(&c))
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn rename_connector(
@@ -289,20 +308,17 @@ impl Admin for AdminApi {
         req: Request<proto::RenameConnectorRequest>,
     ) -> Result<Response<proto::Connector>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "RenameConnector")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::RenameConnector, req, async |call, r| {
             call.connector = r.connector.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             let c = s
                 .registry
                 .rename_connector(&workspace, &r.connector, &r.new_name)
                 .await?;
-            call.connector = format!("{} ({})", c.name, c.id);
+            call.on_connector(&c);
             Ok(convert::connector(&c))
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn delete_connector(
@@ -310,11 +326,9 @@ impl Admin for AdminApi {
         req: Request<proto::DeleteConnectorRequest>,
     ) -> Result<Response<proto::DeleteConnectorResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "DeleteConnector")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::DeleteConnector, req, async |call, r| {
             call.connector = r.connector.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             let removed = s
                 .registry
                 .delete_connector(&workspace, &r.connector)
@@ -322,9 +336,8 @@ impl Admin for AdminApi {
             Ok(proto::DeleteConnectorResponse {
                 connections_removed: removed as u32,
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn begin_connect(
@@ -332,10 +345,7 @@ impl Admin for AdminApi {
         req: Request<proto::BeginConnectRequest>,
     ) -> Result<Response<proto::BeginConnectResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "BeginConnect")?;
-        let r = req.into_inner();
-        let result = async {
-            let target = self.admin_target(&mut call, r.connection).await?;
+        s.handle_on(Rpc::BeginConnect, req, async |_, target, r| {
             let started = s
                 .oauth
                 .begin(&target, &r.return_url, &r.scopes, &r.login_hint)
@@ -345,9 +355,8 @@ impl Admin for AdminApi {
                 state: started.state,
                 expires_at: Some(convert::timestamp(started.expires_at)),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn complete_connect(
@@ -355,21 +364,17 @@ impl Admin for AdminApi {
         req: Request<proto::CompleteConnectRequest>,
     ) -> Result<Response<proto::Connection>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "CompleteConnect")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::CompleteConnect, req, async |call, r| {
             // The state names the connection; the caller must administer its workspace.
             let pending = s.oauth.take_state(&r.state).await?;
-            call.workspace = pending.workspace.clone();
             call.connector = pending.connector_id.clone();
             call.user_id = pending.user_id.clone();
-            s.authorize_admin(&call, &pending.workspace)?;
+            s.admin_of(call, &pending.workspace)?;
             let done = s.oauth.complete(pending, &r.code).await?;
-            call.connector = format!("{} ({})", done.connector.name, done.connector.id);
+            call.on_connector(&done.connector);
             Ok(convert::connection(&done.connector, &done.connection))
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn connect_with_credentials(
@@ -377,26 +382,19 @@ impl Admin for AdminApi {
         req: Request<proto::ConnectWithCredentialsRequest>,
     ) -> Result<Response<proto::ConnectWithCredentialsResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "ConnectWithCredentials")?;
-        let r = req.into_inner();
-        let result = async {
-            let target = self.admin_target(&mut call, r.connection).await?;
+        s.handle_on(Rpc::ConnectWithCredentials, req, async |_, target, r| {
+            let offered = candidate(r.settings, r.secrets);
             let done = s
                 .connect
-                .connect_with_credentials(
-                    &target,
-                    candidate(r.settings, r.secrets),
-                    r.save_on_failure,
-                )
+                .connect_with_credentials(&target, offered, r.save_on_failure)
                 .await?;
             Ok(proto::ConnectWithCredentialsResponse {
                 connection: Some(convert::connection(&target.connector, &done.connection)),
                 test: Some(convert::report(&done.report)),
                 saved: done.saved,
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn test_connection(
@@ -404,19 +402,15 @@ impl Admin for AdminApi {
         req: Request<proto::TestConnectionRequest>,
     ) -> Result<Response<proto::TestConnectionResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "TestConnection")?;
-        let r = req.into_inner();
-        let result = async {
-            let target = self.admin_target(&mut call, r.connection).await?;
+        s.handle_on(Rpc::TestConnection, req, async |_, target, r| {
             let offered = (!r.settings.is_empty() || !r.secrets.is_empty())
                 .then(|| candidate(r.settings, r.secrets));
             let report = s.connect.test(&target, offered).await?;
             Ok(proto::TestConnectionResponse {
                 test: Some(convert::report(&report)),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn disconnect(
@@ -424,10 +418,7 @@ impl Admin for AdminApi {
         req: Request<proto::DisconnectRequest>,
     ) -> Result<Response<proto::DisconnectResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "Disconnect")?;
-        let r = req.into_inner();
-        let result = async {
-            let target = self.admin_target(&mut call, r.connection).await?;
+        s.handle_on(Rpc::Disconnect, req, async |_, target, _| {
             let (connection, revoked) = if target.connector.kind == Kind::Oauth2 {
                 s.oauth.disconnect(&target).await?
             } else {
@@ -437,9 +428,8 @@ impl Admin for AdminApi {
                 revoked,
                 connection: Some(convert::connection(&target.connector, &connection)),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn get_connection(
@@ -447,10 +437,7 @@ impl Admin for AdminApi {
         req: Request<proto::GetConnectionRequest>,
     ) -> Result<Response<proto::Connection>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "GetConnection")?;
-        let r = req.into_inner();
-        let result = async {
-            let target = self.admin_target(&mut call, r.connection).await?;
+        s.handle_on(Rpc::GetConnection, req, async |_, target, _| {
             let connection = s
                 .registry
                 .connection(&target.connector, &target.connection_user)
@@ -459,9 +446,8 @@ impl Admin for AdminApi {
                     crate::model::Connection::new(&target.connector.id, &target.connection_user)
                 });
             Ok(convert::connection(&target.connector, &connection))
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn list_connections(
@@ -469,11 +455,9 @@ impl Admin for AdminApi {
         req: Request<proto::ListConnectionsRequest>,
     ) -> Result<Response<proto::ListConnectionsResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "ListConnections")?;
-        let r = req.into_inner();
-        let result = async {
+        s.handle(Rpc::ListConnections, req, async |call, r| {
             call.user_id = r.user_id.clone();
-            let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
+            let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             crate::model::validate_user_id("user_id", &r.user_id)?;
             let rows = s.connect.statuses(&workspace, &r.user_id).await?;
             Ok(proto::ListConnectionsResponse {
@@ -482,9 +466,8 @@ impl Admin for AdminApi {
                     .map(|(c, conn)| convert::connection(c, conn))
                     .collect(),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn query_audit(
@@ -492,65 +475,20 @@ impl Admin for AdminApi {
         req: Request<proto::QueryAuditRequest>,
     ) -> Result<Response<proto::QueryAuditResponse>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "QueryAudit")?;
-        let r = req.into_inner();
-        let result = async {
-            // Without a workspace, the whole log: only for admins of every workspace ("*").
-            let scope = if r.workspace.is_empty() {
-                "*".to_string()
-            } else {
-                workspace_or_default("workspace", &r.workspace)?
-            };
-            call.workspace = scope.clone();
-            s.authorize_admin(&call, &scope)?;
-            let limit = match r.limit {
-                0 => 100,
-                n if n <= AUDIT_PAGE_MAX => n,
-                n => {
-                    return Err(FieldError::new(
-                        "limit",
-                        format!("is {n}; at most {AUDIT_PAGE_MAX}"),
-                    )
-                    .into());
-                }
-            };
-            let keep = |rec: &crate::audit::AuditRecord| {
-                let e = &rec.event;
-                (r.caller.is_empty() || e.caller == r.caller)
-                    && (r.operation.is_empty() || e.operation == r.operation)
-                    && (scope == "*" || e.workspace == scope)
-                    && (r.connector.is_empty() || e.connector.contains(&r.connector))
-                    && (r.outcome.is_empty() || e.outcome.is_some_and(|o| o.name() == r.outcome))
-            };
+        s.handle(Rpc::QueryAudit, req, async |call, r| {
+            let scope = audit_scope(&r.workspace)?;
+            s.admin_of(call, &scope)?;
+            let limit = audit_limit(r.limit)?;
+            let keep = |rec: &AuditRecord| audit_matches(&r, &scope, rec);
             let records = s
                 .audit
-                .query(r.after_seq, limit as usize, AUDIT_SCAN_MAX, keep)
+                .query(r.after_seq, limit, AUDIT_SCAN_MAX, keep)
                 .await?;
             Ok(proto::QueryAuditResponse {
-                records: records
-                    .into_iter()
-                    .map(|rec| proto::AuditRecord {
-                        seq: rec.seq,
-                        time: Some(convert::timestamp(rec.time)),
-                        caller: rec.event.caller,
-                        operation: rec.event.operation,
-                        workspace: rec.event.workspace,
-                        connector: rec.event.connector,
-                        user_id: rec.event.user_id,
-                        outcome: rec
-                            .event
-                            .outcome
-                            .map(|o| o.name().to_string())
-                            .unwrap_or_default(),
-                        reason: rec.event.reason,
-                        request_id: rec.event.request_id,
-                        hash: rec.hash,
-                    })
-                    .collect(),
+                records: records.into_iter().map(audit_record).collect(),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 
     async fn get_audit_head(
@@ -558,18 +496,15 @@ impl Admin for AdminApi {
         req: Request<proto::GetAuditHeadRequest>,
     ) -> Result<Response<proto::AuditHead>, Status> {
         let s = &self.0;
-        let mut call = s.begin(&req, "GetAuditHead")?;
-        let result = async {
-            call.workspace = "*".into();
-            s.authorize_admin(&call, "*")?;
+        s.handle(Rpc::GetAuditHead, req, async |call, _| {
+            s.admin_of(call, ALL)?;
             let head = s.audit.head();
             Ok(proto::AuditHead {
                 seq: head.seq,
                 hash: head.hash,
                 time: convert::opt_timestamp(head.time),
             })
-        }
-        .await;
-        s.finish(call, result).await
+        })
+        .await
     }
 }

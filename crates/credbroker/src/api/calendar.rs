@@ -1,41 +1,11 @@
-//! ListCalendar and CreateEvent: policy, request → [`crate::calendar`], errors → statuses.
+//! ListCalendar and CreateEvent: request → [`crate::calendar`] → reply.
 
 use std::time::Duration;
 
-use tonic::{Code, Response, Status};
-
-use super::convert;
 use super::proto;
-use super::{ApiError, BrokerApi, Call};
-use crate::calendar::{self, Attendee, CalendarError, Calendars, Event, NewEvent, Window};
-use crate::model::ModelError;
-use crate::policy::Operation;
-
-impl From<CalendarError> for ApiError {
-    fn from(e: CalendarError) -> Self {
-        let message = e.to_string();
-        let (code, reason) = match e {
-            CalendarError::Invalid(f) => return ApiError::Model(ModelError::Invalid(f)),
-            CalendarError::Resolve(r) => return ApiError::Resolve(r),
-            CalendarError::Model(m) => return ApiError::Model(m),
-            CalendarError::Config(_) => (Code::FailedPrecondition, "CONFIG"),
-            CalendarError::Unsupported(_) => (Code::Unimplemented, "UNSUPPORTED"),
-            CalendarError::Unreachable { .. } | CalendarError::ServerError { .. } => {
-                (Code::Unavailable, "UPSTREAM_UNAVAILABLE")
-            }
-            CalendarError::AuthRefused { .. } => {
-                (Code::Unauthenticated, "UPSTREAM_UNAUTHENTICATED")
-            }
-            CalendarError::Forbidden { .. } => (Code::PermissionDenied, "UPSTREAM_FORBIDDEN"),
-            CalendarError::NotFound(_) => (Code::NotFound, "NOT_FOUND"),
-            CalendarError::Conflict(_) => (Code::AlreadyExists, "ALREADY_EXISTS"),
-            CalendarError::Rejected { .. } => (Code::FailedPrecondition, "UPSTREAM_REJECTED"),
-            CalendarError::Malformed { .. } => (Code::Internal, "UPSTREAM_MALFORMED"),
-            CalendarError::Internal(_) => (Code::Internal, "INTERNAL"),
-        };
-        ApiError::status(code, reason, message)
-    }
-}
+use super::{ApiError, BrokerApi, convert};
+use crate::calendar::{self, Attendee, Calendars, Event, NewEvent, Window};
+use crate::model::{FieldError, Target};
 
 fn event_to(e: Event) -> proto::CalendarEvent {
     proto::CalendarEvent {
@@ -68,8 +38,34 @@ fn event_to(e: Event) -> proto::CalendarEvent {
 fn time(
     field: &str,
     t: Option<prost_types::Timestamp>,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    Ok(t.map(|t| convert::from_timestamp(field, &t)).transpose()?)
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, FieldError> {
+    t.map(|t| convert::from_timestamp(field, &t)).transpose()
+}
+
+fn new_event(e: proto::CalendarEvent, rrule: String) -> Result<NewEvent, FieldError> {
+    Ok(NewEvent {
+        summary: e.summary,
+        description: e.description,
+        location: e.location,
+        start: time("event.start", e.start)?,
+        end: time("event.end", e.end)?,
+        all_day: e.all_day,
+        start_date: e.start_date,
+        end_date: e.end_date,
+        time_zone: e.time_zone,
+        organizer: e.organizer,
+        attendees: e
+            .attendees
+            .into_iter()
+            .map(|a| Attendee {
+                email: a.email,
+                name: a.name,
+                status: a.status,
+            })
+            .collect(),
+        status: e.status,
+        rrule,
+    })
 }
 
 impl BrokerApi {
@@ -81,72 +77,36 @@ impl BrokerApi {
         }
     }
 
-    pub(super) async fn list_calendar_call(
+    pub(super) async fn listing(
         &self,
-        mut call: Call,
+        target: &Target,
         r: proto::ListCalendarRequest,
-    ) -> Result<Response<proto::ListCalendarResponse>, Status> {
-        let result = async {
-            let target = self
-                .target(&mut call, Operation::ListCalendar, r.connection)
-                .await?;
-            let window = Window::new(time("time_min", r.time_min)?, time("time_max", r.time_max)?)?;
-            let limit = calendar::limit(r.limit)?;
-            let listing = self
-                .calendars()
-                .list(&target, &r.calendar, window, limit)
-                .await?;
-            Ok(proto::ListCalendarResponse {
-                events: listing.events.into_iter().map(event_to).collect(),
-                truncated: listing.truncated,
-                warnings: listing.warnings,
-            })
-        }
-        .await;
-        self.0.finish(call, result).await
+    ) -> Result<proto::ListCalendarResponse, ApiError> {
+        let window = Window::new(time("time_min", r.time_min)?, time("time_max", r.time_max)?)?;
+        let limit = calendar::limit(r.limit)?;
+        let listing = self
+            .calendars()
+            .list(target, &r.calendar, window, limit)
+            .await?;
+        Ok(proto::ListCalendarResponse {
+            events: listing.events.into_iter().map(event_to).collect(),
+            truncated: listing.truncated,
+            warnings: listing.warnings,
+        })
     }
 
-    pub(super) async fn create_event_call(
+    pub(super) async fn new_event(
         &self,
-        mut call: Call,
+        target: &Target,
         r: proto::CreateEventRequest,
-    ) -> Result<Response<proto::CreateEventResponse>, Status> {
-        let result = async {
-            let target = self
-                .target(&mut call, Operation::CreateEvent, r.connection)
-                .await?;
-            let e = r
-                .event
-                .ok_or_else(|| crate::model::FieldError::new("event", "is required"))?;
-            let new = NewEvent {
-                summary: e.summary,
-                description: e.description,
-                location: e.location,
-                start: time("event.start", e.start)?,
-                end: time("event.end", e.end)?,
-                all_day: e.all_day,
-                start_date: e.start_date,
-                end_date: e.end_date,
-                time_zone: e.time_zone,
-                organizer: e.organizer,
-                attendees: e
-                    .attendees
-                    .into_iter()
-                    .map(|a| Attendee {
-                        email: a.email,
-                        name: a.name,
-                        status: a.status,
-                    })
-                    .collect(),
-                status: e.status,
-                rrule: r.rrule,
-            };
-            let stored = self.calendars().create(&target, &r.calendar, new).await?;
-            Ok(proto::CreateEventResponse {
-                event: Some(event_to(stored)),
-            })
-        }
-        .await;
-        self.0.finish(call, result).await
+    ) -> Result<proto::CreateEventResponse, ApiError> {
+        let e = r
+            .event
+            .ok_or_else(|| FieldError::new("event", "is required"))?;
+        let new = new_event(e, r.rrule)?;
+        let stored = self.calendars().create(target, &r.calendar, new).await?;
+        Ok(proto::CreateEventResponse {
+            event: Some(event_to(stored)),
+        })
     }
 }

@@ -164,3 +164,74 @@ pub fn mail(m: crate::mail::MailMessage) -> proto::MailMessage {
         reply_to: m.reply_to,
     }
 }
+
+/// The one reply that carries a secret: the credential itself.
+pub fn credential(c: crate::resolve::Credential) -> proto::ResolveCredentialResponse {
+    proto::ResolveCredentialResponse {
+        kind: kind_to(c.kind) as i32,
+        secret: c.secret.expose().to_string(),
+        token_type: c.token_type,
+        expires_at: opt_timestamp(c.expires_at),
+        scopes: c.scopes,
+        account_label: c.account_label,
+        header_name: c.header_name,
+        header_prefix: c.header_prefix,
+    }
+}
+
+pub fn send_request(r: proto::SendEmailRequest) -> crate::mail::SendRequest {
+    crate::mail::SendRequest {
+        from: r.from,
+        to: r.to,
+        cc: r.cc,
+        bcc: r.bcc,
+        reply_to: r.reply_to,
+        subject: r.subject,
+        text_body: r.text_body,
+        html_body: r.html_body,
+        attachments: r
+            .attachments
+            .into_iter()
+            .map(|a| crate::mail::OutgoingAttachment {
+                filename: a.filename,
+                content_type: a.content_type,
+                content: a.content,
+            })
+            .collect(),
+        in_reply_to: r.in_reply_to,
+        references: r.references,
+    }
+}
+
+pub fn fetch_query(
+    r: proto::FetchMailRequest,
+) -> Result<crate::mail::imap::FetchQuery, FieldError> {
+    Ok(crate::mail::imap::FetchQuery {
+        mailbox: r.mailbox,
+        limit: r.limit,
+        unseen_only: r.unseen_only,
+        since_uid: r.since_uid,
+        since: r
+            .since
+            .as_ref()
+            .map(|t| from_timestamp("since", t))
+            .transpose()?,
+        include_html: r.include_html,
+        mark_seen: r.mark_seen,
+    })
+}
+
+pub fn watch_query(r: proto::WatchMailRequest) -> crate::mail::watch::WatchQuery {
+    crate::mail::watch::WatchQuery {
+        mailbox: r.mailbox,
+        since_uid: r.since_uid,
+        include_html: r.include_html,
+    }
+}
+
+pub fn mail_event(e: crate::mail::watch::WatchEvent) -> proto::MailEvent {
+    proto::MailEvent {
+        message: Some(mail(e.message)),
+        uid_validity: e.uid_validity,
+    }
+}

@@ -1,5 +1,10 @@
-//! Domain errors → gRPC statuses, each with a message a person can act on and, where a client
-//! must branch on it, a `google.rpc.ErrorInfo` reason (NOT_CONNECTED, EXPIRED…).
+//! Domain errors → gRPC statuses, in one place: every error class names a [`Reason`], every
+//! reason has one gRPC code, and the reply carries the reason in a `google.rpc.ErrorInfo`
+//! (domain "credbroker") with, where it helps, the field, service or stage at fault.
+//!
+//! Invariants: the message is the error's own text (a person can act on it; it never holds a
+//! secret), a client branches on the reason, not the message, and mail, calendar, OAuth and
+//! model errors all map through [`classify`].
 
 use std::collections::HashMap;
 
@@ -7,6 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditError;
+use crate::calendar::CalendarError;
 use crate::connect::ConnectError;
 use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
@@ -31,18 +37,17 @@ pub enum ApiError {
     OAuth(#[from] OAuthError),
     #[error(transparent)]
     Mail(#[from] MailError),
+    #[error(transparent)]
+    Calendar(#[from] CalendarError),
     /// A request budget ran out ([`crate::policy::Budgets`]).
     #[error("{message}")]
     Exhausted {
         message: String,
         exhausted: crate::policy::Exhausted,
     },
-    #[error("{message}")]
-    Status {
-        code: Code,
-        reason: &'static str,
-        message: String,
-    },
+    /// A blocking task of the call panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl From<FieldError> for ApiError {
@@ -51,192 +56,253 @@ impl From<FieldError> for ApiError {
     }
 }
 
-impl ApiError {
-    pub fn status(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError::Status {
-            code,
-            reason,
-            message: message.into(),
+/// Why a call failed, as a client branches on it: the `reason` of the reply's ErrorInfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Policy,
+    RateLimited,
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Storage,
+    AuditUnavailable,
+    Internal,
+    Unsupported,
+    Config,
+    NotConnected,
+    Expired,
+    NotResolvable,
+    NotOauth,
+    StateUnknown,
+    StateExpired,
+    ProviderRefused,
+    UpstreamUnavailable,
+    UpstreamAuthRefused,
+    UpstreamUnauthenticated,
+    UpstreamForbidden,
+    UpstreamRejected,
+    UpstreamMalformed,
+    MailRejected,
+    MessageTooLarge,
+    MailboxNotFound,
+    TooManyStreams,
+}
+
+impl Reason {
+    const fn row(self) -> (&'static str, Code) {
+        use Code::*;
+        match self {
+            Reason::Policy => ("POLICY", PermissionDenied),
+            Reason::RateLimited => ("RATE_LIMITED", ResourceExhausted),
+            Reason::InvalidArgument => ("INVALID_ARGUMENT", InvalidArgument),
+            Reason::NotFound => ("NOT_FOUND", NotFound),
+            Reason::AlreadyExists => ("ALREADY_EXISTS", AlreadyExists),
+            Reason::FailedPrecondition => ("FAILED_PRECONDITION", FailedPrecondition),
+            Reason::Storage => ("STORAGE", Internal),
+            Reason::AuditUnavailable => ("AUDIT_UNAVAILABLE", Unavailable),
+            Reason::Internal => ("INTERNAL", Internal),
+            Reason::Unsupported => ("UNSUPPORTED", Unimplemented),
+            Reason::Config => ("CONFIG", FailedPrecondition),
+            Reason::NotConnected => ("NOT_CONNECTED", FailedPrecondition),
+            Reason::Expired => ("EXPIRED", FailedPrecondition),
+            Reason::NotResolvable => ("NOT_RESOLVABLE", FailedPrecondition),
+            Reason::NotOauth => ("NOT_OAUTH", FailedPrecondition),
+            Reason::StateUnknown => ("STATE_UNKNOWN", InvalidArgument),
+            Reason::StateExpired => ("STATE_EXPIRED", InvalidArgument),
+            Reason::ProviderRefused => ("PROVIDER_REFUSED", FailedPrecondition),
+            Reason::UpstreamUnavailable => ("UPSTREAM_UNAVAILABLE", Unavailable),
+            Reason::UpstreamAuthRefused => ("UPSTREAM_AUTH_REFUSED", Unauthenticated),
+            Reason::UpstreamUnauthenticated => ("UPSTREAM_UNAUTHENTICATED", Unauthenticated),
+            Reason::UpstreamForbidden => ("UPSTREAM_FORBIDDEN", PermissionDenied),
+            Reason::UpstreamRejected => ("UPSTREAM_REJECTED", FailedPrecondition),
+            Reason::UpstreamMalformed => ("UPSTREAM_MALFORMED", Internal),
+            Reason::MailRejected => ("MAIL_REJECTED", FailedPrecondition),
+            Reason::MessageTooLarge => ("MESSAGE_TOO_LARGE", ResourceExhausted),
+            Reason::MailboxNotFound => ("MAILBOX_NOT_FOUND", NotFound),
+            Reason::TooManyStreams => ("TOO_MANY_STREAMS", ResourceExhausted),
         }
+    }
+
+    /// The ErrorInfo reason, upper snake case.
+    pub const fn name(self) -> &'static str {
+        self.row().0
+    }
+
+    /// The one gRPC code this reason is sent with.
+    pub const fn code(self) -> Code {
+        self.row().1
     }
 }
 
-fn with_reason(
-    code: Code,
-    reason: &str,
-    message: String,
-    metadata: HashMap<String, String>,
-) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
-    )
+/// A reason and the ErrorInfo metadata that goes with it.
+type Class = (Reason, Vec<(&'static str, String)>);
+
+fn plain(reason: Reason) -> Class {
+    (reason, Vec::new())
+}
+
+/// The error class of `e`: the one mapping from domain errors to reasons.
+pub fn classify(e: &ApiError) -> Class {
+    match e {
+        ApiError::Denied(_) => plain(Reason::Policy),
+        ApiError::Exhausted { exhausted, .. } => (
+            Reason::RateLimited,
+            vec![("per_second", exhausted.per_second.to_string())],
+        ),
+        ApiError::Model(m) => model(m),
+        ApiError::Resolve(r) => resolve(r),
+        ApiError::Connect(ConnectError::Model(m)) => model(m),
+        ApiError::Connect(ConnectError::Unsupported(_)) => plain(Reason::Unsupported),
+        ApiError::Audit(_) => plain(Reason::AuditUnavailable),
+        ApiError::OAuth(o) => oauth(o),
+        ApiError::Mail(m) => mail(m),
+        ApiError::Calendar(c) => calendar(c),
+        ApiError::Task(_) => plain(Reason::Internal),
+    }
+}
+
+fn model(e: &ModelError) -> Class {
+    match e {
+        ModelError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
+        ModelError::NotFound { .. } => plain(Reason::NotFound),
+        ModelError::AlreadyExists { .. } => plain(Reason::AlreadyExists),
+        ModelError::FailedPrecondition(_) => plain(Reason::FailedPrecondition),
+        ModelError::Store(_) => plain(Reason::Storage),
+    }
+}
+
+fn resolve(e: &ResolveError) -> Class {
+    match e {
+        ResolveError::NotConnected { .. } => plain(Reason::NotConnected),
+        ResolveError::Expired { .. } => plain(Reason::Expired),
+        ResolveError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
+        ResolveError::NotResolvable { .. } => plain(Reason::NotResolvable),
+        ResolveError::OAuth(o) => oauth(o),
+        ResolveError::Model(m) => model(m),
+    }
+}
+
+fn oauth(e: &OAuthError) -> Class {
+    match e {
+        OAuthError::NotConnected { .. } => plain(Reason::NotConnected),
+        OAuthError::Expired { .. } => plain(Reason::Expired),
+        OAuthError::NotOAuth { .. } => plain(Reason::NotOauth),
+        OAuthError::UnknownState => plain(Reason::StateUnknown),
+        OAuthError::StateExpired => plain(Reason::StateExpired),
+        OAuthError::Refused(_) => plain(Reason::ProviderRefused),
+        OAuthError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
+        OAuthError::Model(m) => model(m),
+    }
+}
+
+fn mail(e: &MailError) -> Class {
+    match e {
+        MailError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
+        MailError::Model(m) => model(m),
+        MailError::Resolve(r) => resolve(r),
+        MailError::Upstream { service, stage, .. } => (
+            Reason::UpstreamUnavailable,
+            vec![
+                ("service", service.name().to_string()),
+                ("stage", stage.name().to_string()),
+            ],
+        ),
+        // A stored password refused: the connection is now EXPIRED and must be reconnected.
+        MailError::AuthRefused { what, .. } if *what != "access token" => plain(Reason::Expired),
+        MailError::AuthRefused { .. } => plain(Reason::UpstreamAuthRefused),
+        MailError::Rejected {
+            too_large: true, ..
+        } => plain(Reason::MessageTooLarge),
+        MailError::Rejected { .. } => plain(Reason::MailRejected),
+        MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
+        MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+    }
+}
+
+fn calendar(e: &CalendarError) -> Class {
+    match e {
+        CalendarError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
+        CalendarError::Resolve(r) => resolve(r),
+        CalendarError::Model(m) => model(m),
+        CalendarError::Config(_) => plain(Reason::Config),
+        CalendarError::Unsupported(_) => plain(Reason::Unsupported),
+        CalendarError::Unreachable { .. } | CalendarError::ServerError { .. } => {
+            plain(Reason::UpstreamUnavailable)
+        }
+        CalendarError::AuthRefused { .. } => plain(Reason::UpstreamUnauthenticated),
+        CalendarError::Forbidden { .. } => plain(Reason::UpstreamForbidden),
+        CalendarError::NotFound(_) => plain(Reason::NotFound),
+        CalendarError::Conflict(_) => plain(Reason::AlreadyExists),
+        CalendarError::Rejected { .. } => plain(Reason::UpstreamRejected),
+        CalendarError::Malformed { .. } => plain(Reason::UpstreamMalformed),
+        CalendarError::Internal(_) => plain(Reason::Internal),
+    }
+}
+
+fn error_info(reason: Reason, metadata: Vec<(&'static str, String)>) -> ErrorDetails {
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    ErrorDetails::with_error_info(reason.name(), DOMAIN, metadata)
 }
 
 /// RESOURCE_EXHAUSTED with reason RATE_LIMITED and a `google.rpc.RetryInfo` saying when a
 /// retry will pass.
 pub fn exhausted_status(message: String, exhausted: &crate::policy::Exhausted) -> Status {
-    let mut details = ErrorDetails::with_retry_info(Some(exhausted.retry_after));
-    details.set_error_info(
-        "RATE_LIMITED",
-        DOMAIN,
-        HashMap::from([("per_second".to_string(), exhausted.per_second.to_string())]),
-    );
-    Status::with_error_details(Code::ResourceExhausted, message, details)
-}
-
-fn model_status(e: ModelError) -> Status {
-    let message = e.to_string();
-    match e {
-        ModelError::Invalid(f) => with_reason(
-            Code::InvalidArgument,
-            "INVALID_ARGUMENT",
-            message,
-            HashMap::from([("field".to_string(), f.field)]),
-        ),
-        ModelError::NotFound { .. } => {
-            with_reason(Code::NotFound, "NOT_FOUND", message, HashMap::new())
-        }
-        ModelError::AlreadyExists { .. } => with_reason(
-            Code::AlreadyExists,
-            "ALREADY_EXISTS",
-            message,
-            HashMap::new(),
-        ),
-        ModelError::FailedPrecondition(_) => with_reason(
-            Code::FailedPrecondition,
-            "FAILED_PRECONDITION",
-            message,
-            HashMap::new(),
-        ),
-        ModelError::Store(e) => {
-            tracing::error!(error = %e, "storage error");
-            with_reason(
-                Code::Internal,
-                "STORAGE",
-                format!("storage error: {e}"),
-                HashMap::new(),
-            )
-        }
-    }
+    let e = ApiError::Exhausted {
+        message,
+        exhausted: exhausted.clone(),
+    };
+    Status::from(e)
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        let message = e.to_string();
-        match e {
-            ApiError::Denied(_) => {
-                with_reason(Code::PermissionDenied, "POLICY", message, HashMap::new())
-            }
-            ApiError::Model(m)
-            | ApiError::Connect(ConnectError::Model(m))
-            | ApiError::Resolve(ResolveError::Model(m))
-            | ApiError::OAuth(OAuthError::Model(m))
-            | ApiError::Resolve(ResolveError::OAuth(OAuthError::Model(m))) => model_status(m),
-            ApiError::OAuth(o) | ApiError::Resolve(ResolveError::OAuth(o)) => {
-                oauth_status(&o, message)
-            }
-            ApiError::Resolve(ResolveError::NotConnected { .. }) => with_reason(
-                Code::FailedPrecondition,
-                "NOT_CONNECTED",
-                message,
-                HashMap::new(),
-            ),
-            ApiError::Resolve(ResolveError::Expired { .. }) => {
-                with_reason(Code::FailedPrecondition, "EXPIRED", message, HashMap::new())
-            }
-            ApiError::Resolve(ResolveError::Unavailable(_)) => with_reason(
-                Code::Unavailable,
-                "UPSTREAM_UNAVAILABLE",
-                message,
-                HashMap::new(),
-            ),
-            ApiError::Resolve(ResolveError::NotResolvable { .. }) => with_reason(
-                Code::FailedPrecondition,
-                "NOT_RESOLVABLE",
-                message,
-                HashMap::new(),
-            ),
-            ApiError::Mail(m) => mail_status(m),
-            ApiError::Connect(ConnectError::Unsupported(_)) => {
-                with_reason(Code::Unimplemented, "UNSUPPORTED", message, HashMap::new())
-            }
-            ApiError::Audit(_) => with_reason(
-                Code::Unavailable,
-                "AUDIT_UNAVAILABLE",
-                message,
-                HashMap::new(),
-            ),
-            ApiError::Exhausted { message, exhausted } => exhausted_status(message, &exhausted),
-            ApiError::Status { code, reason, .. } => {
-                with_reason(code, reason, message, HashMap::new())
-            }
+        let (reason, metadata) = classify(&e);
+        let message = if reason == Reason::Storage {
+            tracing::error!(error = %e, "storage error");
+            format!("storage error: {e}")
+        } else {
+            e.to_string()
+        };
+        let mut details = error_info(reason, metadata);
+        if let ApiError::Exhausted { exhausted, .. } = &e {
+            details.set_retry_info(Some(exhausted.retry_after));
         }
+        Status::with_error_details(reason.code(), message, details)
     }
 }
 
-fn oauth_status(e: &OAuthError, message: String) -> Status {
-    let (code, reason) = match e {
-        OAuthError::NotConnected { .. } => (Code::FailedPrecondition, "NOT_CONNECTED"),
-        OAuthError::Expired { .. } => (Code::FailedPrecondition, "EXPIRED"),
-        OAuthError::NotOAuth { .. } => (Code::FailedPrecondition, "NOT_OAUTH"),
-        OAuthError::UnknownState => (Code::InvalidArgument, "STATE_UNKNOWN"),
-        OAuthError::StateExpired => (Code::InvalidArgument, "STATE_EXPIRED"),
-        OAuthError::Refused(_) => (Code::FailedPrecondition, "PROVIDER_REFUSED"),
-        OAuthError::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
-        OAuthError::Model(_) => (Code::Internal, "INTERNAL"),
-    };
-    with_reason(code, reason, message, HashMap::new())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn mail_status(e: MailError) -> Status {
-    let message = e.to_string();
-    match e {
-        MailError::Invalid(f) => model_status(f.into()),
-        MailError::Model(m) => model_status(m),
-        MailError::Resolve(r) => ApiError::Resolve(r).into(),
-        MailError::Upstream { service, stage, .. } => with_reason(
-            Code::Unavailable,
-            "UPSTREAM_UNAVAILABLE",
-            message,
-            HashMap::from([
-                ("service".to_string(), service.name().to_string()),
-                ("stage".to_string(), stage.name().to_string()),
-            ]),
-        ),
-        // A stored password refused: the connection is now EXPIRED and must be reconnected.
-        MailError::AuthRefused { what, .. } if what != "access token" => {
-            with_reason(Code::FailedPrecondition, "EXPIRED", message, HashMap::new())
+    #[test]
+    fn mail_and_calendar_errors_map_through_the_same_classes() {
+        let field = || FieldError::new("to", "is required");
+        for e in [
+            ApiError::from(MailError::Invalid(field())),
+            ApiError::from(CalendarError::Invalid(field())),
+            ApiError::from(field()),
+        ] {
+            let status = Status::from(e);
+            assert_eq!(status.code(), Code::InvalidArgument);
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!(info.reason, "INVALID_ARGUMENT");
+            assert_eq!(info.metadata["field"], "to");
         }
-        MailError::AuthRefused { .. } => with_reason(
-            Code::Unauthenticated,
-            "UPSTREAM_AUTH_REFUSED",
-            message,
-            HashMap::new(),
-        ),
-        MailError::Rejected {
-            too_large: true, ..
-        } => with_reason(
-            Code::ResourceExhausted,
-            "MESSAGE_TOO_LARGE",
-            message,
-            HashMap::new(),
-        ),
-        MailError::Rejected { .. } => with_reason(
-            Code::FailedPrecondition,
-            "MAIL_REJECTED",
-            message,
-            HashMap::new(),
-        ),
-        MailError::NoMailbox { .. } => {
-            with_reason(Code::NotFound, "MAILBOX_NOT_FOUND", message, HashMap::new())
+        let not_connected = || ResolveError::NotConnected {
+            connector: "c".into(),
+            for_user: String::new(),
+        };
+        for e in [
+            ApiError::from(MailError::Resolve(not_connected())),
+            ApiError::from(CalendarError::Resolve(not_connected())),
+        ] {
+            assert_eq!(classify(&e).0, Reason::NotConnected);
+            assert_eq!(Status::from(e).code(), Code::FailedPrecondition);
         }
-        MailError::TooManyWatchers(_) => with_reason(
-            Code::ResourceExhausted,
-            "TOO_MANY_STREAMS",
-            message,
-            HashMap::new(),
-        ),
     }
 }

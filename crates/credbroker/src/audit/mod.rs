@@ -58,6 +58,15 @@ impl Outcome {
     }
 }
 
+/// The `operation` labels of the records no RPC writes; an RPC's records take theirs from
+/// the RPC table ([`crate::api::Rpc::audit_label`]).
+pub mod label {
+    /// The browser's return from an OAuth provider (the HTTP listener's callback).
+    pub const OAUTH_CALLBACK: &str = "OAuthCallback";
+    /// A TLS handshake the gRPC listener refused.
+    pub const TLS_HANDSHAKE: &str = "TlsHandshake";
+}
+
 /// What a caller asks to be recorded.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditEvent {

@@ -145,7 +145,7 @@ async fn callback(
     }
     let mut event = AuditEvent {
         caller: "browser (oauth callback)".into(),
-        operation: "OAuthCallback".into(),
+        operation: crate::audit::label::OAUTH_CALLBACK.into(),
         request_id: hex::encode(crate::vault::random_bytes::<8>()),
         ..AuditEvent::default()
     };
@@ -160,7 +160,11 @@ async fn callback(
             // one by one.
             services
                 .refusals
-                .refuse("OAuthCallback", remote.ip(), e.to_string())
+                .refuse(
+                    crate::audit::label::OAUTH_CALLBACK,
+                    remote.ip(),
+                    e.to_string(),
+                )
                 .await;
             return (
                 StatusCode::BAD_REQUEST,

@@ -33,6 +33,15 @@ pub enum Operation {
 }
 
 impl Operation {
+    pub const ALL: [Operation; 6] = [
+        Operation::Resolve,
+        Operation::SendEmail,
+        Operation::FetchMail,
+        Operation::WatchMail,
+        Operation::ListCalendar,
+        Operation::CreateEvent,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Operation::Resolve => "resolve",

@@ -1,0 +1,282 @@
+//! The one skeleton every RPC runs in: [`Services::handle`] (and [`Services::handle_on`] for
+//! RPCs on one connection).
+//!
+//! Invariants: the caller comes from the TLS layer, never from the request; every call that
+//! gets past identity is audited under its [`Rpc`]'s label, and the reply waits for the audit
+//! record (if it cannot be written the call fails, whatever its outcome); every reply, success
+//! or error, carries the call's `x-request-id`, the same id its audit record holds.
+
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::proto;
+use super::rpc::{Access, Rpc};
+use super::status::exhausted_status;
+use super::{ApiError, PeerInfo, Services};
+use crate::audit::{AuditEvent, Outcome};
+use crate::model::{Connector, FieldError, Target, workspace_or_default};
+
+/// The reply header (or, on an error, trailer) naming the call in the audit log and the logs.
+const REQUEST_ID: &str = "x-request-id";
+
+/// One call in progress: who, what, on what; filled in as the request is understood, then
+/// written to the audit log when the call ends.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub rpc: Rpc,
+    pub caller: String,
+    pub request_id: String,
+    pub workspace: String,
+    pub connector: String,
+    pub user_id: String,
+    pub started: std::time::Instant,
+}
+
+impl Call {
+    /// Notes the connector the call resolved to, for the audit record.
+    pub fn on(&mut self, target: &Target) {
+        self.on_connector(&target.connector);
+        self.workspace = target.connector.workspace.clone();
+        self.user_id = target.on_behalf_of.clone();
+    }
+
+    /// Notes the connector the call created, found or changed, for the audit record.
+    pub fn on_connector(&mut self, c: &Connector) {
+        self.connector = format!("{} ({})", c.name, c.id);
+    }
+}
+
+/// A request that names one connection (`connection`), taken out for [`Services::handle_on`].
+pub trait OnConnection {
+    fn take_connection(&mut self) -> Option<proto::ConnectionRef>;
+}
+
+macro_rules! on_connection {
+    ($($request:ident),* $(,)?) => {
+        $(impl OnConnection for proto::$request {
+            fn take_connection(&mut self) -> Option<proto::ConnectionRef> {
+                self.connection.take()
+            }
+        })*
+    };
+}
+
+on_connection!(
+    ResolveCredentialRequest,
+    SendEmailRequest,
+    FetchMailRequest,
+    WatchMailRequest,
+    ListCalendarRequest,
+    CreateEventRequest,
+    BeginConnectRequest,
+    ConnectWithCredentialsRequest,
+    TestConnectionRequest,
+    DisconnectRequest,
+    GetConnectionRequest,
+);
+
+fn tag(metadata: &mut MetadataMap, request_id: &str) {
+    if let Ok(value) = request_id.parse() {
+        metadata.insert(REQUEST_ID, value);
+    }
+}
+
+fn tagged(mut status: Status, request_id: &str) -> Status {
+    tag(status.metadata_mut(), request_id);
+    status
+}
+
+impl Services {
+    /// Runs one RPC: identity, rate limit, `work` (which admits the caller and does the domain
+    /// call), audit, metrics, logs and the request id on the reply.
+    pub async fn handle<Req, Resp>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        work: impl AsyncFnOnce(&mut Call, Req) -> Result<Resp, ApiError>,
+    ) -> Result<Response<Resp>, Status> {
+        let mut call = self.begin(rpc, &request)?;
+        let result = work(&mut call, request.into_inner()).await;
+        self.finish(call, result).await
+    }
+
+    /// [`Services::handle`] for an RPC on one connection: `work` runs once the connection is
+    /// resolved and the caller admitted to it ([`Services::target`]).
+    pub async fn handle_on<Req: OnConnection, Resp>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        work: impl AsyncFnOnce(&mut Call, Target, Req) -> Result<Resp, ApiError>,
+    ) -> Result<Response<Resp>, Status> {
+        self.handle(rpc, request, async |call, mut req| {
+            let target = self.target(call, req.take_connection()).await?;
+            work(call, target, req).await
+        })
+        .await
+    }
+
+    /// Starts a call: the caller comes from the TLS layer, never from the request.
+    fn begin<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Call, Status> {
+        let request_id = hex::encode(crate::vault::random_bytes::<8>());
+        let Some(peer) = request.extensions().get::<PeerInfo>() else {
+            let status = Status::unauthenticated("no verified client certificate");
+            return Err(tagged(status, &request_id));
+        };
+        if let Err(exhausted) = self.rate.caller(&peer.caller.id) {
+            let why = format!(
+                "caller {} exceeded its limit of {} requests per second; retry later",
+                peer.caller.id, exhausted.per_second
+            );
+            // Refused before any work; its audit record need not delay the refusal.
+            let (audit, event) = (
+                self.audit.clone(),
+                AuditEvent {
+                    caller: peer.caller.id.clone(),
+                    operation: rpc.audit_label().to_string(),
+                    outcome: Some(Outcome::Denied),
+                    reason: why.clone(),
+                    request_id: request_id.clone(),
+                    ..AuditEvent::default()
+                },
+            );
+            tokio::spawn(async move { audit.record(event).await });
+            return Err(tagged(exhausted_status(why, &exhausted), &request_id));
+        }
+        Ok(Call {
+            rpc,
+            caller: peer.caller.id.clone(),
+            request_id,
+            workspace: String::new(),
+            connector: String::new(),
+            user_id: String::new(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Audits the call's outcome and turns it into the reply. If the audit record cannot be
+    /// written, the call fails (fail closed) whatever its outcome.
+    async fn finish<T>(
+        &self,
+        call: Call,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let (outcome, reason) = match &result {
+            Ok(_) => (Outcome::Ok, String::new()),
+            Err(ApiError::Denied(why) | ApiError::Exhausted { message: why, .. }) => {
+                (Outcome::Denied, why.clone())
+            }
+            Err(e) => (Outcome::Error, e.to_string()),
+        };
+        let event = AuditEvent {
+            caller: call.caller.clone(),
+            operation: call.rpc.audit_label().to_string(),
+            workspace: call.workspace,
+            connector: call.connector,
+            user_id: call.user_id,
+            outcome: Some(outcome),
+            reason,
+            request_id: call.request_id.clone(),
+        };
+        let (rpc, id) = (call.rpc, &call.request_id);
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, request_id = %id, "audit failed: refusing the call");
+            crate::metrics::rpc(rpc, tonic::Code::Unavailable, call.started.elapsed());
+            let status =
+                Status::unavailable("the audit log cannot be written; the request was refused");
+            return Err(tagged(status, id));
+        }
+        let result = result.map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let elapsed = call.started.elapsed();
+        crate::metrics::rpc(rpc, code, elapsed);
+        tracing::info!(
+            op = rpc.metric_label(),
+            caller = %call.caller,
+            request_id = %id,
+            outcome = outcome.name(),
+            code = crate::metrics::code_name(code),
+            elapsed_us = elapsed.as_micros() as u64,
+            "rpc"
+        );
+        let mut response = Response::new(result.map_err(|s| tagged(s, id))?);
+        tag(response.metadata_mut(), id);
+        Ok(response)
+    }
+
+    /// The connection a request names, with the caller admitted to it as the RPC's
+    /// [`Access`] requires: admin rights on the workspace are checked before the connection
+    /// is looked up (a non-admin learns nothing of what exists); a policy grant is checked on
+    /// the connector the reference resolved to.
+    pub async fn target(
+        &self,
+        call: &mut Call,
+        connection: Option<proto::ConnectionRef>,
+    ) -> Result<Target, ApiError> {
+        let r = connection.ok_or_else(|| FieldError::new("connection", "is required"))?;
+        let workspace = workspace_or_default("connection.workspace", &r.workspace)?;
+        call.workspace = workspace.clone();
+        call.connector = r.connector.clone();
+        call.user_id = r.user_id.clone();
+        if call.rpc.access() == Access::Admin {
+            self.admin_of(call, &workspace)?;
+        }
+        let target = self
+            .registry
+            .target(&workspace, &r.connector, &r.user_id)
+            .await?;
+        call.on(&target);
+        if let Access::Grant(op) = call.rpc.access() {
+            let c = &target.connector;
+            self.policy
+                .current()
+                .check(
+                    &call.caller,
+                    op,
+                    &c.workspace,
+                    &c.name,
+                    &c.id,
+                    &target.on_behalf_of,
+                )
+                .map_err(ApiError::Denied)?;
+            self.rate
+                .user(&call.caller, &target.on_behalf_of)
+                .map_err(|exhausted| ApiError::Exhausted {
+                    message: format!(
+                        "caller {} exceeded its limit of {} requests per second for user {:?}; retry later",
+                        call.caller, exhausted.per_second, target.on_behalf_of
+                    ),
+                    exhausted,
+                })?;
+        }
+        Ok(target)
+    }
+
+    /// Admits the caller as an administrator of `scope`: a workspace, or `*` for every one.
+    pub fn admin_of(&self, call: &mut Call, scope: &str) -> Result<(), ApiError> {
+        call.workspace = scope.to_string();
+        let scope = if scope.is_empty() {
+            crate::model::DEFAULT_WORKSPACE
+        } else {
+            scope
+        };
+        self.policy
+            .current()
+            .check_admin(&call.caller, scope)
+            .map_err(ApiError::Denied)
+    }
+
+    /// The workspace in request field `field` (empty: the default one), with the caller
+    /// admitted as its administrator.
+    pub fn admin_workspace(
+        &self,
+        call: &mut Call,
+        field: &str,
+        workspace: &str,
+    ) -> Result<String, ApiError> {
+        let workspace = workspace_or_default(field, workspace)?;
+        self.admin_of(call, &workspace)?;
+        Ok(workspace)
+    }
+}
