@@ -47,17 +47,16 @@ fn router(services: Arc<Services>, metrics_token: Option<String>) -> Router {
         )
 }
 
-/// How long connection counts (which decrypt every connection record) serve later scrapes.
-const CONNECTION_COUNT_TTL: Duration = Duration::from_secs(15);
-
-/// What `/metrics` needs. Invariant: the connections table is counted at most once per
-/// [`CONNECTION_COUNT_TTL`], by one scrape at a time; concurrent scrapes wait for it and share
-/// the result, so unauthenticated GETs cannot make the broker decrypt its store in a loop.
+/// What `/metrics` needs. Invariant: the connections table (whose count decrypts every
+/// connection record) is counted by one scrape at a time, and again only after a connection was
+/// written: concurrent and repeated scrapes share one count, so unauthenticated GETs cannot make
+/// the broker decrypt its store in a loop.
 struct Scrapes {
     services: Arc<Services>,
     /// A bearer token scrapers must present, when `[http] metrics_token_file` is set.
     token: Option<String>,
-    connections: tokio::sync::Mutex<Option<(std::time::Instant, ConnectionCounts)>>,
+    /// The last count, with the connections table's generation it was taken at.
+    connections: tokio::sync::Mutex<Option<(u64, ConnectionCounts)>>,
 }
 
 type ConnectionCounts = std::collections::BTreeMap<&'static str, u64>;
@@ -65,20 +64,26 @@ type ConnectionCounts = std::collections::BTreeMap<&'static str, u64>;
 impl Scrapes {
     async fn connection_counts(&self) -> ConnectionCounts {
         let mut cached = self.connections.lock().await;
-        if let Some((at, counts)) = cached.as_ref()
-            && at.elapsed() < CONNECTION_COUNT_TTL
+        let registry = &self.services.registry;
+        let generation = registry.connections_generation();
+        if let Some((counted_at, counts)) = cached.as_ref()
+            && *counted_at == generation
         {
             return counts.clone();
         }
-        let counts = self
-            .services
-            .registry
-            .count_connections()
-            .await
-            .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
-            .unwrap_or_default();
-        *cached = Some((std::time::Instant::now(), counts.clone()));
-        counts
+        match registry.count_connections().await {
+            Ok(counts) => {
+                // Kept only if no write began while counting.
+                if registry.connections_generation() == generation {
+                    *cached = Some((generation, counts.clone()));
+                }
+                counts
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot count connections");
+                ConnectionCounts::new()
+            }
+        }
     }
 
     /// True if no token is configured or the request carries it (compared in constant time).

@@ -516,6 +516,11 @@ impl Registry {
         Ok(())
     }
 
+    /// Changes whenever a connection is written (see [`Store::generation`]).
+    pub fn connections_generation(&self) -> u64 {
+        self.store.generation(CONNECTIONS)
+    }
+
     /// Connections by status across every workspace (for metrics), scanning page by page on a
     /// blocking thread.
     pub async fn count_connections(

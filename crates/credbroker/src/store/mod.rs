@@ -316,6 +316,12 @@ impl Store {
         &self.vault
     }
 
+    /// A number that changes whenever a write to `table` begins: equal before and after a
+    /// computation over the table means no write touched it meanwhile (in this process).
+    pub fn generation(&self, table: Table) -> u64 {
+        self.cache.generation(table)
+    }
+
     /// Reads and decrypts one record. A cache hit returns without reaching the backend.
     pub async fn get<T: Record>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
