@@ -287,7 +287,10 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     ));
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),
-        connect: Connect::new(registry.clone(), timeout).with_mail(mail.clone()),
+        connect: Connect::new(
+            crate::driver::Credentials::new(registry.clone(), oauth.clone()),
+            timeout,
+        ),
         mail,
         registry,
         audit,

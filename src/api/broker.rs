@@ -75,7 +75,7 @@ impl Broker for BrokerApi {
             Ok(proto::ResolveCredentialResponse {
                 kind: convert::kind_to(credential.kind) as i32,
                 secret: credential.secret.expose().to_string(),
-                token_type: credential.token_type,
+                token_type: credential.form.token_type().to_string(),
                 expires_at: convert::opt_timestamp(credential.expires_at),
                 scopes: credential.scopes,
                 account_label: credential.account_label,

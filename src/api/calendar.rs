@@ -16,7 +16,7 @@ impl From<CalendarError> for ApiError {
         let message = e.to_string();
         let (code, reason) = match e {
             CalendarError::Invalid(f) => return ApiError::Model(ModelError::Invalid(f)),
-            CalendarError::Resolve(r) => return ApiError::Resolve(r),
+            CalendarError::Credential(r) => return ApiError::Resolve(r),
             CalendarError::Model(m) => return ApiError::Model(m),
             CalendarError::Config(_) => (Code::FailedPrecondition, "CONFIG"),
             CalendarError::Unsupported(_) => (Code::Unimplemented, "UNSUPPORTED"),
@@ -75,8 +75,7 @@ fn time(
 impl BrokerApi {
     fn calendars(&self) -> Calendars<'_> {
         Calendars {
-            registry: &self.0.registry,
-            resolver: &self.0.resolver,
+            credentials: self.0.resolver.credentials(),
             timeout: Duration::from_secs(self.0.limits.upstream_timeout_secs.max(1)),
         }
     }

@@ -8,6 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditError;
 use crate::connect::ConnectError;
+use crate::driver::ConnectionError;
 use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
 use crate::oauth::OAuthError;
@@ -119,21 +120,7 @@ impl From<ApiError> for Status {
             ApiError::OAuth(o) | ApiError::Resolve(ResolveError::OAuth(o)) => {
                 oauth_status(&o, message)
             }
-            ApiError::Resolve(ResolveError::NotConnected { .. }) => with_reason(
-                Code::FailedPrecondition,
-                "NOT_CONNECTED",
-                message,
-                HashMap::new(),
-            ),
-            ApiError::Resolve(ResolveError::Expired { .. }) => {
-                with_reason(Code::FailedPrecondition, "EXPIRED", message, HashMap::new())
-            }
-            ApiError::Resolve(ResolveError::Unavailable(_)) => with_reason(
-                Code::Unavailable,
-                "UPSTREAM_UNAVAILABLE",
-                message,
-                HashMap::new(),
-            ),
+            ApiError::Resolve(ResolveError::Connection(c)) => connection_status(&c, message),
             ApiError::Resolve(ResolveError::NotResolvable { .. }) => with_reason(
                 Code::FailedPrecondition,
                 "NOT_RESOLVABLE",
@@ -157,10 +144,17 @@ impl From<ApiError> for Status {
     }
 }
 
+fn connection_status(e: &ConnectionError, message: String) -> Status {
+    let reason = match e {
+        ConnectionError::NotConnected { .. } => "NOT_CONNECTED",
+        ConnectionError::Expired { .. } => "EXPIRED",
+    };
+    with_reason(Code::FailedPrecondition, reason, message, HashMap::new())
+}
+
 fn oauth_status(e: &OAuthError, message: String) -> Status {
     let (code, reason) = match e {
-        OAuthError::NotConnected { .. } => (Code::FailedPrecondition, "NOT_CONNECTED"),
-        OAuthError::Expired { .. } => (Code::FailedPrecondition, "EXPIRED"),
+        OAuthError::Connection(c) => return connection_status(c, message),
         OAuthError::NotOAuth { .. } => (Code::FailedPrecondition, "NOT_OAUTH"),
         OAuthError::UnknownState => (Code::InvalidArgument, "STATE_UNKNOWN"),
         OAuthError::StateExpired => (Code::InvalidArgument, "STATE_EXPIRED"),
@@ -176,7 +170,7 @@ fn mail_status(e: MailError) -> Status {
     match e {
         MailError::Invalid(f) => model_status(f.into()),
         MailError::Model(m) => model_status(m),
-        MailError::Resolve(r) => ApiError::Resolve(r).into(),
+        MailError::Credential(r) => ApiError::Resolve(r).into(),
         MailError::Upstream { service, stage, .. } => with_reason(
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
@@ -187,7 +181,7 @@ fn mail_status(e: MailError) -> Status {
             ]),
         ),
         // A stored password refused: the connection is now EXPIRED and must be reconnected.
-        MailError::AuthRefused { what, .. } if what != "access token" => {
+        MailError::Expired(_) => {
             with_reason(Code::FailedPrecondition, "EXPIRED", message, HashMap::new())
         }
         MailError::AuthRefused { .. } => with_reason(
