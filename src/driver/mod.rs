@@ -356,3 +356,116 @@ impl Credentials {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: [Kind; 4] = [Kind::ApiKey, Kind::Oauth2, Kind::ImapSmtp, Kind::Caldav];
+
+    fn connector(kind: Kind, mode: Mode, config: &[(&str, &str)]) -> Connector {
+        Connector {
+            id: "cn_1".into(),
+            workspace: "default".into(),
+            name: "C".into(),
+            kind,
+            mode,
+            provider: String::new(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets_set: Default::default(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn destinations_name_secrets_and_settings_of_the_schema() {
+        for kind in KINDS {
+            let schema = driver(kind).schema();
+            for d in schema.destinations {
+                assert!(
+                    schema.connection_secrets.contains(&d.secret)
+                        || schema.connector_secrets.contains(&d.secret),
+                    "{kind:?}: {}",
+                    d.secret
+                );
+                for key in d.settings {
+                    assert!(
+                        schema.settings.contains(key) || schema.config.contains(key),
+                        "{kind:?}: {key}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn destinations_are_where_the_settings_point() {
+        let imap = connector(
+            Kind::ImapSmtp,
+            Mode::Personal,
+            &[("imap_host", "imap.corp"), ("smtp_host", "smtp.corp")],
+        );
+        let settings = BTreeMap::from([("email".to_string(), "a@corp.test".to_string())]);
+        assert_eq!(
+            driver(Kind::ImapSmtp)
+                .destination(&imap, &settings, "password")
+                .unwrap(),
+            ["imap.corp:993", "smtp.corp:465"]
+        );
+        let caldav = connector(Kind::Caldav, Mode::Personal, &[("url", "http://dav.corp/")]);
+        assert_eq!(
+            driver(Kind::Caldav)
+                .destination(&caldav, &BTreeMap::new(), "password")
+                .unwrap_err()
+                .field,
+            "settings.url"
+        );
+        let https = BTreeMap::from([("url".to_string(), "https://dav.corp/u".to_string())]);
+        assert_eq!(
+            driver(Kind::Caldav)
+                .destination(&caldav, &https, "password")
+                .unwrap(),
+            ["https://dav.corp/u/"]
+        );
+    }
+
+    #[test]
+    fn connector_rules_per_kind() {
+        let key = BTreeMap::from([("api_key".to_string(), Secret::new("k"))]);
+        let none = BTreeMap::new();
+        let no_config = BTreeMap::new();
+        let api = driver(Kind::ApiKey);
+        assert!(
+            api.check_connector(Mode::Shared, "", &no_config, &key)
+                .is_ok()
+        );
+        assert_eq!(
+            api.check_connector(Mode::Personal, "", &no_config, &key)
+                .unwrap_err()
+                .field,
+            "secrets.api_key"
+        );
+        assert_eq!(
+            api.check_connector(Mode::Shared, "slack", &no_config, &none)
+                .unwrap_err()
+                .field,
+            "provider"
+        );
+        assert!(
+            driver(Kind::Oauth2)
+                .check_connector(Mode::Shared, "slack", &no_config, &none)
+                .is_ok()
+        );
+        assert!(api.credential_on_connector(Mode::Shared));
+        assert!(!api.credential_on_connector(Mode::Personal));
+        let resolvable: Vec<_> = KINDS
+            .into_iter()
+            .filter(|k| driver(*k).resolvable())
+            .collect();
+        assert_eq!(resolvable, [Kind::ApiKey, Kind::Oauth2]);
+    }
+}
