@@ -70,14 +70,11 @@ impl Connect {
             None => match self.stored(target)? {
                 Some(stored) => stored,
                 None => {
-                    return Ok(TestReport {
-                        checks: vec![Check::failed(
-                            "connection",
-                            Stage::Config,
-                            "not connected: nothing to test",
-                        )],
-                        account_label: None,
-                    });
+                    return Ok(TestReport::one(Check::failed(
+                        "connection",
+                        Stage::Config,
+                        "not connected: nothing to test",
+                    )));
                 }
             },
         };

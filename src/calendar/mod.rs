@@ -535,7 +535,7 @@ impl Calendars<'_> {
         let connector = &target.connector;
         let user = &target.connection_user;
         let registry = self.credentials.registry();
-        if result.is_ok() && driver(connector.kind).records_use_after_call() {
+        if result.is_ok() && !driver(connector.kind).resolvable() {
             registry.record_use(connector, user);
         }
         let Err(CalendarError::AuthRefused { server, status }) = &result else {

@@ -8,10 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{
-    AUTHORIZATION, BEARER_PREFIX, Candidate, ConnectionError, ConnectorDriver, Credential,
-    CredentialError, Credentials, Destination, Form, Schema, check_schema, usable_connection,
-};
+use super::*;
 use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Stage, Target, TestReport};
 
 pub struct ApiKey;
@@ -60,13 +57,7 @@ impl ConnectorDriver for ApiKey {
         config: &BTreeMap<String, String>,
         secrets: &BTreeMap<String, Secret>,
     ) -> Result<(), FieldError> {
-        if !provider.is_empty() {
-            return Err(FieldError::new(
-                "provider",
-                "only OAuth connectors take a provider",
-            ));
-        }
-        check_schema(&SCHEMA, config, secrets)?;
+        check_plain(&SCHEMA, provider, config, secrets)?;
         if mode == Mode::Personal && secrets.contains_key("api_key") {
             return Err(FieldError::new(
                 "secrets.api_key",
@@ -114,23 +105,9 @@ impl ConnectorDriver for ApiKey {
         _min_ttl: Duration,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let registry = credentials.registry();
             let (connector, user) = (&target.connector, target.connection_user.as_str());
-            let connection = usable_connection::<CredentialError>(registry, connector, user)?;
-            let key = if user.is_empty() {
-                registry
-                    .connector_secrets(connector)?
-                    .slots
-                    .get("api_key")
-                    .cloned()
-            } else {
-                registry
-                    .connection_secrets(connector, user)?
-                    .get("api_key")
-                    .cloned()
-            };
-            let key = key.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
-            registry.record_use(connector, user);
+            let (connection, key) = stored_secret(credentials, target, "api_key", user.is_empty())?;
+            credentials.registry().record_use(connector, user);
             let (name, prefix) = header(connector);
             Ok(Credential {
                 kind: Kind::ApiKey,
@@ -146,38 +123,26 @@ impl ConnectorDriver for ApiKey {
         .boxed()
     }
 
-    fn test<'a>(
-        &'a self,
-        _credentials: &'a Credentials,
-        target: &'a Target,
-        candidate: &'a Candidate,
-        timeout: Duration,
-    ) -> BoxFuture<'a, TestReport> {
-        test_key(&target.connector, candidate.secrets.get("api_key"), timeout).boxed()
-    }
-}
-
-fn report(check: Check) -> TestReport {
-    TestReport {
-        checks: vec![check],
-        account_label: None,
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
+        let key = run.candidate.secrets.get("api_key");
+        test_key(&run.target.connector, key, run.timeout).boxed()
     }
 }
 
 /// An API key is tested by calling the connector's `test_url` with it, when one is configured.
 async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration) -> TestReport {
     let Some(key) = key else {
-        return report(Check::failed("api_key", Stage::Config, "no API key given"));
+        return TestReport::one(Check::failed("api_key", Stage::Config, "no API key given"));
     };
     let Some(url) = connector.setting("test_url") else {
-        return report(Check::passed(
+        return TestReport::one(Check::passed(
             "api_key",
             "stored untested: the connector has no test_url",
         ));
     };
     let client = match crate::tls::http_client(connector.setting("ca_pem"), timeout) {
         Ok(client) => client,
-        Err(e) => return report(Check::failed("api_key", Stage::Config, e.to_string())),
+        Err(e) => return TestReport::one(Check::failed("api_key", Stage::Config, e.to_string())),
     };
     let (header, prefix) = header(connector);
     let check = match client
@@ -216,5 +181,5 @@ async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration
             format!("request to {url} failed"),
         ),
     };
-    report(check)
+    TestReport::one(check)
 }

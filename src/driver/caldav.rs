@@ -8,10 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{
-    Candidate, ConnectionError, ConnectorDriver, Credential, CredentialError, Credentials,
-    Destination, Schema, Service, usable_connection,
-};
+use super::*;
 use crate::model::{Connector, FieldError, Kind, Secret, Target, TestReport};
 
 pub struct Caldav;
@@ -48,10 +45,6 @@ impl ConnectorDriver for Caldav {
         service == Service::Calendar
     }
 
-    fn records_use_after_call(&self) -> bool {
-        true
-    }
-
     fn credential<'a>(
         &'a self,
         credentials: &'a Credentials,
@@ -59,15 +52,8 @@ impl ConnectorDriver for Caldav {
         _min_ttl: Duration,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let (connector, user) = (&target.connector, target.connection_user.as_str());
-            let registry = credentials.registry();
-            let connection = usable_connection::<CredentialError>(registry, connector, user)?;
-            let password = registry
-                .connection_secrets(connector, user)?
-                .get("password")
-                .cloned()
-                .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
-            Ok(super::password(
+            let (connection, password) = stored_secret(credentials, target, "password", false)?;
+            Ok(password_credential(
                 Kind::Caldav,
                 password,
                 connection.account_label,
@@ -76,18 +62,15 @@ impl ConnectorDriver for Caldav {
         .boxed()
     }
 
-    fn test<'a>(
-        &'a self,
-        _credentials: &'a Credentials,
-        target: &'a Target,
-        candidate: &'a Candidate,
-        timeout: Duration,
-    ) -> BoxFuture<'a, TestReport> {
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
+        let TestRun {
+            target, candidate, ..
+        } = run;
         crate::calendar::caldav::test(
             &target.connector,
             &candidate.settings,
             &candidate.secrets,
-            timeout,
+            run.timeout,
         )
         .boxed()
     }

@@ -9,10 +9,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{
-    Candidate, ConnectionError, ConnectorDriver, Credential, CredentialError, Credentials,
-    Destination, Schema, Service, usable_connection,
-};
+use super::*;
 use crate::mail::Auth;
 use crate::model::{Check, Connector, FieldError, Kind, Secret, Stage, Target, TestReport};
 
@@ -46,14 +43,7 @@ static SCHEMA: Schema = Schema {
     connection_secrets: &["password"],
     destinations: &[Destination {
         secret: "password",
-        settings: &[
-            "imap_host",
-            "imap_port",
-            "imap_tls",
-            "smtp_host",
-            "smtp_port",
-            "smtp_tls",
-        ],
+        settings: &["imap_host", "imap_port", "smtp_host", "smtp_port"],
     }],
 };
 
@@ -89,7 +79,7 @@ impl ConnectorDriver for ImapSmtp {
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        super::check_settings(&SCHEMA, candidate)?;
+        check_settings(&SCHEMA, candidate)?;
         self.destination(connector, &candidate.settings, "password")?;
         Ok(())
     }
@@ -106,10 +96,6 @@ impl ConnectorDriver for ImapSmtp {
         service == Service::Mail
     }
 
-    fn records_use_after_call(&self) -> bool {
-        true
-    }
-
     /// The password, or the access token of the `oauth_connector` connection of the same user.
     fn credential<'a>(
         &'a self,
@@ -118,18 +104,14 @@ impl ConnectorDriver for ImapSmtp {
         min_ttl: Duration,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let (connector, user) = (&target.connector, target.connection_user.as_str());
-            let registry = credentials.registry();
-            let connection = usable_connection::<CredentialError>(registry, connector, user)?;
+            let connector = &target.connector;
             if let Some(oauth) = connector.setting("oauth_connector") {
+                let registry = credentials.registry();
+                usable_connection::<CredentialError>(registry, connector, &target.connection_user)?;
                 return credentials.through(target, oauth, min_ttl).await;
             }
-            let password = registry
-                .connection_secrets(connector, user)?
-                .get("password")
-                .cloned()
-                .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
-            Ok(super::password(
+            let (connection, password) = stored_secret(credentials, target, "password", false)?;
+            Ok(password_credential(
                 Kind::ImapSmtp,
                 password,
                 connection.account_label,
@@ -139,27 +121,24 @@ impl ConnectorDriver for ImapSmtp {
     }
 
     /// An IMAP login and an SMTP AUTH, with the candidate's password or the OAuth token.
-    fn test<'a>(
-        &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        candidate: &'a Candidate,
-        timeout: Duration,
-    ) -> BoxFuture<'a, TestReport> {
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
+        let TestRun {
+            credentials,
+            target,
+            candidate,
+            timeout,
+        } = run;
         async move {
             let connector = &target.connector;
             let auth = match connector.setting("oauth_connector") {
                 Some(oauth) => match credentials.through(target, oauth, min_ttl(timeout)).await {
                     Ok(credential) => Some(Auth::XOAuth2(credential.secret)),
                     Err(e) => {
-                        return TestReport {
-                            checks: vec![Check::failed(
-                                "oauth",
-                                Stage::Config,
-                                format!("no access token to sign in with: {e}"),
-                            )],
-                            account_label: None,
-                        };
+                        return TestReport::one(Check::failed(
+                            "oauth",
+                            Stage::Config,
+                            format!("no access token to sign in with: {e}"),
+                        ));
                     }
                 },
                 None => candidate

@@ -29,8 +29,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::model::{
-    Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Target, TestReport,
-    validate_config, validate_secret,
+    Connection, Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Target,
+    TestReport, validate_config, validate_secret,
 };
 use crate::oauth::{OAuth, OAuthError};
 
@@ -108,12 +108,6 @@ pub enum CredentialError {
     Model(#[from] ModelError),
 }
 
-impl From<FieldError> for CredentialError {
-    fn from(e: FieldError) -> Self {
-        CredentialError::Model(e.into())
-    }
-}
-
 /// OAuth's connection and model errors are told like everyone else's.
 impl From<OAuthError> for CredentialError {
     fn from(e: OAuthError) -> Self {
@@ -130,6 +124,14 @@ impl From<OAuthError> for CredentialError {
 pub struct Candidate {
     pub settings: BTreeMap<String, String>,
     pub secrets: BTreeMap<String, Secret>,
+}
+
+/// One credentials test: what is tested, for which connection, under which deadline.
+pub struct TestRun<'a> {
+    pub credentials: &'a Credentials,
+    pub target: &'a Target,
+    pub candidate: &'a Candidate,
+    pub timeout: Duration,
 }
 
 /// A service of the broker a connector may serve besides ResolveCredential.
@@ -152,13 +154,7 @@ pub trait ConnectorDriver: Send + Sync {
         secrets: &BTreeMap<String, Secret>,
     ) -> Result<(), FieldError> {
         let _ = mode;
-        if !provider.is_empty() {
-            return Err(FieldError::new(
-                "provider",
-                "only OAuth connectors take a provider",
-            ));
-        }
-        check_schema(self.schema(), config, secrets)
+        check_plain(self.schema(), provider, config, secrets)
     }
 
     /// Where each secret of a connection would be sent, e.g. "imap.corp:993": errors name the
@@ -195,7 +191,9 @@ pub trait ConnectorDriver: Send + Sync {
         false
     }
 
-    /// Whether ResolveCredential may hand this kind's credential to a caller.
+    /// Whether ResolveCredential may hand this kind's credential to a caller. The use of a
+    /// resolvable credential is recorded as it is served; any other is recorded by the mail or
+    /// calendar call that used it, once the call worked.
     fn resolvable(&self) -> bool {
         false
     }
@@ -203,12 +201,6 @@ pub trait ConnectorDriver: Send + Sync {
     /// Whether a connector of this kind can serve `service`.
     fn serves(&self, connector: &Connector, service: Service) -> bool {
         let _ = (connector, service);
-        false
-    }
-
-    /// True when a mail or calendar call records the connection's use once it worked; false
-    /// when the use is recorded as the credential is served (OAuth, API keys).
-    fn records_use_after_call(&self) -> bool {
         false
     }
 
@@ -222,13 +214,7 @@ pub trait ConnectorDriver: Send + Sync {
     ) -> BoxFuture<'a, Result<Credential, CredentialError>>;
 
     /// Tests credentials (a candidate's, or the stored ones) against the upstream.
-    fn test<'a>(
-        &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        candidate: &'a Candidate,
-        timeout: Duration,
-    ) -> BoxFuture<'a, TestReport>;
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport>;
 
     /// What a refusal of these stored secrets by the upstream means: true when it expires the
     /// connection (a password the user typed in no longer works).
@@ -250,6 +236,22 @@ pub fn driver(kind: Kind) -> &'static dyn ConnectorDriver {
         Kind::ImapSmtp => &imap_smtp::ImapSmtp,
         Kind::Caldav => &caldav::Caldav,
     }
+}
+
+/// A connector of a kind without providers: no provider, then [`check_schema`].
+fn check_plain(
+    schema: &Schema,
+    provider: &str,
+    config: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<(), FieldError> {
+    if !provider.is_empty() {
+        return Err(FieldError::new(
+            "provider",
+            "only OAuth connectors take a provider",
+        ));
+    }
+    check_schema(schema, config, secrets)
 }
 
 /// Config keys and connector secret slots against a schema.
@@ -274,8 +276,35 @@ fn check_settings(schema: &Schema, candidate: &Candidate) -> Result<(), FieldErr
     Ok(())
 }
 
+/// The usable connection of the target and one of its stored secrets (the connector's, for a
+/// credential kept on the connector). A missing secret is NOT_CONNECTED.
+fn stored_secret(
+    credentials: &Credentials,
+    target: &Target,
+    slot: &str,
+    on_connector: bool,
+) -> Result<(Connection, Secret), CredentialError> {
+    let (connector, user) = (&target.connector, target.connection_user.as_str());
+    let registry = credentials.registry();
+    let connection = usable_connection::<CredentialError>(registry, connector, user)?;
+    let secret = if on_connector {
+        registry
+            .connector_secrets(connector)?
+            .slots
+            .get(slot)
+            .cloned()
+    } else {
+        registry
+            .connection_secrets(connector, user)?
+            .get(slot)
+            .cloned()
+    };
+    let secret = secret.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
+    Ok((connection, secret))
+}
+
 /// A password credential, for the broker's own sign-in (mail, calendar).
-fn password(kind: Kind, secret: Secret, account_label: String) -> Credential {
+fn password_credential(kind: Kind, secret: Secret, account_label: String) -> Credential {
     Credential {
         kind,
         form: Form::Password,
@@ -332,14 +361,16 @@ impl Credentials {
                 &target.on_behalf_of,
             )
             .map_err(|e| match e {
-                ModelError::NotFound { .. } => FieldError::new(
-                    "config.oauth_connector",
-                    format!(
-                        "names {oauth_connector:?}, which is not a connector of this workspace"
-                    ),
-                )
-                .into(),
-                other => CredentialError::from(other),
+                ModelError::NotFound { .. } => CredentialError::Model(
+                    FieldError::new(
+                        "config.oauth_connector",
+                        format!(
+                            "names {oauth_connector:?}, which is not a connector of this workspace"
+                        ),
+                    )
+                    .into(),
+                ),
+                other => other.into(),
             })?;
         self.credential(&through, min_ttl).await
     }
@@ -352,7 +383,12 @@ impl Credentials {
         timeout: Duration,
     ) -> TestReport {
         driver(target.connector.kind)
-            .test(self, target, candidate, timeout)
+            .test(TestRun {
+                credentials: self,
+                target,
+                candidate,
+                timeout,
+            })
             .await
     }
 }
@@ -362,24 +398,6 @@ mod tests {
     use super::*;
 
     const KINDS: [Kind; 4] = [Kind::ApiKey, Kind::Oauth2, Kind::ImapSmtp, Kind::Caldav];
-
-    fn connector(kind: Kind, mode: Mode, config: &[(&str, &str)]) -> Connector {
-        Connector {
-            id: "cn_1".into(),
-            workspace: "default".into(),
-            name: "C".into(),
-            kind,
-            mode,
-            provider: String::new(),
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            secrets_set: Default::default(),
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-        }
-    }
 
     #[test]
     fn destinations_name_secrets_and_settings_of_the_schema() {
@@ -404,7 +422,7 @@ mod tests {
 
     #[test]
     fn destinations_are_where_the_settings_point() {
-        let imap = connector(
+        let imap = Connector::for_tests(
             Kind::ImapSmtp,
             Mode::Personal,
             &[("imap_host", "imap.corp"), ("smtp_host", "smtp.corp")],
@@ -416,7 +434,8 @@ mod tests {
                 .unwrap(),
             ["imap.corp:993", "smtp.corp:465"]
         );
-        let caldav = connector(Kind::Caldav, Mode::Personal, &[("url", "http://dav.corp/")]);
+        let caldav =
+            Connector::for_tests(Kind::Caldav, Mode::Personal, &[("url", "http://dav.corp/")]);
         assert_eq!(
             driver(Kind::Caldav)
                 .destination(&caldav, &BTreeMap::new(), "password")

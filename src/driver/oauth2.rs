@@ -9,10 +9,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{
-    AUTHORIZATION, BEARER_PREFIX, Candidate, ConnectorDriver, Credential, CredentialError,
-    Credentials, Destination, Form, Schema, Service, check_schema,
-};
+use super::*;
 use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Stage, Target, TestReport};
 use crate::oauth::catalog::Endpoints;
 
@@ -131,22 +128,13 @@ impl ConnectorDriver for OAuth2 {
         .boxed()
     }
 
-    fn test<'a>(
-        &'a self,
-        _credentials: &'a Credentials,
-        _target: &'a Target,
-        _candidate: &'a Candidate,
-        _timeout: Duration,
-    ) -> BoxFuture<'a, TestReport> {
+    fn test<'a>(&'a self, _run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
         async {
-            TestReport {
-                checks: vec![Check::failed(
-                    "oauth2",
-                    Stage::Config,
-                    "OAuth accounts are connected through BeginConnect; test them with ResolveCredential",
-                )],
-                account_label: None,
-            }
+            TestReport::one(Check::failed(
+                "oauth2",
+                Stage::Config,
+                "OAuth accounts are connected through BeginConnect; test them with ResolveCredential",
+            ))
         }
         .boxed()
     }

@@ -374,21 +374,7 @@ mod tests {
     use crate::model::{Kind, Mode};
 
     fn connector(config: &[(&str, &str)]) -> Connector {
-        Connector {
-            id: "cn_1".into(),
-            workspace: "default".into(),
-            name: "Mail".into(),
-            kind: Kind::ImapSmtp,
-            mode: Mode::Personal,
-            provider: String::new(),
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            secrets_set: Default::default(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-        }
+        Connector::for_tests(Kind::ImapSmtp, Mode::Personal, config)
     }
 
     fn settings(s: &[(&str, &str)]) -> BTreeMap<String, String> {

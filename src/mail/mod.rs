@@ -229,9 +229,10 @@ impl Mail {
         ))
     }
 
-    /// OAuth mail connections are recorded when their token is served (`OAuth::access_token`).
+    /// A password connection is recorded once a call worked; OAuth ones when their token is
+    /// served (`OAuth::access_token`).
     fn record_use(&self, target: &Target) {
-        if driver(target.connector.kind).records_use_after_call() {
+        if !driver(target.connector.kind).resolvable() {
             self.registry()
                 .record_use(&target.connector, &target.connection_user);
         }
@@ -291,10 +292,7 @@ pub async fn test_account(
     let account = match account::from_settings(connector, settings, auth) {
         Ok(account) => account,
         Err(e) => {
-            return TestReport {
-                checks: vec![Check::failed("settings", Stage::Config, e.to_string())],
-                account_label: None,
-            };
+            return TestReport::one(Check::failed("settings", Stage::Config, e.to_string()));
         }
     };
     let (imap, smtp) = tokio::join!(
