@@ -247,7 +247,9 @@ async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError
     let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0)?;
     let mut text = std::fs::read_to_string(&config_path).map_err(io("read the bench config"))?;
     // The benchmark is one caller driving the daemon flat out: no per-caller rate limit.
-    text.push_str("\n[bench]\necho = true\n[limits]\ncaller_rate_per_sec = 0\n");
+    text.push_str(
+        "\n[bench]\necho = true\n[limits]\ncaller_rate_per_sec = 0\nuser_rate_per_sec = 0\n",
+    );
     std::fs::write(&config_path, text).map_err(io("write the bench config"))?;
     let config =
         crate::config::Config::load(&config_path).map_err(|e| BenchError::Daemon(e.to_string()))?;

@@ -22,8 +22,10 @@
 //! upstream_timeout_secs = 15
 //! rewrap_batch = 256                # records re-sealed per step after a key rotation
 //! rewrap_pause_ms = 10              # pause between rewrap steps
-//! caller_rate_per_sec = 2000        # per caller identity (0: no limit)…
-//! caller_burst = 4000               # …with bursts up to this many
+//! caller_rate_per_sec = 100000      # per caller identity, a flood guard (0: no limit)…
+//! caller_burst = 200000             # …with bursts up to this many
+//! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
+//! user_burst = 1000                 # …with bursts up to this many
 //! ```
 
 use std::net::SocketAddr;
@@ -125,6 +127,10 @@ pub struct Limits {
     pub caller_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub caller_burst: f64,
+    /// Requests per second one caller may make for one user (0: no limit)…
+    pub user_rate_per_sec: f64,
+    /// …with bursts up to this many.
+    pub user_burst: f64,
 }
 
 impl Default for Limits {
@@ -135,8 +141,13 @@ impl Default for Limits {
             max_watch_streams: 64,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,
-            caller_rate_per_sec: 2000.0,
-            caller_burst: 4000.0,
+            // An agent runtime is one caller for a whole platform: its budget is a flood
+            // guard well above what one broker serves (~40,000/s on 2 cores), and fairness
+            // between the users it acts for comes from the per-user budget.
+            caller_rate_per_sec: 100_000.0,
+            caller_burst: 200_000.0,
+            user_rate_per_sec: 500.0,
+            user_burst: 1000.0,
         }
     }
 }

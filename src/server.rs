@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::connect::Connect;
 use crate::model::Registry;
 use crate::oauth::OAuth;
-use crate::policy::{PolicyHandle, caller_from_cert};
+use crate::policy::{PolicyHandle, RateLimiter, caller_from_cert};
 use crate::resolve::Resolver;
 use crate::store::Store;
 use crate::vault::KeySource;
@@ -296,9 +296,12 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
         audit,
         policy,
         oauth,
-        rate: crate::policy::RateLimiter::new(
-            config.limits.caller_rate_per_sec,
-            config.limits.caller_burst,
+        rate: crate::policy::Budgets::new(
+            RateLimiter::new(
+                config.limits.caller_rate_per_sec,
+                config.limits.caller_burst,
+            ),
+            RateLimiter::new(config.limits.user_rate_per_sec, config.limits.user_burst),
         ),
         limits: config.limits.clone(),
     }))
@@ -362,17 +365,30 @@ pub async fn run(
         .set_serving::<BrokerServer<BrokerApi>>()
         .await;
     health_reporter.set_serving::<AdminServer<AdminApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    // Both reflection versions: grpcurl and Postman speak v1, Python's grpcio-reflection and
+    // older tools only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version lists both reflection services, not only itself.
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| ServeError::Tls(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     let max = config.limits.max_request_bytes;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
         .add_optional_service(

@@ -49,7 +49,7 @@ pub struct Services {
     pub connect: Connect,
     pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,
-    pub rate: crate::policy::RateLimiter,
+    pub rate: crate::policy::Budgets,
     pub limits: Limits,
 }
 
@@ -87,11 +87,10 @@ impl Services {
             .get::<PeerInfo>()
             .ok_or_else(|| tonic::Status::unauthenticated("no verified client certificate"))?;
         let request_id = hex::encode(crate::vault::random_bytes::<8>());
-        if !self.rate.allow(&peer.caller.id) {
+        if let Err(exhausted) = self.rate.caller(&peer.caller.id) {
             let why = format!(
                 "caller {} exceeded its limit of {} requests per second; retry later",
-                peer.caller.id,
-                self.rate.per_second()
+                peer.caller.id, exhausted.per_second
             );
             // Refused before any work; its audit record need not delay the refusal.
             let (audit, event) = (
@@ -106,7 +105,7 @@ impl Services {
                 },
             );
             tokio::spawn(async move { audit.record(event).await });
-            return Err(tonic::Status::resource_exhausted(why));
+            return Err(status::exhausted_status(why, &exhausted));
         }
         Ok(Call {
             caller: peer.caller.id.clone(),
@@ -131,7 +130,16 @@ impl Services {
                 &c.id,
                 &target.on_behalf_of,
             )
-            .map_err(ApiError::Denied)
+            .map_err(ApiError::Denied)?;
+        self.rate
+            .user(&call.caller, &target.on_behalf_of)
+            .map_err(|exhausted| ApiError::Exhausted {
+                message: format!(
+                    "caller {} exceeded its limit of {} requests per second for user {:?}; retry later",
+                    call.caller, exhausted.per_second, target.on_behalf_of
+                ),
+                exhausted,
+            })
     }
 
     pub fn authorize_admin(&self, call: &Call, workspace: &str) -> Result<(), ApiError> {
@@ -155,7 +163,9 @@ impl Services {
     ) -> Result<tonic::Response<T>, tonic::Status> {
         let (outcome, reason) = match &result {
             Ok(_) => (Outcome::Ok, String::new()),
-            Err(ApiError::Denied(why)) => (Outcome::Denied, why.clone()),
+            Err(ApiError::Denied(why) | ApiError::Exhausted { message: why, .. }) => {
+                (Outcome::Denied, why.clone())
+            }
             Err(e) => (Outcome::Error, e.to_string()),
         };
         let caller = call.caller.clone();

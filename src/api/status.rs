@@ -32,6 +32,12 @@ pub enum ApiError {
     OAuth(#[from] OAuthError),
     #[error(transparent)]
     Mail(#[from] MailError),
+    /// A request budget ran out ([`crate::policy::Budgets`]).
+    #[error("{message}")]
+    Exhausted {
+        message: String,
+        exhausted: crate::policy::Exhausted,
+    },
     #[error("{message}")]
     Status {
         code: Code,
@@ -67,6 +73,18 @@ fn with_reason(
         message,
         ErrorDetails::with_error_info(reason, DOMAIN, metadata),
     )
+}
+
+/// RESOURCE_EXHAUSTED with reason RATE_LIMITED and a `google.rpc.RetryInfo` saying when a
+/// retry will pass.
+pub fn exhausted_status(message: String, exhausted: &crate::policy::Exhausted) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(exhausted.retry_after));
+    details.set_error_info(
+        "RATE_LIMITED",
+        DOMAIN,
+        HashMap::from([("per_second".to_string(), exhausted.per_second.to_string())]),
+    );
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 fn model_status(e: ModelError) -> Status {
@@ -137,6 +155,7 @@ impl From<ApiError> for Status {
                 message,
                 HashMap::new(),
             ),
+            ApiError::Exhausted { message, exhausted } => exhausted_status(message, &exhausted),
             ApiError::Status { code, reason, .. } => {
                 with_reason(code, reason, message, HashMap::new())
             }

@@ -7,7 +7,7 @@ mod rate;
 mod rules;
 
 pub use identity::{IdentityError, caller_from_cert};
-pub use rate::RateLimiter;
+pub use rate::{Budgets, Exhausted, RateLimiter};
 pub use rules::{Operation, Policy, PolicyError};
 
 use std::path::{Path, PathBuf};

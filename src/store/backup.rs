@@ -150,6 +150,55 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Reads and checks a backup file.
+    pub fn read_file(path: &Path) -> Result<Snapshot, BackupError> {
+        let bytes = std::fs::read(path).map_err(|source| BackupError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Snapshot::decode(&bytes)
+    }
+}
+
+/// Writes backup bytes to a new file at `out`, durably: into `{out}.partial` (owner-only, as
+/// confidential as the store), synced, renamed, and the folder synced. An existing `out` is
+/// never overwritten; on any failure the partial file is removed.
+pub fn write_backup_file(out: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| BackupError::Io {
+        path: out.display().to_string(),
+        source,
+    };
+    if out.exists() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists; refusing to overwrite it",
+        )));
+    }
+    let partial = out.with_extension("partial");
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, out)?;
+        let folder = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(folder)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written.map_err(io)
+}
+
 impl Store {
     /// A consistent copy of everything: commits are held off (not failed) while it is read.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {

@@ -13,7 +13,7 @@ mod group_commit;
 mod rotation;
 mod sled_backend;
 
-pub use backup::{BackupError, Snapshot, restore};
+pub use backup::{BackupError, Snapshot, restore, write_backup_file};
 pub use rotation::{RewrapState, RewrapStep, change_key};
 pub use sled_backend::SledBackend;
 
