@@ -1,12 +1,12 @@
 //! ResolveCredential: the short-lived credential a caller may hold for a connection. The
-//! credential comes from the connection's driver ([`crate::driver`]); only kinds whose driver
-//! says they are resolvable (API keys, OAuth access tokens) answer. Nothing else (refresh
+//! credential comes from the credentials service ([`crate::driver::Credentials::resolvable`]);
+//! only kinds whose driver says they are resolvable (API keys, OAuth access tokens) answer. Nothing else (refresh
 //! tokens, client secrets, passwords) ever leaves through here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::driver::{Credential, CredentialError, Credentials, driver};
+use crate::driver::{Credential, CredentialError, Credentials};
 use crate::model::{Registry, Target};
 
 /// What ResolveCredential fails with: the credentials service's errors.
@@ -33,13 +33,6 @@ impl Resolver {
         target: &Target,
         min_ttl: Duration,
     ) -> Result<Credential, ResolveError> {
-        let connector = &target.connector;
-        if !driver(connector.kind).resolvable() {
-            return Err(CredentialError::NotResolvable {
-                connector: connector.name.clone(),
-                kind: connector.kind.name(),
-            });
-        }
-        self.credentials.credential(target, min_ttl).await
+        self.credentials.resolvable(target, min_ttl).await
     }
 }

@@ -372,7 +372,25 @@ impl Credentials {
                 ),
                 other => other.into(),
             })?;
-        self.credential(&through, min_ttl).await
+        self.resolvable(&through, min_ttl).await
+    }
+
+    /// The credential of a kind that may be handed out (an API key, an OAuth access token):
+    /// to a caller through ResolveCredential, or to a connector that signs in through it. Any
+    /// other kind is [`CredentialError::NotResolvable`].
+    pub async fn resolvable(
+        &self,
+        target: &Target,
+        min_ttl: Duration,
+    ) -> Result<Credential, CredentialError> {
+        let connector = &target.connector;
+        if !driver(connector.kind).resolvable() {
+            return Err(CredentialError::NotResolvable {
+                connector: connector.name.clone(),
+                kind: connector.kind.name(),
+            });
+        }
+        self.credential(target, min_ttl).await
     }
 
     /// Tests credentials: the candidate's, or the stored connection's.
