@@ -2,7 +2,7 @@
 //!
 //! It prepares a throwaway broker (dev PKI, store, policy) with an API-key connector and an
 //! OAuth connection holding a cached token, starts `credbroker serve` as a child process with
-//! the do-nothing Echo service enabled, and drives Echo and ResolveCredential with the same
+//! the do-nothing Echo service beside the broker's (`--bench-echo`), and drives Echo and ResolveCredential with the same
 //! client: closed loop (N in flight) for peak throughput, one call in flight for base latency,
 //! open loop (a fixed rate, latency counted from each call's scheduled time) for tails, and new
 //! mTLS connections per second. Every figure is also given as a ratio to Echo's, because the
@@ -18,17 +18,28 @@ use chrono::Utc;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::api::proto::{
-    self, EchoMessage, broker_client::BrokerClient, echo_client::EchoClient, echo_server::Echo,
-};
-use crate::client::{ClientTls, channel};
-use crate::model::{
+use credbroker::api::proto::{self, broker_client::BrokerClient};
+use credbroker::client::{ClientTls, channel};
+use credbroker::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Kind, Mode, NewConnector, Registry, Secret,
 };
-use crate::store::Store;
+use credbroker::store::Store;
+use echo::{EchoMessage, echo_client::EchoClient, echo_server::Echo};
+
+/// The baseline's contract (proto/credbroker/v1/bench.proto), compiled by this crate only.
+pub mod echo {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("credbroker.v1");
+}
 
 /// The baseline service: answers with what it was sent.
 pub struct EchoApi;
+
+/// Echo as routes for `credbroker serve --bench-echo`: same listener, TLS and server as the
+/// broker's own services.
+pub fn echo_routes() -> tonic::service::Routes {
+    tonic::service::Routes::new(echo::echo_server::EchoServer::new(EchoApi))
+}
 
 #[tonic::async_trait]
 impl Echo for EchoApi {
@@ -42,11 +53,11 @@ pub enum BenchError {
     #[error(transparent)]
     Dev(#[from] crate::dev::DevError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] credbroker::store::StoreError),
     #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
+    Model(#[from] credbroker::model::ModelError),
     #[error(transparent)]
-    Client(#[from] crate::client::ClientError),
+    Client(#[from] credbroker::client::ClientError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -116,7 +127,7 @@ struct Broker {
     addr: String,
     certs: PathBuf,
     dir: PathBuf,
-    config: crate::config::Config,
+    config: credbroker::config::Config,
     config_path: PathBuf,
     /// The personal connector's id, and how many connections it has.
     personal: String,
@@ -140,7 +151,7 @@ const STORED_BASE: u64 = 1000;
 /// Makes the broker's store: the connectors the benchmark resolves, and `stored` personal
 /// connections to show how resolve scales with the store's size. Returns the personal
 /// connector's id.
-async fn populate(config: &crate::config::Config, stored: u64) -> Result<String, BenchError> {
+async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<String, BenchError> {
     let store = std::sync::Arc::new(open_store(config)?);
     let registry = Registry::new(store.clone());
     let connector =
@@ -212,19 +223,23 @@ async fn populate(config: &crate::config::Config, stored: u64) -> Result<String,
 async fn add_users(store: &Store, personal: &str, from: u64, to: u64) -> Result<(), BenchError> {
     let mut user = from;
     while user < to {
-        let mut batch = crate::store::Batch::new();
+        let mut batch = credbroker::store::Batch::new();
         for _ in 0..1000.min(to - user) {
             let mut connection = Connection::new(personal, &format!("u{user}"));
             connection.status = ConnectionStatus::Connected;
             connection.connected_at = Some(Utc::now());
-            let path = crate::model::connection_path(personal, &connection.user_id);
+            let path = credbroker::model::connection_path(personal, &connection.user_id);
             let mut secrets = ConnectionSecrets::default();
             secrets
                 .slots
                 .insert("api_key".into(), Secret::new(format!("key-{user}")));
             batch
-                .put(crate::store::Table::Connections, path.clone(), &connection)
-                .put(crate::store::Table::ConnectionSecrets, path, &secrets);
+                .put(
+                    credbroker::store::Table::Connections,
+                    path.clone(),
+                    &connection,
+                )
+                .put(credbroker::store::Table::ConnectionSecrets, path, &secrets);
             user += 1;
         }
         store.commit(batch).await?;
@@ -232,7 +247,7 @@ async fn add_users(store: &Store, personal: &str, from: u64, to: u64) -> Result<
     Ok(())
 }
 
-fn open_store(config: &crate::config::Config) -> Result<Store, BenchError> {
+fn open_store(config: &credbroker::config::Config) -> Result<Store, BenchError> {
     let key = config
         .store
         .key_source()
@@ -247,12 +262,10 @@ async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError
     let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0)?;
     let mut text = std::fs::read_to_string(&config_path).map_err(io("read the bench config"))?;
     // The benchmark is one caller driving the daemon flat out: no per-caller rate limit.
-    text.push_str(
-        "\n[bench]\necho = true\n[limits]\ncaller_rate_per_sec = 0\nuser_rate_per_sec = 0\n",
-    );
+    text.push_str("\n[limits]\ncaller_rate_per_sec = 0\nuser_rate_per_sec = 0\n");
     std::fs::write(&config_path, text).map_err(io("write the bench config"))?;
-    let config =
-        crate::config::Config::load(&config_path).map_err(|e| BenchError::Daemon(e.to_string()))?;
+    let config = credbroker::config::Config::load(&config_path)
+        .map_err(|e| BenchError::Daemon(e.to_string()))?;
     let personal = populate(&config, stored).await?;
     let (child, addr) = spawn_daemon(&dir, &config_path, &certs)?;
     Ok(Broker {
@@ -280,7 +293,7 @@ fn spawn_daemon(
         .open(dir.join("daemon.log"))
         .map_err(io("open the daemon log"))?;
     let mut child = Command::new(exe)
-        .args(["serve", "--config"])
+        .args(["serve", "--bench-echo", "--config"])
         .arg(config_path)
         .stdout(Stdio::piped())
         .stderr(log)

@@ -4,16 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::pki::{DevPki, write_file};
-use crate::store::Store;
-use crate::vault::{KeySource, generate_key_file};
+use credbroker::store::Store;
+use credbroker::vault::{KeySource, generate_key_file};
+use credbroker_devpki::{DevPki, write_file};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Pki(#[from] credbroker_devpki::PkiError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] credbroker::store::StoreError),
     #[error("{path}: {source}")]
     Io {
         path: String,

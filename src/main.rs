@@ -1,8 +1,12 @@
 //! The `credbroker` command. `cli::local` holds what runs on this machine against a store folder
 //! (`dev`, `init`, `serve`, offline key and audit tools, `bench`); `cli::remote` holds the admin
-//! and agent commands that talk to a running daemon over mTLS.
+//! and agent commands that talk to a running daemon over mTLS. `dev` (a local broker with a
+//! throwaway PKI) and `bench` (the load benchmark and its Echo baseline) live in this crate
+//! only: the daemon library, crates/credbroker, carries neither.
 
+mod bench;
 mod cli;
+mod dev;
 
 use std::process::ExitCode;
 

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use credbroker::pki::{CertAuthority, ClientName};
+use credbroker_devpki::{CertAuthority, ClientName};
 use support::daemon::{AGENT, Daemon, files_under, reason, write};
 use tonic::Code;
 use tonic::transport::Channel;

@@ -980,7 +980,7 @@ mod google_fake {
         use hyper_util::server::conn::auto;
         use hyper_util::service::TowerToHyperService;
 
-        let ca = credbroker::pki::CertAuthority::generate("fake Google CA").unwrap();
+        let ca = credbroker_devpki::CertAuthority::generate("fake Google CA").unwrap();
         let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
         let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()

@@ -423,7 +423,7 @@ async fn client_credentials_tokens_are_cached_until_near_expiry() {
 #[tokio::test]
 async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
     let _serial = SERIAL.lock().await;
-    let fake_ca = credbroker::pki::CertAuthority::generate("fake identity CA").unwrap();
+    let fake_ca = credbroker_devpki::CertAuthority::generate("fake identity CA").unwrap();
     let fake = fake_identity_server(&fake_ca).await;
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
@@ -516,7 +516,7 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
 
 /// Serves Google's userinfo and Slack's auth.test documents (their documented shapes) over
 /// HTTPS to any bearer token; returns its address.
-async fn fake_identity_server(ca: &credbroker::pki::CertAuthority) -> std::net::SocketAddr {
+async fn fake_identity_server(ca: &credbroker_devpki::CertAuthority) -> std::net::SocketAddr {
     use axum::routing::get;
     let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
     let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();

@@ -123,7 +123,7 @@ async fn python_client_resolves_and_lists_connections() {
             .await
             .unwrap();
     }
-    let other = credbroker::pki::CertAuthority::generate("not the broker's CA").unwrap();
+    let other = credbroker_devpki::CertAuthority::generate("not the broker's CA").unwrap();
     support::daemon::write(&daemon.path("other-ca.pem"), &other.cert_pem);
     support::daemon::write(&daemon.path("client.py"), SCRIPT);
 

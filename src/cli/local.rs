@@ -38,7 +38,14 @@ pub struct StoreArgs {
     pub prompt: bool,
 }
 
-pub type ServeArgs = StoreArgs;
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Also serve the benchmark's do-nothing Echo service (for `credbroker bench`).
+    #[arg(long, hide = true)]
+    bench_echo: bool,
+}
 
 #[derive(Args)]
 pub struct ChangePassphraseArgs {
@@ -121,12 +128,13 @@ fn open(args: &StoreArgs) -> Result<(Config, Store), Error> {
 }
 
 pub async fn dev(args: DevArgs) -> Result<(), Error> {
-    let config_path = credbroker::dev::prepare(&args.dir, &args.certs, args.port, args.http_port)?;
+    let config_path = crate::dev::prepare(&args.dir, &args.certs, args.port, args.http_port)?;
     let config = Config::load(&config_path)?;
     let key = config.store.key_source()?;
     let certs = args.certs;
-    run_daemon(config, key, move |bound| {
-        println!("{}", credbroker::dev::walkthrough(bound.grpc, &certs))
+    let extra = tonic::service::Routes::default();
+    run_daemon(config, key, extra, move |bound| {
+        println!("{}", crate::dev::walkthrough(bound.grpc, &certs))
     })
     .await
 }
@@ -147,8 +155,13 @@ pub fn init(args: StoreArgs) -> Result<(), Error> {
 }
 
 pub async fn serve(args: ServeArgs) -> Result<(), Error> {
-    let (config, key) = load(&args, false)?;
-    run_daemon(config, key, |bound| {
+    let (config, key) = load(&args.store, false)?;
+    let extra = if args.bench_echo {
+        crate::bench::echo_routes()
+    } else {
+        tonic::service::Routes::default()
+    };
+    run_daemon(config, key, extra, |bound| {
         println!(
             "credbroker: listening grpc={} http={}",
             bound.grpc,
@@ -236,7 +249,7 @@ pub fn change_passphrase(args: ChangePassphraseArgs) -> Result<(), Error> {
 }
 
 pub async fn bench(args: BenchArgs) -> Result<(), Error> {
-    let options = credbroker::bench::BenchOptions {
+    let options = crate::bench::BenchOptions {
         seconds: args.seconds,
         in_flight: args.in_flight,
         connections: args.connections,
@@ -244,20 +257,19 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
         stored: args.stored,
         dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
     };
-    println!("{}", credbroker::bench::header());
-    credbroker::bench::run(&options, |row| {
-        println!("{}", credbroker::bench::format_row(row))
+    println!("{}", crate::bench::header());
+    crate::bench::run(&options, |row| {
+        println!("{}", crate::bench::format_row(row))
     })
     .await?;
     let Some(seconds) = args.soak else {
         return Ok(());
     };
     let every = Duration::from_secs(10);
-    let report =
-        credbroker::bench::soak(&options, Duration::from_secs(seconds), every, |at, rss| {
-            println!("soak {:>5}s  rss {rss} KiB", at.as_secs())
-        })
-        .await?;
+    let report = crate::bench::soak(&options, Duration::from_secs(seconds), every, |at, rss| {
+        println!("soak {:>5}s  rss {rss} KiB", at.as_secs())
+    })
+    .await?;
     println!(
         "soak: {} calls, {} errors; RSS max/min after the first minute: {:.3}",
         report.calls,
@@ -271,6 +283,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
 async fn run_daemon(
     config: Config,
     key: KeySource,
+    extra: tonic::service::Routes,
     on_ready: impl FnOnce(credbroker::server::Bound),
 ) -> Result<(), Error> {
     credbroker::systemd::harden_process();
@@ -285,6 +298,7 @@ async fn run_daemon(
     credbroker::server::run(
         config,
         key,
+        extra,
         |bound| {
             on_ready(bound);
             use std::io::Write;

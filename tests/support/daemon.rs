@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use credbroker::api::proto::{admin_client::AdminClient, broker_client::BrokerClient};
 use credbroker::client::{self, ClientTls};
-use credbroker::pki::{CertAuthority, ClientName};
+use credbroker_devpki::{CertAuthority, ClientName};
 use tonic::transport::Channel;
 
 pub const ADMIN: &str = "spiffe://test/admin";

@@ -59,17 +59,6 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
-    pub bench: BenchConfig,
-}
-
-/// For `credbroker bench` only.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BenchConfig {
-    /// Also serve the do-nothing Echo service, the benchmark's baseline.
-    #[serde(default)]
-    pub echo: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,14 +83,43 @@ pub struct GrpcConfig {
     pub crl: Vec<PathBuf>,
     #[serde(default)]
     pub allow_tls12: bool,
+    /// HTTP/2 streams (calls in flight) one client connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+fn default_max_concurrent_streams() -> u32 {
+    256
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// The URL browsers reach the HTTP listener at; the OAuth redirect is `{public_url}/oauth/callback`.
     pub public_url: Option<String>,
+    /// TLS 1.3 only unless set (the listener faces browsers, which all speak 1.3).
+    pub allow_tls12: bool,
+    /// Connections served at once; more are closed as soon as they are accepted, so the
+    /// listener never holds the descriptors the gRPC listener and upstream calls need.
+    pub max_connections: usize,
+    /// Time for a connection to finish its TLS handshake and send a request's headers.
+    pub header_timeout_secs: u64,
+    /// A connection's whole life: browsers and scrapers make one or two requests and go.
+    pub max_connection_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            public_url: None,
+            allow_tls12: false,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            max_connection_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -53,22 +53,28 @@ fn envelopes_never_panic() {
     });
 }
 
-#[test]
-fn configuration_and_policy_never_panic() {
-    let config = include_str!("config.rs")
+/// The TOML example in a module's first comment, starting at the line that starts with `first`.
+fn documented_toml(source: &str, first: &str) -> String {
+    source
         .lines()
         .filter_map(|l| l.strip_prefix("//! "))
-        .skip_while(|l| !l.starts_with("[store]"))
+        .skip_while(|l| !l.starts_with(first))
         .take_while(|l| !l.starts_with("```"))
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+#[test]
+fn configuration_and_policy_never_panic() {
+    let config = documented_toml(include_str!("config.rs"), "[store]");
+    let policy = documented_toml(include_str!("policy/rules.rs"), "[[callers]]");
     // The unmutated inputs are valid, so the mutations start from the parsers' real paths.
     toml::from_str::<crate::config::Config>(&config).expect("the documented config parses");
-    crate::policy::Policy::parse(crate::dev::DEV_POLICY).expect("the dev policy parses");
+    crate::policy::Policy::parse(&policy).expect("the documented policy parses");
     each_mutation(2, config.as_bytes(), |bytes| {
         let _ = toml::from_str::<crate::config::Config>(&String::from_utf8_lossy(bytes));
     });
-    each_mutation(3, crate::dev::DEV_POLICY.as_bytes(), |bytes| {
+    each_mutation(3, policy.as_bytes(), |bytes| {
         let _ = crate::policy::Policy::parse(&String::from_utf8_lossy(bytes));
     });
 }

@@ -113,6 +113,7 @@ struct Registry {
     audit_batches: AtomicU64,
     store_sync: Histogram,
     store_sync_waiters: AtomicU64,
+    http_connections_refused: AtomicU64,
 }
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
@@ -163,6 +164,13 @@ pub fn store_sync(waiters: usize, elapsed: Duration) {
     REGISTRY
         .store_sync_waiters
         .fetch_add(waiters as u64, Ordering::Relaxed);
+}
+
+/// One HTTPS connection closed at accept because the listener held its maximum.
+pub fn http_connection_refused() {
+    REGISTRY
+        .http_connections_refused
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 /// Values read at scrape time from the running daemon.
@@ -281,6 +289,17 @@ pub fn render(gauges: &Gauges) -> String {
         out,
         "credbroker_audit_records_total {}",
         r.audit_batch_records.load(Ordering::Relaxed)
+    );
+    help(
+        &mut out,
+        "credbroker_http_connections_refused_total",
+        "counter",
+        "HTTPS connections closed at accept because [http] max_connections were open.",
+    );
+    let _ = writeln!(
+        out,
+        "credbroker_http_connections_refused_total {}",
+        r.http_connections_refused.load(Ordering::Relaxed)
     );
     help(
         &mut out,

@@ -20,7 +20,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::api::proto::echo_server::EchoServer;
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
@@ -129,10 +128,11 @@ fn grpc_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     Ok(tls)
 }
 
-/// The HTTPS listener's TLS: same server certificate, no client certificate.
+/// The HTTPS listener's TLS: same server certificate, no client certificate; TLS 1.3 unless
+/// `[http] allow_tls12`.
 fn http_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .with_protocol_versions(versions(config.http.allow_tls12))
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs(&config.grpc.cert)?, private_key(&config.grpc.key)?)
@@ -307,13 +307,20 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
     }))
 }
 
+/// Admin requests carry settings, secrets and certificates, never attachments: a client that
+/// sends more is refused before the body is buffered past this.
+const ADMIN_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens.
+/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens. `extra`
+/// holds services served beside the broker's on the same listener and TLS (the benchmark's
+/// Echo baseline); the daemon itself adds none.
 pub async fn run(
     config: Config,
     key: KeySource,
+    extra: tonic::service::Routes,
     on_ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -350,7 +357,13 @@ pub async fn run(
                 .map_err(|source| ServeError::Listen { addr, source })?,
         );
         let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
-        tokio::spawn(crate::http::serve(listener, acceptor, services.clone()));
+        let limits = crate::http::ConnectionLimits::from(&config.http);
+        tokio::spawn(crate::http::serve(
+            listener,
+            acceptor,
+            limits,
+            services.clone(),
+        ));
     }
 
     spawn_policy_reload(services.policy.clone());
@@ -384,19 +397,22 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     let max = config.limits.max_request_bytes;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(120))
+    let mut routes = tonic::service::RoutesBuilder::from(extra);
+    routes
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
-        .add_service(AdminServer::new(AdminApi(services.clone())).max_decoding_message_size(max))
-        .add_optional_service(
-            config
-                .bench
-                .echo
-                .then(|| EchoServer::new(crate::bench::EchoApi)),
-        )
+        .add_service(
+            AdminServer::new(AdminApi(services.clone()))
+                .max_decoding_message_size(max.min(ADMIN_MAX_REQUEST_BYTES)),
+        );
+    let server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(120))
+        .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_routes(routes.routes())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });

@@ -55,7 +55,7 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CertAuthority, ClientName};
+    use credbroker_devpki::{CertAuthority, ClientName};
 
     fn der_of(pem: &str) -> Vec<u8> {
         rustls_pemfile::certs(&mut pem.as_bytes())

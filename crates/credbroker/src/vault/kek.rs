@@ -65,6 +65,11 @@ impl Kek {
     }
 }
 
+/// The argon2id cost accepted from a header, (m KiB, t, p): the floor DESIGN.md §3 sets…
+const ARGON2_MIN: (u32, u32, u32) = (64 * 1024, 3, 1);
+/// …and a ceiling no legitimate store uses.
+const ARGON2_MAX: (u32, u32, u32) = (4 * 1024 * 1024, 64, 16);
+
 fn argon2id(
     phrase: &SecretString,
     salt: &[u8],
@@ -74,6 +79,15 @@ fn argon2id(
 ) -> Result<Kek, VaultError> {
     if phrase.expose_secret().is_empty() {
         return Err(VaultError::EmptyPassphrase);
+    }
+    // The cost comes from the header, which sits unencrypted on disk: a lowered cost would make a
+    // stolen store cheap to brute-force from then on (a passphrase change rewrites it), and a
+    // raised one would make opening it exhaust the host's memory.
+    if !(ARGON2_MIN.0..=ARGON2_MAX.0).contains(&m_kib)
+        || !(ARGON2_MIN.1..=ARGON2_MAX.1).contains(&t)
+        || !(ARGON2_MIN.2..=ARGON2_MAX.2).contains(&p)
+    {
+        return Err(VaultError::KdfOutOfRange { m_kib, t, p });
     }
     let params = Params::new(m_kib, t, p, Some(32)).map_err(|e| VaultError::Kdf(e.to_string()))?;
     let mut out = Zeroizing::new([0u8; 32]);

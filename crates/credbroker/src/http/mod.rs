@@ -2,12 +2,13 @@
 //! redirect target `/oauth/callback`. It uses the gRPC server certificate but asks for no client certificate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
@@ -171,29 +172,77 @@ fn redirect_with(return_url: &str, pairs: &[(&str, String)]) -> Response {
 }
 
 /// Serves until the listener fails; each connection is handled on its own task.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, services: Arc<Services>) {
+/// What one connection may take: see [`crate::config::HttpConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub max_connection: Duration,
+}
+
+impl From<&crate::config::HttpConfig> for ConnectionLimits {
+    fn from(http: &crate::config::HttpConfig) -> Self {
+        Self {
+            max_connections: http.max_connections.max(1),
+            header_timeout: Duration::from_secs(http.header_timeout_secs.max(1)),
+            max_connection: Duration::from_secs(http.max_connection_secs.max(1)),
+        }
+    }
+}
+
+/// Serves the listener forever. Invariants: at most `max_connections` connections are held (a
+/// connection over the cap is closed at accept, before TLS); each must finish its handshake and
+/// headers within `header_timeout` and is closed after `max_connection` whatever it does.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: ConnectionLimits,
+    services: Arc<Services>,
+) {
     let app = router(services);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "http accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::metrics::http_connection_refused();
+            drop(tcp);
+            continue;
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(Ok(tls)) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
+                tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await
             else {
                 return;
             };
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            // The protocol is the one ALPN chose: no sniffing of the first bytes, which would
+            // wait on a silent client before any timeout applies.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder = if h2 {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(16);
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            let _ = tokio::time::timeout(limits.max_connection, connection).await;
         });
     }
 }

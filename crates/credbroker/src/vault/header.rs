@@ -254,4 +254,32 @@ mod tests {
             })
         ));
     }
+
+    #[test]
+    fn a_header_whose_argon2_cost_was_lowered_or_raised_is_refused() {
+        let good = KeySource::Passphrase(SecretString::from("correct horse"));
+        let (header, _) = Header::create_with_params(&good, FAST).unwrap();
+        for (m, t, p) in [
+            (8, 1, 1),
+            (64 * 1024, 1, 1),
+            (u32::MAX, 3, 1),
+            (64 * 1024, 3, 255),
+        ] {
+            let mut altered = header.clone();
+            let Kdf::Argon2id {
+                m_kib,
+                t: passes,
+                p: lanes,
+                ..
+            } = &mut altered.kdf
+            else {
+                panic!("a passphrase store uses argon2id");
+            };
+            (*m_kib, *passes, *lanes) = (m, t, p);
+            assert!(
+                matches!(altered.unlock(&good), Err(VaultError::KdfOutOfRange { .. })),
+                "cost ({m}, {t}, {p}) accepted"
+            );
+        }
+    }
 }

@@ -9,19 +9,16 @@
 
 pub mod api;
 pub mod audit;
-pub mod bench;
 pub mod calendar;
 pub mod client;
 pub mod config;
 pub mod connect;
-pub mod dev;
 pub mod driver;
 pub mod http;
 pub mod mail;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
-pub mod pki;
 pub mod policy;
 pub mod resolve;
 pub mod server;

@@ -67,6 +67,10 @@ pub enum VaultError {
     TermExhausted { term: u32 },
     #[error("key derivation failed: {0}")]
     Kdf(String),
+    #[error(
+        "the store header asks for argon2id cost m={m_kib} KiB, t={t}, p={p}, outside the accepted range (m 64 MiB–4 GiB, t 3–64, p 1–16): the header was altered"
+    )]
+    KdfOutOfRange { m_kib: u32, t: u32, p: u32 },
     #[error("cannot reserve encryptions: {0}")]
     Reservation(String),
 }

@@ -1,0 +1,108 @@
+//! The edge under floods: what a client that is not welcome, or too eager, can hold of the
+//! broker. Each test counts outcomes (connections held, refused, closed), never timings.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker::api::proto;
+use support::daemon::Daemon;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Adds `keys` at the top of the configuration's `[section]` and restarts the daemon on it.
+fn reconfigure(daemon: &mut Daemon, section: &str, keys: &str) {
+    let path = daemon.config();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let header = format!("[{section}]\n");
+    assert!(text.contains(&header), "no {header} in the test config");
+    std::fs::write(&path, text.replace(&header, &format!("{header}{keys}\n"))).unwrap();
+    daemon.restart();
+}
+
+/// A TLS client of the HTTPS listener trusting the test CA, limited to `versions`.
+fn https_client(
+    daemon: &Daemon,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut daemon.ca.cert_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn idle_https_connections_are_capped_closed_and_never_starve_grpc() {
+    let mut daemon = Daemon::start();
+    reconfigure(
+        &mut daemon,
+        "http",
+        "max_connections = 8\nheader_timeout_secs = 5\nmax_connection_secs = 10",
+    );
+    let addr = daemon.http.expect("http listener");
+    let tls13 = https_client(&daemon, &[&rustls::version::TLS13]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // 24 clients finish a handshake and then say nothing, as a slowloris would.
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..24 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), tls13.connect(name.clone(), tcp)).await {
+            Ok(Ok(tls)) => held.push(tls),
+            _ => refused += 1,
+        }
+    }
+    assert!(
+        held.len() <= 8,
+        "{} connections held past the cap of 8",
+        held.len()
+    );
+    assert!(refused >= 16, "only {refused} of 24 refused at a cap of 8");
+
+    // While they are held, the gRPC listener answers as usual.
+    let mut agent = daemon.agent().await;
+    let missing = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: Some(proto::ConnectionRef {
+                connector: "nothing-here".into(),
+                ..Default::default()
+            }),
+            min_ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    // The broker closes every silent connection itself.
+    for mut tls in held {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(60), tls.read(&mut byte))
+            .await
+            .expect("the broker closes a connection that sends no request");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    // Served again once they are gone, and the refusals are counted.
+    let (status, metrics) = daemon.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    let counted = support::daemon::metric(&metrics, "credbroker_http_connections_refused_total");
+    assert!(counted >= 16.0, "{counted} refusals counted");
+
+    // TLS 1.2 is not offered unless configured.
+    let tls12 = https_client(&daemon, &[&rustls::version::TLS12]);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        tls12.connect(name, tcp).await.is_err(),
+        "a TLS 1.2 handshake succeeded"
+    );
+}
