@@ -152,8 +152,7 @@ const STORED_BASE: u64 = 1000;
 /// connections to show how resolve scales with the store's size. Returns the personal
 /// connector's id.
 async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<String, BenchError> {
-    let store = std::sync::Arc::new(open_store(config)?);
-    let registry = Registry::new(store.clone());
+    let registry = Registry::new(std::sync::Arc::new(open_store(config).await?));
     let connector =
         |name: &str, kind, mode, config: &[(&str, &str)], secrets: &[(&str, &str)]| NewConnector {
             workspace: String::new(),
@@ -215,51 +214,49 @@ async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<St
             &[],
         ))
         .await?;
-    add_users(&store, &personal.id, 0, stored).await?;
+    add_users(&registry, &personal.id, 0, stored).await?;
     Ok(personal.id)
 }
 
 /// Stores personal connections `u{from}`..`u{to}` of the connector `personal`.
-async fn add_users(store: &Store, personal: &str, from: u64, to: u64) -> Result<(), BenchError> {
+async fn add_users(
+    registry: &Registry,
+    personal: &str,
+    from: u64,
+    to: u64,
+) -> Result<(), BenchError> {
     let mut user = from;
     while user < to {
-        let mut batch = credbroker::store::Batch::new();
+        let mut batch = Vec::new();
         for _ in 0..1000.min(to - user) {
             let mut connection = Connection::new(personal, &format!("u{user}"));
             connection.status = ConnectionStatus::Connected;
             connection.connected_at = Some(Utc::now());
-            let path = credbroker::model::connection_path(personal, &connection.user_id);
             let mut secrets = ConnectionSecrets::default();
             secrets
                 .slots
                 .insert("api_key".into(), Secret::new(format!("key-{user}")));
-            batch
-                .put(
-                    credbroker::store::Table::Connections,
-                    path.clone(),
-                    &connection,
-                )
-                .put(credbroker::store::Table::ConnectionSecrets, path, &secrets);
+            batch.push((connection, secrets));
             user += 1;
         }
-        store.commit(batch).await?;
+        registry.save_connections(&batch).await?;
     }
     Ok(())
 }
 
-fn open_store(config: &credbroker::config::Config) -> Result<Store, BenchError> {
+async fn open_store(config: &credbroker::config::Config) -> Result<Store, BenchError> {
     let key = config
         .store
         .key_source()
         .map_err(|e| BenchError::Daemon(e.to_string()))?;
-    Ok(Store::open(&config.store.path, &key)?)
+    Ok(Store::open(&config.store, &key).await?)
 }
 
 /// Prepares a throwaway broker's state (`stored` personal connections) and starts it.
 async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError> {
     let dir = options.dir.clone();
     let certs = dir.join("certs");
-    let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0)?;
+    let config_path = crate::dev::prepare(&dir.join("state"), &certs, 0, 0).await?;
     let mut text = std::fs::read_to_string(&config_path).map_err(io("read the bench config"))?;
     // The benchmark is one caller driving the daemon flat out: no per-caller rate limit.
     text.push_str("\n[limits]\ncaller_rate_per_sec = 0\nuser_rate_per_sec = 0\n");
@@ -335,9 +332,9 @@ impl Broker {
     async fn grow_to(&mut self, stored: u64) -> Result<(), BenchError> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let store = open_store(&self.config)?;
-        add_users(&store, &self.personal, self.stored, stored).await?;
-        drop(store);
+        let registry = Registry::new(std::sync::Arc::new(open_store(&self.config).await?));
+        add_users(&registry, &self.personal, self.stored, stored).await?;
+        drop(registry);
         self.stored = stored;
         let (child, addr) = spawn_daemon(&self.dir, &self.config_path, &self.certs)?;
         (self.child, self.addr) = (child, addr);

@@ -44,7 +44,7 @@ users = ["*"]
 "#;
 
 /// Creates (or reuses) the dev setup under `state_dir` and `certs_dir`; returns the config path.
-pub fn prepare(
+pub async fn prepare(
     state_dir: &Path,
     certs_dir: &Path,
     grpc_port: u16,
@@ -58,9 +58,10 @@ pub fn prepare(
     if !key.exists() {
         generate_key_file(&key).map_err(io(&key))?;
     }
-    let store = state_dir.join("store");
-    if !store.join("conf").exists() {
-        drop(Store::create(&store, &KeySource::KeyFile(key.clone()))?);
+    let store = credbroker::config::StoreConfig::at(state_dir.join("store"));
+    match Store::create(&store, &KeySource::KeyFile(key.clone())).await {
+        Ok(_) | Err(credbroker::store::StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
     }
     let policy = state_dir.join("policy.toml");
     if !policy.exists() {
@@ -86,7 +87,7 @@ public_url = "https://127.0.0.1:{http_port}"
 [policy]
 file = "{policy}"
 "#,
-        store = store.display(),
+        store = store.path.display(),
         key = key.display(),
         server_pem = certs_dir.join("server.pem").display(),
         server_key = certs_dir.join("server.key").display(),

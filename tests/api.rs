@@ -4,24 +4,14 @@
 mod support;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
 use credbroker_devpki::{CertAuthority, ClientName};
-use support::daemon::{AGENT, Daemon, files_under, reason, write};
+use support::daemon::{AGENT, Daemon, conn, files_under, reason, secrets, write};
+use support::wait;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn secret(v: &str) -> proto::SecretValue {
-    proto::SecretValue { value: v.into() }
-}
-
-fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
 
 async fn create(
     admin: &mut AdminClient<Channel>,
@@ -29,17 +19,14 @@ async fn create(
     name: &str,
     kind: proto::ConnectorKind,
     mode: proto::ConnectorMode,
-    secrets: &[(&str, &str)],
+    slots: &[(&str, &str)],
 ) -> Result<proto::Connector, tonic::Status> {
     let req = proto::CreateConnectorRequest {
         workspace: workspace.into(),
         name: name.into(),
         kind: kind as i32,
         mode: mode as i32,
-        secrets: secrets
-            .iter()
-            .map(|(k, v)| (k.to_string(), secret(v)))
-            .collect(),
+        secrets: secrets(slots),
         ..Default::default()
     };
     admin.create_connector(req).await.map(|r| r.into_inner())
@@ -223,7 +210,7 @@ users = ["u1"]
                 connector: "HubSpot".into(),
                 user_id: user.into(),
             }),
-            secrets: HashMap::from([("api_key".to_string(), secret(&format!("key-{ws}-{user}")))]),
+            secrets: secrets(&[("api_key", &format!("key-{ws}-{user}"))]),
             ..Default::default()
         };
         assert!(
@@ -332,7 +319,7 @@ async fn canary_secrets_never_leak() {
     let connected = admin
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn("Personal", "alice"),
-            secrets: HashMap::from([("api_key".to_string(), secret(PERSONAL))]),
+            secrets: secrets(&[("api_key", PERSONAL)]),
             ..Default::default()
         })
         .await
@@ -342,7 +329,7 @@ async fn canary_secrets_never_leak() {
     let bad = admin
         .update_connector(proto::UpdateConnectorRequest {
             connector: "Shared".into(),
-            secrets: HashMap::from([("api_kee".to_string(), secret(SHARED))]),
+            secrets: secrets(&[("api_kee", SHARED)]),
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["secrets.api_kee".into()],
             }),
@@ -637,7 +624,7 @@ async fn connector_lifecycle_and_connection_status() {
     let req = proto::ConnectWithCredentialsRequest {
         connection: conn("Intercom", "bob"),
         settings: HashMap::from([("account_label".to_string(), "Bob's workspace".to_string())]),
-        secrets: HashMap::from([("api_key".to_string(), secret("ic-bob"))]),
+        secrets: secrets(&[("api_key", "ic-bob")]),
         ..Default::default()
     };
     admin.connect_with_credentials(req).await.unwrap();
@@ -706,7 +693,7 @@ async fn connector_lifecycle_and_connection_status() {
     admin
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn("Intercom EU", "bob"),
-            secrets: HashMap::from([("api_key".to_string(), secret("ic-bob-2"))]),
+            secrets: secrets(&[("api_key", "ic-bob-2")]),
             ..Default::default()
         })
         .await
@@ -746,10 +733,7 @@ async fn acknowledged_writes_survive_sigkill() {
                         name: name.clone(),
                         kind: proto::ConnectorKind::ApiKey as i32,
                         mode: proto::ConnectorMode::Shared as i32,
-                        secrets: HashMap::from([(
-                            "api_key".to_string(),
-                            secret(&format!("key-{name}")),
-                        )]),
+                        secrets: secrets(&[("api_key", &format!("key-{name}"))]),
                         ..Default::default()
                     };
                     match admin.create_connector(req).await {
@@ -842,13 +826,18 @@ async fn startup_errors_say_what_is_wrong() {
     std::fs::write(daemon.path("store.key"), &right).unwrap();
     // A store from a newer credbroker.
     {
-        let db = sled::open(daemon.path("store")).unwrap();
-        let mut header: serde_json::Value =
-            serde_json::from_slice(&db.get("header").unwrap().unwrap()).unwrap();
-        header["format_version"] = 99.into();
-        db.insert("header", serde_json::to_vec(&header).unwrap())
+        let config = credbroker::config::StoreConfig::at(daemon.path("store"));
+        let backend = credbroker::store::open_backend(&config, credbroker::store::Intent::Existing)
+            .await
             .unwrap();
-        db.flush().unwrap();
+        let raw = backend.meta_get("header").await.unwrap().unwrap();
+        let mut header: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        header["format_version"] = 99.into();
+        backend
+            .meta_put("header", &serde_json::to_vec(&header).unwrap())
+            .await
+            .unwrap();
+        backend.sync().await.unwrap();
     }
     let out = serve(&daemon);
     assert!(
@@ -923,24 +912,31 @@ async fn audit_verify_names_the_tampered_record() {
     assert!(verify(&daemon).status.success());
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
     // Records are stored a commit at a time: the batch holding record 3 starts at or before it.
-    let batch_of_3 = |store: &credbroker::store::Store| {
+    let batch_of_3 = async |store: &credbroker::store::Store| {
         store
             .last::<Vec<credbroker::audit::AuditRecord>>(
-                credbroker::store::Table::Audit,
+                credbroker::audit::TABLE,
                 "b/",
                 Some("b/00000000000000000003"),
             )
+            .await
             .unwrap()
             .unwrap()
     };
     {
-        use credbroker::store::{Batch, Store, Table};
-        let store = Store::open(&daemon.path("store"), &key).unwrap();
-        let (path, mut records) = batch_of_3(&store);
+        use credbroker::audit::TABLE;
+        use credbroker::store::{Batch, Store};
+        let store = Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap();
+        let (path, mut records) = batch_of_3(&store).await;
         let record = records.iter_mut().find(|r| r.seq == 3).unwrap();
         record.event.caller = "spiffe://someone/else".into();
         let mut batch = Batch::new();
-        batch.put(Table::Audit, path, &records);
+        batch.put(TABLE, path, &records);
         store.commit(batch).await.unwrap();
     }
     let out = verify(&daemon);
@@ -951,11 +947,17 @@ async fn audit_verify_names_the_tampered_record() {
         String::from_utf8_lossy(&out.stderr)
     );
     let removed_from = {
-        use credbroker::store::{Store, Table};
-        let store = Store::open(&daemon.path("store"), &key).unwrap();
-        let (path, records) = batch_of_3(&store);
+        use credbroker::audit::TABLE;
+        use credbroker::store::Store;
+        let store = Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap();
+        let (path, records) = batch_of_3(&store).await;
         let first = records[0].seq;
-        store.raw_put(Table::Audit, &path, None).unwrap();
+        store.raw_put(TABLE, &path, None).await.unwrap();
         assert!(first <= 3 && records.iter().any(|r| r.seq == 3));
         first
     };
@@ -1031,22 +1033,22 @@ async fn reflection_health_and_policy_reload() {
         ),
     );
     daemon.hangup();
-    let mut allowed = false;
-    for _ in 0..50 {
-        if newcomer
+    let allowed = wait::until(Duration::from_secs(5), async || {
+        newcomer
             .list_connectors(proto::ListConnectorsRequest::default())
             .await
-            .is_ok()
-        {
-            allowed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(allowed, "policy reload did not take effect");
+            .ok()
+    })
+    .await;
+    assert!(allowed.is_some(), "policy reload did not take effect");
     write(&daemon.path("policy.toml"), "this is [not toml");
     daemon.hangup();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The reload of the broken file has been tried (and refused) once the log says so.
+    let refused = wait::until(Duration::from_secs(5), async || {
+        daemon.logs().contains("policy reload failed").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "the broken policy was never reloaded");
     assert!(
         newcomer
             .list_connectors(proto::ListConnectorsRequest::default())
@@ -1086,15 +1088,17 @@ async fn a_caller_over_its_rate_gets_resource_exhausted_and_is_audited() {
         .await
         .unwrap();
     // The refusal's audit record is written without delaying the refusal: look a few times.
-    for attempt in 0..4 {
-        let denied = audit(&mut admin, "denied").await;
-        if denied
+    let mut denied = Vec::new();
+    let found = wait::until(Duration::from_secs(5), async || {
+        denied = audit(&mut admin, "denied").await;
+        denied
             .iter()
             .any(|r| r.reason.contains("requests per second") && r.caller == AGENT)
-        {
-            return;
-        }
-        assert!(attempt < 3, "no audit record of the refusal: {denied:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+            .then_some(())
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "no audit record of the refusal: {denied:?}"
+    );
 }

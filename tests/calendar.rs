@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, reason};
-use support::peers::{CALDAV_PORT, peers};
+use support::daemon::{Daemon, conn, reason, secrets};
+use support::peers::peers;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -47,14 +47,6 @@ fn at(t: &Option<prost_types::Timestamp>) -> String {
         .to_string()
 }
 
-fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
-
 /// Creates a calendar collection as `user` directly at Radicale (as the user's own client would).
 async fn mkcalendar(user: (&str, &str), name: &str) -> String {
     let href = format!("/{}/{name}/", user.0);
@@ -62,7 +54,7 @@ async fn mkcalendar(user: (&str, &str), name: &str) -> String {
         .http()
         .request(
             reqwest::Method::from_bytes(b"MKCALENDAR").unwrap(),
-            format!("https://127.0.0.1:{CALDAV_PORT}{href}"),
+            format!("https://127.0.0.1:{}{href}", peers().ports().caldav),
         )
         .basic_auth(user.0, Some(user.1))
         .send()
@@ -99,12 +91,7 @@ async fn connect(
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn(connector, user_id),
             settings: HashMap::from([("username".to_string(), login.0.to_string())]),
-            secrets: HashMap::from([(
-                "password".to_string(),
-                proto::SecretValue {
-                    value: login.1.into(),
-                },
-            )]),
+            secrets: secrets(&[("password", login.1)]),
             save_on_failure,
         })
         .await
@@ -196,7 +183,7 @@ fn row(
 /// instance (RFC 5545 RECURRENCE-ID), then PUTs it back with If-Match.
 async fn add_exception_and_override(href: &str) {
     let http = peers().http();
-    let url = format!("https://127.0.0.1:{CALDAV_PORT}{href}");
+    let url = format!("https://127.0.0.1:{}{href}", peers().ports().caldav);
     let resp = http
         .get(&url)
         .basic_auth(ALICE.0, Some(ALICE.1))
@@ -490,7 +477,7 @@ async fn another_users_calendar_is_refused() {
         .http()
         .request(
             reqwest::Method::from_bytes(b"PROPFIND").unwrap(),
-            format!("https://127.0.0.1:{CALDAV_PORT}{bobs}"),
+            format!("https://127.0.0.1:{}{bobs}", peers().ports().caldav),
         )
         .basic_auth(BOB.0, Some(BOB.1))
         .header("Depth", "1")
@@ -833,7 +820,10 @@ UID:mars-1\r\nDTSTAMP:20310101T000000Z\r\nDTSTART;TZID=Mars/Olympus:20310506T100
 SUMMARY:On Mars\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
     let resp = peers()
         .http()
-        .put(format!("https://127.0.0.1:{CALDAV_PORT}{cal}mars-1.ics"))
+        .put(format!(
+            "https://127.0.0.1:{}{cal}mars-1.ics",
+            peers().ports().caldav
+        ))
         .basic_auth(ALICE.0, Some(ALICE.1))
         .header("Content-Type", "text/calendar")
         .body(bad)
@@ -1181,12 +1171,7 @@ async fn google_calendar_through_the_daemon_with_an_oauth_token() {
                     format!("{}\n{fake_ca}", peers().ca_pem),
                 ),
             ]),
-            secrets: HashMap::from([(
-                "client_secret".to_string(),
-                proto::SecretValue {
-                    value: OAUTH_CLIENT_SECRET.into(),
-                },
-            )]),
+            secrets: secrets(&[("client_secret", OAUTH_CLIENT_SECRET)]),
         })
         .await
         .unwrap();

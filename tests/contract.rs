@@ -3,10 +3,8 @@
 
 mod support;
 
-use std::collections::HashMap;
-
 use credbroker::api::proto::{self, broker_client::BrokerClient};
-use support::daemon::Daemon;
+use support::daemon::{Daemon, conn, secrets};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -76,14 +74,6 @@ async fn reflection_answers_in_v1_and_v1alpha() {
     );
 }
 
-fn connection(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
-
 /// A shared API-key connector every user of the workspace resolves through.
 async fn shared_api_key(daemon: &Daemon, name: &str) {
     let mut admin = daemon.admin().await;
@@ -92,12 +82,7 @@ async fn shared_api_key(daemon: &Daemon, name: &str) {
             name: name.into(),
             kind: proto::ConnectorKind::ApiKey as i32,
             mode: proto::ConnectorMode::Shared as i32,
-            secrets: HashMap::from([(
-                "api_key".to_string(),
-                proto::SecretValue {
-                    value: "pat-na1-contract".into(),
-                },
-            )]),
+            secrets: secrets(&[("api_key", "pat-na1-contract")]),
             ..Default::default()
         })
         .await
@@ -110,7 +95,7 @@ async fn resolve(
     user: &str,
 ) -> Result<(), tonic::Status> {
     let req = proto::ResolveCredentialRequest {
-        connection: connection(connector, user),
+        connection: conn(connector, user),
         min_ttl_seconds: 0,
     };
     agent.resolve_credential(req).await.map(|_| ())

@@ -2,6 +2,17 @@
 //! token refreshes, and the audit record of every call — a hundred times. After each kill the
 //! audit chain verifies on the closed store, and after each restart every write the daemon
 //! acknowledged before the kill is there.
+//!
+//! The pauses before the kills come from a seeded generator. The test prints its seed first
+//! (`crash test seed: N`, shown with the output of a failing test); to replay a failing run,
+//! with every round's pause the same as in that run, the failing round's included:
+//!
+//! ```text
+//! CRASH_SEED=N cargo test --test crash -- --nocapture
+//! ```
+//!
+//! Without `CRASH_SEED` the seed is random. (The pauses replay exactly; how far each writer
+//! got when the kill came still depends on the machine's timing.)
 
 mod support;
 
@@ -9,13 +20,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use credbroker::api::proto;
-use rand::Rng;
-use support::daemon::Daemon;
-use support::oauth::{conn, connect, create_connector};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::daemon::{Daemon, conn, secrets};
+use support::oauth::{connect, create_connector};
 
 const KILLS: usize = 100;
 const OAUTH: &str = "Team Mail";
 const KEYS: &str = "Personal Keys";
+/// The environment variable that replays a run's pauses (see the module's comment).
+const SEED_VAR: &str = "CRASH_SEED";
+
+/// The seed of the pauses: `CRASH_SEED` if set, else a random one; printed either way.
+fn seed() -> u64 {
+    let seed = match std::env::var(SEED_VAR) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{SEED_VAR}={v:?} is not a u64: {e}")),
+        Err(_) => rand::random(),
+    };
+    eprintln!("crash test seed: {seed} (replay with {SEED_VAR}={seed})");
+    seed
+}
 
 #[derive(Default)]
 struct Acked {
@@ -26,10 +53,12 @@ struct Acked {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
+    let seed = seed();
+    let mut pauses = StdRng::seed_from_u64(seed);
     let mut daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, OAUTH, &[]).await;
-    connect(&daemon, &mut admin, OAUTH, "u1").await;
+    connect(&daemon, &mut admin, OAUTH, "u1", "").await;
     admin
         .create_connector(proto::CreateConnectorRequest {
             name: KEYS.into(),
@@ -72,11 +101,7 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
                     let (user, key) = (format!("r{round}-u{i}"), format!("key-{round}-{i}"));
                     let req = proto::ConnectWithCredentialsRequest {
                         connection: conn(KEYS, &user),
-                        secrets: [(
-                            "api_key".to_string(),
-                            proto::SecretValue { value: key.clone() },
-                        )]
-                        .into(),
+                        secrets: secrets(&[("api_key", &key)]),
                         ..Default::default()
                     };
                     if admin.connect_with_credentials(req).await.is_err() {
@@ -102,7 +127,7 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
                 }
             });
         }
-        let pause = rand::rng().random_range(20..300);
+        let pause = pauses.random_range(20..300);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         daemon.kill();
         load.join_all().await;
@@ -171,7 +196,7 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
                 "round {round}: {err:?}"
             );
             rotations_lost += 1;
-            connect(&daemon, &mut admin, OAUTH, "u1").await;
+            connect(&daemon, &mut admin, OAUTH, "u1", "").await;
         }
     }
     eprintln!(

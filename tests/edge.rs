@@ -106,3 +106,77 @@ async fn idle_https_connections_are_capped_closed_and_never_starve_grpc() {
         "a TLS 1.2 handshake succeeded"
     );
 }
+
+async fn audit_head(daemon: &Daemon) -> u64 {
+    let mut admin = daemon.admin().await;
+    let head = admin.get_audit_head(proto::GetAuditHeadRequest {}).await;
+    head.unwrap().into_inner().seq
+}
+
+#[tokio::test]
+async fn floods_of_junk_callbacks_and_refused_handshakes_write_a_few_records() {
+    let mut daemon = Daemon::start();
+    let before = audit_head(&daemon).await;
+
+    // 10,000 OAuth callbacks with states the broker never issued.
+    let https = daemon.https();
+    let http = daemon.http.expect("http listener");
+    let (mut refused, mut limited) = (0, 0);
+    for i in 0..10_000 {
+        let url = format!("https://{http}/oauth/callback?state=junk{i}&code=x");
+        match https.get(url).send().await.unwrap().status().as_u16() {
+            400 => refused += 1,
+            429 => limited += 1,
+            other => panic!("a junk callback answered {other}"),
+        }
+    }
+    assert_eq!(refused + limited, 10_000);
+
+    // 2,000 TLS handshakes without a client certificate on the gRPC port.
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let anonymous = https_client(&daemon, &[&rustls::version::TLS13]);
+    let mut handshakes = Vec::new();
+    for _ in 0..16 {
+        let (anonymous, name, grpc) = (anonymous.clone(), name.clone(), daemon.grpc);
+        handshakes.push(tokio::spawn(async move {
+            for _ in 0..125 {
+                let tcp = TcpStream::connect(grpc).await.unwrap();
+                // The server may finish its side before it refuses; either way nothing is served.
+                if let Ok(mut tls) = anonymous.connect(name.clone(), tcp).await {
+                    let mut byte = [0u8; 1];
+                    let _ = tls.read(&mut byte).await;
+                }
+            }
+        }));
+    }
+    for task in handshakes {
+        task.await.unwrap();
+    }
+
+    // Legitimate callers are served throughout, and the audit log grew by a handful.
+    let mut agent = daemon.agent().await;
+    let missing = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: Some(proto::ConnectionRef {
+                connector: "nothing-here".into(),
+                ..Default::default()
+            }),
+            min_ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let grown = audit_head(&daemon).await - before;
+    assert!(grown <= 20, "12,000 refusals wrote {grown} audit records");
+
+    // The summaries are written at the window's end; the chain verifies with them.
+    daemon.stop();
+    let config = daemon.config();
+    let verify = daemon.cli(&["audit", "verify", "--config", config.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    println!("callbacks refused {refused}, rate-limited {limited}; audit grew by {grown}");
+}

@@ -8,159 +8,15 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, reason};
-use support::peers::{IMAP_PORT, IMAPS_PORT, SMTPS_PORT, SUBMISSION_PORT, peers};
+use credbroker::api::proto;
+use support::daemon::{Daemon, conn, reason, secrets};
+use support::mail::{
+    DELIVERY, Servers, connected, create_mail_connector, credentials, fetch, mail_config,
+    mail_connector, next_with_subject, token, wait_for,
+};
+use support::peers::peers;
+use support::wait;
 use tonic::Code;
-use tonic::transport::Channel;
-
-/// How long a test waits for postfix to deliver a message into dovecot before failing.
-const DELIVERY: Duration = Duration::from_secs(60);
-
-fn token() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-fn conn(connector: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: String::new(),
-    })
-}
-
-struct Servers {
-    imap_port: u16,
-    imap_tls: &'static str,
-    smtp_port: u16,
-    smtp_tls: &'static str,
-}
-
-const IMPLICIT_IMAP_STARTTLS_SMTP: Servers = Servers {
-    imap_port: IMAPS_PORT,
-    imap_tls: "implicit",
-    smtp_port: SUBMISSION_PORT,
-    smtp_tls: "starttls",
-};
-
-const STARTTLS_IMAP_IMPLICIT_SMTP: Servers = Servers {
-    imap_port: IMAP_PORT,
-    imap_tls: "starttls",
-    smtp_port: SMTPS_PORT,
-    smtp_tls: "implicit",
-};
-
-/// A shared imap_smtp connector pointing at the peers, trusting their CA.
-async fn mail_connector(admin: &mut AdminClient<Channel>, name: &str, s: &Servers) {
-    let config = HashMap::from([
-        ("imap_host".to_string(), "127.0.0.1".to_string()),
-        ("imap_port".to_string(), s.imap_port.to_string()),
-        ("imap_tls".to_string(), s.imap_tls.to_string()),
-        ("smtp_host".to_string(), "localhost".to_string()),
-        ("smtp_port".to_string(), s.smtp_port.to_string()),
-        ("smtp_tls".to_string(), s.smtp_tls.to_string()),
-        ("ca_pem".to_string(), peers().ca_pem.clone()),
-    ]);
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            config,
-            ..Default::default()
-        })
-        .await
-        .expect("create the mail connector");
-}
-
-fn credentials(
-    connector: &str,
-    email: &str,
-    password: &str,
-    extra: &[(&str, &str)],
-    save_on_failure: bool,
-) -> proto::ConnectWithCredentialsRequest {
-    let mut settings = HashMap::from([("email".to_string(), email.to_string())]);
-    for (k, v) in extra {
-        settings.insert(k.to_string(), v.to_string());
-    }
-    proto::ConnectWithCredentialsRequest {
-        connection: conn(connector),
-        settings,
-        secrets: HashMap::from([(
-            "password".to_string(),
-            proto::SecretValue {
-                value: password.into(),
-            },
-        )]),
-        save_on_failure,
-    }
-}
-
-/// Creates a connector and connects it with the given account; the test must pass.
-async fn connected(
-    admin: &mut AdminClient<Channel>,
-    name: &str,
-    s: &Servers,
-    email: &str,
-    password: &str,
-    extra: &[(&str, &str)],
-) {
-    mail_connector(admin, name, s).await;
-    let resp = admin
-        .connect_with_credentials(credentials(name, email, password, extra, false))
-        .await
-        .expect("ConnectWithCredentials")
-        .into_inner();
-    let test = resp.test.expect("a test result");
-    assert!(test.ok, "the credentials test failed: {:?}", test.checks);
-    assert!(resp.saved);
-    assert_eq!(
-        test.checks
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect::<Vec<_>>(),
-        ["imap", "smtp"]
-    );
-    assert_eq!(test.account_label, email);
-}
-
-async fn fetch(
-    broker: &mut BrokerClient<Channel>,
-    connector: &str,
-    change: impl FnOnce(&mut proto::FetchMailRequest),
-) -> Result<proto::FetchMailResponse, tonic::Status> {
-    let mut req = proto::FetchMailRequest {
-        connection: conn(connector),
-        limit: 100,
-        ..Default::default()
-    };
-    change(&mut req);
-    broker.fetch_mail(req).await.map(|r| r.into_inner())
-}
-
-/// Waits until a message with `subject` is in the connector's INBOX.
-async fn wait_for(
-    broker: &mut BrokerClient<Channel>,
-    connector: &str,
-    subject: &str,
-    include_html: bool,
-) -> proto::MailMessage {
-    let deadline = tokio::time::Instant::now() + DELIVERY;
-    loop {
-        let resp = fetch(broker, connector, |r| r.include_html = include_html)
-            .await
-            .expect("FetchMail");
-        if let Some(m) = resp.messages.into_iter().find(|m| m.subject == subject) {
-            return m;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{subject:?} was not delivered within {DELIVERY:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn field(status: &tonic::Status) -> String {
     reason(status).1.get("field").cloned().unwrap_or_default()
@@ -175,7 +31,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     connected(
         &mut admin,
         "Alice",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "alice@x.test",
         "secret1",
         &[("aliases", "alice.support@x.test")],
@@ -184,7 +40,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     connected(
         &mut admin,
         "Bob",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "bob@x.test",
         "secret2",
         &[],
@@ -195,7 +51,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     let pdf = vec![0x25u8; 3000];
     let sent = agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             from: "Alice Support <alice.support@x.test>".into(),
             to: vec!["Bob <bob@x.test>".into()],
             cc: vec!["alice@x.test".into()],
@@ -229,7 +85,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     );
     assert_eq!(sent.accepted, ["bob@x.test", "alice@x.test"]);
 
-    let m = wait_for(&mut agent, "Bob", &subject, true).await;
+    let m = wait_for(&mut agent, conn("Bob", ""), &subject, true).await;
     assert_eq!(m.message_id, sent.message_id);
     assert_eq!(m.from, "Alice Support <alice.support@x.test>");
     assert_eq!(m.to, ["Bob <bob@x.test>"]);
@@ -262,12 +118,12 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     assert!(!m.flags.iter().any(|f| f == "\\Seen"), "{:?}", m.flags);
 
     // since_uid, since, unseen_only and mark_seen.
-    let after = fetch(&mut agent, "Bob", |r| r.since_uid = m.uid - 1)
+    let after = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
         .await
         .unwrap();
     assert_eq!(after.messages.first().map(|x| x.uid), Some(m.uid));
     assert!(after.highest_uid >= m.uid && after.uid_validity > 0);
-    let future = fetch(&mut agent, "Bob", |r| {
+    let future = fetch(&mut agent, conn("Bob", ""), |r| {
         r.since_uid = m.uid - 1;
         r.since = Some(prost_types::Timestamp {
             seconds: chrono::Utc::now().timestamp() + 3600,
@@ -277,28 +133,28 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     .await
     .unwrap();
     assert!(future.messages.is_empty(), "{:?}", future.messages);
-    let unseen = fetch(&mut agent, "Bob", |r| {
+    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
         r.since_uid = m.uid - 1;
         r.unseen_only = true;
     })
     .await
     .unwrap();
     assert!(unseen.messages.iter().any(|x| x.uid == m.uid));
-    fetch(&mut agent, "Bob", |r| {
+    fetch(&mut agent, conn("Bob", ""), |r| {
         r.since_uid = m.uid - 1;
         r.limit = 1;
         r.mark_seen = true;
     })
     .await
     .unwrap();
-    let unseen = fetch(&mut agent, "Bob", |r| {
+    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
         r.since_uid = m.uid - 1;
         r.unseen_only = true;
     })
     .await
     .unwrap();
     assert!(!unseen.messages.iter().any(|x| x.uid == m.uid));
-    let seen = fetch(&mut agent, "Bob", |r| r.since_uid = m.uid - 1)
+    let seen = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
         .await
         .unwrap();
     assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
@@ -307,7 +163,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     let reply_subject = format!("Re: {subject}");
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Bob"),
+            connection: conn("Bob", ""),
             // The alias it came from has no mailbox on the test server: answer the account.
             to: vec!["alice@x.test".into()],
             subject: reply_subject.clone(),
@@ -318,7 +174,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
         })
         .await
         .expect("reply");
-    let reply = wait_for(&mut agent, "Alice", &reply_subject, false).await;
+    let reply = wait_for(&mut agent, conn("Alice", ""), &reply_subject, false).await;
     assert_eq!(reply.in_reply_to, sent.message_id);
     assert_eq!(
         reply.references,
@@ -339,7 +195,7 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
     connected(
         &mut admin,
         "Bob 465",
-        &STARTTLS_IMAP_IMPLICIT_SMTP,
+        &Servers::starttls_imap_implicit_smtp(),
         "bob@x.test",
         "secret2",
         &[],
@@ -348,7 +204,7 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
     let subject = format!("implicit TLS {}", token());
     let sent = agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465"),
+            connection: conn("Bob 465", ""),
             to: vec!["bob@x.test".into()],
             subject: subject.clone(),
             text_body: "to myself".into(),
@@ -357,11 +213,11 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
         .await
         .expect("SendEmail over implicit TLS")
         .into_inner();
-    let m = wait_for(&mut agent, "Bob 465", &subject, false).await;
+    let m = wait_for(&mut agent, conn("Bob 465", ""), &subject, false).await;
     assert_eq!(m.message_id, sent.message_id);
     let connection = admin
         .get_connection(proto::GetConnectionRequest {
-            connection: conn("Bob 465"),
+            connection: conn("Bob 465", ""),
         })
         .await
         .unwrap()
@@ -377,7 +233,7 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
     let again = format!("implicit TLS again {}", token());
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465"),
+            connection: conn("Bob 465", ""),
             to: vec!["bob@x.test".into()],
             subject: again.clone(),
             text_body: "once more".into(),
@@ -385,14 +241,14 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
         })
         .await
         .expect("second SendEmail");
-    wait_for(&mut agent, "Bob 465", &again, false).await;
+    wait_for(&mut agent, conn("Bob 465", ""), &again, false).await;
 }
 
 #[tokio::test]
 async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_saved() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    mail_connector(&mut admin, "Alice", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    mail_connector(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
     let canary = format!("canary-{}", token());
     let resp = admin
         .connect_with_credentials(credentials("Alice", "alice@x.test", &canary, &[], false))
@@ -410,7 +266,7 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
     assert_eq!(test.checks.len(), 2);
     let connection = admin
         .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
         })
         .await
         .unwrap()
@@ -422,7 +278,7 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
     let mut agent = daemon.agent().await;
     let err = agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             to: vec!["bob@x.test".into()],
             subject: "never".into(),
             ..Default::default()
@@ -435,14 +291,9 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
     // TestConnection with candidate credentials says the same, and saves nothing either.
     let tested = admin
         .test_connection(proto::TestConnectionRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             settings: HashMap::from([("email".to_string(), "alice@x.test".to_string())]),
-            secrets: HashMap::from([(
-                "password".to_string(),
-                proto::SecretValue {
-                    value: canary.clone(),
-                },
-            )]),
+            secrets: secrets(&[("password", &canary)]),
         })
         .await
         .unwrap()
@@ -458,7 +309,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    mail_connector(&mut admin, "Alice", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    mail_connector(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
     let canary = format!("canary-{}", token());
     // Saved anyway (ERROR), as a console may do; the servers still refuse it.
     let resp = admin
@@ -475,7 +326,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
 
     let err = agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             to: vec!["bob@x.test".into()],
             subject: format!("never sent {}", token()),
             text_body: "x".into(),
@@ -488,7 +339,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     responses += &format!("{err:?}");
     let connection = admin
         .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
         })
         .await
         .unwrap()
@@ -498,10 +349,12 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     responses += &format!("{connection:?}");
     // Now every mail call says EXPIRED without trying the server again.
     for err in [
-        fetch(&mut agent, "Alice", |_| {}).await.unwrap_err(),
+        fetch(&mut agent, conn("Alice", ""), |_| {})
+            .await
+            .unwrap_err(),
         agent
             .watch_mail(proto::WatchMailRequest {
-                connection: conn("Alice"),
+                connection: conn("Alice", ""),
                 ..Default::default()
             })
             .await
@@ -512,7 +365,12 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     }
 
     // FetchMail on a second connection whose IMAP login is refused also expires it.
-    mail_connector(&mut admin, "Alice IMAP", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    mail_connector(
+        &mut admin,
+        "Alice IMAP",
+        &Servers::implicit_imap_starttls_smtp(),
+    )
+    .await;
     admin
         .connect_with_credentials(credentials(
             "Alice IMAP",
@@ -523,13 +381,20 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
         ))
         .await
         .unwrap();
-    let err = fetch(&mut agent, "Alice IMAP", |_| {}).await.unwrap_err();
+    let err = fetch(&mut agent, conn("Alice IMAP", ""), |_| {})
+        .await
+        .unwrap_err();
     assert_eq!(reason(&err).0, "EXPIRED", "{err:?}");
     assert!(err.message().contains("IMAP"), "{err:?}");
     responses += &format!("{err:?}");
 
     // So does TestConnection of a stored connection whose password the servers refuse.
-    mail_connector(&mut admin, "Alice test", &IMPLICIT_IMAP_STARTTLS_SMTP).await;
+    mail_connector(
+        &mut admin,
+        "Alice test",
+        &Servers::implicit_imap_starttls_smtp(),
+    )
+    .await;
     admin
         .connect_with_credentials(credentials(
             "Alice test",
@@ -542,7 +407,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
         .unwrap();
     let tested = admin
         .test_connection(proto::TestConnectionRequest {
-            connection: conn("Alice test"),
+            connection: conn("Alice test", ""),
             ..Default::default()
         })
         .await
@@ -552,7 +417,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     responses += &format!("{tested:?}");
     let connection = admin
         .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice test"),
+            connection: conn("Alice test", ""),
         })
         .await
         .unwrap()
@@ -625,7 +490,7 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         let err = tokio::time::timeout(
             Duration::from_secs(30),
             agent.send_email(proto::SendEmailRequest {
-                connection: conn(name),
+                connection: conn(name, ""),
                 to: vec!["bob@x.test".into()],
                 subject: "unreachable".into(),
                 ..Default::default()
@@ -636,29 +501,29 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
         assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
-        let err = tokio::time::timeout(Duration::from_secs(30), fetch(&mut agent, name, |_| {}))
-            .await
-            .expect("FetchMail hung")
-            .unwrap_err();
+        let err = tokio::time::timeout(
+            Duration::from_secs(30),
+            fetch(&mut agent, conn(name, ""), |_| {}),
+        )
+        .await
+        .expect("FetchMail hung")
+        .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
         assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some(stage));
     }
     drop(silent);
 
     // A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Nowhere".into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            config: HashMap::from([
-                ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
-                ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
-            ]),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_mail_connector(
+        &mut admin,
+        "Nowhere",
+        proto::ConnectorMode::Shared,
+        HashMap::from([
+            ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
+            ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
+        ]),
+    )
+    .await;
     let resp = admin
         .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
         .await
@@ -670,7 +535,9 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         assert_eq!(c.stage, "dns", "{c:?}");
         assert!(c.message.contains("nowhere.invalid"), "{c:?}");
     }
-    let err = fetch(&mut agent, "Nowhere", |_| {}).await.unwrap_err();
+    let err = fetch(&mut agent, conn("Nowhere", ""), |_| {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
 }
@@ -680,34 +547,28 @@ async fn a_wrong_tls_mode_or_an_untrusted_certificate_is_reported_as_tls() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     // Implicit TLS against the STARTTLS ports.
+    let ports = peers().ports();
     mail_connector(
         &mut admin,
         "Wrong mode",
         &Servers {
-            imap_port: IMAP_PORT,
+            imap_port: ports.imap,
             imap_tls: "implicit",
-            smtp_port: SUBMISSION_PORT,
+            smtp_port: ports.submission,
             smtp_tls: "implicit",
         },
     )
     .await;
     // The right modes, but without the servers' CA: their certificates are not trusted.
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Untrusted".into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            config: HashMap::from([
-                ("imap_host".to_string(), "127.0.0.1".to_string()),
-                ("imap_port".to_string(), IMAPS_PORT.to_string()),
-                ("smtp_host".to_string(), "127.0.0.1".to_string()),
-                ("smtp_port".to_string(), SUBMISSION_PORT.to_string()),
-                ("smtp_tls".to_string(), "starttls".to_string()),
-            ]),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut untrusted = mail_config(&Servers::implicit_imap_starttls_smtp());
+    untrusted.remove("ca_pem");
+    create_mail_connector(
+        &mut admin,
+        "Untrusted",
+        proto::ConnectorMode::Shared,
+        untrusted,
+    )
+    .await;
     for name in ["Wrong mode", "Untrusted"] {
         let resp = admin
             .connect_with_credentials(credentials(name, "alice@x.test", "secret1", &[], false))
@@ -732,7 +593,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     connected(
         &mut admin,
         "Alice",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "alice@x.test",
         "secret1",
         &[("aliases", "alice.support@x.test")],
@@ -741,7 +602,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     connected(
         &mut admin,
         "Bob",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "bob@x.test",
         "secret2",
         &[],
@@ -749,7 +610,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     .await;
     let mark = token();
     let base = |i: usize| proto::SendEmailRequest {
-        connection: conn("Alice"),
+        connection: conn("Alice", ""),
         to: vec!["bob@x.test".into()],
         subject: format!("bad {mark} {i}"),
         text_body: "should never arrive".into(),
@@ -821,7 +682,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
         assert_eq!(field(&err), *want, "case {i}: {err:?}");
     }
     for (limit, ok) in [(0, true), (200, true), (201, false), (100_000, false)] {
-        let result = fetch(&mut agent, "Bob", |r| {
+        let result = fetch(&mut agent, conn("Bob", ""), |r| {
             r.limit = limit;
             r.since_uid = u32::MAX - 1;
         })
@@ -835,7 +696,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
             (_, other) => panic!("limit {limit}: {other:?}"),
         }
     }
-    let err = fetch(&mut agent, "Bob", |r| {
+    let err = fetch(&mut agent, conn("Bob", ""), |r| {
         r.mailbox = "INBOX\r\nA1 DELETE INBOX".into()
     })
     .await
@@ -844,7 +705,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
         (err.code(), field(&err)),
         (Code::InvalidArgument, "mailbox".into())
     );
-    let err = fetch(&mut agent, "Bob", |r| {
+    let err = fetch(&mut agent, conn("Bob", ""), |r| {
         r.mailbox = format!("Nope{}", token())
     })
     .await
@@ -869,7 +730,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     let good = format!("good {mark}");
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             to: vec!["bob@x.test".into()],
             subject: good.clone(),
             text_body: "fine".into(),
@@ -877,10 +738,10 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
         })
         .await
         .expect("a valid message");
-    let arrived = wait_for(&mut agent, "Bob", &good, false).await;
+    let arrived = wait_for(&mut agent, conn("Bob", ""), &good, false).await;
     // Every message after the 100 before the good one (the refused ones were tried earlier):
     // a fetch returns the oldest `limit` matches, so the window must fit in one page.
-    let since = fetch(&mut agent, "Bob", |r| {
+    let since = fetch(&mut agent, conn("Bob", ""), |r| {
         r.since_uid = arrived.uid.saturating_sub(100);
         r.limit = 200;
     })
@@ -903,7 +764,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     connected(
         &mut admin,
         "Bob",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "bob@x.test",
         "secret2",
         &[],
@@ -912,7 +773,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     connected(
         &mut admin,
         "Alice",
-        &STARTTLS_IMAP_IMPLICIT_SMTP,
+        &Servers::starttls_imap_implicit_smtp(),
         "alice@x.test",
         "secret1",
         &[],
@@ -920,7 +781,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     .await;
     let mut stream = agent
         .watch_mail(proto::WatchMailRequest {
-            connection: conn("Bob"),
+            connection: conn("Bob", ""),
             include_html: true,
             ..Default::default()
         })
@@ -930,7 +791,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     let subject = format!("watch {}", token());
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice"),
+            connection: conn("Alice", ""),
             to: vec!["bob@x.test".into()],
             subject: subject.clone(),
             text_body: "are you watching?".into(),
@@ -948,7 +809,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     // A second stream resuming after an earlier UID gets that message from the mailbox.
     let mut resumed = agent
         .watch_mail(proto::WatchMailRequest {
-            connection: conn("Bob"),
+            connection: conn("Bob", ""),
             since_uid: m.uid - 1,
             ..Default::default()
         })
@@ -966,7 +827,7 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     // Bad requests are refused before any stream opens.
     let err = agent
         .watch_mail(proto::WatchMailRequest {
-            connection: conn("Bob"),
+            connection: conn("Bob", ""),
             mailbox: "a\nb".into(),
             ..Default::default()
         })
@@ -976,24 +837,6 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
         (err.code(), field(&err)),
         (Code::InvalidArgument, "mailbox".into())
     );
-}
-
-/// Reads the stream until a message with `subject` arrives (other tests share the mailbox).
-pub async fn next_with_subject(
-    stream: &mut tonic::Streaming<proto::MailEvent>,
-    subject: &str,
-) -> proto::MailEvent {
-    let deadline = tokio::time::Instant::now() + DELIVERY;
-    loop {
-        let event = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("{subject:?} was not streamed within {DELIVERY:?}"))
-            .expect("the stream failed")
-            .expect("the stream ended");
-        if event.message.as_ref().is_some_and(|m| m.subject == subject) {
-            return event;
-        }
-    }
 }
 
 #[tokio::test]
@@ -1007,14 +850,14 @@ async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_awa
     connected(
         &mut admin,
         "Bob",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "bob@x.test",
         "secret2",
         &[],
     )
     .await;
     let watch = || proto::WatchMailRequest {
-        connection: conn("Bob"),
+        connection: conn("Bob", ""),
         ..Default::default()
     };
     let first = agent.watch_mail(watch()).await.expect("first stream");
@@ -1024,20 +867,15 @@ async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_awa
 
     // The client goes away: the daemon notices, ends the stream and frees its place.
     drop(first);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let again = loop {
+    let again = wait::until(Duration::from_secs(30), async || {
         match agent.watch_mail(watch()).await {
-            Ok(stream) => break stream,
-            Err(e) if e.code() == Code::ResourceExhausted => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the stream of a client that went away was never ended"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Ok(stream) => Some(stream),
+            Err(e) if e.code() == Code::ResourceExhausted => None,
             Err(e) => panic!("{e:?}"),
         }
-    };
+    })
+    .await
+    .expect("the stream of a client that went away was never ended");
     drop(again);
     let logs = daemon.logs();
     assert!(
@@ -1054,14 +892,14 @@ async fn new_credentials_replace_the_pooled_smtp_connection() {
     connected(
         &mut admin,
         "Alice",
-        &IMPLICIT_IMAP_STARTTLS_SMTP,
+        &Servers::implicit_imap_starttls_smtp(),
         "alice@x.test",
         "secret1",
         &[],
     )
     .await;
     let send = |subject: String| proto::SendEmailRequest {
-        connection: conn("Alice"),
+        connection: conn("Alice", ""),
         to: vec!["bob@x.test".into()],
         subject,
         text_body: "pooled".into(),

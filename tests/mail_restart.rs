@@ -3,39 +3,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto;
-use support::daemon::Daemon;
-use support::peers::{IMAPS_PORT, SUBMISSION_PORT, peers};
-
-const DELIVERY: Duration = Duration::from_secs(90);
-
-fn conn(connector: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: String::new(),
-    })
-}
-
-async fn next_with_subject(
-    stream: &mut tonic::Streaming<proto::MailEvent>,
-    subject: &str,
-) -> proto::MailMessage {
-    let deadline = tokio::time::Instant::now() + DELIVERY;
-    loop {
-        let event = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("{subject:?} was not streamed within {DELIVERY:?}"))
-            .expect("the stream failed")
-            .expect("the stream ended");
-        if let Some(m) = event.message.filter(|m| m.subject == subject) {
-            return m;
-        }
-    }
-}
+use support::daemon::{Daemon, conn};
+use support::mail::{Servers, credentials, mail_connector, next_with_subject, token};
+use support::peers::peers;
+use support::wait;
 
 /// PIDs of the IMAP processes serving `user`, as the running dovecot lists them.
 fn imap_sessions(user: &str) -> Vec<i32> {
@@ -58,6 +32,15 @@ fn imap_sessions(user: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Whether process `pid` still exists (a zombie of another parent counts as gone).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|s| !s.trim_start().starts_with('Z'))
+    })
+}
+
 #[tokio::test]
 async fn watch_mail_resumes_after_the_imap_server_restarts() {
     let daemon = Daemon::start();
@@ -67,35 +50,9 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
         ("Bob", "bob@x.test", "secret2"),
         ("Alice", "alice@x.test", "secret1"),
     ] {
-        admin
-            .create_connector(proto::CreateConnectorRequest {
-                name: name.into(),
-                kind: proto::ConnectorKind::ImapSmtp as i32,
-                mode: proto::ConnectorMode::Shared as i32,
-                config: HashMap::from([
-                    ("imap_host".to_string(), "127.0.0.1".to_string()),
-                    ("imap_port".to_string(), IMAPS_PORT.to_string()),
-                    ("smtp_host".to_string(), "127.0.0.1".to_string()),
-                    ("smtp_port".to_string(), SUBMISSION_PORT.to_string()),
-                    ("smtp_tls".to_string(), "starttls".to_string()),
-                    ("ca_pem".to_string(), peers().ca_pem.clone()),
-                ]),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        mail_connector(&mut admin, name, &Servers::implicit_imap_starttls_smtp()).await;
         let resp = admin
-            .connect_with_credentials(proto::ConnectWithCredentialsRequest {
-                connection: conn(name),
-                settings: HashMap::from([("email".to_string(), email.to_string())]),
-                secrets: HashMap::from([(
-                    "password".to_string(),
-                    proto::SecretValue {
-                        value: password.into(),
-                    },
-                )]),
-                save_on_failure: false,
-            })
+            .connect_with_credentials(credentials(name, email, password, &[], false))
             .await
             .unwrap()
             .into_inner();
@@ -103,7 +60,7 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
     }
     let mut stream = agent
         .watch_mail(proto::WatchMailRequest {
-            connection: conn("Bob"),
+            connection: conn("Bob", ""),
             ..Default::default()
         })
         .await
@@ -114,7 +71,7 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
         async move {
             agent
                 .send_email(proto::SendEmailRequest {
-                    connection: conn("Alice"),
+                    connection: conn("Alice", ""),
                     to: vec!["bob@x.test".into()],
                     subject,
                     text_body: "ping".into(),
@@ -124,27 +81,37 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
                 .expect("SendEmail")
         }
     };
-    let token = format!("{:016x}", rand::random::<u64>());
+    let token = token();
     let before = format!("before restart {token}");
     send(before.clone()).await;
-    let first = next_with_subject(&mut stream, &before).await;
+    let first = next_with_subject(&mut stream, &before)
+        .await
+        .message
+        .unwrap();
 
     // Dovecot 2.3 keeps established IMAP sessions running across a restart of its master
     // process; a real restart (or crash, or failover) drops them. So the stopped server's
     // sessions of bob, the stream's among them, are ended while it is down.
     let sessions = imap_sessions("bob@x.test");
     assert!(!sessions.is_empty(), "the stream has no IMAP session");
-    peers().stop_dovecot();
-    for pid in sessions {
+    peers().stop_dovecot().await;
+    for &pid in &sessions {
         // SAFETY: kill(2) with a PID doveadm just listed and a valid signal number.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    peers().start_dovecot();
+    let ended = wait::until(Duration::from_secs(10), async || {
+        (!sessions.iter().any(|&pid| alive(pid))).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "bob's IMAP sessions outlived SIGTERM");
+    peers().start_dovecot().await;
 
     let after = format!("after restart {token}");
     send(after.clone()).await;
-    let second = next_with_subject(&mut stream, &after).await;
+    let second = next_with_subject(&mut stream, &after)
+        .await
+        .message
+        .unwrap();
     assert!(second.uid > first.uid);
     let logs = daemon.logs();
     assert!(

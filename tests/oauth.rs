@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, metric, reason};
-use support::oauth::{Browser, RETURN_URL, begin, callback_url, conn, connect, create_connector};
+use support::daemon::{Daemon, conn, metric, reason, secrets};
+use support::oauth::{Browser, RETURN_URL, begin, callback_url, connect, create_connector};
 use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -74,7 +74,7 @@ async fn browser_flow_connects_through_the_callback() {
     assert_eq!(reason(&err).0, "NOT_CONNECTED");
 
     let before = peers().oauth_stats().await;
-    let started = begin(&mut admin, CONNECTOR, "u1").await;
+    let started = begin(&mut admin, CONNECTOR, "u1", "").await;
     let url = reqwest::Url::parse(&started.authorization_url).unwrap();
     let query: HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(query["code_challenge_method"], "S256");
@@ -168,7 +168,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    let started = begin(&mut admin, CONNECTOR, "u2").await;
+    let started = begin(&mut admin, CONNECTOR, "u2", "").await;
     let mut browser = Browser::new(&daemon);
     // The platform receives the browser at its own page and hands state and code over.
     let callback = browser
@@ -191,7 +191,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
     assert_eq!(connected.user_id, "u2");
     assert!(resolve(&mut agent, "u2").await.is_ok());
     // A wrong code for a fresh state is refused by the provider and nothing is connected.
-    let started = begin(&mut admin, CONNECTOR, "u3").await;
+    let started = begin(&mut admin, CONNECTOR, "u3", "").await;
     let err = admin
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state,
@@ -212,7 +212,7 @@ async fn two_hundred_waiting_callers_cause_one_refresh() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let first = resolve(&mut daemon.agent().await, "u1")
         .await
         .unwrap()
@@ -259,7 +259,7 @@ async fn a_rotated_refresh_token_survives_sigkill() {
     let mut daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     for round in 0..2 {
         let_tokens_expire().await;
         // This resolve refreshes; the server rotates the refresh token and would treat a reuse
@@ -287,7 +287,7 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     // The user revokes the app at the provider.
     let url = format!("{}/__revoke_grant?token={token}", peers().oauth_issuer());
@@ -332,7 +332,7 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
         "EXPIRED"
     );
 
-    let back = connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    let back = connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     assert!(back.as_str().contains("status=connected"), "{back}");
     let token = resolve(&mut agent, "u1").await.unwrap();
     assert_eq!(whoami(&token.secret).await.as_u16(), 200);
@@ -349,7 +349,7 @@ async fn disconnect_revokes_at_the_provider_and_erases_the_tokens() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     let before = peers().oauth_stats().await;
     let done = admin
@@ -455,18 +455,12 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
                 mode: proto::ConnectorMode::Personal as i32,
                 provider: provider.into(),
                 config,
-                secrets: [(
-                    "client_secret".to_string(),
-                    proto::SecretValue {
-                        value: OAUTH_CLIENT_SECRET.into(),
-                    },
-                )]
-                .into(),
+                secrets: secrets(&[("client_secret", OAUTH_CLIENT_SECRET)]),
                 ..Default::default()
             })
             .await
             .unwrap();
-        let started = begin(&mut admin, provider, "u1").await;
+        let started = begin(&mut admin, provider, "u1", "").await;
         if provider == "google-mail" {
             // The preset's extra authorization parameters (offline access) are sent.
             assert!(
@@ -593,7 +587,7 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let current = resolve(&mut agent, "u1").await.unwrap().secret;
     // The token endpoint goes away (a closed port).
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -650,7 +644,7 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1").await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // Accepts TCP, then says nothing, ever.
     let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = black_hole.local_addr().unwrap();

@@ -4,41 +4,32 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY, metric};
+use support::daemon::{Daemon, OPEN_POLICY, conn, metric, secrets};
+use support::wait;
 use tonic::transport::Channel;
 
 const CANARY_SECRET: &str = "canary-secret-6d0b1e";
 const CANARY_USER: &str = "canary-user-e81f3c";
-
-fn secret(v: &str) -> proto::SecretValue {
-    proto::SecretValue { value: v.into() }
-}
-
-fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
+/// Calls the write load makes before a test counts it as under way.
+const LOAD_UNDER_WAY: u64 = 40;
 
 async fn api_key_connector(
     admin: &mut AdminClient<Channel>,
     name: &str,
     mode: proto::ConnectorMode,
-    secrets: &[(&str, &str)],
+    slots: &[(&str, &str)],
 ) {
     admin
         .create_connector(proto::CreateConnectorRequest {
             name: name.into(),
             kind: proto::ConnectorKind::ApiKey as i32,
             mode: mode as i32,
-            secrets: secrets
-                .iter()
-                .map(|(k, v)| (k.to_string(), secret(v)))
-                .collect(),
+            secrets: secrets(slots),
             ..Default::default()
         })
         .await
@@ -49,7 +40,7 @@ async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &
     let resp = admin
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn(connector, user),
-            secrets: HashMap::from([("api_key".to_string(), secret(key))]),
+            secrets: secrets(&[("api_key", key)]),
             ..Default::default()
         })
         .await
@@ -207,21 +198,52 @@ fn admin_args(daemon: &Daemon) -> Vec<String> {
     ]
 }
 
+/// Writers that keep the store busy ([`spawn_load`]).
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// Calls that succeeded so far, over all writers.
+    calls: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Waits until the writers have made `more` calls beyond those made so far.
+    async fn run_for(&self, more: u64) {
+        let target = self.calls.load(Ordering::Relaxed) + more;
+        let reached = wait::until(Duration::from_secs(30), async || {
+            (self.calls.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await;
+        assert!(
+            reached.is_some(),
+            "the load made fewer than {more} calls in 30 s"
+        );
+    }
+
+    /// Stops the writers; how many calls succeeded. A writer that failed fails the test with
+    /// `what`.
+    async fn finish(self, what: &str) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect(what);
+        }
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
 /// Writers that keep the store busy (connector updates and resolves, each audited) until
-/// `stop` is set; returns how many calls succeeded. Any failure fails the test.
-async fn spawn_load(
-    daemon: &Daemon,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    writers: usize,
-) -> Vec<tokio::task::JoinHandle<u64>> {
+/// [`Load::finish`]. Any failure fails the test.
+async fn spawn_load(daemon: &Daemon, writers: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let stop = stop.clone();
+        let (stop, calls) = (stop.clone(), calls.clone());
         let mut admin = daemon.admin().await;
         let mut agent = daemon.agent().await;
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 admin
                     .update_connector(proto::UpdateConnectorRequest {
                         connector: "Shared".into(),
@@ -246,11 +268,11 @@ async fn spawn_load(
                     .into_inner();
                 assert_eq!(cred.secret, CANARY_SECRET);
                 done += 2;
+                calls.fetch_add(2, Ordering::Relaxed);
             }
-            done
         }));
     }
-    tasks
+    Load { stop, calls, tasks }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,9 +286,8 @@ async fn backup_under_write_load_restores_and_verifies() {
         &[("api_key", CANARY_SECRET)],
     )
     .await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = spawn_load(&daemon, stop.clone(), 4).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let load = spawn_load(&daemon, 4).await;
+    load.run_for(LOAD_UNDER_WAY).await;
 
     let mut args = admin_args(&daemon);
     args.extend(["backup".into(), "--out".into(), "backup.cbk".into()]);
@@ -279,11 +300,7 @@ async fn backup_under_write_load_restores_and_verifies() {
             .status
             .success()
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut calls = 0;
-    for task in load {
-        calls += task.await.unwrap();
-    }
+    let calls = load.finish("a writer failed during the backup").await;
     assert!(calls > 0);
     let raw = std::fs::read(daemon.path("backup.cbk")).unwrap();
     println!("{calls} writes and resolves under load; {out}");
@@ -320,16 +337,21 @@ async fn backup_under_write_load_restores_and_verifies() {
     // The restored store opens with the same key and holds the secret.
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
     let store = std::sync::Arc::new(
-        credbroker::store::Store::open(&daemon.path("restored"), &key).unwrap(),
+        credbroker::store::Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("restored")),
+            &key,
+        )
+        .await
+        .unwrap(),
     );
     let registry = credbroker::model::Registry::new(store.clone());
-    let connector = registry.find_connector("default", "Shared").unwrap();
-    let secrets = registry.connector_secrets(&connector).unwrap();
+    let connector = registry.find_connector("default", "Shared").await.unwrap();
+    let secrets = registry.connector_secrets(&connector).await.unwrap();
     assert_eq!(
         secrets.slots.get("api_key").unwrap().expose(),
         CANARY_SECRET
     );
-    let summary = credbroker::audit::verify(&store).unwrap();
+    let summary = credbroker::audit::verify(&store).await.unwrap();
     assert!(summary.records > 2, "{summary:?}");
 }
 
@@ -349,14 +371,15 @@ async fn wait_status(
     what: &str,
     done: impl Fn(&proto::StoreStatus) -> bool,
 ) -> proto::StoreStatus {
-    for _ in 0..900 {
+    let mut last = None;
+    let reached = wait::until(Duration::from_secs(90), async || {
         let s = status(admin).await;
-        if done(&s) {
-            return s;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}: {:?}", status(admin).await)
+        let reached = done(&s).then(|| s.clone());
+        last = Some(s);
+        reached
+    })
+    .await;
+    reached.unwrap_or_else(|| panic!("timed out waiting for {what}: {last:?}"))
 }
 
 fn rewrap_finished(s: &proto::StoreStatus) -> bool {
@@ -378,9 +401,16 @@ async fn populate(admin: &mut AdminClient<Channel>, users: usize) {
     }
 }
 
-fn open_offline(daemon: &Daemon) -> std::sync::Arc<credbroker::store::Store> {
+async fn open_offline(daemon: &Daemon) -> std::sync::Arc<credbroker::store::Store> {
     let key = credbroker::vault::KeySource::KeyFile(daemon.path("store.key"));
-    std::sync::Arc::new(credbroker::store::Store::open(&daemon.path("store"), &key).unwrap())
+    std::sync::Arc::new(
+        credbroker::store::Store::open(
+            &credbroker::config::StoreConfig::at(daemon.path("store")),
+            &key,
+        )
+        .await
+        .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -395,9 +425,8 @@ async fn rotate_key_under_concurrent_resolves() {
     assert_eq!((before.current_term, before.terms.clone()), (1, vec![1]));
     assert!(before.rewrap.is_none());
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = spawn_load(&daemon, stop.clone(), 4).await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let load = spawn_load(&daemon, 4).await;
+    load.run_for(LOAD_UNDER_WAY).await;
     let rotated = admin
         .rotate_key(proto::RotateKeyRequest {})
         .await
@@ -411,12 +440,8 @@ async fn rotate_key_under_concurrent_resolves() {
     );
     let done = wait_status(&mut admin, "the rewrap", rewrap_finished).await;
     // Keep the load going a little past the retirement too.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut calls = 0;
-    for task in load {
-        calls += task.await.expect("no request failed during the rotation");
-    }
+    load.run_for(LOAD_UNDER_WAY).await;
+    let calls = load.finish("no request failed during the rotation").await;
     let r = done.rewrap.clone().unwrap();
     println!(
         "{calls} calls under load, none failed; rewrap: {} scanned, {} re-sealed, {} pass(es)",
@@ -437,20 +462,21 @@ async fn rotate_key_under_concurrent_resolves() {
     assert!(shown.contains("retired terms [1]"), "{shown}");
 
     daemon.stop();
-    let store = open_offline(&daemon);
-    let terms = store.terms_in_use().unwrap();
+    let store = open_offline(&daemon).await;
+    let terms = store.terms_in_use().await.unwrap();
     assert_eq!(
         terms.keys().copied().collect::<Vec<_>>(),
         vec![2],
         "{terms:?}"
     );
     assert_eq!(store.vault().terms(), vec![2], "term 1's data key is gone");
-    credbroker::audit::verify(&store).unwrap();
+    credbroker::audit::verify(&store).await.unwrap();
     let registry = credbroker::model::Registry::new(store.clone());
-    let connector = registry.find_connector("default", "Shared").unwrap();
+    let connector = registry.find_connector("default", "Shared").await.unwrap();
     assert_eq!(
         registry
             .connector_secrets(&connector)
+            .await
             .unwrap()
             .slots
             .get("api_key")
@@ -478,11 +504,11 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
     daemon.kill();
     drop(admin);
     let at_kill = {
-        let store = open_offline(&daemon);
-        let state = store.rewrap_state().unwrap().unwrap();
+        let store = open_offline(&daemon).await;
+        let state = store.rewrap_state().await.unwrap().unwrap();
         assert!(!state.finished, "killed too late: {state:?}");
         assert_eq!(store.vault().terms(), vec![1, 2]);
-        assert!(store.records_below(2).unwrap() > 0);
+        assert!(store.records_below(2).await.unwrap() > 0);
         state
     };
     assert!(at_kill.scanned >= mid.rewrap.unwrap().scanned);
@@ -499,8 +525,8 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
     assert_eq!(r.retired, vec![1]);
     assert_eq!(done.terms, vec![2]);
     daemon.stop();
-    let store = open_offline(&daemon);
-    let terms = store.terms_in_use().unwrap();
+    let store = open_offline(&daemon).await;
+    let terms = store.terms_in_use().await.unwrap();
     assert_eq!(terms.keys().copied().collect::<Vec<_>>(), vec![2]);
     let records: u64 = terms.values().sum();
     // One pass from where it stopped: a restart from the beginning would have scanned the
@@ -512,5 +538,5 @@ async fn sigkill_mid_rewrap_resumes_where_it_stopped() {
         r.scanned
     );
     assert_eq!(store.vault().terms(), vec![2]);
-    credbroker::audit::verify(&store).unwrap();
+    credbroker::audit::verify(&store).await.unwrap();
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::peers::{self, peers};
+use support::peers::peers;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn greeting(port: u16) -> String {
@@ -22,8 +22,8 @@ async fn greeting(port: u16) -> String {
 #[tokio::test]
 async fn every_peer_answers_over_tls() {
     credbroker::tls::install_crypto_provider();
-    assert!(greeting(peers::IMAPS_PORT).await.starts_with("* OK"));
-    assert!(greeting(peers::SMTPS_PORT).await.starts_with("220"));
+    assert!(greeting(peers().ports().imaps).await.starts_with("* OK"));
+    assert!(greeting(peers().ports().smtps).await.starts_with("220"));
     let http = peers().http();
     let discovery = http
         .get(format!(

@@ -1,18 +1,19 @@
-//! The Python client (`clients/python`) installed into a fresh virtualenv and run against the
-//! real daemon: it resolves a credential as the agent and lists connections as the admin.
+//! The Python client (`clients/python`) built from source and run against the real daemon: it
+//! resolves a credential as the agent and lists connections as the admin.
 //!
-//! Needs `python3` with the `venv` module and access to PyPI (grpcio, protobuf, grpcio-tools);
-//! `tests/peers/install.sh` installs python3-venv on Debian. A missing tool fails the test with
-//! the command that installs it: this test is never skipped.
+//! Fetches nothing: the client's build and runtime dependencies (setuptools, grpcio-tools,
+//! grpcio, protobuf) come from the venv `tests/peers/install.sh` makes under the peers'
+//! dependencies (`$PEERS_DEPS/python-client`, default `target/peer-deps/python-client`), and pip
+//! builds the package offline with them. When that venv is missing or incomplete the test fails
+//! with the command that installs it: it is never skipped.
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use credbroker::api::proto;
-use support::daemon::Daemon;
+use support::daemon::{Daemon, secrets};
 
 const KEY: &str = "canary-python-key-2c9e";
 
@@ -30,41 +31,48 @@ fn run(cmd: &mut Command, what: &str) -> String {
     stdout
 }
 
-/// A virtualenv under the target folder with the client package (re)installed from source.
-fn venv_with_client() -> PathBuf {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+/// The venv with the client's dependencies that install.sh makes.
+fn deps_venv() -> PathBuf {
+    let deps = std::env::var_os("PEERS_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peer-deps"));
+    deps.join("python-client")
+}
+
+/// The client package built from source (so that its stubs follow the protos) into a folder
+/// of its own, offline; returns the Python to run it with and that folder, for `PYTHONPATH`.
+fn client_build() -> (PathBuf, PathBuf) {
+    let venv = deps_venv();
+    let python = venv.join("bin/python");
     let probe = Command::new(&python)
-        .args(["-c", "import venv, ensurepip"])
+        .args(["-c", "import setuptools, grpc_tools, grpc, google.protobuf"])
         .output();
     match probe {
         Ok(out) if out.status.success() => {}
         _ => panic!(
-            "the Python client test needs {python} with the venv module: \
-             run `sudo bash tests/peers/install.sh` (or `apt-get install python3 python3-venv`), \
-             or set PYTHON to a python3 that has it"
+            "the Python client test needs the venv {} with the client's build and runtime \
+             dependencies: run `sudo bash tests/peers/install.sh` (with the same PEERS_DEPS, if \
+             you set one); nothing is downloaded while the tests run",
+            venv.display()
         ),
     }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-client-venv");
-    let pip = venv.join("bin/pip");
-    if !pip.exists() {
-        run(
-            Command::new(&python).args(["-m", "venv"]).arg(&venv),
-            "creating the virtualenv",
-        );
-    }
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-client");
+    let _ = std::fs::remove_dir_all(&target);
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
-    // Rebuilt every run so that the stubs follow the protos.
     run(
-        Command::new(&pip)
-            .args(["install", "-q", "--force-reinstall", "--no-deps"])
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args([
+                "--no-index",
+                "--no-build-isolation",
+                "--no-deps",
+                "--target",
+            ])
+            .arg(&target)
             .arg(&package),
-        "pip install clients/python (needs PyPI for grpcio-tools)",
+        "building clients/python offline",
     );
-    run(
-        Command::new(&pip).args(["install", "-q", "grpcio>=1.85.1", "protobuf>=7.35.1,<8"]),
-        "pip install grpcio protobuf",
-    );
-    venv
+    (python, target)
 }
 
 const SCRIPT: &str = r#"
@@ -98,10 +106,10 @@ except grpc.FutureTimeoutError:
 
 #[tokio::test]
 async fn python_client_resolves_and_lists_connections() {
-    let venv = venv_with_client();
+    let (python, client) = client_build();
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    for (name, mode, secrets) in [
+    for (name, mode, slots) in [
         (
             "Weather",
             proto::ConnectorMode::Shared,
@@ -114,10 +122,7 @@ async fn python_client_resolves_and_lists_connections() {
                 name: name.into(),
                 kind: proto::ConnectorKind::ApiKey as i32,
                 mode: mode as i32,
-                secrets: secrets
-                    .into_iter()
-                    .map(|(k, v)| (k.into(), proto::SecretValue { value: v.into() }))
-                    .collect::<HashMap<_, _>>(),
+                secrets: secrets(&slots),
                 ..Default::default()
             })
             .await
@@ -127,9 +132,9 @@ async fn python_client_resolves_and_lists_connections() {
     support::daemon::write(&daemon.path("other-ca.pem"), &other.cert_pem);
     support::daemon::write(&daemon.path("client.py"), SCRIPT);
 
-    let python = venv.join("bin/python");
     let out = run(
         Command::new(&python)
+            .env("PYTHONPATH", &client)
             .arg(daemon.path("client.py"))
             .arg(daemon.grpc.to_string())
             .arg(daemon.dir.path()),
@@ -154,6 +159,7 @@ async fn python_client_resolves_and_lists_connections() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/agent.py");
     let out = run(
         Command::new(&python)
+            .env("PYTHONPATH", &client)
             .arg(example)
             .args(["--addr", &daemon.grpc.to_string(), "--connector", "Weather"])
             .arg("--ca")

@@ -121,14 +121,15 @@ fn load(args: &StoreArgs, confirm: bool) -> Result<(Config, KeySource), Error> {
     Ok((config, key))
 }
 
-fn open(args: &StoreArgs) -> Result<(Config, Store), Error> {
+async fn open(args: &StoreArgs) -> Result<(Config, Store), Error> {
     let (config, key) = load(args, false)?;
-    let store = Store::open(&config.store.path, &key)?;
+    let store = Store::open(&config.store, &key).await?;
     Ok((config, store))
 }
 
 pub async fn dev(args: DevArgs) -> Result<(), Error> {
-    let config_path = crate::dev::prepare(&args.dir, &args.certs, args.port, args.http_port)?;
+    let config_path =
+        crate::dev::prepare(&args.dir, &args.certs, args.port, args.http_port).await?;
     let config = Config::load(&config_path)?;
     let key = config.store.key_source()?;
     let certs = args.certs;
@@ -139,7 +140,7 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
     .await
 }
 
-pub fn init(args: StoreArgs) -> Result<(), Error> {
+pub async fn init(args: StoreArgs) -> Result<(), Error> {
     let (config, key) = load(&args, true)?;
     if let KeySource::KeyFile(path) = &key
         && ensure_key_file(path)?
@@ -149,7 +150,7 @@ pub fn init(args: StoreArgs) -> Result<(), Error> {
             path.display()
         );
     }
-    drop(Store::create(&config.store.path, &key)?);
+    drop(Store::create(&config.store, &key).await?);
     println!("created store {}", config.store.path.display());
     Ok(())
 }
@@ -171,9 +172,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     .await
 }
 
-pub fn audit_verify(args: StoreArgs) -> Result<(), Error> {
-    let (_, store) = open(&args)?;
-    let summary = credbroker::audit::verify(&store)?;
+pub async fn audit_verify(args: StoreArgs) -> Result<(), Error> {
+    let (_, store) = open(&args).await?;
+    let summary = credbroker::audit::verify(&store).await?;
     println!(
         "audit chain intact: {} records, head {}",
         summary.records, summary.head
@@ -181,17 +182,17 @@ pub fn audit_verify(args: StoreArgs) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn audit_export(args: StoreArgs) -> Result<(), Error> {
-    let (_, store) = open(&args)?;
-    credbroker::audit::export(&store, &mut std::io::stdout().lock())?;
+pub async fn audit_export(args: StoreArgs) -> Result<(), Error> {
+    let (_, store) = open(&args).await?;
+    credbroker::audit::export(&store, &mut std::io::stdout().lock()).await?;
     Ok(())
 }
 
-pub fn restore(args: RestoreArgs) -> Result<(), Error> {
+pub async fn restore(args: RestoreArgs) -> Result<(), Error> {
     let (config, key) = load(&args.store, false)?;
     let snapshot = Snapshot::read_file(&args.from)?;
-    credbroker::store::restore(&config.store.path, &snapshot, &key)?;
-    let store = Store::open(&config.store.path, &key)?;
+    credbroker::store::restore(&config.store, &snapshot, &key).await?;
+    let store = Store::open(&config.store, &key).await?;
     println!(
         "restored {} records of store {} into {}",
         snapshot.records.len(),
@@ -202,12 +203,12 @@ pub fn restore(args: RestoreArgs) -> Result<(), Error> {
 }
 
 /// Rotates a stopped store's data key and runs the rewrap to its end.
-pub fn rotate_key(args: StoreArgs) -> Result<(), Error> {
-    let (config, store) = open(&args)?;
-    let term = store.rotate_key()?;
+pub async fn rotate_key(args: StoreArgs) -> Result<(), Error> {
+    let (config, store) = open(&args).await?;
+    let term = store.rotate_key().await?;
     println!("rotated: new writes use key term {term}; rewrapping older records…");
     loop {
-        match store.rewrap_step(config.limits.rewrap_batch)? {
+        match store.rewrap_step(config.limits.rewrap_batch).await? {
             RewrapStep::Progress(_) => {}
             RewrapStep::Finished(state) => {
                 println!(
@@ -221,7 +222,7 @@ pub fn rotate_key(args: StoreArgs) -> Result<(), Error> {
     }
 }
 
-pub fn change_passphrase(args: ChangePassphraseArgs) -> Result<(), Error> {
+pub async fn change_passphrase(args: ChangePassphraseArgs) -> Result<(), Error> {
     let (config, old) = load(&args.store, false)?;
     let new = match (args.new_key_file, args.new_passphrase_file) {
         (Some(path), _) => {
@@ -239,7 +240,7 @@ pub fn change_passphrase(args: ChangePassphraseArgs) -> Result<(), Error> {
         }
         (None, None) => prompt_passphrase("New passphrase", true)?,
     };
-    credbroker::store::change_key(&config.store.path, &old, &new)?;
+    credbroker::store::change_key(&config.store, &old, &new).await?;
     println!(
         "the store {} now opens with the new {} only; update [store] in the configuration before starting the daemon",
         config.store.path.display(),

@@ -93,17 +93,17 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let remote = &cli.remote;
     match cli.command {
         Command::Dev(args) => local::dev(args).await,
-        Command::Init(args) => local::init(args),
+        Command::Init(args) => local::init(args).await,
         Command::Serve(args) => local::serve(args).await,
-        Command::ChangePassphrase(args) => local::change_passphrase(args),
-        Command::Restore(args) => local::restore(args),
+        Command::ChangePassphrase(args) => local::change_passphrase(args).await,
+        Command::Restore(args) => local::restore(args).await,
         Command::Bench(args) => local::bench(args).await,
-        Command::Audit(AuditCommand::Verify(args)) => local::audit_verify(args),
-        Command::Audit(AuditCommand::Export(args)) => local::audit_export(args),
+        Command::Audit(AuditCommand::Verify(args)) => local::audit_verify(args).await,
+        Command::Audit(AuditCommand::Export(args)) => local::audit_export(args).await,
         Command::RotateKey {
             config: Some(config),
             prompt,
-        } => local::rotate_key(local::StoreArgs { config, prompt }),
+        } => local::rotate_key(local::StoreArgs { config, prompt }).await,
         Command::RotateKey { config: None, .. } => remote::rotate_key(remote).await,
         Command::Audit(AuditCommand::Tail { count }) => remote::audit_tail(remote, count).await,
         Command::Connector(cmd) => remote::connector(remote, cmd).await,

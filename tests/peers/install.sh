@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test peers need (DESIGN.md §4): dovecot and postfix from Debian, Radicale in
-# a Python venv and oidc-provider from npm, the last two under DEPS (default target/peer-deps).
+# a Python venv and oidc-provider from npm, the last two under DEPS (default target/peer-deps);
+# and, for tests/python_client.rs, a venv with the Python client's build and runtime
+# dependencies, so that no test fetches anything from a registry.
 # Idempotent: installs only what is missing. Needs root for apt-get.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -15,7 +17,7 @@ command -v postfix >/dev/null || {
 }
 command -v openssl >/dev/null || pkgs+=(openssl)
 command -v node >/dev/null || pkgs+=(nodejs npm)
-# python3-venv also serves tests/python_client.rs (it pip-installs clients/python from PyPI deps).
+# python3-venv also serves the Python client's venv below.
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 command -v systemd-analyze >/dev/null || pkgs+=(systemd)
 if [ ${#pkgs[@]} -gt 0 ]; then
@@ -39,4 +41,17 @@ if [ ! -d "$DEPS/oauth/node_modules/oidc-provider" ]; then
   mkdir -p "$DEPS/oauth"
   (cd "$DEPS/oauth" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install -s 'oidc-provider@9' >/dev/null)
 fi
+# The Python client's requirements, read from its pyproject.toml (build-system and project), so
+# its pins have one home. tests/python_client.rs builds clients/python with this venv offline.
+if [ ! -x "$DEPS/python-client/bin/python" ]; then
+  log "creating $DEPS/python-client"
+  python3 -m venv "$DEPS/python-client"
+fi
+mapfile -t pyreqs < <("$DEPS/python-client/bin/python" -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    d = tomllib.load(f)
+print("\n".join(d["build-system"]["requires"] + d["project"]["dependencies"]))
+' "$REPO/clients/python/pyproject.toml")
+"$DEPS/python-client/bin/pip" install -q --disable-pip-version-check "${pyreqs[@]}"
 log "installed under $DEPS"

@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
 # Starts real dovecot (IMAP, LMTP, SASL), postfix (submission), Radicale (CalDAV) and
 # oidc-provider (OAuth 2) on loopback under DIR, all over TLS with a throwaway CA at DIR/pki/ca.pem
-# (DESIGN.md §4). Installs nothing: run install.sh first. Ports come from the environment
-# (IMAPS_PORT, ..., OAUTH_PORT) or the defaults below; ACCESS_TTL shortens OAuth access tokens.
+# (DESIGN.md §4). Installs nothing: run install.sh first. ACCESS_TTL shortens OAuth access tokens.
+#
+# Ports: each one the environment names (IMAPS_PORT, IMAP_PORT, LMTP_PORT, AUTH_PORT,
+# SUBMISSION_PORT, SMTPS_PORT, CALDAV_PORT, OAUTH_PORT), the others a block of free loopback
+# ports picked at random in 10000-19999: below the kernel's ephemeral range (where port-0 binds
+# and outgoing connections land) and the test daemons' HTTP ports (20000 and up), so that only
+# another suite's peers could take one, and a block makes that rare. They are written to
+# DIR/ports.env (NAME=port lines), which the tests read and a shell can source; so two checkouts
+# (two DIRs) run side by side.
 set -euo pipefail
 DIR=$(mkdir -p "${1:?usage: up.sh DIR}" && cd "$1" && pwd)
 KIT=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$KIT/../.." && pwd)
 DEPS=${PEERS_DEPS:-$REPO/target/peer-deps}
-IMAPS=${IMAPS_PORT:-10993} IMAP=${IMAP_PORT:-10143} LMTP=${LMTP_PORT:-10024} AUTH=${AUTH_PORT:-10300}
-SUB=${SUBMISSION_PORT:-10587} SMTPS=${SMTPS_PORT:-10465} DAV=${CALDAV_PORT:-15232} AS=${OAUTH_PORT:-14444}
 log() { echo "peers: $*" >&2; }
+
+answers() { (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+
+# A block of 8 consecutive ports none of which answers on loopback: its first port.
+free_block() {
+  local base p
+  for _ in $(seq 1 100); do
+    base=$((10000 + (${SRANDOM:-$RANDOM} % 1250) * 8))
+    for p in $(seq "$base" $((base + 7))); do answers "$p" && continue 2; done
+    echo "$base"; return 0
+  done
+  log "no free block of ports in 10000-19999"; return 1
+}
+
+pick_ports() {
+  local base; base=$(free_block)
+  IMAPS=${IMAPS_PORT:-$base} IMAP=${IMAP_PORT:-$((base + 1))} LMTP=${LMTP_PORT:-$((base + 2))}
+  AUTH=${AUTH_PORT:-$((base + 3))} SUB=${SUBMISSION_PORT:-$((base + 4))} SMTPS=${SMTPS_PORT:-$((base + 5))}
+  DAV=${CALDAV_PORT:-$((base + 6))} AS=${OAUTH_PORT:-$((base + 7))}
+  printf '%s\n' "IMAPS_PORT=$IMAPS" "IMAP_PORT=$IMAP" "LMTP_PORT=$LMTP" "AUTH_PORT=$AUTH" \
+    "SUBMISSION_PORT=$SUB" "SMTPS_PORT=$SMTPS" "CALDAV_PORT=$DAV" "OAUTH_PORT=$AS" > "$DIR/ports.env.new"
+  mv "$DIR/ports.env.new" "$DIR/ports.env"
+}
 
 check_installed() {
   local missing=()
@@ -197,10 +225,11 @@ start_oauth() {
     setsid sh -c 'cd "$1" && echo $$ > server.pid && exec node server.mjs' _ "$o" </dev/null >"$o/server.log" 2>&1 &
 }
 
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; log "port $1 ($2) did not open"; return 1; }
+wait_port() { for _ in $(seq 1 100); do answers "$1" && return 0; sleep 0.1; done; log "port $1 ($2) did not open"; return 1; }
 
 check_installed
+pick_ports
 make_pki
 start_dovecot; start_postfix; start_radicale; start_oauth
 wait_port "$IMAPS" dovecot; wait_port "$SUB" postfix; wait_port "$DAV" radicale; wait_port "$AS" oidc-provider
-log "up under $DIR"
+log "up under $DIR (ports in $DIR/ports.env)"

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use credbroker::api::proto::{admin_client::AdminClient, broker_client::BrokerClient};
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use credbroker::client::{self, ClientTls};
 use credbroker_devpki::{CertAuthority, ClientName};
 use tonic::transport::Channel;
@@ -329,6 +329,27 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The connection of `user` to `connector` in the default workspace (`user` empty for a shared
+/// connector's one connection).
+pub fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
+    Some(proto::ConnectionRef {
+        workspace: String::new(),
+        connector: connector.into(),
+        user_id: user.into(),
+    })
+}
+
+/// Secret values by slot, as requests carry them.
+pub fn secrets(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, proto::SecretValue> {
+    pairs
+        .iter()
+        .map(|(slot, value)| {
+            let value = value.to_string();
+            (slot.to_string(), proto::SecretValue { value })
+        })
+        .collect()
 }
 
 /// The ErrorInfo reason and metadata of a status, if it has one.

@@ -1,5 +1,8 @@
-//! Shared helpers of the integration tests: the real daemon process ([`daemon`]) and the real
-//! peers it talks to ([`peers`]).
+//! Shared helpers of the integration tests: the real daemon process ([`daemon`]), the real
+//! peers it talks to ([`peers`]) and what tests do with them ([`mail`], [`oauth`]), and the one
+//! way a test waits for a condition ([`wait`]).
 pub mod daemon;
+pub mod mail;
 pub mod oauth;
 pub mod peers;
+pub mod wait;

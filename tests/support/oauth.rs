@@ -10,20 +10,13 @@ use std::time::Duration;
 use credbroker::api::proto::{self, admin_client::AdminClient};
 use tonic::transport::Channel;
 
-use super::daemon::Daemon;
+use super::daemon::{Daemon, conn, secrets};
 use super::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 
 pub const RETURN_URL: &str = "https://console.example/settings/integrations";
 
-pub fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
-    Some(proto::ConnectionRef {
-        workspace: String::new(),
-        connector: connector.into(),
-        user_id: user.into(),
-    })
-}
-
-/// A personal OAuth connector pointed at the test server; its identity endpoint is `/me`.
+/// A personal OAuth connector pointed at the test server; its identity endpoint is `/me`. `extra`
+/// adds or replaces settings (a client_credentials `grant_type` makes it shared).
 pub async fn create_connector(
     admin: &mut AdminClient<Channel>,
     name: &str,
@@ -60,13 +53,7 @@ pub async fn create_connector(
             kind: proto::ConnectorKind::Oauth2 as i32,
             mode: mode as i32,
             config,
-            secrets: [(
-                "client_secret".to_string(),
-                proto::SecretValue {
-                    value: OAUTH_CLIENT_SECRET.into(),
-                },
-            )]
-            .into(),
+            secrets: secrets(&[("client_secret", OAUTH_CLIENT_SECRET)]),
             ..Default::default()
         })
         .await
@@ -148,15 +135,19 @@ pub fn callback_url(daemon: &Daemon) -> String {
     )
 }
 
+/// BeginConnect for `user`; the test server signs in the account `login_hint` names (alice
+/// when it is empty).
 pub async fn begin(
     admin: &mut AdminClient<Channel>,
     connector: &str,
     user: &str,
+    login_hint: &str,
 ) -> proto::BeginConnectResponse {
     admin
         .begin_connect(proto::BeginConnectRequest {
             connection: conn(connector, user),
             return_url: RETURN_URL.into(),
+            login_hint: login_hint.into(),
             ..Default::default()
         })
         .await
@@ -164,15 +155,16 @@ pub async fn begin(
         .into_inner()
 }
 
-/// Connects `user` through the browser flow and the daemon's callback; returns where the
-/// browser ended up.
+/// Connects `user` through the browser flow and the daemon's callback, signed in as the account
+/// `login_hint` names (see [`begin`]); returns where the browser ended up.
 pub async fn connect(
     daemon: &Daemon,
     admin: &mut AdminClient<Channel>,
     connector: &str,
     user: &str,
+    login_hint: &str,
 ) -> reqwest::Url {
-    let started = begin(admin, connector, user).await;
+    let started = begin(admin, connector, user, login_hint).await;
     let mut browser = Browser::new(daemon);
     let callback = browser
         .consent(&started.authorization_url, &callback_url(daemon))

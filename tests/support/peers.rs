@@ -2,6 +2,11 @@
 //! TLS on loopback — started by `tests/peers/up.sh` the first time a test needs them and shared
 //! by every later test (they keep running; `tests/peers/down.sh target/peers` stops them).
 //! A peer that is not installed fails the test with the command that installs it.
+//!
+//! The peers listen on ports up.sh finds free when it starts them and writes to `ports.env` in
+//! their folder; every test process reads them from there ([`Peers::ports`]), so two checkouts
+//! (two folders) run their suites side by side. Peers are reused only while their stamp matches
+//! the kit, their processes are alive and their ports answer.
 
 #![allow(dead_code)]
 
@@ -12,19 +17,71 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub const IMAPS_PORT: u16 = 10993;
-pub const IMAP_PORT: u16 = 10143;
-pub const SUBMISSION_PORT: u16 = 10587;
-pub const SMTPS_PORT: u16 = 10465;
-pub const CALDAV_PORT: u16 = 15232;
-pub const OAUTH_PORT: u16 = 14444;
+use super::wait;
+
 /// OAuth access tokens live this long at the test server, so refresh is exercised in seconds.
 pub const ACCESS_TTL_SECS: u64 = 5;
 pub const OAUTH_CLIENT_ID: &str = "broker";
 pub const OAUTH_CLIENT_SECRET: &str = "brokersecret";
+/// Attempts at starting the peers: a port found free can be taken by another suite's peers
+/// starting at the same moment.
+const START_ATTEMPTS: usize = 3;
+/// up.sh's exit status when something is not installed (no use trying again).
+const NOT_INSTALLED: i32 = 3;
+
+/// The ports the peers listen on (all on 127.0.0.1), as up.sh wrote them to `ports.env`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// IMAP over implicit TLS (dovecot).
+    pub imaps: u16,
+    /// IMAP with STARTTLS (dovecot).
+    pub imap: u16,
+    /// SMTP submission with STARTTLS (postfix).
+    pub submission: u16,
+    /// SMTP over implicit TLS (postfix).
+    pub smtps: u16,
+    /// CalDAV over HTTPS (Radicale).
+    pub caldav: u16,
+    /// The OAuth 2 / OpenID Connect server over HTTPS (oidc-provider).
+    pub oauth: u16,
+}
+
+impl Ports {
+    /// Reads `DIR/ports.env` (`NAME=port` lines); `None` when it is missing or incomplete.
+    fn read(dir: &Path) -> Option<Ports> {
+        let text = std::fs::read_to_string(dir.join("ports.env")).ok()?;
+        let port = |name: &str| -> Option<u16> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Ports {
+            imaps: port("IMAPS_PORT")?,
+            imap: port("IMAP_PORT")?,
+            submission: port("SUBMISSION_PORT")?,
+            smtps: port("SMTPS_PORT")?,
+            caldav: port("CALDAV_PORT")?,
+            oauth: port("OAUTH_PORT")?,
+        })
+    }
+
+    fn all(&self) -> [u16; 6] {
+        [
+            self.imaps,
+            self.imap,
+            self.submission,
+            self.smtps,
+            self.caldav,
+            self.oauth,
+        ]
+    }
+}
 
 pub struct Peers {
     dir: PathBuf,
+    ports: Ports,
     pub ca_pem: String,
 }
 
@@ -36,17 +93,6 @@ pub fn peers() -> &'static Peers {
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn all_ports() -> [u16; 6] {
-    [
-        IMAPS_PORT,
-        IMAP_PORT,
-        SUBMISSION_PORT,
-        SMTPS_PORT,
-        CALDAV_PORT,
-        OAUTH_PORT,
-    ]
 }
 
 fn answers(port: u16) -> bool {
@@ -69,24 +115,61 @@ fn start() -> Peers {
     let wanted = kit_stamp();
     let up = ca.exists()
         && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str())
-        && all_ports().into_iter().all(answers);
+        && running(&dir)
+        && Ports::read(&dir).is_some_and(|p| p.all().into_iter().all(answers));
     if !up {
-        run_script("down.sh", &dir);
+        let _ = std::fs::remove_file(&stamp);
+        start_peers(&dir);
+        std::fs::write(&stamp, &wanted).expect("write the peers stamp");
+    }
+    let ports = Ports::read(&dir).expect("up.sh wrote no complete ports.env");
+    let ca_pem = std::fs::read_to_string(&ca).expect("read the peers CA");
+    Peers { dir, ports, ca_pem }
+}
+
+/// Whether every peer process that up.sh started under `dir` is still alive (by its PID file):
+/// ports that answer may be another suite's peers that took them after ours stopped.
+fn running(dir: &Path) -> bool {
+    [
+        "dovecot/run/master.pid",
+        "postfix/spool/pid/master.pid",
+        "radicale/radicale.pid",
+        "oauth/server.pid",
+    ]
+    .into_iter()
+    .all(|file| {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    })
+}
+
+/// Stops whatever runs under `dir` and starts the peers on free ports (up.sh writes them to
+/// `ports.env`); tries again when the start fails for another reason than a missing install.
+fn start_peers(dir: &Path) {
+    let mut failures = String::new();
+    for attempt in 1..=START_ATTEMPTS {
+        run_script("down.sh", dir);
         let out = Command::new("bash")
             .arg(repo().join("tests/peers/up.sh"))
-            .arg(&dir)
+            .arg(dir)
             .env("ACCESS_TTL", ACCESS_TTL_SECS.to_string())
             .output()
             .expect("run bash tests/peers/up.sh");
+        if out.status.success() {
+            return;
+        }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "the test peers did not start (DESIGN.md §4).\n{stderr}\nIf something is missing, install it with: sudo bash tests/peers/install.sh"
-        );
-        std::fs::write(&stamp, &wanted).expect("write the peers stamp");
+        failures += &format!("attempt {attempt}: {}\n{stderr}\n", out.status);
+        if out.status.code() == Some(NOT_INSTALLED) {
+            break;
+        }
     }
-    let ca_pem = std::fs::read_to_string(&ca).expect("read the peers CA");
-    Peers { dir, ca_pem }
+    run_script("down.sh", dir);
+    panic!(
+        "the test peers did not start (DESIGN.md §4).\n{failures}If something is missing, install it with: sudo bash tests/peers/install.sh"
+    );
 }
 
 /// Identifies the kit's scripts and settings, so a change to them restarts the peers.
@@ -108,14 +191,14 @@ fn run_script(name: &str, dir: &Path) {
         .output();
 }
 
-fn wait_port(port: u16, open: bool) {
-    for _ in 0..200 {
-        if answers(port) == open {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
+/// Waits until `port` answers (`open`) or refuses connections.
+async fn wait_port(port: u16, open: bool) {
+    let changed = wait::until(Duration::from_secs(10), async || {
+        (answers(port) == open).then_some(())
+    })
+    .await;
+    assert!(
+        changed.is_some(),
         "port {port} did not {}",
         if open { "open" } else { "close" }
     );
@@ -126,16 +209,21 @@ impl Peers {
         &self.dir
     }
 
+    /// The ports the peers listen on.
+    pub fn ports(&self) -> Ports {
+        self.ports
+    }
+
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("pki/ca.pem")
     }
 
     pub fn oauth_issuer(&self) -> String {
-        format!("https://127.0.0.1:{OAUTH_PORT}")
+        format!("https://127.0.0.1:{}", self.ports.oauth)
     }
 
     pub fn caldav_url(&self) -> String {
-        format!("https://127.0.0.1:{CALDAV_PORT}/")
+        format!("https://127.0.0.1:{}/", self.ports.caldav)
     }
 
     /// An HTTP client that trusts only the peers' CA (the machine's own bundle is not theirs).
@@ -170,7 +258,7 @@ impl Peers {
         self.dir.join("dovecot/dovecot.conf")
     }
 
-    pub fn stop_dovecot(&self) {
+    pub async fn stop_dovecot(&self) {
         let status = Command::new("doveadm")
             .arg("-c")
             .arg(self.dovecot_conf())
@@ -178,10 +266,10 @@ impl Peers {
             .status()
             .unwrap();
         assert!(status.success(), "doveadm stop failed");
-        wait_port(IMAPS_PORT, false);
+        wait_port(self.ports.imaps, false).await;
     }
 
-    pub fn start_dovecot(&self) {
+    pub async fn start_dovecot(&self) {
         // The daemon outlives the test: it must not hold the test's stdout/stderr open (a
         // `cargo test | grep` would never end).
         let status = Command::new("dovecot")
@@ -193,7 +281,7 @@ impl Peers {
             .status()
             .unwrap();
         assert!(status.success(), "dovecot did not start again");
-        wait_port(IMAPS_PORT, true);
+        wait_port(self.ports.imaps, true).await;
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! ```toml
 //! [store]
-//! path = "store"                    # sled folder
+//! backend = "sled"                  # the storage engine (sled, the default, is the only one)
+//! path = "store"                    # the engine's folder
 //! key_file = "store.key"            # or key_credential = "credbroker.key" ($CREDENTIALS_DIRECTORY)
 //!                                   # or passphrase_file = "…" / passphrase_env = "VAR"
 //! [grpc]
@@ -64,6 +65,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// The storage engine, one of [`crate::store::BACKENDS`] (the first is the default).
+    #[serde(default = "default_backend")]
+    pub backend: String,
     pub path: PathBuf,
     pub key_file: Option<PathBuf>,
     /// Name of a systemd credential (`LoadCredentialEncrypted=`) holding the key.
@@ -178,9 +182,18 @@ impl Config {
             source,
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: shown,
+            path: shown.clone(),
             why: e.to_string(),
         })?;
+        if !crate::store::BACKENDS.contains(&config.store.backend.as_str()) {
+            return Err(ConfigError::Invalid {
+                path: shown,
+                why: crate::store::StoreError::UnknownBackend {
+                    name: config.store.backend,
+                }
+                .to_string(),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         Ok(config)
@@ -211,7 +224,23 @@ impl Config {
     }
 }
 
+fn default_backend() -> String {
+    crate::store::BACKENDS[0].to_string()
+}
+
 impl StoreConfig {
+    /// The default engine at `path`, with no key source named (tests, offline tools).
+    pub fn at(path: PathBuf) -> StoreConfig {
+        StoreConfig {
+            backend: default_backend(),
+            path,
+            key_file: None,
+            key_credential: None,
+            passphrase_file: None,
+            passphrase_env: None,
+        }
+    }
+
     /// The key source this configuration names: exactly one of key file, systemd credential,
     /// passphrase file or passphrase environment variable.
     pub fn key_source(&self) -> Result<KeySource, ConfigError> {

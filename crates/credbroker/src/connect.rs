@@ -67,7 +67,7 @@ impl Connect {
                 kind.check_candidate(connector, &candidate)?;
                 return Ok(self.run_test(target, &candidate).await);
             }
-            None => match self.stored(target)? {
+            None => match self.stored(target).await? {
                 Some(stored) => stored,
                 None => {
                     return Ok(TestReport::one(Check::failed(
@@ -96,15 +96,18 @@ impl Connect {
     }
 
     /// The stored connection's settings and secrets, as a candidate to test again.
-    fn stored(&self, target: &Target) -> Result<Option<Candidate>, ModelError> {
+    async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ModelError> {
         let (connector, user) = (&target.connector, target.connection_user.as_str());
-        let Some(connection) = self.registry().connection(connector, user)? else {
+        let Some(connection) = self.registry().connection(connector, user).await? else {
             return Ok(None);
         };
         let secrets = if driver(connector.kind).credential_on_connector(connector.mode) {
-            self.registry().connector_secrets(connector)?.slots
+            self.registry().connector_secrets(connector).await?.slots
         } else {
-            self.registry().connection_secrets(connector, user)?.slots
+            self.registry()
+                .connection_secrets(connector, user)
+                .await?
+                .slots
         };
         Ok(Some(Candidate {
             settings: connection.settings,
@@ -138,7 +141,8 @@ impl Connect {
         let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry()
-            .connection(connector, &target.connection_user)?;
+            .connection(connector, &target.connection_user)
+            .await?;
         let mut connection =
             previous.unwrap_or_else(|| Connection::new(&connector.id, &target.connection_user));
         if !report.ok() && !save_on_failure {
@@ -191,7 +195,8 @@ impl Connect {
         }
         if self
             .registry()
-            .connection(connector, &target.connection_user)?
+            .connection(connector, &target.connection_user)
+            .await?
             .is_none()
         {
             return Err(ModelError::NotFound {
@@ -208,13 +213,13 @@ impl Connect {
     }
 
     /// One row per connector of the workspace: the shared connection, or this user's.
-    pub fn statuses(
+    pub async fn statuses(
         &self,
         workspace: &str,
         user_id: &str,
     ) -> Result<Vec<(Connector, Connection)>, ModelError> {
         let mut rows = Vec::new();
-        for connector in self.registry().list_connectors(workspace)? {
+        for connector in self.registry().list_connectors(workspace).await? {
             let user = match connector.mode {
                 Mode::Shared => "",
                 Mode::Personal => user_id,
@@ -222,7 +227,7 @@ impl Connect {
             let connection = if connector.mode == Mode::Personal && user.is_empty() {
                 None
             } else {
-                self.registry().connection(&connector, user)?
+                self.registry().connection(&connector, user).await?
             };
             rows.push((
                 connector.clone(),

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod oauth;
 pub mod policy;
+pub mod refusals;
 pub mod resolve;
 pub mod server;
 pub mod store;

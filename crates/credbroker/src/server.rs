@@ -22,12 +22,13 @@ use tonic::transport::server::Connected;
 
 use crate::api::proto::{admin_server::AdminServer, broker_server::BrokerServer};
 use crate::api::{AdminApi, BrokerApi, PeerInfo, Services};
-use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::connect::Connect;
 use crate::model::Registry;
 use crate::oauth::OAuth;
 use crate::policy::{PolicyHandle, RateLimiter, caller_from_cert};
+use crate::refusals::Refusals;
 use crate::resolve::Resolver;
 use crate::store::Store;
 use crate::vault::KeySource;
@@ -192,11 +193,12 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// Accepts TCP connections and completes each TLS handshake on its own task, so a slow
-/// client cannot hold up others. Refusals are audited.
+/// client cannot hold up others. Refusals are audited through [`Refusals`] (a flood of them
+/// is summarised, not written one by one).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    audit: Arc<AuditLog>,
+    refusals: Arc<Refusals>,
     out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
 ) {
     loop {
@@ -209,26 +211,18 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, audit, out) = (acceptor.clone(), audit.clone(), out.clone());
+        let (acceptor, refusals, out) = (acceptor.clone(), refusals.clone(), out.clone());
         tokio::spawn(async move {
-            let refused = |reason: String| AuditEvent {
-                caller: format!("unauthenticated {remote}"),
-                operation: "TlsHandshake".into(),
-                outcome: Some(Outcome::Denied),
-                reason,
-                ..Default::default()
-            };
+            let refuse = |reason: String| refusals.refuse("TlsHandshake", remote.ip(), reason);
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::info!(%remote, error = %e, "TLS handshake refused");
-                    let _ = audit.record(refused(e.to_string())).await;
+                    refuse(e.to_string()).await;
                     return;
                 }
                 Err(_) => {
-                    let _ = audit
-                        .record(refused("TLS handshake timed out".into()))
-                        .await;
+                    refuse("TLS handshake timed out".into()).await;
                     return;
                 }
             };
@@ -240,11 +234,11 @@ async fn accept_loop(
             let caller = match leaf.map(|der| caller_from_cert(der)) {
                 Some(Ok(caller)) => caller,
                 Some(Err(e)) => {
-                    let _ = audit.record(refused(e.to_string())).await;
+                    refuse(e.to_string()).await;
                     return;
                 }
                 None => {
-                    let _ = audit.record(refused("no client certificate".into())).await;
+                    refuse("no client certificate".into()).await;
                     return;
                 }
             };
@@ -261,12 +255,16 @@ async fn accept_loop(
     }
 }
 
-/// Opens everything the configuration names and builds the shared services.
-pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, ServeError> {
-    crate::tls::install_crypto_provider();
-    let store = Arc::new(Store::open(&config.store.path, key)?);
+/// Opens everything else the configuration names over `store` and builds the shared services.
+/// The audit log gets its own handle on the store; every other service goes through the
+/// registry.
+pub async fn open_services(
+    config: &Config,
+    store: Arc<Store>,
+) -> Result<Arc<Services>, ServeError> {
     let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
-    let audit = Arc::new(AuditLog::start(store.clone())?);
+    let audit = Arc::new(AuditLog::start(store.clone()).await?);
+    let refusals = Refusals::start(audit.clone());
     let registry = Arc::new(Registry::new(store));
     let timeout = config.upstream_timeout();
     let callback = format!(
@@ -304,8 +302,13 @@ pub fn open_services(config: &Config, key: &KeySource) -> Result<Arc<Services>, 
             RateLimiter::new(config.limits.user_rate_per_sec, config.limits.user_burst),
         ),
         limits: config.limits.clone(),
+        refusals,
+        callback_rate: RateLimiter::new(CALLBACK_RATE_PER_SOURCE, 2.0 * CALLBACK_RATE_PER_SOURCE),
     }))
 }
+
+/// OAuth callbacks per second one source address may send (a browser sends one per consent).
+const CALLBACK_RATE_PER_SOURCE: f64 = 10.0;
 
 /// Admin requests carry settings, secrets and certificates, never attachments: a client that
 /// sends more is refused before the body is buffered past this.
@@ -324,7 +327,9 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let services = open_services(&config, &key)?;
+    crate::tls::install_crypto_provider();
+    let store = Arc::new(Store::open(&config.store, &key).await?);
+    let services = open_services(&config, store.clone()).await?;
     let grpc_listener = TcpListener::bind(config.grpc.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -342,7 +347,7 @@ pub async fn run(
     tokio::spawn(accept_loop(
         grpc_listener,
         acceptor,
-        services.audit.clone(),
+        services.refusals.clone(),
         tx,
     ));
 
@@ -368,7 +373,7 @@ pub async fn run(
 
     spawn_policy_reload(services.policy.clone());
     spawn_rewrap(
-        services.registry.store().clone(),
+        store,
         config.limits.rewrap_batch,
         Duration::from_millis(config.limits.rewrap_pause_ms),
     );
@@ -446,7 +451,7 @@ fn spawn_rewrap(store: Arc<Store>, batch: usize, pause: Duration) {
         loop {
             let step = {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || store.rewrap_step(batch)).await
+                crate::store::run_blocking(async move { store.rewrap_step(batch).await }).await
             };
             match step {
                 Ok(Ok(RewrapStep::Progress(_))) => tokio::time::sleep(pause).await,

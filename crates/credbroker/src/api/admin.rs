@@ -19,7 +19,7 @@ const AUDIT_SCAN_MAX: usize = 100_000;
 
 impl AdminApi {
     /// Validates the connection reference, checks admin rights on its workspace, and resolves it.
-    fn admin_target(
+    async fn admin_target(
         &self,
         call: &mut Call,
         connection: Option<proto::ConnectionRef>,
@@ -33,7 +33,8 @@ impl AdminApi {
         let target = self
             .0
             .registry
-            .target(&workspace, &r.connector, &r.user_id)?;
+            .target(&workspace, &r.connector, &r.user_id)
+            .await?;
         call.on(&target);
         Ok(target)
     }
@@ -68,12 +69,12 @@ pub type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
 /// The store's key and rewrap state, for GetStatus and RotateKey.
-fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
-    let store = s.registry.store();
-    let vault = store.vault();
-    let rewrap = store
+async fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
+    let key = s.registry.key_status();
+    let rewrap = s
+        .registry
         .rewrap_state()
-        .map_err(crate::model::ModelError::from)?
+        .await?
         .map(|r| proto::RewrapStatus {
             finished: r.finished,
             to_term: r.to_term,
@@ -86,10 +87,10 @@ fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
             finished_at: convert::opt_timestamp(r.finished_at),
         });
     Ok(proto::StoreStatus {
-        store_id: store.header().store_id,
-        current_term: vault.current_term(),
-        terms: vault.terms(),
-        term_encryptions: vault.encryptions(),
+        store_id: key.store_id,
+        current_term: key.current_term,
+        terms: key.terms,
+        term_encryptions: key.term_encryptions,
         rewrap,
         audit_seq: s.audit.head().seq,
         audit_queue_depth: s.audit.queue_depth() as u64,
@@ -109,12 +110,8 @@ impl Admin for AdminApi {
         let result = async {
             call.workspace = "*".into();
             s.authorize_admin(&call, "*")?;
-            let store = s.registry.store().clone();
-            tokio::task::spawn_blocking(move || store.rotate_key())
-                .await
-                .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
-                .map_err(crate::model::ModelError::from)?;
-            store_status(s)
+            s.registry.rotate_key().await?;
+            store_status(s).await
         }
         .await;
         s.finish(call, result).await
@@ -129,7 +126,7 @@ impl Admin for AdminApi {
         let result = async {
             call.workspace = "*".into();
             s.authorize_admin(&call, "*")?;
-            store_status(s)
+            store_status(s).await
         }
         .await;
         s.finish(call, result).await
@@ -144,16 +141,8 @@ impl Admin for AdminApi {
         let result = async {
             call.workspace = "*".into();
             s.authorize_admin(&call, "*")?;
-            let store = s.registry.store().clone();
-            let (bytes, records) = tokio::task::spawn_blocking(move || {
-                store
-                    .snapshot()
-                    .map(|snap| (snap.encode(), snap.records.len()))
-            })
-            .await
-            .map_err(|e| ApiError::status(tonic::Code::Internal, "INTERNAL", e.to_string()))?
-            .map_err(crate::model::ModelError::from)?;
-            let store_id = s.registry.store().header().store_id.clone();
+            let (bytes, records) = s.registry.backup().await?;
+            let store_id = s.registry.key_status().store_id;
             let chunks: Vec<Result<proto::BackupChunk, Status>> = bytes
                 .chunks(BACKUP_CHUNK)
                 .enumerate()
@@ -220,7 +209,7 @@ impl Admin for AdminApi {
             call.connector = r.connector.clone();
             let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
             Ok(convert::connector(
-                &s.registry.find_connector(&workspace, &r.connector)?,
+                &s.registry.find_connector(&workspace, &r.connector).await?,
             ))
         }
         .await;
@@ -236,7 +225,7 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let result = async {
             let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
-            let connectors = s.registry.list_connectors(&workspace)?;
+            let connectors = s.registry.list_connectors(&workspace).await?;
             Ok(proto::ListConnectorsResponse {
                 connectors: connectors.iter().map(convert::connector).collect(),
             })
@@ -346,7 +335,7 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "BeginConnect")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.admin_target(&mut call, r.connection)?;
+            let target = self.admin_target(&mut call, r.connection).await?;
             let started = s
                 .oauth
                 .begin(&target, &r.return_url, &r.scopes, &r.login_hint)
@@ -391,7 +380,7 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "ConnectWithCredentials")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.admin_target(&mut call, r.connection)?;
+            let target = self.admin_target(&mut call, r.connection).await?;
             let done = s
                 .connect
                 .connect_with_credentials(
@@ -418,7 +407,7 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "TestConnection")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.admin_target(&mut call, r.connection)?;
+            let target = self.admin_target(&mut call, r.connection).await?;
             let offered = (!r.settings.is_empty() || !r.secrets.is_empty())
                 .then(|| candidate(r.settings, r.secrets));
             let report = s.connect.test(&target, offered).await?;
@@ -438,7 +427,7 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "Disconnect")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.admin_target(&mut call, r.connection)?;
+            let target = self.admin_target(&mut call, r.connection).await?;
             let (connection, revoked) = if target.connector.kind == Kind::Oauth2 {
                 s.oauth.disconnect(&target).await?
             } else {
@@ -461,10 +450,11 @@ impl Admin for AdminApi {
         let mut call = s.begin(&req, "GetConnection")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.admin_target(&mut call, r.connection)?;
+            let target = self.admin_target(&mut call, r.connection).await?;
             let connection = s
                 .registry
-                .connection(&target.connector, &target.connection_user)?
+                .connection(&target.connector, &target.connection_user)
+                .await?
                 .unwrap_or_else(|| {
                     crate::model::Connection::new(&target.connector.id, &target.connection_user)
                 });
@@ -485,7 +475,7 @@ impl Admin for AdminApi {
             call.user_id = r.user_id.clone();
             let workspace = self.admin_workspace(&mut call, "workspace", &r.workspace)?;
             crate::model::validate_user_id("user_id", &r.user_id)?;
-            let rows = s.connect.statuses(&workspace, &r.user_id)?;
+            let rows = s.connect.statuses(&workspace, &r.user_id).await?;
             Ok(proto::ListConnectionsResponse {
                 connections: rows
                     .iter()
@@ -534,7 +524,8 @@ impl Admin for AdminApi {
             };
             let records = s
                 .audit
-                .query(r.after_seq, limit as usize, AUDIT_SCAN_MAX, keep)?;
+                .query(r.after_seq, limit as usize, AUDIT_SCAN_MAX, keep)
+                .await?;
             Ok(proto::QueryAuditResponse {
                 records: records
                     .into_iter()

@@ -23,7 +23,7 @@ const MAX_MIN_TTL: u32 = 3600;
 
 impl BrokerApi {
     /// Validates the connection reference, resolves it and checks the caller's grant for `op`.
-    pub(super) fn target(
+    pub(super) async fn target(
         &self,
         call: &mut Call,
         op: Operation,
@@ -37,7 +37,8 @@ impl BrokerApi {
         let target = self
             .0
             .registry
-            .target(&workspace, &r.connector, &r.user_id)?;
+            .target(&workspace, &r.connector, &r.user_id)
+            .await?;
         call.on(&target);
         self.0.authorize(call, op, &target)?;
         Ok(target)
@@ -56,7 +57,9 @@ impl Broker for BrokerApi {
         let mut call = s.begin(&req, "ResolveCredential")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.target(&mut call, Operation::Resolve, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::Resolve, r.connection)
+                .await?;
             let min_ttl = match r.min_ttl_seconds {
                 0 => DEFAULT_MIN_TTL,
                 n if n <= MAX_MIN_TTL => n,
@@ -95,7 +98,9 @@ impl Broker for BrokerApi {
         let mut call = s.begin(&req, "SendEmail")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.target(&mut call, Operation::SendEmail, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::SendEmail, r.connection)
+                .await?;
             let request = SendRequest {
                 from: r.from,
                 to: r.to,
@@ -135,7 +140,9 @@ impl Broker for BrokerApi {
         let mut call = s.begin(&req, "FetchMail")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.target(&mut call, Operation::FetchMail, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::FetchMail, r.connection)
+                .await?;
             let query = FetchQuery {
                 mailbox: r.mailbox,
                 limit: r.limit,
@@ -172,7 +179,9 @@ impl Broker for BrokerApi {
         let mut call = s.begin(&req, "WatchMail")?;
         let r = req.into_inner();
         let result = async {
-            let target = self.target(&mut call, Operation::WatchMail, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::WatchMail, r.connection)
+                .await?;
             let query = WatchQuery {
                 mailbox: r.mailbox,
                 since_uid: r.since_uid,

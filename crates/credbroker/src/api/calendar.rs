@@ -86,7 +86,9 @@ impl BrokerApi {
         r: proto::ListCalendarRequest,
     ) -> Result<Response<proto::ListCalendarResponse>, Status> {
         let result = async {
-            let target = self.target(&mut call, Operation::ListCalendar, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::ListCalendar, r.connection)
+                .await?;
             let window = Window::new(time("time_min", r.time_min)?, time("time_max", r.time_max)?)?;
             let limit = calendar::limit(r.limit)?;
             let listing = self
@@ -109,7 +111,9 @@ impl BrokerApi {
         r: proto::CreateEventRequest,
     ) -> Result<Response<proto::CreateEventResponse>, Status> {
         let result = async {
-            let target = self.target(&mut call, Operation::CreateEvent, r.connection)?;
+            let target = self
+                .target(&mut call, Operation::CreateEvent, r.connection)
+                .await?;
             let e = r
                 .event
                 .ok_or_else(|| crate::model::FieldError::new("event", "is required"))?;

@@ -51,6 +51,10 @@ pub struct Services {
     pub oauth: Arc<OAuth>,
     pub rate: crate::policy::Budgets,
     pub limits: Limits,
+    /// Refusals of unauthenticated callers (handshakes, OAuth callbacks), summarised.
+    pub refusals: Arc<crate::refusals::Refusals>,
+    /// OAuth callbacks one source address may send, per second.
+    pub callback_rate: crate::policy::RateLimiter,
 }
 
 /// One call in progress: who, what, on what; filled in as the request is understood, then

@@ -24,10 +24,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Batch, Store, StoreError, Table};
 
+/// The audit log's table: `b/{first seq:020}` → up to [`RECORDS_PER_VALUE`] records, and
+/// `head` → [`AuditHead`]. Written once and read rarely, so never cached.
+pub const TABLE: Table = Table::uncached("audit");
+
 /// Most records one commit carries.
 const MAX_BATCH: usize = 4096;
-/// Records stored in one value. Small enough that sled's leaves (up to 17 values) stay under
-/// its blob threshold (128 KiB): larger pages go to blob files, one file and two syncs each.
+/// Records stored in one value. Small enough that the default backend's pages (up to 17
+/// values) stay under its blob threshold (128 KiB): larger pages go to blob files, one file
+/// and two syncs each.
 const RECORDS_PER_VALUE: usize = 16;
 /// Queue depth before callers wait for room (back-pressure, not loss).
 const QUEUE: usize = 65536;
@@ -138,9 +143,10 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Starts the writer task, continuing the chain from the stored head.
-    pub fn start(store: Arc<Store>) -> Result<AuditLog, AuditError> {
+    pub async fn start(store: Arc<Store>) -> Result<AuditLog, AuditError> {
         let head = store
-            .get::<AuditHead>(Table::Audit, HEAD_PATH)?
+            .get::<AuditHead>(TABLE, HEAD_PATH)
+            .await?
             .unwrap_or(AuditHead {
                 seq: 0,
                 hash: hex::encode(GENESIS),
@@ -174,7 +180,7 @@ impl AuditLog {
 
     /// Records after `after_seq` that pass `keep`, at most `limit`, looking at most at
     /// `max_scan` records so one query cannot walk the whole log.
-    pub fn query(
+    pub async fn query(
         &self,
         after_seq: u64,
         limit: usize,
@@ -193,7 +199,8 @@ impl AuditLog {
             } else {
                 ControlFlow::Break(())
             }
-        })?;
+        })
+        .await?;
         Ok(out)
     }
 
@@ -233,11 +240,12 @@ fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver
         };
         let mut batch = Batch::new();
         for chunk in records.chunks(RECORDS_PER_VALUE) {
-            batch.put(Table::Audit, batch_path(chunk[0].seq), &chunk);
+            batch.put(TABLE, batch_path(chunk[0].seq), &chunk);
         }
-        batch.put(Table::Audit, HEAD_PATH, &new_head);
+        batch.put(TABLE, HEAD_PATH, &new_head);
         let started = std::time::Instant::now();
-        let committed = store.commit_here(batch);
+        // This thread is the writer's own, not a runtime worker: it waits for its commit here.
+        let committed = crate::store::wait_inline(store.commit_here(batch));
         crate::metrics::audit_flush(pending.len(), started.elapsed());
         match committed {
             Ok(()) => {
@@ -256,14 +264,15 @@ fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver
 }
 
 /// Calls `visit` on every stored record from `from_seq` on, in sequence order, until it breaks.
-pub(crate) fn for_each_record(
+pub(crate) async fn for_each_record(
     store: &Store,
     from_seq: u64,
     mut visit: impl FnMut(AuditRecord) -> ControlFlow<()>,
 ) -> Result<(), StoreError> {
     // The batch holding `from_seq` is the last one starting at or before it.
-    let first =
-        store.last::<Vec<AuditRecord>>(Table::Audit, BATCH_PREFIX, Some(&batch_path(from_seq)))?;
+    let first = store
+        .last::<Vec<AuditRecord>>(TABLE, BATCH_PREFIX, Some(&batch_path(from_seq)))
+        .await?;
     let mut after = first.as_ref().map(|(path, _)| path.clone());
     let mut page: Vec<Vec<AuditRecord>> = first.into_iter().map(|(_, records)| records).collect();
     loop {
@@ -272,8 +281,9 @@ pub(crate) fn for_each_record(
                 return Ok(());
             }
         }
-        let next =
-            store.scan::<Vec<AuditRecord>>(Table::Audit, BATCH_PREFIX, after.as_deref(), 64)?;
+        let next = store
+            .scan::<Vec<AuditRecord>>(TABLE, BATCH_PREFIX, after.as_deref(), 64)
+            .await?;
         let Some((last, _)) = next.last() else {
             return Ok(());
         };

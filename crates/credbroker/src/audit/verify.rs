@@ -4,8 +4,9 @@ use std::io::Write;
 
 use std::ops::ControlFlow;
 
+use super::TABLE;
 use super::{AuditHead, GENESIS, HEAD_PATH, chain_hash, for_each_record};
-use crate::store::{Store, Table};
+use crate::store::Store;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifySummary {
@@ -28,7 +29,7 @@ pub enum VerifyError {
     HeadMismatch { head_seq: u64, last: u64 },
 }
 
-pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
+pub async fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
     let mut prev = GENESIS;
     let mut last = 0u64;
     let mut broken = None;
@@ -53,6 +54,7 @@ pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
         last = record.seq;
         ControlFlow::Continue(())
     })
+    .await
     .map_err(|e| VerifyError::Unreadable {
         after: last,
         why: e.to_string(),
@@ -62,7 +64,8 @@ pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
     }
     let head: Option<AuditHead> =
         store
-            .get(Table::Audit, HEAD_PATH)
+            .get(TABLE, HEAD_PATH)
+            .await
             .map_err(|e| VerifyError::Unreadable {
                 after: last,
                 why: e.to_string(),
@@ -78,7 +81,7 @@ pub fn verify(store: &Store) -> Result<VerifySummary, VerifyError> {
 }
 
 /// Writes every record as one JSON line, in sequence order.
-pub fn export(store: &Store, out: &mut dyn Write) -> Result<u64, Box<dyn std::error::Error>> {
+pub async fn export(store: &Store, out: &mut dyn Write) -> Result<u64, Box<dyn std::error::Error>> {
     let mut count = 0;
     let mut failed = None;
     for_each_record(store, 1, |record| {
@@ -95,7 +98,8 @@ pub fn export(store: &Store, out: &mut dyn Write) -> Result<u64, Box<dyn std::er
                 ControlFlow::Break(())
             }
         }
-    })?;
+    })
+    .await?;
     match failed {
         Some(e) => Err(e.into()),
         None => Ok(count),
@@ -118,19 +122,23 @@ mod tests {
         }
     }
 
-    fn new_log() -> (tempfile::TempDir, Arc<Store>, Arc<AuditLog>) {
+    async fn new_log() -> (tempfile::TempDir, Arc<Store>, Arc<AuditLog>) {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         generate_key_file(&key).unwrap();
-        let store =
-            Arc::new(Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap());
-        let log = Arc::new(AuditLog::start(store.clone()).unwrap());
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = Arc::new(
+            Store::create(&config, &KeySource::KeyFile(key))
+                .await
+                .unwrap(),
+        );
+        let log = Arc::new(AuditLog::start(store.clone()).await.unwrap());
         (dir, store, log)
     }
 
     /// `n` records, one commit each: batch `b/{seq}` holds record `seq` alone.
     async fn log_with(n: usize) -> (tempfile::TempDir, Arc<Store>) {
-        let (dir, store, log) = new_log();
+        let (dir, store, log) = new_log().await;
         for i in 1..=n {
             assert_eq!(log.record(event(i)).await.unwrap(), i as u64);
         }
@@ -138,16 +146,17 @@ mod tests {
     }
 
     /// The batch holding `seq`, as stored.
-    fn batch_of(store: &Store, seq: u64) -> (String, Vec<AuditRecord>) {
+    async fn batch_of(store: &Store, seq: u64) -> (String, Vec<AuditRecord>) {
         store
-            .last(Table::Audit, BATCH_PREFIX, Some(&batch_path(seq)))
+            .last(TABLE, BATCH_PREFIX, Some(&batch_path(seq)))
+            .await
             .unwrap()
             .unwrap()
     }
 
     #[tokio::test]
     async fn concurrent_records_chain_in_batches_and_query_across_them() {
-        let (_dir, store, log) = new_log();
+        let (_dir, store, log) = new_log().await;
         let tasks: Vec<_> = (0..300)
             .map(|i| {
                 let log = log.clone();
@@ -160,9 +169,10 @@ mod tests {
         }
         seqs.sort();
         assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
-        assert_eq!(verify(&store).unwrap().records, 300);
+        assert_eq!(verify(&store).await.unwrap().records, 300);
         let batches: Vec<(String, Vec<AuditRecord>)> = store
-            .scan(Table::Audit, BATCH_PREFIX, None, usize::MAX)
+            .scan(TABLE, BATCH_PREFIX, None, usize::MAX)
+            .await
             .unwrap();
         assert!(
             batches.len() < 300,
@@ -177,14 +187,22 @@ mod tests {
 
         let seqs_of = |records: Vec<AuditRecord>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
         for after in [0, 1, 17, 150, 298] {
-            let page = log.query(after, 5, usize::MAX, |_| true).unwrap();
+            let page = log.query(after, 5, usize::MAX, |_| true).await.unwrap();
             let want: Vec<u64> = (after + 1..=(after + 5).min(300)).collect();
             assert_eq!(seqs_of(page), want, "after {after}");
         }
-        assert!(log.query(300, 5, usize::MAX, |_| true).unwrap().is_empty());
-        let even = log.query(10, 3, usize::MAX, |r| r.seq % 2 == 0).unwrap();
+        assert!(
+            log.query(300, 5, usize::MAX, |_| true)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let even = log
+            .query(10, 3, usize::MAX, |r| r.seq % 2 == 0)
+            .await
+            .unwrap();
         assert_eq!(seqs_of(even), [12, 14, 16]);
-        let bounded = log.query(10, 100, 4, |_| true).unwrap();
+        let bounded = log.query(10, 100, 4, |_| true).await.unwrap();
         assert_eq!(
             seqs_of(bounded),
             [11, 12, 13, 14],
@@ -195,14 +213,14 @@ mod tests {
     #[tokio::test]
     async fn altered_record_is_named() {
         let (_dir, store) = log_with(10).await;
-        let (path, mut records) = batch_of(&store, 4);
+        let (path, mut records) = batch_of(&store, 4).await;
         records[0].event.outcome = Some(Outcome::Ok);
         records[0].event.reason = "rewritten".into();
         let mut batch = Batch::new();
-        batch.put(Table::Audit, path, &records);
+        batch.put(TABLE, path, &records);
         store.commit(batch).await.unwrap();
         assert_eq!(
-            verify(&store).unwrap_err(),
+            verify(&store).await.unwrap_err(),
             VerifyError::Altered { seq: 4, prev: 3 }
         );
     }
@@ -210,9 +228,9 @@ mod tests {
     #[tokio::test]
     async fn deleted_records_are_named() {
         let (_dir, store) = log_with(10).await;
-        store.raw_put(Table::Audit, &batch_path(6), None).unwrap();
+        store.raw_put(TABLE, &batch_path(6), None).await.unwrap();
         assert_eq!(
-            verify(&store).unwrap_err(),
+            verify(&store).await.unwrap_err(),
             VerifyError::Missing {
                 seq: 6,
                 prev: 5,
@@ -220,9 +238,9 @@ mod tests {
             }
         );
         let (_dir, store) = log_with(10).await;
-        store.raw_put(Table::Audit, &batch_path(10), None).unwrap();
+        store.raw_put(TABLE, &batch_path(10), None).await.unwrap();
         assert_eq!(
-            verify(&store).unwrap_err(),
+            verify(&store).await.unwrap_err(),
             VerifyError::HeadMismatch {
                 head_seq: 10,
                 last: 9
@@ -234,20 +252,23 @@ mod tests {
     async fn a_record_removed_from_inside_a_batch_is_named() {
         let (_dir, store) = log_with(3).await;
         // One batch holding records 1, 2 and 3, then record 2 taken out of it.
-        let records: Vec<AuditRecord> = (1..=3).flat_map(|seq| batch_of(&store, seq).1).collect();
+        let mut records: Vec<AuditRecord> = Vec::new();
+        for seq in 1..=3 {
+            records.extend(batch_of(&store, seq).await.1);
+        }
         let mut batch = Batch::new();
         batch
-            .delete(Table::Audit, batch_path(2))
-            .delete(Table::Audit, batch_path(3))
-            .put(Table::Audit, batch_path(1), &records);
+            .delete(TABLE, batch_path(2))
+            .delete(TABLE, batch_path(3))
+            .put(TABLE, batch_path(1), &records);
         store.commit(batch).await.unwrap();
-        assert_eq!(verify(&store).unwrap().records, 3);
+        assert_eq!(verify(&store).await.unwrap().records, 3);
         let without_2 = vec![records[0].clone(), records[2].clone()];
         let mut batch = Batch::new();
-        batch.put(Table::Audit, batch_path(1), &without_2);
+        batch.put(TABLE, batch_path(1), &without_2);
         store.commit(batch).await.unwrap();
         assert_eq!(
-            verify(&store).unwrap_err(),
+            verify(&store).await.unwrap_err(),
             VerifyError::Missing {
                 seq: 2,
                 prev: 1,
@@ -259,16 +280,14 @@ mod tests {
     #[tokio::test]
     async fn flipped_ciphertext_is_unreadable_not_accepted() {
         let (_dir, store) = log_with(5).await;
-        let mut raw = store
-            .raw_get(Table::Audit, &batch_path(2))
-            .unwrap()
-            .unwrap();
+        let mut raw = store.raw_get(TABLE, &batch_path(2)).await.unwrap().unwrap();
         let last = raw.len() - 1;
         raw[last] ^= 1;
         store
-            .raw_put(Table::Audit, &batch_path(2), Some(raw))
+            .raw_put(TABLE, &batch_path(2), Some(raw))
+            .await
             .unwrap();
-        let err = verify(&store).unwrap_err();
+        let err = verify(&store).await.unwrap_err();
         assert!(matches!(err, VerifyError::Unreadable { .. }), "{err}");
         assert!(
             err.to_string().contains("audit/b/00000000000000000002"),
@@ -280,7 +299,7 @@ mod tests {
     async fn export_writes_every_record_in_order() {
         let (_dir, store) = log_with(7).await;
         let mut out = Vec::new();
-        assert_eq!(export(&store, &mut out).unwrap(), 7);
+        assert_eq!(export(&store, &mut out).await.unwrap(), 7);
         let seqs: Vec<u64> = String::from_utf8(out)
             .unwrap()
             .lines()

@@ -509,7 +509,8 @@ impl Calendars<'_> {
         }
         let registry = self.credentials.registry();
         let connection =
-            usable_connection::<CalendarError>(registry, connector, &target.connection_user)?;
+            usable_connection::<CalendarError>(registry, connector, &target.connection_user)
+                .await?;
         let password = self
             .credentials
             .credential(target, self.timeout)
@@ -536,7 +537,7 @@ impl Calendars<'_> {
         let user = &target.connection_user;
         let registry = self.credentials.registry();
         if result.is_ok() && !driver(connector.kind).resolvable() {
-            registry.record_use(connector, user);
+            registry.record_use(connector, user).await;
         }
         let Err(CalendarError::AuthRefused { server, status }) = &result else {
             return result;

@@ -106,8 +106,9 @@ impl ConnectorDriver for ApiKey {
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
             let (connector, user) = (&target.connector, target.connection_user.as_str());
-            let (connection, key) = stored_secret(credentials, target, "api_key", user.is_empty())?;
-            credentials.registry().record_use(connector, user);
+            let (connection, key) =
+                stored_secret(credentials, target, "api_key", user.is_empty()).await?;
+            credentials.registry().record_use(connector, user).await;
             let (name, prefix) = header(connector);
             Ok(Credential {
                 kind: Kind::ApiKey,

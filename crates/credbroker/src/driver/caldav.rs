@@ -52,7 +52,8 @@ impl ConnectorDriver for Caldav {
         _min_ttl: Duration,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let (connection, password) = stored_secret(credentials, target, "password", false)?;
+            let (connection, password) =
+                stored_secret(credentials, target, "password", false).await?;
             Ok(password_credential(
                 Kind::Caldav,
                 password,

@@ -54,13 +54,14 @@ pub fn for_user(user: &str) -> String {
 /// record is refused like an absent one: no account was ever connected through it (nothing
 /// stores one today; the rule is OAuth's, which was the stricter of the two copies).
 /// The error is the caller's own, so that each module keeps one error type.
-pub fn usable_connection<E: From<ConnectionError> + From<ModelError>>(
+pub async fn usable_connection<E: From<ConnectionError> + From<ModelError>>(
     registry: &Registry,
     connector: &Connector,
     user: &str,
 ) -> Result<Connection, E> {
     let connection = registry
-        .connection(connector, user)?
+        .connection(connector, user)
+        .await?
         .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
     match connection.status {
         ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user).into()),

@@ -107,10 +107,12 @@ impl ConnectorDriver for ImapSmtp {
             let connector = &target.connector;
             if let Some(oauth) = connector.setting("oauth_connector") {
                 let registry = credentials.registry();
-                usable_connection::<CredentialError>(registry, connector, &target.connection_user)?;
+                usable_connection::<CredentialError>(registry, connector, &target.connection_user)
+                    .await?;
                 return credentials.through(target, oauth, min_ttl).await;
             }
-            let (connection, password) = stored_secret(credentials, target, "password", false)?;
+            let (connection, password) =
+                stored_secret(credentials, target, "password", false).await?;
             Ok(password_credential(
                 Kind::ImapSmtp,
                 password,

@@ -278,7 +278,7 @@ fn check_settings(schema: &Schema, candidate: &Candidate) -> Result<(), FieldErr
 
 /// The usable connection of the target and one of its stored secrets (the connector's, for a
 /// credential kept on the connector). A missing secret is NOT_CONNECTED.
-fn stored_secret(
+async fn stored_secret(
     credentials: &Credentials,
     target: &Target,
     slot: &str,
@@ -286,16 +286,18 @@ fn stored_secret(
 ) -> Result<(Connection, Secret), CredentialError> {
     let (connector, user) = (&target.connector, target.connection_user.as_str());
     let registry = credentials.registry();
-    let connection = usable_connection::<CredentialError>(registry, connector, user)?;
+    let connection = usable_connection::<CredentialError>(registry, connector, user).await?;
     let secret = if on_connector {
         registry
-            .connector_secrets(connector)?
+            .connector_secrets(connector)
+            .await?
             .slots
             .get(slot)
             .cloned()
     } else {
         registry
-            .connection_secrets(connector, user)?
+            .connection_secrets(connector, user)
+            .await?
             .get(slot)
             .cloned()
     };
@@ -360,6 +362,7 @@ impl Credentials {
                 oauth_connector,
                 &target.on_behalf_of,
             )
+            .await
             .map_err(|e| match e {
                 ModelError::NotFound { .. } => CredentialError::Model(
                     FieldError::new(

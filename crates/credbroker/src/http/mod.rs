@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +18,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::Services;
 use crate::audit::{AuditEvent, Outcome};
 use axum::http::StatusCode;
+
+/// The address a connection came from, given to each of its requests.
+#[derive(Debug, Clone, Copy)]
+struct Remote(std::net::SocketAddr);
 
 #[derive(Deserialize)]
 struct CallbackParams {
@@ -36,22 +40,18 @@ fn router(services: Arc<Services>) -> Router {
 
 /// Prometheus text format. Gauges are read now; counters and histograms live in [`crate::metrics`].
 async fn metrics(State(services): State<Arc<Services>>) -> Response {
-    let registry = services.registry.clone();
-    let connections = tokio::task::spawn_blocking(move || registry.count_connections())
+    let connections = services
+        .registry
+        .count_connections()
         .await
-        .ok()
-        .and_then(|counted| {
-            counted
-                .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
-                .ok()
-        })
+        .map_err(|e| tracing::warn!(error = %e, "metrics: cannot count connections"))
         .unwrap_or_default();
-    let vault = services.registry.store().vault();
+    let key = services.registry.key_status();
     let gauges = crate::metrics::Gauges {
         audit_queue_depth: services.audit.queue_depth(),
         connections,
-        key_term: vault.current_term(),
-        key_term_encryptions: vault.encryptions(),
+        key_term: key.current_term,
+        key_term_encryptions: key.term_encryptions,
     };
     (
         [(
@@ -68,8 +68,20 @@ async fn metrics(State(services): State<Arc<Services>>) -> Response {
 /// URL given at BeginConnect with `status=connected` or `status=error&error=…`.
 async fn callback(
     State(services): State<Arc<Services>>,
+    Extension(Remote(remote)): Extension<Remote>,
     Query(params): Query<CallbackParams>,
 ) -> Response {
+    if services
+        .callback_rate
+        .allow(&remote.ip().to_string())
+        .is_err()
+    {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests from this address; try again in a moment.\n",
+        )
+            .into_response();
+    }
     let mut event = AuditEvent {
         caller: "browser (oauth callback)".into(),
         operation: "OAuthCallback".into(),
@@ -83,11 +95,12 @@ async fn callback(
     {
         Ok(pending) => pending,
         Err(e) => {
-            event.outcome = Some(Outcome::Denied);
-            event.reason = e.to_string();
-            if let Err(response) = audit(&services, event).await {
-                return response;
-            }
+            // Nobody is authenticated yet: a flood of junk states is summarised, not written
+            // one by one.
+            services
+                .refusals
+                .refuse("OAuthCallback", remote.ip(), e.to_string())
+                .await;
             return (
                 StatusCode::BAD_REQUEST,
                 format!("{e}\nReturn to the application and connect the account again.\n"),
@@ -202,7 +215,7 @@ pub async fn serve(
     let app = router(services);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, remote) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "http accept failed");
@@ -216,7 +229,7 @@ pub async fn serve(
             continue;
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app.clone().layer(Extension(Remote(remote))));
         tokio::spawn(async move {
             let _slot = slot;
             let Ok(Ok(tls)) =

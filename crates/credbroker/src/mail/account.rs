@@ -336,7 +336,8 @@ pub async fn load(
     let connection = if kind.schema().settings.is_empty() {
         None
     } else {
-        let connection = usable_connection::<MailError>(credentials.registry(), connector, user)?;
+        let connection =
+            usable_connection::<MailError>(credentials.registry(), connector, user).await?;
         hash.update(
             connection
                 .connected_at

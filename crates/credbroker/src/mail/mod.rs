@@ -184,7 +184,7 @@ impl Mail {
         let result = self.smtp.send(&account, &outgoing, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
         if result.is_ok() {
-            self.record_use(target);
+            self.record_use(target).await;
         }
         result
     }
@@ -200,7 +200,7 @@ impl Mail {
         let result = imap::fetch(&account, &query, self.timeout).await;
         let result = self.on_auth_refused(target, &account, result).await;
         if result.is_ok() {
-            self.record_use(target);
+            self.record_use(target).await;
         }
         result
     }
@@ -219,7 +219,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
         let first = self.on_auth_refused(target, &account, first).await?;
-        self.record_use(target);
+        self.record_use(target).await;
         Ok(watch::spawn(
             self.clone(),
             target.clone(),
@@ -231,10 +231,11 @@ impl Mail {
 
     /// A password connection is recorded once a call worked; OAuth ones when their token is
     /// served (`OAuth::access_token`).
-    fn record_use(&self, target: &Target) {
+    async fn record_use(&self, target: &Target) {
         if !driver(target.connector.kind).resolvable() {
             self.registry()
-                .record_use(&target.connector, &target.connection_user);
+                .record_use(&target.connector, &target.connection_user)
+                .await;
         }
     }
 

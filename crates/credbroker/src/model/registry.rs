@@ -1,5 +1,8 @@
-//! The registry: the one place that reads and writes connectors and connections. Every write is
-//! one atomic, durable batch; name uniqueness is kept under a lock held across check and write.
+//! The registry: the one place that reads and writes connectors and connections (and the
+//! pending OAuth authorizations that lead to them), and the daemon's one handle on the store's
+//! key management (status, rotation, backup). Every write is one atomic, durable batch; name
+//! uniqueness is kept under a lock held across check and write. It declares its own tables:
+//! the store below is schema-blind.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +14,22 @@ use super::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, FieldError, Kind,
     Mode, ModelError, Secret, new_id,
 };
-use crate::store::{Batch, Store, Table};
+use serde::Serialize;
+
+use crate::store::{Batch, Record, RewrapState, Store, Table};
+
+/// `{workspace}/{connector_id}` → Connector
+const CONNECTORS: Table = Table::cached("connectors");
+/// `{workspace}/{lowercased name}` → connector id
+const CONNECTOR_NAMES: Table = Table::cached("connector_names");
+/// `{connector_id}` → ConnectorSecrets
+const CONNECTOR_SECRETS: Table = Table::cached("connector_secrets");
+/// `{connector_id}/{user_id}` → Connection (user_id empty for shared)
+const CONNECTIONS: Table = Table::cached("connections");
+/// `{connector_id}/{user_id}` → ConnectionSecrets
+const CONNECTION_SECRETS: Table = Table::cached("connection_secrets");
+/// `{state}` → pending OAuth authorization (read once: never cached)
+const OAUTH_STATES: Table = Table::uncached("oauth_states");
 
 /// How often `last_used_at` is written for a busy connection: it is a hint for people, not a
 /// counter, so it must not add a write to every call.
@@ -92,14 +110,42 @@ fn shared_key_connection(
             .setting("account_label")
             .unwrap_or_default()
             .to_string();
-        batch.put(Table::Connections, path, &connection);
+        batch.put(CONNECTIONS, path, &connection);
     } else if existing.is_some() {
-        batch.delete(Table::Connections, path);
+        batch.delete(CONNECTIONS, path);
     }
 }
 
 pub fn connection_path(connector_id: &str, user_id: &str) -> String {
     format!("{connector_id}/{user_id}")
+}
+
+/// What the store's key looks like now: the store's id, the keyring's terms and how much the
+/// current one was used.
+#[derive(Debug, Clone)]
+pub struct KeyStatus {
+    pub store_id: String,
+    pub current_term: u32,
+    pub terms: Vec<u32>,
+    pub term_encryptions: u64,
+}
+
+async fn count_connections(
+    store: &Store,
+) -> Result<std::collections::BTreeMap<&'static str, u64>, ModelError> {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .scan::<Connection>(CONNECTIONS, "", after.as_deref(), 1024)
+            .await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (_, connection) in &page {
+            *counts.entry(connection.status.name()).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
 }
 
 impl Registry {
@@ -108,10 +154,6 @@ impl Registry {
             store,
             names: tokio::sync::Mutex::new(()),
         }
-    }
-
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
     }
 
     pub async fn create_connector(&self, new: NewConnector) -> Result<Connector, ModelError> {
@@ -131,7 +173,8 @@ impl Registry {
         let _guard = self.names.lock().await;
         if self
             .store
-            .get::<String>(Table::ConnectorNames, &name_path(&workspace, name))?
+            .get::<String>(CONNECTOR_NAMES, &name_path(&workspace, name))
+            .await?
             .is_some()
         {
             return Err(ModelError::AlreadyExists {
@@ -155,18 +198,14 @@ impl Registry {
         let mut batch = Batch::new();
         batch
             .put(
-                Table::Connectors,
+                CONNECTORS,
                 connector_path(&workspace, &connector.id),
                 &connector,
             )
-            .put(
-                Table::ConnectorNames,
-                name_path(&workspace, name),
-                &connector.id,
-            );
+            .put(CONNECTOR_NAMES, name_path(&workspace, name), &connector.id);
         if !secrets.is_empty() {
             batch.put(
-                Table::ConnectorSecrets,
+                CONNECTOR_SECRETS,
                 connector.id.clone(),
                 &ConnectorSecrets {
                     slots: secrets.clone(),
@@ -185,7 +224,7 @@ impl Registry {
     }
 
     /// Finds a connector by id ("cn_…") or by name (case-insensitive).
-    pub fn find_connector(
+    pub async fn find_connector(
         &self,
         workspace: &str,
         name_or_id: &str,
@@ -200,12 +239,15 @@ impl Registry {
             Some(name_or_id.to_string())
         } else {
             self.store
-                .get::<String>(Table::ConnectorNames, &name_path(&workspace, name_or_id))?
+                .get::<String>(CONNECTOR_NAMES, &name_path(&workspace, name_or_id))
+                .await?
         };
         let found = match id {
-            Some(id) => self
-                .store
-                .get::<Connector>(Table::Connectors, &connector_path(&workspace, &id))?,
+            Some(id) => {
+                self.store
+                    .get::<Connector>(CONNECTORS, &connector_path(&workspace, &id))
+                    .await?
+            }
             None => None,
         };
         found.ok_or_else(|| ModelError::NotFound {
@@ -215,23 +257,25 @@ impl Registry {
         })
     }
 
-    pub fn list_connectors(&self, workspace: &str) -> Result<Vec<Connector>, ModelError> {
+    pub async fn list_connectors(&self, workspace: &str) -> Result<Vec<Connector>, ModelError> {
         let workspace = workspace_or_default("workspace", workspace)?;
-        let rows = self.store.scan::<Connector>(
-            Table::Connectors,
-            &format!("{workspace}/"),
-            None,
-            usize::MAX,
-        )?;
+        let rows = self
+            .store
+            .scan::<Connector>(CONNECTORS, &format!("{workspace}/"), None, usize::MAX)
+            .await?;
         let mut connectors: Vec<Connector> = rows.into_iter().map(|(_, c)| c).collect();
         connectors.sort_by_key(|c| c.name.to_lowercase());
         Ok(connectors)
     }
 
-    pub fn connector_secrets(&self, connector: &Connector) -> Result<ConnectorSecrets, ModelError> {
+    pub async fn connector_secrets(
+        &self,
+        connector: &Connector,
+    ) -> Result<ConnectorSecrets, ModelError> {
         Ok(self
             .store
-            .get(Table::ConnectorSecrets, &connector.id)?
+            .get(CONNECTOR_SECRETS, &connector.id)
+            .await?
             .unwrap_or_default())
     }
 
@@ -241,7 +285,7 @@ impl Registry {
         name_or_id: &str,
         patch: ConnectorPatch,
     ) -> Result<Connector, ModelError> {
-        let mut connector = self.find_connector(workspace, name_or_id)?;
+        let mut connector = self.find_connector(workspace, name_or_id).await?;
         let kind = connector.kind;
         for (key, value) in &patch.config {
             match value {
@@ -252,7 +296,7 @@ impl Registry {
         if let Some(mode) = patch.mode {
             connector.mode = mode;
         }
-        let mut secrets = self.connector_secrets(&connector)?;
+        let mut secrets = self.connector_secrets(&connector).await?;
         let key_changed = patch.secrets.contains_key("api_key");
         for (slot, value) in patch.secrets {
             match value {
@@ -271,12 +315,12 @@ impl Registry {
         let mut batch = Batch::new();
         batch
             .put(
-                Table::Connectors,
+                CONNECTORS,
                 connector_path(&connector.workspace, &connector.id),
                 &connector,
             )
-            .put(Table::ConnectorSecrets, connector.id.clone(), &secrets);
-        let existing = self.connection(&connector, "")?;
+            .put(CONNECTOR_SECRETS, connector.id.clone(), &secrets);
+        let existing = self.connection(&connector, "").await?;
         shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
         self.store.commit(batch).await?;
         Ok(connector)
@@ -290,11 +334,12 @@ impl Registry {
     ) -> Result<Connector, ModelError> {
         validate_connector_name("new_name", new_name)?;
         let _guard = self.names.lock().await;
-        let mut connector = self.find_connector(workspace, name_or_id)?;
+        let mut connector = self.find_connector(workspace, name_or_id).await?;
         let ws = connector.workspace.clone();
         let taken = self
             .store
-            .get::<String>(Table::ConnectorNames, &name_path(&ws, new_name))?;
+            .get::<String>(CONNECTOR_NAMES, &name_path(&ws, new_name))
+            .await?;
         if taken.is_some_and(|id| id != connector.id) {
             return Err(ModelError::AlreadyExists {
                 workspace: ws,
@@ -302,20 +347,12 @@ impl Registry {
             });
         }
         let mut batch = Batch::new();
-        batch.delete(Table::ConnectorNames, name_path(&ws, &connector.name));
+        batch.delete(CONNECTOR_NAMES, name_path(&ws, &connector.name));
         connector.name = new_name.to_string();
         connector.updated_at = Utc::now();
         batch
-            .put(
-                Table::ConnectorNames,
-                name_path(&ws, new_name),
-                &connector.id,
-            )
-            .put(
-                Table::Connectors,
-                connector_path(&ws, &connector.id),
-                &connector,
-            );
+            .put(CONNECTOR_NAMES, name_path(&ws, new_name), &connector.id)
+            .put(CONNECTORS, connector_path(&ws, &connector.id), &connector);
         self.store.commit(batch).await?;
         Ok(connector)
     }
@@ -327,14 +364,14 @@ impl Registry {
         name_or_id: &str,
     ) -> Result<usize, ModelError> {
         let _guard = self.names.lock().await;
-        let connector = self.find_connector(workspace, name_or_id)?;
+        let connector = self.find_connector(workspace, name_or_id).await?;
         let ws = &connector.workspace;
         // The connector goes first: from this commit on, callers get NOT_FOUND.
         let mut batch = Batch::new();
         batch
-            .delete(Table::Connectors, connector_path(ws, &connector.id))
-            .delete(Table::ConnectorNames, name_path(ws, &connector.name))
-            .delete(Table::ConnectorSecrets, connector.id.clone());
+            .delete(CONNECTORS, connector_path(ws, &connector.id))
+            .delete(CONNECTOR_NAMES, name_path(ws, &connector.name))
+            .delete(CONNECTOR_SECRETS, connector.id.clone());
         self.store.commit(batch).await?;
         self.delete_connections_of(&connector.id).await
     }
@@ -343,17 +380,18 @@ impl Registry {
         let prefix = format!("{connector_id}/");
         let mut removed = 0;
         loop {
-            let rows =
-                self.store
-                    .scan::<Connection>(Table::Connections, &prefix, None, DELETE_CHUNK)?;
+            let rows = self
+                .store
+                .scan::<Connection>(CONNECTIONS, &prefix, None, DELETE_CHUNK)
+                .await?;
             if rows.is_empty() {
                 break;
             }
             let mut batch = Batch::new();
             for (path, _) in &rows {
                 batch
-                    .delete(Table::Connections, path.clone())
-                    .delete(Table::ConnectionSecrets, path.clone());
+                    .delete(CONNECTIONS, path.clone())
+                    .delete(CONNECTION_SECRETS, path.clone());
             }
             removed += rows.len();
             self.store.commit(batch).await?;
@@ -364,7 +402,7 @@ impl Registry {
     /// The connector and the connection's user that a connection reference names: personal
     /// connectors need a user; for shared ones the user is only on whose behalf (the connection
     /// is the shared one, user "").
-    pub fn target(
+    pub async fn target(
         &self,
         workspace: &str,
         connector: &str,
@@ -373,6 +411,7 @@ impl Registry {
         validate_user_id("connection.user_id", user_id)?;
         let connector = self
             .find_connector(workspace, connector)
+            .await
             .map_err(|e| match e {
                 ModelError::Invalid(f) => ModelError::Invalid(FieldError::new(
                     format!("connection.{}", f.field),
@@ -398,27 +437,26 @@ impl Registry {
         })
     }
 
-    pub fn connection(
+    pub async fn connection(
         &self,
         connector: &Connector,
         user_id: &str,
     ) -> Result<Option<Connection>, ModelError> {
         Ok(self
             .store
-            .get(Table::Connections, &connection_path(&connector.id, user_id))?)
+            .get(CONNECTIONS, &connection_path(&connector.id, user_id))
+            .await?)
     }
 
-    pub fn connection_secrets(
+    pub async fn connection_secrets(
         &self,
         connector: &Connector,
         user_id: &str,
     ) -> Result<ConnectionSecrets, ModelError> {
         Ok(self
             .store
-            .get(
-                Table::ConnectionSecrets,
-                &connection_path(&connector.id, user_id),
-            )?
+            .get(CONNECTION_SECRETS, &connection_path(&connector.id, user_id))
+            .await?
             .unwrap_or_default())
     }
 
@@ -430,31 +468,94 @@ impl Registry {
     ) -> Result<(), ModelError> {
         let path = connection_path(&connection.connector_id, &connection.user_id);
         let mut batch = Batch::new();
-        batch.put(Table::Connections, path.clone(), connection);
+        batch.put(CONNECTIONS, path.clone(), connection);
         if let Some(secrets) = secrets {
-            batch.put(Table::ConnectionSecrets, path, secrets);
+            batch.put(CONNECTION_SECRETS, path, secrets);
         }
         self.store.commit(batch).await?;
         Ok(())
     }
 
-    /// Connections by status across every workspace (for metrics), scanning page by page.
-    pub fn count_connections(
+    /// Connections by status across every workspace (for metrics), scanning page by page on a
+    /// blocking thread.
+    pub async fn count_connections(
         &self,
     ) -> Result<std::collections::BTreeMap<&'static str, u64>, ModelError> {
-        let mut counts = std::collections::BTreeMap::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page =
-                self.store
-                    .scan::<Connection>(Table::Connections, "", after.as_deref(), 1024)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (_, connection) in &page {
-                *counts.entry(connection.status.name()).or_insert(0) += 1;
-            }
+        let store = self.store.clone();
+        crate::store::run_blocking(async move { count_connections(&store).await }).await?
+    }
+
+    /// Saves many connections with their secrets in one durable batch (the benchmark's fill).
+    pub async fn save_connections(
+        &self,
+        connections: &[(Connection, ConnectionSecrets)],
+    ) -> Result<(), ModelError> {
+        let mut batch = Batch::new();
+        for (connection, secrets) in connections {
+            let path = connection_path(&connection.connector_id, &connection.user_id);
+            batch
+                .put(CONNECTIONS, path.clone(), connection)
+                .put(CONNECTION_SECRETS, path, secrets);
         }
-        Ok(counts)
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Keeps a pending OAuth authorization under its state, until [`Registry::take_oauth_state`].
+    pub async fn save_oauth_state<T: Serialize>(
+        &self,
+        state: &str,
+        pending: &T,
+    ) -> Result<(), ModelError> {
+        let mut batch = Batch::new();
+        batch.put(OAUTH_STATES, state, pending);
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Removes and returns the pending authorization kept under `state`, if any. The caller
+    /// serialises takes of one state, so that it is handed out once.
+    pub async fn take_oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
+        let Some(pending) = self.store.get::<T>(OAUTH_STATES, state).await? else {
+            return Ok(None);
+        };
+        let mut batch = Batch::new();
+        batch.delete(OAUTH_STATES, state);
+        self.store.commit(batch).await?;
+        Ok(Some(pending))
+    }
+
+    /// The store's key as it is now (GetStatus, metrics).
+    pub fn key_status(&self) -> KeyStatus {
+        let vault = self.store.vault();
+        KeyStatus {
+            store_id: self.store.header().store_id,
+            current_term: vault.current_term(),
+            terms: vault.terms(),
+            term_encryptions: vault.encryptions(),
+        }
+    }
+
+    /// Where the rewrap after the latest key rotation stands, if one ever happened.
+    pub async fn rewrap_state(&self) -> Result<Option<RewrapState>, ModelError> {
+        Ok(self.store.rewrap_state().await?)
+    }
+
+    /// Adds a key term (new writes use it at once) and schedules the rewrap of older records.
+    pub async fn rotate_key(&self) -> Result<u32, ModelError> {
+        let store = self.store.clone();
+        Ok(crate::store::run_blocking(async move { store.rotate_key().await }).await??)
+    }
+
+    /// A consistent copy of the whole store, still sealed, as a backup file (Backup); with the
+    /// number of records it holds.
+    pub async fn backup(&self) -> Result<(Vec<u8>, usize), ModelError> {
+        let store = self.store.clone();
+        let encoded = crate::store::run_blocking(async move {
+            let snapshot = store.snapshot().await?;
+            Ok::<_, crate::store::StoreError>((snapshot.encode(), snapshot.records.len()))
+        });
+        Ok(encoded.await??)
     }
 
     /// Marks a connection EXPIRED (its provider or server refused the stored credential): the
@@ -467,7 +568,7 @@ impl Registry {
         why: String,
         erase_secrets: bool,
     ) -> Result<bool, ModelError> {
-        let Some(mut connection) = self.connection(connector, user_id)? else {
+        let Some(mut connection) = self.connection(connector, user_id).await? else {
             return Ok(false);
         };
         connection.status = ConnectionStatus::Expired;
@@ -485,7 +586,7 @@ impl Registry {
     /// `last_used_at` is a hint, made durable by the next commit (the call's audit record).
     /// A concurrent change (a new status, a disconnect) wins over it: the record is rewritten
     /// only if it is still the one read.
-    pub fn record_use(&self, connector: &Connector, user_id: &str) {
+    pub async fn record_use(&self, connector: &Connector, user_id: &str) {
         let now = Utc::now();
         let recent = |connection: &Connection| {
             connection
@@ -493,20 +594,21 @@ impl Registry {
                 .is_some_and(|t| now - t < LAST_USED_GRANULARITY)
         };
         // The common case (used within the minute) costs one cached read and no write.
-        match self.connection(connector, user_id) {
+        match self.connection(connector, user_id).await {
             Ok(Some(connection)) if !recent(&connection) => {}
             _ => return,
         }
         let path = connection_path(&connector.id, user_id);
-        let written =
-            self.store
-                .update_unsynced(Table::Connections, &path, |connection: &mut Connection| {
-                    if recent(connection) {
-                        return false;
-                    }
-                    connection.last_used_at = Some(now);
-                    true
-                });
+        let written = self
+            .store
+            .update_unsynced(CONNECTIONS, &path, |connection: &mut Connection| {
+                if recent(connection) {
+                    return false;
+                }
+                connection.last_used_at = Some(now);
+                true
+            })
+            .await;
         if let Err(e) = written {
             tracing::warn!(error = %e, "could not record last_used_at");
         }
@@ -521,8 +623,8 @@ impl Registry {
         let path = connection_path(&connector.id, user_id);
         let mut batch = Batch::new();
         batch
-            .delete(Table::Connections, path.clone())
-            .delete(Table::ConnectionSecrets, path);
+            .delete(CONNECTIONS, path.clone())
+            .delete(CONNECTION_SECRETS, path);
         self.store.commit(batch).await?;
         Ok(())
     }
@@ -538,7 +640,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         generate_key_file(&key).unwrap();
-        let store = Store::create(&dir.path().join("db"), &KeySource::KeyFile(key)).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
         let registry = Registry::new(Arc::new(store));
         let connector = registry
             .create_connector(NewConnector {
@@ -555,26 +660,35 @@ mod tests {
         let mut connection = Connection::new(&connector.id, "u1");
         connection.status = ConnectionStatus::Connected;
         registry.save_connection(&connection, None).await.unwrap();
-        let last_used = |registry: &Registry| {
+        let last_used = async |registry: &Registry| {
             registry
                 .connection(&connector, "u1")
+                .await
                 .unwrap()
                 .unwrap()
                 .last_used_at
         };
-        assert_eq!(last_used(&registry), None);
+        assert_eq!(last_used(&registry).await, None);
 
-        registry.record_use(&connector, "u1");
-        let first = last_used(&registry).expect("recorded without waiting for a sync");
-        registry.record_use(&connector, "u1");
+        registry.record_use(&connector, "u1").await;
+        let first = last_used(&registry)
+            .await
+            .expect("recorded without waiting for a sync");
+        registry.record_use(&connector, "u1").await;
         assert_eq!(
-            last_used(&registry),
+            last_used(&registry).await,
             Some(first),
             "once a minute, not per call"
         );
 
         // A use of a connection that does not exist creates nothing.
-        registry.record_use(&connector, "nobody");
-        assert!(registry.connection(&connector, "nobody").unwrap().is_none());
+        registry.record_use(&connector, "nobody").await;
+        assert!(
+            registry
+                .connection(&connector, "nobody")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -18,7 +18,6 @@ use super::{OAuth, OAuthError, describe, lifetime};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
-use crate::store::{Batch, Table};
 
 /// How long a user has to finish consenting at the provider.
 pub const STATE_TTL: TimeDelta = TimeDelta::minutes(10);
@@ -144,13 +143,9 @@ impl OAuth {
             return_url: return_url.to_string(),
             expires_at,
         };
-        let mut batch = Batch::new();
-        batch.put(Table::OAuthStates, state_key(&state), &pending);
         self.registry
-            .store()
-            .commit(batch)
-            .await
-            .map_err(crate::model::ModelError::from)?;
+            .save_oauth_state(&state_key(&state), &pending)
+            .await?;
         Ok(Started {
             authorization_url: url.to_string(),
             state,
@@ -165,17 +160,11 @@ impl OAuth {
         }
         let key = state_key(state);
         let _one_at_a_time = self.states.lock().await;
-        let store = self.registry.store();
-        let pending: PendingConnect = store
-            .get(Table::OAuthStates, &key)
-            .map_err(crate::model::ModelError::from)?
+        let pending: PendingConnect = self
+            .registry
+            .take_oauth_state(&key)
+            .await?
             .ok_or(OAuthError::UnknownState)?;
-        let mut batch = Batch::new();
-        batch.delete(Table::OAuthStates, key);
-        store
-            .commit(batch)
-            .await
-            .map_err(crate::model::ModelError::from)?;
         pending.check_fresh(Utc::now())?;
         Ok(pending)
     }
@@ -196,12 +185,16 @@ impl OAuth {
         }
         let connector = self
             .registry
-            .find_connector(&pending.workspace, &pending.connector_id)?;
+            .find_connector(&pending.workspace, &pending.connector_id)
+            .await?;
         let endpoints = Endpoints::of(&connector)?;
-        let client = self.token_client(&connector, &endpoints)?.set_redirect_uri(
-            RedirectUrl::new(pending.redirect_uri.clone())
-                .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
-        );
+        let client = self
+            .token_client(&connector, &endpoints)
+            .await?
+            .set_redirect_uri(
+                RedirectUrl::new(pending.redirect_uri.clone())
+                    .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
+            );
         let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
         let sender = http::Sender(http);
         let response = client
@@ -231,7 +224,8 @@ impl OAuth {
         let user = &pending.user_id;
         let mut connection = self
             .registry
-            .connection(&connector, user)?
+            .connection(&connector, user)
+            .await?
             .unwrap_or_else(|| Connection::new(&connector.id, user));
         connection.status = ConnectionStatus::Connected;
         connection.account_label = account_label;
@@ -272,7 +266,7 @@ impl OAuth {
                 connector: connector.name.clone(),
             });
         }
-        if self.registry.connection(connector, user)?.is_none() {
+        if self.registry.connection(connector, user).await?.is_none() {
             return Err(crate::driver::ConnectionError::not_connected(connector, user).into());
         }
         let revoked = self.revoke(connector, user).await?;
@@ -292,7 +286,7 @@ impl OAuth {
         let Some(url) = &endpoints.revocation_url else {
             return Ok(false);
         };
-        let secrets = self.registry.connection_secrets(connector, user)?;
+        let secrets = self.registry.connection_secrets(connector, user).await?;
         let token = match (secrets.get("refresh_token"), secrets.get("access_token")) {
             (Some(refresh), _) => StandardRevocableToken::RefreshToken(oauth2::RefreshToken::new(
                 refresh.expose().to_string(),
@@ -303,7 +297,8 @@ impl OAuth {
             (None, None) => return Ok(false),
         };
         let client = self
-            .token_client(connector, &endpoints)?
+            .token_client(connector, &endpoints)
+            .await?
             .set_revocation_url(
                 RevocationUrl::new(url.clone())
                     .map_err(|e| FieldError::new("config.revocation_url", e.to_string()))?,

@@ -126,14 +126,15 @@ impl OAuth {
             .clone()
     }
 
-    fn token_client(
+    async fn token_client(
         &self,
         connector: &Connector,
         endpoints: &Endpoints,
     ) -> Result<TokenClient, OAuthError> {
         let secret = self
             .registry
-            .connector_secrets(connector)?
+            .connector_secrets(connector)
+            .await?
             .slots
             .get("client_secret")
             .map(|s| ClientSecret::new(s.expose().to_string()));
@@ -161,7 +162,7 @@ impl OAuth {
     ) -> Result<AccessToken, OAuthError> {
         let token = self.fresh_token(connector, user, min_ttl).await?;
         // Every use of an OAuth connection comes through here: resolve, mail, calendar.
-        self.registry.record_use(connector, user);
+        self.registry.record_use(connector, user).await;
         Ok(token)
     }
 
@@ -183,14 +184,17 @@ impl OAuth {
         }
         let key = crate::model::connection_path(&connector.id, user);
         let asked_at = Utc::now();
-        if let Some(token) = self.stored_token(connector, user, min_ttl, None)? {
+        if let Some(token) = self.stored_token(connector, user, min_ttl, None).await? {
             return Ok(token);
         }
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
         // Whoever held the lock before us may have refreshed: a token refreshed since we asked
         // is as fresh as the provider makes them, whatever its lifetime.
-        if let Some(token) = self.stored_token(connector, user, min_ttl, Some(asked_at))? {
+        if let Some(token) = self
+            .stored_token(connector, user, min_ttl, Some(asked_at))
+            .await?
+        {
             return Ok(token);
         }
         self.refresh(connector, user, &Endpoints::of(connector)?, &key)
@@ -198,18 +202,19 @@ impl OAuth {
     }
 
     /// The stored access token if it is fresh enough; errors if there is no usable connection.
-    fn stored_token(
+    async fn stored_token(
         &self,
         connector: &Connector,
         user: &str,
         min_ttl: Duration,
         refreshed_since: Option<DateTime<Utc>>,
     ) -> Result<Option<AccessToken>, OAuthError> {
-        let connection = usable_connection::<OAuthError>(&self.registry, connector, user)?;
+        let connection = usable_connection::<OAuthError>(&self.registry, connector, user).await?;
         let (Some(expires_at), Some(token)) = (
             connection.access_expires_at,
             self.registry
-                .connection_secrets(connector, user)?
+                .connection_secrets(connector, user)
+                .await?
                 .get("access_token")
                 .cloned(),
         ) else {
@@ -236,8 +241,9 @@ impl OAuth {
         endpoints: &Endpoints,
         key: &str,
     ) -> Result<AccessToken, OAuthError> {
-        let mut connection = usable_connection::<OAuthError>(&self.registry, connector, user)?;
-        let mut secrets = self.registry.connection_secrets(connector, user)?;
+        let mut connection =
+            usable_connection::<OAuthError>(&self.registry, connector, user).await?;
+        let mut secrets = self.registry.connection_secrets(connector, user).await?;
         let still_valid = |connection: &Connection, secrets: &ConnectionSecrets| {
             let expires_at = connection.access_expires_at.filter(|t| *t > Utc::now())?;
             Some(AccessToken {
@@ -261,7 +267,7 @@ impl OAuth {
                 .expire(connector, user, "the provider gave no refresh token")
                 .await;
         };
-        let client = self.token_client(connector, endpoints)?;
+        let client = self.token_client(connector, endpoints).await?;
         let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
         let refresh = RefreshToken::new(refresh_token.expose().to_string());
         let sender = http::Sender(http);
@@ -395,7 +401,7 @@ impl OAuth {
         connector: &Connector,
         endpoints: &Endpoints,
     ) -> Result<CachedToken, OAuthError> {
-        let client = self.token_client(connector, endpoints)?;
+        let client = self.token_client(connector, endpoints).await?;
         let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
         let sender = http::Sender(http);
         let mut request = client.exchange_client_credentials();
@@ -432,7 +438,7 @@ impl OAuth {
         connector: &Connector,
         client_id: &str,
     ) -> Result<(), OAuthError> {
-        let existing = self.registry.connection(connector, "")?;
+        let existing = self.registry.connection(connector, "").await?;
         if existing
             .as_ref()
             .is_some_and(|c| c.status == ConnectionStatus::Connected)

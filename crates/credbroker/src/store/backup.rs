@@ -17,8 +17,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::{HEADER_KEY, RawEntry, SledBackend, Store, StoreError};
-use crate::store::Backend;
+use super::{HEADER_KEY, Intent, RawEntry, Store, StoreError, open_backend};
+use crate::config::StoreConfig;
 use crate::vault::{Header, KeySource, VaultError};
 
 const MAGIC: &[u8] = b"credbroker-backup/1\n";
@@ -201,56 +201,47 @@ pub fn write_backup_file(out: &Path, bytes: &[u8]) -> Result<(), BackupError> {
 
 impl Store {
     /// A consistent copy of everything: commits are held off (not failed) while it is read.
-    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let _quiet = self.gate.write().unwrap_or_else(|p| p.into_inner());
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let _quiet = self.gate.write().await;
         Ok(Snapshot {
-            meta: self.backend.meta_scan()?,
-            records: self.backend.scan_prefix(b"", None, usize::MAX)?,
+            meta: self.backend.meta_scan().await?,
+            records: self.backend.scan_prefix(b"", None, usize::MAX).await?,
         })
     }
 }
 
-/// Writes `snapshot` as a new store in `path`, which must not exist or be an empty folder,
-/// after checking that `source` unlocks its header. The header is written last: an
-/// interrupted restore leaves no store that opens.
-pub fn restore(path: &Path, snapshot: &Snapshot, source: &KeySource) -> Result<(), BackupError> {
+/// Writes `snapshot` as a new store where `config` says, which must hold nothing yet (for sled:
+/// a folder that does not exist or is empty), after checking that `source` unlocks its header.
+/// The header is written last: an interrupted restore leaves no store that opens.
+pub async fn restore(
+    config: &StoreConfig,
+    snapshot: &Snapshot,
+    source: &KeySource,
+) -> Result<(), BackupError> {
     let header = snapshot.header()?;
     header.unlock(source)?;
-    let shown = path.display().to_string();
-    match std::fs::read_dir(path) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(BackupError::TargetNotEmpty { path: shown });
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BackupError::Io {
-                path: shown,
-                source,
-            });
-        }
-    }
-    let backend = SledBackend::open(path)?;
+    let backend = match open_backend(config, Intent::Empty).await {
+        Err(StoreError::NotEmpty { path }) => return Err(BackupError::TargetNotEmpty { path }),
+        other => other?,
+    };
     for (key, value) in snapshot.meta.iter().filter(|(k, _)| k != HEADER_KEY) {
-        backend.meta_put(key, value)?;
+        backend.meta_put(key, value).await?;
     }
     for chunk in snapshot.records.chunks(1024) {
-        backend.apply(
-            chunk
-                .iter()
-                .map(|(k, v)| (k.clone(), Some(v.clone())))
-                .collect(),
-        )?;
+        let ops = chunk
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        backend.apply(ops).await?;
     }
-    backend.sync()?;
+    backend.sync().await?;
     let (_, raw_header) = snapshot
         .meta
         .iter()
         .find(|(k, _)| k == HEADER_KEY)
         .ok_or(BackupError::NoHeader)?;
-    backend.meta_put(HEADER_KEY, raw_header)?;
-    backend.sync()?;
+    backend.meta_put(HEADER_KEY, raw_header).await?;
+    backend.sync().await?;
     Ok(())
 }
 

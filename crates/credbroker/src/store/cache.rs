@@ -1,6 +1,7 @@
-//! A read cache of decrypted, parsed registry records (connectors, names, connections and
-//! their secrets): the records every ResolveCredential reads, which change rarely. Audit records
-//! and OAuth states are never cached. Values are kept parsed because parsing them (JSON, dates)
+//! A read cache of decrypted, parsed records of the tables declared [`Table::cached`] (the
+//! registry's connectors, names, connections and their secrets: the records every
+//! ResolveCredential reads, which change rarely). Tables declared [`Table::uncached`] (audit
+//! records, OAuth states) are never kept. Values are kept parsed because parsing them (JSON, dates)
 //! cost more than decrypting them; secrets among them are [`crate::model::Secret`]s, wiped when
 //! the last copy is dropped.
 //!
@@ -24,16 +25,13 @@ type Value = Arc<dyn Any + Send + Sync>;
 #[derive(Default)]
 struct Inner {
     entries: HashMap<Vec<u8>, Value>,
-    generations: [u64; Table::ALL.len()],
+    /// Per table name: bumped by every write to the table.
+    generations: HashMap<&'static str, u64>,
 }
 
 #[derive(Default)]
 pub struct ReadCache {
     inner: Mutex<Inner>,
-}
-
-pub(super) fn cached(table: Table) -> bool {
-    !matches!(table, Table::Audit | Table::OAuthStates)
 }
 
 impl ReadCache {
@@ -49,7 +47,11 @@ impl ReadCache {
 
     /// The table's generation, taken before reading the backend.
     pub fn generation(&self, table: Table) -> u64 {
-        self.lock().generations[table as usize]
+        self.lock()
+            .generations
+            .get(table.name())
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Keeps what a reader read, unless a write to the table began since `generation`.
@@ -60,11 +62,11 @@ impl ReadCache {
         key: Vec<u8>,
         value: T,
     ) {
-        if !cached(table) {
+        if !table.is_cached() {
             return;
         }
         let mut inner = self.lock();
-        if inner.generations[table as usize] != generation {
+        if inner.generations.get(table.name()).copied().unwrap_or(0) != generation {
             return;
         }
         if inner.entries.len() >= CAPACITY {
@@ -77,7 +79,7 @@ impl ReadCache {
     pub fn invalidate<'a>(&self, writes: impl IntoIterator<Item = (Table, &'a [u8])>) {
         let mut inner = self.lock();
         for (table, key) in writes {
-            inner.generations[table as usize] += 1;
+            *inner.generations.entry(table.name()).or_insert(0) += 1;
             inner.entries.remove(key);
         }
     }
@@ -87,20 +89,23 @@ impl ReadCache {
 mod tests {
     use super::*;
 
+    const CONNECTIONS: Table = Table::cached("connections");
+    const AUDIT: Table = Table::uncached("audit");
+
     #[test]
     fn a_read_that_raced_a_write_is_not_kept() {
         let cache = ReadCache::default();
-        let before = cache.generation(Table::Connections);
-        cache.invalidate([(Table::Connections, b"k".as_slice())]);
-        cache.put(Table::Connections, before, b"k".to_vec(), "old".to_string());
+        let before = cache.generation(CONNECTIONS);
+        cache.invalidate([(CONNECTIONS, b"k".as_slice())]);
+        cache.put(CONNECTIONS, before, b"k".to_vec(), "old".to_string());
         assert!(cache.get::<String>(b"k").is_none());
-        let now = cache.generation(Table::Connections);
-        cache.put(Table::Connections, now, b"k".to_vec(), "new".to_string());
+        let now = cache.generation(CONNECTIONS);
+        cache.put(CONNECTIONS, now, b"k".to_vec(), "new".to_string());
         assert_eq!(cache.get::<String>(b"k").as_deref(), Some("new"));
         assert!(cache.get::<u32>(b"k").is_none(), "another type is a miss");
         // Audit records are never kept.
-        let audit = cache.generation(Table::Audit);
-        cache.put(Table::Audit, audit, b"a".to_vec(), "x".to_string());
+        let audit = cache.generation(AUDIT);
+        cache.put(AUDIT, audit, b"a".to_vec(), "x".to_string());
         assert!(cache.get::<String>(b"a").is_none());
     }
 }

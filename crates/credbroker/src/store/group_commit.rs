@@ -41,7 +41,8 @@ impl GroupCommit {
                     let mut group = vec![first];
                     group.extend(waiters.try_iter());
                     let started = std::time::Instant::now();
-                    let outcome = backend.sync().map_err(|e| Arc::<str>::from(e.to_string()));
+                    let outcome = super::wait_inline(backend.sync())
+                        .map_err(|e| Arc::<str>::from(e.to_string()));
                     crate::metrics::store_sync(group.len(), started.elapsed());
                     for waiter in group {
                         let _ = waiter.send(outcome.clone());
@@ -68,13 +69,6 @@ impl GroupCommit {
     pub async fn wait(&self) -> Result<(), StoreError> {
         let rx = self.enqueue()?;
         rx.await
-            .map_err(|_| StoreError::Sync("commit thread stopped".into()))?
-            .map_err(|e| StoreError::Sync(e.to_string()))
-    }
-
-    pub fn wait_blocking(&self) -> Result<(), StoreError> {
-        let rx = self.enqueue()?;
-        rx.blocking_recv()
             .map_err(|_| StoreError::Sync("commit thread stopped".into()))?
             .map_err(|e| StoreError::Sync(e.to_string()))
     }

@@ -1,29 +1,41 @@
-//! The store owns persistence: typed records, sealed by the vault, kept by a [`Backend`] (sled
-//! today), written in atomic batches that are durable when [`Store::commit`] returns.
+//! The store owns persistence: typed records, sealed by the vault, kept by a [`Backend`] (the
+//! one `[store] backend` names, opened by [`open_backend`]), written in atomic batches that are
+//! durable when [`Store::commit`] returns.
 //!
 //! Invariants:
 //! - every value reaching the backend is an envelope sealed for its own record key; only the
 //!   header and the vault's counter reservations (nothing secret) are stored in the clear;
 //! - a commit returns only after the backend has synced it; concurrent commits share one sync
-//!   ([`group_commit`]).
+//!   ([`group_commit`]);
+//! - the store is schema-blind: the layers above declare their [`Table`]s.
+//!
+//! Reads are async because a backend's reads may be network calls. They are plain `async fn`s
+//! (not boxed), so a read-cache hit never reaches the backend and allocates no future; only a
+//! miss pays for the backend's boxed future.
+//!
+//! The vault's persistence hooks (a counter reservation every 64 Ki seals, a rotation's
+//! keyring write) are synchronous, so they wait for the backend with [`wait_inline`]; so do
+//! the group-commit and audit threads, which are not runtime workers.
 
+mod backend;
 mod backup;
 mod cache;
 mod group_commit;
 mod rotation;
 mod sled_backend;
 
+pub use backend::{BACKENDS, Backend, Intent, RawEntry, RawOp, open_backend};
 pub use backup::{BackupError, Snapshot, restore, write_backup_file};
 pub use rotation::{RewrapState, RewrapStep, change_key};
-pub use sled_backend::SledBackend;
 
-use std::path::Path;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use crate::config::StoreConfig;
 use crate::vault::{Header, Kek, KeySource, Vault, VaultError};
 use group_commit::GroupCommit;
 
@@ -32,54 +44,48 @@ pub trait Record: DeserializeOwned + Clone + Send + Sync + 'static {}
 
 impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Record for T {}
 
-/// The logical tables. A record's full key is `table ‖ 0x00 ‖ path`; the envelope is bound to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    /// `{workspace}/{connector_id}` → Connector
-    Connectors,
-    /// `{workspace}/{lowercased name}` → connector id
-    ConnectorNames,
-    /// `{connector_id}` → ConnectorSecrets
-    ConnectorSecrets,
-    /// `{connector_id}/{user_id}` → Connection (user_id empty for shared)
-    Connections,
-    /// `{connector_id}/{user_id}` → ConnectionSecrets
-    ConnectionSecrets,
-    /// `{state}` → pending OAuth authorization
-    OAuthStates,
-    /// `{seq:020}` → audit record
-    Audit,
+/// A logical table, declared by the layer that owns its records (the registry, the audit log).
+/// A record's full key is `name ‖ 0x00 ‖ path`; the envelope is bound to it. Names are unique
+/// across the crate and contain no 0 byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Table {
+    name: &'static str,
+    cached: bool,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
-        Table::Connectors,
-        Table::ConnectorNames,
-        Table::ConnectorSecrets,
-        Table::Connections,
-        Table::ConnectionSecrets,
-        Table::OAuthStates,
-        Table::Audit,
-    ];
+    /// A table whose records the read cache keeps parsed: small, read often, changed rarely.
+    pub const fn cached(name: &'static str) -> Table {
+        Table { name, cached: true }
+    }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Connectors => "connectors",
-            Table::ConnectorNames => "connector_names",
-            Table::ConnectorSecrets => "connector_secrets",
-            Table::Connections => "connections",
-            Table::ConnectionSecrets => "connection_secrets",
-            Table::OAuthStates => "oauth_states",
-            Table::Audit => "audit",
+    /// A table read through to the backend every time (written once, or read once).
+    pub const fn uncached(name: &'static str) -> Table {
+        Table {
+            name,
+            cached: false,
         }
     }
 
+    pub const fn name(self) -> &'static str {
+        self.name
+    }
+
+    pub(crate) const fn is_cached(self) -> bool {
+        self.cached
+    }
+
     fn key(self, path: &str) -> Vec<u8> {
-        let mut key = Vec::with_capacity(self.name().len() + 1 + path.len());
-        key.extend_from_slice(self.name().as_bytes());
+        let mut key = Vec::with_capacity(self.name.len() + 1 + path.len());
+        key.extend_from_slice(self.name.as_bytes());
         key.push(0);
         key.extend_from_slice(path.as_bytes());
         key
+    }
+
+    /// The path of a full record key of this table.
+    fn path_of(self, key: &[u8]) -> String {
+        String::from_utf8_lossy(&key[self.name.len() + 1..]).into_owned()
     }
 }
 
@@ -89,8 +95,12 @@ pub enum StoreError {
     NotInitialized { path: String },
     #[error("a store already exists at {path}; refusing to overwrite it")]
     AlreadyExists { path: String },
+    #[error("{path} is not empty")]
+    NotEmpty { path: String },
     #[error("the store at {path} is in use by another process")]
     Locked { path: String },
+    #[error("[store] backend = {name:?} is not a known store backend (known: {known})", known = BACKENDS.join(", "))]
+    UnknownBackend { name: String },
     #[error("storage error: {0}")]
     Backend(String),
     #[error(transparent)]
@@ -101,40 +111,38 @@ pub enum StoreError {
     Sync(String),
 }
 
-/// What a storage engine must offer. Small on purpose, so that another backend (PostgreSQL)
-/// can replace sled without touching any caller. Values here are opaque bytes (envelopes).
-/// A raw entry: full record key and envelope bytes.
-pub type RawEntry = (Vec<u8>, Vec<u8>);
+/// Waits for a backend future on the calling thread, parking it until the future is woken, for
+/// the synchronous callers named in the module comment. Unlike an executor's `block_on`, it may
+/// nest (the audit writer's commit seals, and a seal may persist a reservation). A backend
+/// whose futures need the runtime's I/O driver must finish them on another thread (as a client
+/// library's connection task does), never on this one.
+pub(crate) fn wait_inline<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        match future.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(output) => return output,
+            std::task::Poll::Pending => std::thread::park(),
+        }
+    }
+}
 
-/// A raw write: a put (Some) or delete (None) of a full record key.
-pub type RawOp = (Vec<u8>, Option<Vec<u8>>);
-
-pub trait Backend: Send + Sync + 'static {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Up to `limit` entries whose key starts with `prefix` and sorts after `after`, in key order.
-    fn scan_prefix(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<RawEntry>, StoreError>;
-    /// The entry with the greatest key under `prefix`, and not above `at_most` if given.
-    fn last_with_prefix(
-        &self,
-        prefix: &[u8],
-        at_most: Option<&[u8]>,
-    ) -> Result<Option<RawEntry>, StoreError>;
-    /// Applies every put (Some) and delete (None) atomically; not yet durable.
-    fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError>;
-    /// Blocks until everything applied so far is on disk.
-    fn sync(&self) -> Result<(), StoreError>;
-    /// Unencrypted metadata: the header and counter reservations.
-    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
-    /// Every metadata entry, in key order.
-    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Replaces the value of `key` only if it still is `old`; false if it changed (or is gone).
-    fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError>;
+/// Runs a long store operation (a full scan, a snapshot, a rotation) on a blocking thread, so
+/// that a backend that works inline does not hold up a runtime worker meanwhile.
+pub async fn run_blocking<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(work))
+        .await
+        .map_err(|e| StoreError::Backend(format!("a store task failed: {e}")))
 }
 
 /// One write of a batch, before sealing: a put (Some) or delete (None).
@@ -197,12 +205,12 @@ pub struct Store {
     kek: Kek,
     commits: GroupCommit,
     /// One rotation (or retirement) at a time.
-    rotation: std::sync::Mutex<()>,
+    rotation: tokio::sync::Mutex<()>,
     /// Wakes the background rewrap after a rotation.
     rewrap_wanted: tokio::sync::Notify,
     /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
     /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
-    gate: RwLock<()>,
+    gate: tokio::sync::RwLock<()>,
     cache: cache::ReadCache,
 }
 
@@ -221,67 +229,53 @@ fn reservation_key(term: u32) -> String {
     format!("reserved/{term}")
 }
 
-/// The store's header, as the backend at `path` holds it.
-fn read_header(backend: &dyn Backend, path: &Path) -> Result<Header, StoreError> {
+/// The store's header, as `backend` holds it.
+async fn read_header(backend: &dyn Backend) -> Result<Header, StoreError> {
     let raw = backend
-        .meta_get(HEADER_KEY)?
+        .meta_get(HEADER_KEY)
+        .await?
         .ok_or_else(|| StoreError::NotInitialized {
-            path: path.display().to_string(),
+            path: backend.location(),
         })?;
     serde_json::from_slice(&raw)
         .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))
 }
 
 impl Store {
-    /// Creates a new store at `path`, refusing if one exists there.
-    pub fn create(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
-        Self::create_with(path, source, crate::vault::ARGON2_PARAMS)
-    }
-
-    /// As [`Store::create`] with explicit argon2id parameters.
-    pub fn create_with(
-        path: &Path,
-        source: &KeySource,
-        argon2: (u32, u32, u32),
-    ) -> Result<Store, StoreError> {
-        let backend = Arc::new(SledBackend::open(path)?);
-        if backend.meta_get(HEADER_KEY)?.is_some() {
+    /// Creates a new store where `config` says, refusing if one exists there.
+    pub async fn create(config: &StoreConfig, source: &KeySource) -> Result<Store, StoreError> {
+        let backend = open_backend(config, Intent::Create).await?;
+        if backend.meta_get(HEADER_KEY).await?.is_some() {
             return Err(StoreError::AlreadyExists {
-                path: path.display().to_string(),
+                path: backend.location(),
             });
         }
-        let (header, _) = Header::create_with_params(source, argon2)?;
+        let (header, _) = Header::create_with_params(source, crate::vault::ARGON2_PARAMS)?;
         // The header is the last thing written: a store without one is not a store yet.
-        backend.meta_put(
-            HEADER_KEY,
-            &serde_json::to_vec(&header).expect("header serializes"),
-        )?;
-        backend.sync()?;
-        // The same handle goes on: reopening would race sled's release of its file lock.
-        Self::open_backend(backend, source, path)
+        backend
+            .meta_put(
+                HEADER_KEY,
+                &serde_json::to_vec(&header).expect("header serializes"),
+            )
+            .await?;
+        backend.sync().await?;
+        // The same handle goes on: reopening would race the engine's release of its lock.
+        Self::unlock(backend, source).await
     }
 
     /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.
-    pub fn open(path: &Path, source: &KeySource) -> Result<Store, StoreError> {
-        if !path.join("conf").exists() {
-            return Err(StoreError::NotInitialized {
-                path: path.display().to_string(),
-            });
-        }
-        let backend = Arc::new(SledBackend::open(path)?);
-        Self::open_backend(backend, source, path)
+    pub async fn open(config: &StoreConfig, source: &KeySource) -> Result<Store, StoreError> {
+        let backend = open_backend(config, Intent::Existing).await?;
+        Self::unlock(backend, source).await
     }
 
-    fn open_backend(
-        backend: Arc<SledBackend>,
-        source: &KeySource,
-        path: &Path,
-    ) -> Result<Store, StoreError> {
-        let header = read_header(backend.as_ref(), path)?;
+    async fn unlock(backend: Arc<dyn Backend>, source: &KeySource) -> Result<Store, StoreError> {
+        let header = read_header(backend.as_ref()).await?;
         let (kek, keyring) = header.unlock_with_kek(source)?;
         let term = keyring.current_term();
         let reserved = backend
-            .meta_get(&reservation_key(term))?
+            .meta_get(&reservation_key(term))
+            .await?
             .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
         let sink_backend = backend.clone();
@@ -289,22 +283,24 @@ impl Store {
             keyring,
             reserved,
             Box::new(move |term, n| {
-                sink_backend
-                    .meta_put(&reservation_key(term), &n.to_be_bytes())
-                    .and_then(|()| sink_backend.sync())
-                    .map_err(|e| e.to_string())
+                wait_inline(async {
+                    sink_backend
+                        .meta_put(&reservation_key(term), &n.to_be_bytes())
+                        .await?;
+                    sink_backend.sync().await
+                })
+                .map_err(|e| e.to_string())
             }),
         );
-        let backend: Arc<dyn Backend> = backend;
         Ok(Store {
             commits: GroupCommit::start(backend.clone()),
             backend,
             vault: Arc::new(vault),
             header: RwLock::new(header),
             kek,
-            gate: RwLock::new(()),
+            gate: tokio::sync::RwLock::new(()),
             cache: cache::ReadCache::default(),
-            rotation: std::sync::Mutex::new(()),
+            rotation: tokio::sync::Mutex::new(()),
             rewrap_wanted: tokio::sync::Notify::new(),
         })
     }
@@ -320,13 +316,14 @@ impl Store {
         &self.vault
     }
 
-    /// Reads and decrypts one record.
-    pub fn get<T: Record>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
+    /// Reads and decrypts one record. A cache hit returns without reaching the backend.
+    pub async fn get<T: Record>(&self, table: Table, path: &str) -> Result<Option<T>, StoreError> {
         let key = table.key(path);
-        if !cache::cached(table) {
+        if !table.is_cached() {
             return self
                 .backend
-                .get(&key)?
+                .get(&key)
+                .await?
                 .map(|sealed| self.decode(&key, &sealed))
                 .transpose();
         }
@@ -334,7 +331,7 @@ impl Store {
             return Ok(Some(value));
         }
         let generation = self.cache.generation(table);
-        match self.backend.get(&key)? {
+        match self.backend.get(&key).await? {
             None => Ok(None),
             Some(sealed) => {
                 let value: T = self.decode(&key, &sealed)?;
@@ -345,7 +342,7 @@ impl Store {
     }
 
     /// Reads up to `limit` records whose path starts with `prefix`, after path `after`.
-    pub fn scan<T: DeserializeOwned>(
+    pub async fn scan<T: DeserializeOwned>(
         &self,
         table: Table,
         prefix: &str,
@@ -355,38 +352,28 @@ impl Store {
         let after_key = after.map(|a| table.key(a));
         let rows = self
             .backend
-            .scan_prefix(&table.key(prefix), after_key.as_deref(), limit)?;
+            .scan_prefix(&table.key(prefix), after_key.as_deref(), limit)
+            .await?;
         rows.into_iter()
-            .map(|(key, sealed)| {
-                let value = self.decode(&key, &sealed)?;
-                let path = String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned();
-                Ok((path, value))
-            })
+            .map(|(key, sealed)| Ok((table.path_of(&key), self.decode(&key, &sealed)?)))
             .collect()
     }
 
     /// The record with the greatest path under `prefix`, and not above `at_most` if given (the
     /// audit batch holding a sequence number, say).
-    pub fn last<T: DeserializeOwned>(
+    pub async fn last<T: DeserializeOwned>(
         &self,
         table: Table,
         prefix: &str,
         at_most: Option<&str>,
     ) -> Result<Option<(String, T)>, StoreError> {
         let at_most = at_most.map(|path| table.key(path));
-        match self
+        let last = self
             .backend
-            .last_with_prefix(&table.key(prefix), at_most.as_deref())?
-        {
-            None => Ok(None),
-            Some((key, sealed)) => {
-                let value = self.decode(&key, &sealed)?;
-                Ok(Some((
-                    String::from_utf8_lossy(&key[table.name().len() + 1..]).into_owned(),
-                    value,
-                )))
-            }
-        }
+            .last_with_prefix(&table.key(prefix), at_most.as_deref())
+            .await?;
+        last.map(|(key, sealed)| Ok((table.path_of(&key), self.decode(&key, &sealed)?)))
+            .transpose()
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
@@ -400,21 +387,21 @@ impl Store {
         })
     }
 
-    /// Seals and applies `batch` atomically, returning once it is on disk.
+    /// Seals and applies `batch` atomically, returning once it is durable.
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch)?;
+        self.apply(batch).await?;
         self.commits.wait().await?;
-        self.rotate_if_worn()
+        self.rotate_if_worn().await
     }
 
-    /// Applies and syncs `batch` on the calling thread, without the group-commit thread: for a
+    /// Applies and syncs `batch` in the calling task, without the group-commit thread: for a
     /// writer that batches on its own and waits for nothing else (the audit writer).
-    pub fn commit_here(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch)?;
+    pub async fn commit_here(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch).await?;
         let started = std::time::Instant::now();
-        self.backend.sync()?;
+        self.backend.sync().await?;
         crate::metrics::store_sync(1, started.elapsed());
-        self.rotate_if_worn()
+        self.rotate_if_worn().await
     }
 
     /// Rewrites one record with `change` (which returns whether it changed anything), without
@@ -422,15 +409,15 @@ impl Store {
     /// durable by the next commit of any writer — on a serving daemon, the same call's audit
     /// record. The write happens only if the record is still what was read: a concurrent
     /// change or delete wins, and the hint is dropped. Returns whether it wrote.
-    pub fn update_unsynced<T: Record + Serialize>(
+    pub async fn update_unsynced<T: Record + Serialize>(
         &self,
         table: Table,
         path: &str,
         change: impl FnOnce(&mut T) -> bool,
     ) -> Result<bool, StoreError> {
-        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let _writing = self.gate.read().await;
         let key = table.key(path);
-        let Some(sealed) = self.backend.get(&key)? else {
+        let Some(sealed) = self.backend.get(&key).await? else {
             return Ok(false);
         };
         let mut value: T = self.decode(&key, &sealed)?;
@@ -441,65 +428,54 @@ impl Store {
         let resealed = self.vault.seal(&key, &plain)?;
         let keys = [(table, key.as_slice())];
         self.cache.invalidate(keys);
-        let written = self.backend.replace_if(&key, &sealed, resealed);
+        let written = self.backend.replace_if(&key, &sealed, resealed).await;
         self.cache.invalidate(keys);
         written
     }
 
-    /// [`Store::commit`] for callers outside the async runtime (the CLI).
-    pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch)?;
-        self.commits.wait_blocking()?;
-        self.rotate_if_worn()
-    }
-
-    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+    async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let _writing = self.gate.read().await;
         let mut ops = Vec::with_capacity(batch.ops.len());
-        let mut tables = Vec::with_capacity(batch.ops.len());
+        let mut touched = Vec::new();
         for Op { table, path, value } in batch.ops {
             let key = table.key(&path);
             let sealed = match value {
                 Some(plain) => Some(self.vault.seal(&key, &plain)?),
                 None => None,
             };
+            if table.is_cached() {
+                touched.push((table, key.clone()));
+            }
             ops.push((key, sealed));
-            tables.push(table);
         }
-        let touched: Vec<(Table, Vec<u8>)> = tables
-            .into_iter()
-            .zip(&ops)
-            .filter(|(table, _)| cache::cached(*table))
-            .map(|(table, (key, _))| (table, key.clone()))
-            .collect();
         let keys = || touched.iter().map(|(t, k)| (*t, k.as_slice()));
         self.cache.invalidate(keys());
-        let applied = self.backend.apply(ops);
+        let applied = self.backend.apply(ops).await;
         self.cache.invalidate(keys());
         applied
     }
 
     /// Test and forensics hook: the raw envelope of a record, as the backend holds it.
-    pub fn raw_get(&self, table: Table, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.backend.get(&table.key(path))
+    pub async fn raw_get(&self, table: Table, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(&table.key(path)).await
     }
 
     /// Test and forensics hook: writes raw bytes as a record, bypassing the vault.
-    pub fn raw_put(
+    pub async fn raw_put(
         &self,
         table: Table,
         path: &str,
         bytes: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let _writing = self.gate.read().await;
         let key = table.key(path);
         self.cache.invalidate([(table, key.as_slice())]);
-        self.backend.apply(vec![(key.clone(), bytes)])?;
+        self.backend.apply(vec![(key.clone(), bytes)]).await?;
         self.cache.invalidate([(table, key.as_slice())]);
-        self.backend.sync()
+        self.backend.sync().await
     }
 }
 

@@ -10,12 +10,11 @@
 //!   on an older term are those terms retired (their data keys leave the keyring).
 //! - [`change_key`] rewraps the keyring under a new passphrase or key file: one header write.
 
-use std::path::Path;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, HEADER_KEY, SledBackend, Store, StoreError};
+use super::{HEADER_KEY, Intent, Store, StoreError, open_backend, wait_inline};
+use crate::config::StoreConfig;
 use crate::vault::{KeySource, Keyring, Vault};
 
 const REWRAP_KEY: &str = "rewrap";
@@ -57,16 +56,16 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 
 impl Store {
     /// Adds a key term; new writes use it at once; a rewrap of older records is scheduled.
-    pub fn rotate_key(&self) -> Result<u32, StoreError> {
-        let _one = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
-        self.rotate_locked()
+    pub async fn rotate_key(&self) -> Result<u32, StoreError> {
+        let _one = self.rotation.lock().await;
+        self.rotate_locked().await
     }
 
-    fn rotate_locked(&self) -> Result<u32, StoreError> {
+    async fn rotate_locked(&self) -> Result<u32, StoreError> {
         // Counted before writes pause: only an estimate for progress.
-        let total = self.record_count()?;
+        let total = self.record_count().await?;
         // No write is between sealing and applying while the term changes.
-        let _quiet = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _quiet = self.gate.write().await;
         let term = self.vault.rotate(|keyring| {
             let state = RewrapState {
                 to_term: keyring.current_term(),
@@ -74,7 +73,7 @@ impl Store {
                 started_at: Some(Utc::now()),
                 ..RewrapState::default()
             };
-            self.backend.meta_put(REWRAP_KEY, &json(&state))?;
+            wait_inline(self.backend.meta_put(REWRAP_KEY, &json(&state)))?;
             self.persist_keyring(keyring)
         })?;
         self.rewrap_wanted.notify_one();
@@ -82,18 +81,21 @@ impl Store {
         Ok(term)
     }
 
-    /// Wraps `keyring` under the KEK and makes the header durable (one metadata write).
+    /// Wraps `keyring` under the KEK and makes the header durable (one metadata write). Runs
+    /// inside the vault's synchronous swap of the keyring, hence [`wait_inline`].
     fn persist_keyring(&self, keyring: &Keyring) -> Result<(), StoreError> {
         let header = self.header().with_keyring_kek(&self.kek, keyring);
-        self.backend.meta_put(HEADER_KEY, &json(&header))?;
-        self.backend.sync()?;
+        wait_inline(async {
+            self.backend.meta_put(HEADER_KEY, &json(&header)).await?;
+            self.backend.sync().await
+        })?;
         *self.header.write().unwrap_or_else(|p| p.into_inner()) = header;
         Ok(())
     }
 
     /// Rotates on its own once the current term nears its encryption limit. A failure is
     /// logged, not returned: the write that noticed it is already durable.
-    pub(super) fn rotate_if_worn(&self) -> Result<(), StoreError> {
+    pub(super) async fn rotate_if_worn(&self) -> Result<(), StoreError> {
         if !self.vault.needs_rotation() {
             return Ok(());
         }
@@ -109,15 +111,15 @@ impl Store {
             encryptions = self.vault.encryptions(),
             "key term worn: rotating automatically"
         );
-        if let Err(e) = self.rotate_locked() {
+        if let Err(e) = self.rotate_locked().await {
             tracing::error!(error = %e, term, "automatic key rotation failed");
         }
         Ok(())
     }
 
     /// The rewrap's persisted state, if a rotation ever happened.
-    pub fn rewrap_state(&self) -> Result<Option<RewrapState>, StoreError> {
-        match self.backend.meta_get(REWRAP_KEY)? {
+    pub async fn rewrap_state(&self) -> Result<Option<RewrapState>, StoreError> {
+        match self.backend.meta_get(REWRAP_KEY).await? {
             None => Ok(None),
             Some(raw) => serde_json::from_slice(&raw)
                 .map(Some)
@@ -134,8 +136,8 @@ impl Store {
     }
 
     /// Re-seals up to `batch` records under the current term and persists the position.
-    pub fn rewrap_step(&self, batch: usize) -> Result<RewrapStep, StoreError> {
-        let Some(mut state) = self.rewrap_state()? else {
+    pub async fn rewrap_step(&self, batch: usize) -> Result<RewrapStep, StoreError> {
+        let Some(mut state) = self.rewrap_state().await? else {
             return Ok(RewrapStep::Idle);
         };
         if state.finished {
@@ -150,13 +152,14 @@ impl Store {
         };
         let page = self
             .backend
-            .scan_prefix(b"", after.as_deref(), batch.max(1))?;
+            .scan_prefix(b"", after.as_deref(), batch.max(1))
+            .await?;
         let Some((last, _)) = page.last() else {
-            return self.end_of_pass(state);
+            return self.end_of_pass(state).await;
         };
         let last = hex::encode(last);
         {
-            let _writing = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            let _writing = self.gate.read().await;
             let current = self.vault.current_term();
             state.to_term = current;
             for (key, sealed) in &page {
@@ -164,7 +167,7 @@ impl Store {
                 if Vault::term_of(sealed).is_some_and(|t| t < current) {
                     let plain = self.vault.open(key, sealed)?;
                     let resealed = self.vault.seal(key, &plain)?;
-                    if self.backend.replace_if(key, sealed, resealed)? {
+                    if self.backend.replace_if(key, sealed, resealed).await? {
                         state.rewrapped += 1;
                     }
                 }
@@ -172,23 +175,23 @@ impl Store {
         }
         state.after = Some(last);
         // The records first, then the position: a crash in between only redoes this batch.
-        self.backend.sync()?;
-        self.backend.meta_put(REWRAP_KEY, &json(&state))?;
-        self.backend.sync()?;
+        self.backend.sync().await?;
+        self.backend.meta_put(REWRAP_KEY, &json(&state)).await?;
+        self.backend.sync().await?;
         Ok(RewrapStep::Progress(state))
     }
 
-    fn end_of_pass(&self, mut state: RewrapState) -> Result<RewrapStep, StoreError> {
-        let _one = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
+    async fn end_of_pass(&self, mut state: RewrapState) -> Result<RewrapStep, StoreError> {
+        let _one = self.rotation.lock().await;
         let current = self.vault.current_term();
         state.to_term = current;
-        if self.records_below(current)? > 0 {
+        if self.records_below(current).await? > 0 {
             // Written under an older term before the rotation but after this pass went by, or
             // a later rotation: another pass.
             state.after = None;
             state.pass += 1;
-            self.backend.meta_put(REWRAP_KEY, &json(&state))?;
-            self.backend.sync()?;
+            self.backend.meta_put(REWRAP_KEY, &json(&state)).await?;
+            self.backend.sync().await?;
             return Ok(RewrapStep::Progress(state));
         }
         let old: Vec<u32> = self
@@ -202,33 +205,41 @@ impl Store {
         let retired = self.vault.retire(&old, |keyring| {
             let mut done = state.clone();
             done.retired = old.clone();
-            self.backend.meta_put(REWRAP_KEY, &json(&done))?;
+            wait_inline(self.backend.meta_put(REWRAP_KEY, &json(&done)))?;
             self.persist_keyring(keyring)
         })?;
         state.retired = retired;
         // Also when nothing needed retiring (the keyring was already clean).
-        self.backend.meta_put(REWRAP_KEY, &json(&state))?;
-        self.backend.sync()?;
+        self.backend.meta_put(REWRAP_KEY, &json(&state)).await?;
+        self.backend.sync().await?;
         tracing::info!(term = current, retired = ?state.retired, rewrapped = state.rewrapped, "rewrap finished; old key terms retired");
         Ok(RewrapStep::Finished(state))
     }
 
     /// Records whose envelope is sealed under a term older than `term`.
-    pub fn records_below(&self, term: u32) -> Result<u64, StoreError> {
-        Ok(self.terms_in_use()?.range(..term).map(|(_, n)| n).sum())
+    pub async fn records_below(&self, term: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .terms_in_use()
+            .await?
+            .range(..term)
+            .map(|(_, n)| n)
+            .sum())
     }
 
     /// Records in the store, counted page by page.
-    fn record_count(&self) -> Result<u64, StoreError> {
-        Ok(self.terms_in_use()?.values().sum())
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        Ok(self.terms_in_use().await?.values().sum())
     }
 
     /// Every term records are sealed under, with how many records use it.
-    pub fn terms_in_use(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+    pub async fn terms_in_use(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
         let mut terms = std::collections::BTreeMap::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.backend.scan_prefix(b"", after.as_deref(), 4096)?;
+            let page = self
+                .backend
+                .scan_prefix(b"", after.as_deref(), 4096)
+                .await?;
             let Some((last, _)) = page.last() else {
                 return Ok(terms);
             };
@@ -242,17 +253,16 @@ impl Store {
     }
 }
 
-/// Wraps the keyring of the stopped store at `path` under `new` instead of `old`: one durable
-/// header write, so the store opens with exactly one of the two keys whatever happens.
-pub fn change_key(path: &Path, old: &KeySource, new: &KeySource) -> Result<(), StoreError> {
-    if !path.join("conf").exists() {
-        return Err(StoreError::NotInitialized {
-            path: path.display().to_string(),
-        });
-    }
-    let backend = SledBackend::open(path)?;
-    let header = super::read_header(&backend, path)?;
+/// Wraps the keyring of the stopped store `config` names under `new` instead of `old`: one
+/// durable header write, so the store opens with exactly one of the two keys whatever happens.
+pub async fn change_key(
+    config: &StoreConfig,
+    old: &KeySource,
+    new: &KeySource,
+) -> Result<(), StoreError> {
+    let backend = open_backend(config, Intent::Existing).await?;
+    let header = super::read_header(backend.as_ref()).await?;
     let rewrapped = header.rewrapped(old, new)?;
-    backend.meta_put(HEADER_KEY, &json(&rewrapped))?;
-    backend.sync()
+    backend.meta_put(HEADER_KEY, &json(&rewrapped)).await?;
+    backend.sync().await
 }

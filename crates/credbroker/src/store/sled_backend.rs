@@ -7,6 +7,10 @@
 //! the process being killed, not a power loss. So [`SledBackend::sync`] follows sled's flush
 //! with an `fdatasync` of the log file and an `fsync` of every new blob file and of their
 //! directory, through handles of our own (`fsync` acts on the file, whichever handle asks).
+//!
+//! sled is synchronous and local: every [`Backend`] method does its work inline and returns a
+//! future that is ready at once (no thread hop on the read path). Whether a folder holds a
+//! store is decided here alone, from sled's `conf` file ([`check_intent`]).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -14,7 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Backend, RawEntry, RawOp, StoreError};
+use async_trait::async_trait;
+
+use super::{Backend, Intent, RawEntry, RawOp, StoreError};
+
+/// The `[store] backend` value naming this engine (the default).
+pub const NAME: &str = "sled";
 
 /// sled's page cache. Its default (1 GiB) fills with audit records, which are written once and
 /// rarely read, so a long-running daemon's memory grew by a gigabyte; the records resolve reads
@@ -23,6 +32,7 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct SledBackend {
     db: sled::Db,
+    path: PathBuf,
     records: sled::Tree,
     /// sled's log file, opened only to sync it.
     log: std::fs::File,
@@ -40,10 +50,27 @@ fn backend_error(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Refuses a folder that does not suit `intent`, before sled creates anything in it.
+fn check_intent(path: &Path, intent: Intent) -> Result<(), StoreError> {
+    let shown = || path.display().to_string();
+    match intent {
+        Intent::Create => Ok(()),
+        Intent::Existing if path.join("conf").exists() => Ok(()),
+        Intent::Existing => Err(StoreError::NotInitialized { path: shown() }),
+        Intent::Empty => match std::fs::read_dir(path).map(|mut entries| entries.next()) {
+            Ok(Some(_)) => Err(StoreError::NotEmpty { path: shown() }),
+            Ok(None) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Backend(format!("{}: {e}", shown()))),
+        },
+    }
+}
+
 impl SledBackend {
-    /// Opens the store, waiting up to [`LOCK_WAIT`] for a lock that is being released: sled's
+    /// Opens the folder at `path` for `intent`, waiting up to [`LOCK_WAIT`] for a lock that is being released: sled's
     /// flusher thread still holds a just-closed store for a moment.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, intent: Intent) -> Result<Self, StoreError> {
+        check_intent(path, intent)?;
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         loop {
             match Self::try_open(path) {
@@ -76,6 +103,7 @@ impl SledBackend {
             .map_err(|e| StoreError::Backend(format!("cannot open sled's log file: {e}")))?;
         let backend = Self {
             db,
+            path: path.to_path_buf(),
             records,
             log,
             blobs: path.join("blobs"),
@@ -84,7 +112,7 @@ impl SledBackend {
         };
         // Whatever an earlier process left unsynced is synced before anything is acknowledged,
         // and so are the directory entries of a store just created.
-        backend.sync()?;
+        backend.sync_now()?;
         std::fs::File::open(path)
             .and_then(|dir| dir.sync_all())
             .map_err(|e| StoreError::Sync(e.to_string()))?;
@@ -121,10 +149,36 @@ impl SledBackend {
         *synced = present;
         Ok(())
     }
+
+    /// sled's flush, then the syncs it leaves out (see the module comment).
+    fn sync_now(&self) -> Result<(), StoreError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Sync(
+                "an earlier sync failed, so later writes may not be on disk; restart the daemon"
+                    .into(),
+            ));
+        }
+        let synced = self
+            .db
+            .flush()
+            .map(drop)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.log.sync_data().map_err(|e| e.to_string()))
+            .and_then(|()| self.sync_new_blobs().map_err(|e| e.to_string()));
+        synced.map_err(|why| {
+            self.sync_failed.store(true, Ordering::Release);
+            StoreError::Sync(why)
+        })
+    }
 }
 
+#[async_trait]
 impl Backend for SledBackend {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .records
             .get(key)
@@ -132,7 +186,7 @@ impl Backend for SledBackend {
             .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(
+    async fn scan_prefix(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
@@ -157,7 +211,7 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn last_with_prefix(
+    async fn last_with_prefix(
         &self,
         prefix: &[u8],
         at_most: Option<&[u8]>,
@@ -173,7 +227,7 @@ impl Backend for SledBackend {
             .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
-    fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {
+    async fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, value) in ops {
             match value {
@@ -184,31 +238,15 @@ impl Backend for SledBackend {
         self.records.apply_batch(batch).map_err(backend_error)
     }
 
-    fn sync(&self) -> Result<(), StoreError> {
-        if self.sync_failed.load(Ordering::Acquire) {
-            return Err(StoreError::Sync(
-                "an earlier sync failed, so later writes may not be on disk; restart the daemon"
-                    .into(),
-            ));
-        }
-        let synced = self
-            .db
-            .flush()
-            .map(drop)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.log.sync_data().map_err(|e| e.to_string()))
-            .and_then(|()| self.sync_new_blobs().map_err(|e| e.to_string()));
-        synced.map_err(|why| {
-            self.sync_failed.store(true, Ordering::Release);
-            StoreError::Sync(why)
-        })
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.sync_now()
     }
 
-    fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key).map_err(backend_error)?.map(|v| v.to_vec()))
     }
 
-    fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn meta_scan(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.db
             .iter()
             .map(|item| {
@@ -218,7 +256,7 @@ impl Backend for SledBackend {
             .collect()
     }
 
-    fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError> {
+    async fn replace_if(&self, key: &[u8], old: &[u8], new: Vec<u8>) -> Result<bool, StoreError> {
         Ok(self
             .records
             .compare_and_swap(key, Some(old), Some(new))
@@ -226,7 +264,7 @@ impl Backend for SledBackend {
             .is_ok())
     }
 
-    fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    async fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.db
             .insert(key, value)
             .map(|_| ())
