@@ -3,7 +3,9 @@
 //! never handle refresh tokens, client secrets or passwords.
 //!
 //! Layers, bottom up (DESIGN.md §3): [`vault`] (keys and envelopes) → [`store`] (durable,
-//! encrypted records) → [`model`] (connectors and connections).
+//! encrypted records) → [`model`] (connectors and connections) → [`driver`] (what each connector
+//! kind does, and the credentials service) → [`oauth`], [`mail`], [`calendar`], [`connect`] →
+//! the use cases ([`resolve`]) and the API.
 
 pub mod api;
 pub mod audit;
@@ -11,6 +13,7 @@ pub mod calendar;
 pub mod client;
 pub mod config;
 pub mod connect;
+pub mod driver;
 pub mod http;
 pub mod mail;
 pub mod metrics;

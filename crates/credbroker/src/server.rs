@@ -306,7 +306,10 @@ pub async fn open_services(
     ));
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),
-        connect: Connect::new(registry.clone(), timeout).with_mail(mail.clone()),
+        connect: Connect::new(
+            crate::driver::Credentials::new(registry.clone(), oauth.clone()),
+            timeout,
+        ),
         mail,
         registry,
         audit,

@@ -71,8 +71,7 @@ fn new_event(e: proto::CalendarEvent, rrule: String) -> Result<NewEvent, FieldEr
 impl BrokerApi {
     fn calendars(&self) -> Calendars<'_> {
         Calendars {
-            registry: &self.0.registry,
-            resolver: &self.0.resolver,
+            credentials: self.0.resolver.credentials(),
             timeout: Duration::from_secs(self.0.limits.upstream_timeout_secs.max(1)),
         }
     }

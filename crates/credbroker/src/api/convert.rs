@@ -166,11 +166,11 @@ pub fn mail(m: crate::mail::MailMessage) -> proto::MailMessage {
 }
 
 /// The one reply that carries a secret: the credential itself.
-pub fn credential(c: crate::resolve::Credential) -> proto::ResolveCredentialResponse {
+pub fn credential(c: crate::driver::Credential) -> proto::ResolveCredentialResponse {
     proto::ResolveCredentialResponse {
         kind: kind_to(c.kind) as i32,
         secret: c.secret.expose().to_string(),
-        token_type: c.token_type,
+        token_type: c.form.token_type().to_string(),
         expires_at: opt_timestamp(c.expires_at),
         scopes: c.scopes,
         account_label: c.account_label,

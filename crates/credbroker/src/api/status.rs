@@ -14,6 +14,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::audit::AuditError;
 use crate::calendar::CalendarError;
 use crate::connect::ConnectError;
+use crate::driver::ConnectionError;
 use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
 use crate::oauth::OAuthError;
@@ -174,19 +175,23 @@ fn model(e: &ModelError) -> Class {
 
 fn resolve(e: &ResolveError) -> Class {
     match e {
-        ResolveError::NotConnected { .. } => plain(Reason::NotConnected),
-        ResolveError::Expired { .. } => plain(Reason::Expired),
-        ResolveError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
+        ResolveError::Connection(c) => connection(c),
         ResolveError::NotResolvable { .. } => plain(Reason::NotResolvable),
         ResolveError::OAuth(o) => oauth(o),
         ResolveError::Model(m) => model(m),
     }
 }
 
+fn connection(e: &ConnectionError) -> Class {
+    match e {
+        ConnectionError::NotConnected { .. } => plain(Reason::NotConnected),
+        ConnectionError::Expired { .. } => plain(Reason::Expired),
+    }
+}
+
 fn oauth(e: &OAuthError) -> Class {
     match e {
-        OAuthError::NotConnected { .. } => plain(Reason::NotConnected),
-        OAuthError::Expired { .. } => plain(Reason::Expired),
+        OAuthError::Connection(c) => connection(c),
         OAuthError::NotOAuth { .. } => plain(Reason::NotOauth),
         OAuthError::UnknownState => plain(Reason::StateUnknown),
         OAuthError::StateExpired => plain(Reason::StateExpired),
@@ -200,7 +205,7 @@ fn mail(e: &MailError) -> Class {
     match e {
         MailError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
         MailError::Model(m) => model(m),
-        MailError::Resolve(r) => resolve(r),
+        MailError::Credential(r) => resolve(r),
         MailError::Upstream { service, stage, .. } => (
             Reason::UpstreamUnavailable,
             vec![
@@ -209,7 +214,7 @@ fn mail(e: &MailError) -> Class {
             ],
         ),
         // A stored password refused: the connection is now EXPIRED and must be reconnected.
-        MailError::AuthRefused { what, .. } if *what != "access token" => plain(Reason::Expired),
+        MailError::Expired(_) => plain(Reason::Expired),
         MailError::AuthRefused { .. } => plain(Reason::UpstreamAuthRefused),
         MailError::Rejected {
             too_large: true, ..
@@ -223,7 +228,7 @@ fn mail(e: &MailError) -> Class {
 fn calendar(e: &CalendarError) -> Class {
     match e {
         CalendarError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
-        CalendarError::Resolve(r) => resolve(r),
+        CalendarError::Credential(r) => resolve(r),
         CalendarError::Model(m) => model(m),
         CalendarError::Config(_) => plain(Reason::Config),
         CalendarError::Unsupported(_) => plain(Reason::Unsupported),
@@ -293,13 +298,15 @@ mod tests {
             assert_eq!(info.reason, "INVALID_ARGUMENT");
             assert_eq!(info.metadata["field"], "to");
         }
-        let not_connected = || ResolveError::NotConnected {
-            connector: "c".into(),
-            for_user: String::new(),
+        let not_connected = || {
+            ResolveError::Connection(ConnectionError::NotConnected {
+                connector: "c".into(),
+                user: String::new(),
+            })
         };
         for e in [
-            ApiError::from(MailError::Resolve(not_connected())),
-            ApiError::from(CalendarError::Resolve(not_connected())),
+            ApiError::from(MailError::Credential(not_connected())),
+            ApiError::from(CalendarError::Credential(not_connected())),
         ] {
             assert_eq!(classify(&e).0, Reason::NotConnected);
             assert_eq!(Status::from(e).code(), Code::FailedPrecondition);

@@ -63,52 +63,62 @@ impl std::fmt::Debug for Settings {
     }
 }
 
+/// A connection setting, if given and not empty.
+fn setting<'a>(settings: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    settings
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The server URL a connection's password goes to: its `url` setting, else the connector's;
+/// https only, with no credentials in it, ending in '/'.
+pub fn server_url(
+    connector: &Connector,
+    settings: &BTreeMap<String, String>,
+) -> Result<Url, CalendarError> {
+    let url = setting(settings, "url")
+        .or_else(|| connector.setting("url"))
+        .ok_or_else(|| {
+            CalendarError::Config(
+                "no CalDAV server URL: set `url` on the connection or the connector".into(),
+            )
+        })?;
+    // The value is not echoed: a malformed URL may still carry a password.
+    let mut url = Url::parse(url)
+        .map_err(|e| CalendarError::Config(format!("the CalDAV URL is not a URL: {e}")))?;
+    if url.scheme() != "https" {
+        return Err(CalendarError::Config(
+            "the CalDAV URL must start with https://".into(),
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(CalendarError::Config(
+            "the CalDAV URL must not contain credentials: use the username setting and the password secret".into(),
+        ));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
 impl Settings {
     /// From a connection's settings (url, username, ca_pem), falling back to the connector's
-    /// configuration (url, ca_pem), and its `password` secret.
+    /// configuration (url, ca_pem), and its password.
     pub fn new(
         connector: &Connector,
         settings: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
+        password: Option<Secret>,
     ) -> Result<Settings, CalendarError> {
-        let get = |k: &str| {
-            settings
-                .get(k)
-                .map(String::as_str)
-                .filter(|v| !v.is_empty())
-        };
-        let url = get("url")
-            .or_else(|| connector.setting("url"))
-            .ok_or_else(|| {
-                CalendarError::Config(
-                    "no CalDAV server URL: set `url` on the connection or the connector".into(),
-                )
-            })?;
-        // The value is not echoed: a malformed URL may still carry a password.
-        let mut url = Url::parse(url)
-            .map_err(|e| CalendarError::Config(format!("the CalDAV URL is not a URL: {e}")))?;
-        if url.scheme() != "https" {
-            return Err(CalendarError::Config(
-                "the CalDAV URL must start with https://".into(),
-            ));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(CalendarError::Config(
-                "the CalDAV URL must not contain credentials: use the username setting and the password secret".into(),
-            ));
-        }
-        if !url.path().ends_with('/') {
-            let path = format!("{}/", url.path());
-            url.set_path(&path);
-        }
-        let username = get("username")
+        let url = server_url(connector, settings)?;
+        let username = setting(settings, "username")
             .ok_or_else(|| CalendarError::Config("no CalDAV username: set `username`".into()))?
             .to_string();
-        let password = secrets
-            .get("password")
-            .cloned()
-            .ok_or_else(|| CalendarError::Config("no CalDAV password is stored".into()))?;
-        let ca_pem = get("ca_pem")
+        let password =
+            password.ok_or_else(|| CalendarError::Config("no CalDAV password is stored".into()))?;
+        let ca_pem = setting(settings, "ca_pem")
             .or_else(|| connector.setting("ca_pem"))
             .map(str::to_string);
         Ok(Settings {
@@ -755,7 +765,8 @@ fn last_segment(href: &str) -> &str {
         .unwrap_or_default()
 }
 
-/// See [`super::test_caldav`].
+/// The CalDAV connection test behind ConnectWithCredentials: signs in, finds the principal
+/// and the calendar home, and lists the calendars, saying what failed in words a user can act on.
 pub async fn test(
     connector: &Connector,
     settings: &BTreeMap<String, String>,
@@ -766,11 +777,12 @@ pub async fn test(
         checks: vec![Check::failed("caldav", stage, message)],
         account_label: None,
     };
-    let account =
-        match Settings::new(connector, settings, secrets).and_then(|s| Account::new(s, timeout)) {
-            Ok(a) => a,
-            Err(e) => return failed(Stage::Config, e.to_string()),
-        };
+    let account = match Settings::new(connector, settings, secrets.get("password").cloned())
+        .and_then(|s| Account::new(s, timeout))
+    {
+        Ok(a) => a,
+        Err(e) => return failed(Stage::Config, e.to_string()),
+    };
     let server = account.server();
     let discovered = super::deadline(timeout, &server, account.discover()).await;
     match discovered {

@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use crate::model::{FieldError, Kind, ModelError, Registry, Stage, Target, TestReport};
-use crate::resolve::{ResolveError, Resolver, for_user};
+use crate::driver::{
+    ConnectionError, CredentialError, Credentials, Service, driver, expire_refused,
+    usable_connection,
+};
+use crate::model::{FieldError, ModelError, Stage, Target};
 use ical::{Moment, Zone};
 
 /// Widest ListCalendar window.
@@ -81,7 +84,7 @@ pub enum CalendarError {
     #[error(transparent)]
     Invalid(#[from] FieldError),
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    Credential(#[from] CredentialError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{0}")]
@@ -445,10 +448,15 @@ async fn deadline<T>(
     }
 }
 
+impl From<ConnectionError> for CalendarError {
+    fn from(e: ConnectionError) -> Self {
+        CalendarError::Credential(e.into())
+    }
+}
+
 /// The calendar domain for one call: borrows what it needs from the daemon's services.
 pub struct Calendars<'a> {
-    pub registry: &'a Registry,
-    pub resolver: &'a Resolver,
+    pub credentials: &'a Credentials,
     pub timeout: Duration,
 }
 
@@ -462,90 +470,85 @@ enum Backend {
 }
 
 impl Calendars<'_> {
+    /// The google-calendar preset is served by the Google Calendar API; every other calendar
+    /// connector speaks CalDAV.
     async fn backend(&self, target: &Target) -> Result<Backend, CalendarError> {
         let connector = &target.connector;
-        let user = &target.connection_user;
-        match connector.kind {
-            Kind::Caldav => {
-                if connector.setting("oauth_connector").is_some() {
-                    return Err(CalendarError::Unsupported(
-                        "CalDAV over OAuth (oauth_connector) is not available in this build".into(),
-                    ));
-                }
-                let connection =
-                    crate::resolve::usable_connection(self.registry, connector, user).await?;
-                let secrets = self.registry.connection_secrets(connector, user).await?;
-                let settings =
-                    caldav::Settings::new(connector, &connection.settings, &secrets.slots)?;
-                Ok(Backend::Caldav(caldav::Account::new(
-                    settings,
-                    self.timeout,
-                )?))
-            }
-            Kind::Oauth2 if connector.provider == GOOGLE_PROVIDER => {
-                let credential = self
-                    .resolver
-                    .resolve(target, Duration::from_secs(60))
-                    .await?;
-                let client = crate::tls::http_client(connector.setting("ca_pem"), self.timeout)
-                    .map_err(|e| CalendarError::Config(e.to_string()))?;
-                Ok(Backend::Google {
-                    client,
-                    base: connector
-                        .setting("base_url")
-                        .unwrap_or(GOOGLE_BASE_URL)
-                        .to_string(),
-                    token: credential.secret,
-                })
-            }
-            kind => Err(CalendarError::Config(format!(
+        if !driver(connector.kind).serves(connector, Service::Calendar) {
+            return Err(CalendarError::Config(format!(
                 "connector {:?} is a {}{} connector: it has no calendar (use a caldav or google-calendar connector)",
                 connector.name,
-                kind.name(),
+                connector.kind.name(),
                 if connector.provider.is_empty() {
                     String::new()
                 } else {
                     format!(" ({})", connector.provider)
                 }
-            ))),
+            )));
         }
+        if connector.provider == GOOGLE_PROVIDER {
+            let credential = self
+                .credentials
+                .credential(target, Duration::from_secs(60))
+                .await?;
+            let client = crate::tls::http_client(connector.setting("ca_pem"), self.timeout)
+                .map_err(|e| CalendarError::Config(e.to_string()))?;
+            return Ok(Backend::Google {
+                client,
+                base: connector
+                    .setting("base_url")
+                    .unwrap_or(GOOGLE_BASE_URL)
+                    .to_string(),
+                token: credential.secret,
+            });
+        }
+        if connector.setting("oauth_connector").is_some() {
+            return Err(CalendarError::Unsupported(
+                "CalDAV over OAuth (oauth_connector) is not available in this build".into(),
+            ));
+        }
+        let registry = self.credentials.registry();
+        let connection =
+            usable_connection::<CalendarError>(registry, connector, &target.connection_user)
+                .await?;
+        let password = self
+            .credentials
+            .credential(target, self.timeout)
+            .await?
+            .secret;
+        let settings = caldav::Settings::new(connector, &connection.settings, Some(password))?;
+        Ok(Backend::Caldav(caldav::Account::new(
+            settings,
+            self.timeout,
+        )?))
     }
 
-    /// Records the use of a CalDAV connection that worked (OAuth ones are recorded when their
-    /// token is served). A stored password the server refuses marks the connection EXPIRED:
-    /// the user must reconnect, and callers are told so instead of retrying.
+    /// Records the use of a connection that worked when its driver says so (OAuth ones are
+    /// recorded when their token is served). A stored password the server refuses marks the
+    /// connection EXPIRED ([`expire_refused`]): the user must reconnect, and callers are told
+    /// so instead of retrying.
     async fn settle<T>(
         &self,
         target: &Target,
+        password: bool,
         result: Result<T, CalendarError>,
     ) -> Result<T, CalendarError> {
         let connector = &target.connector;
         let user = &target.connection_user;
-        if result.is_ok() && connector.kind == Kind::Caldav {
-            self.registry.record_use(connector, user).await;
+        let registry = self.credentials.registry();
+        if result.is_ok() && !driver(connector.kind).resolvable() {
+            registry.record_use(connector, user).await;
         }
         let Err(CalendarError::AuthRefused { server, status }) = &result else {
             return result;
         };
-        if connector.kind == Kind::Caldav
-            && self
-                .registry
-                .mark_expired(
-                    connector,
-                    user,
-                    format!(
-                        "{server} refused the stored password (HTTP {status}): reconnect the account"
-                    ),
-                    false,
-                )
-                .await?
-        {
-            tracing::warn!(connector = %connector.id, "CalDAV server refused the stored password: connection marked expired");
-            return Err(ResolveError::Expired {
-                connector: connector.name.clone(),
-                for_user: for_user(user),
+        if password {
+            let why = format!(
+                "{server} refused the stored password (HTTP {status}): reconnect the account"
+            );
+            if let Some(expired) = expire_refused(registry, connector, user, why, false).await? {
+                return Err(expired.into());
             }
-            .into());
         }
         result
     }
@@ -557,7 +560,9 @@ impl Calendars<'_> {
         window: Window,
         limit: usize,
     ) -> Result<Listing, CalendarError> {
-        let result = match self.backend(target).await? {
+        let backend = self.backend(target).await?;
+        let password = matches!(backend, Backend::Caldav(_));
+        let result = match backend {
             Backend::Caldav(account) => {
                 let server = account.server();
                 deadline(
@@ -580,7 +585,7 @@ impl Calendars<'_> {
                 .await
             }
         };
-        self.settle(target, result).await
+        self.settle(target, password, result).await
     }
 
     pub async fn create(
@@ -590,7 +595,9 @@ impl Calendars<'_> {
         event: NewEvent,
     ) -> Result<Event, CalendarError> {
         let event = event.validate()?;
-        let result = match self.backend(target).await? {
+        let backend = self.backend(target).await?;
+        let password = matches!(backend, Backend::Caldav(_));
+        let result = match backend {
             Backend::Caldav(account) => {
                 let server = account.server();
                 deadline(self.timeout, &server, account.create(calendar, &event)).await
@@ -608,19 +615,8 @@ impl Calendars<'_> {
                 .await
             }
         };
-        self.settle(target, result).await
+        self.settle(target, password, result).await
     }
-}
-
-/// The CalDAV connection test: signs in, finds the principal and the calendar home, and lists
-/// the calendars, saying what failed in words a user can act on.
-pub async fn test_caldav(
-    connector: &crate::model::Connector,
-    settings: &std::collections::BTreeMap<String, String>,
-    secrets: &std::collections::BTreeMap<String, crate::model::Secret>,
-    timeout: Duration,
-) -> TestReport {
-    caldav::test(connector, settings, secrets, timeout).await
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::MailError;
-use crate::model::{Connector, FieldError, Kind, Secret, Target};
-use crate::resolve::{ResolveError, Resolver, for_user};
+use crate::driver::{Credentials, Form, Service, driver, usable_connection};
+use crate::model::{Connector, FieldError, Secret, Target};
 
 /// How a connection to a server is encrypted. There is deliberately no plaintext mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -242,10 +242,8 @@ pub fn from_settings(
     let m = Merged {
         connector,
         settings,
-        defaults: match connector.kind {
-            Kind::Oauth2 => provider_defaults(&connector.provider),
-            _ => None,
-        },
+        // Only OAuth connectors have a provider (the registry refuses one anywhere else).
+        defaults: provider_defaults(&connector.provider),
     };
     let imap = endpoint(&m, "imap", 993, 143)?;
     let smtp = endpoint(&m, "smtp", 465, 587)?;
@@ -306,47 +304,28 @@ pub fn from_settings(
     })
 }
 
-/// The access token of the OAuth connector (`oauth_connector`, same workspace) an imap_smtp
-/// connector authenticates with, for the same user.
-pub async fn oauth_credential(
-    registry: &crate::model::Registry,
-    resolver: &Resolver,
-    target: &Target,
-    oauth_connector: &str,
-    min_ttl: Duration,
-) -> Result<crate::resolve::Credential, MailError> {
-    let oauth_target = registry
-        .target(
-            &target.connector.workspace,
-            oauth_connector,
-            &target.on_behalf_of,
-        )
-        .await
-        .map_err(|e| match e {
-            crate::model::ModelError::NotFound { .. } => FieldError::new(
-                "config.oauth_connector",
-                format!("names {oauth_connector:?}, which is not a connector of this workspace"),
-            )
-            .into(),
-            other => MailError::from(other),
-        })?;
-    Ok(resolver.resolve(&oauth_target, min_ttl).await?)
-}
-
 /// The account of a stored connection, with a current credential (an OAuth access token is
-/// refreshed first if it is about to expire).
+/// refreshed first if it is about to expire). A kind whose connections hold no settings (an
+/// OAuth mail provider) takes its servers from the catalog and its address from the account.
 pub async fn load(
-    registry: &crate::model::Registry,
-    resolver: &Resolver,
+    credentials: &Credentials,
     target: &Target,
     timeout: Duration,
 ) -> Result<Account, MailError> {
     let connector = &target.connector;
     let user = &target.connection_user;
-    let not_connected = || ResolveError::NotConnected {
-        connector: connector.name.clone(),
-        for_user: for_user(user),
-    };
+    let kind = driver(connector.kind);
+    if !kind.serves(connector, Service::Mail) {
+        return Err(FieldError::new(
+            "connection.connector",
+            format!(
+                "connector {:?} is a {} connector, not a mail (imap_smtp, google-mail, microsoft-outlook) connector",
+                connector.name,
+                if connector.provider.is_empty() { connector.kind.name() } else { &connector.provider }
+            ),
+        )
+        .into());
+    }
     let min_ttl = timeout + Duration::from_secs(60);
     let mut hash = Sha256::new();
     hash.update(connector.id.as_bytes());
@@ -354,48 +333,29 @@ pub async fn load(
     hash.update(user.as_bytes());
     hash.update([0]);
     hash.update(connector.updated_at.to_rfc3339().as_bytes());
-    let (settings, auth) = match connector.kind {
-        Kind::ImapSmtp => {
-            let connection = crate::resolve::usable_connection(registry, connector, user).await?;
-            hash.update(
-                connection
-                    .connected_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
-            let auth = match connector.setting("oauth_connector") {
-                Some(oauth) => {
-                    let credential =
-                        oauth_credential(registry, resolver, target, oauth, min_ttl).await?;
-                    hash.update(format!("{:?}", credential.expires_at).as_bytes());
-                    Auth::XOAuth2(credential.secret)
-                }
-                None => {
-                    let secrets = registry.connection_secrets(connector, user).await?;
-                    let password = secrets.get("password").cloned().ok_or_else(not_connected)?;
-                    Auth::Password(password)
-                }
-            };
-            (connection.settings, auth)
-        }
-        Kind::Oauth2 if provider_defaults(&connector.provider).is_some() => {
-            let credential = resolver.resolve(target, min_ttl).await?;
-            hash.update(format!("{:?}", credential.expires_at).as_bytes());
-            let settings = BTreeMap::from([("email".to_string(), credential.account_label)]);
-            (settings, Auth::XOAuth2(credential.secret))
-        }
-        kind => {
-            return Err(FieldError::new(
-                "connection.connector",
-                format!(
-                    "connector {:?} is a {} connector, not a mail (imap_smtp, google-mail, microsoft-outlook) connector",
-                    connector.name,
-                    if connector.provider.is_empty() { kind.name() } else { &connector.provider }
-                ),
-            )
-            .into());
-        }
+    let connection = if kind.schema().settings.is_empty() {
+        None
+    } else {
+        let connection =
+            usable_connection::<MailError>(credentials.registry(), connector, user).await?;
+        hash.update(
+            connection
+                .connected_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        Some(connection)
+    };
+    let credential = credentials.credential(target, min_ttl).await?;
+    hash.update(format!("{:?}", credential.expires_at).as_bytes());
+    let settings = match connection {
+        Some(connection) => connection.settings,
+        None => BTreeMap::from([("email".to_string(), credential.account_label)]),
+    };
+    let auth = match credential.form {
+        Form::Password => Auth::Password(credential.secret),
+        Form::Bearer | Form::ApiKey => Auth::XOAuth2(credential.secret),
     };
     for (k, v) in &settings {
         hash.update(k.as_bytes());
@@ -412,24 +372,10 @@ pub async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Mode;
+    use crate::model::{Kind, Mode};
 
     fn connector(config: &[(&str, &str)]) -> Connector {
-        Connector {
-            id: "cn_1".into(),
-            workspace: "default".into(),
-            name: "Mail".into(),
-            kind: Kind::ImapSmtp,
-            mode: Mode::Personal,
-            provider: String::new(),
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            secrets_set: Default::default(),
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-        }
+        Connector::for_tests(Kind::ImapSmtp, Mode::Personal, config)
     }
 
     fn settings(s: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -23,9 +23,9 @@ use std::time::Duration;
 pub use account::{Account, Auth, Endpoint, TlsMode};
 pub use message::{AttachmentInfo, MailMessage, OutgoingAttachment, SendRequest};
 
+use crate::driver::{ConnectionError, CredentialError, Credentials, driver, expire_refused};
 use crate::model::{Check, FieldError, ModelError, Registry, Stage, Target, TestReport};
 use crate::oauth::OAuth;
-use crate::resolve::{ResolveError, Resolver};
 
 /// Which server a failure is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub enum MailError {
     #[error(transparent)]
     Invalid(#[from] FieldError),
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    Credential(#[from] CredentialError),
     /// The server could not be reached or did not speak the protocol (DNS, TCP, TLS, timeout).
     #[error("{} server {server}: {message}", service.name())]
     Upstream {
@@ -82,12 +82,21 @@ pub enum MailError {
         /// The server's limit on message size was exceeded.
         too_large: bool,
     },
+    /// The server refused the stored password: the connection is now EXPIRED.
+    #[error("{0}")]
+    Expired(Box<MailError>),
     #[error("mailbox {mailbox:?} does not exist or cannot be opened: {message}")]
     NoMailbox { mailbox: String, message: String },
     #[error("too many WatchMail streams for this caller (at most {0})")]
     TooManyWatchers(usize),
     #[error(transparent)]
     Model(#[from] ModelError),
+}
+
+impl From<ConnectionError> for MailError {
+    fn from(e: ConnectionError) -> Self {
+        MailError::Credential(e.into())
+    }
 }
 
 impl MailError {
@@ -128,8 +137,7 @@ impl MailError {
 
 /// The mail service: accounts, the SMTP pools and the watchers.
 pub struct Mail {
-    registry: Arc<Registry>,
-    resolver: Resolver,
+    credentials: Credentials,
     timeout: Duration,
     smtp: smtp::Pools,
     max_watchers: usize,
@@ -144,8 +152,7 @@ impl Mail {
         max_watchers: usize,
     ) -> Self {
         Self {
-            resolver: Resolver::new(registry.clone(), oauth),
-            registry,
+            credentials: Credentials::new(registry, oauth),
             timeout,
             smtp: smtp::Pools::default(),
             max_watchers,
@@ -159,20 +166,11 @@ impl Mail {
 
     /// The account behind a connection, with fresh credentials.
     pub async fn account(&self, target: &Target) -> Result<Account, MailError> {
-        account::load(&self.registry, &self.resolver, target, self.timeout).await
+        account::load(&self.credentials, target, self.timeout).await
     }
 
-    /// For an imap_smtp connector that signs in with OAuth (`oauth_connector`): the current
-    /// access token of the user's OAuth connection. None for password connectors.
-    pub async fn oauth_auth(&self, target: &Target) -> Result<Option<Auth>, MailError> {
-        let Some(oauth) = target.connector.setting("oauth_connector") else {
-            return Ok(None);
-        };
-        let min_ttl = self.timeout + Duration::from_secs(60);
-        let credential =
-            account::oauth_credential(&self.registry, &self.resolver, target, oauth, min_ttl)
-                .await?;
-        Ok(Some(Auth::XOAuth2(credential.secret)))
+    fn registry(&self) -> &Registry {
+        self.credentials.registry()
     }
 
     /// Sends a message; returns its Message-ID and the accepted recipients.
@@ -231,10 +229,11 @@ impl Mail {
         ))
     }
 
-    /// OAuth mail connections are recorded when their token is served (`OAuth::access_token`).
+    /// A password connection is recorded once a call worked; OAuth ones when their token is
+    /// served (`OAuth::access_token`).
     async fn record_use(&self, target: &Target) {
-        if target.connector.kind == crate::model::Kind::ImapSmtp {
-            self.registry
+        if !driver(target.connector.kind).resolvable() {
+            self.registry()
                 .record_use(&target.connector, &target.connection_user)
                 .await;
         }
@@ -253,29 +252,33 @@ impl Mail {
         })
     }
 
-    /// A stored password the server refused marks the connection EXPIRED: the user must
-    /// reconnect. A refused OAuth token is left to the OAuth module.
+    /// A stored password the server refused marks the connection EXPIRED ([`expire_refused`]):
+    /// the user must reconnect, and the caller is told so. A refused OAuth token is left to the
+    /// OAuth module.
     async fn on_auth_refused<T>(
         &self,
         target: &Target,
         account: &Account,
         result: Result<T, MailError>,
     ) -> Result<T, MailError> {
-        if let Err(e @ MailError::AuthRefused { .. }) = &result
-            && matches!(account.auth, Auth::Password(_))
-            && let Err(save) = self
-                .registry
-                .mark_expired(
-                    &target.connector,
-                    &target.connection_user,
-                    format!("{e}; reconnect the account"),
-                    false,
-                )
-                .await
+        let refused = match result {
+            Err(e @ MailError::AuthRefused { .. }) if matches!(account.auth, Auth::Password(_)) => {
+                e
+            }
+            other => return other,
+        };
+        if let Err(save) = expire_refused(
+            self.registry(),
+            &target.connector,
+            &target.connection_user,
+            format!("{refused}; reconnect the account"),
+            false,
+        )
+        .await
         {
             tracing::warn!(error = %save, "could not mark the mail connection expired");
         }
-        result
+        Err(MailError::Expired(Box::new(refused)))
     }
 }
 
@@ -290,10 +293,7 @@ pub async fn test_account(
     let account = match account::from_settings(connector, settings, auth) {
         Ok(account) => account,
         Err(e) => {
-            return TestReport {
-                checks: vec![Check::failed("settings", Stage::Config, e.to_string())],
-                account_label: None,
-            };
+            return TestReport::one(Check::failed("settings", Stage::Config, e.to_string()));
         }
     };
     let (imap, smtp) = tokio::join!(

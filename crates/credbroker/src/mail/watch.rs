@@ -16,7 +16,6 @@ use super::imap::{Session, mailbox_name};
 use super::message::MailMessage;
 use super::{Mail, MailError};
 use crate::model::{FieldError, Target};
-use crate::resolve::ResolveError;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -85,10 +84,7 @@ pub fn spawn(
 
 /// Errors after which retrying cannot help.
 fn is_final(e: &MailError) -> bool {
-    !matches!(
-        e,
-        MailError::Upstream { .. } | MailError::Resolve(ResolveError::Unavailable(_))
-    )
+    !matches!(e, MailError::Upstream { .. })
 }
 
 struct State {

@@ -69,6 +69,14 @@ pub struct TestReport {
 }
 
 impl TestReport {
+    /// A report of one check, with no account label.
+    pub fn one(check: Check) -> Self {
+        TestReport {
+            checks: vec![check],
+            account_label: None,
+        }
+    }
+
     pub fn ok(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
     }

@@ -27,6 +27,27 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// A connector named "C" (id "cn_1", default workspace) for unit tests.
+    #[cfg(test)]
+    pub fn for_tests(kind: Kind, mode: Mode, config: &[(&str, &str)]) -> Self {
+        let now = Utc::now();
+        Connector {
+            id: "cn_1".into(),
+            workspace: "default".into(),
+            name: "C".into(),
+            kind,
+            mode,
+            provider: String::new(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets_set: BTreeSet::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     pub fn setting(&self, key: &str) -> Option<&str> {
         self.config
             .get(key)

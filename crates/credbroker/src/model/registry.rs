@@ -9,10 +9,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::validate::{
-    validate_config, validate_connector_name, validate_secret, validate_user_id,
-    workspace_or_default,
-};
+use super::validate::{validate_connector_name, validate_user_id, workspace_or_default};
 use super::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, FieldError, Kind,
     Mode, ModelError, Secret, new_id,
@@ -98,7 +95,7 @@ fn shared_key_connection(
     existing: Option<Connection>,
     key_changed: bool,
 ) {
-    if connector.kind != Kind::ApiKey || connector.mode != Mode::Shared {
+    if !crate::driver::driver(connector.kind).credential_on_connector(connector.mode) {
         return;
     }
     let path = connection_path(&connector.id, "");
@@ -172,29 +169,7 @@ impl Registry {
         let (name, provider) = (name.as_str(), provider.as_str());
         let workspace = workspace_or_default("workspace", &workspace)?;
         validate_connector_name("name", name)?;
-        if kind == Kind::Oauth2 {
-            crate::oauth::catalog::validate_provider("provider", provider)?;
-        } else if !provider.is_empty() {
-            return Err(
-                FieldError::new("provider", "only OAuth connectors take a provider").into(),
-            );
-        }
-        validate_config("config", &config, kind.config_keys())?;
-        for (slot, value) in &secrets {
-            validate_secret(
-                "secrets",
-                slot,
-                value.expose(),
-                kind.connector_secret_slots(),
-            )?;
-        }
-        if kind == Kind::ApiKey && mode == Mode::Personal && !secrets.is_empty() {
-            return Err(FieldError::new(
-                "secrets.api_key",
-                "a personal API-key connector takes each user's key through ConnectWithCredentials",
-            )
-            .into());
-        }
+        crate::driver::driver(kind).check_connector(mode, provider, &config, &secrets)?;
         let _guard = self.names.lock().await;
         if self
             .store
@@ -321,35 +296,20 @@ impl Registry {
         if let Some(mode) = patch.mode {
             connector.mode = mode;
         }
-        validate_config("config", &connector.config, kind.config_keys())?;
         let mut secrets = self.connector_secrets(&connector).await?;
         let key_changed = patch.secrets.contains_key("api_key");
         for (slot, value) in patch.secrets {
             match value {
-                Some(value) => {
-                    validate_secret(
-                        "secrets",
-                        &slot,
-                        value.expose(),
-                        kind.connector_secret_slots(),
-                    )?;
-                    secrets.slots.insert(slot, value);
-                }
-                None => {
-                    secrets.slots.remove(&slot);
-                }
-            }
+                Some(value) => secrets.slots.insert(slot, value),
+                None => secrets.slots.remove(&slot),
+            };
         }
-        if kind == Kind::ApiKey
-            && connector.mode == Mode::Personal
-            && secrets.slots.contains_key("api_key")
-        {
-            return Err(FieldError::new(
-                "secrets.api_key",
-                "a personal API-key connector takes each user's key through ConnectWithCredentials",
-            )
-            .into());
-        }
+        crate::driver::driver(kind).check_connector(
+            connector.mode,
+            &connector.provider,
+            &connector.config,
+            &secrets.slots,
+        )?;
         connector.secrets_set = secrets.slots.keys().cloned().collect();
         connector.updated_at = Utc::now();
         let mut batch = Batch::new();

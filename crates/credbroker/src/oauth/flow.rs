@@ -267,10 +267,7 @@ impl OAuth {
             });
         }
         if self.registry.connection(connector, user).await?.is_none() {
-            return Err(OAuthError::NotConnected {
-                connector: connector.name.clone(),
-                for_user: crate::resolve::for_user(user),
-            });
+            return Err(crate::driver::ConnectionError::not_connected(connector, user).into());
         }
         let revoked = self.revoke(connector, user).await?;
         self.registry.delete_connection(connector, user).await?;

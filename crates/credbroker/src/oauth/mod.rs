@@ -25,11 +25,11 @@ use oauth2::{
     Scope, TokenResponse, TokenUrl,
 };
 
+use crate::driver::{ConnectionError, expire_refused, usable_connection};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
     Registry, Secret,
 };
-use crate::resolve::for_user;
 use catalog::{Endpoints, Grant, TokenAuth};
 
 /// A token endpoint that names no lifetime is assumed to give this much.
@@ -47,12 +47,8 @@ pub struct AccessToken {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {
-    #[error("connector {connector:?} has no connection{for_user}: connect an account first")]
-    NotConnected { connector: String, for_user: String },
-    #[error(
-        "the connection of connector {connector:?}{for_user} has expired: the provider refused its refresh token; reconnect the account"
-    )]
-    Expired { connector: String, for_user: String },
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
     #[error("connector {connector:?} is not an OAuth connector")]
     NotOAuth { connector: String },
     #[error("the OAuth state is unknown or was already used: start the connection again")]
@@ -213,7 +209,7 @@ impl OAuth {
         min_ttl: Duration,
         refreshed_since: Option<DateTime<Utc>>,
     ) -> Result<Option<AccessToken>, OAuthError> {
-        let connection = self.usable_connection(connector, user).await?;
+        let connection = usable_connection::<OAuthError>(&self.registry, connector, user).await?;
         let (Some(expires_at), Some(token)) = (
             connection.access_expires_at,
             self.registry
@@ -238,32 +234,6 @@ impl OAuth {
         }))
     }
 
-    async fn usable_connection(
-        &self,
-        connector: &Connector,
-        user: &str,
-    ) -> Result<Connection, OAuthError> {
-        let connection = self
-            .registry
-            .connection(connector, user)
-            .await?
-            .ok_or_else(|| OAuthError::NotConnected {
-                connector: connector.name.clone(),
-                for_user: for_user(user),
-            })?;
-        match connection.status {
-            ConnectionStatus::Expired => Err(OAuthError::Expired {
-                connector: connector.name.clone(),
-                for_user: for_user(user),
-            }),
-            ConnectionStatus::NotConnected => Err(OAuthError::NotConnected {
-                connector: connector.name.clone(),
-                for_user: for_user(user),
-            }),
-            ConnectionStatus::Connected | ConnectionStatus::Error => Ok(connection),
-        }
-    }
-
     async fn refresh(
         &self,
         connector: &Connector,
@@ -271,7 +241,8 @@ impl OAuth {
         endpoints: &Endpoints,
         key: &str,
     ) -> Result<AccessToken, OAuthError> {
-        let mut connection = self.usable_connection(connector, user).await?;
+        let mut connection =
+            usable_connection::<OAuthError>(&self.registry, connector, user).await?;
         let mut secrets = self.registry.connection_secrets(connector, user).await?;
         let still_valid = |connection: &Connection, secrets: &ConnectionSecrets| {
             let expires_at = connection.access_expires_at.filter(|t| *t > Utc::now())?;
@@ -376,13 +347,8 @@ impl OAuth {
         user: &str,
         why: &str,
     ) -> Result<AccessToken, OAuthError> {
-        self.registry
-            .mark_expired(connector, user, why.to_string(), true)
-            .await?;
-        Err(OAuthError::Expired {
-            connector: connector.name.clone(),
-            for_user: for_user(user),
-        })
+        expire_refused(&self.registry, connector, user, why.to_string(), true).await?;
+        Err(ConnectionError::expired(connector, user).into())
     }
 
     async fn client_credentials(

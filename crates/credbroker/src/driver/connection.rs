@@ -1,0 +1,92 @@
+//! The state a connection must be in to be used, and what a refused credential does to it.
+//! Depends on the model only, so that [`crate::oauth`] can use it without depending on the
+//! drivers that call it.
+//!
+//! Invariants:
+//! - a connection is usable only when it is stored and CONNECTED or ERROR: absent or
+//!   NOT_CONNECTED is [`ConnectionError::NotConnected`], EXPIRED is [`ConnectionError::Expired`];
+//! - a stored password or grant the server refuses expires the connection ([`expire_refused`]):
+//!   the user must reconnect, and every later use says EXPIRED without trying the server again.
+
+use crate::model::{Connection, ConnectionStatus, Connector, ModelError, Registry};
+
+/// Why a connection cannot be used: the one pair every module reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(
+        "connector {connector:?} has no connection{}: connect an account first",
+        for_user(user)
+    )]
+    NotConnected { connector: String, user: String },
+    #[error(
+        "the connection of connector {connector:?}{} has expired: reconnect the account",
+        for_user(user)
+    )]
+    Expired { connector: String, user: String },
+}
+
+impl ConnectionError {
+    pub fn not_connected(connector: &Connector, user: &str) -> Self {
+        ConnectionError::NotConnected {
+            connector: connector.name.clone(),
+            user: user.to_string(),
+        }
+    }
+
+    pub fn expired(connector: &Connector, user: &str) -> Self {
+        ConnectionError::Expired {
+            connector: connector.name.clone(),
+            user: user.to_string(),
+        }
+    }
+}
+
+/// " for user \"u\"", or nothing for a shared connection: for messages.
+pub fn for_user(user: &str) -> String {
+    if user.is_empty() {
+        String::new()
+    } else {
+        format!(" for user {user:?}")
+    }
+}
+
+/// The stored connection of a connector and user, if it can be used. A stored NOT_CONNECTED
+/// record is refused like an absent one: no account was ever connected through it (nothing
+/// stores one today; the rule is OAuth's, which was the stricter of the two copies).
+/// The error is the caller's own, so that each module keeps one error type.
+pub async fn usable_connection<E: From<ConnectionError> + From<ModelError>>(
+    registry: &Registry,
+    connector: &Connector,
+    user: &str,
+) -> Result<Connection, E> {
+    let connection = registry
+        .connection(connector, user)
+        .await?
+        .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
+    match connection.status {
+        ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user).into()),
+        ConnectionStatus::NotConnected => {
+            Err(ConnectionError::not_connected(connector, user).into())
+        }
+        ConnectionStatus::Connected | ConnectionStatus::Error => Ok(connection),
+    }
+}
+
+/// What a refusal of a stored credential means: the connection is EXPIRED, with `why` (never a
+/// secret) as its last error; a refused OAuth grant also loses its tokens (`erase_secrets`).
+/// Returns the error to report if a connection was marked, None if there was none to mark.
+pub async fn expire_refused(
+    registry: &Registry,
+    connector: &Connector,
+    user: &str,
+    why: String,
+    erase_secrets: bool,
+) -> Result<Option<ConnectionError>, ModelError> {
+    let marked = registry
+        .mark_expired(connector, user, why, erase_secrets)
+        .await?;
+    if marked {
+        tracing::warn!(connector = %connector.id, "the stored credential was refused: connection marked expired");
+    }
+    Ok(marked.then(|| ConnectionError::expired(connector, user)))
+}

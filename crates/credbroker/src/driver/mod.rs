@@ -1,0 +1,511 @@
+//! One driver per connector kind — [`api_key`], [`oauth2`], [`imap_smtp`], [`caldav`] — and
+//! the credentials service built on them. A driver owns everything that differs between kinds:
+//! the settings and secret slots its connectors and connections take ([`Schema`]) and their
+//! validation, which settings name where each secret is sent ([`Destination`]), how the broker
+//! gets a connection's credential, how candidate credentials are tested, and what a refusal
+//! means for the connection. Drivers are registered once, in [`driver`]; the rest of the crate
+//! asks the driver instead of matching on the kind.
+//!
+//! Invariants:
+//! - only API keys and OAuth access tokens are [`ConnectorDriver::resolvable`]: passwords,
+//!   refresh tokens and client secrets never leave through ResolveCredential;
+//! - a credential is served only for a usable connection ([`usable_connection`]);
+//! - a stored password or grant the server refuses expires the connection
+//!   ([`expire_refused`]), whoever found out (mail, calendar, a connection test, OAuth).
+
+mod api_key;
+mod caldav;
+mod connection;
+mod imap_smtp;
+mod oauth2;
+
+pub use connection::{ConnectionError, expire_refused, for_user, usable_connection};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+
+use crate::model::{
+    Connection, Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Target,
+    TestReport, validate_config, validate_secret,
+};
+use crate::oauth::{OAuth, OAuthError};
+
+/// The settings and secret slots of one kind: the schema the API validates against. An unknown
+/// key is an error that lists the known ones.
+#[derive(Debug)]
+pub struct Schema {
+    /// Keys of the connector's (admin-set, non-secret) configuration.
+    pub config: &'static [&'static str],
+    /// Secret slots of the connector itself.
+    pub connector_secrets: &'static [&'static str],
+    /// Keys of a connection's (user-given, non-secret) settings.
+    pub settings: &'static [&'static str],
+    /// Secret slots of a connection.
+    pub connection_secrets: &'static [&'static str],
+    /// Which settings name where each secret may be sent.
+    pub destinations: &'static [Destination],
+}
+
+/// The settings (a connection's, over its connector's config) that name where a secret goes.
+/// A secret is meant for that destination only.
+#[derive(Debug)]
+pub struct Destination {
+    pub secret: &'static str,
+    pub settings: &'static [&'static str],
+}
+
+/// What kind of secret a [`Credential`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    ApiKey,
+    Bearer,
+    /// A password the broker signs in with itself; never handed to a caller.
+    Password,
+}
+
+impl Form {
+    /// The ResolveCredential `token_type`.
+    pub fn token_type(self) -> &'static str {
+        match self {
+            Form::ApiKey => "api_key",
+            Form::Bearer => "Bearer",
+            Form::Password => "password",
+        }
+    }
+}
+
+/// The credential of a connection, ready to use now.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub kind: Kind,
+    pub form: Form,
+    pub secret: Secret,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub scopes: Vec<String>,
+    pub account_label: String,
+    pub header_name: String,
+    pub header_prefix: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    #[error(
+        "connector {connector:?} is a {kind} connector: it has no credential to resolve; use the mail or calendar operations"
+    )]
+    NotResolvable {
+        connector: String,
+        kind: &'static str,
+    },
+    #[error(transparent)]
+    OAuth(OAuthError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// OAuth's connection and model errors are told like everyone else's.
+impl From<OAuthError> for CredentialError {
+    fn from(e: OAuthError) -> Self {
+        match e {
+            OAuthError::Connection(c) => c.into(),
+            OAuthError::Model(m) => m.into(),
+            other => CredentialError::OAuth(other),
+        }
+    }
+}
+
+/// Credentials offered by a user, not yet saved.
+#[derive(Debug, Default, Clone)]
+pub struct Candidate {
+    pub settings: BTreeMap<String, String>,
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// One credentials test: what is tested, for which connection, under which deadline.
+pub struct TestRun<'a> {
+    pub credentials: &'a Credentials,
+    pub target: &'a Target,
+    pub candidate: &'a Candidate,
+    pub timeout: Duration,
+}
+
+/// A service of the broker a connector may serve besides ResolveCredential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Mail,
+    Calendar,
+}
+
+/// What one connector kind does. Implementations are stateless; see [`driver`].
+pub trait ConnectorDriver: Send + Sync {
+    fn schema(&self) -> &'static Schema;
+
+    /// Checks a connector as an admin sets it: provider, config and connector secrets.
+    fn check_connector(
+        &self,
+        mode: Mode,
+        provider: &str,
+        config: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, Secret>,
+    ) -> Result<(), FieldError> {
+        let _ = mode;
+        check_plain(self.schema(), provider, config, secrets)
+    }
+
+    /// Where each secret of a connection would be sent, e.g. "imap.corp:993": errors name the
+    /// setting that does not say it properly.
+    fn destination(
+        &self,
+        connector: &Connector,
+        settings: &BTreeMap<String, String>,
+        secret: &str,
+    ) -> Result<Vec<String>, FieldError>;
+
+    /// Checks credentials a user offers before anything is tried: known settings and slots,
+    /// and a destination every given secret can go to.
+    fn check_candidate(
+        &self,
+        connector: &Connector,
+        candidate: &Candidate,
+    ) -> Result<(), FieldError> {
+        let _ = connector;
+        check_settings(self.schema(), candidate)
+    }
+
+    /// Whether a user may connect this connector with typed-in credentials
+    /// (ConnectWithCredentials), and which secrets they must give.
+    fn typed_in(&self, connector: &Connector) -> Result<&'static [&'static str], FieldError> {
+        let _ = connector;
+        Ok(self.schema().connection_secrets)
+    }
+
+    /// True when the credential is a secret of the connector, not of a connection (a shared API
+    /// key): it is set and cleared on the connector.
+    fn credential_on_connector(&self, mode: Mode) -> bool {
+        let _ = mode;
+        false
+    }
+
+    /// Whether ResolveCredential may hand this kind's credential to a caller. The use of a
+    /// resolvable credential is recorded as it is served; any other is recorded by the mail or
+    /// calendar call that used it, once the call worked.
+    fn resolvable(&self) -> bool {
+        false
+    }
+
+    /// Whether a connector of this kind can serve `service`.
+    fn serves(&self, connector: &Connector, service: Service) -> bool {
+        let _ = (connector, service);
+        false
+    }
+
+    /// The credential of a stored connection, current (an OAuth token refreshed first if it has
+    /// less than `min_ttl` left).
+    fn credential<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+        target: &'a Target,
+        min_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Credential, CredentialError>>;
+
+    /// Tests credentials (a candidate's, or the stored ones) against the upstream.
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport>;
+
+    /// What a refusal of these stored secrets by the upstream means: true when it expires the
+    /// connection (a password the user typed in no longer works).
+    fn refusal_expires(&self, connector: &Connector, secrets: &BTreeMap<String, Secret>) -> bool {
+        let _ = (connector, secrets);
+        false
+    }
+}
+
+/// The header a bearer credential goes in, unless an API-key connector names another.
+const AUTHORIZATION: &str = "Authorization";
+const BEARER_PREFIX: &str = "Bearer ";
+
+/// The driver of a kind: the one registration of every kind.
+pub fn driver(kind: Kind) -> &'static dyn ConnectorDriver {
+    match kind {
+        Kind::ApiKey => &api_key::ApiKey,
+        Kind::Oauth2 => &oauth2::OAuth2,
+        Kind::ImapSmtp => &imap_smtp::ImapSmtp,
+        Kind::Caldav => &caldav::Caldav,
+    }
+}
+
+/// A connector of a kind without providers: no provider, then [`check_schema`].
+fn check_plain(
+    schema: &Schema,
+    provider: &str,
+    config: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<(), FieldError> {
+    if !provider.is_empty() {
+        return Err(FieldError::new(
+            "provider",
+            "only OAuth connectors take a provider",
+        ));
+    }
+    check_schema(schema, config, secrets)
+}
+
+/// Config keys and connector secret slots against a schema.
+fn check_schema(
+    schema: &Schema,
+    config: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<(), FieldError> {
+    validate_config("config", config, schema.config)?;
+    for (slot, value) in secrets {
+        validate_secret("secrets", slot, value.expose(), schema.connector_secrets)?;
+    }
+    Ok(())
+}
+
+/// A candidate's settings keys and connection secret slots against a schema.
+fn check_settings(schema: &Schema, candidate: &Candidate) -> Result<(), FieldError> {
+    validate_config("settings", &candidate.settings, schema.settings)?;
+    for (slot, value) in &candidate.secrets {
+        validate_secret("secrets", slot, value.expose(), schema.connection_secrets)?;
+    }
+    Ok(())
+}
+
+/// The usable connection of the target and one of its stored secrets (the connector's, for a
+/// credential kept on the connector). A missing secret is NOT_CONNECTED.
+async fn stored_secret(
+    credentials: &Credentials,
+    target: &Target,
+    slot: &str,
+    on_connector: bool,
+) -> Result<(Connection, Secret), CredentialError> {
+    let (connector, user) = (&target.connector, target.connection_user.as_str());
+    let registry = credentials.registry();
+    let connection = usable_connection::<CredentialError>(registry, connector, user).await?;
+    let secret = if on_connector {
+        registry
+            .connector_secrets(connector)
+            .await?
+            .slots
+            .get(slot)
+            .cloned()
+    } else {
+        registry
+            .connection_secrets(connector, user)
+            .await?
+            .get(slot)
+            .cloned()
+    };
+    let secret = secret.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
+    Ok((connection, secret))
+}
+
+/// A password credential, for the broker's own sign-in (mail, calendar).
+fn password_credential(kind: Kind, secret: Secret, account_label: String) -> Credential {
+    Credential {
+        kind,
+        form: Form::Password,
+        secret,
+        expires_at: None,
+        scopes: Vec::new(),
+        account_label,
+        header_name: String::new(),
+        header_prefix: String::new(),
+    }
+}
+
+/// The credentials service: the one way mail, calendar, connection tests and ResolveCredential
+/// get a connection's credential.
+#[derive(Clone)]
+pub struct Credentials {
+    registry: Arc<Registry>,
+    oauth: Arc<OAuth>,
+}
+
+impl Credentials {
+    pub fn new(registry: Arc<Registry>, oauth: Arc<OAuth>) -> Self {
+        Self { registry, oauth }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The current credential of the target's connection.
+    pub async fn credential(
+        &self,
+        target: &Target,
+        min_ttl: Duration,
+    ) -> Result<Credential, CredentialError> {
+        driver(target.connector.kind)
+            .credential(self, target, min_ttl)
+            .await
+    }
+
+    /// The credential of the connector a connector signs in through (`oauth_connector`, same
+    /// workspace), for the same user.
+    pub async fn through(
+        &self,
+        target: &Target,
+        oauth_connector: &str,
+        min_ttl: Duration,
+    ) -> Result<Credential, CredentialError> {
+        let through = self
+            .registry
+            .target(
+                &target.connector.workspace,
+                oauth_connector,
+                &target.on_behalf_of,
+            )
+            .await
+            .map_err(|e| match e {
+                ModelError::NotFound { .. } => CredentialError::Model(
+                    FieldError::new(
+                        "config.oauth_connector",
+                        format!(
+                            "names {oauth_connector:?}, which is not a connector of this workspace"
+                        ),
+                    )
+                    .into(),
+                ),
+                other => other.into(),
+            })?;
+        self.resolvable(&through, min_ttl).await
+    }
+
+    /// The credential of a kind that may be handed out (an API key, an OAuth access token):
+    /// to a caller through ResolveCredential, or to a connector that signs in through it. Any
+    /// other kind is [`CredentialError::NotResolvable`].
+    pub async fn resolvable(
+        &self,
+        target: &Target,
+        min_ttl: Duration,
+    ) -> Result<Credential, CredentialError> {
+        let connector = &target.connector;
+        if !driver(connector.kind).resolvable() {
+            return Err(CredentialError::NotResolvable {
+                connector: connector.name.clone(),
+                kind: connector.kind.name(),
+            });
+        }
+        self.credential(target, min_ttl).await
+    }
+
+    /// Tests credentials: the candidate's, or the stored connection's.
+    pub async fn test(
+        &self,
+        target: &Target,
+        candidate: &Candidate,
+        timeout: Duration,
+    ) -> TestReport {
+        driver(target.connector.kind)
+            .test(TestRun {
+                credentials: self,
+                target,
+                candidate,
+                timeout,
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: [Kind; 4] = [Kind::ApiKey, Kind::Oauth2, Kind::ImapSmtp, Kind::Caldav];
+
+    #[test]
+    fn destinations_name_secrets_and_settings_of_the_schema() {
+        for kind in KINDS {
+            let schema = driver(kind).schema();
+            for d in schema.destinations {
+                assert!(
+                    schema.connection_secrets.contains(&d.secret)
+                        || schema.connector_secrets.contains(&d.secret),
+                    "{kind:?}: {}",
+                    d.secret
+                );
+                for key in d.settings {
+                    assert!(
+                        schema.settings.contains(key) || schema.config.contains(key),
+                        "{kind:?}: {key}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn destinations_are_where_the_settings_point() {
+        let imap = Connector::for_tests(
+            Kind::ImapSmtp,
+            Mode::Personal,
+            &[("imap_host", "imap.corp"), ("smtp_host", "smtp.corp")],
+        );
+        let settings = BTreeMap::from([("email".to_string(), "a@corp.test".to_string())]);
+        assert_eq!(
+            driver(Kind::ImapSmtp)
+                .destination(&imap, &settings, "password")
+                .unwrap(),
+            ["imap.corp:993", "smtp.corp:465"]
+        );
+        let caldav =
+            Connector::for_tests(Kind::Caldav, Mode::Personal, &[("url", "http://dav.corp/")]);
+        assert_eq!(
+            driver(Kind::Caldav)
+                .destination(&caldav, &BTreeMap::new(), "password")
+                .unwrap_err()
+                .field,
+            "settings.url"
+        );
+        let https = BTreeMap::from([("url".to_string(), "https://dav.corp/u".to_string())]);
+        assert_eq!(
+            driver(Kind::Caldav)
+                .destination(&caldav, &https, "password")
+                .unwrap(),
+            ["https://dav.corp/u/"]
+        );
+    }
+
+    #[test]
+    fn connector_rules_per_kind() {
+        let key = BTreeMap::from([("api_key".to_string(), Secret::new("k"))]);
+        let none = BTreeMap::new();
+        let no_config = BTreeMap::new();
+        let api = driver(Kind::ApiKey);
+        assert!(
+            api.check_connector(Mode::Shared, "", &no_config, &key)
+                .is_ok()
+        );
+        assert_eq!(
+            api.check_connector(Mode::Personal, "", &no_config, &key)
+                .unwrap_err()
+                .field,
+            "secrets.api_key"
+        );
+        assert_eq!(
+            api.check_connector(Mode::Shared, "slack", &no_config, &none)
+                .unwrap_err()
+                .field,
+            "provider"
+        );
+        assert!(
+            driver(Kind::Oauth2)
+                .check_connector(Mode::Shared, "slack", &no_config, &none)
+                .is_ok()
+        );
+        assert!(api.credential_on_connector(Mode::Shared));
+        assert!(!api.credential_on_connector(Mode::Personal));
+        let resolvable: Vec<_> = KINDS
+            .into_iter()
+            .filter(|k| driver(*k).resolvable())
+            .collect();
+        assert_eq!(resolvable, [Kind::ApiKey, Kind::Oauth2]);
+    }
+}

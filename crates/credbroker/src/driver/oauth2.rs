@@ -1,0 +1,141 @@
+//! OAuth 2 connectors: the client secret is the connector's, the access and refresh tokens the
+//! connection's; callers are handed access tokens from [`crate::oauth`], which refreshes them
+//! and expires a connection whose grant the provider refuses. Accounts connect through the
+//! browser flow (BeginConnect), never with typed-in credentials.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use super::*;
+use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Stage, Target, TestReport};
+use crate::oauth::catalog::Endpoints;
+
+pub struct OAuth2;
+
+static SCHEMA: Schema = Schema {
+    config: &[
+        "client_id",
+        "auth_url",
+        "token_url",
+        "revocation_url",
+        "userinfo_url",
+        "account_label_field",
+        "scopes",
+        "grant_type",
+        "redirect_uri",
+        "auth_params",
+        "token_auth",
+        "base_url",
+        "resource",
+        "ca_pem",
+        "description",
+    ],
+    connector_secrets: &["client_secret"],
+    settings: &[],
+    connection_secrets: &["access_token", "refresh_token"],
+    destinations: &[
+        Destination {
+            secret: "client_secret",
+            settings: &["token_url", "revocation_url"],
+        },
+        Destination {
+            secret: "refresh_token",
+            settings: &["token_url", "revocation_url"],
+        },
+        Destination {
+            secret: "access_token",
+            settings: &["userinfo_url", "revocation_url"],
+        },
+    ],
+};
+
+impl ConnectorDriver for OAuth2 {
+    fn schema(&self) -> &'static Schema {
+        &SCHEMA
+    }
+
+    fn check_connector(
+        &self,
+        _mode: Mode,
+        provider: &str,
+        config: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, Secret>,
+    ) -> Result<(), FieldError> {
+        crate::oauth::catalog::validate_provider("provider", provider)?;
+        check_schema(&SCHEMA, config, secrets)
+    }
+
+    /// The provider's endpoints (catalog preset, overridden by the connector's config).
+    fn destination(
+        &self,
+        connector: &Connector,
+        _settings: &BTreeMap<String, String>,
+        secret: &str,
+    ) -> Result<Vec<String>, FieldError> {
+        let endpoints = Endpoints::of(connector)?;
+        let urls = match secret {
+            "client_secret" | "refresh_token" => {
+                [Some(endpoints.token_url), endpoints.revocation_url]
+            }
+            _ => [endpoints.userinfo_url, endpoints.revocation_url],
+        };
+        Ok(urls.into_iter().flatten().collect())
+    }
+
+    fn typed_in(&self, _connector: &Connector) -> Result<&'static [&'static str], FieldError> {
+        Err(FieldError::new(
+            "connection",
+            "OAuth connectors are connected through BeginConnect",
+        ))
+    }
+
+    fn resolvable(&self) -> bool {
+        true
+    }
+
+    fn serves(&self, connector: &Connector, service: Service) -> bool {
+        match service {
+            Service::Mail => crate::mail::account::provider_defaults(&connector.provider).is_some(),
+            Service::Calendar => connector.provider == crate::calendar::GOOGLE_PROVIDER,
+        }
+    }
+
+    fn credential<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+        target: &'a Target,
+        min_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
+        async move {
+            let token = credentials
+                .oauth
+                .access_token(&target.connector, &target.connection_user, min_ttl)
+                .await?;
+            Ok(Credential {
+                kind: Kind::Oauth2,
+                form: Form::Bearer,
+                secret: token.token,
+                expires_at: Some(token.expires_at),
+                scopes: token.scopes,
+                account_label: token.account_label,
+                header_name: AUTHORIZATION.into(),
+                header_prefix: BEARER_PREFIX.into(),
+            })
+        }
+        .boxed()
+    }
+
+    fn test<'a>(&'a self, _run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
+        async {
+            TestReport::one(Check::failed(
+                "oauth2",
+                Stage::Config,
+                "OAuth accounts are connected through BeginConnect; test them with ResolveCredential",
+            ))
+        }
+        .boxed()
+    }
+}
