@@ -510,6 +510,26 @@ pub struct Row {
     pub baseline: Option<Stats>,
 }
 
+/// The rows measured so far, each shown as soon as it is measured.
+struct Report<'a> {
+    rows: Vec<Row>,
+    progress: &'a mut dyn FnMut(&Row),
+}
+
+impl Report<'_> {
+    /// Adds a row and returns its figures, the baseline of the rows that follow.
+    fn add(&mut self, scenario: String, stats: Stats, baseline: Option<&Stats>) -> Stats {
+        let row = Row {
+            scenario,
+            stats: stats.clone(),
+            baseline: baseline.cloned(),
+        };
+        (self.progress)(&row);
+        self.rows.push(row);
+        stats
+    }
+}
+
 /// Runs every measurement and returns the report's rows.
 pub async fn run(
     options: &BenchOptions,
@@ -522,160 +542,107 @@ pub async fn run(
         channels.push(broker.channel().await?);
     }
     let one = &channels[..1];
-    let resolve_key = resolve_call(KEY_CONNECTOR, 0);
-    let resolve_oauth = resolve_call(OAUTH_CONNECTOR, 0);
-    let mut rows = Vec::new();
-    let mut emit = |row: Row, rows: &mut Vec<Row>| {
-        progress(&row);
-        rows.push(row);
+    let key = resolve_call(KEY_CONNECTOR, 0);
+    let oauth = resolve_call(OAUTH_CONNECTOR, 0);
+    let mut report = Report {
+        rows: Vec::new(),
+        progress: &mut progress,
     };
     // Warm-up: connections, caches, the group-commit thread.
     closed_loop(
         &channels,
         options.in_flight,
         Duration::from_secs(1),
-        resolve_key.clone(),
+        key.clone(),
     )
     .await;
 
     let n = options.in_flight;
-    let echo_peak = closed_loop(&channels, n, duration, echo).await;
-    emit(
-        Row {
-            scenario: format!("echo, {n} in flight"),
-            stats: echo_peak.clone(),
-            baseline: None,
-        },
-        &mut rows,
+    let peak = closed_loop(&channels, n, duration, echo).await;
+    let peak = report.add(format!("echo, {n} in flight"), peak, None);
+    let stats = closed_loop(&channels, n, duration, key.clone()).await;
+    report.add(
+        format!("resolve api key, {n} in flight"),
+        stats,
+        Some(&peak),
     );
-    let peak = closed_loop(&channels, n, duration, resolve_key.clone()).await;
-    emit(
-        Row {
-            scenario: format!("resolve api key, {n} in flight"),
-            stats: peak,
-            baseline: Some(echo_peak.clone()),
-        },
-        &mut rows,
-    );
-    let peak = closed_loop(&channels, n, duration, resolve_oauth.clone()).await;
-    emit(
-        Row {
-            scenario: format!("resolve cached oauth, {n} in flight"),
-            stats: peak,
-            baseline: Some(echo_peak.clone()),
-        },
-        &mut rows,
+    let stats = closed_loop(&channels, n, duration, oauth.clone()).await;
+    report.add(
+        format!("resolve cached oauth, {n} in flight"),
+        stats,
+        Some(&peak),
     );
 
-    let echo_one = closed_loop(one, 1, duration, echo).await;
-    emit(
-        Row {
-            scenario: "echo, 1 in flight".into(),
-            stats: echo_one.clone(),
-            baseline: None,
-        },
-        &mut rows,
-    );
-    let key_one = closed_loop(one, 1, duration, resolve_key.clone()).await;
-    emit(
-        Row {
-            scenario: "resolve api key, 1 in flight".into(),
-            stats: key_one,
-            baseline: Some(echo_one.clone()),
-        },
-        &mut rows,
-    );
-    let oauth_one = closed_loop(one, 1, duration, resolve_oauth.clone()).await;
-    emit(
-        Row {
-            scenario: "resolve cached oauth, 1 in flight".into(),
-            stats: oauth_one,
-            baseline: Some(echo_one.clone()),
-        },
-        &mut rows,
+    let single = closed_loop(one, 1, duration, echo).await;
+    let single = report.add("echo, 1 in flight".into(), single, None);
+    let stats = closed_loop(one, 1, duration, key.clone()).await;
+    report.add("resolve api key, 1 in flight".into(), stats, Some(&single));
+    let stats = closed_loop(one, 1, duration, oauth.clone()).await;
+    report.add(
+        "resolve cached oauth, 1 in flight".into(),
+        stats,
+        Some(&single),
     );
 
-    let rate = (echo_peak.rate() * options.rate_fraction).max(1.0);
-    let echo_open = open_loop(&channels, rate, duration, echo).await;
-    emit(
-        Row {
-            scenario: format!("echo at {rate:.0}/s"),
-            stats: echo_open.clone(),
-            baseline: None,
-        },
-        &mut rows,
+    let rate = (peak.rate() * options.rate_fraction).max(1.0);
+    let open = open_loop(&channels, rate, duration, echo).await;
+    let open = report.add(format!("echo at {rate:.0}/s"), open, None);
+    let stats = open_loop(&channels, rate, duration, key.clone()).await;
+    report.add(
+        format!("resolve api key at {rate:.0}/s"),
+        stats,
+        Some(&open),
     );
-    let key_open = open_loop(&channels, rate, duration, resolve_key.clone()).await;
-    emit(
-        Row {
-            scenario: format!("resolve api key at {rate:.0}/s"),
-            stats: key_open,
-            baseline: Some(echo_open.clone()),
-        },
-        &mut rows,
-    );
-    let oauth_open = open_loop(&channels, rate, duration, resolve_oauth).await;
-    emit(
-        Row {
-            scenario: format!("resolve cached oauth at {rate:.0}/s"),
-            stats: oauth_open,
-            baseline: Some(echo_open),
-        },
-        &mut rows,
+    let stats = open_loop(&channels, rate, duration, oauth).await;
+    report.add(
+        format!("resolve cached oauth at {rate:.0}/s"),
+        stats,
+        Some(&open),
     );
 
-    let echo_new = new_connections(&broker, 8, duration, echo).await?;
-    emit(
-        Row {
-            scenario: "new mTLS connection + echo".into(),
-            stats: echo_new.clone(),
-            baseline: None,
-        },
-        &mut rows,
-    );
-    let key_new = new_connections(&broker, 8, duration, resolve_key).await?;
-    emit(
-        Row {
-            scenario: "new mTLS connection + resolve".into(),
-            stats: key_new,
-            baseline: Some(echo_new),
-        },
-        &mut rows,
-    );
+    let fresh = new_connections(&broker, 8, duration, echo).await?;
+    let fresh = report.add("new mTLS connection + echo".into(), fresh, None);
+    let stats = new_connections(&broker, 8, duration, key).await?;
+    report.add("new mTLS connection + resolve".into(), stats, Some(&fresh));
 
-    // Last, because growing the store restarts the daemon: resolve among the first
-    // `STORED_BASE` personal connections, then among all of them, each a random user per call.
     if options.stored > 0 {
-        let base = broker.stored;
-        let among_base =
-            closed_loop(one, 1, duration, resolve_call(PERSONAL_CONNECTOR, base)).await;
-        emit(
-            Row {
-                scenario: format!("resolve personal key among {base}, 1 in flight"),
-                stats: among_base.clone(),
-                baseline: Some(echo_one),
-            },
-            &mut rows,
-        );
-        if options.stored > base {
-            broker.grow_to(options.stored).await?;
-            let one = [broker.channel().await?];
-            // Warm the connection only: the store's caches start cold, as after any restart.
-            closed_loop(&one, 1, Duration::from_secs(1), echo).await;
-            let stored = options.stored;
-            let among_all =
-                closed_loop(&one, 1, duration, resolve_call(PERSONAL_CONNECTOR, stored)).await;
-            emit(
-                Row {
-                    scenario: format!("resolve personal key among {stored}, 1 in flight"),
-                    stats: among_all,
-                    baseline: Some(among_base),
-                },
-                &mut rows,
-            );
-        }
+        measure_stored(&mut broker, options, &one[0], &single, &mut report).await?;
     }
-    Ok(rows)
+    Ok(report.rows)
+}
+
+/// Last, because growing the store restarts the daemon: resolve among the first
+/// `STORED_BASE` personal connections, then among all of them, each a random user per call.
+async fn measure_stored(
+    broker: &mut Broker,
+    options: &BenchOptions,
+    channel: &Channel,
+    echo_one: &Stats,
+    report: &mut Report<'_>,
+) -> Result<(), BenchError> {
+    let duration = Duration::from_secs(options.seconds.max(1));
+    let base = broker.stored;
+    let among_base = closed_loop(
+        std::slice::from_ref(channel),
+        1,
+        duration,
+        resolve_call(PERSONAL_CONNECTOR, base),
+    )
+    .await;
+    let scenario = format!("resolve personal key among {base}, 1 in flight");
+    let among_base = report.add(scenario, among_base, Some(echo_one));
+    if options.stored <= base {
+        return Ok(());
+    }
+    broker.grow_to(options.stored).await?;
+    let one = [broker.channel().await?];
+    // Warm the connection only: the store's caches start cold, as after any restart.
+    closed_loop(&one, 1, Duration::from_secs(1), echo).await;
+    let stored = options.stored;
+    let among_all = closed_loop(&one, 1, duration, resolve_call(PERSONAL_CONNECTOR, stored)).await;
+    let scenario = format!("resolve personal key among {stored}, 1 in flight");
+    report.add(scenario, among_all, Some(&among_base));
+    Ok(())
 }
 
 /// The report's header and one line per row, ratios to the row's baseline.

@@ -251,22 +251,15 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
                 workspace,
                 connector,
             };
-            let connector = admin.get_connector(req).await?.into_inner();
-            print_connector(&connector);
-            let mut config: Vec<_> = connector.config.iter().collect();
-            config.sort();
-            for (k, v) in config {
-                println!("  {k} = {v}");
-            }
+            print_connector_config(&admin.get_connector(req).await?.into_inner());
             return Ok(());
         }
         ConnectorCommand::Set { connector, entries } => {
             let paths = entries.iter().map(|(k, _)| format!("config.{k}")).collect();
-            let config = entries.into_iter().filter(|(_, v)| !v.is_empty()).collect();
             let req = proto::UpdateConnectorRequest {
                 workspace,
                 connector,
-                config,
+                config: entries.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
                 update_mask: Some(prost_types::FieldMask { paths }),
                 ..Default::default()
             };
@@ -277,14 +270,12 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
             slot,
             from_file,
         } => {
-            let secret = read_secret(from_file.as_deref())?;
+            let paths = vec![format!("secrets.{slot}")];
             let req = proto::UpdateConnectorRequest {
                 workspace,
                 connector,
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec![format!("secrets.{slot}")],
-                }),
-                secrets: HashMap::from([(slot, secret)]),
+                update_mask: Some(prost_types::FieldMask { paths }),
+                secrets: HashMap::from([(slot, read_secret(from_file.as_deref())?)]),
                 ..Default::default()
             };
             admin.update_connector(req).await?.into_inner()
@@ -305,13 +296,26 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
                 workspace,
                 connector,
             };
-            let resp = admin.delete_connector(req).await?.into_inner();
-            println!("deleted, with {} connection(s)", resp.connections_removed);
+            let removed = admin.delete_connector(req).await?.into_inner();
+            println!(
+                "deleted, with {} connection(s)",
+                removed.connections_removed
+            );
             return Ok(());
         }
     };
     print_connector(&connector);
     Ok(())
+}
+
+/// One connector and its configuration, a line per entry in key order.
+fn print_connector_config(connector: &proto::Connector) {
+    print_connector(connector);
+    let mut config: Vec<_> = connector.config.iter().collect();
+    config.sort();
+    for (k, v) in config {
+        println!("  {k} = {v}");
+    }
 }
 
 pub async fn connection(remote: &Remote, cmd: ConnectionCommand) -> Result<(), Error> {

@@ -190,27 +190,49 @@ pub struct Gauges {
 
 /// The Prometheus text exposition of everything above.
 pub fn render(gauges: &Gauges) -> String {
-    let r = &*REGISTRY;
-    let mut out = String::with_capacity(8192);
-    let help = |out: &mut String, name: &str, kind: &str, text: &str| {
-        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
-    };
+    let mut out = Exposition(String::with_capacity(8192));
+    render_calls(&mut out);
+    render_state(&mut out, gauges);
+    out.0
+}
 
-    help(
-        &mut out,
+/// Prometheus text being written: each series is announced by its HELP and TYPE lines.
+struct Exposition(String);
+
+impl Exposition {
+    fn help(&mut self, name: &str, kind: &str, text: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {text}\n# TYPE {name} {kind}");
+    }
+
+    /// A series with one unlabelled value.
+    fn scalar(&mut self, name: &str, kind: &str, text: &str, value: impl std::fmt::Display) {
+        self.help(name, kind, text);
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    fn histogram(&mut self, name: &str, text: &str, h: &Histogram, labels: &str) {
+        self.help(name, "histogram", text);
+        h.render(&mut self.0, name, labels);
+    }
+}
+
+/// What callers asked and what the broker asked upstream.
+fn render_calls(out: &mut Exposition) {
+    let r = &*REGISTRY;
+    out.help(
         "credbroker_rpc_total",
         "counter",
         "gRPC calls by method and status code.",
     );
     for ((method, code), n) in r.rpcs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(
-            out,
+            out.0,
             "credbroker_rpc_total{{method=\"{method}\",code=\"{code}\"}} {n}"
         );
     }
-    help(
-        &mut out,
-        "credbroker_rpc_duration_seconds",
+    let name = "credbroker_rpc_duration_seconds";
+    out.help(
+        name,
         "histogram",
         "gRPC call latency by method, audit write included.",
     );
@@ -220,15 +242,9 @@ pub fn render(gauges: &Gauges) -> String {
         .unwrap_or_else(|p| p.into_inner())
         .iter()
     {
-        h.render(
-            &mut out,
-            "credbroker_rpc_duration_seconds",
-            &format!("method=\"{method}\""),
-        );
+        h.render(&mut out.0, name, &format!("method=\"{method}\""));
     }
-
-    help(
-        &mut out,
+    out.help(
         "credbroker_token_refresh_total",
         "counter",
         "OAuth token refreshes by outcome.",
@@ -236,115 +252,76 @@ pub fn render(gauges: &Gauges) -> String {
     for (i, outcome) in ["ok", "failed", "expired"].iter().enumerate() {
         let n = r.refreshes[i].load(Ordering::Relaxed);
         let _ = writeln!(
-            out,
+            out.0,
             "credbroker_token_refresh_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
-
-    help(
-        &mut out,
-        "credbroker_upstream_duration_seconds",
+    let name = "credbroker_upstream_duration_seconds";
+    out.help(
+        name,
         "histogram",
         "Latency of calls to upstream servers (OAuth, SMTP, IMAP, CalDAV).",
     );
     for (kind, h) in r.upstream.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        h.render(
-            &mut out,
-            "credbroker_upstream_duration_seconds",
-            &format!("kind=\"{}\"", kind.name()),
-        );
+        h.render(&mut out.0, name, &format!("kind=\"{}\"", kind.name()));
     }
+}
 
-    help(
-        &mut out,
-        "credbroker_connections",
-        "gauge",
-        "Connections by status.",
-    );
+/// The broker's own state: connections, audit log, listener, store and keys.
+fn render_state(out: &mut Exposition, gauges: &Gauges) {
+    let r = &*REGISTRY;
+    out.help("credbroker_connections", "gauge", "Connections by status.");
     for (status, n) in &gauges.connections {
-        let _ = writeln!(out, "credbroker_connections{{status=\"{status}\"}} {n}");
+        let _ = writeln!(out.0, "credbroker_connections{{status=\"{status}\"}} {n}");
     }
-
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_audit_queue_depth",
         "gauge",
         "Audit events waiting to be written.",
+        gauges.audit_queue_depth,
     );
-    let _ = writeln!(
-        out,
-        "credbroker_audit_queue_depth {}",
-        gauges.audit_queue_depth
-    );
-    help(
-        &mut out,
+    out.histogram(
         "credbroker_audit_flush_duration_seconds",
-        "histogram",
         "Time to make one audit batch durable.",
+        &r.audit_flush,
+        "",
     );
-    r.audit_flush
-        .render(&mut out, "credbroker_audit_flush_duration_seconds", "");
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_audit_records_total",
         "counter",
         "Audit records written.",
+        r.audit_batch_records.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "credbroker_audit_records_total {}",
-        r.audit_batch_records.load(Ordering::Relaxed)
-    );
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_http_connections_refused_total",
         "counter",
         "HTTPS connections closed at accept because [http] max_connections were open.",
+        r.http_connections_refused.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "credbroker_http_connections_refused_total {}",
-        r.http_connections_refused.load(Ordering::Relaxed)
-    );
-    help(
-        &mut out,
+    out.histogram(
         "credbroker_store_sync_duration_seconds",
-        "histogram",
         "Duration of one group-commit sync (fsync) of the store.",
+        &r.store_sync,
+        "",
     );
-    r.store_sync
-        .render(&mut out, "credbroker_store_sync_duration_seconds", "");
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_store_sync_commits_total",
         "counter",
         "Commits made durable by group-commit syncs (divide by the sync count for the group size).",
+        r.store_sync_waiters.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "credbroker_store_sync_commits_total {}",
-        r.store_sync_waiters.load(Ordering::Relaxed)
-    );
-
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_key_term",
         "gauge",
         "Current data-key term.",
+        gauges.key_term,
     );
-    let _ = writeln!(out, "credbroker_key_term {}", gauges.key_term);
-    help(
-        &mut out,
+    out.scalar(
         "credbroker_key_term_encryptions",
         "gauge",
         "Encryptions counted under the current term (rotation happens well before 2^32).",
+        gauges.key_term_encryptions,
     );
-    let _ = writeln!(
-        out,
-        "credbroker_key_term_encryptions {}",
-        gauges.key_term_encryptions
-    );
-    out
 }
 
 /// The gRPC code as its canonical upper-case name.

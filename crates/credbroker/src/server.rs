@@ -338,76 +338,47 @@ const ADMIN_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens. `extra`
-/// holds services served beside the broker's on the same listener and TLS (the benchmark's
-/// Echo baseline); the daemon itself adds none.
-pub async fn run(
-    config: Config,
-    key: KeySource,
-    extra: tonic::service::Routes,
-    on_ready: impl FnOnce(Bound),
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    crate::tls::install_crypto_provider();
-    let store = Arc::new(Store::open(&config.store, &key).await?);
-    let services = open_services(&config, store.clone()).await?;
-    let grpc_listener = TcpListener::bind(config.grpc.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.grpc.listen,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| ServeError::Listen {
-            addr: config.grpc.listen,
-            source,
-        })?;
-    let acceptor = TlsAcceptor::from(Arc::new(grpc_tls(&config)?));
-    let (tx, rx) = tokio::sync::mpsc::channel(128);
-    tokio::spawn(accept_loop(
-        grpc_listener,
+/// Binds `addr`, returning the listener and the address it got (port 0 picks one).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listen = |source| ServeError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen)?;
+    let bound = listener.local_addr().map_err(listen)?;
+    Ok((listener, bound))
+}
+
+/// Starts the HTTPS listener (OAuth callback, probes, metrics) when one is configured.
+async fn start_http(
+    config: &Config,
+    services: &Arc<Services>,
+) -> Result<Option<SocketAddr>, ServeError> {
+    let Some(addr) = config.http.listen else {
+        return Ok(None);
+    };
+    let (listener, bound) = bind(addr).await?;
+    let acceptor = TlsAcceptor::from(Arc::new(http_tls(config)?));
+    tokio::spawn(crate::http::serve(
+        listener,
         acceptor,
-        services.refusals.clone(),
-        tx,
+        crate::http::ConnectionLimits::from(&config.http),
+        services.clone(),
+        metrics_token(config)?,
     ));
+    Ok(Some(bound))
+}
 
-    let mut http_addr = None;
-    if let Some(addr) = config.http.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Listen { addr, source })?;
-        http_addr = Some(
-            listener
-                .local_addr()
-                .map_err(|source| ServeError::Listen { addr, source })?,
-        );
-        let acceptor = TlsAcceptor::from(Arc::new(http_tls(&config)?));
-        let limits = crate::http::ConnectionLimits::from(&config.http);
-        let metrics_token = metrics_token(&config)?;
-        tokio::spawn(crate::http::serve(
-            listener,
-            acceptor,
-            limits,
-            services.clone(),
-            metrics_token,
-        ));
-    }
-
-    spawn_policy_reload(services.policy.clone());
-    spawn_rewrap(
-        store,
-        config.limits.rewrap_batch,
-        Duration::from_millis(config.limits.rewrap_pause_ms),
-    );
-
+/// Every gRPC service the listener serves: health, reflection (v1 and v1alpha: grpcurl and
+/// Postman speak v1, Python's grpcio-reflection and older tools only v1alpha), Broker and
+/// Admin, beside `extra`.
+async fn grpc_routes(
+    config: &Config,
+    services: &Arc<Services>,
+    extra: tonic::service::Routes,
+) -> Result<tonic::service::Routes, ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<BrokerServer<BrokerApi>>()
         .await;
     health_reporter.set_serving::<AdminServer<AdminApi>>().await;
-    // Both reflection versions: grpcurl and Postman speak v1, Python's grpcio-reflection and
-    // older tools only v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
@@ -421,26 +392,57 @@ pub async fn run(
     };
     let reflection_err =
         |e: tonic_reflection::server::Error| ServeError::Tls(format!("reflection: {e}"));
-    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
     let max = config.limits.max_request_bytes;
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut routes = tonic::service::RoutesBuilder::from(extra);
     routes
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection().build_v1().map_err(reflection_err)?)
+        .add_service(reflection().build_v1alpha().map_err(reflection_err)?)
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(
             AdminServer::new(AdminApi(services.clone()))
                 .max_decoding_message_size(max.min(ADMIN_MAX_REQUEST_BYTES)),
         );
+    Ok(routes.routes())
+}
+
+/// Runs the daemon until `shutdown` completes. `on_ready` is told where it listens. `extra`
+/// holds services served beside the broker's on the same listener and TLS (the benchmark's
+/// Echo baseline); the daemon itself adds none.
+pub async fn run(
+    config: Config,
+    key: KeySource,
+    extra: tonic::service::Routes,
+    on_ready: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    crate::tls::install_crypto_provider();
+    let store = Arc::new(Store::open(&config.store, &key).await?);
+    let services = open_services(&config, store.clone()).await?;
+    let (grpc_listener, grpc_addr) = bind(config.grpc.listen).await?;
+    let acceptor = TlsAcceptor::from(Arc::new(grpc_tls(&config)?));
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(accept_loop(
+        grpc_listener,
+        acceptor,
+        services.refusals.clone(),
+        tx,
+    ));
+    let http_addr = start_http(&config, &services).await?;
+    spawn_policy_reload(services.policy.clone());
+    spawn_rewrap(
+        store,
+        config.limits.rewrap_batch,
+        Duration::from_millis(config.limits.rewrap_pause_ms),
+    );
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(120))
         .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes.routes())
+        .add_routes(grpc_routes(&config, &services, extra).await?)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();
         });
