@@ -1,10 +1,11 @@
 //! What a client written against the published contract relies on, through the gRPC API as such a
-//! client uses it: reflection in both versions generic tools speak, and the answers it gets.
+//! client uses it: reflection in both versions generic tools speak, the budgets, and one answer
+//! for bad input — INVALID_ARGUMENT naming the field, before anything is sent upstream.
 
 mod support;
 
-use credbroker::api::proto::{self, broker_client::BrokerClient};
-use support::daemon::{Daemon, conn, secrets};
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
+use support::daemon::{Daemon, conn, reason, secrets};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -161,4 +162,188 @@ async fn a_user_over_its_budget_is_told_when_to_retry_and_others_go_on() {
     );
     // The same runtime acting for another user is not held back by alice's budget.
     resolve(&mut agent, "HubSpot", "bob").await.unwrap();
+}
+
+/// The field a refusal names; it must be INVALID_ARGUMENT.
+fn invalid_field(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let (why, metadata) = reason(status);
+    assert_eq!(why, "INVALID_ARGUMENT");
+    metadata.get("field").cloned().unwrap_or_default()
+}
+
+/// A listener that counts nothing but whether anyone connected to it.
+struct Upstream(std::net::TcpListener);
+
+impl Upstream {
+    fn new() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Upstream(listener)
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.0.local_addr().unwrap()
+    }
+
+    fn contacted(&self) -> bool {
+        self.0.accept().is_ok()
+    }
+}
+
+#[tokio::test]
+async fn a_caldav_url_that_is_not_an_https_url_is_invalid_argument_and_nothing_is_saved() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Calendar".into(),
+            kind: proto::ConnectorKind::Caldav as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("a CalDAV connector whose users give the server URL");
+    let upstream = Upstream::new();
+    let plain_http = format!("http://{}/dav/", upstream.addr());
+    let credentialed = format!("https://alice:canary-pw@{}/dav/", upstream.addr());
+    for url in [
+        "",
+        "dav/calendars/",
+        "ftp://dav.corp/",
+        &plain_http,
+        &credentialed,
+    ] {
+        let settings = [
+            ("url".to_string(), url.to_string()),
+            ("username".to_string(), "alice".to_string()),
+        ];
+        let password = secrets(&[("password", "canary-pw")]);
+        let tested = admin
+            .test_connection(proto::TestConnectionRequest {
+                connection: conn("Calendar", "u-alice"),
+                settings: settings.clone().into(),
+                secrets: password.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            invalid_field(&tested),
+            "settings.url",
+            "{url:?}: {tested:?}"
+        );
+        let connected = admin
+            .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+                connection: conn("Calendar", "u-alice"),
+                settings: settings.into(),
+                secrets: password,
+                save_on_failure: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(invalid_field(&connected), "settings.url", "{url:?}");
+        for refusal in [&tested, &connected] {
+            assert!(!refusal.message().contains("canary"), "{refusal:?}");
+        }
+    }
+    assert!(!upstream.contacted(), "nothing was sent upstream");
+    let connection = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn("Calendar", "u-alice"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        connection.status,
+        proto::ConnectionStatus::NotConnected as i32,
+        "nothing saved, even with save_on_failure"
+    );
+}
+
+/// The OAuth connector every endpoint test starts from: https endpoints that are never called.
+fn oauth_config() -> std::collections::HashMap<String, String> {
+    [
+        ("client_id", "broker"),
+        ("auth_url", "https://idp.test/auth"),
+        ("token_url", "https://idp.test/token"),
+        ("revocation_url", "https://idp.test/revoke"),
+        ("userinfo_url", "https://idp.test/me"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into()
+}
+
+async fn connector_config(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+) -> std::collections::HashMap<String, String> {
+    let req = proto::GetConnectorRequest {
+        connector: name.into(),
+        ..Default::default()
+    };
+    admin.get_connector(req).await.unwrap().into_inner().config
+}
+
+#[tokio::test]
+async fn an_oauth_endpoint_that_is_not_https_is_refused_when_saved() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let bad = [
+        "http://idp.test/x",
+        "https://broker:canary-pw@idp.test/x",
+        "idp.test/x",
+    ];
+    for key in ["token_url", "auth_url", "revocation_url", "userinfo_url"] {
+        for url in bad {
+            let mut config = oauth_config();
+            config.insert(key.into(), url.into());
+            let refused = admin
+                .create_connector(proto::CreateConnectorRequest {
+                    name: "Idp".into(),
+                    kind: proto::ConnectorKind::Oauth2 as i32,
+                    mode: proto::ConnectorMode::Personal as i32,
+                    config,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(invalid_field(&refused), format!("config.{key}"), "{url}");
+            assert!(!refused.message().contains("idp.test"), "{refused:?}");
+        }
+    }
+    let none = proto::ListConnectorsRequest::default();
+    let listed = admin.list_connectors(none).await.unwrap().into_inner();
+    assert!(listed.connectors.is_empty(), "nothing was created");
+
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Idp".into(),
+            kind: proto::ConnectorKind::Oauth2 as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            config: oauth_config(),
+            ..Default::default()
+        })
+        .await
+        .expect("https endpoints are accepted");
+    for url in bad {
+        let refused = admin
+            .update_connector(proto::UpdateConnectorRequest {
+                connector: "Idp".into(),
+                config: [("token_url".to_string(), url.to_string())].into(),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["config.token_url".into()],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(invalid_field(&refused), "config.token_url", "{url}");
+        assert!(!refused.message().contains("canary"), "{refused:?}");
+    }
+    assert_eq!(
+        connector_config(&mut admin, "Idp").await,
+        oauth_config(),
+        "the connector is unchanged"
+    );
 }

@@ -2,6 +2,10 @@
 //! testing a stored connection, disconnecting, and the per-user status listing behind an
 //! "Integrations" page. OAuth's browser flow lives in [`crate::oauth`]; this module covers
 //! credentials a user types in (API keys, IMAP/SMTP and CalDAV passwords).
+//!
+//! Invariant: input that cannot be used as given is refused as a [`FieldError`] (the driver's
+//! `check_candidate`) before anything is sent upstream; a test that ran is a [`TestReport`],
+//! whatever it found.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +13,10 @@ use std::time::Duration;
 use chrono::Utc;
 
 pub use crate::driver::Candidate;
-use crate::driver::{Credentials, driver, expire_refused, for_user};
+use crate::driver::{ConnectionError, Credentials, driver, expire_refused, for_user};
 use crate::model::{
-    Check, Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode,
-    ModelError, Registry, Stage, Target, TestReport,
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode, ModelError,
+    Registry, Target, TestReport,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +25,9 @@ pub enum ConnectError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Unsupported(String),
+    /// Nothing stored to test.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
 }
 
 impl From<FieldError> for ConnectError {
@@ -67,16 +74,9 @@ impl Connect {
                 kind.check_candidate(connector, &candidate)?;
                 return Ok(self.run_test(target, &candidate).await);
             }
-            None => match self.stored(target).await? {
-                Some(stored) => stored,
-                None => {
-                    return Ok(TestReport::one(Check::failed(
-                        "connection",
-                        Stage::Config,
-                        "not connected: nothing to test",
-                    )));
-                }
-            },
+            None => self.stored(target).await?.ok_or_else(|| {
+                ConnectionError::not_connected(connector, &target.connection_user)
+            })?,
         };
         let report = self.run_test(target, &candidate).await;
         if report.auth_refused() && kind.refusal_expires(connector, &candidate.secrets) {
@@ -131,13 +131,8 @@ impl Connect {
     ) -> Result<Connected, ConnectError> {
         let connector = &target.connector;
         let kind = driver(connector.kind);
-        let required = kind.typed_in(connector)?;
+        kind.typed_in(connector)?;
         kind.check_candidate(connector, &candidate)?;
-        for slot in required {
-            if !candidate.secrets.contains_key(*slot) {
-                return Err(FieldError::new(format!("secrets.{slot}"), "is required").into());
-            }
-        }
         let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry()

@@ -155,6 +155,7 @@ pub fn classify(e: &ApiError) -> Class {
         ApiError::Resolve(r) => resolve(r),
         ApiError::Connect(ConnectError::Model(m)) => model(m),
         ApiError::Connect(ConnectError::Unsupported(_)) => plain(Reason::Unsupported),
+        ApiError::Connect(ConnectError::Connection(c)) => connection(c),
         ApiError::Audit(_) => plain(Reason::AuditUnavailable),
         ApiError::OAuth(o) => oauth(o),
         ApiError::Mail(m) => mail(m),

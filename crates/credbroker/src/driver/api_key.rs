@@ -58,6 +58,7 @@ impl ConnectorDriver for ApiKey {
         secrets: &BTreeMap<String, Secret>,
     ) -> Result<(), FieldError> {
         check_plain(&SCHEMA, provider, config, secrets)?;
+        check_ca("config.ca_pem", config.get("ca_pem"))?;
         if mode == Mode::Personal && secrets.contains_key("api_key") {
             return Err(FieldError::new(
                 "secrets.api_key",
@@ -78,6 +79,16 @@ impl ConnectorDriver for ApiKey {
             .map(str::to_string)
             .into_iter()
             .collect())
+    }
+
+    /// A key to test must be given.
+    fn check_candidate(
+        &self,
+        _connector: &Connector,
+        candidate: &Candidate,
+    ) -> Result<(), FieldError> {
+        check_settings(&SCHEMA, candidate)?;
+        check_required(candidate, SCHEMA.connection_secrets)
     }
 
     fn typed_in(&self, connector: &Connector) -> Result<&'static [&'static str], FieldError> {
@@ -133,7 +144,11 @@ impl ConnectorDriver for ApiKey {
 /// An API key is tested by calling the connector's `test_url` with it, when one is configured.
 async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration) -> TestReport {
     let Some(key) = key else {
-        return TestReport::one(Check::failed("api_key", Stage::Config, "no API key given"));
+        return TestReport::one(Check::failed(
+            "api_key",
+            Stage::Auth,
+            "no API key is stored",
+        ));
     };
     let Some(url) = connector.setting("test_url") else {
         return TestReport::one(Check::passed(
@@ -143,7 +158,7 @@ async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration
     };
     let client = match crate::tls::http_client(connector.setting("ca_pem"), timeout) {
         Ok(client) => client,
-        Err(e) => return TestReport::one(Check::failed("api_key", Stage::Config, e.to_string())),
+        Err(e) => return TestReport::one(Check::failed("api_key", Stage::Tls, e.to_string())),
     };
     let (header, prefix) = header(connector);
     let check = match client

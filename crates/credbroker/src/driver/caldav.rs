@@ -1,6 +1,10 @@
 //! CalDAV connectors: a connection holds the server URL (or takes the connector's), the
 //! username and the password, which goes only to that URL. A refused password expires the
 //! connection. Nothing of this kind is ever handed to a caller.
+//!
+//! Invariant: a URL, username, password or CA the test could not use is refused before the test
+//! ([`ConnectorDriver::check_candidate`], [`ConnectorDriver::check_connector`]): a test that
+//! runs meets only well-formed input.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +13,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::model::{Connector, FieldError, Kind, Secret, Target, TestReport};
+use crate::model::{Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
 
 pub struct Caldav;
 
@@ -24,9 +28,63 @@ static SCHEMA: Schema = Schema {
     }],
 };
 
+/// The setting a connection's server URL comes from: its own, or else its connector's (an
+/// empty value is unset, as [`crate::calendar::caldav::server_url`] reads it).
+fn url_source<'a>(
+    connector: &'a Connector,
+    settings: &'a BTreeMap<String, String>,
+) -> Option<(&'static str, &'a str)> {
+    let given = |v: &&String| !v.is_empty();
+    match settings.get("url").filter(given) {
+        Some(url) => Some(("settings.url", url)),
+        None => connector
+            .config
+            .get("url")
+            .filter(given)
+            .map(|url| ("config.url", url.as_str())),
+    }
+}
+
 impl ConnectorDriver for Caldav {
     fn schema(&self) -> &'static Schema {
         &SCHEMA
+    }
+
+    /// A connector's URL, when it sets one, is a CalDAV server's (https, no credentials).
+    fn check_connector(
+        &self,
+        _mode: Mode,
+        provider: &str,
+        config: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, Secret>,
+    ) -> Result<(), FieldError> {
+        check_plain(&SCHEMA, provider, config, secrets)?;
+        if let Some(url) = config.get("url").filter(|u| !u.is_empty()) {
+            https_url("config.url", url)?;
+        }
+        check_ca("config.ca_pem", config.get("ca_pem"))
+    }
+
+    /// The server URL, the username, the password and the CA, as the test would use them.
+    fn check_candidate(
+        &self,
+        connector: &Connector,
+        candidate: &Candidate,
+    ) -> Result<(), FieldError> {
+        check_settings(&SCHEMA, candidate)?;
+        let settings = &candidate.settings;
+        let (field, url) = url_source(connector, settings).ok_or_else(|| {
+            FieldError::new(
+                "settings.url",
+                "is required: the connector sets no CalDAV server URL",
+            )
+        })?;
+        https_url(field, url)?;
+        if settings.get("username").is_none_or(|u| u.trim().is_empty()) {
+            return Err(FieldError::new("settings.username", "is required"));
+        }
+        check_required(candidate, SCHEMA.connection_secrets)?;
+        check_ca("settings.ca_pem", settings.get("ca_pem"))
     }
 
     /// The server URL, checked as a connection would use it (https, no credentials in it).
@@ -36,8 +94,9 @@ impl ConnectorDriver for Caldav {
         settings: &BTreeMap<String, String>,
         _secret: &str,
     ) -> Result<Vec<String>, FieldError> {
+        let field = url_source(connector, settings).map_or("settings.url", |(field, _)| field);
         let url = crate::calendar::caldav::server_url(connector, settings)
-            .map_err(|e| FieldError::new("settings.url", e.to_string()))?;
+            .map_err(|e| FieldError::new(field, e.to_string()))?;
         Ok(vec![url.to_string()])
     }
 

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 
 use super::*;
 use crate::mail::Auth;
-use crate::model::{Check, Connector, FieldError, Kind, Secret, Stage, Target, TestReport};
+use crate::model::{Check, Connector, FieldError, Kind, Secret, Target, TestReport};
 
 pub struct ImapSmtp;
 
@@ -72,8 +72,8 @@ impl ConnectorDriver for ImapSmtp {
         Ok(vec![account.imap.addr(), account.smtp.addr()])
     }
 
-    /// Hosts, ports, TLS modes and addresses are checked before anything is tried, whether or
-    /// not a password is given (an OAuth mail connector takes none).
+    /// Hosts, ports, TLS modes, addresses and CAs are checked before anything is tried, and the
+    /// password is required unless the connector signs in with OAuth.
     fn check_candidate(
         &self,
         connector: &Connector,
@@ -81,7 +81,7 @@ impl ConnectorDriver for ImapSmtp {
     ) -> Result<(), FieldError> {
         check_settings(&SCHEMA, candidate)?;
         self.destination(connector, &candidate.settings, "password")?;
-        Ok(())
+        check_required(candidate, self.typed_in(connector)?)
     }
 
     /// A mail connector that signs in with OAuth needs no password.
@@ -138,7 +138,7 @@ impl ConnectorDriver for ImapSmtp {
                     Err(e) => {
                         return TestReport::one(Check::failed(
                             "oauth",
-                            Stage::Config,
+                            credential_stage(&e),
                             format!("no access token to sign in with: {e}"),
                         ));
                     }

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::model::{
-    Connection, Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Target,
+    Connection, Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Stage, Target,
     TestReport, validate_config, validate_secret,
 };
 use crate::oauth::{OAuth, OAuthError};
@@ -166,15 +166,17 @@ pub trait ConnectorDriver: Send + Sync {
         secret: &str,
     ) -> Result<Vec<String>, FieldError>;
 
-    /// Checks credentials a user offers before anything is tried: known settings and slots,
-    /// and a destination every given secret can go to.
+    /// Checks credentials a user offers (ConnectWithCredentials, TestConnection) before anything
+    /// is tried: known settings and slots, the secrets the test needs, and every value the
+    /// test would use, so that malformed input is a [`FieldError`] naming the field and a
+    /// test only ever reports what the upstream said.
     fn check_candidate(
         &self,
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        let _ = connector;
-        check_settings(self.schema(), candidate)
+        check_settings(self.schema(), candidate)?;
+        check_required(candidate, self.typed_in(connector)?)
     }
 
     /// Whether a user may connect this connector with typed-in credentials
@@ -276,6 +278,47 @@ fn check_settings(schema: &Schema, candidate: &Candidate) -> Result<(), FieldErr
     Ok(())
 }
 
+/// Every secret slot of `required` is given by the candidate.
+fn check_required(candidate: &Candidate, required: &[&str]) -> Result<(), FieldError> {
+    match required
+        .iter()
+        .find(|slot| !candidate.secrets.contains_key(**slot))
+    {
+        Some(slot) => Err(FieldError::new(format!("secrets.{slot}"), "is required")),
+        None => Ok(()),
+    }
+}
+
+/// A URL a secret may be sent to: absolute, https, with a host and no credentials in it. The
+/// error never quotes the value (a malformed URL may still carry a password).
+pub(crate) fn https_url(field: &str, value: &str) -> Result<url::Url, FieldError> {
+    let url = url::Url::parse(value.trim())
+        .map_err(|_| FieldError::new(field, "is not an absolute URL (https://host/…)"))?;
+    if url.scheme() != "https" {
+        return Err(FieldError::new(field, "must be an https:// URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(FieldError::new(field, "must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(FieldError::new(
+            field,
+            "must not contain a username or password: credentials go in their own fields",
+        ));
+    }
+    Ok(url)
+}
+
+/// An extra CA (PEM) a connector or connection trusts, when given, must parse.
+fn check_ca(field: &str, pem: Option<&String>) -> Result<(), FieldError> {
+    match pem.filter(|p| !p.trim().is_empty()) {
+        Some(pem) => crate::tls::client_config(Some(pem))
+            .map(|_| ())
+            .map_err(|e| FieldError::new(field, e.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// The usable connection of the target and one of its stored secrets (the connector's, for a
 /// credential kept on the connector). A missing secret is NOT_CONNECTED.
 async fn stored_secret(
@@ -303,6 +346,16 @@ async fn stored_secret(
     };
     let secret = secret.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
     Ok((connection, secret))
+}
+
+/// Where a test failed that could not get the credential it signs in with: at the provider
+/// when the provider could not be reached or answered nonsense, else at authentication (no
+/// connection, an expired or refused grant, a connector it cannot sign in through).
+fn credential_stage(e: &CredentialError) -> Stage {
+    match e {
+        CredentialError::OAuth(OAuthError::Unavailable(_)) => Stage::Protocol,
+        _ => Stage::Auth,
+    }
 }
 
 /// A password credential, for the broker's own sign-in (mail, calendar).

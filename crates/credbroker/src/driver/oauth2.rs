@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Stage, Target, TestReport};
+use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
 use crate::oauth::catalog::Endpoints;
 
 pub struct OAuth2;
@@ -52,6 +52,10 @@ static SCHEMA: Schema = Schema {
     ],
 };
 
+/// The provider endpoints a connector may set: each is where a secret (the client secret, a
+/// grant, a token) or the user's consent goes, so each is https and carries no credentials.
+const ENDPOINTS: &[&str] = &["auth_url", "token_url", "revocation_url", "userinfo_url"];
+
 impl ConnectorDriver for OAuth2 {
     fn schema(&self) -> &'static Schema {
         &SCHEMA
@@ -65,7 +69,13 @@ impl ConnectorDriver for OAuth2 {
         secrets: &BTreeMap<String, Secret>,
     ) -> Result<(), FieldError> {
         crate::oauth::catalog::validate_provider("provider", provider)?;
-        check_schema(&SCHEMA, config, secrets)
+        check_schema(&SCHEMA, config, secrets)?;
+        for key in ENDPOINTS {
+            if let Some(url) = config.get(*key) {
+                https_url(&format!("config.{key}"), url)?;
+            }
+        }
+        check_ca("config.ca_pem", config.get("ca_pem"))
     }
 
     /// The provider's endpoints (catalog preset, overridden by the connector's config).
@@ -83,6 +93,15 @@ impl ConnectorDriver for OAuth2 {
             _ => [endpoints.userinfo_url, endpoints.revocation_url],
         };
         Ok(urls.into_iter().flatten().collect())
+    }
+
+    /// There are no typed-in OAuth credentials to test.
+    fn check_candidate(
+        &self,
+        connector: &Connector,
+        _candidate: &Candidate,
+    ) -> Result<(), FieldError> {
+        self.typed_in(connector).map(|_| ())
     }
 
     fn typed_in(&self, _connector: &Connector) -> Result<&'static [&'static str], FieldError> {
@@ -128,13 +147,25 @@ impl ConnectorDriver for OAuth2 {
         .boxed()
     }
 
-    fn test<'a>(&'a self, _run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
-        async {
-            TestReport::one(Check::failed(
-                "oauth2",
-                Stage::Config,
-                "OAuth accounts are connected through BeginConnect; test them with ResolveCredential",
-            ))
+    /// A stored grant is tested by getting a current access token (refreshed if it is about to
+    /// expire), as ResolveCredential would. Candidates are refused before: see `check_candidate`.
+    fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {
+        async move {
+            match run.credentials.credential(run.target, run.timeout).await {
+                Ok(token) => TestReport {
+                    checks: vec![Check::passed(
+                        "oauth2",
+                        format!(
+                            "the grant is current: an access token is valid until {}",
+                            token.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                        ),
+                    )],
+                    account_label: Some(token.account_label).filter(|l| !l.is_empty()),
+                },
+                Err(e) => {
+                    TestReport::one(Check::failed("oauth2", credential_stage(&e), e.to_string()))
+                }
+            }
         }
         .boxed()
     }

@@ -191,6 +191,13 @@ fn parse_host(value: Option<(&str, String)>, missing: &str) -> Result<String, Fi
             "must be a host name or IP address (no scheme, path or spaces)",
         ));
     }
+    // The name the server's certificate is checked against: refused here, not at connect time.
+    if rustls::pki_types::ServerName::try_from(v).is_err() {
+        return Err(FieldError::new(
+            field,
+            "is not a valid TLS server name (a DNS name or an IP address)",
+        ));
+    }
     Ok(v.to_string())
 }
 
