@@ -152,7 +152,10 @@ const STORED_BASE: u64 = 1000;
 /// connections to show how resolve scales with the store's size. Returns the personal
 /// connector's id.
 async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<String, BenchError> {
-    let registry = Registry::new(std::sync::Arc::new(open_store(config).await?));
+    let registry = Registry::new(
+        std::sync::Arc::new(open_store(config).await?),
+        &credbroker::driver::DRIVERS,
+    );
     let connector =
         |name: &str, kind, mode, config: &[(&str, &str)], secrets: &[(&str, &str)]| NewConnector {
             workspace: String::new(),
@@ -332,7 +335,10 @@ impl Broker {
     async fn grow_to(&mut self, stored: u64) -> Result<(), BenchError> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let registry = Registry::new(std::sync::Arc::new(open_store(&self.config).await?));
+        let registry = Registry::new(
+            std::sync::Arc::new(open_store(&self.config).await?),
+            &credbroker::driver::DRIVERS,
+        );
         add_users(&registry, &self.personal, self.stored, stored).await?;
         drop(registry);
         self.stored = stored;

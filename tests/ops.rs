@@ -344,7 +344,7 @@ async fn backup_under_write_load_restores_and_verifies() {
         .await
         .unwrap(),
     );
-    let registry = credbroker::model::Registry::new(store.clone());
+    let registry = credbroker::model::Registry::new(store.clone(), &credbroker::driver::DRIVERS);
     let connector = registry.find_connector("default", "Shared").await.unwrap();
     let secrets = registry.connector_secrets(&connector).await.unwrap();
     assert_eq!(
@@ -471,7 +471,7 @@ async fn rotate_key_under_concurrent_resolves() {
     );
     assert_eq!(store.vault().terms(), vec![2], "term 1's data key is gone");
     credbroker::audit::verify(&store).await.unwrap();
-    let registry = credbroker::model::Registry::new(store.clone());
+    let registry = credbroker::model::Registry::new(store.clone(), &credbroker::driver::DRIVERS);
     let connector = registry.find_connector("default", "Shared").await.unwrap();
     assert_eq!(
         registry

@@ -286,7 +286,7 @@ pub async fn open_services(
     let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
     let audit = Arc::new(AuditLog::start(store.clone()).await?);
     let refusals = Refusals::start(audit.clone());
-    let registry = Arc::new(Registry::new(store));
+    let registry = Arc::new(Registry::new(store, &crate::driver::DRIVERS));
     let timeout = config.upstream_timeout();
     let callback = format!(
         "{}/oauth/callback",

@@ -29,8 +29,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::model::{
-    Connection, Connector, FieldError, Kind, Mode, ModelError, Registry, Secret, Stage, Target,
-    TestReport, validate_config, validate_secret,
+    Connection, Connector, ConnectorRules, FieldError, Kind, Mode, ModelError, Registry, Secret,
+    Stage, Target, TestReport, validate_config, validate_secret,
 };
 use crate::oauth::{OAuth, OAuthError};
 
@@ -237,6 +237,29 @@ pub fn driver(kind: Kind) -> &'static dyn ConnectorDriver {
         Kind::Oauth2 => &oauth2::OAuth2,
         Kind::ImapSmtp => &imap_smtp::ImapSmtp,
         Kind::Caldav => &caldav::Caldav,
+    }
+}
+
+/// The drivers as the registry asks them (see [`ConnectorRules`]).
+pub struct Drivers;
+
+/// What [`Registry::new`] is given.
+pub static DRIVERS: Drivers = Drivers;
+
+impl ConnectorRules for Drivers {
+    fn check_connector(
+        &self,
+        kind: Kind,
+        mode: Mode,
+        provider: &str,
+        config: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, Secret>,
+    ) -> Result<(), FieldError> {
+        driver(kind).check_connector(mode, provider, config, secrets)
+    }
+
+    fn credential_on_connector(&self, kind: Kind, mode: Mode) -> bool {
+        driver(kind).credential_on_connector(mode)
     }
 }
 

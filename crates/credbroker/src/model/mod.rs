@@ -11,7 +11,9 @@ mod validate;
 pub use check::{Check, Stage, TestReport};
 pub use kind::{Kind, Mode};
 pub use records::{Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets};
-pub use registry::{ConnectorPatch, KeyStatus, NewConnector, Registry, Target, connection_path};
+pub use registry::{
+    ConnectorPatch, ConnectorRules, KeyStatus, NewConnector, Registry, Target, connection_path,
+};
 pub use secret::Secret;
 pub use validate::{
     DEFAULT_WORKSPACE, FieldError, validate_config, validate_connector_name, validate_secret,

@@ -39,8 +39,27 @@ const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 /// connections never builds one giant batch.
 const DELETE_CHUNK: usize = 1000;
 
+/// What the registry needs to know of connector kinds, given at construction (the drivers',
+/// [`crate::driver::DRIVERS`]) so that the model does not depend on the drivers built on it.
+pub trait ConnectorRules: Send + Sync {
+    /// Checks a connector as an admin sets it (provider, config, connector secrets).
+    fn check_connector(
+        &self,
+        kind: Kind,
+        mode: Mode,
+        provider: &str,
+        config: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, Secret>,
+    ) -> Result<(), FieldError>;
+
+    /// True when the credential is a secret of the connector (a shared API key): its one
+    /// connection then mirrors whether it is set.
+    fn credential_on_connector(&self, kind: Kind, mode: Mode) -> bool;
+}
+
 pub struct Registry {
     store: Arc<Store>,
+    rules: &'static dyn ConnectorRules,
     /// Serialises the changes that must check-then-write a name (create, rename, delete).
     names: tokio::sync::Mutex<()>,
 }
@@ -86,36 +105,6 @@ pub struct Target {
     pub on_behalf_of: String,
 }
 
-/// A shared API-key connector's key is a connector secret; its one connection mirrors whether
-/// it is set, so that status listings treat every connector alike.
-fn shared_key_connection(
-    batch: &mut Batch,
-    connector: &Connector,
-    secrets: &ConnectorSecrets,
-    existing: Option<Connection>,
-    key_changed: bool,
-) {
-    if !crate::driver::driver(connector.kind).credential_on_connector(connector.mode) {
-        return;
-    }
-    let path = connection_path(&connector.id, "");
-    if secrets.slots.contains_key("api_key") {
-        let mut connection = existing.unwrap_or_else(|| Connection::new(&connector.id, ""));
-        if key_changed || connection.status != ConnectionStatus::Connected {
-            connection.status = ConnectionStatus::Connected;
-            connection.connected_at = Some(Utc::now());
-            connection.last_error.clear();
-        }
-        connection.account_label = connector
-            .setting("account_label")
-            .unwrap_or_default()
-            .to_string();
-        batch.put(CONNECTIONS, path, &connection);
-    } else if existing.is_some() {
-        batch.delete(CONNECTIONS, path);
-    }
-}
-
 pub fn connection_path(connector_id: &str, user_id: &str) -> String {
     format!("{connector_id}/{user_id}")
 }
@@ -149,78 +138,100 @@ async fn count_connections(
 }
 
 impl Registry {
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(store: Arc<Store>, rules: &'static dyn ConnectorRules) -> Self {
         Self {
             store,
+            rules,
             names: tokio::sync::Mutex::new(()),
         }
     }
 
     pub async fn create_connector(&self, new: NewConnector) -> Result<Connector, ModelError> {
-        let NewConnector {
-            workspace,
-            name,
-            kind,
-            mode,
-            provider,
-            config,
-            secrets,
-        } = new;
-        let (name, provider) = (name.as_str(), provider.as_str());
-        let workspace = workspace_or_default("workspace", &workspace)?;
-        validate_connector_name("name", name)?;
-        crate::driver::driver(kind).check_connector(mode, provider, &config, &secrets)?;
+        let workspace = workspace_or_default("workspace", &new.workspace)?;
+        validate_connector_name("name", &new.name)?;
+        self.rules
+            .check_connector(new.kind, new.mode, &new.provider, &new.config, &new.secrets)?;
         let _guard = self.names.lock().await;
-        if self
-            .store
-            .get::<String>(CONNECTOR_NAMES, &name_path(&workspace, name))
-            .await?
-            .is_some()
-        {
-            return Err(ModelError::AlreadyExists {
-                workspace,
-                name: name.to_string(),
-            });
-        }
+        self.name_free(&workspace, &new.name).await?;
         let now = Utc::now();
         let connector = Connector {
             id: new_id("cn_"),
-            workspace: workspace.clone(),
-            name: name.to_string(),
-            kind,
-            mode,
-            provider: provider.to_string(),
-            config,
-            secrets_set: secrets.keys().cloned().collect(),
+            workspace,
+            name: new.name,
+            kind: new.kind,
+            mode: new.mode,
+            provider: new.provider,
+            config: new.config,
+            secrets_set: new.secrets.keys().cloned().collect(),
             created_at: now,
             updated_at: now,
         };
+        let secrets = ConnectorSecrets { slots: new.secrets };
+        let ws = &connector.workspace;
         let mut batch = Batch::new();
         batch
+            .put(CONNECTORS, connector_path(ws, &connector.id), &connector)
             .put(
-                CONNECTORS,
-                connector_path(&workspace, &connector.id),
-                &connector,
-            )
-            .put(CONNECTOR_NAMES, name_path(&workspace, name), &connector.id);
-        if !secrets.is_empty() {
-            batch.put(
-                CONNECTOR_SECRETS,
-                connector.id.clone(),
-                &ConnectorSecrets {
-                    slots: secrets.clone(),
-                },
+                CONNECTOR_NAMES,
+                name_path(ws, &connector.name),
+                &connector.id,
             );
+        if !secrets.slots.is_empty() {
+            batch.put(CONNECTOR_SECRETS, connector.id.clone(), &secrets);
         }
-        shared_key_connection(
-            &mut batch,
-            &connector,
-            &ConnectorSecrets { slots: secrets },
-            None,
-            true,
-        );
+        self.shared_key_connection(&mut batch, &connector, &secrets, None, true);
         self.store.commit(batch).await?;
         Ok(connector)
+    }
+
+    /// ALREADY_EXISTS if the workspace has a connector of that name (case-insensitive); the
+    /// caller holds the names lock until it has written its own.
+    async fn name_free(&self, workspace: &str, name: &str) -> Result<(), ModelError> {
+        let taken = self
+            .store
+            .get::<String>(CONNECTOR_NAMES, &name_path(workspace, name))
+            .await?;
+        match taken {
+            Some(_) => Err(ModelError::AlreadyExists {
+                workspace: workspace.to_string(),
+                name: name.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A shared API-key connector's key is a connector secret; its one connection mirrors whether
+    /// it is set, so that status listings treat every connector alike.
+    fn shared_key_connection(
+        &self,
+        batch: &mut Batch,
+        connector: &Connector,
+        secrets: &ConnectorSecrets,
+        existing: Option<Connection>,
+        key_changed: bool,
+    ) {
+        if !self
+            .rules
+            .credential_on_connector(connector.kind, connector.mode)
+        {
+            return;
+        }
+        let path = connection_path(&connector.id, "");
+        if secrets.slots.contains_key("api_key") {
+            let mut connection = existing.unwrap_or_else(|| Connection::new(&connector.id, ""));
+            if key_changed || connection.status != ConnectionStatus::Connected {
+                connection.status = ConnectionStatus::Connected;
+                connection.connected_at = Some(Utc::now());
+                connection.last_error.clear();
+            }
+            connection.account_label = connector
+                .setting("account_label")
+                .unwrap_or_default()
+                .to_string();
+            batch.put(CONNECTIONS, path, &connection);
+        } else if existing.is_some() {
+            batch.delete(CONNECTIONS, path);
+        }
     }
 
     /// Finds a connector by id ("cn_…") or by name (case-insensitive).
@@ -304,7 +315,8 @@ impl Registry {
                 None => secrets.slots.remove(&slot),
             };
         }
-        crate::driver::driver(kind).check_connector(
+        self.rules.check_connector(
+            kind,
             connector.mode,
             &connector.provider,
             &connector.config,
@@ -321,7 +333,7 @@ impl Registry {
             )
             .put(CONNECTOR_SECRETS, connector.id.clone(), &secrets);
         let existing = self.connection(&connector, "").await?;
-        shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
+        self.shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
         self.store.commit(batch).await?;
         Ok(connector)
     }
@@ -640,6 +652,26 @@ mod tests {
     use super::*;
     use crate::vault::{KeySource, generate_key_file};
 
+    /// Rules that accept every connector and keep no credential on one.
+    struct AnyConnector;
+
+    impl ConnectorRules for AnyConnector {
+        fn check_connector(
+            &self,
+            _: Kind,
+            _: Mode,
+            _: &str,
+            _: &BTreeMap<String, String>,
+            _: &BTreeMap<String, Secret>,
+        ) -> Result<(), FieldError> {
+            Ok(())
+        }
+
+        fn credential_on_connector(&self, _: Kind, _: Mode) -> bool {
+            false
+        }
+    }
+
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -649,7 +681,7 @@ mod tests {
         let store = Store::create(&config, &KeySource::KeyFile(key))
             .await
             .unwrap();
-        let registry = Registry::new(Arc::new(store));
+        let registry = Registry::new(Arc::new(store), &AnyConnector);
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
