@@ -533,9 +533,18 @@ mod tests {
         );
         let caldav =
             Connector::for_tests(Kind::Caldav, Mode::Personal, &[("url", "http://dav.corp/")]);
+        // The plain-http URL is the connector's: the error names where it came from.
         assert_eq!(
             driver(Kind::Caldav)
                 .destination(&caldav, &BTreeMap::new(), "password")
+                .unwrap_err()
+                .field,
+            "config.url"
+        );
+        let ftp = BTreeMap::from([("url".to_string(), "ftp://dav.corp/".to_string())]);
+        assert_eq!(
+            driver(Kind::Caldav)
+                .destination(&caldav, &ftp, "password")
                 .unwrap_err()
                 .field,
             "settings.url"
@@ -547,6 +556,30 @@ mod tests {
                 .unwrap(),
             ["https://dav.corp/u/"]
         );
+    }
+
+    #[test]
+    fn urls_secrets_go_to_are_https_without_credentials_and_never_quoted() {
+        for bad in [
+            "",
+            "dav.corp/x",
+            "ftp://dav.corp/",
+            "http://dav.corp/",
+            "https://u:canary@dav.corp/",
+        ] {
+            let err = https_url("config.token_url", bad).unwrap_err();
+            assert_eq!(err.field, "config.token_url", "{bad}");
+            assert!(!err.problem.contains("dav.corp"), "{bad}: {err}");
+        }
+        assert!(https_url("config.token_url", "https://idp.corp/token").is_ok());
+        let config = BTreeMap::from([(
+            "revocation_url".to_string(),
+            "http://idp.corp/revoke".to_string(),
+        )]);
+        let err = driver(Kind::Oauth2)
+            .check_connector(Mode::Shared, "", &config, &BTreeMap::new())
+            .unwrap_err();
+        assert_eq!(err.field, "config.revocation_url");
     }
 
     #[test]
