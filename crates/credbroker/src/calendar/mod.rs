@@ -344,8 +344,8 @@ fn rrule(rule: &str, start: Moment) -> Result<Option<String>, FieldError> {
 }
 
 impl NewEvent {
-    /// Checks every field, in the order the summary, the texts, the zone, the times, the
-    /// organizer, the attendees, the status, the rule: the first bad one is the one named.
+    /// Checks every field in turn (summary, description, location, zone, times, organizer,
+    /// attendees, status, rule): the first bad one is the one named.
     pub fn validate(self) -> Result<ValidEvent, FieldError> {
         let summary = plain_text(
             "event.summary",
