@@ -155,15 +155,30 @@ impl OAuth {
 
     /// Takes a state out of the store: a state works once, and only before it expires.
     pub async fn take_state(&self, state: &str) -> Result<PendingConnect, OAuthError> {
+        self.take_state_if(state, |_| Ok(())).await
+    }
+
+    /// [`OAuth::take_state`] once `admit` accepts the pending connection the state names: a
+    /// caller `admit` refuses leaves the state in place, so it cannot burn someone else's link.
+    pub async fn take_state_if<E: From<OAuthError>>(
+        &self,
+        state: &str,
+        admit: impl FnOnce(&PendingConnect) -> Result<(), E>,
+    ) -> Result<PendingConnect, E> {
         if state.is_empty() || state.len() > 256 {
-            return Err(OAuthError::UnknownState);
+            return Err(OAuthError::UnknownState.into());
         }
         let key = state_key(state);
         let _one_at_a_time = self.states.lock().await;
-        let pending: PendingConnect = self
-            .registry
-            .take_oauth_state(&key)
-            .await?
+        let found = self.registry.oauth_state::<PendingConnect>(&key).await;
+        let pending = found
+            .map_err(OAuthError::from)?
+            .ok_or(OAuthError::UnknownState)?;
+        admit(&pending)?;
+        self.registry
+            .take_oauth_state::<PendingConnect>(&key)
+            .await
+            .map_err(OAuthError::from)?
             .ok_or(OAuthError::UnknownState)?;
         pending.check_fresh(Utc::now())?;
         Ok(pending)
