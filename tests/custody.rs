@@ -192,5 +192,29 @@ async fn a_stranger_cannot_burn_a_pending_link() {
         .unwrap()
         .into_inner();
     assert_eq!(done.status, proto::ConnectionStatus::Connected as i32);
-    let _ = RETURN_URL;
+}
+
+#[tokio::test]
+async fn begin_connect_sends_browsers_back_to_configured_origins_only() {
+    let daemon = Daemon::start_with(&policy(&[]), "");
+    let mut admin = daemon.admin().await;
+    create_connector(&mut admin, "Team Mail", &[]).await;
+    let begin_with = |return_url: &str| proto::BeginConnectRequest {
+        connection: conn("Team Mail", "u1"),
+        return_url: return_url.into(),
+        ..Default::default()
+    };
+    for refused in [
+        "https://evil.test/phish",
+        "http://console.example/settings",
+        "https://console.example.evil.test/",
+        "javascript:alert(1)",
+    ] {
+        let err = admin.begin_connect(begin_with(refused)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{refused}: {err:?}");
+        assert!(err.message().contains("return_url"), "{err:?}");
+    }
+    for allowed in [RETURN_URL, "http://127.0.0.1:9/back", ""] {
+        admin.begin_connect(begin_with(allowed)).await.unwrap();
+    }
 }
