@@ -518,6 +518,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The pending authorization kept under `state`, if any, left in place.
+    pub async fn oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
+        Ok(self.store.get::<T>(OAUTH_STATES, state).await?)
+    }
+
     /// Removes and returns the pending authorization kept under `state`, if any. The caller
     /// serialises takes of one state, so that it is handed out once.
     pub async fn take_oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {

@@ -12,7 +12,7 @@ pub mod catalog;
 mod flow;
 mod http;
 
-pub use flow::{Completed, PendingConnect, Started};
+pub use flow::{Completed, PendingConnect, ReturnOrigins, Started};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,8 @@ pub struct OAuth {
     backoff: Mutex<HashMap<String, Backoff>>,
     /// Serializes taking a state out of the store, so a state is used at most once.
     states: tokio::sync::Mutex<()>,
+    /// Where BeginConnect may send browsers back ([`OAuth::with_return_origins`]).
+    return_origins: ReturnOrigins,
 }
 
 impl OAuth {
@@ -114,6 +116,7 @@ impl OAuth {
             client_tokens: Mutex::default(),
             backoff: Mutex::default(),
             states: tokio::sync::Mutex::new(()),
+            return_origins: ReturnOrigins::default(),
         }
     }
 
