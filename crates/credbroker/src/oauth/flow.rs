@@ -14,7 +14,7 @@ use sha2::Digest;
 
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
-use super::{OAuth, OAuthError, describe, lifetime};
+use super::{OAuth, OAuthError, describe, expiry};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
@@ -231,7 +231,7 @@ impl OAuth {
         connection.account_label = account_label;
         connection.connected_at = Some(now);
         connection.last_refreshed_at = Some(now);
-        connection.access_expires_at = Some(now + lifetime(response.expires_in()));
+        connection.access_expires_at = Some(expiry(now, response.expires_in()));
         connection.last_error.clear();
         connection.scopes = response
             .scopes()
