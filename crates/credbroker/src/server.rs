@@ -298,6 +298,7 @@ pub async fn open_services(
             .trim_end_matches('/')
     );
     let oauth = Arc::new(OAuth::new(registry.clone(), callback, timeout));
+    oauth.start_state_sweep();
     let mail = Arc::new(crate::mail::Mail::new(
         registry.clone(),
         oauth.clone(),
