@@ -211,4 +211,15 @@ async fn metrics_can_require_a_bearer_token() {
     );
     // Probes need no token.
     assert_eq!(daemon.http_get("/healthz").await.0, 200);
+    // The store's free disk space is watched and shown.
+    let free = support::wait::until(Duration::from_secs(30), async || {
+        let body = https.get(&url).bearer_auth(token).send().await.ok()?;
+        let free = support::daemon::metric(&body.text().await.ok()?, "credbroker_store_free_bytes");
+        (free > 0.0).then_some(free)
+    })
+    .await;
+    assert!(
+        free.is_some(),
+        "credbroker_store_free_bytes never became positive"
+    );
 }

@@ -22,30 +22,21 @@ fn field(status: &tonic::Status) -> String {
     reason(status).1.get("field").cloned().unwrap_or_default()
 }
 
+/// Alice (with an alias) and Bob, each connected over implicit-TLS IMAP and STARTTLS SMTP.
+async fn alice_and_bob(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) {
+    let servers = Servers::implicit_imap_starttls_smtp();
+    let alias = [("aliases", "alice.support@x.test")];
+    connected(admin, "Alice", &servers, "alice@x.test", "secret1", &alias).await;
+    connected(admin, "Bob", &servers, "bob@x.test", "secret2", &[]).await;
+}
+
 #[tokio::test]
 async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threading() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     // Alice sends over STARTTLS (587-style); Bob reads over implicit TLS (993-style).
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::implicit_imap_starttls_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[("aliases", "alice.support@x.test")],
-    )
-    .await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
+    alice_and_bob(&mut admin).await;
 
     let subject = format!("Réunion de suivi {}", token());
     let pdf = vec![0x25u8; 3000];
@@ -590,24 +581,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::implicit_imap_starttls_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[("aliases", "alice.support@x.test")],
-    )
-    .await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
+    alice_and_bob(&mut admin).await;
     let mark = token();
     let base = |i: usize| proto::SendEmailRequest {
         connection: conn("Alice", ""),

@@ -25,6 +25,7 @@
 //! rewrap_pause_ms = 10              # pause between rewrap steps
 //! caller_rate_per_sec = 100000      # per caller identity, a flood guard (0: no limit)…
 //! caller_burst = 200000             # …with bursts up to this many
+//! free_disk_warn_bytes = 1073741824 # warn below this much free space on the store's disk
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
 //! ```
@@ -152,6 +153,9 @@ pub struct Limits {
     pub caller_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub caller_burst: f64,
+    /// Below this many free bytes on the store's disk the broker warns (log, and the
+    /// `credbroker_store_free_bytes` gauge shows it).
+    pub free_disk_warn_bytes: u64,
     /// Requests per second one caller may make for one user (0: no limit)…
     pub user_rate_per_sec: f64,
     /// …with bursts up to this many.
@@ -171,6 +175,7 @@ impl Default for Limits {
             // between the users it acts for comes from the per-user budget.
             caller_rate_per_sec: 100_000.0,
             caller_burst: 200_000.0,
+            free_disk_warn_bytes: 1 << 30,
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
         }

@@ -13,6 +13,7 @@ pub mod calendar;
 pub mod client;
 pub mod config;
 pub mod connect;
+pub mod disk;
 pub mod driver;
 pub mod http;
 pub mod mail;

@@ -186,6 +186,7 @@ pub struct Gauges {
     pub connections: BTreeMap<&'static str, u64>,
     pub key_term: u32,
     pub key_term_encryptions: u64,
+    pub store_free_bytes: u64,
 }
 
 /// The Prometheus text exposition of everything above.
@@ -309,6 +310,12 @@ fn render_state(out: &mut Exposition, gauges: &Gauges) {
         "counter",
         "Commits made durable by group-commit syncs (divide by the sync count for the group size).",
         r.store_sync_waiters.load(Ordering::Relaxed),
+    );
+    out.scalar(
+        "credbroker_store_free_bytes",
+        "gauge",
+        "Bytes free on the store's disk (checked every 30 s; 0 before the first check).",
+        gauges.store_free_bytes,
     );
     out.scalar(
         "credbroker_key_term",

@@ -325,6 +325,10 @@ pub async fn open_services(
         ),
         limits: config.limits.clone(),
         refusals,
+        disk: crate::disk::DiskWatch::start(
+            config.store.path.clone(),
+            config.limits.free_disk_warn_bytes,
+        ),
         callback_rate: RateLimiter::new(CALLBACK_RATE_PER_SOURCE, 2.0 * CALLBACK_RATE_PER_SOURCE),
     }))
 }

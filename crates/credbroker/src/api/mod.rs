@@ -59,6 +59,8 @@ pub struct Services {
     pub refusals: Arc<crate::refusals::Refusals>,
     /// OAuth callbacks one source address may send, per second.
     pub callback_rate: crate::policy::RateLimiter,
+    /// Free space on the store's disk.
+    pub disk: Arc<crate::disk::DiskWatch>,
 }
 
 pub use admin::AdminApi;

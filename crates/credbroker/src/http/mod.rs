@@ -118,6 +118,7 @@ async fn metrics(State(scrapes): State<Arc<Scrapes>>, headers: axum::http::Heade
         connections: scrapes.connection_counts().await,
         key_term: key.current_term,
         key_term_encryptions: key.term_encryptions,
+        store_free_bytes: services.disk.free(),
     };
     (
         [(
