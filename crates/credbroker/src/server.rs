@@ -301,6 +301,7 @@ pub async fn open_services(
     let origins = config.http.return_origins().unwrap_or_default();
     let oauth =
         Arc::new(OAuth::new(registry.clone(), callback, timeout).with_return_origins(origins));
+    oauth.start_state_sweep();
     let mail = Arc::new(crate::mail::Mail::new(
         registry.clone(),
         oauth.clone(),

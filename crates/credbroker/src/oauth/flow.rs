@@ -14,7 +14,7 @@ use sha2::Digest;
 
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
-use super::{OAuth, OAuthError, describe, lifetime};
+use super::{OAuth, OAuthError, describe, expiry};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
@@ -300,7 +300,7 @@ impl OAuth {
         connection.account_label = account_label;
         connection.connected_at = Some(now);
         connection.last_refreshed_at = Some(now);
-        connection.access_expires_at = Some(now + lifetime(response.expires_in()));
+        connection.access_expires_at = Some(expiry(now, response.expires_in()));
         connection.last_error.clear();
         connection.scopes = response
             .scopes()
@@ -391,9 +391,93 @@ impl OAuth {
     }
 }
 
+/// How often states past their life are swept from the store.
+pub const STATE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl OAuth {
+    /// Removes the states that expired before `now`; returns how many.
+    pub async fn sweep_states(&self, now: DateTime<Utc>) -> Result<usize, OAuthError> {
+        let _one_at_a_time = self.states.lock().await;
+        Ok(self
+            .registry
+            .sweep_oauth_states(|p: &PendingConnect| p.check_fresh(now).is_err())
+            .await?)
+    }
+
+    /// Sweeps expired states every [`STATE_SWEEP_EVERY`] for as long as the service lives.
+    pub fn start_state_sweep(self: &std::sync::Arc<Self>) {
+        let oauth = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(STATE_SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(oauth) = oauth.upgrade() else { return };
+                match oauth.sweep_states(Utc::now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "expired OAuth states swept"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired OAuth states failed"),
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn expired_states_are_swept_and_live_ones_kept() {
+        use crate::vault::{KeySource, generate_key_file};
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = crate::store::Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
+        let registry = std::sync::Arc::new(crate::model::Registry::new(std::sync::Arc::new(store)));
+        let oauth = OAuth::new(
+            registry.clone(),
+            String::new(),
+            std::time::Duration::from_secs(1),
+        );
+        let now = Utc::now();
+        // 600 states (more than a page): a third expired a minute ago, the rest live.
+        for i in 0..600 {
+            let pending = PendingConnect {
+                workspace: "default".into(),
+                connector_id: "cn_x".into(),
+                user_id: format!("u{i}"),
+                verifier: Secret::new("v"),
+                redirect_uri: String::new(),
+                return_url: String::new(),
+                expires_at: if i % 3 == 0 {
+                    now - TimeDelta::minutes(1)
+                } else {
+                    now + STATE_TTL
+                },
+            };
+            registry
+                .save_oauth_state(&state_key(&format!("s{i}")), &pending)
+                .await
+                .unwrap();
+        }
+        assert_eq!(oauth.sweep_states(now).await.unwrap(), 200);
+        assert_eq!(oauth.sweep_states(now).await.unwrap(), 0);
+        for i in 0..600 {
+            let taken = oauth.take_state(&format!("s{i}")).await;
+            if i % 3 == 0 {
+                assert!(matches!(taken, Err(OAuthError::UnknownState)), "s{i}");
+            } else {
+                assert_eq!(taken.unwrap().user_id, format!("u{i}"));
+            }
+        }
+        // Past their life, the rest go too.
+        let later = now + STATE_TTL + TimeDelta::seconds(1);
+        assert_eq!(oauth.sweep_states(later).await.unwrap(), 0, "all taken");
+    }
 
     #[test]
     fn a_stale_state_is_refused_and_return_urls_are_checked() {
