@@ -83,6 +83,7 @@ client_ca = "{ca}"
 [http]
 listen = "127.0.0.1:{http_port}"
 public_url = "https://127.0.0.1:{http_port}"
+return_loopback = true
 
 [policy]
 file = "{policy}"

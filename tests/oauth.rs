@@ -512,17 +512,6 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
 /// HTTPS to any bearer token; returns its address.
 async fn fake_identity_server(ca: &credbroker_devpki::CertAuthority) -> std::net::SocketAddr {
     use axum::routing::get;
-    let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
-    let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
-    let key = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
-    };
-    let tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let bearer = |headers: &axum::http::HeaderMap| {
         headers
             .get("authorization")
@@ -556,6 +545,25 @@ async fn fake_identity_server(ca: &credbroker_devpki::CertAuthority) -> std::net
                 }))
             }),
         );
+    serve_https(ca, app).await
+}
+
+/// Serves `app` over HTTPS with a certificate from `ca`; returns its address.
+async fn serve_https(
+    ca: &credbroker_devpki::CertAuthority,
+    app: axum::Router,
+) -> std::net::SocketAddr {
+    let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
+    let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
+    let key = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
+    };
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -617,7 +625,10 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
                 .map(|r| r.into_inner())
         }
     };
-    // The refresh fails, but the stored token still works: the caller gets it.
+    // Past half its lifetime, a caller asking for an hour makes the broker refresh (a minimum
+    // lifetime is capped at half the token's). The refresh fails, but the stored token still
+    // works: the caller gets it.
+    tokio::time::sleep(Duration::from_secs(peers::ACCESS_TTL_SECS / 2 + 1)).await;
     let served = wants_refresh(&mut agent).await.unwrap();
     assert_eq!(served.secret, current);
     let shown = connection(&mut admin, "u1").await;
@@ -671,4 +682,87 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     let err = answer.expect("the daemon answered").unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
+}
+
+/// A token endpoint answering a refresh with an absurd lifetime (and a rotated refresh token):
+/// the broker stays up (before, the expiry arithmetic panicked the handler before the rotated
+/// refresh token was saved), stores the token with a lifetime capped at a year, and serves the
+/// stored token afterwards without asking again.
+#[tokio::test]
+async fn a_huge_expires_in_is_capped_not_a_panic() {
+    use std::sync::{Arc, Mutex};
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    create_connector(&mut admin, CONNECTOR, &[]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
+    // The fake token endpoint records the refresh tokens it is sent.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = {
+        let seen = seen.clone();
+        axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |body: String| async move {
+                let form = reqwest::Url::parse(&format!("https://x/?{body}")).unwrap();
+                let sent = form.query_pairs().find(|(k, _)| k == "refresh_token");
+                seen.lock()
+                    .unwrap()
+                    .push(sent.map(|(_, v)| v.into_owned()).unwrap_or_default());
+                axum::Json(serde_json::json!({
+                    "access_token": "huge-lifetime-token", "token_type": "Bearer",
+                    "expires_in": 9_000_000_000_000u64, "refresh_token": "rotated-refresh-token"
+                }))
+            }),
+        )
+    };
+    let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
+    let fake = serve_https(&fake_ca, app).await;
+    admin
+        .update_connector(proto::UpdateConnectorRequest {
+            connector: CONNECTOR.into(),
+            config: [
+                ("token_url".to_string(), format!("https://{fake}/token")),
+                (
+                    "ca_pem".to_string(),
+                    format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem),
+                ),
+            ]
+            .into(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["config.token_url".into(), "config.ca_pem".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let_tokens_expire().await;
+    let before = std::time::SystemTime::now();
+    let token = resolve(&mut agent, "u1").await.unwrap();
+    assert_eq!(token.secret, "huge-lifetime-token");
+    let expires = token.expires_at.unwrap().seconds;
+    let now = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let year = 365 * 86_400;
+    assert!(
+        (now + year - 120..=now + year + 120).contains(&expires),
+        "expires_at {expires}, now {now}"
+    );
+    // Stored: the next resolves are served from the store, and the broker still answers.
+    for _ in 0..3 {
+        assert_eq!(
+            resolve(&mut agent, "u1").await.unwrap().secret,
+            "huge-lifetime-token"
+        );
+    }
+    // One refresh, sent the refresh token the real provider issued at connect.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].is_empty());
+    let shown = connection(&mut admin, "u1").await;
+    assert_eq!(shown.status, proto::ConnectionStatus::Connected as i32);
+    let (status, _) = daemon.http_get("/healthz").await;
+    assert_eq!(status, 200);
 }

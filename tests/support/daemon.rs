@@ -111,6 +111,8 @@ client_ca = "ca.pem"
 [http]
 listen = "127.0.0.1:{http_port}"
 public_url = "https://127.0.0.1:{http_port}"
+return_origins = ["https://console.example"]
+return_loopback = true
 [policy]
 file = "policy.toml"
 {extra_config}

@@ -17,6 +17,8 @@
 //! [http]                            # OAuth callback and health, HTTPS with the gRPC certificate
 //! listen = "127.0.0.1:7444"
 //! public_url = "https://127.0.0.1:7444"
+//! return_origins = ["https://app.example"]  # where BeginConnect's return_url may point (https)
+//! return_loopback = false           # also any loopback return_url (credbroker dev, tests)
 //! [policy]
 //! file = "policy.toml"
 //! [limits]
@@ -114,6 +116,18 @@ pub struct HttpConfig {
     pub max_connection_secs: u64,
     /// A file holding the bearer token `/metrics` requires; without it `/metrics` is open.
     pub metrics_token_file: Option<PathBuf>,
+    /// Origins (`https://host[:port]`) a BeginConnect `return_url` may point at; none by
+    /// default (an empty `return_url` only), so the broker is no open redirect.
+    pub return_origins: Vec<String>,
+    /// Also accept a `return_url` on a loopback host, http or https (development and tests).
+    pub return_loopback: bool,
+}
+
+impl HttpConfig {
+    /// `return_origins` and `return_loopback`, checked.
+    pub fn return_origins(&self) -> Result<crate::oauth::ReturnOrigins, String> {
+        crate::oauth::ReturnOrigins::new(&self.return_origins, self.return_loopback)
+    }
 }
 
 impl Default for HttpConfig {
@@ -126,6 +140,8 @@ impl Default for HttpConfig {
             header_timeout_secs: 10,
             max_connection_secs: 60,
             metrics_token_file: None,
+            return_origins: Vec::new(),
+            return_loopback: false,
         }
     }
 }
@@ -201,6 +217,9 @@ impl Config {
                 }
                 .to_string(),
             });
+        }
+        if let Err(why) = config.http.return_origins() {
+            return Err(ConfigError::Invalid { path: shown, why });
         }
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);

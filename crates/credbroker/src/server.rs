@@ -297,7 +297,11 @@ pub async fn open_services(
             .unwrap_or_default()
             .trim_end_matches('/')
     );
-    let oauth = Arc::new(OAuth::new(registry.clone(), callback, timeout));
+    // Checked when the configuration was loaded; were it not, no return URL is accepted.
+    let origins = config.http.return_origins().unwrap_or_default();
+    let oauth =
+        Arc::new(OAuth::new(registry.clone(), callback, timeout).with_return_origins(origins));
+    oauth.start_state_sweep();
     let mail = Arc::new(crate::mail::Mail::new(
         registry.clone(),
         oauth.clone(),

@@ -365,11 +365,16 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::Connection>, Status> {
         let s = &self.0;
         s.handle(Rpc::CompleteConnect, req, async |call, r| {
-            // The state names the connection; the caller must administer its workspace.
-            let pending = s.oauth.take_state(&r.state).await?;
-            call.connector = pending.connector_id.clone();
-            call.user_id = pending.user_id.clone();
-            s.admin_of(call, &pending.workspace)?;
+            // The state names the connection; the caller must administer its workspace, and
+            // is checked before the state is consumed (a stranger cannot burn the link).
+            let pending = s
+                .oauth
+                .take_state_if(&r.state, |pending| {
+                    call.connector = pending.connector_id.clone();
+                    call.user_id = pending.user_id.clone();
+                    s.admin_of(call, &pending.workspace)
+                })
+                .await?;
             let done = s.oauth.complete(pending, &r.code).await?;
             call.on_connector(&done.connector);
             Ok(convert::connection(&done.connector, &done.connection))

@@ -206,9 +206,11 @@ impl Services {
     }
 
     /// The connection a request names, with the caller admitted to it as the RPC's
-    /// [`Access`] requires: admin rights on the workspace are checked before the connection
-    /// is looked up (a non-admin learns nothing of what exists); a policy grant is checked on
-    /// the connector the reference resolved to.
+    /// [`Access`] requires. Whatever can be decided from the request is decided before the
+    /// connection is looked up, so a caller learns nothing of what exists where it has no
+    /// rights: admin rights on the workspace, or a grant that could cover (workspace,
+    /// connector reference, user) ([`crate::policy::Policy::may_reach`]); the grant is then
+    /// checked again on the connector the reference resolved to (its name, or its exact id).
     pub async fn target(
         &self,
         call: &mut Call,
@@ -219,8 +221,13 @@ impl Services {
         call.workspace = workspace.clone();
         call.connector = r.connector.clone();
         call.user_id = r.user_id.clone();
-        if call.rpc.access() == Access::Admin {
-            self.admin_of(call, &workspace)?;
+        match call.rpc.access() {
+            Access::Admin => self.admin_of(call, &workspace)?,
+            Access::Grant(op) => self
+                .policy
+                .current()
+                .may_reach(&call.caller, op, &workspace, &r.connector, &r.user_id)
+                .map_err(ApiError::Denied)?,
         }
         let target = self
             .registry

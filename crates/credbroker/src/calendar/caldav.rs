@@ -195,18 +195,176 @@ fn status_code(line: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The state of a multistatus read: one pass over the events, each handled by the method for
+/// its kind. The open elements are a stack; a property being read is remembered with its depth,
+/// and the properties of a propstat wait in `pending` until its status says whether they hold.
+#[derive(Default)]
+struct Multistatus {
+    /// (is DAV, is CalDAV, local name) of each open element.
+    stack: Vec<(bool, bool, String)>,
+    responses: Vec<DavResponse>,
+    response: Option<DavResponse>,
+    pending: Vec<DavProp>,
+    propstat_status: Option<u16>,
+    prop: Option<(usize, DavProp)>,
+    text: String,
+    saw_root: bool,
+}
+
+impl Multistatus {
+    fn parent_is(&self, name: &str) -> bool {
+        self.stack.last().is_some_and(|(d, _, l)| *d && l == name)
+    }
+
+    /// The open property, when `stack` is directly inside it.
+    fn open_prop(&mut self) -> Option<&mut DavProp> {
+        let depth = self.stack.len();
+        match &mut self.prop {
+            Some((d, p)) if depth == *d + 1 => Some(p),
+            _ => None,
+        }
+    }
+
+    fn start(
+        &mut self,
+        dav: bool,
+        caldav: bool,
+        local: String,
+        empty: bool,
+    ) -> Result<(), CalendarError> {
+        if self.stack.is_empty() {
+            if !(dav && local == "multistatus") {
+                return Err(xml_error(format!(
+                    "the root element is {local:?}, not DAV:multistatus"
+                )));
+            }
+            self.saw_root = true;
+        }
+        if let Some(p) = self.open_prop() {
+            p.children.push(local.clone());
+        }
+        if dav && local == "response" {
+            self.response = Some(DavResponse::default());
+        } else if self.parent_is("prop") && self.prop.is_none() && self.response.is_some() {
+            let p = DavProp {
+                caldav,
+                name: local.clone(),
+                ..Default::default()
+            };
+            if empty {
+                self.pending.push(p);
+            } else {
+                self.prop = Some((self.stack.len(), p));
+            }
+        }
+        if !empty {
+            self.stack.push((dav, caldav, local));
+            self.text.clear();
+        }
+        Ok(())
+    }
+
+    /// Character data, CDATA or a resolved reference.
+    fn text(&mut self, content: &str) {
+        self.text.push_str(content);
+        if let Some(p) = self.open_prop() {
+            p.text.push_str(content);
+        }
+    }
+
+    fn end(&mut self) -> Result<(), CalendarError> {
+        let Some((dav, _, local)) = self.stack.pop() else {
+            return Err(xml_error("unbalanced end tag"));
+        };
+        if self
+            .prop
+            .as_ref()
+            .is_some_and(|(depth, _)| self.stack.len() == *depth)
+        {
+            if let Some((_, p)) = self.prop.take() {
+                self.pending.push(p);
+            }
+            return Ok(());
+        }
+        if !dav {
+            return Ok(());
+        }
+        match local.as_str() {
+            "href" => {
+                let href = self.text.trim().to_string();
+                let in_response = self.parent_is("response");
+                if let Some((_, p)) = &mut self.prop {
+                    p.hrefs.push(href);
+                } else if let Some(r) = &mut self.response
+                    && in_response
+                {
+                    r.href = href;
+                }
+            }
+            "status" if self.prop.is_none() => {
+                let code = status_code(self.text.trim());
+                if self.parent_is("propstat") {
+                    self.propstat_status = code;
+                } else if let Some(r) = &mut self.response {
+                    r.status = code;
+                }
+            }
+            "propstat" => {
+                let ok = self
+                    .propstat_status
+                    .is_some_and(|c| (200..300).contains(&c));
+                if let Some(r) = &mut self.response {
+                    for mut p in self.pending.drain(..) {
+                        p.ok = ok;
+                        r.props.push(p);
+                    }
+                }
+                self.propstat_status = None;
+            }
+            "response" => {
+                if let Some(r) = self.response.take() {
+                    if r.href.is_empty() {
+                        return Err(xml_error("a response has no href"));
+                    }
+                    self.responses.push(r);
+                }
+            }
+            _ => {}
+        }
+        self.text.clear();
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<DavResponse>, CalendarError> {
+        if !self.saw_root {
+            return Err(xml_error("empty document"));
+        }
+        if !self.stack.is_empty() {
+            return Err(xml_error("the document ends inside an element"));
+        }
+        Ok(self.responses)
+    }
+}
+
+/// The text of a character or predefined entity reference.
+fn entity(r: &quick_xml::events::BytesRef<'_>) -> Result<String, CalendarError> {
+    Ok(match r.resolve_char_ref().map_err(xml_error)? {
+        Some(c) => c.to_string(),
+        None => match r.as_ref() {
+            "lt" => "<".into(),
+            "gt" => ">".into(),
+            "amp" => "&".into(),
+            "quot" => "\"".into(),
+            "apos" => "'".into(),
+            other => return Err(xml_error(format!("unknown entity &{other};"))),
+        },
+    })
+}
+
 /// Parses a `DAV:multistatus` document.
 pub fn parse_multistatus(xml: &str) -> Result<Vec<DavResponse>, CalendarError> {
     let mut reader = NsReader::from_str(xml);
-    // (is DAV, is CalDAV, local name) of each open element.
-    let mut stack: Vec<(bool, bool, String)> = Vec::new();
-    let mut responses = Vec::new();
-    let mut response: Option<DavResponse> = None;
-    let mut pending: Vec<DavProp> = Vec::new();
-    let mut propstat_status: Option<u16> = None;
-    let mut prop: Option<(usize, DavProp)> = None;
-    let mut text = String::new();
-    let mut saw_root = false;
+    let mut state = Multistatus::default();
     loop {
         let (ns, event) = reader.read_resolved_event().map_err(xml_error)?;
         let (dav, caldav) = match ns {
@@ -216,145 +374,17 @@ pub fn parse_multistatus(xml: &str) -> Result<Vec<DavResponse>, CalendarError> {
         match event {
             XmlEvent::Start(ref e) | XmlEvent::Empty(ref e) => {
                 let local = e.local_name().as_ref().to_string();
-                let empty = matches!(event, XmlEvent::Empty(_));
-                if stack.is_empty() {
-                    if !(dav && local == "multistatus") {
-                        return Err(xml_error(format!(
-                            "the root element is {local:?}, not DAV:multistatus"
-                        )));
-                    }
-                    saw_root = true;
-                }
-                let parent_is = |name: &str| stack.last().is_some_and(|(d, _, l)| *d && l == name);
-                if let Some((depth, p)) = &mut prop
-                    && stack.len() == *depth + 1
-                {
-                    p.children.push(local.clone());
-                }
-                if dav && local == "response" {
-                    response = Some(DavResponse::default());
-                } else if parent_is("prop") && prop.is_none() && response.is_some() {
-                    let p = DavProp {
-                        caldav,
-                        name: local.clone(),
-                        ..Default::default()
-                    };
-                    if empty {
-                        pending.push(p);
-                    } else {
-                        prop = Some((stack.len(), p));
-                    }
-                }
-                if !empty {
-                    stack.push((dav, caldav, local));
-                    text.clear();
-                }
+                state.start(dav, caldav, local, matches!(event, XmlEvent::Empty(_)))?;
             }
-            XmlEvent::Text(t) => {
-                let content = t.xml10_content();
-                text.push_str(&content);
-                if let Some((depth, p)) = &mut prop
-                    && stack.len() == *depth + 1
-                {
-                    p.text.push_str(&content);
-                }
-            }
-            XmlEvent::CData(c) => {
-                let content = c.into_inner().into_owned();
-                text.push_str(&content);
-                if let Some((depth, p)) = &mut prop
-                    && stack.len() == *depth + 1
-                {
-                    p.text.push_str(&content);
-                }
-            }
-            XmlEvent::GeneralRef(r) => {
-                let resolved = match r.resolve_char_ref().map_err(xml_error)? {
-                    Some(c) => c.to_string(),
-                    None => match r.as_ref() {
-                        "lt" => "<".into(),
-                        "gt" => ">".into(),
-                        "amp" => "&".into(),
-                        "quot" => "\"".into(),
-                        "apos" => "'".into(),
-                        other => return Err(xml_error(format!("unknown entity &{other};"))),
-                    },
-                };
-                text.push_str(&resolved);
-                if let Some((depth, p)) = &mut prop
-                    && stack.len() == *depth + 1
-                {
-                    p.text.push_str(&resolved);
-                }
-            }
-            XmlEvent::End(_) => {
-                let Some((dav, _, local)) = stack.pop() else {
-                    return Err(xml_error("unbalanced end tag"));
-                };
-                if prop
-                    .as_ref()
-                    .is_some_and(|(depth, _)| stack.len() == *depth)
-                {
-                    if let Some((_, p)) = prop.take() {
-                        pending.push(p);
-                    }
-                    continue;
-                }
-                if !dav {
-                    continue;
-                }
-                match local.as_str() {
-                    "href" => {
-                        let href = text.trim().to_string();
-                        if let Some((_, p)) = &mut prop {
-                            p.hrefs.push(href);
-                        } else if let Some(r) = &mut response
-                            && stack.last().is_some_and(|(d, _, l)| *d && l == "response")
-                        {
-                            r.href = href;
-                        }
-                    }
-                    "status" if prop.is_none() => {
-                        let code = status_code(text.trim());
-                        if stack.last().is_some_and(|(d, _, l)| *d && l == "propstat") {
-                            propstat_status = code;
-                        } else if let Some(r) = &mut response {
-                            r.status = code;
-                        }
-                    }
-                    "propstat" => {
-                        let ok = propstat_status.is_some_and(|c| (200..300).contains(&c));
-                        if let Some(r) = &mut response {
-                            for mut p in pending.drain(..) {
-                                p.ok = ok;
-                                r.props.push(p);
-                            }
-                        }
-                        propstat_status = None;
-                    }
-                    "response" => {
-                        if let Some(r) = response.take() {
-                            if r.href.is_empty() {
-                                return Err(xml_error("a response has no href"));
-                            }
-                            responses.push(r);
-                        }
-                    }
-                    _ => {}
-                }
-                text.clear();
-            }
+            XmlEvent::Text(t) => state.text(&t.xml10_content()),
+            XmlEvent::CData(c) => state.text(&c.into_inner()),
+            XmlEvent::GeneralRef(r) => state.text(&entity(&r)?),
+            XmlEvent::End(_) => state.end()?,
             XmlEvent::Eof => break,
             _ => {}
         }
     }
-    if !saw_root {
-        return Err(xml_error("empty document"));
-    }
-    if !stack.is_empty() {
-        return Err(xml_error("the document ends inside an element"));
-    }
-    Ok(responses)
+    state.finish()
 }
 
 // ---- HTTP --------------------------------------------------------------------------------
@@ -512,9 +542,25 @@ impl Account {
         let body = format!(
             r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:caldav"><d:prop>{props}</d:prop></d:propfind>"#
         );
+        self.multistatus("PROPFIND", href, depth, body, || {
+            format!("PROPFIND {href} did not answer 207 Multi-Status: is this a CalDAV server?")
+        })
+        .await
+    }
+
+    /// Sends a WebDAV request with an XML body and reads its 207 Multi-Status answer; another
+    /// status is [`CalendarError::Rejected`] saying `why`.
+    async fn multistatus(
+        &self,
+        method: &str,
+        href: &str,
+        depth: &str,
+        body: String,
+        why: impl FnOnce() -> String,
+    ) -> Result<Vec<DavResponse>, CalendarError> {
         let (status, text) = self
             .send(
-                "PROPFIND",
+                method,
                 self.url(href)?,
                 &[("Depth", depth)],
                 Some(("application/xml; charset=utf-8", body)),
@@ -524,32 +570,39 @@ impl Account {
             return Err(CalendarError::Rejected {
                 server: self.server(),
                 status: status.as_u16(),
-                why: format!(
-                    "PROPFIND {href} did not answer 207 Multi-Status: is this a CalDAV server?"
-                ),
+                why: why(),
             });
         }
         parse_multistatus(&text)
     }
 
+    /// The first href in property `name` (`<d:name/>`, or `<c:name/>` when `caldav`) of `href`.
+    async fn href_prop(
+        &self,
+        href: &str,
+        caldav: bool,
+        name: &str,
+    ) -> Result<Option<String>, CalendarError> {
+        let prefix = if caldav { "c" } else { "d" };
+        let found = self
+            .propfind(href, "0", &format!("<{prefix}:{name}/>"))
+            .await?;
+        Ok(found
+            .iter()
+            .find_map(|r| r.prop(caldav, name))
+            .and_then(|p| p.hrefs.first().cloned()))
+    }
+
     /// Finds the principal, the calendar home and the calendars.
     pub async fn discover(&self) -> Result<Discovery, CalendarError> {
         let base = self.settings.url.path().to_string();
-        let found = self
-            .propfind(&base, "0", "<d:current-user-principal/>")
-            .await?;
-        let principal = found
-            .iter()
-            .find_map(|r| r.prop(false, "current-user-principal"))
-            .and_then(|p| p.hrefs.first().cloned())
+        let principal = self
+            .href_prop(&base, false, "current-user-principal")
+            .await?
             .unwrap_or(base);
-        let found = self
-            .propfind(&principal, "0", "<c:calendar-home-set/>")
-            .await?;
-        let home = found
-            .iter()
-            .find_map(|r| r.prop(true, "calendar-home-set"))
-            .and_then(|p| p.hrefs.first().cloned())
+        let home = self
+            .href_prop(&principal, true, "calendar-home-set")
+            .await?
             .unwrap_or_else(|| principal.clone());
         let found = self
             .propfind(&home, "1", "<d:resourcetype/><d:displayname/>")
@@ -656,22 +709,12 @@ impl Account {
             stamp(window.min),
             stamp(window.max)
         );
-        let (status, text) = self
-            .send(
-                "REPORT",
-                self.url(&calendar.href)?,
-                &[("Depth", "1")],
-                Some(("application/xml; charset=utf-8", body)),
-            )
+        let responses = self
+            .multistatus("REPORT", &calendar.href, "1", body, || {
+                format!("REPORT {} did not answer 207 Multi-Status", calendar.href)
+            })
             .await?;
-        if status.as_u16() != 207 {
-            return Err(CalendarError::Rejected {
-                server: self.server(),
-                status: status.as_u16(),
-                why: format!("REPORT {} did not answer 207 Multi-Status", calendar.href),
-            });
-        }
-        for r in parse_multistatus(&text)? {
+        for r in responses {
             let Some(data) = r.prop(true, "calendar-data") else {
                 continue;
             };

@@ -177,14 +177,11 @@ pub struct Expansion {
     pub capped: bool,
 }
 
-/// The instances of one calendar object resource that intersect the window.
-pub fn expand(
-    components: &[Component],
-    calendar: &str,
-    window: &Window,
-) -> Result<Expansion, CalendarError> {
-    let mut out = Expansion::default();
-    let mut by_uid: BTreeMap<&str, (Option<&Component>, Vec<&Component>)> = BTreeMap::new();
+/// A VEVENT (the master, without RECURRENCE-ID) and the instances that override it, by UID.
+type ByUid<'a> = BTreeMap<&'a str, (Option<&'a Component>, Vec<&'a Component>)>;
+
+fn by_uid(components: &[Component]) -> ByUid<'_> {
+    let mut by_uid: ByUid<'_> = BTreeMap::new();
     for c in components {
         let slot = by_uid.entry(c.uid.as_str()).or_default();
         if c.recurrence_id.is_some() {
@@ -193,91 +190,128 @@ pub fn expand(
             slot.0 = Some(c);
         }
     }
-    for (_, (master, overrides)) in by_uid {
-        let master_duration = master.map(duration_of);
-        let mut overridden = HashSet::new();
-        for o in &overrides {
-            let Some(rid) = o.recurrence_id else { continue };
-            overridden.insert(keys(rid)[0]);
-            let duration = if o.end.is_some() || o.duration.is_some() {
-                duration_of(o)
-            } else {
-                master_duration.unwrap_or_else(|| duration_of(o))
-            };
-            let (s, e) = span(o.start, duration);
-            if intersects(s, e, window) {
-                out.events
-                    .push(event(o, calendar, o.start, duration, Some(rid.to_utc())));
-            }
-        }
-        let Some(master) = master else { continue };
-        let duration = duration_of(master);
-        if master.rrule.is_none() && master.rdates.is_empty() {
-            let (s, e) = span(master.start, duration);
-            if intersects(s, e, window) && !overridden.contains(&keys(master.start)[0]) {
-                out.events
-                    .push(event(master, calendar, master.start, duration, None));
-            }
-            continue;
-        }
-        // EXDATE values match instances by instant, or by local date when written as dates.
-        let excluded: HashSet<Key> = master.exdates.iter().map(|m| keys(*m)[0]).collect();
-        let floating_start = rrule::Tz::UTC.from_utc_datetime(&master.start.naive());
-        let mut set = match &master.rrule {
-            Some(rule) => {
-                let rule: rrule::RRule<rrule::Unvalidated> = floating_rule(rule, master.start)
-                    .parse()
-                    .map_err(|e: rrule::RRuleError| CalendarError::Malformed {
-                        what: "iCalendar object",
-                        why: format!(
-                            "VEVENT {:?} has an RRULE that cannot be used: {e}",
-                            master.uid
-                        ),
-                    })?;
-                rule.build(floating_start)
-                    .map_err(|e| CalendarError::Malformed {
-                        what: "iCalendar object",
-                        why: format!(
-                            "VEVENT {:?} has an RRULE that cannot be used: {e}",
-                            master.uid
-                        ),
-                    })?
-            }
-            None => rrule::RRuleSet::new(floating_start).rdate(floating_start),
-        };
-        for r in &master.rdates {
-            set = set.rdate(rrule::Tz::UTC.from_utc_datetime(&r.naive()));
-        }
-        let set = set.limit();
-        // Local times run at most 14 hours away from UTC: stop a day past the window.
-        let stop = window.max.naive_utc() + TimeDelta::days(1);
-        let mut steps = 0;
-        for occurrence in &set {
-            steps += 1;
-            if steps > MAX_STEPS {
-                out.capped = true;
-                break;
-            }
-            let local = occurrence.naive_utc();
-            if local > stop {
-                break;
-            }
-            let start = with_naive(master.start, local);
-            let key = keys(start);
-            if overridden.contains(&key[0])
-                || excluded.contains(&key[0])
-                || excluded.contains(&key[1])
-            {
-                continue;
-            }
-            let (s, e) = span(start, duration);
-            if intersects(s, e, window) {
-                out.events
-                    .push(event(master, calendar, start, duration, Some(s)));
-            }
+    by_uid
+}
+
+/// The instances of one calendar object resource that intersect the window.
+pub fn expand(
+    components: &[Component],
+    calendar: &str,
+    window: &Window,
+) -> Result<Expansion, CalendarError> {
+    let mut out = Expansion::default();
+    for (_, (master, overrides)) in by_uid(components) {
+        let overridden = expand_overrides(master, &overrides, calendar, window, &mut out);
+        if let Some(master) = master {
+            expand_master(master, &overridden, calendar, window, &mut out)?;
         }
     }
     Ok(out)
+}
+
+/// Adds the overriding instances that intersect the window (an override without an end or a
+/// duration lasts as long as its master); returns the keys of the instances they replace.
+fn expand_overrides(
+    master: Option<&Component>,
+    overrides: &[&Component],
+    calendar: &str,
+    window: &Window,
+    out: &mut Expansion,
+) -> HashSet<Key> {
+    let master_duration = master.map(duration_of);
+    let mut overridden = HashSet::new();
+    for o in overrides {
+        let Some(rid) = o.recurrence_id else { continue };
+        overridden.insert(keys(rid)[0]);
+        let duration = if o.end.is_some() || o.duration.is_some() {
+            duration_of(o)
+        } else {
+            master_duration.unwrap_or_else(|| duration_of(o))
+        };
+        let (s, e) = span(o.start, duration);
+        if intersects(s, e, window) {
+            out.events
+                .push(event(o, calendar, o.start, duration, Some(rid.to_utc())));
+        }
+    }
+    overridden
+}
+
+/// An RRULE the expander cannot use.
+fn unusable_rule(uid: &str, e: impl std::fmt::Display) -> CalendarError {
+    CalendarError::Malformed {
+        what: "iCalendar object",
+        why: format!("VEVENT {uid:?} has an RRULE that cannot be used: {e}"),
+    }
+}
+
+/// The master's occurrences: its RRULE (or its start alone) and its RDATEs, iterated in
+/// floating local time.
+fn recurrence_set(master: &Component) -> Result<rrule::RRuleSet, CalendarError> {
+    let floating_start = rrule::Tz::UTC.from_utc_datetime(&master.start.naive());
+    let mut set = match &master.rrule {
+        Some(rule) => {
+            let rule: rrule::RRule<rrule::Unvalidated> = floating_rule(rule, master.start)
+                .parse()
+                .map_err(|e: rrule::RRuleError| unusable_rule(&master.uid, e))?;
+            rule.build(floating_start)
+                .map_err(|e| unusable_rule(&master.uid, e))?
+        }
+        None => rrule::RRuleSet::new(floating_start).rdate(floating_start),
+    };
+    for r in &master.rdates {
+        set = set.rdate(rrule::Tz::UTC.from_utc_datetime(&r.naive()));
+    }
+    Ok(set.limit())
+}
+
+/// Adds the master's instances that intersect the window, less those overridden or excluded
+/// by EXDATE; at most [`MAX_STEPS`] occurrences are looked at.
+fn expand_master(
+    master: &Component,
+    overridden: &HashSet<Key>,
+    calendar: &str,
+    window: &Window,
+    out: &mut Expansion,
+) -> Result<(), CalendarError> {
+    let duration = duration_of(master);
+    if master.rrule.is_none() && master.rdates.is_empty() {
+        let (s, e) = span(master.start, duration);
+        if intersects(s, e, window) && !overridden.contains(&keys(master.start)[0]) {
+            out.events
+                .push(event(master, calendar, master.start, duration, None));
+        }
+        return Ok(());
+    }
+    // EXDATE values match instances by instant, or by local date when written as dates.
+    let excluded: HashSet<Key> = master.exdates.iter().map(|m| keys(*m)[0]).collect();
+    let set = recurrence_set(master)?;
+    // Local times run at most 14 hours away from UTC: stop a day past the window.
+    let stop = window.max.naive_utc() + TimeDelta::days(1);
+    let mut steps = 0;
+    for occurrence in &set {
+        steps += 1;
+        if steps > MAX_STEPS {
+            out.capped = true;
+            break;
+        }
+        let local = occurrence.naive_utc();
+        if local > stop {
+            break;
+        }
+        let start = with_naive(master.start, local);
+        let key = keys(start);
+        if overridden.contains(&key[0]) || excluded.contains(&key[0]) || excluded.contains(&key[1])
+        {
+            continue;
+        }
+        let (s, e) = span(start, duration);
+        if intersects(s, e, window) {
+            out.events
+                .push(event(master, calendar, start, duration, Some(s)));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that a rule can be expanded from `start` (CreateEvent validates before writing).

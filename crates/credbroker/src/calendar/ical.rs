@@ -193,6 +193,104 @@ fn one_moment(
     }
 }
 
+/// Every value of every `prop` line (RDATE, EXDATE).
+fn all_moments(
+    comp: &ICalendarComponent,
+    prop: ICalendarProperty,
+    resolver: &TzResolver<&str>,
+) -> Result<Vec<Moment>, CalendarError> {
+    let mut out = Vec::new();
+    for e in comp.properties(&prop) {
+        out.extend(moments(e, resolver)?);
+    }
+    Ok(out)
+}
+
+/// The DURATION, when there is one; one that is not a duration is an error.
+fn duration(comp: &ICalendarComponent, uid: &str) -> Result<Option<TimeDelta>, CalendarError> {
+    let Some(e) = comp.property(&ICalendarProperty::Duration) else {
+        return Ok(None);
+    };
+    let bad = || malformed(format!("VEVENT {uid:?} has a bad DURATION"));
+    match e.values.first() {
+        Some(ICalendarValue::Duration(d)) => Ok(Some(d.to_time_delta().ok_or_else(bad)?)),
+        _ => Err(bad()),
+    }
+}
+
+/// The RRULE, when there is one, as text.
+fn rrule(comp: &ICalendarComponent, uid: &str) -> Result<Option<String>, CalendarError> {
+    match comp.property(&ICalendarProperty::Rrule) {
+        None => Ok(None),
+        Some(e) => match e.values.first() {
+            Some(ICalendarValue::RecurrenceRule(rule)) => Ok(Some(rule.to_string())),
+            _ => Err(malformed(format!("VEVENT {uid:?} has a bad RRULE"))),
+        },
+    }
+}
+
+/// The ATTENDEE lines: address without `mailto:`, CN, PARTSTAT (NEEDS-ACTION by default).
+fn attendees(comp: &ICalendarComponent) -> Vec<Attendee> {
+    comp.properties(&ICalendarProperty::Attendee)
+        .map(|e| Attendee {
+            email: e
+                .values
+                .first()
+                .and_then(|v| v.as_text())
+                .map(strip_mailto)
+                .unwrap_or_default(),
+            name: e
+                .parameter(&ICalendarParameterName::Cn)
+                .and_then(|v| v.as_text())
+                .unwrap_or_default()
+                .to_string(),
+            status: e
+                .parameter(&ICalendarParameterName::Partstat)
+                .and_then(|v| v.as_text())
+                .unwrap_or("NEEDS-ACTION")
+                .to_ascii_uppercase(),
+        })
+        .collect()
+}
+
+/// One VEVENT: a UID and a DTSTART are required.
+fn component(
+    comp: &ICalendarComponent,
+    resolver: &TzResolver<&str>,
+) -> Result<Component, CalendarError> {
+    let uid = comp
+        .uid()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| malformed("a VEVENT has no UID"))?
+        .to_string();
+    let start = one_moment(comp, ICalendarProperty::Dtstart, resolver)?
+        .ok_or_else(|| malformed(format!("VEVENT {uid:?} has no DTSTART")))?;
+    let end = one_moment(comp, ICalendarProperty::Dtend, resolver)?;
+    let duration = duration(comp, &uid)?;
+    let rrule = rrule(comp, &uid)?;
+    let rdates = all_moments(comp, ICalendarProperty::Rdate, resolver)?;
+    let exdates = all_moments(comp, ICalendarProperty::Exdate, resolver)?;
+    Ok(Component {
+        summary: text(comp, ICalendarProperty::Summary),
+        description: text(comp, ICalendarProperty::Description),
+        location: text(comp, ICalendarProperty::Location),
+        organizer: strip_mailto(&text(comp, ICalendarProperty::Organizer)),
+        status: comp
+            .status()
+            .map(|s| s.as_str().to_ascii_uppercase())
+            .unwrap_or_else(|| "CONFIRMED".into()),
+        attendees: attendees(comp),
+        recurrence_id: one_moment(comp, ICalendarProperty::RecurrenceId, resolver)?,
+        uid,
+        start,
+        end,
+        duration,
+        rrule,
+        rdates,
+        exdates,
+    })
+}
+
 /// Parses one calendar object resource (a VCALENDAR with one UID's VEVENTs).
 pub fn parse(data: &str) -> Result<Vec<Component>, CalendarError> {
     if data.trim().is_empty() {
@@ -200,85 +298,12 @@ pub fn parse(data: &str) -> Result<Vec<Component>, CalendarError> {
     }
     let ical = ICalendar::parse(data).map_err(|_| malformed("not a VCALENDAR"))?;
     let resolver = ical.build_tz_resolver();
-    let mut out = Vec::new();
-    for comp in &ical.components {
-        if comp.component_type != ICalendarComponentType::VEvent {
-            continue;
-        }
-        let uid = comp
-            .uid()
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| malformed("a VEVENT has no UID"))?
-            .to_string();
-        let start = one_moment(comp, ICalendarProperty::Dtstart, &resolver)?
-            .ok_or_else(|| malformed(format!("VEVENT {uid:?} has no DTSTART")))?;
-        let end = one_moment(comp, ICalendarProperty::Dtend, &resolver)?;
-        let duration = match comp.property(&ICalendarProperty::Duration) {
-            None => None,
-            Some(e) => match e.values.first() {
-                Some(ICalendarValue::Duration(d)) => Some(
-                    d.to_time_delta()
-                        .ok_or_else(|| malformed(format!("VEVENT {uid:?} has a bad DURATION")))?,
-                ),
-                _ => return Err(malformed(format!("VEVENT {uid:?} has a bad DURATION"))),
-            },
-        };
-        let rrule = match comp.property(&ICalendarProperty::Rrule) {
-            None => None,
-            Some(e) => match e.values.first() {
-                Some(ICalendarValue::RecurrenceRule(rule)) => Some(rule.to_string()),
-                _ => return Err(malformed(format!("VEVENT {uid:?} has a bad RRULE"))),
-            },
-        };
-        let mut rdates = Vec::new();
-        for e in comp.properties(&ICalendarProperty::Rdate) {
-            rdates.extend(moments(e, &resolver)?);
-        }
-        let mut exdates = Vec::new();
-        for e in comp.properties(&ICalendarProperty::Exdate) {
-            exdates.extend(moments(e, &resolver)?);
-        }
-        let attendees = comp
-            .properties(&ICalendarProperty::Attendee)
-            .map(|e| Attendee {
-                email: e
-                    .values
-                    .first()
-                    .and_then(|v| v.as_text())
-                    .map(strip_mailto)
-                    .unwrap_or_default(),
-                name: e
-                    .parameter(&ICalendarParameterName::Cn)
-                    .and_then(|v| v.as_text())
-                    .unwrap_or_default()
-                    .to_string(),
-                status: e
-                    .parameter(&ICalendarParameterName::Partstat)
-                    .and_then(|v| v.as_text())
-                    .unwrap_or("NEEDS-ACTION")
-                    .to_ascii_uppercase(),
-            })
-            .collect();
-        out.push(Component {
-            summary: text(comp, ICalendarProperty::Summary),
-            description: text(comp, ICalendarProperty::Description),
-            location: text(comp, ICalendarProperty::Location),
-            organizer: strip_mailto(&text(comp, ICalendarProperty::Organizer)),
-            status: comp
-                .status()
-                .map(|s| s.as_str().to_ascii_uppercase())
-                .unwrap_or_else(|| "CONFIRMED".into()),
-            attendees,
-            recurrence_id: one_moment(comp, ICalendarProperty::RecurrenceId, &resolver)?,
-            uid,
-            start,
-            end,
-            duration,
-            rrule,
-            rdates,
-            exdates,
-        });
-    }
+    let out = ical
+        .components
+        .iter()
+        .filter(|comp| comp.component_type == ICalendarComponentType::VEvent)
+        .map(|comp| component(comp, &resolver))
+        .collect::<Result<Vec<_>, _>>()?;
     if out.is_empty() {
         return Err(malformed("no VEVENT in the object"));
     }

@@ -251,7 +251,101 @@ fn date(field: &str, value: &str) -> Result<NaiveDate, FieldError> {
         .map_err(|_| FieldError::new(field, "must be a date written YYYY-MM-DD"))
 }
 
+/// The zone an event's times are written in: UTC for "", "UTC" and "Etc/UTC", else an IANA name.
+fn zone(name: &str) -> Result<Zone, FieldError> {
+    Ok(match name {
+        "" | "UTC" | "Etc/UTC" => Zone::Utc,
+        name => Zone::Named(name.parse::<chrono_tz::Tz>().map_err(|_| {
+            FieldError::new(
+                "event.time_zone",
+                "must be an IANA time zone such as Europe/Paris",
+            )
+        })?),
+    })
+}
+
+/// An attendee: a name without double quotes, a participation status, an email address.
+fn attendee(i: usize, a: Attendee) -> Result<Attendee, FieldError> {
+    let name = plain_text(&format!("event.attendees[{i}].name"), &a.name, 128, false)?;
+    if name.contains('"') {
+        return Err(FieldError::new(
+            format!("event.attendees[{i}].name"),
+            "must not contain double quotes",
+        ));
+    }
+    let status = match a.status.to_ascii_uppercase().as_str() {
+        "" => "NEEDS-ACTION".to_string(),
+        s @ ("NEEDS-ACTION" | "ACCEPTED" | "DECLINED" | "TENTATIVE") => s.to_string(),
+        _ => {
+            return Err(FieldError::new(
+                format!("event.attendees[{i}].status"),
+                "must be NEEDS-ACTION, ACCEPTED, DECLINED or TENTATIVE",
+            ));
+        }
+    };
+    Ok(Attendee {
+        email: email(&format!("event.attendees[{i}].email"), &a.email)?,
+        name,
+        status,
+    })
+}
+
+/// At most [`MAX_ATTENDEES`], each checked by [`attendee`].
+fn attendees(list: Vec<Attendee>) -> Result<Vec<Attendee>, FieldError> {
+    if list.len() > MAX_ATTENDEES {
+        return Err(FieldError::new(
+            "event.attendees",
+            format!("has {} entries; at most {MAX_ATTENDEES}", list.len()),
+        ));
+    }
+    list.into_iter()
+        .enumerate()
+        .map(|(i, a)| attendee(i, a))
+        .collect()
+}
+
+/// The event's status, CONFIRMED when none is given.
+fn event_status(status: &str) -> Result<String, FieldError> {
+    match status.to_ascii_uppercase().as_str() {
+        "" => Ok("CONFIRMED".to_string()),
+        s @ ("CONFIRMED" | "TENTATIVE" | "CANCELLED") => Ok(s.to_string()),
+        _ => Err(FieldError::new(
+            "event.status",
+            "must be CONFIRMED, TENTATIVE or CANCELLED",
+        )),
+    }
+}
+
+/// An RRULE (with or without its "RRULE:" prefix), upper-cased, of a restricted alphabet, and
+/// one the expander can run from `start`; None when empty.
+fn rrule(rule: &str, start: Moment) -> Result<Option<String>, FieldError> {
+    let rule = match rule.trim() {
+        "" => return Ok(None),
+        rule => rule
+            .strip_prefix("RRULE:")
+            .unwrap_or(rule)
+            .to_ascii_uppercase(),
+    };
+    if rule.len() > MAX_RRULE_BYTES
+        || !rule
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "=;,+-".contains(c))
+    {
+        return Err(FieldError::new(
+            "rrule",
+            format!(
+                "must be an RFC 5545 rule such as FREQ=WEEKLY;COUNT=10 (letters, digits, = ; , + -; at most {MAX_RRULE_BYTES} bytes)"
+            ),
+        ));
+    }
+    expand::check_rule(&rule, start)
+        .map_err(|why| FieldError::new("rrule", format!("is not usable: {why}")))?;
+    Ok(Some(rule))
+}
+
 impl NewEvent {
+    /// Checks every field in turn (summary, description, location, zone, times, organizer,
+    /// attendees, status, rule): the first bad one is the one named.
     pub fn validate(self) -> Result<ValidEvent, FieldError> {
         let summary = plain_text(
             "event.summary",
@@ -269,147 +363,19 @@ impl NewEvent {
             true,
         )?;
         let location = plain_text("event.location", &self.location, MAX_LOCATION_CHARS, false)?;
-        let zone = match self.time_zone.as_str() {
-            "" | "UTC" | "Etc/UTC" => Zone::Utc,
-            name => Zone::Named(name.parse::<chrono_tz::Tz>().map_err(|_| {
-                FieldError::new(
-                    "event.time_zone",
-                    "must be an IANA time zone such as Europe/Paris",
-                )
-            })?),
-        };
+        let zone = zone(&self.time_zone)?;
         let (start, end) = if self.all_day {
-            let start = match (self.start_date.as_str(), self.start) {
-                ("", Some(t)) => t.date_naive(),
-                ("", None) => {
-                    return Err(FieldError::new(
-                        "event.start_date",
-                        "is required for an all-day event",
-                    ));
-                }
-                (d, _) => date("event.start_date", d)?,
-            };
-            let end = match (self.end_date.as_str(), self.end) {
-                ("", Some(t)) if self.start_date.is_empty() => t.date_naive(),
-                ("", _) => start + chrono::Days::new(1),
-                (d, _) => date("event.end_date", d)?,
-            };
-            if end <= start {
-                return Err(FieldError::new(
-                    "event.end_date",
-                    "must be after event.start_date (it is the day after the last day)",
-                ));
-            }
-            if (end - start).num_days() > MAX_EVENT_DAYS {
-                return Err(FieldError::new(
-                    "event.end_date",
-                    format!("the event lasts more than {MAX_EVENT_DAYS} days"),
-                ));
-            }
-            (Moment::Date(start), Moment::Date(end))
+            self.dates()?
         } else {
-            if !self.start_date.is_empty() || !self.end_date.is_empty() {
-                return Err(FieldError::new(
-                    "event.start_date",
-                    "is only for all-day events (set all_day, or use start and end)",
-                ));
-            }
-            let start = self
-                .start
-                .ok_or_else(|| FieldError::new("event.start", "is required"))?;
-            let end = self
-                .end
-                .ok_or_else(|| FieldError::new("event.end", "is required"))?;
-            if end <= start {
-                return Err(FieldError::new("event.end", "must be after event.start"));
-            }
-            if end - start > chrono::TimeDelta::days(MAX_EVENT_DAYS) {
-                return Err(FieldError::new(
-                    "event.end",
-                    format!("the event lasts more than {MAX_EVENT_DAYS} days"),
-                ));
-            }
-            let local = |t: DateTime<Utc>| match zone {
-                Zone::Named(tz) => t.with_timezone(&tz).naive_local(),
-                _ => t.naive_utc(),
-            };
-            (
-                Moment::Local(local(start), zone),
-                Moment::Local(local(end), zone),
-            )
+            self.times(zone)?
         };
         let organizer = match self.organizer.as_str() {
             "" => String::new(),
             o => email("event.organizer", o)?,
         };
-        if self.attendees.len() > MAX_ATTENDEES {
-            return Err(FieldError::new(
-                "event.attendees",
-                format!(
-                    "has {} entries; at most {MAX_ATTENDEES}",
-                    self.attendees.len()
-                ),
-            ));
-        }
-        let mut attendees = Vec::new();
-        for (i, a) in self.attendees.into_iter().enumerate() {
-            let name = plain_text(&format!("event.attendees[{i}].name"), &a.name, 128, false)?;
-            if name.contains('"') {
-                return Err(FieldError::new(
-                    format!("event.attendees[{i}].name"),
-                    "must not contain double quotes",
-                ));
-            }
-            let status = match a.status.to_ascii_uppercase().as_str() {
-                "" => "NEEDS-ACTION".to_string(),
-                s @ ("NEEDS-ACTION" | "ACCEPTED" | "DECLINED" | "TENTATIVE") => s.to_string(),
-                _ => {
-                    return Err(FieldError::new(
-                        format!("event.attendees[{i}].status"),
-                        "must be NEEDS-ACTION, ACCEPTED, DECLINED or TENTATIVE",
-                    ));
-                }
-            };
-            attendees.push(Attendee {
-                email: email(&format!("event.attendees[{i}].email"), &a.email)?,
-                name,
-                status,
-            });
-        }
-        let status = match self.status.to_ascii_uppercase().as_str() {
-            "" => "CONFIRMED".to_string(),
-            s @ ("CONFIRMED" | "TENTATIVE" | "CANCELLED") => s.to_string(),
-            _ => {
-                return Err(FieldError::new(
-                    "event.status",
-                    "must be CONFIRMED, TENTATIVE or CANCELLED",
-                ));
-            }
-        };
-        let rrule = match self.rrule.trim() {
-            "" => None,
-            rule => {
-                let rule = rule
-                    .strip_prefix("RRULE:")
-                    .unwrap_or(rule)
-                    .to_ascii_uppercase();
-                if rule.len() > MAX_RRULE_BYTES
-                    || !rule
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "=;,+-".contains(c))
-                {
-                    return Err(FieldError::new(
-                        "rrule",
-                        format!(
-                            "must be an RFC 5545 rule such as FREQ=WEEKLY;COUNT=10 (letters, digits, = ; , + -; at most {MAX_RRULE_BYTES} bytes)"
-                        ),
-                    ));
-                }
-                expand::check_rule(&rule, start)
-                    .map_err(|why| FieldError::new("rrule", format!("is not usable: {why}")))?;
-                Some(rule)
-            }
-        };
+        let attendees = attendees(self.attendees)?;
+        let status = event_status(&self.status)?;
+        let rrule = rrule(&self.rrule, start)?;
         Ok(ValidEvent {
             summary,
             description,
@@ -421,6 +387,72 @@ impl NewEvent {
             status,
             rrule,
         })
+    }
+
+    /// An all-day event's first day and the day after its last: from start_date and end_date,
+    /// else from the dates of start and end, else one day.
+    fn dates(&self) -> Result<(Moment, Moment), FieldError> {
+        let start = match (self.start_date.as_str(), self.start) {
+            ("", Some(t)) => t.date_naive(),
+            ("", None) => {
+                return Err(FieldError::new(
+                    "event.start_date",
+                    "is required for an all-day event",
+                ));
+            }
+            (d, _) => date("event.start_date", d)?,
+        };
+        let end = match (self.end_date.as_str(), self.end) {
+            ("", Some(t)) if self.start_date.is_empty() => t.date_naive(),
+            ("", _) => start + chrono::Days::new(1),
+            (d, _) => date("event.end_date", d)?,
+        };
+        if end <= start {
+            return Err(FieldError::new(
+                "event.end_date",
+                "must be after event.start_date (it is the day after the last day)",
+            ));
+        }
+        if (end - start).num_days() > MAX_EVENT_DAYS {
+            return Err(FieldError::new(
+                "event.end_date",
+                format!("the event lasts more than {MAX_EVENT_DAYS} days"),
+            ));
+        }
+        Ok((Moment::Date(start), Moment::Date(end)))
+    }
+
+    /// A timed event's start and end, as local times in `zone`.
+    fn times(&self, zone: Zone) -> Result<(Moment, Moment), FieldError> {
+        if !self.start_date.is_empty() || !self.end_date.is_empty() {
+            return Err(FieldError::new(
+                "event.start_date",
+                "is only for all-day events (set all_day, or use start and end)",
+            ));
+        }
+        let start = self
+            .start
+            .ok_or_else(|| FieldError::new("event.start", "is required"))?;
+        let end = self
+            .end
+            .ok_or_else(|| FieldError::new("event.end", "is required"))?;
+        if end <= start {
+            return Err(FieldError::new("event.end", "must be after event.start"));
+        }
+        if end - start > chrono::TimeDelta::days(MAX_EVENT_DAYS) {
+            return Err(FieldError::new(
+                "event.end",
+                format!("the event lasts more than {MAX_EVENT_DAYS} days"),
+            ));
+        }
+        let local = |t: DateTime<Utc>| match zone {
+            Zone::Named(tz) => t.with_timezone(&tz).naive_local(),
+            _ => t.naive_utc(),
+        };
+        Ok((
+            Moment::Local(local(start), zone),
+            Moment::Local(local(end), zone),
+        ))
     }
 }
 
@@ -553,6 +585,34 @@ impl Calendars<'_> {
         result
     }
 
+    /// Runs one call on the target's backend under the upstream deadline, then settles its
+    /// outcome ([`Self::settle`]).
+    async fn call<T>(
+        &self,
+        target: &Target,
+        on_caldav: impl AsyncFnOnce(&caldav::Account) -> Result<T, CalendarError>,
+        on_google: impl AsyncFnOnce(
+            &reqwest::Client,
+            &str,
+            &crate::model::Secret,
+        ) -> Result<T, CalendarError>,
+    ) -> Result<T, CalendarError> {
+        let backend = self.backend(target).await?;
+        let password = matches!(backend, Backend::Caldav(_));
+        let result = match backend {
+            Backend::Caldav(account) => {
+                let server = account.server();
+                deadline(self.timeout, &server, on_caldav(&account)).await
+            }
+            Backend::Google {
+                client,
+                base,
+                token,
+            } => deadline(self.timeout, &base, on_google(&client, &base, &token)).await,
+        };
+        self.settle(target, password, result).await
+    }
+
     pub async fn list(
         &self,
         target: &Target,
@@ -560,32 +620,14 @@ impl Calendars<'_> {
         window: Window,
         limit: usize,
     ) -> Result<Listing, CalendarError> {
-        let backend = self.backend(target).await?;
-        let password = matches!(backend, Backend::Caldav(_));
-        let result = match backend {
-            Backend::Caldav(account) => {
-                let server = account.server();
-                deadline(
-                    self.timeout,
-                    &server,
-                    account.list(calendar, &window, limit),
-                )
-                .await
-            }
-            Backend::Google {
-                client,
-                base,
-                token,
-            } => {
-                deadline(
-                    self.timeout,
-                    &base,
-                    google::list(&client, &base, &token, calendar, &window, limit),
-                )
-                .await
-            }
-        };
-        self.settle(target, password, result).await
+        self.call(
+            target,
+            async |account| account.list(calendar, &window, limit).await,
+            async |client, base, token| {
+                google::list(client, base, token, calendar, &window, limit).await
+            },
+        )
+        .await
     }
 
     pub async fn create(
@@ -595,27 +637,12 @@ impl Calendars<'_> {
         event: NewEvent,
     ) -> Result<Event, CalendarError> {
         let event = event.validate()?;
-        let backend = self.backend(target).await?;
-        let password = matches!(backend, Backend::Caldav(_));
-        let result = match backend {
-            Backend::Caldav(account) => {
-                let server = account.server();
-                deadline(self.timeout, &server, account.create(calendar, &event)).await
-            }
-            Backend::Google {
-                client,
-                base,
-                token,
-            } => {
-                deadline(
-                    self.timeout,
-                    &base,
-                    google::insert(&client, &base, &token, calendar, &event),
-                )
-                .await
-            }
-        };
-        self.settle(target, password, result).await
+        self.call(
+            target,
+            async |account| account.create(calendar, &event).await,
+            async |client, base, token| google::insert(client, base, token, calendar, &event).await,
+        )
+        .await
     }
 }
 

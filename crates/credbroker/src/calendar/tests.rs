@@ -234,127 +234,73 @@ fn written_events_read_back_the_same() {
     assert_eq!(events[1].start, utc("2025-06-09T07:00:00Z"));
 }
 
-#[test]
-fn validation_names_the_field() {
-    let base = || NewEvent {
+/// A one-hour UTC event that passes validation.
+fn base() -> NewEvent {
+    NewEvent {
         summary: "ok".into(),
         start: Some(utc("2025-01-01T10:00:00Z")),
         end: Some(utc("2025-01-01T11:00:00Z")),
         ..Default::default()
+    }
+}
+
+#[test]
+fn validation_names_the_field() {
+    let with = |change: fn(&mut NewEvent)| {
+        let mut event = base();
+        change(&mut event);
+        event
     };
     let cases: Vec<(NewEvent, &str)> = vec![
+        (with(|e| e.summary = "".into()), "event.summary"),
         (
-            NewEvent {
-                summary: "".into(),
-                ..base()
-            },
+            with(|e| e.summary = "x\r\nATTENDEE:mailto:evil@example.org".into()),
             "event.summary",
         ),
+        (with(|e| e.summary = "x".repeat(256)), "event.summary"),
+        (with(|e| e.location = "a\nb".into()), "event.location"),
+        (with(|e| e.description = "a\rb".into()), "event.description"),
         (
-            NewEvent {
-                summary: "x\r\nATTENDEE:mailto:evil@example.org".into(),
-                ..base()
-            },
-            "event.summary",
-        ),
-        (
-            NewEvent {
-                summary: "x".repeat(256),
-                ..base()
-            },
-            "event.summary",
-        ),
-        (
-            NewEvent {
-                location: "a\nb".into(),
-                ..base()
-            },
-            "event.location",
-        ),
-        (
-            NewEvent {
-                description: "a\rb".into(),
-                ..base()
-            },
-            "event.description",
-        ),
-        (
-            NewEvent {
-                end: Some(utc("2025-01-01T09:00:00Z")),
-                ..base()
-            },
+            with(|e| e.end = Some(utc("2025-01-01T09:00:00Z"))),
             "event.end",
         ),
+        (with(|e| e.start = None), "event.start"),
         (
-            NewEvent {
-                start: None,
-                ..base()
-            },
-            "event.start",
-        ),
-        (
-            NewEvent {
-                time_zone: "Mars/Olympus".into(),
-                ..base()
-            },
+            with(|e| e.time_zone = "Mars/Olympus".into()),
             "event.time_zone",
         ),
+        (with(|e| e.rrule = "FREQ=SOMETIMES".into()), "rrule"),
+        (with(|e| e.rrule = "FREQ=DAILY\r\nX:y".into()), "rrule"),
+        (with(|e| e.status = "MAYBE".into()), "event.status"),
         (
-            NewEvent {
-                rrule: "FREQ=SOMETIMES".into(),
-                ..base()
-            },
-            "rrule",
-        ),
-        (
-            NewEvent {
-                rrule: "FREQ=DAILY\r\nX:y".into(),
-                ..base()
-            },
-            "rrule",
-        ),
-        (
-            NewEvent {
-                status: "MAYBE".into(),
-                ..base()
-            },
-            "event.status",
-        ),
-        (
-            NewEvent {
-                organizer: "not-an-email".into(),
-                ..base()
-            },
+            with(|e| e.organizer = "not-an-email".into()),
             "event.organizer",
         ),
         (
-            NewEvent {
-                attendees: vec![Attendee {
+            with(|e| {
+                e.attendees = vec![Attendee {
                     email: "a@b.c\r\nX".into(),
                     name: String::new(),
                     status: String::new(),
-                }],
-                ..base()
-            },
+                }]
+            }),
             "event.attendees[0].email",
         ),
         (
-            NewEvent {
-                all_day: true,
-                start: None,
-                end: None,
-                start_date: "2025-01-02".into(),
-                end_date: "2025-01-01".into(),
-                ..base()
-            },
+            with(|e| {
+                e.all_day = true;
+                e.start = None;
+                e.end = None;
+                e.start_date = "2025-01-02".into();
+                e.end_date = "2025-01-01".into();
+            }),
             "event.end_date",
         ),
         (
-            NewEvent {
-                all_day: true,
-                start_date: "2 Jan".into(),
-                ..base()
-            },
+            with(|e| {
+                e.all_day = true;
+                e.start_date = "2 Jan".into();
+            }),
             "event.start_date",
         ),
     ];
@@ -362,6 +308,10 @@ fn validation_names_the_field() {
         let err = event.clone().validate().unwrap_err();
         assert_eq!(err.field, field, "{event:?}: {err}");
     }
+}
+
+#[test]
+fn valid_events_keep_their_zone_and_an_all_day_one_lasts_a_day() {
     let all_day = NewEvent {
         all_day: true,
         start: None,

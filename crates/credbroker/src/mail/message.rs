@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use lettre::message::header::ContentType;
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::{Attachment, Mailbox, MessageBuilder, MultiPart, SinglePart};
 
 use super::Account;
 use crate::model::FieldError;
@@ -121,12 +121,13 @@ fn recipients(field: &str, list: &[String]) -> Result<Vec<Mailbox>, FieldError> 
         .collect()
 }
 
-/// Validates a request against the account and builds the message. Nothing is sent here.
-pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> {
-    let from = if r.from.trim().is_empty() {
+/// The sender: the request's `from`, else the account's address; always the account's own
+/// address or one of its aliases.
+fn sender(account: &Account, from: &str) -> Result<Mailbox, FieldError> {
+    let from = if from.trim().is_empty() {
         Mailbox::new(None, super::account::parse_address("from", &account.email)?)
     } else {
-        mailbox("from", &r.from)?
+        mailbox("from", from)?
     };
     if !account.owns(from.email.as_ref()) {
         let mut allowed = vec![account.email.clone()];
@@ -140,34 +141,78 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
             ),
         ));
     }
-    let to = recipients("to", &r.to)?;
-    let cc = recipients("cc", &r.cc)?;
-    let bcc = recipients("bcc", &r.bcc)?;
-    let count = to.len() + cc.len() + bcc.len();
-    if count == 0 {
-        return Err(FieldError::new(
-            "to",
-            "at least one recipient (to, cc or bcc) is required",
-        ));
+    Ok(from)
+}
+
+/// To, cc and bcc, validated; at least one and at most [`MAX_RECIPIENTS`] in all.
+struct Recipients {
+    to: Vec<Mailbox>,
+    cc: Vec<Mailbox>,
+    bcc: Vec<Mailbox>,
+}
+
+impl Recipients {
+    fn of(r: &SendRequest) -> Result<Recipients, FieldError> {
+        let to = recipients("to", &r.to)?;
+        let cc = recipients("cc", &r.cc)?;
+        let bcc = recipients("bcc", &r.bcc)?;
+        let count = to.len() + cc.len() + bcc.len();
+        if count == 0 {
+            return Err(FieldError::new(
+                "to",
+                "at least one recipient (to, cc or bcc) is required",
+            ));
+        }
+        if count > MAX_RECIPIENTS {
+            return Err(FieldError::new(
+                "to",
+                format!("{count} recipients; at most {MAX_RECIPIENTS} in to, cc and bcc together"),
+            ));
+        }
+        Ok(Recipients { to, cc, bcc })
     }
-    if count > MAX_RECIPIENTS {
-        return Err(FieldError::new(
-            "to",
-            format!("{count} recipients; at most {MAX_RECIPIENTS} in to, cc and bcc together"),
-        ));
+
+    /// Adds every recipient to the message (bcc to the envelope only, as lettre does) and
+    /// returns the envelope's addresses, each once whatever its case.
+    fn address(self, mut builder: MessageBuilder) -> (MessageBuilder, Vec<String>) {
+        let mut all = Vec::with_capacity(self.to.len() + self.cc.len() + self.bcc.len());
+        for m in self.to {
+            all.push(m.email.to_string());
+            builder = builder.to(m);
+        }
+        for m in self.cc {
+            all.push(m.email.to_string());
+            builder = builder.cc(m);
+        }
+        for m in self.bcc {
+            all.push(m.email.to_string());
+            builder = builder.bcc(m);
+        }
+        let mut unique = Vec::new();
+        for a in all {
+            if !unique.iter().any(|r: &String| r.eq_ignore_ascii_case(&a)) {
+                unique.push(a);
+            }
+        }
+        (builder, unique)
     }
-    let reply_to = match r.reply_to.trim() {
-        "" => None,
-        _ => Some(mailbox("reply_to", &r.reply_to)?),
-    };
-    no_line_breaks("subject", &r.subject)?;
-    let subject_chars = r.subject.chars().count();
+}
+
+/// The subject: one line of at most [`MAX_SUBJECT_CHARS`] characters.
+fn check_subject(subject: &str) -> Result<(), FieldError> {
+    no_line_breaks("subject", subject)?;
+    let subject_chars = subject.chars().count();
     if subject_chars > MAX_SUBJECT_CHARS {
         return Err(FieldError::new(
             "subject",
             format!("is {subject_chars} characters long; at most {MAX_SUBJECT_CHARS}"),
         ));
     }
+    Ok(())
+}
+
+/// The text and HTML bodies: each at most [`MAX_BODY_BYTES`], without NUL.
+fn check_bodies(r: &SendRequest) -> Result<(), FieldError> {
     for (field, body) in [("text_body", &r.text_body), ("html_body", &r.html_body)] {
         if body.len() > MAX_BODY_BYTES {
             return Err(FieldError::new(
@@ -179,57 +224,23 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
             return Err(FieldError::new(field, "must not contain NUL"));
         }
     }
-    if r.attachments.len() > MAX_ATTACHMENTS {
+    Ok(())
+}
+
+/// The attachments as MIME parts: at most [`MAX_ATTACHMENTS`], each checked in turn, and
+/// with the bodies (`bodies` bytes) at most [`MAX_MESSAGE_BYTES`] in all.
+fn attachments(list: &[OutgoingAttachment], bodies: usize) -> Result<Vec<SinglePart>, FieldError> {
+    if list.len() > MAX_ATTACHMENTS {
         return Err(FieldError::new(
             "attachments",
-            format!(
-                "{} attachments; at most {MAX_ATTACHMENTS}",
-                r.attachments.len()
-            ),
+            format!("{} attachments; at most {MAX_ATTACHMENTS}", list.len()),
         ));
     }
-    let mut total = r.text_body.len() + r.html_body.len();
-    let mut attachments = Vec::with_capacity(r.attachments.len());
-    for (i, a) in r.attachments.iter().enumerate() {
-        let name_field = format!("attachments[{i}].filename");
-        no_line_breaks(&name_field, &a.filename)?;
-        if a.filename.trim().is_empty() {
-            return Err(FieldError::new(name_field, "must not be empty"));
-        }
-        if a.filename.len() > 255 || a.filename.contains(['/', '\\']) {
-            return Err(FieldError::new(
-                name_field,
-                "must be a file name of at most 255 bytes, without '/' or '\\'",
-            ));
-        }
-        if a.content.len() > MAX_ATTACHMENT_BYTES {
-            return Err(FieldError::new(
-                format!("attachments[{i}].content"),
-                format!(
-                    "is {} bytes; at most {MAX_ATTACHMENT_BYTES}",
-                    a.content.len()
-                ),
-            ));
-        }
+    let mut total = bodies;
+    let mut parts = Vec::with_capacity(list.len());
+    for (i, a) in list.iter().enumerate() {
+        parts.push(attachment(i, a)?);
         total += a.content.len();
-        let type_field = format!("attachments[{i}].content_type");
-        no_line_breaks(&type_field, &a.content_type)?;
-        let content_type = match a.content_type.trim() {
-            "" => ContentType::parse("application/octet-stream").expect("a valid MIME type"),
-            t => ContentType::parse(t).map_err(|_| {
-                FieldError::new(
-                    type_field,
-                    format!("{t:?} is not a MIME type (e.g. application/pdf)"),
-                )
-            })?,
-        };
-        // Base64 always: attachments arrive byte for byte (no line-ending rewriting on the way).
-        let content = lettre::message::Body::new_with_encoding(
-            a.content.clone(),
-            lettre::message::header::ContentTransferEncoding::Base64,
-        )
-        .map_err(|_| FieldError::new(format!("attachments[{i}].content"), "cannot be encoded"))?;
-        attachments.push(Attachment::new(a.filename.clone()).body(content, content_type));
     }
     if total > MAX_MESSAGE_BYTES {
         return Err(FieldError::new(
@@ -239,6 +250,55 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
             ),
         ));
     }
+    Ok(parts)
+}
+
+/// Attachment `i`: a plain file name, at most [`MAX_ATTACHMENT_BYTES`], a MIME type
+/// (application/octet-stream when none is given); its content base64-encoded.
+fn attachment(i: usize, a: &OutgoingAttachment) -> Result<SinglePart, FieldError> {
+    let name_field = format!("attachments[{i}].filename");
+    no_line_breaks(&name_field, &a.filename)?;
+    if a.filename.trim().is_empty() {
+        return Err(FieldError::new(name_field, "must not be empty"));
+    }
+    if a.filename.len() > 255 || a.filename.contains(['/', '\\']) {
+        return Err(FieldError::new(
+            name_field,
+            "must be a file name of at most 255 bytes, without '/' or '\\'",
+        ));
+    }
+    if a.content.len() > MAX_ATTACHMENT_BYTES {
+        return Err(FieldError::new(
+            format!("attachments[{i}].content"),
+            format!(
+                "is {} bytes; at most {MAX_ATTACHMENT_BYTES}",
+                a.content.len()
+            ),
+        ));
+    }
+    let type_field = format!("attachments[{i}].content_type");
+    no_line_breaks(&type_field, &a.content_type)?;
+    let content_type = match a.content_type.trim() {
+        "" => ContentType::parse("application/octet-stream").expect("a valid MIME type"),
+        t => ContentType::parse(t).map_err(|_| {
+            FieldError::new(
+                type_field,
+                format!("{t:?} is not a MIME type (e.g. application/pdf)"),
+            )
+        })?,
+    };
+    // Base64 always: attachments arrive byte for byte (no line-ending rewriting on the way).
+    let content = lettre::message::Body::new_with_encoding(
+        a.content.clone(),
+        lettre::message::header::ContentTransferEncoding::Base64,
+    )
+    .map_err(|_| FieldError::new(format!("attachments[{i}].content"), "cannot be encoded"))?;
+    Ok(Attachment::new(a.filename.clone()).body(content, content_type))
+}
+
+/// In-Reply-To and References as Message-IDs; the References end with the message replied to
+/// (RFC 5322 §3.6.4).
+fn threading(r: &SendRequest) -> Result<(Option<String>, Vec<String>), FieldError> {
     let in_reply_to = match r.in_reply_to.trim() {
         "" => None,
         v => Some(msg_id("in_reply_to", v)?),
@@ -255,38 +315,46 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
         .enumerate()
         .map(|(i, v)| msg_id(&format!("references[{i}]"), v))
         .collect::<Result<Vec<_>, _>>()?;
-    // A reply's References end with the message it replies to (RFC 5322 §3.6.4).
     if let Some(parent) = &in_reply_to
         && !references.contains(parent)
     {
         references.push(parent.clone());
     }
+    Ok((in_reply_to, references))
+}
 
-    let domain = from.email.domain().to_string();
-    let message_id = format!(
+/// A fresh, unguessable Message-ID in the sender's domain.
+fn new_message_id(domain: &str) -> String {
+    format!(
         "<{}.{}@{}>",
         Utc::now().format("%Y%m%d%H%M%S"),
         hex::encode(crate::vault::random_bytes::<12>()),
         domain
-    );
-    let mut builder = lettre::Message::builder()
+    )
+}
+
+/// Validates a request against the account and builds the message. Nothing is sent here.
+/// Fields are checked in the order they are listed in the request, so the first bad one is
+/// the one named.
+pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> {
+    let from = sender(account, &r.from)?;
+    let recipients = Recipients::of(&r)?;
+    let reply_to = match r.reply_to.trim() {
+        "" => None,
+        _ => Some(mailbox("reply_to", &r.reply_to)?),
+    };
+    check_subject(&r.subject)?;
+    check_bodies(&r)?;
+    let attachments = attachments(&r.attachments, r.text_body.len() + r.html_body.len())?;
+    let (in_reply_to, references) = threading(&r)?;
+
+    let message_id = new_message_id(from.email.domain());
+    let builder = lettre::Message::builder()
         .from(from)
         .subject(r.subject.clone())
         .message_id(Some(message_id.clone()))
         .user_agent(concat!("credbroker/", env!("CARGO_PKG_VERSION")).to_string());
-    let mut all = Vec::with_capacity(count);
-    for m in to {
-        all.push(m.email.to_string());
-        builder = builder.to(m);
-    }
-    for m in cc {
-        all.push(m.email.to_string());
-        builder = builder.cc(m);
-    }
-    for m in bcc {
-        all.push(m.email.to_string());
-        builder = builder.bcc(m);
-    }
+    let (mut builder, recipients) = recipients.address(builder);
     if let Some(m) = reply_to {
         builder = builder.reply_to(m);
     }
@@ -296,40 +364,8 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
     if !references.is_empty() {
         builder = builder.references(references.join(" "));
     }
-    let body = match (r.text_body.is_empty(), r.html_body.is_empty()) {
-        (_, true) => Body::Single(SinglePart::plain(r.text_body.clone())),
-        (true, false) => Body::Single(SinglePart::html(r.html_body.clone())),
-        (false, false) => Body::Multi(MultiPart::alternative_plain_html(
-            r.text_body.clone(),
-            r.html_body.clone(),
-        )),
-    };
-    let message = if attachments.is_empty() {
-        match body {
-            Body::Single(part) => builder.singlepart(part),
-            Body::Multi(part) => builder.multipart(part),
-        }
-    } else {
-        let mixed = MultiPart::mixed();
-        let mut mixed = match body {
-            Body::Single(part) => mixed.singlepart(part),
-            Body::Multi(part) => mixed.multipart(part),
-        };
-        for a in attachments {
-            mixed = mixed.singlepart(a);
-        }
-        builder.multipart(mixed)
-    }
-    .map_err(|e| FieldError::new("to", format!("cannot build the message: {e}")))?;
-    let mut recipients = Vec::new();
-    for a in all {
-        if !recipients
-            .iter()
-            .any(|r: &String| r.eq_ignore_ascii_case(&a))
-        {
-            recipients.push(a);
-        }
-    }
+    let message = assemble(builder, Body::of(&r), attachments)
+        .map_err(|e| FieldError::new("to", format!("cannot build the message: {e}")))?;
     Ok(Outgoing {
         message,
         message_id,
@@ -337,9 +373,46 @@ pub fn build(account: &Account, r: SendRequest) -> Result<Outgoing, FieldError> 
     })
 }
 
+/// The message's body: the parts alone, or a multipart/mixed of them and the attachments.
+fn assemble(
+    builder: MessageBuilder,
+    body: Body,
+    attachments: Vec<SinglePart>,
+) -> Result<lettre::Message, lettre::error::Error> {
+    if attachments.is_empty() {
+        return match body {
+            Body::Single(part) => builder.singlepart(part),
+            Body::Multi(part) => builder.multipart(part),
+        };
+    }
+    let mixed = MultiPart::mixed();
+    let mut mixed = match body {
+        Body::Single(part) => mixed.singlepart(part),
+        Body::Multi(part) => mixed.multipart(part),
+    };
+    for a in attachments {
+        mixed = mixed.singlepart(a);
+    }
+    builder.multipart(mixed)
+}
+
 enum Body {
     Single(SinglePart),
     Multi(MultiPart),
+}
+
+impl Body {
+    /// Plain text, HTML, or both as multipart/alternative.
+    fn of(r: &SendRequest) -> Body {
+        match (r.text_body.is_empty(), r.html_body.is_empty()) {
+            (_, true) => Body::Single(SinglePart::plain(r.text_body.clone())),
+            (true, false) => Body::Single(SinglePart::html(r.html_body.clone())),
+            (false, false) => Body::Multi(MultiPart::alternative_plain_html(
+                r.text_body.clone(),
+                r.html_body.clone(),
+            )),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,6 +572,24 @@ mod tests {
         build(&account(), r).unwrap_err().field
     }
 
+    /// Each change to a good request is refused naming its field.
+    fn refused_as<F: Fn(&mut SendRequest)>(cases: Vec<(F, &'static str)>) {
+        for (change, field) in cases {
+            let mut r = request();
+            change(&mut r);
+            assert_eq!(field_of(r), field);
+        }
+    }
+
+    /// One attachment named `filename`, of `content_type`, empty.
+    fn file(filename: &str, content_type: &str) -> Vec<OutgoingAttachment> {
+        vec![OutgoingAttachment {
+            filename: filename.into(),
+            content_type: content_type.into(),
+            ..Default::default()
+        }]
+    }
+
     #[test]
     fn builds_a_reply_with_alternatives_and_attachment() {
         let mut r = request();
@@ -575,30 +666,15 @@ mod tests {
                 "references[0]",
             ),
             (
-                |r| {
-                    r.attachments = vec![OutgoingAttachment {
-                        filename: "a\r\nb.txt".into(),
-                        ..Default::default()
-                    }]
-                },
+                |r| r.attachments = file("a\r\nb.txt", ""),
                 "attachments[0].filename",
             ),
             (
-                |r| {
-                    r.attachments = vec![OutgoingAttachment {
-                        filename: "a.txt".into(),
-                        content_type: "text/plain\r\nX: y".into(),
-                        ..Default::default()
-                    }]
-                },
+                |r| r.attachments = file("a.txt", "text/plain\r\nX: y"),
                 "attachments[0].content_type",
             ),
         ];
-        for (change, field) in cases {
-            let mut r = request();
-            change(&mut r);
-            assert_eq!(field_of(r), field);
-        }
+        refused_as(cases);
     }
 
     #[test]
@@ -648,21 +724,11 @@ mod tests {
                 "attachments",
             ),
             (
-                Box::new(|r| {
-                    r.attachments = vec![OutgoingAttachment {
-                        filename: "a.txt".into(),
-                        content_type: "not a type".into(),
-                        ..Default::default()
-                    }]
-                }),
+                Box::new(|r| r.attachments = file("a.txt", "not a type")),
                 "attachments[0].content_type",
             ),
         ];
-        for (change, field) in cases {
-            let mut r = request();
-            change(&mut r);
-            assert_eq!(field_of(r), field);
-        }
+        refused_as(cases);
     }
 
     #[test]

@@ -530,6 +530,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The pending authorization kept under `state`, if any, left in place.
+    pub async fn oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
+        Ok(self.store.get::<T>(OAUTH_STATES, state).await?)
+    }
+
     /// Removes and returns the pending authorization kept under `state`, if any. The caller
     /// serialises takes of one state, so that it is handed out once.
     pub async fn take_oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
@@ -540,6 +545,37 @@ impl Registry {
         batch.delete(OAUTH_STATES, state);
         self.store.commit(batch).await?;
         Ok(Some(pending))
+    }
+
+    /// Removes the pending authorizations that `expired` says are past their life (a browser
+    /// that never came back); returns how many. Reads the table a page at a time.
+    pub async fn sweep_oauth_states<T: Record>(
+        &self,
+        expired: impl Fn(&T) -> bool,
+    ) -> Result<usize, ModelError> {
+        const PAGE: usize = 512;
+        let (mut batch, mut after) = (Batch::new(), None::<String>);
+        let mut removed = 0;
+        loop {
+            let rows = self
+                .store
+                .scan::<T>(OAUTH_STATES, "", after.as_deref(), PAGE)
+                .await?;
+            for (path, pending) in &rows {
+                if expired(pending) {
+                    batch.delete(OAUTH_STATES, path.clone());
+                    removed += 1;
+                }
+            }
+            match rows.last() {
+                Some((last, _)) if rows.len() == PAGE => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        if !batch.is_empty() {
+            self.store.commit(batch).await?;
+        }
+        Ok(removed)
     }
 
     /// The store's key as it is now (GetStatus, metrics).

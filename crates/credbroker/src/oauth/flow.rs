@@ -14,7 +14,7 @@ use sha2::Digest;
 
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
-use super::{OAuth, OAuthError, describe, lifetime};
+use super::{OAuth, OAuthError, describe, expiry};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
@@ -59,21 +59,75 @@ fn state_key(state: &str) -> String {
     hex::encode(sha2::Sha256::digest(state.as_bytes()))
 }
 
-/// A return URL is where a browser is sent afterwards: it must be an absolute http(s) URL.
-fn validate_return_url(url: &str) -> Result<(), FieldError> {
-    if url.is_empty() {
-        return Ok(());
+/// Where a browser may be sent back after consenting: the configured origins (`[http]
+/// return_origins`, https only) and, when `[http] return_loopback` is set (`credbroker dev`,
+/// the tests), any loopback host. Anything else would make the broker's origin an open
+/// redirect.
+#[derive(Debug, Clone, Default)]
+pub struct ReturnOrigins {
+    origins: Vec<String>,
+    loopback: bool,
+}
+
+impl ReturnOrigins {
+    /// Checks each configured origin: `https://host[:port]`, nothing after it.
+    pub fn new(origins: &[String], loopback: bool) -> Result<Self, String> {
+        let origins = origins
+            .iter()
+            .map(|o| match reqwest::Url::parse(o) {
+                Ok(u)
+                    if u.scheme() == "https"
+                        && u.host().is_some()
+                        && u.path() == "/"
+                        && u.query().is_none()
+                        && u.username().is_empty() =>
+                {
+                    Ok(u.origin().ascii_serialization())
+                }
+                _ => Err(format!(
+                    "[http] return_origins: {o:?} must be an https://host[:port] origin"
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { origins, loopback })
     }
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => Ok(()),
-        _ => Err(FieldError::new(
-            "return_url",
-            "must be an absolute https:// URL (or empty)",
-        )),
+
+    /// A return URL is where a browser is sent afterwards: empty, or an absolute URL on an
+    /// allowed origin.
+    fn check(&self, url: &str) -> Result<(), FieldError> {
+        if url.is_empty() {
+            return Ok(());
+        }
+        let allowed = reqwest::Url::parse(url).is_ok_and(|u| {
+            let loopback = match u.host() {
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            let web = matches!(u.scheme(), "https" | "http");
+            (u.scheme() == "https" && self.origins.contains(&u.origin().ascii_serialization()))
+                || (self.loopback && loopback && web)
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(FieldError::new(
+                "return_url",
+                "must be an https:// URL on an origin the broker is configured for ([http] return_origins), or empty",
+            ))
+        }
     }
 }
 
 impl OAuth {
+    /// Limits where BeginConnect may send browsers back (by default, nowhere: an empty
+    /// `return_url` only).
+    pub fn with_return_origins(mut self, origins: ReturnOrigins) -> Self {
+        self.return_origins = origins;
+        self
+    }
+
     fn redirect_uri(&self, endpoints: &Endpoints) -> String {
         endpoints
             .redirect_uri
@@ -95,7 +149,7 @@ impl OAuth {
                 connector: connector.name.clone(),
             });
         }
-        validate_return_url(return_url)?;
+        self.return_origins.check(return_url)?;
         let endpoints = Endpoints::of(connector)?;
         if endpoints.grant == Grant::ClientCredentials {
             return Err(FieldError::new(
@@ -155,15 +209,30 @@ impl OAuth {
 
     /// Takes a state out of the store: a state works once, and only before it expires.
     pub async fn take_state(&self, state: &str) -> Result<PendingConnect, OAuthError> {
+        self.take_state_if(state, |_| Ok(())).await
+    }
+
+    /// [`OAuth::take_state`] once `admit` accepts the pending connection the state names: a
+    /// caller `admit` refuses leaves the state in place, so it cannot burn someone else's link.
+    pub async fn take_state_if<E: From<OAuthError>>(
+        &self,
+        state: &str,
+        admit: impl FnOnce(&PendingConnect) -> Result<(), E>,
+    ) -> Result<PendingConnect, E> {
         if state.is_empty() || state.len() > 256 {
-            return Err(OAuthError::UnknownState);
+            return Err(OAuthError::UnknownState.into());
         }
         let key = state_key(state);
         let _one_at_a_time = self.states.lock().await;
-        let pending: PendingConnect = self
-            .registry
-            .take_oauth_state(&key)
-            .await?
+        let found = self.registry.oauth_state::<PendingConnect>(&key).await;
+        let pending = found
+            .map_err(OAuthError::from)?
+            .ok_or(OAuthError::UnknownState)?;
+        admit(&pending)?;
+        self.registry
+            .take_oauth_state::<PendingConnect>(&key)
+            .await
+            .map_err(OAuthError::from)?
             .ok_or(OAuthError::UnknownState)?;
         pending.check_fresh(Utc::now())?;
         Ok(pending)
@@ -231,7 +300,7 @@ impl OAuth {
         connection.account_label = account_label;
         connection.connected_at = Some(now);
         connection.last_refreshed_at = Some(now);
-        connection.access_expires_at = Some(now + lifetime(response.expires_in()));
+        connection.access_expires_at = Some(expiry(now, response.expires_in()));
         connection.last_error.clear();
         connection.scopes = response
             .scopes()
@@ -322,9 +391,93 @@ impl OAuth {
     }
 }
 
+/// How often states past their life are swept from the store.
+pub const STATE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl OAuth {
+    /// Removes the states that expired before `now`; returns how many.
+    pub async fn sweep_states(&self, now: DateTime<Utc>) -> Result<usize, OAuthError> {
+        let _one_at_a_time = self.states.lock().await;
+        Ok(self
+            .registry
+            .sweep_oauth_states(|p: &PendingConnect| p.check_fresh(now).is_err())
+            .await?)
+    }
+
+    /// Sweeps expired states every [`STATE_SWEEP_EVERY`] for as long as the service lives.
+    pub fn start_state_sweep(self: &std::sync::Arc<Self>) {
+        let oauth = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(STATE_SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(oauth) = oauth.upgrade() else { return };
+                match oauth.sweep_states(Utc::now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "expired OAuth states swept"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired OAuth states failed"),
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn expired_states_are_swept_and_live_ones_kept() {
+        use crate::vault::{KeySource, generate_key_file};
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = crate::store::Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
+        let registry = std::sync::Arc::new(crate::model::Registry::new(std::sync::Arc::new(store)));
+        let oauth = OAuth::new(
+            registry.clone(),
+            String::new(),
+            std::time::Duration::from_secs(1),
+        );
+        let now = Utc::now();
+        // 600 states (more than a page): a third expired a minute ago, the rest live.
+        for i in 0..600 {
+            let pending = PendingConnect {
+                workspace: "default".into(),
+                connector_id: "cn_x".into(),
+                user_id: format!("u{i}"),
+                verifier: Secret::new("v"),
+                redirect_uri: String::new(),
+                return_url: String::new(),
+                expires_at: if i % 3 == 0 {
+                    now - TimeDelta::minutes(1)
+                } else {
+                    now + STATE_TTL
+                },
+            };
+            registry
+                .save_oauth_state(&state_key(&format!("s{i}")), &pending)
+                .await
+                .unwrap();
+        }
+        assert_eq!(oauth.sweep_states(now).await.unwrap(), 200);
+        assert_eq!(oauth.sweep_states(now).await.unwrap(), 0);
+        for i in 0..600 {
+            let taken = oauth.take_state(&format!("s{i}")).await;
+            if i % 3 == 0 {
+                assert!(matches!(taken, Err(OAuthError::UnknownState)), "s{i}");
+            } else {
+                assert_eq!(taken.unwrap().user_id, format!("u{i}"));
+            }
+        }
+        // Past their life, the rest go too.
+        let later = now + STATE_TTL + TimeDelta::seconds(1);
+        assert_eq!(oauth.sweep_states(later).await.unwrap(), 0, "all taken");
+    }
 
     #[test]
     fn a_stale_state_is_refused_and_return_urls_are_checked() {
@@ -346,8 +499,25 @@ mod tests {
             pending.check_fresh(Utc::now() + TimeDelta::seconds(1)),
             Err(OAuthError::StateExpired)
         ));
-        assert!(validate_return_url("https://console.example/settings").is_ok());
-        assert!(validate_return_url("javascript:alert(1)").is_err());
-        assert!(validate_return_url("/relative").is_err());
+        let origins = ReturnOrigins::new(&["https://console.example".into()], false).unwrap();
+        assert!(origins.check("https://console.example/settings").is_ok());
+        assert!(origins.check("").is_ok());
+        for refused in [
+            "http://console.example/settings",
+            "https://console.example.evil.test/",
+            "https://evil.test/",
+            "https://127.0.0.1/",
+            "javascript:alert(1)",
+            "/relative",
+        ] {
+            assert!(origins.check(refused).is_err(), "{refused}");
+        }
+        let dev = ReturnOrigins::new(&[], true).unwrap();
+        assert!(dev.check("http://127.0.0.1:8080/back").is_ok());
+        assert!(dev.check("http://localhost/back").is_ok());
+        assert!(dev.check("https://evil.test/").is_err());
+        for bad in ["http://console.example", "https://x.test/path", "x"] {
+            assert!(ReturnOrigins::new(&[bad.into()], false).is_err(), "{bad}");
+        }
     }
 }

@@ -12,7 +12,7 @@ pub mod catalog;
 mod flow;
 mod http;
 
-pub use flow::{Completed, PendingConnect, Started};
+pub use flow::{Completed, PendingConnect, ReturnOrigins, Started};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,12 @@ use catalog::{Endpoints, Grant, TokenAuth};
 
 /// A token endpoint that names no lifetime is assumed to give this much.
 const DEFAULT_TOKEN_LIFETIME: TimeDelta = TimeDelta::seconds(3600);
+/// The longest lifetime believed from a provider: a year. A larger `expires_in` (however absurd)
+/// is stored as a year, so expiry arithmetic cannot overflow and a token is refreshed yearly.
+pub const MAX_TOKEN_LIFETIME: TimeDelta = TimeDelta::days(365);
+/// While a connection's token is valid, it is refreshed at most once per this long, whatever
+/// minimum lifetime callers ask for (and `min_ttl` is capped at half the token's lifetime).
+pub const MIN_REFRESH_INTERVAL: TimeDelta = TimeDelta::seconds(2);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -82,6 +88,7 @@ type TokenClient =
 #[derive(Clone)]
 struct CachedToken {
     token: Secret,
+    issued_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     scopes: Vec<String>,
 }
@@ -102,6 +109,8 @@ pub struct OAuth {
     backoff: Mutex<HashMap<String, Backoff>>,
     /// Serializes taking a state out of the store, so a state is used at most once.
     states: tokio::sync::Mutex<()>,
+    /// Where BeginConnect may send browsers back ([`OAuth::with_return_origins`]).
+    return_origins: ReturnOrigins,
 }
 
 impl OAuth {
@@ -114,6 +123,7 @@ impl OAuth {
             client_tokens: Mutex::default(),
             backoff: Mutex::default(),
             states: tokio::sync::Mutex::new(()),
+            return_origins: ReturnOrigins::default(),
         }
     }
 
@@ -225,7 +235,8 @@ impl OAuth {
         let just_refreshed = refreshed_since
             .zip(connection.last_refreshed_at)
             .is_some_and(|(asked, refreshed)| refreshed >= asked);
-        let fresh = expires_at - now > min_ttl || (just_refreshed && expires_at > now);
+        let fresh = fresh_enough(connection.last_refreshed_at, expires_at, now, min_ttl)
+            || (just_refreshed && expires_at > now);
         Ok(fresh.then(|| AccessToken {
             token,
             expires_at,
@@ -244,15 +255,6 @@ impl OAuth {
         let mut connection =
             usable_connection::<OAuthError>(&self.registry, connector, user).await?;
         let mut secrets = self.registry.connection_secrets(connector, user).await?;
-        let still_valid = |connection: &Connection, secrets: &ConnectionSecrets| {
-            let expires_at = connection.access_expires_at.filter(|t| *t > Utc::now())?;
-            Some(AccessToken {
-                token: secrets.get("access_token")?.clone(),
-                expires_at,
-                scopes: connection.scopes.clone(),
-                account_label: connection.account_label.clone(),
-            })
-        };
         if let Some(wait) = self.backing_off(key) {
             return still_valid(&connection, &secrets).ok_or_else(|| {
                 OAuthError::Unavailable(format!(
@@ -277,48 +279,18 @@ impl OAuth {
             .await;
         crate::metrics::refresh(match &response {
             Ok(_) => crate::metrics::Refresh::Ok,
-            Err(RequestTokenError::ServerResponse(e))
-                if *e.error() == BasicErrorResponseType::InvalidGrant =>
-            {
-                crate::metrics::Refresh::Expired
-            }
+            Err(e) if invalid_grant(e) => crate::metrics::Refresh::Expired,
             Err(_) => crate::metrics::Refresh::Failed,
         });
         match response {
             Ok(response) => {
-                let now = Utc::now();
-                let access = Secret::new(response.access_token().secret().clone());
-                let expires_at = now + lifetime(response.expires_in());
-                secrets.slots.insert("access_token".into(), access.clone());
-                if let Some(rotated) = response.refresh_token() {
-                    secrets.slots.insert(
-                        "refresh_token".into(),
-                        Secret::new(rotated.secret().clone()),
-                    );
-                }
-                if let Some(scopes) = response.scopes() {
-                    connection.scopes = scopes.iter().map(|s| s.to_string()).collect();
-                }
-                connection.status = ConnectionStatus::Connected;
-                connection.access_expires_at = Some(expires_at);
-                connection.last_refreshed_at = Some(now);
-                connection.last_error.clear();
-                // Durable before the token is handed out: a crash now must not lose the
-                // rotated refresh token the provider has already switched to.
-                self.registry
-                    .save_connection(&connection, Some(&secrets))
+                let token = self
+                    .store_refreshed(&mut connection, &mut secrets, &response)
                     .await?;
                 self.backoff_clear(key);
-                Ok(AccessToken {
-                    token: access,
-                    expires_at,
-                    scopes: connection.scopes,
-                    account_label: connection.account_label,
-                })
+                Ok(token)
             }
-            Err(RequestTokenError::ServerResponse(e))
-                if *e.error() == BasicErrorResponseType::InvalidGrant =>
-            {
+            Err(e) if invalid_grant(&e) => {
                 self.expire(
                     connector,
                     user,
@@ -338,6 +310,42 @@ impl OAuth {
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
         }
+    }
+
+    /// Stores what a successful refresh returned; durable before the token is handed out: a
+    /// crash after this must not lose the rotated refresh token the provider has switched to.
+    async fn store_refreshed(
+        &self,
+        connection: &mut Connection,
+        secrets: &mut ConnectionSecrets,
+        response: &oauth2::basic::BasicTokenResponse,
+    ) -> Result<AccessToken, OAuthError> {
+        let now = Utc::now();
+        let access = Secret::new(response.access_token().secret().clone());
+        secrets.slots.insert("access_token".into(), access.clone());
+        if let Some(rotated) = response.refresh_token() {
+            secrets.slots.insert(
+                "refresh_token".into(),
+                Secret::new(rotated.secret().clone()),
+            );
+        }
+        if let Some(scopes) = response.scopes() {
+            connection.scopes = scopes.iter().map(|s| s.to_string()).collect();
+        }
+        connection.status = ConnectionStatus::Connected;
+        let expires_at = expiry(now, response.expires_in());
+        connection.access_expires_at = Some(expires_at);
+        connection.last_refreshed_at = Some(now);
+        connection.last_error.clear();
+        self.registry
+            .save_connection(connection, Some(secrets))
+            .await?;
+        Ok(AccessToken {
+            token: access,
+            expires_at,
+            scopes: connection.scopes.clone(),
+            account_label: connection.account_label.clone(),
+        })
     }
 
     /// Marks the connection EXPIRED and erases its tokens, which the provider no longer honours.
@@ -368,7 +376,7 @@ impl OAuth {
             let tokens = self.client_tokens.lock().unwrap_or_else(|p| p.into_inner());
             tokens
                 .get(&connector.id)
-                .filter(|t| t.expires_at - Utc::now() > min_ttl)
+                .filter(|t| fresh_enough(Some(t.issued_at), t.expires_at, Utc::now(), min_ttl))
                 .cloned()
         };
         let hit = match cached() {
@@ -415,9 +423,11 @@ impl OAuth {
             RequestTokenError::ServerResponse(e) => OAuthError::Refused(e.error().to_string()),
             other => OAuthError::Unavailable(describe(&other)),
         })?;
+        let issued_at = Utc::now();
         let token = CachedToken {
             token: Secret::new(response.access_token().secret().clone()),
-            expires_at: Utc::now() + lifetime(response.expires_in()),
+            issued_at,
+            expires_at: expiry(issued_at, response.expires_in()),
             scopes: response
                 .scopes()
                 .map(|s| s.iter().map(|s| s.to_string()).collect())
@@ -480,10 +490,60 @@ impl OAuth {
     }
 }
 
+/// The stored access token while it has not expired.
+fn still_valid(connection: &Connection, secrets: &ConnectionSecrets) -> Option<AccessToken> {
+    let expires_at = connection.access_expires_at.filter(|t| *t > Utc::now())?;
+    Some(AccessToken {
+        token: secrets.get("access_token")?.clone(),
+        expires_at,
+        scopes: connection.scopes.clone(),
+        account_label: connection.account_label.clone(),
+    })
+}
+
+fn invalid_grant<RE>(e: &RequestTokenError<RE, oauth2::basic::BasicErrorResponse>) -> bool
+where
+    RE: std::error::Error + 'static,
+{
+    matches!(e, RequestTokenError::ServerResponse(r) if *r.error() == BasicErrorResponseType::InvalidGrant)
+}
+
+/// The lifetime a token response names, capped at [`MAX_TOKEN_LIFETIME`].
 fn lifetime(expires_in: Option<Duration>) -> TimeDelta {
-    expires_in
-        .and_then(|d| TimeDelta::from_std(d).ok())
-        .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+    match expires_in {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(d) => TimeDelta::from_std(d)
+            .unwrap_or(MAX_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME),
+    }
+}
+
+/// When a token issued at `issued_at` expires: never overflows, whatever the provider said.
+fn expiry(issued_at: DateTime<Utc>, expires_in: Option<Duration>) -> DateTime<Utc> {
+    issued_at
+        .checked_add_signed(lifetime(expires_in))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Whether a stored token may be served to a caller asking for `min_ttl` left, rather than
+/// refreshed. `min_ttl` is capped at half the token's lifetime (a caller asking for more than the
+/// provider gives would otherwise refresh on every call), and a valid token refreshed less than
+/// [`MIN_REFRESH_INTERVAL`] ago is served as it is.
+fn fresh_enough(
+    issued_at: Option<DateTime<Utc>>,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    min_ttl: TimeDelta,
+) -> bool {
+    let left = expires_at.signed_duration_since(now);
+    if left <= TimeDelta::zero() {
+        return false;
+    }
+    let Some(issued_at) = issued_at.filter(|t| *t <= expires_at) else {
+        return left > min_ttl;
+    };
+    let half_life = expires_at.signed_duration_since(issued_at) / 2;
+    left > min_ttl.min(half_life) || now.signed_duration_since(issued_at) < MIN_REFRESH_INTERVAL
 }
 
 /// A token-endpoint failure in words, without the response body (it may echo secrets).
@@ -497,5 +557,139 @@ fn describe<RE: oauth2::ErrorResponse + 'static>(
             "the provider's token response could not be parsed".into()
         }
         RequestTokenError::Other(what) => what.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: i64) -> TimeDelta {
+        TimeDelta::seconds(n)
+    }
+
+    #[test]
+    fn any_expires_in_gives_a_lifetime_without_overflow() {
+        let now = Utc::now();
+        for (expires_in, want) in [
+            (
+                Some(Duration::from_secs(9_000_000_000_000)),
+                MAX_TOKEN_LIFETIME,
+            ),
+            (Some(Duration::from_secs(u64::MAX)), MAX_TOKEN_LIFETIME),
+            (Some(Duration::MAX), MAX_TOKEN_LIFETIME),
+            (Some(Duration::from_secs(3600)), secs(3600)),
+            (Some(Duration::ZERO), TimeDelta::zero()),
+            (None, DEFAULT_TOKEN_LIFETIME),
+        ] {
+            assert_eq!(expiry(now, expires_in) - now, want, "{expires_in:?}");
+        }
+        // Even at the end of time, no panic.
+        assert_eq!(
+            expiry(
+                DateTime::<Utc>::MAX_UTC - secs(1),
+                Some(Duration::from_secs(60))
+            ),
+            DateTime::<Utc>::MAX_UTC
+        );
+    }
+
+    /// Odd numbers in a token response are refused by the parser (a clean "could not be
+    /// parsed", never a panic); numbers that parse become capped lifetimes.
+    #[test]
+    fn odd_expires_in_values_parse_or_are_refused_without_panic() {
+        let now = Utc::now();
+        for (value, parses) in [
+            ("9000000000000", true),
+            ("18446744073709551615", true),
+            ("0", true),
+            ("-1", false),
+            ("\"3600\"", false),
+            ("1e300", false),
+            ("3600.5", false),
+            ("null", true),
+            ("184467440737095516150", false),
+        ] {
+            let body = format!(
+                r#"{{"access_token":"a","token_type":"Bearer","expires_in":{value},"refresh_token":"r"}}"#
+            );
+            let parsed = serde_json::from_str::<oauth2::basic::BasicTokenResponse>(&body);
+            assert_eq!(parsed.is_ok(), parses, "{value}");
+            if let Ok(response) = parsed {
+                let at = expiry(now, response.expires_in());
+                assert!(at >= now && at <= now + MAX_TOKEN_LIFETIME, "{value}");
+            }
+        }
+        let missing = r#"{"access_token":"a","token_type":"Bearer"}"#;
+        let response: oauth2::basic::BasicTokenResponse = serde_json::from_str(missing).unwrap();
+        assert_eq!(
+            expiry(now, response.expires_in()) - now,
+            DEFAULT_TOKEN_LIFETIME
+        );
+    }
+
+    #[test]
+    fn min_ttl_above_the_token_lifetime_is_capped_at_half_of_it() {
+        let issued = Utc::now();
+        let expires = issued + secs(60);
+        let year = secs(365 * 86400);
+        // A caller asking for an hour of a 60 s token gets the stored one until half is gone.
+        assert!(fresh_enough(Some(issued), expires, issued + secs(10), year));
+        assert!(fresh_enough(Some(issued), expires, issued + secs(29), year));
+        assert!(!fresh_enough(
+            Some(issued),
+            expires,
+            issued + secs(31),
+            year
+        ));
+        // A smaller min_ttl is honoured as asked.
+        assert!(fresh_enough(
+            Some(issued),
+            expires,
+            issued + secs(45),
+            secs(10)
+        ));
+        assert!(!fresh_enough(
+            Some(issued),
+            expires,
+            issued + secs(55),
+            secs(10)
+        ));
+        // An expired token is never fresh.
+        assert!(!fresh_enough(
+            Some(issued),
+            expires,
+            issued + secs(61),
+            secs(0)
+        ));
+        // Without a refresh time the asked minimum applies.
+        assert!(!fresh_enough(None, expires, issued + secs(10), year));
+    }
+
+    #[test]
+    fn a_valid_token_is_refreshed_at_most_once_per_interval() {
+        let issued = Utc::now();
+        // A provider handing out three-second tokens: served for the interval while valid...
+        let expires = issued + secs(3);
+        let year = secs(365 * 86400);
+        let within = issued + MIN_REFRESH_INTERVAL - TimeDelta::milliseconds(1);
+        assert!(fresh_enough(Some(issued), expires, within, year));
+        // ...and refreshed after it.
+        let after = issued + MIN_REFRESH_INTERVAL + TimeDelta::milliseconds(1);
+        assert!(!fresh_enough(Some(issued), expires, after, year));
+        // Counting refreshes over a minute of calls every 10 ms from a caller asking for a year:
+        // a 3 s token is refreshed once per interval (2 s, longer than its half-life) at most,
+        // 30 times (never on every call, which would be 6,000).
+        let (mut issued, mut refreshes) = (issued, 0);
+        let start = issued;
+        for step in 0..6000 {
+            let now = start + TimeDelta::milliseconds(10 * step);
+            if !fresh_enough(Some(issued), issued + secs(3), now, year) {
+                issued = now;
+                refreshes += 1;
+            }
+        }
+        assert!(refreshes <= 30, "{refreshes}");
+        assert!(refreshes >= 20, "{refreshes}");
     }
 }

@@ -10,10 +10,21 @@
 //! id = "spiffe://example.org/agent-runtime"
 //! [[callers.grants]]
 //! workspace = "default"               # or "*"
-//! connectors = ["HubSpot*", "Gmail"]  # name patterns (case-insensitive), or ids
+//! connectors = ["HubSpot*", "Gmail"]  # name patterns (case-insensitive), or exact ids
 //! operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
 //! users = ["*"]                        # end users it may act for; [] = shared connectors only
 //! ```
+//!
+//! A `connectors` entry is a glob over connector *names* only: `C*` never matches the id
+//! `cn_…` of a connector whose name it does not match. An entry that is a connector id
+//! (`cn_` followed by its hex digits, written exactly) grants that one connector, whatever
+//! its name, when the request names it by that id; connector names cannot start with `cn_`,
+//! so the two never overlap.
+//!
+//! Requests are authorised in two steps, so that a caller learns nothing of connectors it
+//! holds no grant for: [`Policy::may_reach`] before the connector is looked up (what the
+//! request itself names: workspace, connector reference, user), [`Policy::check`] after it,
+//! on the connector the reference resolved to.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -92,9 +103,54 @@ struct GrantFile {
     users: Vec<String>,
 }
 
+/// One `connectors` entry: a glob over names, or one exact connector id.
+enum ConnectorRule {
+    Name(GlobMatcher),
+    Id(String),
+}
+
+impl ConnectorRule {
+    fn parse(pattern: &str) -> Result<Self, globset::Error> {
+        if is_connector_id(pattern) {
+            return Ok(Self::Id(pattern.to_string()));
+        }
+        let glob = GlobBuilder::new(pattern)
+            .case_insensitive(true)
+            .literal_separator(false)
+            .build()?;
+        Ok(Self::Name(glob.compile_matcher()))
+    }
+
+    /// Does this entry cover the connector (`name`, `id`)?
+    fn covers(&self, name: &str, id: &str) -> bool {
+        match self {
+            Self::Name(glob) => glob.is_match(name),
+            Self::Id(exact) => exact == id,
+        }
+    }
+
+    /// Could this entry cover the connector a request names by `reference` (a name or an id),
+    /// before it is looked up?
+    fn may_cover(&self, reference: &str) -> bool {
+        if is_connector_id(reference) {
+            // Ids are random: naming one reveals nothing, and the check after the lookup
+            // decides on the connector's name.
+            return true;
+        }
+        matches!(self, Self::Name(glob) if glob.is_match(reference))
+    }
+}
+
+/// Connector ids are `cn_` and hex digits; connector names may not start with `cn_`.
+fn is_connector_id(value: &str) -> bool {
+    value
+        .strip_prefix("cn_")
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 struct Grant {
     workspace: String,
-    connectors: Vec<GlobMatcher>,
+    connectors: Vec<ConnectorRule>,
     operations: Vec<Operation>,
     users: Vec<String>,
 }
@@ -145,14 +201,9 @@ impl Policy {
                     .connectors
                     .iter()
                     .map(|p| {
-                        GlobBuilder::new(p)
-                            .case_insensitive(true)
-                            .literal_separator(false)
-                            .build()
-                            .map(|g| g.compile_matcher())
-                            .map_err(|e| {
-                                format!("caller {}: connector pattern {p:?}: {e}", caller.id)
-                            })
+                        ConnectorRule::parse(p).map_err(|e| {
+                            format!("caller {}: connector pattern {p:?}: {e}", caller.id)
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 grants.push(Grant {
@@ -199,6 +250,34 @@ impl Policy {
         id: &str,
         user_id: &str,
     ) -> Result<(), String> {
+        self.granted(caller, op, workspace, name, user_id, |c| c.covers(name, id))
+    }
+
+    /// Before any lookup: could a grant of `caller` cover `op` on the connector `reference`
+    /// (a name or an id) of `workspace` for `user_id`? A refusal names only what the request
+    /// sent, so it reads the same whether the connector exists or not.
+    pub fn may_reach(
+        &self,
+        caller: &str,
+        op: Operation,
+        workspace: &str,
+        reference: &str,
+        user_id: &str,
+    ) -> Result<(), String> {
+        self.granted(caller, op, workspace, reference, user_id, |c| {
+            c.may_cover(reference)
+        })
+    }
+
+    fn granted(
+        &self,
+        caller: &str,
+        op: Operation,
+        workspace: &str,
+        shown: &str,
+        user_id: &str,
+        covers: impl Fn(&ConnectorRule) -> bool,
+    ) -> Result<(), String> {
         let rules = self
             .callers
             .get(caller)
@@ -206,16 +285,14 @@ impl Policy {
         let granted = rules.grants.iter().any(|g| {
             matches(&g.workspace, workspace)
                 && g.operations.contains(&op)
-                && g.connectors
-                    .iter()
-                    .any(|m| m.is_match(name) || m.is_match(id))
+                && g.connectors.iter().any(&covers)
                 && (user_id.is_empty() || g.users.iter().any(|u| matches(u, user_id)))
         });
         if granted {
             Ok(())
         } else {
             Err(format!(
-                "caller {caller} is not granted {} on connector {name:?} in workspace {workspace}{}",
+                "caller {caller} is not granted {} on connector {shown:?} in workspace {workspace}{}",
                 op.name(),
                 if user_id.is_empty() {
                     String::new()
@@ -314,6 +391,34 @@ users = ["u1"]
                 "u1"
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn globs_match_names_only_and_ids_exactly() {
+        let p = Policy::parse(
+            "[[callers]]\nid = \"a\"\n[[callers.grants]]\nworkspace = \"w\"\n\
+             connectors = [\"C*\", \"cn_00ff\"]\noperations = [\"resolve\"]",
+        )
+        .unwrap();
+        let check = |name, id| p.check("a", Operation::Resolve, "w", name, id, "");
+        assert!(check("CRM", "cn_1234").is_ok());
+        assert!(
+            check("Payroll", "cn_c0ffee").is_err(),
+            "a glob matched an id"
+        );
+        assert!(
+            check("Payroll", "cn_00ff").is_ok(),
+            "an exact id is granted"
+        );
+        assert!(check("Payroll", "cn_00FF").is_err());
+        let reach = |reference| p.may_reach("a", Operation::Resolve, "w", reference, "");
+        assert!(reach("crm").is_ok());
+        assert!(reach("cn_abc").is_ok(), "ids are decided after the lookup");
+        assert!(reach("Payroll").is_err());
+        assert!(
+            p.may_reach("a", Operation::Resolve, "x", "cn_abc", "")
+                .is_err()
         );
     }
 

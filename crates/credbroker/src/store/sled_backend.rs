@@ -120,32 +120,36 @@ impl SledBackend {
     }
 
     /// `fsync`s the blob files written since the last call, then their directory.
-    fn sync_new_blobs(&self) -> std::io::Result<()> {
+    fn sync_new_blobs(&self) -> Result<(), SyncFailure> {
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut present = HashSet::new();
         let mut new = false;
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(SyncFailure::Open(e)),
         };
         for entry in entries {
-            let entry = entry?;
+            let entry = entry.map_err(SyncFailure::Open)?;
             let name = entry.file_name();
             if !synced.contains(&name) {
                 match std::fs::File::open(entry.path()) {
-                    Ok(file) => file.sync_all()?,
+                    Ok(file) => file.sync_all().map_err(SyncFailure::Data)?,
                     // Removed by sled meanwhile: nothing to keep.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(SyncFailure::Open(e)),
                 }
                 new = true;
             }
             present.insert(name);
         }
         if new {
-            std::fs::File::open(&self.blobs)?.sync_all()?;
+            std::fs::File::open(&self.blobs)
+                .map_err(SyncFailure::Open)?
+                .sync_all()
+                .map_err(SyncFailure::Data)?;
         }
+        // Only now: a sync cut short leaves its blobs to be synced by the next one.
         *synced = present;
         Ok(())
     }
@@ -162,14 +166,29 @@ impl SledBackend {
             .db
             .flush()
             .map(drop)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.log.sync_data().map_err(|e| e.to_string()))
-            .and_then(|()| self.sync_new_blobs().map_err(|e| e.to_string()));
-        synced.map_err(|why| {
-            self.sync_failed.store(true, Ordering::Release);
-            StoreError::Sync(why)
+            .map_err(|e| SyncFailure::Data(std::io::Error::other(e.to_string())))
+            .and_then(|()| self.log.sync_data().map_err(SyncFailure::Data))
+            .and_then(|()| self.sync_new_blobs());
+        synced.map_err(|failure| match failure {
+            // Nothing was written back, so no writeback error was reported and forgotten: this
+            // sync failed (its writes are not acknowledged) and the next one may succeed.
+            SyncFailure::Open(e) => StoreError::Sync(format!(
+                "the sync could not start (retried on the next): {e}"
+            )),
+            SyncFailure::Data(e) => {
+                self.sync_failed.store(true, Ordering::Release);
+                StoreError::Sync(e.to_string())
+            }
         })
     }
+}
+
+/// Why a sync failed: the data's writeback failed (fatal: Linux reports that once), or a file
+/// or folder could not even be opened or listed (descriptors ran out, say), which loses nothing.
+#[derive(Debug)]
+enum SyncFailure {
+    Data(std::io::Error),
+    Open(std::io::Error),
 }
 
 #[async_trait]
@@ -269,5 +288,83 @@ impl Backend for SledBackend {
             .insert(key, value)
             .map(|_| ())
             .map_err(backend_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "CREDBROKER_TEST_FD_SHORTAGE_DIR";
+
+    /// Runs [`child_under_fd_shortage`] in a child process (descriptors are per process, and
+    /// the other tests of this binary must not run short).
+    #[test]
+    fn a_descriptor_shortage_fails_one_sync_and_never_latches() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::sled_backend::tests::child_under_fd_shortage",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, dir.path())
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{shown}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            shown.contains("shortage: sync refused, then recovered"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn child_under_fd_shortage() {
+        let Some(dir) = std::env::var_os(CHILD) else {
+            return;
+        };
+        let backend = SledBackend::open(&Path::new(&dir).join("db"), Intent::Create).unwrap();
+        let put = |key: &str, len: usize| {
+            let ops = vec![(key.as_bytes().to_vec(), Some(vec![7u8; len]))];
+            futures::executor::block_on(backend.apply(ops)).unwrap();
+        };
+        // A large value (sled writes it as a blob file) and a small one.
+        put("big-1", 1 << 20);
+        put("small-1", 10);
+        futures::executor::block_on(backend.sync()).unwrap();
+        // Every descriptor taken, as 1,100 idle TLS connections took them from the daemon.
+        // (Under a limit of 512, so that taking them all is quick.)
+        let limit = libc::rlimit {
+            rlim_cur: 512,
+            rlim_max: 512,
+        };
+        // SAFETY: setrlimit reads a plain struct; this process is the test's child alone.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut hoard = Vec::new();
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            hoard.push(file);
+            assert!(hoard.len() <= 512, "no descriptor limit to reach");
+        }
+        // (A small write: sled itself needs a descriptor to write a blob file.)
+        put("small-2", 10);
+        let short = futures::executor::block_on(backend.sync());
+        assert!(matches!(short, Err(StoreError::Sync(_))), "{short:?}");
+        assert!(!backend.sync_failed.load(Ordering::Acquire), "latched");
+        drop(hoard);
+        // Descriptors back: syncs succeed again, no restart, and the data is all there.
+        futures::executor::block_on(backend.sync()).unwrap();
+        put("big-2", 1 << 20);
+        futures::executor::block_on(backend.sync()).unwrap();
+        for key in ["big-1", "big-2", "small-1", "small-2"] {
+            let got = futures::executor::block_on(backend.get(key.as_bytes())).unwrap();
+            assert!(got.is_some(), "{key}");
+        }
+        println!("shortage: sync refused, then recovered");
     }
 }
