@@ -437,7 +437,10 @@ mod tests {
         let store = crate::store::Store::create(&config, &KeySource::KeyFile(key))
             .await
             .unwrap();
-        let registry = std::sync::Arc::new(crate::model::Registry::new(std::sync::Arc::new(store)));
+        let registry = std::sync::Arc::new(crate::model::Registry::new(
+            std::sync::Arc::new(store),
+            &crate::driver::DRIVERS,
+        ));
         let oauth = OAuth::new(
             registry.clone(),
             String::new(),
