@@ -7,7 +7,7 @@ mod support;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{ADMIN, Daemon, conn, secrets};
-use support::oauth::{Browser, RETURN_URL, begin, callback_url, create_connector};
+use support::oauth::{Browser, RETURN_URL, begin, callback_url, create_connector, query_param};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -166,13 +166,7 @@ async fn a_stranger_cannot_burn_a_pending_link() {
     let callback = browser
         .consent(&started.authorization_url, &callback_url(&daemon))
         .await;
-    let code = reqwest::Url::parse(&callback)
-        .unwrap()
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .into_owned();
+    let code = query_param(&callback, "code");
 
     let err = stranger
         .complete_connect(proto::CompleteConnectRequest {

@@ -41,6 +41,24 @@ fn https_client(
     TlsConnector::from(Arc::new(config))
 }
 
+/// The gRPC listener answers an agent: a resolve of a connector that does not exist is
+/// NOT_FOUND (an answer from the broker, not a refused or hung connection).
+async fn assert_grpc_answers(daemon: &Daemon) {
+    let missing = daemon
+        .agent()
+        .await
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: Some(proto::ConnectionRef {
+                connector: "nothing-here".into(),
+                ..Default::default()
+            }),
+            min_ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+}
+
 #[tokio::test]
 async fn idle_https_connections_are_capped_closed_and_never_starve_grpc() {
     let mut daemon = Daemon::start();
@@ -70,18 +88,7 @@ async fn idle_https_connections_are_capped_closed_and_never_starve_grpc() {
     assert!(refused >= 16, "only {refused} of 24 refused at a cap of 8");
 
     // While they are held, the gRPC listener answers as usual.
-    let mut agent = daemon.agent().await;
-    let missing = agent
-        .resolve_credential(proto::ResolveCredentialRequest {
-            connection: Some(proto::ConnectionRef {
-                connector: "nothing-here".into(),
-                ..Default::default()
-            }),
-            min_ttl_seconds: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    assert_grpc_answers(&daemon).await;
 
     // The broker closes every silent connection itself.
     for mut tls in held {
@@ -154,18 +161,7 @@ async fn floods_of_junk_callbacks_and_refused_handshakes_write_a_few_records() {
     }
 
     // Legitimate callers are served throughout, and the audit log grew by a handful.
-    let mut agent = daemon.agent().await;
-    let missing = agent
-        .resolve_credential(proto::ResolveCredentialRequest {
-            connection: Some(proto::ConnectionRef {
-                connector: "nothing-here".into(),
-                ..Default::default()
-            }),
-            min_ttl_seconds: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert_grpc_answers(&daemon).await;
     let grown = audit_head(&daemon).await - before;
     assert!(grown <= 20, "12,000 refusals wrote {grown} audit records");
 

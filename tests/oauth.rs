@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{Daemon, conn, metric, reason, secrets};
-use support::oauth::{Browser, RETURN_URL, begin, callback_url, connect, create_connector};
+use support::oauth::{
+    Browser, RETURN_URL, begin, callback_url, connect, create_connector, query_param,
+};
 use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -86,13 +88,7 @@ async fn browser_flow_connects_through_the_callback() {
     let callback = browser
         .consent(&started.authorization_url, &callback_url(&daemon))
         .await;
-    let code = reqwest::Url::parse(&callback)
-        .unwrap()
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .to_string();
+    let code = query_param(&callback, "code");
     let response = browser.get(&callback).await;
     assert_eq!(response.status().as_u16(), 303);
     let back = reqwest::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();

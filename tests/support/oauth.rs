@@ -128,6 +128,17 @@ impl Browser {
     }
 }
 
+/// The value of query parameter `name` in `url` (the test fails if it is absent).
+pub fn query_param(url: &str, name: &str) -> String {
+    reqwest::Url::parse(url)
+        .expect("a URL")
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no {name} in the URL"))
+        .1
+        .into_owned()
+}
+
 pub fn callback_url(daemon: &Daemon) -> String {
     format!(
         "https://{}/oauth/callback",
