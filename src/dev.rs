@@ -85,6 +85,10 @@ listen = "127.0.0.1:{http_port}"
 public_url = "https://127.0.0.1:{http_port}"
 return_loopback = true
 
+[egress]
+# Development servers run on this machine: loopback is allowed, other internal ranges not.
+allow = ["127.0.0.0/8", "::1/128"]
+
 [policy]
 file = "{policy}"
 "#,

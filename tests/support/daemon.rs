@@ -98,6 +98,12 @@ impl Daemon {
         write(&dir.path().join("server.key"), &server.key_pem);
         write(&dir.path().join("policy.toml"), policy);
         let http_port = http_port();
+        // The peers and the tests' own servers are on loopback, which the built-in egress
+        // policy refuses; a test that writes its own [egress] gets only that.
+        let egress = match extra_config.contains("[egress]") {
+            true => "",
+            false => "[egress]\nallow = [\"127.0.0.0/8\", \"::1/128\"]",
+        };
         let config = format!(
             r#"
 [store]
@@ -115,6 +121,7 @@ return_origins = ["https://console.example"]
 return_loopback = true
 [policy]
 file = "policy.toml"
+{egress}
 {extra_config}
 "#
         );
@@ -259,6 +266,11 @@ file = "policy.toml"
     /// Restarts after a SIGKILL.
     pub fn respawn(&mut self) {
         self.spawn();
+    }
+
+    /// The daemon's process id (e.g. to set its resource limits as the systemd unit does).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn logs(&self) -> String {

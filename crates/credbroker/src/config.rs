@@ -30,6 +30,12 @@
 //! free_disk_warn_bytes = 1073741824 # warn below this much free space on the store's disk
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
+//! upstream_connections = 4096       # upstream sockets (IMAP, SMTP, HTTPS) open at once…
+//! upstream_connections_per_caller = 1024  # …and per caller (RESOURCE_EXHAUSTED beyond)
+//! [egress]                          # where upstream connections may go (crate::upstream)
+//! allow = ["10.1.0.0/16", "mail.corp.example", "*.corp.example"]  # even if built-in denied
+//! deny = ["203.0.113.0/24"]         # never, whatever allow says
+//! default = "allow"                 # the rest (not built-in denied): "allow" or "deny"
 //! ```
 
 use std::net::SocketAddr;
@@ -63,6 +69,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub egress: crate::upstream::EgressConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +184,10 @@ pub struct Limits {
     pub user_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub user_burst: f64,
+    /// Upstream connections (IMAP, SMTP, HTTPS) open at once, for the whole broker…
+    pub upstream_connections: usize,
+    /// …and for one caller; more are refused with RESOURCE_EXHAUSTED before a socket is opened.
+    pub upstream_connections_per_caller: usize,
 }
 
 impl Default for Limits {
@@ -194,6 +206,8 @@ impl Default for Limits {
             free_disk_warn_bytes: 1 << 30,
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
+            upstream_connections: crate::upstream::DEFAULT_CONNECTIONS,
+            upstream_connections_per_caller: crate::upstream::DEFAULT_CONNECTIONS_PER_CALLER,
         }
     }
 }
@@ -219,6 +233,9 @@ impl Config {
             });
         }
         if let Err(why) = config.http.return_origins() {
+            return Err(ConfigError::Invalid { path: shown, why });
+        }
+        if let Err(why) = config.upstream() {
             return Err(ConfigError::Invalid { path: shown, why });
         }
         let base = path.parent().unwrap_or(Path::new("."));
@@ -247,6 +264,15 @@ impl Config {
         if let Some(p) = &mut self.http.metrics_token_file {
             fix(p);
         }
+    }
+
+    /// The egress policy and upstream caps this configuration sets.
+    pub fn upstream(&self) -> Result<crate::upstream::Upstream, String> {
+        crate::upstream::Upstream::new(
+            &self.egress,
+            self.limits.upstream_connections,
+            self.limits.upstream_connections_per_caller,
+        )
     }
 
     pub fn upstream_timeout(&self) -> std::time::Duration {

@@ -27,6 +27,7 @@ pub mod server;
 pub mod store;
 pub mod systemd;
 pub mod tls;
+pub mod upstream;
 pub mod vault;
 
 #[cfg(test)]

@@ -425,6 +425,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     crate::tls::install_crypto_provider();
+    // Checked when the configuration was loaded; were it not, the built-in deny stays.
+    if let Ok(upstream) = config.upstream() {
+        crate::upstream::install(upstream);
+    }
     let store = Arc::new(Store::open(&config.store, &key).await?);
     let services = open_services(&config, store.clone()).await?;
     let (grpc_listener, grpc_addr) = bind(config.grpc.listen).await?;

@@ -66,13 +66,14 @@ pub fn client_config(extra_ca_pem: Option<&str>) -> Result<Arc<rustls::ClientCon
 }
 
 /// An HTTPS client for upstream calls: explicit roots, a connect timeout and a whole-request
-/// timeout, no redirects (an OAuth or CalDAV server that redirects is reported, not followed).
+/// timeout, no redirects (an OAuth or CalDAV server that redirects is reported, not followed),
+/// and the egress policy and caps on every connection ([`crate::upstream::http::guard`]).
 pub fn http_client(
     extra_ca_pem: Option<&str>,
     timeout: Duration,
 ) -> Result<reqwest::Client, TlsError> {
     let tls = client_config(extra_ca_pem)?;
-    reqwest::Client::builder()
+    crate::upstream::http::guard(reqwest::Client::builder())
         .tls_backend_preconfigured((*tls).clone())
         .https_only(true)
         .connect_timeout(timeout.min(Duration::from_secs(10)))

@@ -96,7 +96,9 @@ impl Services {
         work: impl AsyncFnOnce(&mut Call, Req) -> Result<Resp, ApiError>,
     ) -> Result<Response<Resp>, Status> {
         let mut call = self.begin(rpc, &request)?;
-        let result = work(&mut call, request.into_inner()).await;
+        let caller = call.caller.clone();
+        let result =
+            crate::upstream::as_caller(&caller, work(&mut call, request.into_inner())).await;
         self.finish(call, result).await
     }
 

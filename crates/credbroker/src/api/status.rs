@@ -19,6 +19,7 @@ use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
 use crate::oauth::OAuthError;
 use crate::resolve::ResolveError;
+use crate::upstream::UpstreamError;
 
 const DOMAIN: &str = "credbroker";
 
@@ -88,6 +89,8 @@ pub enum Reason {
     MessageTooLarge,
     MailboxNotFound,
     TooManyStreams,
+    EgressRefused,
+    UpstreamBusy,
 }
 
 impl Reason {
@@ -122,6 +125,8 @@ impl Reason {
             Reason::MessageTooLarge => ("MESSAGE_TOO_LARGE", ResourceExhausted),
             Reason::MailboxNotFound => ("MAILBOX_NOT_FOUND", NotFound),
             Reason::TooManyStreams => ("TOO_MANY_STREAMS", ResourceExhausted),
+            Reason::EgressRefused => ("EGRESS_REFUSED", FailedPrecondition),
+            Reason::UpstreamBusy => ("UPSTREAM_BUSY", ResourceExhausted),
         }
     }
 
@@ -198,6 +203,7 @@ fn oauth(e: &OAuthError) -> Class {
         OAuthError::StateExpired => plain(Reason::StateExpired),
         OAuthError::Refused(_) => plain(Reason::ProviderRefused),
         OAuthError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
+        OAuthError::Egress(e) => upstream(e),
         OAuthError::Model(m) => model(m),
     }
 }
@@ -223,6 +229,18 @@ fn mail(e: &MailError) -> Class {
         MailError::Rejected { .. } => plain(Reason::MailRejected),
         MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
         MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+        MailError::Egress(e) => upstream(e),
+    }
+}
+
+/// An egress refusal or a cap, whichever service it came from.
+fn upstream(e: &UpstreamError) -> Class {
+    match e {
+        UpstreamError::Refused { .. } => plain(Reason::EgressRefused),
+        UpstreamError::Busy { .. } => plain(Reason::UpstreamBusy),
+        UpstreamError::Dns { .. } | UpstreamError::Connect { .. } => {
+            plain(Reason::UpstreamUnavailable)
+        }
     }
 }
 
@@ -243,6 +261,7 @@ fn calendar(e: &CalendarError) -> Class {
         CalendarError::Rejected { .. } => plain(Reason::UpstreamRejected),
         CalendarError::Malformed { .. } => plain(Reason::UpstreamMalformed),
         CalendarError::Internal(_) => plain(Reason::Internal),
+        CalendarError::Egress(e) => upstream(e),
     }
 }
 

@@ -395,6 +395,9 @@ pub(crate) fn transport_error(
     e: &reqwest::Error,
     timeout: Duration,
 ) -> CalendarError {
+    if let Some(refused) = crate::upstream::refusal(e) {
+        return CalendarError::Egress(refused);
+    }
     let mut chain = Vec::new();
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
@@ -425,7 +428,8 @@ pub(crate) fn transport_error(
     } else if e.is_connect() {
         (
             Stage::Tcp,
-            format!("cannot connect ({innermost}): check the URL and that the server is running"),
+            // Not the inner cause (refused, unreachable…): that would make a port scanner.
+            "cannot connect: check the URL and that the server is running".to_string(),
         )
     } else {
         (Stage::Protocol, format!("the request failed ({innermost})"))

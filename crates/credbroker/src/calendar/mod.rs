@@ -119,6 +119,9 @@ pub enum CalendarError {
     Malformed { what: &'static str, why: String },
     #[error("{0}")]
     Internal(String),
+    /// The egress policy refused the server, or the upstream connection caps are reached.
+    #[error(transparent)]
+    Egress(crate::upstream::UpstreamError),
 }
 
 /// A validated ListCalendar window.

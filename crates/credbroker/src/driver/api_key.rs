@@ -188,9 +188,10 @@ async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration
             Stage::Timeout,
             format!("{url} did not answer in {timeout:?}"),
         ),
-        Err(e) if e.is_connect() => {
-            Check::failed("api_key", Stage::Tcp, format!("cannot connect to {url}"))
-        }
+        Err(e) if e.is_connect() => match crate::upstream::refusal(&e) {
+            Some(refused) => Check::failed("api_key", Stage::Config, refused.to_string()),
+            None => Check::failed("api_key", Stage::Tcp, format!("cannot connect to {url}")),
+        },
         Err(_) => Check::failed(
             "api_key",
             Stage::Protocol,

@@ -10,7 +10,6 @@ use async_imap::types::{Fetch, Flag};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -18,8 +17,9 @@ use super::account::{Account, Auth, Endpoint, TlsMode};
 use super::message::{MailMessage, parse};
 use super::{MailError, Service, bounded};
 use crate::model::{FieldError, Stage};
+use crate::upstream::Conn;
 
-pub type Stream = TlsStream<TcpStream>;
+pub type Stream = TlsStream<Conn>;
 
 pub const DEFAULT_LIMIT: u32 = 20;
 pub const MAX_LIMIT: u32 = 200;
@@ -83,46 +83,37 @@ impl FetchQuery {
     }
 }
 
-/// Resolves a server's name; a failure is a DNS-stage error.
-pub async fn resolve(service: Service, ep: &Endpoint) -> Result<Vec<SocketAddr>, MailError> {
-    let dns = |why: String| {
-        MailError::upstream(
-            service,
-            &ep.addr(),
-            Stage::Dns,
-            format!(
-                "cannot resolve {:?} ({why}); check the server name",
-                ep.host
-            ),
-        )
+/// An upstream failure of `service` at `ep`: a refusal or cap as itself, DNS and TCP failures
+/// as their stage (without the inner cause, [`crate::upstream`]).
+pub(super) fn upstream_failure(
+    service: Service,
+    ep: &Endpoint,
+    e: crate::upstream::UpstreamError,
+) -> MailError {
+    use crate::upstream::UpstreamError as U;
+    let stage = match &e {
+        U::Dns { .. } => Stage::Dns,
+        U::Connect { .. } => Stage::Tcp,
+        U::Refused { .. } | U::Busy { .. } => return MailError::Egress(e),
     };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((ep.host.as_str(), ep.port))
+    MailError::upstream(service, &ep.addr(), stage, e.to_string())
+}
+
+/// The checked addresses of a server ([`crate::upstream::resolve`]).
+pub async fn resolve(service: Service, ep: &Endpoint) -> Result<Vec<SocketAddr>, MailError> {
+    crate::upstream::resolve(&ep.host, ep.port)
         .await
-        .map_err(|e| dns(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(dns("no address".into()));
-    }
-    Ok(addrs)
+        .map_err(|e| upstream_failure(service, ep, e))
 }
 
-async fn tcp(service: Service, ep: &Endpoint) -> Result<TcpStream, MailError> {
-    let addrs = resolve(service, ep).await?;
-    let stream = TcpStream::connect(addrs.as_slice()).await.map_err(|e| {
-        MailError::upstream(
-            service,
-            &ep.addr(),
-            Stage::Tcp,
-            format!(
-                "cannot connect ({e}); check the host and port, and that the server is running"
-            ),
-        )
-    })?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+/// A checked, capped connection to the server ([`crate::upstream::connect`]).
+async fn tcp(service: Service, ep: &Endpoint) -> Result<Conn, MailError> {
+    crate::upstream::connect(&ep.host, ep.port)
+        .await
+        .map_err(|e| upstream_failure(service, ep, e))
 }
 
-async fn tls(account: &Account, stream: TcpStream) -> Result<Stream, MailError> {
+async fn tls(account: &Account, stream: Conn) -> Result<Stream, MailError> {
     let ep = &account.imap;
     let name = ServerName::try_from(ep.host.clone()).map_err(|_| {
         MailError::upstream(

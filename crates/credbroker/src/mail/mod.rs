@@ -89,6 +89,9 @@ pub enum MailError {
     NoMailbox { mailbox: String, message: String },
     #[error("too many WatchMail streams for this caller (at most {0})")]
     TooManyWatchers(usize),
+    /// The egress policy refused the server, or the upstream connection caps are reached.
+    #[error(transparent)]
+    Egress(crate::upstream::UpstreamError),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -129,7 +132,9 @@ impl MailError {
         match self {
             MailError::Upstream { stage, .. } => Check::failed(name, *stage, self.to_string()),
             MailError::AuthRefused { .. } => Check::failed(name, Stage::Auth, self.to_string()),
-            MailError::Invalid(_) => Check::failed(name, Stage::Config, self.to_string()),
+            MailError::Invalid(_) | MailError::Egress(_) => {
+                Check::failed(name, Stage::Config, self.to_string())
+            }
             _ => Check::failed(name, Stage::Protocol, self.to_string()),
         }
     }

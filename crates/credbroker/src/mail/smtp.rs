@@ -3,6 +3,7 @@
 //! and the staged AUTH check behind a credentials test.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,8 +33,10 @@ const TRANSIENT_PAUSE: Duration = Duration::from_millis(200);
 const MAX_POOLS: usize = 256;
 
 struct Pooled {
-    /// The account fingerprint the transport was built from.
+    /// The account fingerprint the transport was built from…
     fingerprint: String,
+    /// …and the checked address it connects to.
+    addr: SocketAddr,
     transport: Transport,
     last_used: Instant,
 }
@@ -45,11 +48,17 @@ pub struct Pools {
 }
 
 impl Pools {
-    fn transport(&self, account: &Account, timeout: Duration) -> Result<Transport, MailError> {
+    fn transport(
+        &self,
+        account: &Account,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Transport, MailError> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if let Some(pooled) = pools.get_mut(&account.key)
             && pooled.fingerprint == account.fingerprint
+            && pooled.addr == addr
         {
             pooled.last_used = now;
             return Ok(pooled.transport.clone());
@@ -57,12 +66,13 @@ impl Pools {
         if pools.len() >= MAX_POOLS {
             pools.retain(|_, p| now.duration_since(p.last_used) < POOL_IDLE);
         }
-        let transport = build_transport(account, timeout)?;
+        let transport = build_transport(account, addr, timeout)?;
         // The old transport (if any) is dropped here: its pooled connections close.
         pools.insert(
             account.key.clone(),
             Pooled {
                 fingerprint: account.fingerprint.clone(),
+                addr,
                 transport: transport.clone(),
                 last_used: now,
             },
@@ -89,9 +99,12 @@ impl Pools {
     ) -> Result<Sent, MailError> {
         let server = account.smtp.addr();
         let result = bounded(Service::Smtp, &server, timeout, async {
+            // The pool's connections are made to the checked address, one in use per permit.
+            let _permit = permit(account)?;
+            let addr = super::imap::resolve(Service::Smtp, &account.smtp).await?[0];
             let mut attempt = 1;
             loop {
-                let transport = self.transport(account, timeout)?;
+                let transport = self.transport(account, addr, timeout)?;
                 match transport.send(outgoing.message.clone()).await {
                     Ok(_) => return Ok(()),
                     // A 4xx reply means the server did not take the message: trying again on
@@ -155,7 +168,19 @@ fn hello() -> ClientId {
     ClientId::Domain("credbroker.localhost".into())
 }
 
-fn build_transport(account: &Account, timeout: Duration) -> Result<Transport, MailError> {
+/// A cap permit for one SMTP connection of `account`.
+fn permit(account: &Account) -> Result<crate::upstream::Permit, MailError> {
+    crate::upstream::current()
+        .permit()
+        .map_err(|e| super::imap::upstream_failure(Service::Smtp, &account.smtp, e))
+}
+
+/// A transport connecting to the checked `addr`; TLS still verifies the server's name.
+fn build_transport(
+    account: &Account,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Transport, MailError> {
     let params = tls_parameters(account)?;
     let tls = match account.smtp.tls {
         TlsMode::Implicit => Tls::Wrapper(params),
@@ -163,8 +188,8 @@ fn build_transport(account: &Account, timeout: Duration) -> Result<Transport, Ma
     };
     let (credentials, mechanisms) = credentials(account);
     Ok(
-        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(account.smtp.host.clone())
-            .port(account.smtp.port)
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(addr.ip().to_string())
+            .port(addr.port())
             .tls(tls)
             .hello_name(hello())
             .credentials(credentials)
@@ -249,9 +274,11 @@ fn classify(account: &Account, e: &smtp::Error) -> MailError {
             ),
         )
     } else {
+        // The inner cause (refused, reset, unreachable) is the operator's, not the caller's.
+        tracing::debug!(server = %server, error = %e, "SMTP connection failed");
         (
             Stage::Tcp,
-            format!("cannot talk to the server ({e}); check the host and port"),
+            "cannot talk to the server; check the host and port".to_string(),
         )
     };
     MailError::upstream(Service::Smtp, &server, stage, message)
@@ -298,6 +325,7 @@ async fn try_auth(account: &Account, timeout: Duration) -> Result<(), TestFailur
         }
     };
     {
+        let _permit = permit(account)?;
         let addrs = super::imap::resolve(Service::Smtp, &account.smtp).await?;
         let params = tls_parameters(account)?;
         let wrapper = (account.smtp.tls == TlsMode::Implicit).then(|| params.clone());

@@ -14,7 +14,7 @@ use sha2::Digest;
 
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
-use super::{OAuth, OAuthError, describe, expiry};
+use super::{OAuth, OAuthError, describe, expiry, unavailable};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
@@ -273,7 +273,7 @@ impl OAuth {
             .await
             .map_err(|e| match e {
                 RequestTokenError::ServerResponse(r) => OAuthError::Refused(r.to_string()),
-                other => OAuthError::Unavailable(describe(&other)),
+                other => unavailable(other),
             })?;
         let access = Secret::new(response.access_token().secret().clone());
         let account_label = match &endpoints.userinfo_url {

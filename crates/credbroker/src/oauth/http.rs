@@ -10,7 +10,7 @@ const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("{0}")]
+    #[error("{}", crate::upstream::refusal(.0).map_or_else(|| .0.to_string(), |r| r.to_string()))]
     Request(#[from] reqwest::Error),
     #[error("the request could not be built: {0}")]
     Build(#[from] http::Error),

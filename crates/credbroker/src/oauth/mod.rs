@@ -65,6 +65,9 @@ pub enum OAuthError {
     Refused(String),
     #[error("the provider is unavailable: {0}")]
     Unavailable(String),
+    /// The egress policy refused the endpoint, or the upstream connection caps are reached.
+    #[error(transparent)]
+    Egress(crate::upstream::UpstreamError),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -77,7 +80,10 @@ impl From<FieldError> for OAuthError {
 
 impl From<http::HttpError> for OAuthError {
     fn from(e: http::HttpError) -> Self {
-        OAuthError::Unavailable(e.to_string())
+        match crate::upstream::refusal(&e) {
+            Some(refused) => OAuthError::Egress(refused),
+            None => OAuthError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -421,7 +427,7 @@ impl OAuth {
         }
         let response = request.request_async(&sender).await.map_err(|e| match e {
             RequestTokenError::ServerResponse(e) => OAuthError::Refused(e.error().to_string()),
-            other => OAuthError::Unavailable(describe(&other)),
+            other => unavailable(other),
         })?;
         let issued_at = Utc::now();
         let token = CachedToken {
@@ -544,6 +550,17 @@ fn fresh_enough(
     };
     let half_life = expires_at.signed_duration_since(issued_at) / 2;
     left > min_ttl.min(half_life) || now.signed_duration_since(issued_at) < MIN_REFRESH_INTERVAL
+}
+
+/// A token-endpoint failure that is not the provider's answer: an egress or cap refusal as
+/// itself ([`OAuthError::Egress`]), anything else as unavailable.
+fn unavailable<RE: oauth2::ErrorResponse + 'static>(
+    e: RequestTokenError<http::HttpError, RE>,
+) -> OAuthError {
+    match e {
+        RequestTokenError::Request(h) => OAuthError::from(h),
+        other => OAuthError::Unavailable(describe(&other)),
+    }
 }
 
 /// A token-endpoint failure in words, without the response body (it may echo secrets).

@@ -1,0 +1,498 @@
+//! Egress and upstream caps against the real daemon: internal destinations (loopback ports,
+//! the cloud metadata address, a private address, a name resolving to loopback) are refused
+//! before any socket reaches them, with the address and the rule named, and reached once
+//! `[egress]` allows them; and a flood of FetchMail streams to a server that never answers is
+//! capped per caller, under the descriptor limit of the shipped systemd unit, while other
+//! callers keep resolving and the broker serves normally afterwards.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use credbroker::api::proto::{self, admin_client::AdminClient};
+use support::daemon::{Daemon, OPEN_POLICY, conn, reason, secrets};
+use support::wait;
+use tokio::io::AsyncReadExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A TCP server that accepts and never says a word, counting what reaches it.
+#[derive(Clone)]
+struct Silent {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    max_open: Arc<AtomicUsize>,
+}
+
+impl Silent {
+    async fn start() -> Silent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = Silent {
+            port: listener.local_addr().unwrap().port(),
+            accepted: Arc::default(),
+            open: Arc::default(),
+            max_open: Arc::default(),
+        };
+        let s = silent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let now = s.open.fetch_add(1, Ordering::SeqCst) + 1;
+                s.max_open.fetch_max(now, Ordering::SeqCst);
+                let open = s.open.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        silent
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// An imap_smtp connector whose IMAP and SMTP servers are both `host:port`.
+async fn mail_connector(admin: &mut AdminClient<Channel>, name: &str, host: &str, port: u16) {
+    let config = HashMap::from([
+        ("imap_host".to_string(), host.to_string()),
+        ("imap_port".to_string(), port.to_string()),
+        ("imap_tls".to_string(), "implicit".to_string()),
+        ("smtp_host".to_string(), host.to_string()),
+        ("smtp_port".to_string(), port.to_string()),
+        ("smtp_tls".to_string(), "implicit".to_string()),
+    ]);
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: name.into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config,
+            ..Default::default()
+        })
+        .await
+        .expect("create the mail connector");
+}
+
+/// Saves a password connection of `connector` whatever its credentials test says; returns
+/// the test's checks as (stage, message).
+async fn save_mail(admin: &mut AdminClient<Channel>, connector: &str) -> Vec<(String, String)> {
+    let resp = admin
+        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+            connection: conn(connector, ""),
+            settings: HashMap::from([("email".to_string(), "alice@x.test".to_string())]),
+            secrets: secrets(&[("password", "secret1")]),
+            save_on_failure: true,
+        })
+        .await
+        .expect("ConnectWithCredentials")
+        .into_inner();
+    assert!(resp.saved, "{connector}: not saved");
+    let test = resp.test.expect("a test result");
+    test.checks
+        .into_iter()
+        .map(|c| (c.stage, c.message))
+        .collect()
+}
+
+async fn fetch(
+    agent: &mut proto::broker_client::BrokerClient<Channel>,
+    connector: &str,
+) -> tonic::Status {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        agent.fetch_mail(proto::FetchMailRequest {
+            connection: conn(connector, ""),
+            limit: 10,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("FetchMail hung")
+    .expect_err("FetchMail reached a server that never answers")
+}
+
+/// An api_key connector with a stored key and a `test_url`.
+async fn key_connector(admin: &mut AdminClient<Channel>, name: &str, test_url: &str) {
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: name.into(),
+            kind: proto::ConnectorKind::ApiKey as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config: match test_url {
+                "" => HashMap::new(),
+                url => HashMap::from([("test_url".to_string(), url.to_string())]),
+            },
+            secrets: secrets(&[("api_key", "k-egress")]),
+            ..Default::default()
+        })
+        .await
+        .expect("create the api_key connector");
+}
+
+async fn test_key(admin: &mut AdminClient<Channel>, name: &str) -> (String, String) {
+    let test = admin
+        .test_connection(proto::TestConnectionRequest {
+            connection: conn(name, ""),
+            ..Default::default()
+        })
+        .await
+        .expect("TestConnection")
+        .into_inner()
+        .test
+        .unwrap();
+    let check = test.checks.into_iter().next().unwrap();
+    (check.stage, check.message)
+}
+
+async fn list_calendar(
+    agent: &mut proto::broker_client::BrokerClient<Channel>,
+    name: &str,
+) -> tonic::Status {
+    let day = 1_767_225_600; // 2026-01-01
+    agent
+        .list_calendar(proto::ListCalendarRequest {
+            connection: conn(name, ""),
+            time_min: Some(prost_types::Timestamp {
+                seconds: day,
+                nanos: 0,
+            }),
+            time_max: Some(prost_types::Timestamp {
+                seconds: day + 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("ListCalendar reached a server that never answers")
+}
+
+async fn caldav_connector(admin: &mut AdminClient<Channel>, name: &str, url: &str) {
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: name.into(),
+            kind: proto::ConnectorKind::Caldav as i32,
+            mode: proto::ConnectorMode::Shared as i32,
+            config: HashMap::from([("url".to_string(), url.to_string())]),
+            ..Default::default()
+        })
+        .await
+        .expect("create the caldav connector");
+    admin
+        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+            connection: conn(name, ""),
+            settings: HashMap::from([("username".to_string(), "alice".to_string())]),
+            secrets: secrets(&[("password", "secret1")]),
+            save_on_failure: true,
+        })
+        .await
+        .expect("connect the caldav connector");
+}
+
+const LOOPBACK: &str = "built-in deny 127.0.0.0/8 (loopback)";
+
+#[tokio::test]
+async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
+    // The built-in policy only: nothing in [egress].
+    let daemon = Daemon::start_with(
+        OPEN_POLICY,
+        "[egress]\n[limits]\nupstream_timeout_secs = 2\n",
+    );
+    let silent = Silent::start().await;
+    let p = silent.port;
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let cases = [
+        ("Loop", "127.0.0.1", p, format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}")),
+        ("Mapped", "::ffff:127.0.0.1", p, format!("refused by egress rule {LOOPBACK}")),
+        (
+            "Metadata",
+            "169.254.169.254",
+            993,
+            "upstream 169.254.169.254:993 refused by egress rule built-in deny 169.254.0.0/16 (link-local)".to_string(),
+        ),
+        (
+            "Private",
+            "10.1.2.3",
+            993,
+            "upstream 10.1.2.3:993 refused by egress rule built-in deny 10.0.0.0/8 (private)".to_string(),
+        ),
+        ("Local", "localhost", p, "upstream localhost (".to_string()),
+    ];
+    for (name, host, port, want) in &cases {
+        mail_connector(&mut admin, name, host, *port).await;
+        let checks = save_mail(&mut admin, name).await;
+        assert_eq!(checks.len(), 2, "{name}: {checks:?}");
+        for (stage, message) in &checks {
+            assert_eq!(stage, "config", "{name}: {message}");
+            assert!(message.contains(want.as_str()), "{name}: {message}");
+            assert!(
+                message.contains("refused by egress rule built-in deny"),
+                "{name}: {message}"
+            );
+        }
+        let err = fetch(&mut agent, name).await;
+        assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
+        assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}");
+        assert!(
+            err.message().contains(want.as_str()),
+            "{name}: {}",
+            err.message()
+        );
+        let err = agent
+            .send_email(proto::SendEmailRequest {
+                connection: conn(name, ""),
+                to: vec!["bob@x.test".into()],
+                subject: "egress".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}: {err:?}");
+    }
+
+    // HTTPS: an API-key test URL on a loopback literal, a CalDAV server named `localhost`.
+    key_connector(&mut admin, "Key", &format!("https://127.0.0.1:{p}/check")).await;
+    let (stage, message) = test_key(&mut admin, "Key").await;
+    assert_eq!(stage, "config", "{message}");
+    assert_eq!(
+        message,
+        format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}")
+    );
+    caldav_connector(&mut admin, "Dav", &format!("https://localhost:{p}/dav/")).await;
+    let err = list_calendar(&mut agent, "Dav").await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err).0, "EGRESS_REFUSED");
+    assert!(
+        err.message().starts_with("upstream localhost (") && err.message().contains("(loopback)"),
+        "{}",
+        err.message()
+    );
+
+    // Nothing reached the loopback server, and the refusals are in the audit log.
+    assert_eq!(
+        silent.accepted(),
+        0,
+        "a refused destination was connected to"
+    );
+    let records = admin
+        .query_audit(proto::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r.reason.contains("refused by egress rule"))
+        .map(|r| r.operation.as_str())
+        .collect();
+    for op in ["FetchMail", "SendEmail", "ListCalendar"] {
+        assert!(
+            refused.contains(&op),
+            "no audited egress refusal of {op}: {refused:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn destinations_are_reached_once_allowed_and_deny_wins() {
+    let daemon = Daemon::start_with(
+        OPEN_POLICY,
+        "[egress]\nallow = [\"127.0.0.0/8\", \"::1/128\", \"169.254.169.254\", \"10.0.0.0/8\"]\n\
+         deny = [\"127.0.0.2\"]\n[limits]\nupstream_timeout_secs = 2\n",
+    );
+    let silent = Silent::start().await;
+    let p = silent.port;
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    for (name, host, port) in [
+        ("Loop", "127.0.0.1", p),
+        ("Local", "localhost", p),
+        ("Metadata", "169.254.169.254", 993),
+        ("Private", "10.1.2.3", 993),
+    ] {
+        mail_connector(&mut admin, name, host, port).await;
+        save_mail(&mut admin, name).await;
+        let before = silent.accepted();
+        let err = fetch(&mut agent, name).await;
+        assert_eq!(err.code(), Code::Unavailable, "{name}: {err:?}");
+        assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE", "{name}");
+        if port == p {
+            assert!(
+                silent.accepted() > before,
+                "{name}: the allowed server was not reached"
+            );
+        }
+    }
+    key_connector(&mut admin, "Key", &format!("https://127.0.0.1:{p}/check")).await;
+    let before = silent.accepted();
+    let (stage, message) = test_key(&mut admin, "Key").await;
+    assert_ne!(stage, "config", "{message}");
+    assert!(
+        silent.accepted() > before,
+        "the allowed test URL was not reached"
+    );
+
+    mail_connector(&mut admin, "Denied", "127.0.0.2", p).await;
+    save_mail(&mut admin, "Denied").await;
+    let err = fetch(&mut agent, "Denied").await;
+    assert_eq!(reason(&err).0, "EGRESS_REFUSED");
+    assert_eq!(
+        err.message(),
+        format!("upstream 127.0.0.2:{p} refused by egress rule deny 127.0.0.2")
+    );
+}
+
+/// `LimitNOFILE=` of the shipped systemd unit.
+fn unit_nofile() -> u64 {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/credbroker.service"
+    ))
+    .unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("the unit sets LimitNOFILE")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Gives the running daemon the descriptor limit `n`, as systemd would, and checks it took.
+fn limit_descriptors(daemon: &Daemon, n: u64) {
+    let pid = daemon.pid().expect("the daemon runs");
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit(2) on a child we own, with a valid resource and limit.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(line.contains(&n.to_string()), "{line}");
+}
+
+const OTHER: &str = "spiffe://test/other";
+const CAP: usize = 100;
+const STREAMS: usize = 2000;
+
+/// Counts the codes of a batch of FetchMail answers by reason.
+fn tally(outcomes: Vec<tonic::Status>) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for status in outcomes {
+        *counts.entry(reason(&status).0).or_default() += 1;
+    }
+    counts
+}
+
+async fn flood(
+    agent: &proto::broker_client::BrokerClient<Channel>,
+    n: usize,
+) -> Vec<tonic::Status> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let mut agent = agent.clone();
+        set.spawn(async move { fetch(&mut agent, "Silent").await });
+    }
+    set.join_all().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolving() {
+    let policy = format!(
+        "{OPEN_POLICY}\n[[callers]]\nid = \"{OTHER}\"\n[[callers.grants]]\nworkspace = \"*\"\n\
+         connectors = [\"Key\"]\noperations = [\"resolve\"]\nusers = [\"*\"]\n"
+    );
+    let daemon = Daemon::start_with(
+        &policy,
+        &format!(
+            "[limits]\nupstream_timeout_secs = 3\nupstream_connections_per_caller = {CAP}\n\
+             user_rate_per_sec = 0\n"
+        ),
+    );
+    limit_descriptors(&daemon, unit_nofile());
+    daemon.issue(OTHER, "other");
+    let silent = Silent::start().await;
+    let mut admin = daemon.admin().await;
+    mail_connector(&mut admin, "Silent", "127.0.0.1", silent.port).await;
+    save_mail(&mut admin, "Silent").await;
+    key_connector(&mut admin, "Key", "").await;
+    let agent = daemon.agent().await;
+    let mut other =
+        proto::broker_client::BrokerClient::new(daemon.channel_as("other").await.unwrap());
+    let resolve = proto::ResolveCredentialRequest {
+        connection: conn("Key", ""),
+        min_ttl_seconds: 0,
+    };
+
+    // 2,000 FetchMail calls on the agent's one connection, all at once.
+    let flooding = tokio::spawn({
+        let agent = agent.clone();
+        async move { flood(&agent, STREAMS).await }
+    });
+    wait::until(Duration::from_secs(30), async || {
+        (silent.open.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await
+    .expect("the flood never reached the silent server");
+    let (mut resolved, mut during) = (0, 0);
+    for _ in 0..50 {
+        let ok = other.resolve_credential(resolve.clone()).await.is_ok();
+        resolved += usize::from(ok);
+        during += usize::from(silent.open.load(Ordering::SeqCst) > 0);
+    }
+    let outcomes = tally(flooding.await.unwrap());
+    assert_eq!(
+        resolved, 50,
+        "another caller's resolves failed under the flood"
+    );
+    assert!(during > 0, "the resolves did not overlap the flood");
+    let busy = outcomes.get("UPSTREAM_BUSY").copied().unwrap_or(0);
+    let unavailable = outcomes.get("UPSTREAM_UNAVAILABLE").copied().unwrap_or(0);
+    assert_eq!(
+        busy + unavailable,
+        STREAMS,
+        "unexpected outcomes: {outcomes:?}"
+    );
+    assert!(busy > 0 && unavailable >= CAP, "{outcomes:?}");
+    let max_open = silent.max_open.load(Ordering::SeqCst);
+    assert!(
+        max_open <= CAP,
+        "{max_open} upstream sockets open at once, over the cap of {CAP}"
+    );
+    eprintln!("flood: {outcomes:?}, at most {max_open} upstream sockets open at once");
+
+    // Once the flood is over every permit is back: a burst of exactly the cap all reaches the
+    // server, and everyone resolves, with no restart.
+    wait::until(Duration::from_secs(30), async || {
+        (silent.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await
+    .expect("the broker kept upstream sockets open after the flood");
+    let after = tally(flood(&agent, CAP).await);
+    assert_eq!(after.get("UPSTREAM_UNAVAILABLE"), Some(&CAP), "{after:?}");
+    let mut agent = agent.clone();
+    agent.resolve_credential(resolve.clone()).await.unwrap();
+    other.resolve_credential(resolve).await.unwrap();
+}
