@@ -59,26 +59,42 @@ impl Silent {
     }
 }
 
-/// An imap_smtp connector whose IMAP and SMTP servers are both `host:port`.
-async fn mail_connector(admin: &mut AdminClient<Channel>, name: &str, host: &str, port: u16) {
-    let config = HashMap::from([
-        ("imap_host".to_string(), host.to_string()),
-        ("imap_port".to_string(), port.to_string()),
-        ("imap_tls".to_string(), "implicit".to_string()),
-        ("smtp_host".to_string(), host.to_string()),
-        ("smtp_port".to_string(), port.to_string()),
-        ("smtp_tls".to_string(), "implicit".to_string()),
-    ]);
+/// Creates a shared connector; it must succeed.
+async fn create(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    kind: proto::ConnectorKind,
+    config: &[(&str, &str)],
+    slots: &[(&str, &str)],
+) {
     admin
         .create_connector(proto::CreateConnectorRequest {
             name: name.into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
+            kind: kind as i32,
             mode: proto::ConnectorMode::Shared as i32,
-            config,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets: secrets(slots),
             ..Default::default()
         })
         .await
-        .expect("create the mail connector");
+        .unwrap_or_else(|e| panic!("create connector {name}: {e:?}"));
+}
+
+/// An imap_smtp connector whose IMAP and SMTP servers are both `host:port`.
+async fn mail_connector(admin: &mut AdminClient<Channel>, name: &str, host: &str, port: u16) {
+    let port = port.to_string();
+    let config = [
+        ("imap_host", host),
+        ("imap_port", &port),
+        ("imap_tls", "implicit"),
+        ("smtp_host", host),
+        ("smtp_port", &port),
+        ("smtp_tls", "implicit"),
+    ];
+    create(admin, name, proto::ConnectorKind::ImapSmtp, &config, &[]).await;
 }
 
 /// Saves a password connection of `connector` whatever its credentials test says; returns
@@ -119,22 +135,14 @@ async fn fetch(
     .expect_err("FetchMail reached a server that never answers")
 }
 
-/// An api_key connector with a stored key and a `test_url`.
+/// An api_key connector with a stored key and a `test_url` (none if empty).
 async fn key_connector(admin: &mut AdminClient<Channel>, name: &str, test_url: &str) {
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            config: match test_url {
-                "" => HashMap::new(),
-                url => HashMap::from([("test_url".to_string(), url.to_string())]),
-            },
-            secrets: secrets(&[("api_key", "k-egress")]),
-            ..Default::default()
-        })
-        .await
-        .expect("create the api_key connector");
+    let config: &[(&str, &str)] = match test_url {
+        "" => &[],
+        url => &[("test_url", url)],
+    };
+    let kind = proto::ConnectorKind::ApiKey;
+    create(admin, name, kind, config, &[("api_key", "k-egress")]).await;
 }
 
 async fn test_key(admin: &mut AdminClient<Channel>, name: &str) -> (String, String) {
@@ -175,16 +183,14 @@ async fn list_calendar(
 }
 
 async fn caldav_connector(admin: &mut AdminClient<Channel>, name: &str, url: &str) {
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::Caldav as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            config: HashMap::from([("url".to_string(), url.to_string())]),
-            ..Default::default()
-        })
-        .await
-        .expect("create the caldav connector");
+    create(
+        admin,
+        name,
+        proto::ConnectorKind::Caldav,
+        &[("url", url)],
+        &[],
+    )
+    .await;
     admin
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn(name, ""),

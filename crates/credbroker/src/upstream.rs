@@ -401,11 +401,6 @@ impl Upstream {
     pub fn permit(&self) -> Result<Permit, UpstreamError> {
         self.caps.take(CALLER.try_with(Clone::clone).ok())
     }
-
-    /// Upstream connections held now (overall).
-    pub fn in_use(&self) -> usize {
-        self.caps.overall_max - self.caps.overall.available_permits()
-    }
 }
 
 /// Defaults of `[limits]`: with the unit's `LimitNOFILE=16384`, upstream sockets take at most

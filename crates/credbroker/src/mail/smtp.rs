@@ -80,6 +80,34 @@ impl Pools {
         Ok(transport)
     }
 
+    /// The checked address a transport for `account` connects to: the pooled one while the
+    /// name still resolves to it, else the first of `addrs` that accepts a connection.
+    async fn address(
+        &self,
+        account: &Account,
+        addrs: &[SocketAddr],
+    ) -> Result<SocketAddr, MailError> {
+        let pooled = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .get(&account.key)
+                .filter(|p| p.fingerprint == account.fingerprint)
+                .map(|p| p.addr)
+        };
+        match (pooled.filter(|a| addrs.contains(a)), addrs) {
+            (Some(addr), _) => Ok(addr),
+            (None, [one]) => Ok(*one),
+            (None, _) => {
+                let probe = tokio::net::TcpStream::connect(addrs).await.map_err(|_| {
+                    let target = account.smtp.addr();
+                    let e = crate::upstream::UpstreamError::Connect { target };
+                    super::imap::upstream_failure(Service::Smtp, &account.smtp, e)
+                })?;
+                Ok(probe.peer_addr().unwrap_or(addrs[0]))
+            }
+        }
+    }
+
     fn forget(&self, account: &Account) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if pools
@@ -101,7 +129,8 @@ impl Pools {
         let result = bounded(Service::Smtp, &server, timeout, async {
             // The pool's connections are made to the checked address, one in use per permit.
             let _permit = permit(account)?;
-            let addr = super::imap::resolve(Service::Smtp, &account.smtp).await?[0];
+            let addrs = super::imap::resolve(Service::Smtp, &account.smtp).await?;
+            let addr = self.address(account, &addrs).await?;
             let mut attempt = 1;
             loop {
                 let transport = self.transport(account, addr, timeout)?;
