@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
@@ -19,13 +19,15 @@ use tokio::io::AsyncReadExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A TCP server that accepts and never says a word, counting what reaches it.
+/// A TCP server that accepts and never says a word, counting what reaches it. While it
+/// hangs it holds every connection open until [`Silent::release`]; otherwise it closes each
+/// one at once.
 #[derive(Clone)]
 struct Silent {
     port: u16,
     accepted: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    max_open: Arc<AtomicUsize>,
+    hang: Arc<AtomicBool>,
+    release: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Silent {
@@ -34,20 +36,24 @@ impl Silent {
         let silent = Silent {
             port: listener.local_addr().unwrap().port(),
             accepted: Arc::default(),
-            open: Arc::default(),
-            max_open: Arc::default(),
+            hang: Arc::new(AtomicBool::new(true)),
+            release: Arc::new(tokio::sync::watch::channel(0).0),
         };
         let s = silent.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 s.accepted.fetch_add(1, Ordering::SeqCst);
-                let now = s.open.fetch_add(1, Ordering::SeqCst) + 1;
-                s.max_open.fetch_max(now, Ordering::SeqCst);
-                let open = s.open.clone();
+                if !s.hang.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut released = s.release.subscribe();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
-                    while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                    open.fetch_sub(1, Ordering::SeqCst);
+                    let drain = async { while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {} };
+                    tokio::select! {
+                        _ = drain => {}
+                        _ = released.changed() => {}
+                    }
                 });
             }
         });
@@ -56,6 +62,12 @@ impl Silent {
 
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes every held connection, and closes later ones at once.
+    fn release(&self) {
+        self.hang.store(false, Ordering::SeqCst);
+        self.release.send_modify(|n| *n += 1);
     }
 }
 
@@ -122,8 +134,9 @@ async fn fetch(
     agent: &mut proto::broker_client::BrokerClient<Channel>,
     connector: &str,
 ) -> tonic::Status {
+    // A guard against a hang only: the flood test's calls wait for the server to let go.
     tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(290),
         agent.fetch_mail(proto::FetchMailRequest {
             connection: conn(connector, ""),
             limit: 10,
@@ -200,6 +213,33 @@ async fn caldav_connector(admin: &mut AdminClient<Channel>, name: &str, url: &st
         })
         .await
         .expect("connect the caldav connector");
+}
+
+/// A client-credentials OAuth connector whose token endpoint is `token_url`.
+async fn oauth_connector(admin: &mut AdminClient<Channel>, name: &str, token_url: &str) {
+    let config = [
+        ("client_id", "egress-client"),
+        ("auth_url", token_url),
+        ("token_url", token_url),
+        ("grant_type", "client_credentials"),
+        ("scopes", "mail.read"),
+    ];
+    let kind = proto::ConnectorKind::Oauth2;
+    create(admin, name, kind, &config, &[("client_secret", "s-egress")]).await;
+}
+
+async fn resolve_token(
+    agent: &mut proto::broker_client::BrokerClient<Channel>,
+    name: &str,
+) -> tonic::Status {
+    let req = proto::ResolveCredentialRequest {
+        connection: conn(name, ""),
+        min_ttl_seconds: 0,
+    };
+    tokio::time::timeout(Duration::from_secs(60), agent.resolve_credential(req))
+        .await
+        .expect("ResolveCredential hung")
+        .expect_err("a token came from a server that never answers")
 }
 
 const LOOPBACK: &str = "built-in deny 127.0.0.0/8 (loopback)";
@@ -282,6 +322,18 @@ async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
         err.message()
     );
 
+    // OAuth: a token endpoint on a name resolving to loopback.
+    oauth_connector(
+        &mut admin,
+        "Machine",
+        &format!("https://localhost:{p}/token"),
+    )
+    .await;
+    let err = resolve_token(&mut agent, "Machine").await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err).0, "EGRESS_REFUSED");
+    assert!(err.message().contains("(loopback)"), "{}", err.message());
+
     // Nothing reached the loopback server, and the refusals are in the audit log.
     assert_eq!(
         silent.accepted(),
@@ -302,7 +354,12 @@ async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
         .filter(|r| r.reason.contains("refused by egress rule"))
         .map(|r| r.operation.as_str())
         .collect();
-    for op in ["FetchMail", "SendEmail", "ListCalendar"] {
+    for op in [
+        "FetchMail",
+        "SendEmail",
+        "ListCalendar",
+        "ResolveCredential",
+    ] {
         assert!(
             refused.contains(&op),
             "no audited egress refusal of {op}: {refused:?}"
@@ -347,6 +404,20 @@ async fn destinations_are_reached_once_allowed_and_deny_wins() {
     assert!(
         silent.accepted() > before,
         "the allowed test URL was not reached"
+    );
+
+    oauth_connector(
+        &mut admin,
+        "Machine",
+        &format!("https://localhost:{p}/token"),
+    )
+    .await;
+    let before = silent.accepted();
+    let err = resolve_token(&mut agent, "Machine").await;
+    assert_ne!(reason(&err).0, "EGRESS_REFUSED", "{err:?}");
+    assert!(
+        silent.accepted() > before,
+        "the allowed token endpoint was not reached"
     );
 
     mail_connector(&mut admin, "Denied", "127.0.0.2", p).await;
@@ -403,25 +474,40 @@ const OTHER: &str = "spiffe://test/other";
 const CAP: usize = 100;
 const STREAMS: usize = 2000;
 
-/// Counts the codes of a batch of FetchMail answers by reason.
-fn tally(outcomes: Vec<tonic::Status>) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for status in outcomes {
-        *counts.entry(reason(&status).0).or_default() += 1;
+/// Counts FetchMail answers by reason as they come.
+#[derive(Clone, Default)]
+struct Tally(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+
+impl Tally {
+    fn get(&self, reason: &str) -> usize {
+        self.0.lock().unwrap().get(reason).copied().unwrap_or(0)
     }
-    counts
+
+    fn total(&self) -> usize {
+        self.0.lock().unwrap().values().sum()
+    }
 }
 
-async fn flood(
+/// `n` FetchMail calls at once on `agent`'s one connection, each answer counted in `tally`.
+fn flood(
     agent: &proto::broker_client::BrokerClient<Channel>,
     n: usize,
-) -> Vec<tonic::Status> {
+    tally: &Tally,
+) -> tokio::task::JoinSet<()> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let mut agent = agent.clone();
-        set.spawn(async move { fetch(&mut agent, "Silent").await });
+        let (mut agent, tally) = (agent.clone(), tally.clone());
+        set.spawn(async move {
+            let status = fetch(&mut agent, "Silent").await;
+            *tally
+                .0
+                .lock()
+                .unwrap()
+                .entry(reason(&status).0)
+                .or_default() += 1;
+        });
     }
-    set.join_all().await
+    set
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -430,10 +516,11 @@ async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolvi
         "{OPEN_POLICY}\n[[callers]]\nid = \"{OTHER}\"\n[[callers.grants]]\nworkspace = \"*\"\n\
          connectors = [\"Key\"]\noperations = [\"resolve\"]\nusers = [\"*\"]\n"
     );
+    // The deadline is never reached: the flood's sockets end only when the server lets go.
     let daemon = Daemon::start_with(
         &policy,
         &format!(
-            "[limits]\nupstream_timeout_secs = 3\nupstream_connections_per_caller = {CAP}\n\
+            "[limits]\nupstream_timeout_secs = 300\nupstream_connections_per_caller = {CAP}\n\
              user_rate_per_sec = 0\n"
         ),
     );
@@ -442,7 +529,9 @@ async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolvi
     let silent = Silent::start().await;
     let mut admin = daemon.admin().await;
     mail_connector(&mut admin, "Silent", "127.0.0.1", silent.port).await;
+    silent.hang.store(false, Ordering::SeqCst);
     save_mail(&mut admin, "Silent").await;
+    silent.hang.store(true, Ordering::SeqCst);
     key_connector(&mut admin, "Key", "").await;
     let agent = daemon.agent().await;
     let mut other =
@@ -452,52 +541,44 @@ async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolvi
         min_ttl_seconds: 0,
     };
 
-    // 2,000 FetchMail calls on the agent's one connection, all at once.
-    let flooding = tokio::spawn({
-        let agent = agent.clone();
-        async move { flood(&agent, STREAMS).await }
-    });
-    wait::until(Duration::from_secs(30), async || {
-        (silent.open.load(Ordering::SeqCst) > 0).then_some(())
+    // 2,000 FetchMail calls on the agent's one connection, all at once: the cap's worth hold
+    // a socket to the silent server, every other one is refused before opening a socket.
+    let before = silent.accepted();
+    let tally = Tally::default();
+    let flooding = flood(&agent, STREAMS, &tally);
+    wait::until(Duration::from_secs(240), async || {
+        (tally.get("UPSTREAM_BUSY") == STREAMS - CAP).then_some(())
     })
     .await
-    .expect("the flood never reached the silent server");
-    let (mut resolved, mut during) = (0, 0);
+    .unwrap_or_else(|| panic!("the flood was not capped at {CAP}: {:?}", tally.0));
+    assert_eq!(tally.total(), STREAMS - CAP, "{:?}", tally.0);
+    assert_eq!(
+        silent.accepted() - before,
+        CAP,
+        "upstream sockets beyond the cap"
+    );
+    // Meanwhile another caller resolves.
     for _ in 0..50 {
-        let ok = other.resolve_credential(resolve.clone()).await.is_ok();
-        resolved += usize::from(ok);
-        during += usize::from(silent.open.load(Ordering::SeqCst) > 0);
+        other.resolve_credential(resolve.clone()).await.unwrap();
     }
-    let outcomes = tally(flooding.await.unwrap());
     assert_eq!(
-        resolved, 50,
-        "another caller's resolves failed under the flood"
+        tally.total(),
+        STREAMS - CAP,
+        "the flood ended before the resolves"
     );
-    assert!(during > 0, "the resolves did not overlap the flood");
-    let busy = outcomes.get("UPSTREAM_BUSY").copied().unwrap_or(0);
-    let unavailable = outcomes.get("UPSTREAM_UNAVAILABLE").copied().unwrap_or(0);
-    assert_eq!(
-        busy + unavailable,
-        STREAMS,
-        "unexpected outcomes: {outcomes:?}"
-    );
-    assert!(busy > 0 && unavailable >= CAP, "{outcomes:?}");
-    let max_open = silent.max_open.load(Ordering::SeqCst);
-    assert!(
-        max_open <= CAP,
-        "{max_open} upstream sockets open at once, over the cap of {CAP}"
-    );
-    eprintln!("flood: {outcomes:?}, at most {max_open} upstream sockets open at once");
 
-    // Once the flood is over every permit is back: a burst of exactly the cap all reaches the
-    // server, and everyone resolves, with no restart.
-    wait::until(Duration::from_secs(30), async || {
-        (silent.open.load(Ordering::SeqCst) == 0).then_some(())
-    })
-    .await
-    .expect("the broker kept upstream sockets open after the flood");
-    let after = tally(flood(&agent, CAP).await);
-    assert_eq!(after.get("UPSTREAM_UNAVAILABLE"), Some(&CAP), "{after:?}");
+    // The server lets go: the held calls end UNAVAILABLE, and every permit is back, so a burst
+    // of exactly the cap all reaches the server; everyone resolves, with no restart.
+    silent.release();
+    flooding.join_all().await;
+    assert_eq!(tally.get("UPSTREAM_UNAVAILABLE"), CAP, "{:?}", tally.0);
+    assert_eq!(tally.total(), STREAMS, "{:?}", tally.0);
+    eprintln!("flood of {STREAMS}: {:?}", tally.0.lock().unwrap());
+    let before = silent.accepted();
+    let after = Tally::default();
+    flood(&agent, CAP, &after).join_all().await;
+    assert_eq!(after.get("UPSTREAM_UNAVAILABLE"), CAP, "{:?}", after.0);
+    assert_eq!(silent.accepted() - before, CAP);
     let mut agent = agent.clone();
     agent.resolve_credential(resolve.clone()).await.unwrap();
     other.resolve_credential(resolve).await.unwrap();

@@ -302,7 +302,7 @@ file = "policy.toml"
     /// An HTTPS client for the HTTP listener, trusting the test CA only.
     pub fn https(&self) -> reqwest::Client {
         let ca = std::fs::read_to_string(self.path("ca.pem")).unwrap();
-        credbroker::tls::http_client(Some(&ca), Duration::from_secs(10)).unwrap()
+        credbroker::tls::unchecked_http_client(Some(&ca), Duration::from_secs(10)).unwrap()
     }
 
     /// `GET {http listener}{path}`: status and body.

@@ -72,8 +72,29 @@ pub fn http_client(
     extra_ca_pem: Option<&str>,
     timeout: Duration,
 ) -> Result<reqwest::Client, TlsError> {
+    build(
+        crate::upstream::http::guard(reqwest::Client::builder()),
+        extra_ca_pem,
+        timeout,
+    )
+}
+
+/// [`http_client`] without the egress policy and caps, for tools' and tests' own requests to
+/// servers they run themselves; never for the daemon's upstream calls.
+pub fn unchecked_http_client(
+    extra_ca_pem: Option<&str>,
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
+    build(reqwest::Client::builder(), extra_ca_pem, timeout)
+}
+
+fn build(
+    builder: reqwest::ClientBuilder,
+    extra_ca_pem: Option<&str>,
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
     let tls = client_config(extra_ca_pem)?;
-    crate::upstream::http::guard(reqwest::Client::builder())
+    builder
         .tls_backend_preconfigured((*tls).clone())
         .https_only(true)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
