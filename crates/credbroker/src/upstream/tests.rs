@@ -166,3 +166,20 @@ async fn a_guarded_http_client_refuses_ip_literals_and_internal_names() {
         assert!(cause.to_string().starts_with(target), "{url}: {cause}");
     }
 }
+
+#[test]
+fn the_egress_section_parses_and_refuses_unknown_keys() {
+    let config: EgressConfig = toml::from_str(
+        "allow = [\"10.1.0.0/16\"]\ndeny = [\"*.evil.example\"]\ndefault = \"deny\"\n",
+    )
+    .unwrap();
+    let p = Policy::new(&config).unwrap();
+    assert_eq!(p.check("a", ip("10.1.2.3")), Ok(()));
+    assert!(
+        p.check("a", ip("8.8.8.8"))
+            .unwrap_err()
+            .contains("default deny")
+    );
+    assert!(toml::from_str::<EgressConfig>("allowed = []").is_err());
+    assert!(toml::from_str::<EgressConfig>("default = \"maybe\"").is_err());
+}
