@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
 use credbroker_devpki::{CertAuthority, ClientName};
-use support::daemon::{AGENT, Daemon, conn, files_under, reason, secrets, write};
+use support::daemon::{AGENT, Daemon, conn, files_under, new_connector, reason, secrets, write};
 use support::wait;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -23,11 +23,8 @@ async fn create(
 ) -> Result<proto::Connector, tonic::Status> {
     let req = proto::CreateConnectorRequest {
         workspace: workspace.into(),
-        name: name.into(),
-        kind: kind as i32,
-        mode: mode as i32,
         secrets: secrets(slots),
-        ..Default::default()
+        ..new_connector(name, kind, mode)
     };
     admin.create_connector(req).await.map(|r| r.into_inner())
 }
@@ -730,11 +727,12 @@ async fn acknowledged_writes_survive_sigkill() {
                 for i in 0.. {
                     let name = format!("r{round}-w{w}-{i}");
                     let req = proto::CreateConnectorRequest {
-                        name: name.clone(),
-                        kind: proto::ConnectorKind::ApiKey as i32,
-                        mode: proto::ConnectorMode::Shared as i32,
                         secrets: secrets(&[("api_key", &format!("key-{name}"))]),
-                        ..Default::default()
+                        ..new_connector(
+                            &name,
+                            proto::ConnectorKind::ApiKey,
+                            proto::ConnectorMode::Shared,
+                        )
                     };
                     match admin.create_connector(req).await {
                         Ok(_) => tx.send(name).unwrap(),
@@ -1061,10 +1059,7 @@ async fn reflection_health_and_policy_reload() {
 
 #[tokio::test]
 async fn a_caller_over_its_rate_gets_resource_exhausted_and_is_audited() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\ncaller_rate_per_sec = 1\ncaller_burst = 5\n",
-    );
+    let daemon = Daemon::start_with_config("[limits]\ncaller_rate_per_sec = 1\ncaller_burst = 5\n");
     let mut agent = daemon.agent().await;
     let mut refused = None;
     for _ in 0..20 {

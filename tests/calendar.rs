@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, conn, reason, secrets};
+use support::daemon::{Daemon, conn, get_connection, new_connector, reason, secrets};
 use support::peers::peers;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -47,19 +47,20 @@ fn at(t: &Option<prost_types::Timestamp>) -> String {
         .to_string()
 }
 
+/// A request to Radicale as `user`, straight (as the user's own client would send it).
+fn radicale(method: &str, href: &str, user: (&str, &str)) -> reqwest::RequestBuilder {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let url = format!("https://127.0.0.1:{}{href}", peers().ports().caldav);
+    peers()
+        .http()
+        .request(method, url)
+        .basic_auth(user.0, Some(user.1))
+}
+
 /// Creates a calendar collection as `user` directly at Radicale (as the user's own client would).
 async fn mkcalendar(user: (&str, &str), name: &str) -> String {
     let href = format!("/{}/{name}/", user.0);
-    let resp = peers()
-        .http()
-        .request(
-            reqwest::Method::from_bytes(b"MKCALENDAR").unwrap(),
-            format!("https://127.0.0.1:{}{href}", peers().ports().caldav),
-        )
-        .basic_auth(user.0, Some(user.1))
-        .send()
-        .await
-        .unwrap();
+    let resp = radicale("MKCALENDAR", &href, user).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 201, "MKCALENDAR {href}");
     href
 }
@@ -67,17 +68,37 @@ async fn mkcalendar(user: (&str, &str), name: &str) -> String {
 async fn caldav_connector(admin: &mut AdminClient<Channel>, name: &str, url: &str) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::Caldav as i32,
-            mode: proto::ConnectorMode::Personal as i32,
             config: HashMap::from([
                 ("url".to_string(), url.to_string()),
                 ("ca_pem".to_string(), peers().ca_pem.clone()),
             ]),
-            ..Default::default()
+            ..new_connector(
+                name,
+                proto::ConnectorKind::Caldav,
+                proto::ConnectorMode::Personal,
+            )
         })
         .await
         .unwrap();
+}
+
+/// A daemon and its clients with a personal CalDAV connector "Calendar" at Radicale.
+async fn with_calendar_connector() -> (Daemon, AdminClient<Channel>, BrokerClient<Channel>) {
+    let (daemon, mut admin, agent) = Daemon::start().with_clients().await;
+    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    (daemon, admin, agent)
+}
+
+/// A new calendar of alice's named after `prefix`, and alice connected as "u-alice" to the
+/// "Calendar" connector; returns the calendar's path.
+async fn connected_with_calendar(admin: &mut AdminClient<Channel>, prefix: &str) -> String {
+    let calendar = mkcalendar(ALICE, &unique(prefix)).await;
+    assert!(
+        connect(admin, "Calendar", "u-alice", ALICE, false)
+            .await
+            .saved
+    );
+    calendar
 }
 
 async fn connect(
@@ -140,6 +161,14 @@ async fn create(
         .map(|r| r.into_inner().event.unwrap())
 }
 
+/// Asserts that alice's `calendar` has no event in `window`.
+async fn assert_no_events(agent: &mut BrokerClient<Channel>, calendar: &str, window: (&str, &str)) {
+    let listed = list(agent, "Calendar", "u-alice", calendar, window, 0)
+        .await
+        .unwrap();
+    assert!(listed.events.is_empty(), "{:?}", rows(&listed.events));
+}
+
 fn timed(summary: &str, start: &str, end: &str, zone: &str) -> proto::CalendarEvent {
     proto::CalendarEvent {
         summary: summary.into(),
@@ -182,14 +211,7 @@ fn row(
 /// Edits a stored event the way another client would: adds an EXDATE and an overridden
 /// instance (RFC 5545 RECURRENCE-ID), then PUTs it back with If-Match.
 async fn add_exception_and_override(href: &str) {
-    let http = peers().http();
-    let url = format!("https://127.0.0.1:{}{href}", peers().ports().caldav);
-    let resp = http
-        .get(&url)
-        .basic_auth(ALICE.0, Some(ALICE.1))
-        .send()
-        .await
-        .unwrap();
+    let resp = radicale("GET", href, ALICE).send().await.unwrap();
     assert!(resp.status().is_success(), "GET {href}: {}", resp.status());
     let etag = resp.headers()["etag"].to_str().unwrap().to_string();
     let body = resp.text().await.unwrap();
@@ -218,9 +240,7 @@ async fn add_exception_and_override(href: &str) {
     ]
     .join(nl);
     let body = body.replace("END:VCALENDAR", &over);
-    let resp = http
-        .put(&url)
-        .basic_auth(ALICE.0, Some(ALICE.1))
+    let resp = radicale("PUT", href, ALICE)
         .header("If-Match", etag)
         .header("Content-Type", "text/calendar")
         .body(body)
@@ -232,10 +252,7 @@ async fn add_exception_and_override(href: &str) {
 
 #[tokio::test]
 async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    let (daemon, mut admin, mut agent) = with_calendar_connector().await;
     let work = mkcalendar(ALICE, &unique("work")).await;
     let home = mkcalendar(ALICE, &unique("home")).await;
 
@@ -414,17 +431,12 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
     assert_eq!(rows(&mine), with_tokyo);
 
     // A narrow window holding only the excluded instance; a limit.
-    let excluded = list(
+    assert_no_events(
         &mut agent,
-        "Calendar",
-        "u-alice",
         &work,
         ("2031-03-17T00:00:00Z", "2031-03-18T00:00:00Z"),
-        0,
     )
-    .await
-    .unwrap();
-    assert!(excluded.events.is_empty(), "{:?}", rows(&excluded.events));
+    .await;
     let limited = list(&mut agent, "Calendar", "u-alice", &work, march, 2)
         .await
         .unwrap();
@@ -439,10 +451,7 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
 
 #[tokio::test]
 async fn another_users_calendar_is_refused() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
     let bobs = mkcalendar(BOB, &unique("bob-private")).await;
     assert!(
         connect(&mut admin, "Calendar", "u-alice", ALICE, false)
@@ -473,13 +482,7 @@ async fn another_users_calendar_is_refused() {
     .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Bob's calendar is intact: nothing was written to it.
-    let bob_listing = peers()
-        .http()
-        .request(
-            reqwest::Method::from_bytes(b"PROPFIND").unwrap(),
-            format!("https://127.0.0.1:{}{bobs}", peers().ports().caldav),
-        )
-        .basic_auth(BOB.0, Some(BOB.1))
+    let bob_listing = radicale("PROPFIND", &bobs, BOB)
         .header("Depth", "1")
         .send()
         .await
@@ -504,10 +507,7 @@ async fn another_users_calendar_is_refused() {
 
 #[tokio::test]
 async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    let (daemon, mut admin, mut agent) = with_calendar_connector().await;
     let canary = unique("canary-password");
     let window = ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z");
 
@@ -517,13 +517,7 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
     let auth = test.checks.iter().find(|c| !c.ok).unwrap();
     assert_eq!(auth.stage, "auth", "{auth:?}");
     assert!(auth.message.contains("username or password"), "{auth:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Calendar", "u-alice"),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Calendar", "u-alice")).await;
     assert_eq!(
         connection.status,
         proto::ConnectionStatus::NotConnected as i32
@@ -551,13 +545,7 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
         (Code::FailedPrecondition, "EXPIRED"),
         "{err:?}"
     );
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Calendar", "u-alice"),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Calendar", "u-alice")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
     assert!(connection.last_error.contains("refused"), "{connection:?}");
     let err = create(
@@ -585,12 +573,8 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
 
 #[tokio::test]
 async fn unreachable_server_is_unavailable_within_the_deadline() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nupstream_timeout_secs = 2\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
+    let (_daemon, mut admin, mut agent) = daemon.with_clients().await;
     // A closed port, and a port that accepts connections but never answers.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -647,16 +631,8 @@ async fn unreachable_server_is_unavailable_within_the_deadline() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
-    let cal = mkcalendar(ALICE, &unique("inputs")).await;
-    assert!(
-        connect(&mut admin, "Calendar", "u-alice", ALICE, false)
-            .await
-            .saved
-    );
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
+    let cal = connected_with_calendar(&mut admin, "inputs").await;
 
     let field = |err: &tonic::Status| {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -774,31 +750,18 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         assert_eq!(field(&err), name);
     }
     // Nothing reached the calendar.
-    let listed = list(
+    assert_no_events(
         &mut agent,
-        "Calendar",
-        "u-alice",
         &cal,
         ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z"),
-        0,
     )
-    .await
-    .unwrap();
-    assert!(listed.events.is_empty(), "{:?}", rows(&listed.events));
+    .await;
 }
 
 #[tokio::test]
 async fn unreadable_calendar_data_from_the_server_is_reported_not_fatal() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
-    let cal = mkcalendar(ALICE, &unique("odd")).await;
-    assert!(
-        connect(&mut admin, "Calendar", "u-alice", ALICE, false)
-            .await
-            .saved
-    );
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
+    let cal = connected_with_calendar(&mut admin, "odd").await;
     create(
         &mut agent,
         "Calendar",
@@ -818,13 +781,7 @@ async fn unreadable_calendar_data_from_the_server_is_reported_not_fatal() {
     let bad = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//other client//EN\r\nBEGIN:VEVENT\r\n\
 UID:mars-1\r\nDTSTAMP:20310101T000000Z\r\nDTSTART;TZID=Mars/Olympus:20310506T100000\r\n\
 SUMMARY:On Mars\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
-    let resp = peers()
-        .http()
-        .put(format!(
-            "https://127.0.0.1:{}{cal}mars-1.ics",
-            peers().ports().caldav
-        ))
-        .basic_auth(ALICE.0, Some(ALICE.1))
+    let resp = radicale("PUT", &format!("{cal}mars-1.ics"), ALICE)
         .header("Content-Type", "text/calendar")
         .body(bad)
         .send()
@@ -1146,9 +1103,7 @@ async fn google_calendar_through_the_daemon_with_an_oauth_token() {
     use support::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET};
 
     let (base, fake_ca, seen) = google_fake::start_tls().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     // A google-calendar connector whose token comes from the test OAuth server (client
     // credentials keep a browser out of this test) and whose API base is the local fake.
     let issuer = peers().oauth_issuer();

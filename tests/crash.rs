@@ -22,7 +22,7 @@ use std::time::Duration;
 use credbroker::api::proto;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::daemon::{Daemon, conn, secrets};
+use support::daemon::{Daemon, conn, new_connector, secrets};
 use support::oauth::{connect, create_connector};
 
 const KILLS: usize = 100;
@@ -81,12 +81,11 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
             load.spawn(async move {
                 for i in 0.. {
                     let name = format!("r{round}-c{i}");
-                    let req = proto::CreateConnectorRequest {
-                        name: name.clone(),
-                        kind: proto::ConnectorKind::ApiKey as i32,
-                        mode: proto::ConnectorMode::Shared as i32,
-                        ..Default::default()
-                    };
+                    let req = new_connector(
+                        &name,
+                        proto::ConnectorKind::ApiKey,
+                        proto::ConnectorMode::Shared,
+                    );
                     if admin.create_connector(req).await.is_err() {
                         return;
                     }

@@ -9,10 +9,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto;
-use support::daemon::{Daemon, conn, reason, secrets};
+use support::daemon::{
+    Daemon, assert_refused, audit_records, conn, get_connection, reason, secrets,
+};
 use support::mail::{
-    DELIVERY, Servers, connected, create_mail_connector, credentials, fetch, mail_config,
-    mail_connector, next_with_subject, token, wait_for,
+    DELIVERY, Servers, connected, connected_alice, connected_bob, create_mail_connector,
+    credentials, fetch, mail_config, mail_connector, next_with_subject, plain, saved_anyway, token,
+    wait_for,
 };
 use support::peers::peers;
 use support::wait;
@@ -32,9 +35,7 @@ async fn alice_and_bob(admin: &mut proto::admin_client::AdminClient<tonic::trans
 
 #[tokio::test]
 async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threading() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     // Alice sends over STARTTLS (587-style); Bob reads over implicit TLS (993-style).
     alice_and_bob(&mut admin).await;
 
@@ -154,14 +155,10 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     let reply_subject = format!("Re: {subject}");
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Bob", ""),
-            // The alias it came from has no mailbox on the test server: answer the account.
-            to: vec!["alice@x.test".into()],
-            subject: reply_subject.clone(),
-            text_body: "Merci !".into(),
             in_reply_to: m.message_id.clone(),
             references: m.references.clone(),
-            ..Default::default()
+            // The alias it came from has no mailbox on the test server: answer the account.
+            ..plain(conn("Bob", ""), "alice@x.test", &reply_subject, "Merci !")
         })
         .await
         .expect("reply");
@@ -180,39 +177,27 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
 
 #[tokio::test]
 async fn implicit_tls_smtp_and_starttls_imap_work_too() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_bob(
         &mut admin,
         "Bob 465",
         &Servers::starttls_imap_implicit_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
     )
     .await;
     let subject = format!("implicit TLS {}", token());
     let sent = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.clone(),
-            text_body: "to myself".into(),
-            ..Default::default()
-        })
+        .send_email(plain(
+            conn("Bob 465", ""),
+            "bob@x.test",
+            &subject,
+            "to myself",
+        ))
         .await
         .expect("SendEmail over implicit TLS")
         .into_inner();
     let m = wait_for(&mut agent, conn("Bob 465", ""), &subject, false).await;
     assert_eq!(m.message_id, sent.message_id);
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Bob 465", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Bob 465", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Connected as i32);
     assert_eq!(connection.account_label, "bob@x.test");
     assert!(
@@ -223,13 +208,12 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
     // The pooled SMTP connection is reused for a second message.
     let again = format!("implicit TLS again {}", token());
     agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465", ""),
-            to: vec!["bob@x.test".into()],
-            subject: again.clone(),
-            text_body: "once more".into(),
-            ..Default::default()
-        })
+        .send_email(plain(
+            conn("Bob 465", ""),
+            "bob@x.test",
+            &again,
+            "once more",
+        ))
         .await
         .expect("second SendEmail");
     wait_for(&mut agent, conn("Bob 465", ""), &again, false).await;
@@ -255,29 +239,17 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
         assert!(check.message.contains("refused"), "{check:?}");
     }
     assert_eq!(test.checks.len(), 2);
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice", "")).await;
     assert_eq!(
         connection.status,
         proto::ConnectionStatus::NotConnected as i32
     );
     let mut agent = daemon.agent().await;
     let err = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: "never".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", "never", ""))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&err).0, "NOT_CONNECTED");
+    assert_refused(&err, Code::FailedPrecondition, "NOT_CONNECTED");
 
     // TestConnection with candidate credentials says the same, and saves nothing either.
     let tested = admin
@@ -297,17 +269,10 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
 
 #[tokio::test]
 async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    mail_connector(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let canary = format!("canary-{}", token());
     // Saved anyway (ERROR), as a console may do; the servers still refuse it.
-    let resp = admin
-        .connect_with_credentials(credentials("Alice", "alice@x.test", &canary, &[], true))
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = saved_anyway(&mut admin, "Alice", &canary).await;
     assert!(resp.saved);
     assert_eq!(
         resp.connection.as_ref().unwrap().status,
@@ -315,26 +280,14 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     );
     let mut responses = format!("{resp:?}");
 
+    let never = format!("never sent {}", token());
     let err = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: format!("never sent {}", token()),
-            text_body: "x".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", &never, "x"))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(reason(&err).0, "EXPIRED");
+    assert_refused(&err, Code::FailedPrecondition, "EXPIRED");
     responses += &format!("{err:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
     assert!(connection.last_error.contains("refused"), "{connection:?}");
     responses += &format!("{connection:?}");
@@ -356,22 +309,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     }
 
     // FetchMail on a second connection whose IMAP login is refused also expires it.
-    mail_connector(
-        &mut admin,
-        "Alice IMAP",
-        &Servers::implicit_imap_starttls_smtp(),
-    )
-    .await;
-    admin
-        .connect_with_credentials(credentials(
-            "Alice IMAP",
-            "alice@x.test",
-            &canary,
-            &[],
-            true,
-        ))
-        .await
-        .unwrap();
+    saved_anyway(&mut admin, "Alice IMAP", &canary).await;
     let err = fetch(&mut agent, conn("Alice IMAP", ""), |_| {})
         .await
         .unwrap_err();
@@ -380,22 +318,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     responses += &format!("{err:?}");
 
     // So does TestConnection of a stored connection whose password the servers refuse.
-    mail_connector(
-        &mut admin,
-        "Alice test",
-        &Servers::implicit_imap_starttls_smtp(),
-    )
-    .await;
-    admin
-        .connect_with_credentials(credentials(
-            "Alice test",
-            "alice@x.test",
-            &canary,
-            &[],
-            true,
-        ))
-        .await
-        .unwrap();
+    saved_anyway(&mut admin, "Alice test", &canary).await;
     let tested = admin
         .test_connection(proto::TestConnectionRequest {
             connection: conn("Alice test", ""),
@@ -406,25 +329,11 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
         .into_inner();
     assert!(tested.test.as_ref().is_some_and(|t| !t.ok));
     responses += &format!("{tested:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice test", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice test", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
 
     // The canary is nowhere: not in responses, the audit or the daemon's (debug) log.
-    let audit = admin
-        .query_audit(proto::QueryAuditRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let audit = audit_records(&mut admin).await;
     assert!(audit.iter().any(|r| r.operation == "SendEmail"));
     assert!(!responses.contains(&canary));
     assert!(!format!("{audit:?}").contains(&canary));
@@ -435,12 +344,8 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
 
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_within_the_deadline() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nupstream_timeout_secs = 2\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
+    let (_daemon, mut admin, mut agent) = daemon.with_clients().await;
     // A closed port (connection refused) and a server that accepts but never answers.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -480,12 +385,7 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         );
         let err = tokio::time::timeout(
             Duration::from_secs(30),
-            agent.send_email(proto::SendEmailRequest {
-                connection: conn(name, ""),
-                to: vec!["bob@x.test".into()],
-                subject: "unreachable".into(),
-                ..Default::default()
-            }),
+            agent.send_email(plain(conn(name, ""), "bob@x.test", "unreachable", "")),
         )
         .await
         .expect("SendEmail hung")
@@ -578,17 +478,17 @@ async fn a_wrong_tls_mode_or_an_untrusted_certificate_is_reported_as_tls() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     alice_and_bob(&mut admin).await;
     let mark = token();
-    let base = |i: usize| proto::SendEmailRequest {
-        connection: conn("Alice", ""),
-        to: vec!["bob@x.test".into()],
-        subject: format!("bad {mark} {i}"),
-        text_body: "should never arrive".into(),
-        ..Default::default()
+    let base = |i: usize| {
+        let subject = format!("bad {mark} {i}");
+        plain(
+            conn("Alice", ""),
+            "bob@x.test",
+            &subject,
+            "should never arrive",
+        )
     };
     type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
     let cases: Vec<(Change, &str)> = vec![
@@ -703,13 +603,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     // A valid message sent last arrives; none of the refused ones did.
     let good = format!("good {mark}");
     agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: good.clone(),
-            text_body: "fine".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", &good, "fine"))
         .await
         .expect("a valid message");
     let arrived = wait_for(&mut agent, conn("Bob", ""), &good, false).await;
@@ -732,27 +626,9 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::starttls_imap_implicit_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[],
-    )
-    .await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_bob(&mut admin, "Bob", &Servers::implicit_imap_starttls_smtp()).await;
+    connected_alice(&mut admin, "Alice", &Servers::starttls_imap_implicit_smtp()).await;
     let mut stream = agent
         .watch_mail(proto::WatchMailRequest {
             connection: conn("Bob", ""),
@@ -765,12 +641,13 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     let subject = format!("watch {}", token());
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.clone(),
-            text_body: "are you watching?".into(),
             html_body: "<i>are you watching?</i>".into(),
-            ..Default::default()
+            ..plain(
+                conn("Alice", ""),
+                "bob@x.test",
+                &subject,
+                "are you watching?",
+            )
         })
         .await
         .expect("SendEmail");
@@ -815,21 +692,9 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
 
 #[tokio::test]
 async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_away() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nmax_watch_streams = 1\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
+    let daemon = Daemon::start_with_config("[limits]\nmax_watch_streams = 1\n");
+    let (daemon, mut admin, mut agent) = daemon.with_clients().await;
+    connected_bob(&mut admin, "Bob", &Servers::implicit_imap_starttls_smtp()).await;
     let watch = || proto::WatchMailRequest {
         connection: conn("Bob", ""),
         ..Default::default()
@@ -860,25 +725,9 @@ async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_awa
 
 #[tokio::test]
 async fn new_credentials_replace_the_pooled_smtp_connection() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::implicit_imap_starttls_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[],
-    )
-    .await;
-    let send = |subject: String| proto::SendEmailRequest {
-        connection: conn("Alice", ""),
-        to: vec!["bob@x.test".into()],
-        subject,
-        text_body: "pooled".into(),
-        ..Default::default()
-    };
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_alice(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
+    let send = |subject: String| plain(conn("Alice", ""), "bob@x.test", &subject, "pooled");
     // A pooled, authenticated SMTP connection now exists for this connection.
     agent
         .send_email(send(format!("pool {}", token())))

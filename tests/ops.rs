@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY, conn, metric, secrets};
+use support::daemon::{Daemon, OPEN_POLICY, conn, metric, new_connector, secrets};
 use support::wait;
 use tonic::transport::Channel;
 
@@ -26,14 +26,17 @@ async fn api_key_connector(
 ) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: mode as i32,
             secrets: secrets(slots),
-            ..Default::default()
+            ..new_connector(name, proto::ConnectorKind::ApiKey, mode)
         })
         .await
         .unwrap();
+}
+
+/// The API-key connector "Shared" holding [`CANARY_SECRET`].
+async fn shared_canary_connector(admin: &mut AdminClient<Channel>) {
+    let slots = [("api_key", CANARY_SECRET)];
+    api_key_connector(admin, "Shared", proto::ConnectorMode::Shared, &slots).await;
 }
 
 async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &str, key: &str) {
@@ -62,13 +65,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     assert_eq!(status, 200);
     assert_eq!(metric(&before, ok_resolves), 0.0);
 
-    api_key_connector(
-        &mut admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(&mut admin).await;
     api_key_connector(&mut admin, "Personal", proto::ConnectorMode::Personal, &[]).await;
     connect_user(&mut admin, "Personal", CANARY_USER, CANARY_SECRET).await;
 
@@ -279,13 +276,7 @@ async fn spawn_load(daemon: &Daemon, writers: usize) -> Load {
 async fn backup_under_write_load_restores_and_verifies() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    api_key_connector(
-        &mut admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(&mut admin).await;
     let load = spawn_load(&daemon, 4).await;
     load.run_for(LOAD_UNDER_WAY).await;
 
@@ -388,13 +379,7 @@ fn rewrap_finished(s: &proto::StoreStatus) -> bool {
 
 /// Connectors and connections, so the store has records of every kind to rewrap.
 async fn populate(admin: &mut AdminClient<Channel>, users: usize) {
-    api_key_connector(
-        admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(admin).await;
     api_key_connector(admin, "Personal", proto::ConnectorMode::Personal, &[]).await;
     for u in 0..users {
         connect_user(admin, "Personal", &format!("user-{u}"), CANARY_SECRET).await;
