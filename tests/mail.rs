@@ -8,7 +8,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use credbroker::api::proto;
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{
     Daemon, assert_refused, audit_records, conn, get_connection, reason, secrets,
 };
@@ -20,17 +20,92 @@ use support::mail::{
 use support::peers::peers;
 use support::wait;
 use tonic::Code;
+use tonic::transport::Channel;
 
 fn field(status: &tonic::Status) -> String {
     reason(status).1.get("field").cloned().unwrap_or_default()
 }
 
 /// Alice (with an alias) and Bob, each connected over implicit-TLS IMAP and STARTTLS SMTP.
-async fn alice_and_bob(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) {
+async fn alice_and_bob(admin: &mut AdminClient<Channel>) {
     let servers = Servers::implicit_imap_starttls_smtp();
     let alias = [("aliases", "alice.support@x.test")];
     connected(admin, "Alice", &servers, "alice@x.test", "secret1", &alias).await;
     connected(admin, "Bob", &servers, "bob@x.test", "secret2", &[]).await;
+}
+
+/// A message from Alice's alias to Bob, copied to Alice, with a reply-to, text and HTML bodies,
+/// two attachments (the second `pdf`) and threading headers.
+fn from_the_alias_to_bob(subject: &str, pdf: &[u8]) -> proto::SendEmailRequest {
+    proto::SendEmailRequest {
+        connection: conn("Alice", ""),
+        from: "Alice Support <alice.support@x.test>".into(),
+        to: vec!["Bob <bob@x.test>".into()],
+        cc: vec!["alice@x.test".into()],
+        reply_to: "help@x.test".into(),
+        subject: subject.into(),
+        text_body: "Bonjour Bob,\nvoici les notes.".into(),
+        html_body: "<p>Bonjour <b>Bob</b>, voici les notes.</p>".into(),
+        attachments: vec![
+            proto::Attachment {
+                filename: "notes.txt".into(),
+                content_type: "text/plain".into(),
+                content: b"line one\nline two\n".to_vec(),
+            },
+            proto::Attachment {
+                filename: "rapport.pdf".into(),
+                content_type: "application/pdf".into(),
+                content: pdf.to_vec(),
+            },
+        ],
+        in_reply_to: "<thread-parent@x.test>".into(),
+        references: vec!["<thread-root@x.test>".into()],
+        ..Default::default()
+    }
+}
+
+/// FetchMail's since_uid, since, unseen_only and mark_seen on Bob's message `uid` (unread).
+async fn assert_fetch_filters(agent: &mut BrokerClient<Channel>, uid: u32) {
+    let after = fetch(agent, conn("Bob", ""), |r| r.since_uid = uid - 1)
+        .await
+        .unwrap();
+    assert_eq!(after.messages.first().map(|x| x.uid), Some(uid));
+    assert!(after.highest_uid >= uid && after.uid_validity > 0);
+    let future = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.since = Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + 3600,
+            nanos: 0,
+        });
+    })
+    .await
+    .unwrap();
+    assert!(future.messages.is_empty(), "{:?}", future.messages);
+    let unseen = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(unseen.messages.iter().any(|x| x.uid == uid));
+    fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.limit = 1;
+        r.mark_seen = true;
+    })
+    .await
+    .unwrap();
+    let unseen = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(!unseen.messages.iter().any(|x| x.uid == uid));
+    let seen = fetch(agent, conn("Bob", ""), |r| r.since_uid = uid - 1)
+        .await
+        .unwrap();
+    assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
 }
 
 #[tokio::test]
@@ -42,31 +117,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     let subject = format!("Réunion de suivi {}", token());
     let pdf = vec![0x25u8; 3000];
     let sent = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            from: "Alice Support <alice.support@x.test>".into(),
-            to: vec!["Bob <bob@x.test>".into()],
-            cc: vec!["alice@x.test".into()],
-            reply_to: "help@x.test".into(),
-            subject: subject.clone(),
-            text_body: "Bonjour Bob,\nvoici les notes.".into(),
-            html_body: "<p>Bonjour <b>Bob</b>, voici les notes.</p>".into(),
-            attachments: vec![
-                proto::Attachment {
-                    filename: "notes.txt".into(),
-                    content_type: "text/plain".into(),
-                    content: b"line one\nline two\n".to_vec(),
-                },
-                proto::Attachment {
-                    filename: "rapport.pdf".into(),
-                    content_type: "application/pdf".into(),
-                    content: pdf.clone(),
-                },
-            ],
-            in_reply_to: "<thread-parent@x.test>".into(),
-            references: vec!["<thread-root@x.test>".into()],
-            ..Default::default()
-        })
+        .send_email(from_the_alias_to_bob(&subject, &pdf))
         .await
         .expect("SendEmail")
         .into_inner();
@@ -109,47 +160,7 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     // Reading did not mark it as read.
     assert!(!m.flags.iter().any(|f| f == "\\Seen"), "{:?}", m.flags);
 
-    // since_uid, since, unseen_only and mark_seen.
-    let after = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
-        .await
-        .unwrap();
-    assert_eq!(after.messages.first().map(|x| x.uid), Some(m.uid));
-    assert!(after.highest_uid >= m.uid && after.uid_validity > 0);
-    let future = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.since = Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() + 3600,
-            nanos: 0,
-        });
-    })
-    .await
-    .unwrap();
-    assert!(future.messages.is_empty(), "{:?}", future.messages);
-    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.unseen_only = true;
-    })
-    .await
-    .unwrap();
-    assert!(unseen.messages.iter().any(|x| x.uid == m.uid));
-    fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.limit = 1;
-        r.mark_seen = true;
-    })
-    .await
-    .unwrap();
-    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.unseen_only = true;
-    })
-    .await
-    .unwrap();
-    assert!(!unseen.messages.iter().any(|x| x.uid == m.uid));
-    let seen = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
-        .await
-        .unwrap();
-    assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
+    assert_fetch_filters(&mut agent, m.uid).await;
 
     // A reply threads on the message's own Message-ID.
     let reply_subject = format!("Re: {subject}");
@@ -342,6 +353,37 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     assert!(!logs.contains(&canary), "the password leaked into the log");
 }
 
+/// A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
+async fn assert_an_unresolvable_host_is_dns(
+    admin: &mut AdminClient<Channel>,
+    agent: &mut BrokerClient<Channel>,
+) {
+    create_mail_connector(
+        admin,
+        "Nowhere",
+        proto::ConnectorMode::Shared,
+        HashMap::from([
+            ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
+            ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
+        ]),
+    )
+    .await;
+    let resp = admin
+        .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    let checks = resp.test.unwrap().checks;
+    assert_eq!(checks.len(), 2);
+    for c in &checks {
+        assert_eq!(c.stage, "dns", "{c:?}");
+        assert!(c.message.contains("nowhere.invalid"), "{c:?}");
+    }
+    let err = fetch(agent, conn("Nowhere", ""), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_within_the_deadline() {
     let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
@@ -404,33 +446,7 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
     }
     drop(silent);
 
-    // A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
-    create_mail_connector(
-        &mut admin,
-        "Nowhere",
-        proto::ConnectorMode::Shared,
-        HashMap::from([
-            ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
-            ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
-        ]),
-    )
-    .await;
-    let resp = admin
-        .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
-        .await
-        .unwrap()
-        .into_inner();
-    let checks = resp.test.unwrap().checks;
-    assert_eq!(checks.len(), 2);
-    for c in &checks {
-        assert_eq!(c.stage, "dns", "{c:?}");
-        assert!(c.message.contains("nowhere.invalid"), "{c:?}");
-    }
-    let err = fetch(&mut agent, conn("Nowhere", ""), |_| {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
+    assert_an_unresolvable_host_is_dns(&mut admin, &mut agent).await;
 }
 
 #[tokio::test]
@@ -476,22 +492,12 @@ async fn a_wrong_tls_mode_or_an_untrusted_certificate_is_reported_as_tls() {
     }
 }
 
-#[tokio::test]
-async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
-    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
-    alice_and_bob(&mut admin).await;
-    let mark = token();
-    let base = |i: usize| {
-        let subject = format!("bad {mark} {i}");
-        plain(
-            conn("Alice", ""),
-            "bob@x.test",
-            &subject,
-            "should never arrive",
-        )
-    };
-    type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
-    let cases: Vec<(Change, &str)> = vec![
+/// A change that makes a SendEmail request invalid.
+type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
+
+/// (change, the field the refusal names) of each invalid message.
+fn bad_messages() -> Vec<(Change, &'static str)> {
+    vec![
         (Box::new(|r| r.to = vec!["not an address".into()]), "to[0]"),
         (
             Box::new(|r| r.to.push("bob@x.test\r\nBcc: eve@evil.test".into())),
@@ -547,16 +553,14 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
             Box::new(|r| r.connection.as_mut().unwrap().connector = String::new()),
             "connection.connector",
         ),
-    ];
-    for (i, (change, want)) in cases.iter().enumerate() {
-        let mut req = base(i);
-        change(&mut req);
-        let err = agent.send_email(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {err:?}");
-        assert_eq!(field(&err), *want, "case {i}: {err:?}");
-    }
+    ]
+}
+
+/// FetchMail refuses a limit over 200 and a mailbox that smuggles a command (naming the field),
+/// and answers NOT_FOUND for a mailbox that does not exist.
+async fn assert_bad_fetches_refused(agent: &mut BrokerClient<Channel>) {
     for (limit, ok) in [(0, true), (200, true), (201, false), (100_000, false)] {
-        let result = fetch(&mut agent, conn("Bob", ""), |r| {
+        let result = fetch(agent, conn("Bob", ""), |r| {
             r.limit = limit;
             r.since_uid = u32::MAX - 1;
         })
@@ -570,7 +574,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
             (_, other) => panic!("limit {limit}: {other:?}"),
         }
     }
-    let err = fetch(&mut agent, conn("Bob", ""), |r| {
+    let err = fetch(agent, conn("Bob", ""), |r| {
         r.mailbox = "INBOX\r\nA1 DELETE INBOX".into()
     })
     .await
@@ -579,12 +583,37 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
         (err.code(), field(&err)),
         (Code::InvalidArgument, "mailbox".into())
     );
-    let err = fetch(&mut agent, conn("Bob", ""), |r| {
+    let err = fetch(agent, conn("Bob", ""), |r| {
         r.mailbox = format!("Nope{}", token())
     })
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    alice_and_bob(&mut admin).await;
+    let mark = token();
+    let base = |i: usize| {
+        let subject = format!("bad {mark} {i}");
+        plain(
+            conn("Alice", ""),
+            "bob@x.test",
+            &subject,
+            "should never arrive",
+        )
+    };
+    let cases = bad_messages();
+    for (i, (change, want)) in cases.iter().enumerate() {
+        let mut req = base(i);
+        change(&mut req);
+        let err = agent.send_email(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {err:?}");
+        assert_eq!(field(&err), *want, "case {i}: {err:?}");
+    }
+    assert_bad_fetches_refused(&mut agent).await;
     let err = admin
         .connect_with_credentials(credentials(
             "Bob",

@@ -445,7 +445,13 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
             .consent(&started.authorization_url, &callback_url(&daemon))
             .await;
         assert_eq!(browser.get(&callback).await.status().as_u16(), 303);
-        let shown = get_connection(&mut admin, conn(provider, "u1")).await;
+        let shown = admin
+            .get_connection(proto::GetConnectionRequest {
+                connection: conn(provider, "u1"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(shown.account_label, label, "{provider}");
         assert_eq!(shown.provider, provider);
         let token = agent

@@ -52,7 +52,35 @@ async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &
     assert!(resp.saved, "{resp:?}");
 }
 
-/// The value of the sample line `name{labels}` in a Prometheus text body (0 when absent).
+/// JSON logs: every line parses; one `rpc` line per call, with the request id the client saw
+/// (`request_ids`) and the audit record holds; neither the canary secret nor its user.
+fn assert_json_logs(logs: &str, request_ids: &[String], audit: &[proto::AuditRecord]) {
+    assert!(!logs.contains(CANARY_SECRET), "secret in logs");
+    assert!(!logs.contains(CANARY_USER), "end-user id in logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for id in request_ids {
+        let line = lines
+            .iter()
+            .find(|v| v["fields"]["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no log line for request {id}:\n{logs}"));
+        assert_eq!(line["fields"]["message"], "rpc");
+        assert_eq!(line["fields"]["op"], "ResolveCredential");
+        assert_eq!(line["fields"]["caller"], support::daemon::AGENT);
+        assert_eq!(line["fields"]["outcome"], "ok");
+        assert_eq!(line["fields"]["code"], "OK");
+        assert!(line["fields"]["elapsed_us"].is_u64());
+        assert_eq!(line["level"], "INFO");
+        assert!(
+            audit.iter().any(|r| &r.request_id == id),
+            "request {id} not in the audit log"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     let daemon = Daemon::start_with_args(OPEN_POLICY, "", &["--log-format", "json"]);
@@ -120,8 +148,6 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         );
     }
 
-    // JSON logs: every line parses; one `rpc` line per call, with the request id the client
-    // saw and the audit record holds.
     let audit = admin
         .query_audit(proto::QueryAuditRequest {
             limit: 1000,
@@ -132,31 +158,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         .unwrap()
         .into_inner()
         .records;
-    let logs = daemon.logs();
-    assert!(!logs.contains(CANARY_SECRET), "secret in logs");
-    assert!(!logs.contains(CANARY_USER), "end-user id in logs");
-    let lines: Vec<serde_json::Value> = logs
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    for id in &request_ids {
-        let line = lines
-            .iter()
-            .find(|v| v["fields"]["request_id"] == id.as_str())
-            .unwrap_or_else(|| panic!("no log line for request {id}:\n{logs}"));
-        assert_eq!(line["fields"]["message"], "rpc");
-        assert_eq!(line["fields"]["op"], "ResolveCredential");
-        assert_eq!(line["fields"]["caller"], support::daemon::AGENT);
-        assert_eq!(line["fields"]["outcome"], "ok");
-        assert_eq!(line["fields"]["code"], "OK");
-        assert!(line["fields"]["elapsed_us"].is_u64());
-        assert_eq!(line["level"], "INFO");
-        assert!(
-            audit.iter().any(|r| &r.request_id == id),
-            "request {id} not in the audit log"
-        );
-    }
+    assert_json_logs(&daemon.logs(), &request_ids, &audit);
 }
 
 /// A configuration like the daemon's, for another store folder (same key file).
