@@ -390,6 +390,25 @@ async fn client_credentials_tokens_are_cached_until_near_expiry() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// A preset connector's settings: only the identity endpoint (`userinfo_url`) is Google's or
+/// Slack's; the rest is the real test server. `cas` trusts both.
+fn preset_config(userinfo_url: &str, cas: &str) -> HashMap<String, String> {
+    let issuer = peers().oauth_issuer();
+    [
+        ("client_id", OAUTH_CLIENT_ID.to_string()),
+        ("auth_url", format!("{issuer}/auth")),
+        ("token_url", format!("{issuer}/token")),
+        ("revocation_url", format!("{issuer}/token/revocation")),
+        ("userinfo_url", userinfo_url.to_string()),
+        ("scopes", "openid email mail.read".into()),
+        ("token_auth", "basic".into()),
+        ("ca_pem", cas.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// Google's and Slack's identity endpoints cannot run here: a fake serves their documented
 /// shapes over HTTPS, and the presets' label fields pick the account from them, through the
 /// same flow as every other connection (the rest of the flow runs at the real test server).
@@ -404,21 +423,7 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
         ("google-mail", "/oauth2/v3/userinfo", "alice@x.test"),
         ("slack", "/api/auth.test", "Acme Corp"),
     ] {
-        let issuer = peers().oauth_issuer();
-        let config: HashMap<String, String> = [
-            ("client_id", OAUTH_CLIENT_ID.to_string()),
-            // Only the identity endpoint is Google's or Slack's; the rest is the real test server.
-            ("auth_url", format!("{issuer}/auth")),
-            ("token_url", format!("{issuer}/token")),
-            ("revocation_url", format!("{issuer}/token/revocation")),
-            ("userinfo_url", format!("https://{fake}{path}")),
-            ("scopes", "openid email mail.read".into()),
-            ("token_auth", "basic".into()),
-            ("ca_pem", cas.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let config = preset_config(&format!("https://{fake}{path}"), &cas);
         admin
             .create_connector(proto::CreateConnectorRequest {
                 name: provider.into(),
