@@ -244,6 +244,84 @@ async fn resolve_token(
 
 const LOOPBACK: &str = "built-in deny 127.0.0.0/8 (loopback)";
 
+type Broker = proto::broker_client::BrokerClient<Channel>;
+
+/// A mail connector at `host:port` is refused with `want` in its credentials test, FetchMail
+/// and SendEmail.
+async fn assert_mail_refused(
+    (admin, agent): (&mut AdminClient<Channel>, &mut Broker),
+    (name, host, port): (&str, &str, u16),
+    want: &str,
+) {
+    mail_connector(admin, name, host, port).await;
+    let checks = save_mail(admin, name).await;
+    assert_eq!(checks.len(), 2, "{name}: {checks:?}");
+    for (stage, message) in &checks {
+        assert_eq!(stage, "config", "{name}: {message}");
+        assert!(message.contains(want), "{name}: {message}");
+        assert!(
+            message.contains("refused by egress rule built-in deny"),
+            "{name}: {message}"
+        );
+    }
+    let err = fetch(agent, name).await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
+    assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}");
+    assert!(err.message().contains(want), "{name}: {}", err.message());
+    let err = agent
+        .send_email(proto::SendEmailRequest {
+            connection: conn(name, ""),
+            to: vec!["bob@x.test".into()],
+            subject: "egress".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}: {err:?}");
+}
+
+/// Over HTTPS: an API-key test URL on a loopback literal, a CalDAV server and an OAuth token
+/// endpoint named `localhost`.
+async fn assert_https_refused(admin: &mut AdminClient<Channel>, agent: &mut Broker, p: u16) {
+    key_connector(admin, "Key", &format!("https://127.0.0.1:{p}/check")).await;
+    let (stage, message) = test_key(admin, "Key").await;
+    assert_eq!(stage, "config", "{message}");
+    let want = format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}");
+    assert_eq!(message, want);
+    caldav_connector(admin, "Dav", &format!("https://localhost:{p}/dav/")).await;
+    oauth_connector(admin, "Machine", &format!("https://localhost:{p}/token")).await;
+    for err in [
+        list_calendar(agent, "Dav").await,
+        resolve_token(agent, "Machine").await,
+    ] {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(reason(&err).0, "EGRESS_REFUSED");
+        let message = err.message();
+        assert!(
+            message.starts_with("upstream localhost (") && message.contains("(loopback)"),
+            "{message}"
+        );
+    }
+}
+
+/// The operations whose egress refusals the audit log holds.
+async fn audited_refusals(admin: &mut AdminClient<Channel>) -> Vec<String> {
+    let records = admin
+        .query_audit(proto::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    records
+        .into_iter()
+        .filter(|r| r.reason.contains("refused by egress rule"))
+        .map(|r| r.operation)
+        .collect()
+}
+
 #[tokio::test]
 async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
     // The built-in policy only: nothing in [egress].
@@ -255,84 +333,28 @@ async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
     let p = silent.port;
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    let cases = [
-        ("Loop", "127.0.0.1", p, format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}")),
-        ("Mapped", "::ffff:127.0.0.1", p, format!("refused by egress rule {LOOPBACK}")),
+    let metadata = "169.254.169.254:993 refused by egress rule built-in deny 169.254.0.0/16";
+    let private = "10.1.2.3:993 refused by egress rule built-in deny 10.0.0.0/8 (private)";
+    for (name, host, port, want) in [
+        (
+            "Loop",
+            "127.0.0.1",
+            p,
+            format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}"),
+        ),
+        ("Mapped", "::ffff:127.0.0.1", p, format!("rule {LOOPBACK}")),
         (
             "Metadata",
             "169.254.169.254",
             993,
-            "upstream 169.254.169.254:993 refused by egress rule built-in deny 169.254.0.0/16 (link-local)".to_string(),
+            format!("upstream {metadata} (link-local)"),
         ),
-        (
-            "Private",
-            "10.1.2.3",
-            993,
-            "upstream 10.1.2.3:993 refused by egress rule built-in deny 10.0.0.0/8 (private)".to_string(),
-        ),
+        ("Private", "10.1.2.3", 993, format!("upstream {private}")),
         ("Local", "localhost", p, "upstream localhost (".to_string()),
-    ];
-    for (name, host, port, want) in &cases {
-        mail_connector(&mut admin, name, host, *port).await;
-        let checks = save_mail(&mut admin, name).await;
-        assert_eq!(checks.len(), 2, "{name}: {checks:?}");
-        for (stage, message) in &checks {
-            assert_eq!(stage, "config", "{name}: {message}");
-            assert!(message.contains(want.as_str()), "{name}: {message}");
-            assert!(
-                message.contains("refused by egress rule built-in deny"),
-                "{name}: {message}"
-            );
-        }
-        let err = fetch(&mut agent, name).await;
-        assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
-        assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}");
-        assert!(
-            err.message().contains(want.as_str()),
-            "{name}: {}",
-            err.message()
-        );
-        let err = agent
-            .send_email(proto::SendEmailRequest {
-                connection: conn(name, ""),
-                to: vec!["bob@x.test".into()],
-                subject: "egress".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(reason(&err).0, "EGRESS_REFUSED", "{name}: {err:?}");
+    ] {
+        assert_mail_refused((&mut admin, &mut agent), (name, host, port), &want).await;
     }
-
-    // HTTPS: an API-key test URL on a loopback literal, a CalDAV server named `localhost`.
-    key_connector(&mut admin, "Key", &format!("https://127.0.0.1:{p}/check")).await;
-    let (stage, message) = test_key(&mut admin, "Key").await;
-    assert_eq!(stage, "config", "{message}");
-    assert_eq!(
-        message,
-        format!("upstream 127.0.0.1:{p} refused by egress rule {LOOPBACK}")
-    );
-    caldav_connector(&mut admin, "Dav", &format!("https://localhost:{p}/dav/")).await;
-    let err = list_calendar(&mut agent, "Dav").await;
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(reason(&err).0, "EGRESS_REFUSED");
-    assert!(
-        err.message().starts_with("upstream localhost (") && err.message().contains("(loopback)"),
-        "{}",
-        err.message()
-    );
-
-    // OAuth: a token endpoint on a name resolving to loopback.
-    oauth_connector(
-        &mut admin,
-        "Machine",
-        &format!("https://localhost:{p}/token"),
-    )
-    .await;
-    let err = resolve_token(&mut agent, "Machine").await;
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(reason(&err).0, "EGRESS_REFUSED");
-    assert!(err.message().contains("(loopback)"), "{}", err.message());
+    assert_https_refused(&mut admin, &mut agent, p).await;
 
     // Nothing reached the loopback server, and the refusals are in the audit log.
     assert_eq!(
@@ -340,20 +362,7 @@ async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
         0,
         "a refused destination was connected to"
     );
-    let records = admin
-        .query_audit(proto::QueryAuditRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
-    let refused: Vec<_> = records
-        .iter()
-        .filter(|r| r.reason.contains("refused by egress rule"))
-        .map(|r| r.operation.as_str())
-        .collect();
+    let refused = audited_refusals(&mut admin).await;
     for op in [
         "FetchMail",
         "SendEmail",
@@ -361,7 +370,7 @@ async fn internal_destinations_are_refused_before_any_socket_reaches_them() {
         "ResolveCredential",
     ] {
         assert!(
-            refused.contains(&op),
+            refused.iter().any(|r| r == op),
             "no audited egress refusal of {op}: {refused:?}"
         );
     }
