@@ -14,6 +14,9 @@
 //! client_ca = "certs/ca.pem"        # client certificates must chain to this
 //! crl = []                          # optional PEM CRLs
 //! allow_tls12 = false
+//! max_concurrent_streams = 256      # calls in flight on one client connection
+//! max_connections_per_peer = 256    # connections from one address; more are closed at accept
+//! max_connections = 8192            # connections in all
 //! [http]                            # OAuth callback and health, HTTPS with the gRPC certificate
 //! listen = "127.0.0.1:7444"
 //! public_url = "https://127.0.0.1:7444"
@@ -93,10 +96,24 @@ pub struct GrpcConfig {
     /// HTTP/2 streams (calls in flight) one client connection may have open at once.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Connections open at once from one remote address; more are closed at accept.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Connections open at once in all; more are closed at accept.
+    #[serde(default = "default_max_grpc_connections")]
+    pub max_connections: usize,
 }
 
 fn default_max_concurrent_streams() -> u32 {
     256
+}
+
+fn default_max_connections_per_peer() -> usize {
+    256
+}
+
+fn default_max_grpc_connections() -> usize {
+    8192
 }
 
 #[derive(Debug, Clone, Deserialize)]
