@@ -129,8 +129,24 @@ async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
     let bob = fetch(&mut agent, conn("Bob", ""), |_| {}).await.unwrap();
     let mark = bob.highest_uid;
 
-    // The disk fills: the intent cannot be written, so nothing is sent.
+    // The disk fills, and audited calls go on until the store can no longer write (the
+    // store's writes land in pages it already holds for a while).
     let filler = tmpfs.fill();
+    let mut calls = 0;
+    while calls < 20_000 {
+        calls += 1;
+        let status = admin.get_status(proto::GetStatusRequest {}).await;
+        match status {
+            Ok(_) => continue,
+            Err(e) if e.code() == tonic::Code::Unavailable => break,
+            Err(e) => panic!("GetStatus on a full disk: {e:?}"),
+        }
+    }
+    assert!(
+        calls < 20_000,
+        "the audit log was still written on a full disk"
+    );
+    // The intent cannot be written, so nothing is sent.
     let refused_subject = format!("While the disk was full {}", token());
     let refused = agent
         .send_email(message(&refused_subject))
@@ -160,7 +176,8 @@ async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
         "the refused message was delivered"
     );
     println!(
-        "sent before the fill and after: delivered; refused while full ({:?}): not delivered",
+        "sent before the fill and after: delivered; the store failed after {calls} more \
+         calls; refused while full ({:?}): not delivered",
         refused.code()
     );
 }
