@@ -322,6 +322,22 @@ async fn resolves(daemon: &Daemon, channels: usize, n: usize) -> usize {
     ok
 }
 
+/// Creates a shared API-key connector `name` (connected: its key comes with it).
+async fn key_connector(
+    admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>,
+    name: &str,
+) -> Result<tonic::Response<proto::Connector>, tonic::Status> {
+    let secrets = support::daemon::secrets(&[("api_key", "k-123")]);
+    let req = proto::CreateConnectorRequest {
+        name: name.into(),
+        kind: proto::ConnectorKind::ApiKey as i32,
+        mode: proto::ConnectorMode::Shared as i32,
+        secrets,
+        ..Default::default()
+    };
+    admin.create_connector(req).await
+}
+
 #[tokio::test]
 async fn idle_tls_floods_under_the_units_descriptor_limit_leave_the_broker_serving() {
     let mut daemon = Daemon::start();
@@ -334,16 +350,8 @@ async fn idle_tls_floods_under_the_units_descriptor_limit_leave_the_broker_servi
     let pid = daemon.pid();
     assert_eq!(nofile_of(pid), unit.min(ISSUE_NOFILE));
     let mut admin = daemon.admin().await;
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Key".into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            secrets: support::daemon::secrets(&[("api_key", "k-123")]),
-            ..Default::default()
-        })
-        .await
-        .expect("create the key connector");
+    let created = key_connector(&mut admin, "Key").await;
+    created.expect("create the key connector");
 
     // 1,100 idle TLS clients on the HTTPS port, each coming back when it is closed.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -390,15 +398,7 @@ async fn idle_tls_floods_under_the_units_descriptor_limit_leave_the_broker_servi
     assert_eq!(resolves(&daemon, 2, 5).await, 10);
     assert_eq!(daemon.http_get("/healthz").await.0, 200);
     assert_eq!(callbacks(&daemon, 1).await, (1, 0, 0));
-    let after = admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Key after".into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
-            secrets: support::daemon::secrets(&[("api_key", "k-456")]),
-            ..Default::default()
-        })
-        .await;
+    let after = key_connector(&mut admin, "Key after").await;
     assert!(after.is_ok(), "the store refuses writes: {after:?}");
     assert_eq!(daemon.pid(), pid);
 }
