@@ -26,6 +26,8 @@
 //! file = "policy.toml"
 //! [limits]
 //! upstream_timeout_secs = 15
+//! max_request_bytes = 33554432      # SendEmail/CreateEvent (attachments); others are small
+//! max_inflight_request_bytes = 268435456  # large request bytes read at once, all callers
 //! rewrap_batch = 256                # records re-sealed per step after a key rotation
 //! rewrap_pause_ms = 10              # pause between rewrap steps
 //! caller_rate_per_sec = 100000      # per caller identity, a flood guard (0: no limit)…
@@ -174,8 +176,12 @@ pub struct PolicyConfig {
 pub struct Limits {
     /// Deadline of every call to an upstream server (OAuth, SMTP, IMAP, CalDAV).
     pub upstream_timeout_secs: u64,
-    /// Largest gRPC message accepted, in bytes.
+    /// Largest gRPC message accepted, in bytes: SendEmail and CreateEvent (attachments);
+    /// every other RPC has a small fixed bound (`api::rpc`).
     pub max_request_bytes: usize,
+    /// Bytes of large requests (over 64 KiB) all callers together may have in flight; a
+    /// request past it is refused with RESOURCE_EXHAUSTED before its body is read.
+    pub max_inflight_request_bytes: usize,
     /// Concurrent WatchMail streams per caller.
     pub max_watch_streams: usize,
     /// Records the background rewrap re-seals per step after a key rotation…
@@ -200,6 +206,7 @@ impl Default for Limits {
         Self {
             upstream_timeout_secs: 15,
             max_request_bytes: 32 * 1024 * 1024,
+            max_inflight_request_bytes: 256 * 1024 * 1024,
             max_watch_streams: 64,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,

@@ -526,7 +526,11 @@ pub async fn run(
         .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(crate::api::gate::GateLayer::new(services.clone()))
+        .layer(crate::api::gate::GateLayer::new(
+            services.clone(),
+            // Room for at least one message of the largest size.
+            (config.limits.max_inflight_request_bytes).max(config.limits.max_request_bytes),
+        ))
         .add_routes(grpc_routes(&config, &services, extra).await?)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();

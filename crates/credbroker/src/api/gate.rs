@@ -8,6 +8,10 @@
 //! - the body is read through [`Limited`], which refuses with RESOURCE_EXHAUSTED as soon as the
 //!   message's length prefix, or the bytes received, pass the RPC's own bound
 //!   ([`Rpc::max_request_bytes`]): at most one HTTP/2 frame past the bound is ever buffered;
+//! - a message larger than [`SMALL_REQUEST_BYTES`] is read only while the broker-wide budget
+//!   of large request bytes in flight has room for its declared length (held until its body
+//!   is dropped, once decoded); past it the request is refused with RESOURCE_EXHAUSTED, so
+//!   admitted callers together cannot make the daemon buffer more than the budget;
 //! - an admitted request carries [`Admitted`], so the combinator does not charge the rate
 //!   limit a second time.
 //!
@@ -19,9 +23,11 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 
+use super::rpc::SMALL_REQUEST_BYTES;
 use super::{PeerInfo, Rpc, Services};
 
 /// The 5-byte gRPC message prefix: a compression flag and a big-endian length.
@@ -31,15 +37,49 @@ const PREFIX: usize = 5;
 #[derive(Debug, Clone, Copy)]
 pub struct Admitted;
 
+/// The large request bytes in flight, in KiB permits.
+#[derive(Clone)]
+pub struct Budget {
+    kib: Arc<Semaphore>,
+    bytes: usize,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        let kib = (bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            kib: Arc::new(Semaphore::new(kib)),
+            bytes,
+        }
+    }
+
+    /// Room for a message of `length` bytes, or the refusal.
+    fn take(&self, rpc: Rpc, length: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let kib = u32::try_from(length.div_ceil(1024)).unwrap_or(u32::MAX);
+        self.kib.clone().try_acquire_many_owned(kib).map_err(|_| {
+            crate::metrics::rpc(rpc, tonic::Code::ResourceExhausted, Default::default());
+            Status::resource_exhausted(format!(
+                "large requests in flight fill the broker's budget of {} bytes; retry later",
+                self.bytes
+            ))
+        })
+    }
+}
+
 /// Puts [`Gate`] in front of a service.
 #[derive(Clone)]
 pub struct GateLayer {
     services: Arc<Services>,
+    budget: Budget,
 }
 
 impl GateLayer {
-    pub fn new(services: Arc<Services>) -> Self {
-        Self { services }
+    /// `budget`: the large request bytes all callers together may have in flight.
+    pub fn new(services: Arc<Services>, budget: usize) -> Self {
+        Self {
+            services,
+            budget: Budget::new(budget),
+        }
     }
 }
 
@@ -49,6 +89,7 @@ impl<S> tower::Layer<S> for GateLayer {
         Gate {
             inner,
             services: self.services.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -57,6 +98,7 @@ impl<S> tower::Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     services: Arc<Services>,
+    budget: Budget,
 }
 
 impl<S> tower::Service<http::Request<Body>> for Gate<S>
@@ -82,7 +124,7 @@ where
         // The ready service takes this request; its clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let services = self.services.clone();
+        let (services, budget) = (self.services.clone(), self.budget.clone());
         Box::pin(async move {
             let peer = request.extensions().get::<PeerInfo>().cloned();
             if let Err(status) = services.admit(rpc, peer.as_ref()).await {
@@ -92,7 +134,8 @@ where
             if let Some(status) = declared_too_large(&request, rpc, limit) {
                 return Ok(status.into_http());
             }
-            let mut request = request.map(|body| Body::new(Limited::new(body, rpc, limit)));
+            let limited = |body| Body::new(Limited::new(body, rpc, limit, budget));
+            let mut request = request.map(limited);
             request.extensions_mut().insert(Admitted);
             inner.call(request).await
         })
@@ -133,16 +176,21 @@ pub struct Limited {
     seen: usize,
     /// The first bytes, until the prefix is complete.
     prefix: Vec<u8>,
+    budget: Budget,
+    /// A large message's share of the budget, held while its body is read.
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 impl Limited {
-    fn new(inner: Body, rpc: Rpc, limit: usize) -> Self {
+    fn new(inner: Body, rpc: Rpc, limit: usize, budget: Budget) -> Self {
         Self {
             inner,
             rpc,
             limit,
             seen: 0,
             prefix: Vec::with_capacity(PREFIX),
+            budget,
+            _room: None,
         }
     }
 
@@ -153,8 +201,12 @@ impl Limited {
             self.prefix.extend_from_slice(&data[..take]);
             if self.prefix.len() == PREFIX {
                 let length = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
-                if length as usize > self.limit {
+                let length = length as usize;
+                if length > self.limit {
                     return Err(too_large(self.rpc, format!("{length} bytes"), self.limit));
+                }
+                if length > SMALL_REQUEST_BYTES {
+                    self._room = Some(self.budget.take(self.rpc, length)?);
                 }
             }
         }
@@ -212,9 +264,13 @@ mod tests {
         m
     }
 
+    fn limited(rpc: Rpc, limit: usize, budget: &Budget) -> Limited {
+        Limited::new(Body::empty(), rpc, limit, budget.clone())
+    }
+
     #[test]
     fn the_prefix_refuses_before_the_body_arrives() {
-        let mut body = Limited::new(Body::empty(), Rpc::ResolveCredential, 100);
+        let mut body = limited(Rpc::ResolveCredential, 100, &Budget::new(1 << 20));
         // The prefix split over two frames, declaring 101 bytes.
         let prefix = message(101);
         assert!(body.check(&prefix[..2]).is_ok());
@@ -228,9 +284,34 @@ mod tests {
 
     #[test]
     fn bytes_past_the_bound_are_refused_whatever_the_prefix_says() {
-        let mut body = Limited::new(Body::empty(), Rpc::ResolveCredential, 100);
+        let mut body = limited(Rpc::ResolveCredential, 100, &Budget::new(1 << 20));
         assert!(body.check(&message(100)).is_ok());
         assert!(body.check(&[0; 100]).is_ok());
         assert!(body.check(&[0]).is_err());
+    }
+
+    #[test]
+    fn large_messages_wait_for_room_in_the_budget() {
+        let budget = Budget::new(3 << 20);
+        let large = 1 << 20;
+        let mut held: Vec<Limited> = (0..3)
+            .map(|_| limited(Rpc::SendEmail, 4 << 20, &budget))
+            .collect();
+        for body in &mut held {
+            assert!(body.check(&message(large)).is_ok());
+        }
+        // A fourth megabyte does not fit; a small message needs no room.
+        let mut fourth = limited(Rpc::SendEmail, 4 << 20, &budget);
+        let refused = fourth.check(&message(large)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            limited(Rpc::SendEmail, 4 << 20, &budget)
+                .check(&message(100))
+                .is_ok()
+        );
+        // Room comes back when a body is dropped.
+        held.pop();
+        let mut fifth = limited(Rpc::SendEmail, 4 << 20, &budget);
+        assert!(fifth.check(&message(large)).is_ok());
     }
 }
