@@ -625,3 +625,43 @@ async fn oversized_requests_and_excess_streams_are_refused_before_memory_grows()
     assert_grpc_answers(&daemon).await;
     assert_eq!(daemon.pid(), pid);
 }
+
+#[tokio::test]
+async fn grpc_connections_from_one_peer_are_capped_and_given_back() {
+    let mut daemon = Daemon::start();
+    reconfigure(&mut daemon, "grpc", "max_connections_per_peer = 4");
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..8 {
+        match daemon.channel_as("agent").await {
+            Ok(channel) => held.push(channel),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (4, 4), "connections held, refused");
+    // The connections held are served as usual.
+    for channel in &held {
+        let mut agent = proto::broker_client::BrokerClient::new(channel.clone());
+        let req = proto::ResolveCredentialRequest {
+            connection: support::daemon::conn("nothing-here", ""),
+            min_ttl_seconds: 0,
+        };
+        let missing = agent.resolve_credential(req).await.unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    }
+    // Closed, they give their places back.
+    drop(held);
+    let back = support::wait::until(Duration::from_secs(30), async || {
+        let channels: Vec<_> =
+            futures::future::join_all((0..4).map(|_| daemon.channel_as("agent")))
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+        (channels.len() == 4).then_some(channels)
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the places of closed connections never came back"
+    );
+}
