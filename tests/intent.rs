@@ -4,7 +4,8 @@
 //! The fault is real, not a hook in the daemon: the store lives on a small tmpfs the test
 //! mounts (it runs as root) and then fills, so the audit log's next write fails as it would
 //! on a full disk. What did or did not happen is checked at the mail server: the message
-//! that was refused never reaches Bob's mailbox, while one sent after the disk has room does.
+//! that was refused never reaches Bob's mailbox, while one sent after the disk has room does;
+//! the refresh that was refused never reaches the OAuth provider (its counters say so).
 
 mod support;
 
@@ -12,18 +13,23 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use credbroker::api::proto;
 use support::daemon::{Daemon, conn};
 use support::mail::{Servers, connected, fetch, token, wait_for};
+use support::oauth::{connect, create_connector};
+use support::peers::{self, peers};
 
 /// A tmpfs mounted for the test's store, unmounted when dropped.
-struct Tmpfs(PathBuf);
+struct Tmpfs(tempfile::TempDir);
 
 impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let at = tempfile::tempdir().unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
+            .arg(at.path())
             .output()
             .expect("run mount");
         assert!(
@@ -31,12 +37,16 @@ impl Tmpfs {
             "this test mounts a tmpfs and must run as root: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Tmpfs(at.to_path_buf())
+        Tmpfs(at)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
     }
 
     /// Writes a file until the file system has no room left; returns its path.
     fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
+        let path = self.path().join("filler");
         let mut file = std::fs::File::create(&path).unwrap();
         for chunk in [1 << 20, 4096, 1] {
             let bytes = vec![0u8; chunk];
@@ -48,7 +58,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
     }
 }
 
@@ -62,29 +72,29 @@ fn message(subject: &str) -> proto::SendEmailRequest {
     }
 }
 
-/// The SendEmail records of the audit log: (outcome, request id) in order.
-async fn send_records(daemon: &Daemon) -> Vec<(String, String)> {
+/// The outcomes of the audit records of `operation` the call `request_id` wrote, in order.
+async fn outcomes(daemon: &Daemon, operation: &str, request_id: &str) -> Vec<String> {
     let mut admin = daemon.admin().await;
     let req = proto::QueryAuditRequest {
         limit: 1000,
-        operation: "SendEmail".into(),
+        operation: operation.into(),
         ..Default::default()
     };
     let records = admin.query_audit(req).await.unwrap().into_inner().records;
     records
         .into_iter()
-        .map(|r| (r.outcome, r.request_id))
+        .filter(|r| r.request_id == request_id)
+        .map(|r| r.outcome)
         .collect()
 }
 
-#[tokio::test]
-async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
-    let mount_point = tempfile::tempdir().unwrap();
-    let tmpfs = Tmpfs::mount(mount_point.path(), "64m");
+/// A daemon whose store lives on a 64 MiB tmpfs of its own. Bind the pair in this order, so
+/// the daemon stops before the tmpfs is unmounted.
+fn daemon_on_tmpfs() -> (Tmpfs, Daemon) {
+    let tmpfs = Tmpfs::mount("64m");
     let mut daemon = Daemon::start();
-    // The store moves onto the tmpfs.
     daemon.stop();
-    let store = tmpfs.0.join("store");
+    let store = tmpfs.path().join("store");
     let copied = Command::new("cp")
         .arg("-a")
         .arg(daemon.path("store"))
@@ -97,7 +107,28 @@ async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
     assert_ne!(moved, config);
     std::fs::write(daemon.config(), moved).unwrap();
     daemon.respawn();
+    (tmpfs, daemon)
+}
 
+/// Fills the store's disk, then makes audited calls until the audit log can no longer be
+/// written (the store's writes land in pages it already holds for a while). Returns the
+/// filler (remove it to make room again) and how many calls it took.
+async fn fail_the_store(tmpfs: &Tmpfs, daemon: &Daemon) -> (PathBuf, usize) {
+    let filler = tmpfs.fill();
+    let mut admin = daemon.admin().await;
+    for calls in 1..=20_000 {
+        match admin.get_status(proto::GetStatusRequest {}).await {
+            Ok(_) => continue,
+            Err(e) if e.code() == tonic::Code::Unavailable => return (filler, calls),
+            Err(e) => panic!("GetStatus on a full disk: {e:?}"),
+        }
+    }
+    panic!("the audit log was still written on a full disk after 20,000 calls");
+}
+
+#[tokio::test]
+async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
+    let (tmpfs, mut daemon) = daemon_on_tmpfs();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     let servers = Servers::implicit_imap_starttls_smtp();
@@ -119,34 +150,12 @@ async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
     let id = id.metadata().get("x-request-id").unwrap().to_str().unwrap();
     let id = id.to_string();
     wait_for(&mut agent, conn("Bob", ""), &first, false).await;
-    let records = send_records(&daemon).await;
-    let mine: Vec<&str> = records
-        .iter()
-        .filter(|(_, r)| *r == id)
-        .map(|(o, _)| o.as_str())
-        .collect();
-    assert_eq!(mine, ["allowed", "ok"], "{records:?}");
+    assert_eq!(outcomes(&daemon, "SendEmail", &id).await, ["allowed", "ok"]);
     let bob = fetch(&mut agent, conn("Bob", ""), |_| {}).await.unwrap();
     let mark = bob.highest_uid;
 
-    // The disk fills, and audited calls go on until the store can no longer write (the
-    // store's writes land in pages it already holds for a while).
-    let filler = tmpfs.fill();
-    let mut calls = 0;
-    while calls < 20_000 {
-        calls += 1;
-        let status = admin.get_status(proto::GetStatusRequest {}).await;
-        match status {
-            Ok(_) => continue,
-            Err(e) if e.code() == tonic::Code::Unavailable => break,
-            Err(e) => panic!("GetStatus on a full disk: {e:?}"),
-        }
-    }
-    assert!(
-        calls < 20_000,
-        "the audit log was still written on a full disk"
-    );
-    // The intent cannot be written, so nothing is sent.
+    // The disk fills: the intent cannot be written, so nothing is sent.
+    let (filler, calls) = fail_the_store(&tmpfs, &daemon).await;
     let refused_subject = format!("While the disk was full {}", token());
     let refused = agent
         .send_email(message(&refused_subject))
@@ -179,5 +188,55 @@ async fn a_send_whose_intent_cannot_be_written_sends_nothing() {
         "sent before the fill and after: delivered; the store failed after {calls} more \
          calls; refused while full ({:?}): not delivered",
         refused.code()
+    );
+}
+
+#[tokio::test]
+async fn a_token_refresh_whose_intent_cannot_be_written_never_reaches_the_provider() {
+    let (tmpfs, mut daemon) = daemon_on_tmpfs();
+    let mut admin = daemon.admin().await;
+    create_connector(&mut admin, "Team Mail", &[]).await;
+    connect(&daemon, &mut admin, "Team Mail", "u1", "").await;
+    let resolve = async |daemon: &Daemon| {
+        let req = proto::ResolveCredentialRequest {
+            connection: conn("Team Mail", "u1"),
+            min_ttl_seconds: 1,
+        };
+        daemon.agent().await.resolve_credential(req).await
+    };
+    resolve(&daemon)
+        .await
+        .expect("a resolve of the fresh token");
+
+    // The token expires, the disk fills: the refresh is not attempted, so the provider never
+    // rotates the refresh token the broker could no longer save.
+    tokio::time::sleep(Duration::from_secs(peers::ACCESS_TTL_SECS + 1)).await;
+    let (filler, _) = fail_the_store(&tmpfs, &daemon).await;
+    let before = peers().oauth_stats().await;
+    let refused = resolve(&daemon).await.unwrap_err();
+    let after = peers().oauth_stats().await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        after.refresh_token, before.refresh_token,
+        "a refresh reached the provider with no intent record"
+    );
+
+    // Room again: the refresh happens, with its intent recorded before it.
+    std::fs::remove_file(filler).unwrap();
+    daemon.restart();
+    let served = resolve(&daemon)
+        .await
+        .expect("a resolve after the disk had room");
+    let id = served
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let recorded = outcomes(&daemon, "ResolveCredential", id).await;
+    assert_eq!(recorded, ["allowed", "ok"]);
+    assert_eq!(
+        peers().oauth_stats().await.refresh_token,
+        after.refresh_token + 1
     );
 }

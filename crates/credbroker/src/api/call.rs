@@ -6,7 +6,8 @@
 //! record (if it cannot be written the call fails, whatever its outcome); an RPC that acts on
 //! the world ([`Effect::Acts`]) writes a durable intent record once the caller is admitted and
 //! before it acts, and does not act if that record cannot be written (the client gets
-//! UNAVAILABLE); every reply, success or error, carries the call's `x-request-id`, the same id
+//! UNAVAILABLE); side effects deep inside a call (an OAuth refresh) declare theirs in the
+//! call's [`crate::intent`] scope, opened here; every reply, success or error, carries the call's `x-request-id`, the same id
 //! its audit records hold.
 
 use tonic::metadata::MetadataMap;
@@ -100,7 +101,13 @@ impl Services {
         work: impl AsyncFnOnce(&mut Call, Req) -> Result<Resp, ApiError>,
     ) -> Result<Response<Resp>, Status> {
         let mut call = self.begin(rpc, &request).await?;
-        let result = work(&mut call, request.into_inner()).await;
+        let scope = crate::intent::Scope {
+            audit: self.audit.clone(),
+            caller: call.caller.clone(),
+            operation: rpc.audit_label(),
+            request_id: call.request_id.clone(),
+        };
+        let result = crate::intent::scope(scope, work(&mut call, request.into_inner())).await;
         self.finish(call, result).await
     }
 
