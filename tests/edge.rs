@@ -541,19 +541,10 @@ async fn open_streams(daemon: &Daemon, n: u32) -> (u32, bool) {
 /// `[grpc] max_concurrent_streams` in the stream test.
 const STREAMS: u32 = 16;
 
-#[tokio::test]
-async fn oversized_requests_and_excess_streams_are_refused_before_memory_grows() {
-    let mut daemon = Daemon::start();
-    reconfigure(
-        &mut daemon,
-        "grpc",
-        &format!("max_concurrent_streams = {STREAMS}"),
-    );
-    daemon.issue("spiffe://test/stranger", "stranger");
-    let pid = daemon.pid();
-    assert_grpc_answers(&daemon).await;
-    let (rss_before, hwm_before) = memory_kib(pid);
-
+/// Eight concurrent requests of almost 32 MiB, each on its own connection: the agent's
+/// ResolveCredential (allowed, but not that large) and the stranger's SendEmail (a caller in no
+/// policy). Returns (index, code, message) of each refusal.
+async fn huge_requests(daemon: &Daemon) -> Vec<(usize, tonic::Code, String)> {
     // Just under the old 32 MiB limit, so an unfixed broker would read and decode them all.
     let huge = "x".repeat(32 * 1024 * 1024 - 1024);
     let mut calls = Vec::new();
@@ -588,6 +579,23 @@ async fn oversized_requests_and_excess_streams_are_refused_before_memory_grows()
     for call in calls {
         outcomes.push(call.await.unwrap());
     }
+    outcomes
+}
+
+#[tokio::test]
+async fn oversized_requests_and_excess_streams_are_refused_before_memory_grows() {
+    let mut daemon = Daemon::start();
+    reconfigure(
+        &mut daemon,
+        "grpc",
+        &format!("max_concurrent_streams = {STREAMS}"),
+    );
+    daemon.issue("spiffe://test/stranger", "stranger");
+    let pid = daemon.pid();
+    assert_grpc_answers(&daemon).await;
+    let (rss_before, hwm_before) = memory_kib(pid);
+
+    let outcomes = huge_requests(&daemon).await;
     let (_, hwm_requests) = memory_kib(pid);
 
     // More streams than allowed on one connection: the excess is refused, none served.

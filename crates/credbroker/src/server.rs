@@ -308,50 +308,59 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, refusals, out) = (acceptor.clone(), refusals.clone(), out.clone());
-        tokio::spawn(async move {
-            let refuse = |reason: String| {
-                refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason)
-            };
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::info!(%remote, error = %e, "TLS handshake refused");
-                    refuse(e.to_string()).await;
-                    return;
-                }
-                Err(_) => {
-                    refuse("TLS handshake timed out".into()).await;
-                    return;
-                }
-            };
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first());
-            let caller = match leaf.map(|der| caller_from_cert(der)) {
-                Some(Ok(caller)) => caller,
-                Some(Err(e)) => {
-                    refuse(e.to_string()).await;
-                    return;
-                }
-                None => {
-                    refuse("no client certificate".into()).await;
-                    return;
-                }
-            };
-            let _ = out
-                .send(Ok(TlsConnection {
-                    stream,
-                    peer: PeerInfo {
-                        caller,
-                        remote: Some(remote),
-                    },
-                    _slot: slot,
-                }))
-                .await;
-        });
+        tokio::spawn(handshake(tcp, remote, slot, (acceptor, refusals), out));
     }
+}
+
+/// Completes one connection's TLS handshake and hands it, with its caller, to the server;
+/// a refused handshake is audited through [`Refusals`].
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    slot: Slot,
+    (acceptor, refusals): (TlsAcceptor, Arc<Refusals>),
+    out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
+) {
+    let refuse =
+        |reason: String| refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "TLS handshake refused");
+            refuse(e.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            refuse("TLS handshake timed out".into()).await;
+            return;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    let caller = match leaf.map(|der| caller_from_cert(der)) {
+        Some(Ok(caller)) => caller,
+        Some(Err(e)) => {
+            refuse(e.to_string()).await;
+            return;
+        }
+        None => {
+            refuse("no client certificate".into()).await;
+            return;
+        }
+    };
+    let _ = out
+        .send(Ok(TlsConnection {
+            stream,
+            peer: PeerInfo {
+                caller,
+                remote: Some(remote),
+            },
+            _slot: slot,
+        }))
+        .await;
 }
 
 /// Opens everything else the configuration names over `store` and builds the shared services.
