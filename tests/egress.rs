@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY, conn, reason, secrets};
+use support::daemon::{Daemon, OPEN_POLICY, conn, reason, secrets, unit_nofile};
 use support::wait;
 use tokio::io::AsyncReadExt;
 use tonic::Code;
@@ -439,44 +439,14 @@ async fn destinations_are_reached_once_allowed_and_deny_wins() {
     );
 }
 
-/// `LimitNOFILE=` of the shipped systemd unit.
-fn unit_nofile() -> u64 {
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/systemd/credbroker.service"
-    ))
-    .unwrap();
-    unit.lines()
-        .find_map(|l| l.strip_prefix("LimitNOFILE="))
-        .expect("the unit sets LimitNOFILE")
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Gives the running daemon the descriptor limit `n`, as systemd would, and checks it took.
-fn limit_descriptors(daemon: &Daemon, n: u64) {
-    let pid = daemon.pid().expect("the daemon runs");
-    let limit = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    // SAFETY: prlimit(2) on a child we own, with a valid resource and limit.
-    let rc = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+/// The running daemon's `RLIMIT_NOFILE` is `n`.
+fn assert_descriptor_limit(daemon: &Daemon, n: u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
-    assert!(line.contains(&n.to_string()), "{line}");
+    assert!(line.contains(&format!(" {n} ")), "{line}");
 }
 
 const OTHER: &str = "spiffe://test/other";
@@ -526,14 +496,15 @@ async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolvi
          connectors = [\"Key\"]\noperations = [\"resolve\"]\nusers = [\"*\"]\n"
     );
     // The deadline is never reached: the flood's sockets end only when the server lets go.
-    let daemon = Daemon::start_with(
+    let mut daemon = Daemon::start_with(
         &policy,
         &format!(
             "[limits]\nupstream_timeout_secs = 300\nupstream_connections_per_caller = {CAP}\n\
              user_rate_per_sec = 0\n"
         ),
     );
-    limit_descriptors(&daemon, unit_nofile());
+    daemon.limit_descriptors(unit_nofile());
+    assert_descriptor_limit(&daemon, unit_nofile());
     daemon.issue(OTHER, "other");
     let silent = Silent::start().await;
     let mut admin = daemon.admin().await;
