@@ -32,7 +32,31 @@ pub struct Call {
     pub started: std::time::Instant,
 }
 
+/// How an error is audited: a refusal (policy, rate) is denied, anything else an error.
+pub fn audited_outcome(e: &ApiError) -> (Outcome, String) {
+    match e {
+        ApiError::Denied(why) | ApiError::Exhausted { message: why, .. } => {
+            (Outcome::Denied, why.clone())
+        }
+        e => (Outcome::Error, e.to_string()),
+    }
+}
+
 impl Call {
+    /// The call's audit record.
+    pub fn audit_event(&self, outcome: Outcome, reason: String) -> AuditEvent {
+        AuditEvent {
+            caller: self.caller.clone(),
+            operation: self.rpc.audit_label().to_string(),
+            workspace: self.workspace.clone(),
+            connector: self.connector.clone(),
+            user_id: self.user_id.clone(),
+            outcome: Some(outcome),
+            reason,
+            request_id: self.request_id.clone(),
+        }
+    }
+
     /// Notes the connector the call resolved to, for the audit record.
     pub fn on(&mut self, target: &Target) {
         self.on_connector(&target.connector);
@@ -162,21 +186,9 @@ impl Services {
     ) -> Result<Response<T>, Status> {
         let (outcome, reason) = match &result {
             Ok(_) => (Outcome::Ok, String::new()),
-            Err(ApiError::Denied(why) | ApiError::Exhausted { message: why, .. }) => {
-                (Outcome::Denied, why.clone())
-            }
-            Err(e) => (Outcome::Error, e.to_string()),
+            Err(e) => audited_outcome(e),
         };
-        let event = AuditEvent {
-            caller: call.caller.clone(),
-            operation: call.rpc.audit_label().to_string(),
-            workspace: call.workspace,
-            connector: call.connector,
-            user_id: call.user_id,
-            outcome: Some(outcome),
-            reason,
-            request_id: call.request_id.clone(),
-        };
+        let event = call.audit_event(outcome, reason);
         let (rpc, id) = (call.rpc, &call.request_id);
         if let Err(e) = self.audit.record(event).await {
             tracing::error!(error = %e, request_id = %id, "audit failed: refusing the call");

@@ -223,6 +223,7 @@ fn mail(e: &MailError) -> Class {
         MailError::Rejected { .. } => plain(Reason::MailRejected),
         MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
         MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+        MailError::Denied(_) => plain(Reason::Policy),
     }
 }
 

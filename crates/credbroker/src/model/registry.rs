@@ -493,6 +493,11 @@ impl Registry {
         self.store.generation(CONNECTIONS)
     }
 
+    /// Changes whenever a connector is written or deleted (see [`Store::generation`]).
+    pub fn connectors_generation(&self) -> u64 {
+        self.store.generation(CONNECTORS)
+    }
+
     /// Connections by status across every workspace (for metrics), scanning page by page on a
     /// blocking thread.
     pub async fn count_connections(
