@@ -20,17 +20,29 @@ const REVOKED: Duration = Duration::from_secs(30);
 type Admin = proto::admin_client::AdminClient<tonic::transport::Channel>;
 type Broker = proto::broker_client::BrokerClient<tonic::transport::Channel>;
 
-/// Bob connected (read over implicit TLS) and a WatchMail stream on his INBOX.
+/// Bob (read over implicit TLS) and Alice (over STARTTLS) connected.
+async fn bob_and_alice(admin: &mut Admin) {
+    for (name, servers, email, password) in [
+        (
+            "Bob",
+            Servers::implicit_imap_starttls_smtp(),
+            "bob@x.test",
+            "secret2",
+        ),
+        (
+            "Alice",
+            Servers::starttls_imap_implicit_smtp(),
+            "alice@x.test",
+            "secret1",
+        ),
+    ] {
+        connected(admin, name, &servers, email, password, &[]).await;
+    }
+}
+
+/// Bob and Alice connected, and a WatchMail stream on Bob's INBOX.
 async fn bob_watched(admin: &mut Admin, agent: &mut Broker) -> tonic::Streaming<proto::MailEvent> {
-    connected(
-        admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
+    bob_and_alice(admin).await;
     agent
         .watch_mail(proto::WatchMailRequest {
             connection: conn("Bob", ""),
@@ -128,15 +140,6 @@ async fn a_reload_that_keeps_the_grant_keeps_the_stream() {
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
     let mut stream = bob_watched(&mut admin, &mut agent).await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::starttls_imap_implicit_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[],
-    )
-    .await;
     // The same grants under another caller's entry: a reload, with the agent's rights intact.
     write(
         &daemon.path("policy.toml"),
@@ -149,54 +152,51 @@ async fn a_reload_that_keeps_the_grant_keeps_the_stream() {
     .await;
     assert!(reloaded.is_some(), "the policy was not reloaded");
     let subject = format!("still watching {}", token());
-    agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.clone(),
-            text_body: "still there?".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("SendEmail");
+    send_to_bob(&mut agent, &subject, 1).await;
     support::mail::next_with_subject(&mut stream, &subject).await;
+}
+
+/// Bob watched, then `revoke` run as the admin: the stream ends with `code` and `why`, and the
+/// end is audited as an error.
+async fn ends_after(revoke: impl AsyncFnOnce(&mut Admin), code: Code, why: &str) {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let stream = bob_watched(&mut admin, &mut agent).await;
+    revoke(&mut admin).await;
+    let status = end_of(stream).await;
+    assert_eq!(
+        (status.code(), reason(&status).0.as_str()),
+        (code, why),
+        "{status:?}"
+    );
+    assert_end_audited(&mut admin, "error").await;
 }
 
 #[tokio::test]
 async fn watch_mail_ends_on_disconnect_as_not_connected() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    let stream = bob_watched(&mut admin, &mut agent).await;
-    admin
-        .disconnect(proto::DisconnectRequest {
+    let disconnect = async |admin: &mut Admin| {
+        let request = proto::DisconnectRequest {
             connection: conn("Bob", ""),
-        })
-        .await
-        .expect("Disconnect");
-    let status = end_of(stream).await;
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert_eq!(reason(&status).0, "NOT_CONNECTED");
-    assert_end_audited(&mut admin, "error").await;
+        };
+        admin.disconnect(request).await.expect("Disconnect");
+    };
+    ends_after(disconnect, Code::FailedPrecondition, "NOT_CONNECTED").await;
 }
 
 #[tokio::test]
 async fn watch_mail_ends_when_its_connector_is_deleted() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    let stream = bob_watched(&mut admin, &mut agent).await;
-    admin
-        .delete_connector(proto::DeleteConnectorRequest {
+    let delete = async |admin: &mut Admin| {
+        let request = proto::DeleteConnectorRequest {
             connector: "Bob".into(),
             ..Default::default()
-        })
-        .await
-        .expect("DeleteConnector");
-    let status = end_of(stream).await;
-    assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    assert_eq!(reason(&status).0, "NOT_FOUND");
-    assert_end_audited(&mut admin, "error").await;
+        };
+        admin
+            .delete_connector(request)
+            .await
+            .expect("DeleteConnector");
+    };
+    ends_after(delete, Code::NotFound, "NOT_FOUND").await;
 }
 
 #[tokio::test]
@@ -224,22 +224,7 @@ async fn capped(message: u32, response: u64) -> (Daemon, Admin, Broker) {
     );
     let mut admin = daemon.admin().await;
     let agent = daemon.agent().await;
-    for (name, servers, email, password) in [
-        (
-            "Bob",
-            Servers::implicit_imap_starttls_smtp(),
-            "bob@x.test",
-            "secret2",
-        ),
-        (
-            "Alice",
-            Servers::starttls_imap_implicit_smtp(),
-            "alice@x.test",
-            "secret1",
-        ),
-    ] {
-        connected(&mut admin, name, &servers, email, password, &[]).await;
-    }
+    bob_and_alice(&mut admin).await;
     (daemon, admin, agent)
 }
 

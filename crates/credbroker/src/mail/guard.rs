@@ -173,7 +173,6 @@ mod tests {
     use super::*;
     use crate::driver::{ConnectionError, CredentialError};
     use crate::model::{Kind, Mode, ModelError, NewConnector};
-    use crate::vault::{KeySource, generate_key_file};
 
     const GRANTED: &str = r#"
 [[callers]]
@@ -193,14 +192,7 @@ users = ["*"]
     }
 
     async fn world() -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        generate_key_file(&key).unwrap();
-        let config = crate::config::StoreConfig::at(dir.path().join("db"));
-        let store = crate::store::Store::create(&config, &KeySource::KeyFile(key))
-            .await
-            .unwrap();
-        let registry = Registry::new(Arc::new(store), &crate::driver::DRIVERS);
+        let (dir, registry) = Registry::temporary(&crate::driver::DRIVERS).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
@@ -300,26 +292,22 @@ users = ["*"]
         w.registry.save_connection(&renewed, None).await.unwrap();
         assert!(guard.recheck(&w.registry).await.unwrap(), "new credentials");
 
+        let ended = async |guard: &mut Guard| match guard.recheck(&w.registry).await {
+            Err(MailError::Credential(CredentialError::Connection(e))) => e,
+            other => panic!("{other:?}"),
+        };
         w.registry
             .mark_expired(&w.target.connector, "", "destination_changed".into(), true)
             .await
             .unwrap();
-        assert!(matches!(
-            guard.recheck(&w.registry).await,
-            Err(MailError::Credential(CredentialError::Connection(
-                ConnectionError::Expired { .. }
-            )))
-        ));
+        let expired = ended(&mut guard).await;
+        assert!(matches!(expired, ConnectionError::Expired { .. }));
         w.registry
             .delete_connection(&w.target.connector, "")
             .await
             .unwrap();
-        assert!(matches!(
-            guard.recheck(&w.registry).await,
-            Err(MailError::Credential(CredentialError::Connection(
-                ConnectionError::NotConnected { .. }
-            )))
-        ));
+        let gone = ended(&mut guard).await;
+        assert!(matches!(gone, ConnectionError::NotConnected { .. }));
         w.registry
             .delete_connector("", &w.target.connector.id)
             .await

@@ -352,12 +352,18 @@ pub async fn test_login(account: &Account, timeout: Duration) -> Result<(), Mail
 /// A logged-in session with a mailbox open.
 pub struct Session {
     pub inner: async_imap::Session<Stream>,
+    pub opened: Opened,
+}
+
+/// What a session knows besides its connection (which IDLE takes while it runs): the mailbox
+/// it opened, the server, the caps and the meter of what the server sends.
+pub struct Opened {
     pub mailbox: String,
     pub uid_validity: u32,
     pub uid_next: u32,
     pub(super) server: String,
     pub(super) caps: Caps,
-    pub(super) meter: Meter,
+    meter: Meter,
 }
 
 impl Session {
@@ -385,15 +391,15 @@ impl Session {
                 },
                 e => protocol(account, "opening the mailbox", e),
             })?;
-            Ok(Session {
-                inner,
+            let opened = Opened {
                 mailbox: mailbox.to_string(),
                 uid_validity: selected.uid_validity.unwrap_or(0),
                 uid_next: selected.uid_next.unwrap_or(0),
                 server: server.clone(),
                 caps,
                 meter: meter.clone(),
-            })
+            };
+            Ok(Session { inner, opened })
         })
         .await
     }
@@ -401,7 +407,7 @@ impl Session {
     fn err(&self, what: &str, e: impl std::fmt::Display) -> MailError {
         MailError::upstream(
             Service::Imap,
-            &self.server,
+            &self.opened.server,
             Stage::Protocol,
             format!("{what}: {e}"),
         )
@@ -422,13 +428,15 @@ impl Session {
 
     /// The server may send one command's ordinary reply (anything but message bodies).
     pub fn allow_command(&self) {
-        self.meter.allow(self.caps.response + PER_COMMAND_OVERHEAD);
+        self.opened
+            .meter
+            .allow(self.opened.caps.response + PER_COMMAND_OVERHEAD);
     }
 
     /// The sizes (RFC822.SIZE) of the given UIDs, in the order given.
     async fn sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u32)>, MailError> {
         self.allow_command();
-        let err = fetch_error(&self.server);
+        let err = fetch_error(&self.opened.server);
         let fetched: Vec<Fetch> = self
             .inner
             .uid_fetch(uid_set(uids), "(UID RFC822.SIZE)")
@@ -452,7 +460,7 @@ impl Session {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
-        let err = fetch_error(&self.server);
+        let err = fetch_error(&self.opened.server);
         self.inner
             .uid_fetch(uid_set(uids), format!("(UID FLAGS INTERNALDATE {body})"))
             .await
@@ -477,7 +485,8 @@ impl Session {
         let sizes = self.sizes(uids).await?;
         let plan = plan(&sizes, budget);
         let count = (plan.full.len() + plan.partial.len()) as u64;
-        self.meter
+        self.opened
+            .meter
             .allow(plan.bytes + count * PER_MESSAGE_OVERHEAD + PER_COMMAND_OVERHEAD);
         let body = if mark_seen { "BODY[]" } else { "BODY.PEEK[]" };
         let mut fetched = self.bodies(&plan.full, body).await?;
@@ -627,8 +636,8 @@ pub async fn fetch(
         matching(&mut session, q, &mut budget),
     )
     .await;
-    let highest_uid = session.uid_next.saturating_sub(1);
-    let uid_validity = session.uid_validity;
+    let highest_uid = session.opened.uid_next.saturating_sub(1);
+    let uid_validity = session.opened.uid_validity;
     session.logout().await;
     let messages = result?;
     Ok(FetchResult {

@@ -86,9 +86,9 @@ pub fn spawn(
             last_uid: if query.since_uid > 0 {
                 query.since_uid
             } else {
-                first.uid_next.saturating_sub(1)
+                first.opened.uid_next.saturating_sub(1)
             },
-            uid_validity: first.uid_validity,
+            uid_validity: first.opened.uid_validity,
         };
         let mut stream = Stream {
             mail,
@@ -197,11 +197,11 @@ impl Stream {
             Ok(s) => {
                 tracing::info!(connector = %connector, "WatchMail reconnected");
                 *backoff = BACKOFF_MIN;
-                if s.uid_validity != self.state.uid_validity {
+                if s.opened.uid_validity != self.state.uid_validity {
                     // The server renumbered the mailbox: old UIDs mean nothing now.
                     tracing::warn!(connector = %connector, "UIDVALIDITY changed; resuming from the newest message");
-                    self.state.uid_validity = s.uid_validity;
-                    self.state.last_uid = s.uid_next.saturating_sub(1);
+                    self.state.uid_validity = s.opened.uid_validity;
+                    self.state.last_uid = s.opened.uid_next.saturating_sub(1);
                 }
                 Next::Go(s)
             }
@@ -250,7 +250,7 @@ impl Stream {
     /// after the guard allowed it. Err: the connection was lost.
     async fn deliver(&mut self, mut s: Session) -> Result<Next, MailError> {
         let timeout = self.mail.timeout();
-        let server = s.server.clone();
+        let server = s.opened.server.clone();
         let search = format!("UID {}:*", self.state.last_uid.saturating_add(1));
         let uids = tokio::time::timeout(timeout, s.search(&search))
             .await
@@ -260,7 +260,7 @@ impl Stream {
             .filter(|u| *u > self.state.last_uid)
             .collect();
         for batch in new.chunks(BATCH) {
-            let mut budget = Budget::new(s.caps);
+            let mut budget = Budget::new(s.opened.caps);
             let fetched = tokio::time::timeout(
                 timeout,
                 s.fetch(batch, self.query.include_html, false, &mut budget),
@@ -295,20 +295,13 @@ impl Stream {
     async fn idle(&mut self, s: Session) -> Result<Next, MailError> {
         let timeout = self.mail.timeout();
         s.allow_command();
-        let Session {
-            inner,
-            mailbox,
-            uid_validity,
-            uid_next,
-            server,
-            caps,
-            meter,
-        } = s;
+        let Session { inner, opened } = s;
+        let server = &opened.server;
         let mut idle = inner.idle();
         tokio::time::timeout(timeout, idle.init())
             .await
-            .map_err(|_| idle_err(&server, "IDLE timed out"))?
-            .map_err(|e| idle_err(&server, &format!("IDLE refused: {e}")))?;
+            .map_err(|_| idle_err(server, "IDLE timed out"))?
+            .map_err(|e| idle_err(server, &format!("IDLE refused: {e}")))?;
         let woke = {
             let (wait, _stop) = idle.wait_with_timeout(IDLE_REFRESH);
             tokio::pin!(wait);
@@ -330,23 +323,15 @@ impl Stream {
             Ok(IdleResponse::NewData(_)) | Ok(IdleResponse::Timeout) => {}
             // The stream ended: the server closed the connection.
             Ok(IdleResponse::ManualInterrupt) => {
-                return Err(idle_err(&server, "the server closed the connection"));
+                return Err(idle_err(server, "the server closed the connection"));
             }
-            Err(e) => return Err(idle_err(&server, &format!("connection lost: {e}"))),
+            Err(e) => return Err(idle_err(server, &format!("connection lost: {e}"))),
         }
         let inner = tokio::time::timeout(timeout, idle.done())
             .await
-            .map_err(|_| idle_err(&server, "ending IDLE timed out"))?
-            .map_err(|e| idle_err(&server, &format!("ending IDLE failed: {e}")))?;
-        Ok(Next::Go(Session {
-            inner,
-            mailbox,
-            uid_validity,
-            uid_next,
-            server,
-            caps,
-            meter,
-        }))
+            .map_err(|_| idle_err(server, "ending IDLE timed out"))?
+            .map_err(|e| idle_err(server, &format!("ending IDLE failed: {e}")))?;
+        Ok(Next::Go(Session { inner, opened }))
     }
 }
 
