@@ -98,7 +98,7 @@ fn audited(watcher: crate::mail::watch::Watcher, end: StreamEnd) -> MailStream {
     Box::pin(futures::stream::unfold(
         (watcher, end),
         async |(mut watcher, mut end)| {
-            let item = match watcher.recv().await? {
+            let item = match watcher.next().await? {
                 Ok(event) => Ok(convert::mail_event(event)),
                 Err(e) => {
                     let e = stream_error(e);

@@ -12,7 +12,8 @@
 //! - the connector or connection record changed but is still usable (new credentials, new
 //!   servers) → the stream reconnects with the new one; its own session never outlives them.
 //!
-//! Invariant: a stream delivers nothing after a check that failed; the error is its last item.
+//! Invariant: a stream delivers nothing after a check that failed: the messages it had queued
+//! are dropped ([`super::watch::Watcher::next`]) and the error is its last item.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,6 +9,7 @@
 //! messages is read within the caps ([`super::imap::Caps`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,7 +52,26 @@ pub struct WatchEvent {
     pub uid_validity: u32,
 }
 
-pub type Watcher = mpsc::Receiver<Result<WatchEvent, MailError>>;
+/// The receiving end of a stream.
+pub struct Watcher {
+    rx: mpsc::Receiver<Result<WatchEvent, MailError>>,
+    /// Set when the guard ended the stream, before its error is sent.
+    revoked: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// The next item; None once the stream is over. After a revocation the messages still
+    /// queued (checked before it) are dropped: the error comes next.
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, MailError>> {
+        loop {
+            let item = self.rx.recv().await?;
+            if item.is_ok() && self.revoked.load(Ordering::Acquire) {
+                continue;
+            }
+            return Some(item);
+        }
+    }
+}
 
 /// One caller's share of the WatchMail streams, given back when the stream ends.
 pub struct Slot {
@@ -79,6 +99,8 @@ pub fn spawn(
     slot: Slot,
 ) -> Watcher {
     let (tx, rx) = mpsc::channel(16);
+    let revoked = Arc::new(AtomicBool::new(false));
+    let flag = revoked.clone();
     tokio::spawn(async move {
         let _slot = slot;
         let connector = guard.target().connector.id.clone();
@@ -95,12 +117,13 @@ pub fn spawn(
             guard,
             query,
             tx,
+            revoked: flag,
             state,
         };
         stream.run(first).await;
         tracing::debug!(connector = %connector, "WatchMail stream ended");
     });
-    rx
+    Watcher { rx, revoked }
 }
 
 /// Errors after which retrying cannot help.
@@ -131,6 +154,7 @@ struct Stream {
     guard: Guard,
     query: WatchQuery,
     tx: mpsc::Sender<Result<WatchEvent, MailError>>,
+    revoked: Arc<AtomicBool>,
     state: State,
 }
 
@@ -161,6 +185,12 @@ impl Stream {
         Next::End
     }
 
+    /// Ends the stream because its guard refused it: what is still queued is not delivered.
+    async fn revoke(&self, e: MailError) -> Next {
+        self.revoked.store(true, Ordering::Release);
+        self.end(e).await
+    }
+
     /// [`Guard::recheck`]: Go(s) when nothing changed, Reconnect when the connection changed
     /// but is usable, End (after sending why) when the stream may no longer run.
     async fn guarded(&mut self, s: Session) -> Next {
@@ -170,7 +200,7 @@ impl Stream {
                 tracing::info!(connector = %self.guard.target().connector.id, "the connection changed; WatchMail reconnects with it");
                 Next::Reconnect
             }
-            Err(e) => self.end(e).await,
+            Err(e) => self.revoke(e).await,
         }
     }
 
@@ -182,7 +212,7 @@ impl Stream {
         }
         *backoff = (*backoff * 2).min(BACKOFF_MAX);
         if let Err(e) = self.guard.check(self.mail.registry()).await {
-            return self.end(e).await;
+            return self.revoke(e).await;
         }
         let (mail, target, query) = (&self.mail, self.guard.target(), &self.query);
         let opened = async {
@@ -315,7 +345,7 @@ impl Stream {
                 match self.guard.check(registry).await {
                     Ok(false) => continue,
                     Ok(true) => return Ok(Next::Reconnect),
-                    Err(e) => return Ok(self.end(e).await),
+                    Err(e) => return Ok(self.revoke(e).await),
                 }
             }
         };
@@ -351,4 +381,44 @@ fn idle_err(server: &str, message: &str) -> MailError {
         crate::model::Stage::Protocol,
         message,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(uid: u32) -> Result<WatchEvent, MailError> {
+        let message = MailMessage {
+            uid,
+            ..MailMessage::default()
+        };
+        Ok(WatchEvent {
+            message,
+            uid_validity: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn after_a_revocation_the_queued_messages_give_way_to_the_error() {
+        let (tx, rx) = mpsc::channel(16);
+        let revoked = Arc::new(AtomicBool::new(false));
+        let mut watcher = Watcher {
+            rx,
+            revoked: revoked.clone(),
+        };
+        tx.send(event(1)).await.unwrap();
+        assert_eq!(watcher.next().await.unwrap().unwrap().message.uid, 1);
+        tx.send(event(2)).await.unwrap();
+        tx.send(event(3)).await.unwrap();
+        revoked.store(true, Ordering::Release);
+        tx.send(Err(MailError::Denied("gone".into())))
+            .await
+            .unwrap();
+        drop(tx);
+        assert!(matches!(
+            watcher.next().await,
+            Some(Err(MailError::Denied(_)))
+        ));
+        assert!(watcher.next().await.is_none());
+    }
 }
