@@ -353,3 +353,32 @@ async fn a_response_holds_at_most_its_cap_and_paging_reaches_every_message() {
         marked(&newest, &mark)
     );
 }
+
+#[tokio::test]
+async fn new_credentials_make_the_stream_reconnect_with_them_and_go_on() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut agent = daemon.agent().await;
+    let mut stream = bob_watched(&mut admin, &mut agent).await;
+    // The user connects the account again: the record changes, the connection stays usable.
+    let again = support::mail::credentials("Bob", "bob@x.test", "secret2", &[], false);
+    let saved = admin
+        .connect_with_credentials(again)
+        .await
+        .expect("ConnectWithCredentials");
+    assert!(saved.into_inner().saved);
+    let reconnected = support::wait::until(REVOKED, async || {
+        daemon
+            .logs()
+            .contains("WatchMail reconnects with it")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        reconnected.is_some(),
+        "the stream did not notice the new credentials"
+    );
+    let subject = format!("after reconnecting {}", token());
+    send_to_bob(&mut agent, &subject, 1).await;
+    support::mail::next_with_subject(&mut stream, &subject).await;
+}

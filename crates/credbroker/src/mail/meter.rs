@@ -220,3 +220,69 @@ mod tests {
         assert!(stream.read_to_end(&mut Vec::new()).await.is_err());
     }
 }
+
+#[cfg(test)]
+mod against_async_imap {
+    use super::*;
+    use futures::TryStreamExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A server that logs in anyone, then answers the first FETCH with a literal of `announced`
+    /// bytes of which it sends `sent`.
+    async fn lying_server(stream: tokio::io::DuplexStream, announced: usize, sent: usize) {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"* OK ready\r\n").await.unwrap();
+        let login = lines.next_line().await.unwrap().unwrap();
+        let tag = login.split(' ').next().unwrap().to_string();
+        write
+            .write_all(format!("{tag} OK logged in\r\n").as_bytes())
+            .await
+            .unwrap();
+        let fetch = lines.next_line().await.unwrap().unwrap();
+        let tag = fetch.split(' ').next().unwrap().to_string();
+        let head = format!("* 1 FETCH (UID 1 BODY[] {{{announced}}}\r\n");
+        let _ = write.write_all(head.as_bytes()).await;
+        let _ = write.write_all(&vec![b'x'; sent]).await;
+        let _ = write
+            .write_all(format!(")\r\n{tag} OK done\r\n").as_bytes())
+            .await;
+    }
+
+    /// What a metered async-imap session gets for that FETCH with `allowance` bytes allowed.
+    async fn fetch(announced: usize, sent: usize, allowance: u64) -> Result<usize, String> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(lying_server(server, announced, sent));
+        let meter = Meter::new(1 << 20);
+        let mut client = async_imap::Client::new(Metered::new(client, meter.clone()));
+        client.read_response().await.unwrap().unwrap();
+        let mut session = client.login("u", "p").await.map_err(|(e, _)| e).unwrap();
+        meter.allow(allowance);
+        let fetched: Result<Vec<_>, _> = async {
+            session
+                .uid_fetch("1", "(UID BODY.PEEK[])")
+                .await?
+                .try_collect()
+                .await
+        }
+        .await;
+        drop(session);
+        server.abort();
+        let fetched = fetched.map_err(|e| e.to_string())?;
+        Ok(fetched
+            .iter()
+            .map(|f| f.body().map_or(0, <[u8]>::len))
+            .sum())
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_allowance_is_read() {
+        assert_eq!(fetch(1000, 1000, 4096).await, Ok(1000));
+    }
+
+    #[tokio::test]
+    async fn a_server_announcing_more_than_allowed_is_cut_off_before_sending_it() {
+        let e = fetch(50_000_000, 100_000, 64 * 1024).await.unwrap_err();
+        assert!(e.contains("announced more than the 65536 bytes"), "{e}");
+    }
+}

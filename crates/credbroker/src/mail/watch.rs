@@ -185,6 +185,12 @@ impl Stream {
         Next::End
     }
 
+    /// The connector or connection changed but can still be used: reconnect with it.
+    fn changed(&self) -> Next {
+        tracing::info!(connector = %self.guard.target().connector.id, "the connection changed; WatchMail reconnects with it");
+        Next::Reconnect
+    }
+
     /// Ends the stream because its guard refused it: what is still queued is not delivered.
     async fn revoke(&self, e: MailError) -> Next {
         self.revoked.store(true, Ordering::Release);
@@ -196,10 +202,7 @@ impl Stream {
     async fn guarded(&mut self, s: Session) -> Next {
         match self.guard.recheck(self.mail.registry()).await {
             Ok(false) => Next::Go(s),
-            Ok(true) => {
-                tracing::info!(connector = %self.guard.target().connector.id, "the connection changed; WatchMail reconnects with it");
-                Next::Reconnect
-            }
+            Ok(true) => self.changed(),
             Err(e) => self.revoke(e).await,
         }
     }
@@ -344,7 +347,7 @@ impl Stream {
                 };
                 match self.guard.check(registry).await {
                     Ok(false) => continue,
-                    Ok(true) => return Ok(Next::Reconnect),
+                    Ok(true) => return Ok(self.changed()),
                     Err(e) => return Ok(self.revoke(e).await),
                 }
             }
