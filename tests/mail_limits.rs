@@ -10,8 +10,10 @@ mod support;
 use std::time::Duration;
 
 use credbroker::api::proto;
-use support::daemon::{Daemon, OPEN_POLICY, conn, reason, write};
-use support::mail::{DELIVERY, Servers, connected, fetch, token, wait_for};
+use support::daemon::{Daemon, OPEN_POLICY, assert_refused, audit_records, conn, write};
+use support::mail::{
+    DELIVERY, Servers, connected_alice, connected_bob, fetch, plain, token, wait_for,
+};
 use tonic::Code;
 
 /// The longest a stream may outlive what revoked it.
@@ -22,22 +24,8 @@ type Broker = proto::broker_client::BrokerClient<tonic::transport::Channel>;
 
 /// Bob (read over implicit TLS) and Alice (over STARTTLS) connected.
 async fn bob_and_alice(admin: &mut Admin) {
-    for (name, servers, email, password) in [
-        (
-            "Bob",
-            Servers::implicit_imap_starttls_smtp(),
-            "bob@x.test",
-            "secret2",
-        ),
-        (
-            "Alice",
-            Servers::starttls_imap_implicit_smtp(),
-            "alice@x.test",
-            "secret1",
-        ),
-    ] {
-        connected(admin, name, &servers, email, password, &[]).await;
-    }
+    connected_bob(admin, "Bob", &Servers::implicit_imap_starttls_smtp()).await;
+    connected_alice(admin, "Alice", &Servers::starttls_imap_implicit_smtp()).await;
 }
 
 /// Bob and Alice connected, and a WatchMail stream on Bob's INBOX.
@@ -75,16 +63,9 @@ async fn end_of(mut stream: tonic::Streaming<proto::MailEvent>) -> tonic::Status
 
 /// The audit records of WatchMail, oldest first.
 async fn watch_audit(admin: &mut Admin) -> Vec<proto::AuditRecord> {
-    admin
-        .query_audit(proto::QueryAuditRequest {
-            operation: "WatchMail".into(),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("QueryAudit")
-        .into_inner()
-        .records
+    let mut records = audit_records(admin).await;
+    records.retain(|r| r.operation == "WatchMail");
+    records
 }
 
 /// The stream's end was audited: a second record under the request id of its opening.
@@ -103,9 +84,7 @@ async fn assert_end_audited(admin: &mut Admin, outcome: &str) {
 
 #[tokio::test]
 async fn watch_mail_ends_when_a_policy_reload_removes_the_grant() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let stream = bob_watched(&mut admin, &mut agent).await;
 
     // The agent keeps every other operation; watch_mail is gone.
@@ -115,8 +94,7 @@ async fn watch_mail_ends_when_a_policy_reload_removes_the_grant() {
     );
     daemon.hangup();
     let status = end_of(stream).await;
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert_eq!(reason(&status).0, "POLICY");
+    assert_refused(&status, Code::PermissionDenied, "POLICY");
     assert!(status.message().contains("watch_mail"), "{status:?}");
     assert_end_audited(&mut admin, "denied").await;
 
@@ -136,9 +114,7 @@ async fn watch_mail_ends_when_a_policy_reload_removes_the_grant() {
 
 #[tokio::test]
 async fn a_reload_that_keeps_the_grant_keeps_the_stream() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let mut stream = bob_watched(&mut admin, &mut agent).await;
     // The same grants under another caller's entry: a reload, with the agent's rights intact.
     write(
@@ -159,17 +135,10 @@ async fn a_reload_that_keeps_the_grant_keeps_the_stream() {
 /// Bob watched, then `revoke` run as the admin: the stream ends with `code` and `why`, and the
 /// end is audited as an error.
 async fn ends_after(revoke: impl AsyncFnOnce(&mut Admin), code: Code, why: &str) {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let stream = bob_watched(&mut admin, &mut agent).await;
     revoke(&mut admin).await;
-    let status = end_of(stream).await;
-    assert_eq!(
-        (status.code(), reason(&status).0.as_str()),
-        (code, why),
-        "{status:?}"
-    );
+    assert_refused(&end_of(stream).await, code, why);
     assert_end_audited(&mut admin, "error").await;
 }
 
@@ -201,9 +170,7 @@ async fn watch_mail_ends_when_its_connector_is_deleted() {
 
 #[tokio::test]
 async fn a_stream_the_client_closes_is_audited_as_ended() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let stream = bob_watched(&mut admin, &mut agent).await;
     drop(stream);
     let ended = support::wait::until(REVOKED, async || {
@@ -216,14 +183,10 @@ async fn a_stream_the_client_closes_is_audited_as_ended() {
 
 /// Bob and Alice connected, under `[limits]` caps of `message` and `response` bytes.
 async fn capped(message: u32, response: u64) -> (Daemon, Admin, Broker) {
-    let daemon = Daemon::start_with(
-        OPEN_POLICY,
-        &format!(
-            "[limits]\nmax_mail_message_bytes = {message}\nmax_mail_response_bytes = {response}\n"
-        ),
-    );
-    let mut admin = daemon.admin().await;
-    let agent = daemon.agent().await;
+    let daemon = Daemon::start_with_config(&format!(
+        "[limits]\nmax_mail_message_bytes = {message}\nmax_mail_response_bytes = {response}\n"
+    ));
+    let (daemon, mut admin, agent) = daemon.with_clients().await;
     bob_and_alice(&mut admin).await;
     (daemon, admin, agent)
 }
@@ -231,16 +194,9 @@ async fn capped(message: u32, response: u64) -> (Daemon, Admin, Broker) {
 /// Alice sends Bob a message whose text is `lines` lines of 64 characters.
 async fn send_to_bob(agent: &mut Broker, subject: &str, lines: usize) {
     let line = format!("{:-<63}\n", "");
-    agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.into(),
-            text_body: format!("first line\n{}last line\n", line.repeat(lines)),
-            ..Default::default()
-        })
-        .await
-        .expect("SendEmail");
+    let text = format!("first line\n{}last line\n", line.repeat(lines));
+    let request = plain(conn("Alice", ""), "bob@x.test", subject, &text);
+    agent.send_email(request).await.expect("SendEmail");
 }
 
 const KIB: u32 = 1024;
@@ -356,9 +312,7 @@ async fn a_response_holds_at_most_its_cap_and_paging_reaches_every_message() {
 
 #[tokio::test]
 async fn new_credentials_make_the_stream_reconnect_with_them_and_go_on() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let mut stream = bob_watched(&mut admin, &mut agent).await;
     // The user connects the account again: the record changes, the connection stays usable.
     let again = support::mail::credentials("Bob", "bob@x.test", "secret2", &[], false);
