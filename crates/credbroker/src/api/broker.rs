@@ -51,7 +51,8 @@ struct StreamEnd {
 impl StreamEnd {
     fn event(&self, (outcome, why): (Outcome, String)) -> crate::audit::AuditEvent {
         self.call
-            .audit_event(outcome, format!("stream ended: {why}"))
+            .clone()
+            .into_audit_event(outcome, format!("stream ended: {why}"))
     }
 
     /// The daemon ends the stream with `e`.

@@ -44,16 +44,16 @@ pub fn audited_outcome(e: &ApiError) -> (Outcome, String) {
 
 impl Call {
     /// The call's audit record.
-    pub fn audit_event(&self, outcome: Outcome, reason: String) -> AuditEvent {
+    pub fn into_audit_event(self, outcome: Outcome, reason: String) -> AuditEvent {
         AuditEvent {
-            caller: self.caller.clone(),
+            caller: self.caller,
             operation: self.rpc.audit_label().to_string(),
-            workspace: self.workspace.clone(),
-            connector: self.connector.clone(),
-            user_id: self.user_id.clone(),
+            workspace: self.workspace,
+            connector: self.connector,
+            user_id: self.user_id,
             outcome: Some(outcome),
             reason,
-            request_id: self.request_id.clone(),
+            request_id: self.request_id,
         }
     }
 
@@ -188,11 +188,16 @@ impl Services {
             Ok(_) => (Outcome::Ok, String::new()),
             Err(e) => audited_outcome(e),
         };
-        let event = call.audit_event(outcome, reason);
-        let (rpc, id) = (call.rpc, &call.request_id);
-        if let Err(e) = self.audit.record(event).await {
+        let (rpc, started) = (call.rpc, call.started);
+        let (caller, request_id) = (call.caller.clone(), call.request_id.clone());
+        let id = &request_id;
+        if let Err(e) = self
+            .audit
+            .record(call.into_audit_event(outcome, reason))
+            .await
+        {
             tracing::error!(error = %e, request_id = %id, "audit failed: refusing the call");
-            crate::metrics::rpc(rpc, tonic::Code::Unavailable, call.started.elapsed());
+            crate::metrics::rpc(rpc, tonic::Code::Unavailable, started.elapsed());
             let status =
                 Status::unavailable("the audit log cannot be written; the request was refused");
             return Err(tagged(status, id));
@@ -201,11 +206,11 @@ impl Services {
         let code = result
             .as_ref()
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        let elapsed = call.started.elapsed();
+        let elapsed = started.elapsed();
         crate::metrics::rpc(rpc, code, elapsed);
         tracing::info!(
             op = rpc.metric_label(),
-            caller = %call.caller,
+            caller = %caller,
             request_id = %id,
             outcome = outcome.name(),
             code = crate::metrics::code_name(code),
