@@ -51,6 +51,17 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// What says which account and servers the stream reads (not how it signs in).
+    fn account(
+        &self,
+    ) -> (
+        &DateTime<Utc>,
+        &str,
+        &std::collections::BTreeMap<String, String>,
+    ) {
+        (&self.connector_updated, &self.account_label, &self.settings)
+    }
+
     fn of(connector: &Connector, connection: &Connection) -> Self {
         Snapshot {
             connector_name: connector.name.clone(),
@@ -72,6 +83,8 @@ pub struct Guard {
     seen: (u64, u64),
     /// None until the first check.
     snapshot: Option<Snapshot>,
+    /// A check saw the account or its servers change since [`Guard::take_new_account`].
+    new_account: bool,
 }
 
 fn generations(registry: &Registry) -> (u64, u64) {
@@ -93,11 +106,18 @@ impl Guard {
             reloads,
             seen: generations(registry),
             snapshot: None,
+            new_account: false,
         }
     }
 
     pub fn caller(&self) -> &str {
         &self.grant.caller
+    }
+
+    /// True (once) when the account or its servers changed: UIDs seen before mean nothing on
+    /// the new one.
+    pub fn take_new_account(&mut self) -> bool {
+        std::mem::take(&mut self.new_account)
     }
 
     /// The connection the stream reads, as of the last check.
@@ -163,6 +183,10 @@ impl Guard {
                 .await?;
         let now = Snapshot::of(&connector, &connection);
         let changed = self.snapshot.as_ref().is_some_and(|s| *s != now);
+        self.new_account |= self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.account() != now.account());
         self.snapshot = Some(now);
         self.target.connector = connector;
         Ok(changed)
@@ -292,6 +316,15 @@ users = ["*"]
         renewed.connected_at = Some(Utc::now() + chrono::TimeDelta::seconds(1));
         w.registry.save_connection(&renewed, None).await.unwrap();
         assert!(guard.recheck(&w.registry).await.unwrap(), "new credentials");
+        assert!(!guard.take_new_account(), "the same account");
+        let mut moved = w.connection().await;
+        moved
+            .settings
+            .insert("imap_host".into(), "elsewhere.test".into());
+        w.registry.save_connection(&moved, None).await.unwrap();
+        assert!(guard.recheck(&w.registry).await.unwrap(), "new servers");
+        assert!(guard.take_new_account());
+        assert!(!guard.take_new_account(), "told once");
 
         let ended = async |guard: &mut Guard| match guard.recheck(&w.registry).await {
             Err(MailError::Credential(CredentialError::Connection(e))) => e,

@@ -225,14 +225,16 @@ impl Stream {
             mail.on_auth_refused(target, &account, opened).await
         }
         .await;
-        let connector = &target.connector.id;
+        let connector = target.connector.id.clone();
         match opened {
             Ok(s) => {
                 tracing::info!(connector = %connector, "WatchMail reconnected");
                 *backoff = BACKOFF_MIN;
-                if s.opened.uid_validity != self.state.uid_validity {
-                    // The server renumbered the mailbox: old UIDs mean nothing now.
-                    tracing::warn!(connector = %connector, "UIDVALIDITY changed; resuming from the newest message");
+                let new_account = self.guard.take_new_account();
+                if new_account || s.opened.uid_validity != self.state.uid_validity {
+                    // Another account, or the server renumbered the mailbox: old UIDs mean
+                    // nothing now.
+                    tracing::warn!(connector = %connector, new_account, "UIDVALIDITY or account changed; resuming from the newest message");
                     self.state.uid_validity = s.opened.uid_validity;
                     self.state.last_uid = s.opened.uid_next.saturating_sub(1);
                 }
