@@ -156,16 +156,9 @@ impl Services {
     /// The intent record of an acting RPC: durable before the action, which does not happen
     /// if it cannot be written.
     async fn intend(&self, call: &Call) -> Result<(), ApiError> {
-        let event = AuditEvent {
-            caller: call.caller.clone(),
-            operation: call.rpc.audit_label().to_string(),
-            workspace: call.workspace.clone(),
-            connector: call.connector.clone(),
-            user_id: call.user_id.clone(),
-            outcome: Some(Outcome::Allowed),
-            reason: "intent: admitted, about to act".into(),
-            request_id: call.request_id.clone(),
-        };
+        let event = call
+            .clone()
+            .into_audit_event(Outcome::Allowed, "intent: admitted, about to act".into());
         self.audit.record(event).await.map(drop).map_err(|e| {
             tracing::error!(error = %e, request_id = %call.request_id, "intent not written: not acting");
             ApiError::Audit(e)
