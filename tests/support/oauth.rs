@@ -119,11 +119,6 @@ impl Browser {
         location
     }
 
-    /// The cookies this browser holds, by name.
-    pub fn cookies(&self) -> &HashMap<String, String> {
-        &self.cookies
-    }
-
     /// Follows the provider's redirects until the browser is sent to `stop_at`; returns that URL.
     pub async fn consent(&mut self, authorization_url: &str, stop_at: &str) -> String {
         let mut url = authorization_url.to_string();

@@ -150,10 +150,10 @@ fn over_rate(services: &Services, remote: std::net::SocketAddr) -> Option<Respon
     )
 }
 
-/// An audit event for a browser's request (the browser is the caller).
-fn browser_event(operation: &str) -> AuditEvent {
+/// An audit event for a browser's request (the browser is the caller, `what` says where).
+fn browser_event(operation: &str, what: &str) -> AuditEvent {
     AuditEvent {
-        caller: format!("browser ({operation})"),
+        caller: format!("browser ({what})"),
         operation: operation.into(),
         request_id: hex::encode(crate::vault::random_bytes::<8>()),
         ..AuditEvent::default()
@@ -182,6 +182,7 @@ fn cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
 async fn refuse(
     services: &Services,
     remote: std::net::SocketAddr,
+    operation: &'static str,
     mut event: AuditEvent,
     e: OAuthError,
 ) -> Response {
@@ -193,11 +194,6 @@ async fn refuse(
         }
         StatusCode::FORBIDDEN
     } else {
-        let operation = if event.operation == crate::audit::label::OAUTH_START {
-            crate::audit::label::OAUTH_START
-        } else {
-            crate::audit::label::OAUTH_CALLBACK
-        };
         services
             .refusals
             .refuse(operation, remote.ip(), e.to_string())
@@ -224,7 +220,8 @@ async fn start(
     if let Some(response) = over_rate(&services, remote) {
         return response;
     }
-    let mut event = browser_event(crate::audit::label::OAUTH_START);
+    let operation = crate::audit::label::OAUTH_START;
+    let mut event = browser_event(operation, "oauth start");
     let state = params.state.as_deref().unwrap_or_default();
     let opened = services
         .oauth
@@ -232,7 +229,7 @@ async fn start(
         .await;
     let opened = match opened {
         Ok(opened) => opened,
-        Err(e) => return refuse(&services, remote, event, e).await,
+        Err(e) => return refuse(&services, remote, operation, event, e).await,
     };
     event.outcome = Some(Outcome::Ok);
     if let Err(response) = audit(&services, event).await {
@@ -265,7 +262,8 @@ async fn callback(
     if let Some(response) = over_rate(&services, remote) {
         return response;
     }
-    let mut event = browser_event(crate::audit::label::OAUTH_CALLBACK);
+    let operation = crate::audit::label::OAUTH_CALLBACK;
+    let mut event = browser_event(operation, "oauth callback");
     let state = params.state.as_deref().unwrap_or_default();
     let taken = services
         .oauth
@@ -276,7 +274,7 @@ async fn callback(
         .await;
     let pending = match taken {
         Ok(pending) => pending,
-        Err(e) => return refuse(&services, remote, event, e).await,
+        Err(e) => return refuse(&services, remote, operation, event, e).await,
     };
     let return_url = pending.return_url.clone();
     let outcome = match (params.error, params.code) {

@@ -170,6 +170,8 @@ mod tests {
         assert!(!matches(&bound, Some(&new_cookie())));
         assert!(!matches(&bound, None));
         assert!(!matches(&bound, Some(&bound)), "the digest is no cookie");
+        assert!(!crate::vault::constant_time_eq(b"ab", b"abc"));
+        assert!(crate::vault::constant_time_eq(b"abc", b"abc"));
         let header = format!("a=b; {COOKIE}={value}; c=d");
         assert_eq!(from_headers(["x=y", header.as_str()]), Some(value.as_str()));
         assert_eq!(from_headers(["credbroker-link=zz"]), None);
