@@ -50,6 +50,23 @@ async fn setup() -> Setup {
     }
 }
 
+/// How many audit records about `user`'s connection give a reason containing `text`.
+async fn audited(admin: &mut AdminClient<Channel>, user: &str, text: &str) -> usize {
+    let audit = admin
+        .query_audit(proto::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    audit
+        .records
+        .iter()
+        .filter(|r| r.user_id == user && r.reason.contains(text))
+        .count()
+}
+
 #[tokio::test]
 async fn an_authorization_url_opened_by_another_browser_links_nothing() {
     let Setup {
@@ -101,7 +118,15 @@ async fn an_authorization_url_opened_by_another_browser_links_nothing() {
     let opened = b.get(&started.authorization_url).await;
     assert_eq!(opened.status().as_u16(), 403);
 
-    // The refusal did not consume the state: A finishes its own link.
+    // Nor can B cancel A's link by bringing back an error for its state.
+    let cancel = format!(
+        "{}?state={}&error=access_denied",
+        callback_url(&daemon),
+        started.state
+    );
+    assert_eq!(b.get(&cancel).await.status().as_u16(), 403);
+
+    // The refusals did not consume the state: A finishes its own link.
     let callback = a.consent(&at_provider, &callback_url(&daemon)).await;
     let done = a.get(&callback).await;
     assert_eq!(
@@ -114,20 +139,8 @@ async fn an_authorization_url_opened_by_another_browser_links_nothing() {
         status(&mut admin, "u1").await,
         proto::ConnectionStatus::Connected
     );
-    let audit = admin
-        .query_audit(proto::QueryAuditRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let other_browser = audit
-        .records
-        .iter()
-        .filter(|r| r.user_id == "u1" && r.reason.contains("another browser"))
-        .count();
-    assert!(other_browser >= 2, "{:?}", audit.records);
+    let other_browser = audited(&mut admin, "u1", "another browser").await;
+    assert_eq!(other_browser, 3, "B's start, callback and cancel");
 }
 
 /// Connects u1 through a browser, with `tamper` applied to the callback URL before the
