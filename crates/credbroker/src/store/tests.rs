@@ -577,6 +577,7 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
         &vec![AuditRecord {
             seq: 7,
             time: now,
+            node: "n1".into(),
             event,
             hash: "ab".repeat(32),
         }],
