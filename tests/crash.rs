@@ -1,7 +1,8 @@
 //! SIGKILL at random points under write load — connector changes, connections saved, OAuth
 //! token refreshes, and the audit record of every call — a hundred times. After each kill the
-//! audit chain verifies on the closed store, and after each restart every write the daemon
-//! acknowledged before the kill is there.
+//! audit chain verifies on the closed store (a torn last batch allowed: it was never
+//! acknowledged), and after each restart every write the daemon acknowledged before the kill is
+//! there. The audit log's segments are small, so kills also land mid-roll.
 //!
 //! The pauses before the kills come from a seeded generator. The test prints its seed first
 //! (`crash test seed: N`, shown with the output of a failing test); to replay a failing run,
@@ -22,12 +23,14 @@ use std::time::Duration;
 use credbroker::api::proto;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::daemon::{Daemon, conn, secrets};
+use support::daemon::{Daemon, OPEN_POLICY, conn, secrets};
 use support::oauth::{connect, create_connector};
 
 const KILLS: usize = 100;
 const OAUTH: &str = "Team Mail";
 const KEYS: &str = "Personal Keys";
+/// Segments of 64 KiB: a roll every ~150 records.
+const AUDIT: &str = "[audit]\nsegment_bytes = 65536\n";
 /// The environment variable that replays a run's pauses (see the module's comment).
 const SEED_VAR: &str = "CRASH_SEED";
 
@@ -55,7 +58,7 @@ struct Acked {
 async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
     let seed = seed();
     let mut pauses = StdRng::seed_from_u64(seed);
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start_with(OPEN_POLICY, AUDIT);
     let mut admin = daemon.admin().await;
     create_connector(&mut admin, OAUTH, &[]).await;
     connect(&daemon, &mut admin, OAUTH, "u1", "").await;
@@ -169,6 +172,18 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
         acked_total.0 += acked.connectors.len();
         acked_total.1 += acked.keys.len();
         acked_total.2 += acked.refreshes;
+        // Every acknowledged call was answered only after its audit record was durable.
+        let acked_calls = acked_total.0 + acked_total.1 + acked_total.2;
+        let head = admin
+            .get_audit_head(proto::GetAuditHeadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            head.seq >= acked_calls as u64,
+            "round {round}: the audit log holds {} records, but {acked_calls} calls were acknowledged",
+            head.seq
+        );
 
         // A kill between the provider rotating the refresh token and the store saving it loses
         // the rotation (nobody was answered, so no acknowledged write is lost); the provider

@@ -463,3 +463,51 @@ async fn pruning_exports_whole_segments_and_verify_stays_green() {
         VerifyError::BadSignature { .. }
     ));
 }
+
+#[tokio::test]
+async fn an_old_in_store_log_is_refused_until_migrated() {
+    use crate::store::{Batch, Table};
+    let env = env().await;
+    let old = Table::uncached("audit");
+    let time = Utc::now() - chrono::Duration::days(3);
+    let records: Vec<serde_json::Value> = (1..=3)
+        .map(|seq| {
+            serde_json::json!({
+                "seq": seq, "time": time, "caller": "c", "operation": format!("op{seq}"),
+                "workspace": "", "connector": "", "user_id": "", "outcome": "ok",
+                "reason": "", "request_id": "", "hash": "00",
+            })
+        })
+        .collect();
+    let mut batch = Batch::new();
+    batch.put(old, "b/00000000000000000001", &records).put(
+        old,
+        "head",
+        &serde_json::json!({"seq": 3, "hash": "00", "time": time}),
+    );
+    env.store.commit(batch).await.unwrap();
+    let err = AuditLog::start(env.store.clone(), env.settings(1 << 20))
+        .await
+        .err()
+        .expect("an old-format store was served");
+    assert!(matches!(err, AuditError::OldFormat { records: 3 }), "{err}");
+    assert!(
+        err.to_string().contains("credbroker audit migrate"),
+        "{err}"
+    );
+
+    assert_eq!(migrate(&env.store, &env.dir, Some("n1")).await.unwrap(), 3);
+    assert_eq!(
+        old_records(&env.store).await.unwrap(),
+        0,
+        "the old table is gone"
+    );
+    let log = AuditLog::start(env.store.clone(), env.settings(1 << 20))
+        .await
+        .unwrap();
+    let back = log.query(0, 10, usize::MAX, |_| true).await.unwrap();
+    let ops: Vec<&str> = back.iter().map(|r| r.event.operation.as_str()).collect();
+    assert_eq!(ops, ["op1", "op2", "op3"]);
+    assert!(back.iter().all(|r| r.time == time), "times are kept");
+    assert_eq!(log.record(event(4)).await.unwrap(), 4);
+}

@@ -141,6 +141,13 @@ fn start(dir: &Path, key: &str) -> Result<(u64, [u8; 32]), VerifyError> {
 
 type Visit<'a> = dyn FnMut(AuditRecord) -> Result<(), VerifyError> + 'a;
 
+/// Where the walk stands: the last record checked and its hash.
+struct Position {
+    last: u64,
+    prev: [u8; 32],
+    records: u64,
+}
+
 /// Walks every record after the anchor, checking the chain; `visit` sees each in order.
 fn walk(
     store: &Store,
@@ -148,16 +155,11 @@ fn walk(
     key: &str,
     visit: &mut Visit<'_>,
 ) -> Result<VerifySummary, VerifyError> {
-    let (pruned_through, mut prev) = start(dir, key)?;
-    let mut last = pruned_through;
-    let mut summary = VerifySummary {
+    let (pruned_through, prev) = start(dir, key)?;
+    let mut at = Position {
+        last: pruned_through,
+        prev,
         records: 0,
-        last,
-        head: hex::encode(prev),
-        pruned_through,
-        pruned_hash: hex::encode(prev),
-        torn_tail: false,
-        checkpoints: 0,
     };
     let segments = match list_segments(dir) {
         Ok(s) => s,
@@ -170,85 +172,94 @@ fn walk(
         .rposition(|(first, _)| *first <= pruned_through + 1)
         .unwrap_or(0);
     let newest = segments.len().saturating_sub(1);
+    let mut torn_tail = false;
     for (i, (_, path)) in segments.iter().enumerate().skip(skip) {
-        let mut reader =
-            SegmentReader::open(path, store.vault()).map_err(|e| unreadable(last, e))?;
-        let header = reader.header.clone();
-        if header.first_seq != last + 1 {
-            return Err(VerifyError::Missing {
-                seq: last + 1,
-                prev: last,
-                next: header.first_seq,
-            });
-        }
-        if header.prev_hash != hex::encode(prev) {
-            return Err(VerifyError::Altered {
-                seq: last + 1,
-                prev: last,
-            });
-        }
-        let segment = path.display().to_string();
-        loop {
-            match reader.next(0).map_err(|e| unreadable(last, e))? {
-                Next::End => break,
-                Next::Batch { first, body, .. } => {
-                    if first != last + 1 {
-                        return Err(VerifyError::Missing {
-                            seq: last + 1,
-                            prev: last,
-                            next: first,
-                        });
-                    }
-                    if body.prev != hex::encode(prev) {
-                        return Err(VerifyError::Altered {
-                            seq: first,
-                            prev: last,
-                        });
-                    }
-                    for (j, event) in body.events.into_iter().enumerate() {
-                        let seq = first + j as u64;
-                        prev = chain_hash(&prev, seq, &body.time, &header.node, &event);
-                        visit(AuditRecord {
-                            seq,
-                            time: body.time,
-                            node: header.node.clone(),
-                            event,
-                            hash: hex::encode(prev),
-                        })?;
-                        last = seq;
-                        summary.records += 1;
-                    }
-                    if body.head != hex::encode(prev) {
-                        return Err(VerifyError::Altered {
-                            seq: last,
-                            prev: last - 1,
-                        });
-                    }
+        torn_tail = walk_segment(store, path, i == newest, &mut at, visit)?;
+    }
+    Ok(VerifySummary {
+        records: at.records,
+        last: at.last,
+        head: hex::encode(at.prev),
+        pruned_through,
+        pruned_hash: hex::encode(prev),
+        torn_tail,
+        checkpoints: 0,
+    })
+}
+
+/// Checks one segment from `at`; true if it ends in a torn write (allowed only if `newest`).
+fn walk_segment(
+    store: &Store,
+    path: &Path,
+    newest: bool,
+    at: &mut Position,
+    visit: &mut Visit<'_>,
+) -> Result<bool, VerifyError> {
+    let mut reader =
+        SegmentReader::open(path, store.vault()).map_err(|e| unreadable(at.last, e))?;
+    let node = reader.header.node.clone();
+    let (first, prev_hash) = (reader.header.first_seq, reader.header.prev_hash.clone());
+    check_continues(at, first, &prev_hash)?;
+    loop {
+        match reader.next(0).map_err(|e| unreadable(at.last, e))? {
+            Next::End => return Ok(false),
+            Next::Batch { first, body } => {
+                check_continues(at, first, &body.prev)?;
+                for (j, event) in body.events.into_iter().enumerate() {
+                    let seq = first + j as u64;
+                    at.prev = chain_hash(&at.prev, seq, &body.time, &node, &event);
+                    visit(AuditRecord {
+                        seq,
+                        time: body.time,
+                        node: node.clone(),
+                        event,
+                        hash: hex::encode(at.prev),
+                    })?;
+                    (at.last, at.records) = (seq, at.records + 1);
                 }
-                Next::Bad {
-                    first,
-                    count,
-                    extent,
-                    ..
-                } => {
-                    let torn = i == newest && reader.zeros_from(extent).unwrap_or(false);
-                    if torn {
-                        summary.torn_tail = true;
-                        break;
-                    }
-                    let (first, last) = batch_range(last + 1, first, count);
-                    return Err(VerifyError::Damaged {
-                        first,
-                        last,
-                        segment,
+                if body.head != hex::encode(at.prev) {
+                    return Err(VerifyError::Altered {
+                        seq: at.last,
+                        prev: at.last - 1,
                     });
                 }
             }
+            Next::Bad {
+                first,
+                count,
+                extent,
+                ..
+            } => {
+                if newest && reader.zeros_from(extent).unwrap_or(false) {
+                    return Ok(true);
+                }
+                let (first, last) = batch_range(at.last + 1, first, count);
+                return Err(VerifyError::Damaged {
+                    first,
+                    last,
+                    segment: path.display().to_string(),
+                });
+            }
         }
     }
-    summary.last = last;
-    summary.head = hex::encode(prev);
-    Ok(summary)
+}
+
+/// A segment or batch must start right after `at`, from its hash.
+fn check_continues(at: &Position, first: u64, prev_hash: &str) -> Result<(), VerifyError> {
+    if first != at.last + 1 {
+        return Err(VerifyError::Missing {
+            seq: at.last + 1,
+            prev: at.last,
+            next: first,
+        });
+    }
+    if prev_hash != hex::encode(at.prev) {
+        return Err(VerifyError::Altered {
+            seq: first,
+            prev: at.last,
+        });
+    }
+    Ok(())
 }
 
 /// Writes every record as one JSON line, in sequence order (checking the chain as it goes).

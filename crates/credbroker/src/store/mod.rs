@@ -241,6 +241,17 @@ async fn read_header(backend: &dyn Backend) -> Result<Header, StoreError> {
         .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))
 }
 
+/// Writes `header` and syncs it.
+async fn write_header(backend: &dyn Backend, header: &Header) -> Result<(), StoreError> {
+    backend
+        .meta_put(
+            HEADER_KEY,
+            &serde_json::to_vec(header).expect("header serializes"),
+        )
+        .await?;
+    backend.sync().await
+}
+
 impl Store {
     /// Creates a new store where `config` says, refusing if one exists there.
     pub async fn create(config: &StoreConfig, source: &KeySource) -> Result<Store, StoreError> {
@@ -252,13 +263,7 @@ impl Store {
         }
         let (header, _) = Header::create_with_params(source, crate::vault::ARGON2_PARAMS)?;
         // The header is the last thing written: a store without one is not a store yet.
-        backend
-            .meta_put(
-                HEADER_KEY,
-                &serde_json::to_vec(&header).expect("header serializes"),
-            )
-            .await?;
-        backend.sync().await?;
+        write_header(backend.as_ref(), &header).await?;
         // The same handle goes on: reopening would race the engine's release of its lock.
         Self::unlock(backend, source).await
     }
@@ -276,13 +281,7 @@ impl Store {
             // A keyring from before the audit log had keys of its own: they are made durable
             // before anything is sealed or signed with them.
             header = header.with_keyring_kek(&kek, &keyring);
-            backend
-                .meta_put(
-                    HEADER_KEY,
-                    &serde_json::to_vec(&header).expect("header serializes"),
-                )
-                .await?;
-            backend.sync().await?;
+            write_header(backend.as_ref(), &header).await?;
         }
         let term = keyring.current_term();
         let reserved = backend

@@ -136,4 +136,19 @@ mod tests {
         let other = new_vault().audit_public_key().unwrap();
         assert!(!verify_signature(&other, b"checkpoint", &sig));
     }
+
+    #[test]
+    fn a_keyring_from_before_gets_audit_keys_once() {
+        let old = format!(r#"{{"current":1,"keys":{{"1":"{}"}}}}"#, "11".repeat(32));
+        let mut keyring = Keyring::from_bytes(old.as_bytes()).unwrap();
+        assert!(keyring.audit_keys().is_none());
+        assert!(keyring.ensure_audit_keys());
+        assert!(!keyring.ensure_audit_keys(), "generated once");
+        let again = Keyring::from_bytes(&keyring.to_bytes()).unwrap();
+        let (a, b) = (
+            keyring.audit_keys().unwrap().sign.bytes(),
+            again.audit_keys().unwrap().sign.bytes(),
+        );
+        assert_eq!(a, b, "kept across a round trip");
+    }
 }
