@@ -10,7 +10,9 @@ mod validate;
 
 pub use check::{Check, Stage, TestReport};
 pub use kind::{Kind, Mode};
-pub use records::{Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets};
+pub use records::{
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, settings,
+};
 pub use registry::{
     ConnectorPatch, ConnectorRules, KeyStatus, NewConnector, Registry, Target, connection_path,
 };
