@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use credbroker::api::proto;
 use credbroker::audit::Checkpoint;
-use support::daemon::{Daemon, OPEN_POLICY};
+use support::daemon::{Daemon, new_connector};
 use support::wait;
 
 /// Where a segment's first frame starts, and a frame's clear prefix (see audit/segment.rs).
@@ -77,15 +77,12 @@ fn admin_cli(daemon: &Daemon, args: &[&str]) -> String {
 async fn connectors(daemon: &Daemon, prefix: &str, n: usize) {
     let mut admin = daemon.admin().await;
     for i in 0..n {
-        admin
-            .create_connector(proto::CreateConnectorRequest {
-                name: format!("{prefix}{i}"),
-                kind: proto::ConnectorKind::ApiKey as i32,
-                mode: proto::ConnectorMode::Shared as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let req = new_connector(
+            &format!("{prefix}{i}"),
+            proto::ConnectorKind::ApiKey,
+            proto::ConnectorMode::Shared,
+        );
+        admin.create_connector(req).await.unwrap();
     }
 }
 
@@ -126,8 +123,7 @@ async fn verify_names_a_damaged_batch_by_its_first_and_last_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_witness_holds_checkpoints_that_catch_a_rollback() {
-    let mut daemon = Daemon::start_with(
-        OPEN_POLICY,
+    let mut daemon = Daemon::start_with_config(
         "[audit]\nwitness_file = \"witness.jsonl\"\ncheckpoint_records = 4\ncheckpoint_secs = 1\n",
     );
     connectors(&daemon, "early", 10).await;
@@ -181,8 +177,7 @@ async fn a_witness_holds_checkpoints_that_catch_a_rollback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruned_segments_are_archived_and_verify_stays_green() {
-    let mut daemon = Daemon::start_with(
-        OPEN_POLICY,
+    let mut daemon = Daemon::start_with_config(
         "[audit]\nsegment_bytes = 8192\nretain_bytes = 16384\ncheckpoint_records = 5\ncheckpoint_secs = 1\n",
     );
     connectors(&daemon, "c", 80).await;

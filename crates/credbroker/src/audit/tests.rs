@@ -73,6 +73,24 @@ impl Env {
     fn segments(&self) -> Vec<(u64, PathBuf)> {
         list_segments(&self.dir).unwrap()
     }
+
+    /// Every segment's bytes, as they are now.
+    fn copy_segments(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        self.segments()
+            .into_iter()
+            .map(|(_, p)| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect()
+    }
+
+    /// Replaces the segments with a copy taken earlier (a rollback).
+    fn put_back(&self, copy: &[(PathBuf, Vec<u8>)]) {
+        for (_, path) in self.segments() {
+            std::fs::remove_file(path).unwrap();
+        }
+        for (path, bytes) in copy {
+            std::fs::write(path, bytes).unwrap();
+        }
+    }
 }
 
 /// Offset and length of every frame of the segment at `path`.
@@ -303,11 +321,7 @@ async fn checkpoints_catch_a_rollback_and_a_rewrite() {
         log.record(event(i)).await.unwrap();
     }
     // The log as it stood at record 40, kept aside (what a rollback restores).
-    let early: Vec<(PathBuf, Vec<u8>)> = env
-        .segments()
-        .into_iter()
-        .map(|(_, p)| (p.clone(), std::fs::read(&p).unwrap()))
-        .collect();
+    let early = env.copy_segments();
     for i in 40..80 {
         log.record(event(i)).await.unwrap();
     }
@@ -333,12 +347,7 @@ async fn checkpoints_catch_a_rollback_and_a_rewrite() {
     // Rolled back: the segments as they were at record 40, and the local checkpoint gone
     // with them (whoever rolls back removes it too). The witness's copy catches it.
     let _ = std::fs::remove_file(env.dir.join(CHECKPOINT_FILE));
-    for (_, path) in env.segments() {
-        std::fs::remove_file(path).unwrap();
-    }
-    for (path, bytes) in &early {
-        std::fs::write(path, bytes).unwrap();
-    }
+    env.put_back(&early);
     assert_eq!(
         env.verify().await.unwrap().last,
         40,
