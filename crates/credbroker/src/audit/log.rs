@@ -4,7 +4,8 @@
 //! Invariants:
 //! - only the writer thread appends, at the end of the newest segment; a batch is acknowledged
 //!   only after its `fdatasync` returned, and a failed write or sync poisons the log (a later
-//!   sync could not prove the lost bytes reached the disk);
+//!   sync could not prove the lost bytes reached the disk); a roll that fails (no room for the
+//!   next segment) writes nothing, fails its batch, and is tried again by the next one;
 //! - on open, a bad frame at the end of the newest segment followed only by zeros is a torn
 //!   write (never acknowledged: its sync never returned) and is zeroed; a bad frame with data
 //!   after it is damage, and the log refuses to open; a recovered head below the latest local
@@ -207,13 +208,7 @@ impl Appender {
         if let Some(why) = &self.poisoned {
             return Err(AuditError::Write(why.clone()));
         }
-        let written = self.append_inner(vault, events);
-        if let Err(AuditError::Io { path, source }) = &written {
-            self.poisoned = Some(format!(
-                "an earlier write to {path} failed ({source}); restart the daemon"
-            ));
-        }
-        written
+        self.append_inner(vault, events)
     }
 
     fn append_inner(&mut self, vault: &Vault, events: Vec<AuditEvent>) -> Result<u64, AuditError> {
@@ -246,11 +241,19 @@ impl Appender {
                 .map_err(AuditError::Keys)?;
         }
         let active = &self.active;
-        active
+        // A failed roll above wrote nothing and is tried again by the next batch; a failed
+        // write or sync here may have lost bytes a later sync would seem to cover: poisoned.
+        let written = active
             .file
             .write_all_at(&frame, active.offset)
-            .and_then(|()| active.file.sync_data())
-            .map_err(|e| AuditError::io(&active.path, e))?;
+            .and_then(|()| active.file.sync_data());
+        if let Err(e) = written {
+            self.poisoned = Some(format!(
+                "an earlier write to {} failed ({e}); restart the daemon",
+                active.path.display()
+            ));
+            return Err(AuditError::io(&active.path, e));
+        }
         self.active.offset += frame.len() as u64;
         self.tail = next;
         Ok(first)
@@ -353,6 +356,8 @@ fn new_segment(
     segment_bytes: u64,
 ) -> Result<Active, AuditError> {
     let claim = dir.join(CLAIM);
+    // Left by a roll that failed (a full disk): it is made again.
+    let _ = std::fs::remove_file(&claim);
     match std::fs::rename(dir.join(SPARE), &claim) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
