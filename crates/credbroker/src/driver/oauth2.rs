@@ -18,6 +18,7 @@ pub struct OAuth2;
 static SCHEMA: Schema = Schema {
     config: &[
         "client_id",
+        "issuer",
         "auth_url",
         "token_url",
         "revocation_url",
@@ -74,6 +75,10 @@ impl ConnectorDriver for OAuth2 {
             if let Some(url) = config.get(*key) {
                 https_url(&format!("config.{key}"), url)?;
             }
+        }
+        // The issuer identifier an authorization response must name (RFC 9207): an https URL.
+        if let Some(issuer) = config.get("issuer") {
+            https_url("config.issuer", issuer)?;
         }
         check_ca("config.ca_pem", config.get("ca_pem"))
     }
