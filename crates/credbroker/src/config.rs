@@ -30,6 +30,8 @@
 //! free_disk_warn_bytes = 1073741824 # warn below this much free space on the store's disk
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
+//! max_call_request_bytes = 8388608   # Broker.Call: request body sent upstream…
+//! max_call_response_bytes = 16777216 # …and response body read back
 //! ```
 
 use std::net::SocketAddr;
@@ -176,6 +178,10 @@ pub struct Limits {
     pub user_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub user_burst: f64,
+    /// Largest request body Broker.Call sends upstream, in bytes.
+    pub max_call_request_bytes: usize,
+    /// Largest response body Broker.Call reads from upstream, in bytes.
+    pub max_call_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -194,6 +200,8 @@ impl Default for Limits {
             free_disk_warn_bytes: 1 << 30,
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
+            max_call_request_bytes: 8 << 20,
+            max_call_response_bytes: 16 << 20,
         }
     }
 }

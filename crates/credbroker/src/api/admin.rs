@@ -192,6 +192,7 @@ fn audit_record(rec: AuditRecord) -> proto::AuditRecord {
             .unwrap_or_default(),
         reason: rec.event.reason,
         request_id: rec.event.request_id,
+        detail: rec.event.detail,
         hash: rec.hash,
     }
 }

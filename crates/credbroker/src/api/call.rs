@@ -29,6 +29,8 @@ pub struct Call {
     pub workspace: String,
     pub connector: String,
     pub user_id: String,
+    /// The audit record's `detail` ([`AuditEvent::detail`]).
+    pub detail: String,
     pub started: std::time::Instant,
 }
 
@@ -68,6 +70,7 @@ on_connection!(
     WatchMailRequest,
     ListCalendarRequest,
     CreateEventRequest,
+    CallRequest,
     BeginConnectRequest,
     ConnectWithCredentialsRequest,
     TestConnectionRequest,
@@ -149,6 +152,7 @@ impl Services {
             workspace: String::new(),
             connector: String::new(),
             user_id: String::new(),
+            detail: String::new(),
             started: std::time::Instant::now(),
         })
     }
@@ -176,6 +180,7 @@ impl Services {
             outcome: Some(outcome),
             reason,
             request_id: call.request_id.clone(),
+            detail: call.detail,
         };
         let (rpc, id) = (call.rpc, &call.request_id);
         if let Err(e) = self.audit.record(event).await {

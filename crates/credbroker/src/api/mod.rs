@@ -50,6 +50,7 @@ pub struct Services {
     pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyHandle>,
     pub resolver: Resolver,
+    pub proxy: crate::proxy::Proxy,
     pub connect: Connect,
     pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,

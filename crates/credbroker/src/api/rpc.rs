@@ -69,6 +69,7 @@ rpcs! {
     WatchMail: Broker(WatchMail),
     ListCalendar: Broker(ListCalendar),
     CreateEvent: Broker(CreateEvent),
+    Call: Broker(Call),
     CreateConnector: Admin,
     GetConnector: Admin,
     ListConnectors: Admin,

@@ -18,6 +18,7 @@ use crate::driver::ConnectionError;
 use crate::mail::MailError;
 use crate::model::{FieldError, ModelError};
 use crate::oauth::OAuthError;
+use crate::proxy::CallError;
 use crate::resolve::ResolveError;
 
 const DOMAIN: &str = "credbroker";
@@ -40,6 +41,8 @@ pub enum ApiError {
     Mail(#[from] MailError),
     #[error(transparent)]
     Calendar(#[from] CalendarError),
+    #[error(transparent)]
+    Call(#[from] CallError),
     /// A request budget ran out ([`crate::policy::Budgets`]).
     #[error("{message}")]
     Exhausted {
@@ -160,6 +163,7 @@ pub fn classify(e: &ApiError) -> Class {
         ApiError::OAuth(o) => oauth(o),
         ApiError::Mail(m) => mail(m),
         ApiError::Calendar(c) => calendar(c),
+        ApiError::Call(c) => call(c),
         ApiError::Task(_) => plain(Reason::Internal),
     }
 }
@@ -243,6 +247,21 @@ fn calendar(e: &CalendarError) -> Class {
         CalendarError::Rejected { .. } => plain(Reason::UpstreamRejected),
         CalendarError::Malformed { .. } => plain(Reason::UpstreamMalformed),
         CalendarError::Internal(_) => plain(Reason::Internal),
+    }
+}
+
+fn call(e: &CallError) -> Class {
+    match e {
+        CallError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
+        CallError::Credential(r) => resolve(r),
+        CallError::NoBase { .. } => plain(Reason::Config),
+        CallError::RequestTooLarge { .. } | CallError::ResponseTooLarge { .. } => {
+            plain(Reason::MessageTooLarge)
+        }
+        CallError::Timeout { .. } | CallError::Unreachable { .. } => {
+            plain(Reason::UpstreamUnavailable)
+        }
+        CallError::Redirected { .. } => plain(Reason::UpstreamRejected),
     }
 }
 

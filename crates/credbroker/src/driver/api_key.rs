@@ -19,6 +19,8 @@ static SCHEMA: Schema = Schema {
         "header_prefix",
         "base_url",
         "test_url",
+        "api_base",
+        "query_param",
         "account_label",
         "ca_pem",
         "description",
@@ -28,7 +30,7 @@ static SCHEMA: Schema = Schema {
     connection_secrets: &["api_key"],
     destinations: &[Destination {
         secret: "api_key",
-        settings: &["test_url"],
+        settings: &["test_url", "api_base"],
     }],
 };
 
@@ -59,6 +61,9 @@ impl ConnectorDriver for ApiKey {
     ) -> Result<(), FieldError> {
         check_plain(&SCHEMA, provider, config, secrets)?;
         check_ca("config.ca_pem", config.get("ca_pem"))?;
+        if let Some(base) = config.get("api_base") {
+            api_base_url("config.api_base", base)?;
+        }
         if mode == Mode::Personal && secrets.contains_key("api_key") {
             return Err(FieldError::new(
                 "secrets.api_key",
@@ -74,10 +79,9 @@ impl ConnectorDriver for ApiKey {
         _settings: &BTreeMap<String, String>,
         _secret: &str,
     ) -> Result<Vec<String>, FieldError> {
-        Ok(connector
-            .setting("test_url")
-            .map(str::to_string)
+        Ok(["test_url", "api_base"]
             .into_iter()
+            .filter_map(|key| connector.setting(key).map(str::to_string))
             .collect())
     }
 

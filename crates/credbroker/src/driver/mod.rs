@@ -332,6 +332,19 @@ pub(crate) fn https_url(field: &str, value: &str) -> Result<url::Url, FieldError
     Ok(url)
 }
 
+/// An API base (`api_base`): an [`https_url`] without query or fragment, the call's path is
+/// appended to it.
+pub(crate) fn api_base_url(field: &str, value: &str) -> Result<url::Url, FieldError> {
+    let url = https_url(field, value)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(FieldError::new(
+            field,
+            "must not have a query or fragment: the call gives its own query",
+        ));
+    }
+    Ok(url)
+}
+
 /// An extra CA (PEM) a connector or connection trusts, when given, must parse.
 fn check_ca(field: &str, pem: Option<&String>) -> Result<(), FieldError> {
     match pem.filter(|p| !p.trim().is_empty()) {
@@ -470,6 +483,19 @@ impl Credentials {
             });
         }
         self.credential(target, min_ttl).await
+    }
+
+    /// After an API refused `rejected` (the target's OAuth access token): refreshes it once,
+    /// true when the next [`Credentials::credential`] gives another token to try.
+    pub async fn replace_rejected(
+        &self,
+        target: &Target,
+        rejected: &Secret,
+    ) -> Result<bool, CredentialError> {
+        Ok(self
+            .oauth
+            .replace_rejected(&target.connector, &target.connection_user, rejected)
+            .await?)
     }
 
     /// Tests credentials: the candidate's, or the stored connection's.

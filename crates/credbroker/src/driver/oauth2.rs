@@ -29,6 +29,7 @@ static SCHEMA: Schema = Schema {
         "auth_params",
         "token_auth",
         "base_url",
+        "api_base",
         "resource",
         "ca_pem",
         "description",
@@ -47,7 +48,7 @@ static SCHEMA: Schema = Schema {
         },
         Destination {
             secret: "access_token",
-            settings: &["userinfo_url", "revocation_url"],
+            settings: &["userinfo_url", "revocation_url", "api_base"],
         },
     ],
 };
@@ -75,6 +76,9 @@ impl ConnectorDriver for OAuth2 {
                 https_url(&format!("config.{key}"), url)?;
             }
         }
+        if let Some(base) = config.get("api_base") {
+            api_base_url("config.api_base", base)?;
+        }
         check_ca("config.ca_pem", config.get("ca_pem"))
     }
 
@@ -92,7 +96,11 @@ impl ConnectorDriver for OAuth2 {
             }
             _ => [endpoints.userinfo_url, endpoints.revocation_url],
         };
-        Ok(urls.into_iter().flatten().collect())
+        let api_base = match secret {
+            "access_token" => crate::oauth::catalog::api_base(connector),
+            _ => None,
+        };
+        Ok(urls.into_iter().flatten().chain(api_base).collect())
     }
 
     /// There are no typed-in OAuth credentials to test.

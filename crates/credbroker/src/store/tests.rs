@@ -558,6 +558,7 @@ fn full_audit_record(now: chrono::DateTime<chrono::Utc>) -> crate::audit::AuditR
         outcome: Some(Outcome::Denied),
         reason: "no grant".into(),
         request_id: "00ff".into(),
+        detail: "GET api.test/x -> 200; 0 bytes out, 2 bytes in".into(),
     };
     AuditRecord {
         seq: 7,
