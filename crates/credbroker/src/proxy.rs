@@ -132,8 +132,8 @@ pub struct CallResponse {
     pub body: Vec<u8>,
 }
 
-/// What the audit records of a call: method, host, path, the query's names (never its
-/// values), status and bytes each way.
+/// What the audit records of a call: method, host, the path reached (the base's and the
+/// call's), the query's names (never its values), status and bytes each way.
 #[derive(Debug, Clone, Default)]
 pub struct Exchange {
     pub method: String,
@@ -213,7 +213,7 @@ impl Proxy {
         let exchange = Exchange {
             method: method.to_string(),
             host: host_of(&url),
-            path: path.clone(),
+            path: url.path().to_string(),
             query_names: query.iter().map(|(n, _)| n.clone()).collect(),
             ..Exchange::default()
         };
