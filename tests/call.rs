@@ -8,12 +8,13 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{AGENT, Daemon, assert_refused, audit_records, conn};
+use support::daemon::{AGENT, Daemon, assert_refused, audit_records, conn, new_connector, secrets};
 use support::https::serve_https;
 use support::oauth::{connect, create_connector};
 use support::peers::peers;
@@ -21,6 +22,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const INSPECTOR: &str = "spiffe://test/inspector";
+/// The shared API key of the `Keyed` connectors, and a canary.
+const API_KEY: &str = "key-canary-5b1f0c9e2d7a4e38";
 
 /// The agent may call two Drive and one Slack request shapes, nothing else (and may not
 /// resolve); the inspector may resolve, to learn what the tokens are.
@@ -37,6 +40,11 @@ connectors = ["Drive", "Slack"]
 operations = ["call"]
 users = ["*"]
 calls = ["GET /drive/v3/files*", "POST /chat.postMessage"]
+[[callers.grants]]
+workspace = "*"
+connectors = ["Keyed*"]
+operations = ["call"]
+calls = ["* /keyed/*"]
 
 [[callers]]
 id = "spiffe://test/inspector"
@@ -104,6 +112,9 @@ async fn handle(
         headers: headers.clone(),
         token: token.clone(),
     });
+    if uri.path().starts_with("/keyed/") {
+        return keyed(&api, &uri, &headers);
+    }
     let refuse = {
         let mut left = api.refuse.lock().unwrap();
         let refuse = *left > 0;
@@ -147,6 +158,32 @@ async fn handle(
             r#"{"error":"not_found"}"#.into(),
         ),
     }
+}
+
+/// The API-key routes: the key in `X-Api-Key` or in the `key` query parameter, exactly once;
+/// `/keyed/big` answers 200 bytes.
+fn keyed(api: &Api, uri: &Uri, headers: &HeaderMap) -> (StatusCode, HeaderMap, String) {
+    let mut keys: Vec<String> = headers
+        .get_all("x-api-key")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    keys.extend(
+        uri.query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("key="))
+            .map(str::to_string),
+    );
+    api.seen.lock().unwrap().last_mut().unwrap().token = keys.join(",");
+    if keys != [API_KEY] {
+        return (StatusCode::FORBIDDEN, HeaderMap::new(), "{}".into());
+    }
+    let body = match uri.path() {
+        "/keyed/big" => "x".repeat(200),
+        _ => r#"{"ok":true}"#.into(),
+    };
+    (StatusCode::OK, HeaderMap::new(), body)
 }
 
 /// The fake API on a free port; returns it and its CA.
@@ -448,4 +485,72 @@ async fn a_refused_token_is_refreshed_once_and_the_call_retried_once() {
     let seen = s.api.seen();
     assert_eq!(seen.len(), 4, "more than one retry: {seen:?}");
     assert_ne!(seen[2].token, seen[3].token);
+}
+
+#[tokio::test]
+async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded() {
+    let (api, port, api_ca) = fake_api().await;
+    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n";
+    let (daemon, mut admin, mut agent) = Daemon::start_with(POLICY, limits).with_clients().await;
+    let base = format!("https://127.0.0.1:{port}");
+    for (name, place) in [
+        ("Keyed", ("header_name", "X-Api-Key")),
+        ("KeyedQ", ("query_param", "key")),
+    ] {
+        let config: HashMap<String, String> = [
+            place,
+            ("header_prefix", ""),
+            ("api_base", &base),
+            ("ca_pem", &api_ca),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let shared = proto::ConnectorMode::Shared;
+        admin
+            .create_connector(proto::CreateConnectorRequest {
+                config,
+                secrets: secrets(&[("api_key", API_KEY)]),
+                ..new_connector(name, proto::ConnectorKind::ApiKey, shared)
+            })
+            .await
+            .unwrap();
+        // The agent's own guess at the key, where this connector puts it, is dropped.
+        let mut r = request(name, "GET", "/keyed/ping");
+        r.connection = conn(name, "");
+        if place.0 == "header_name" {
+            r.headers.push(proto::HttpHeader {
+                name: "x-api-key".into(),
+                value: "agent-guess".into(),
+            });
+        } else {
+            r.query.push(proto::QueryParam {
+                name: "key".into(),
+                value: "agent-guess".into(),
+            });
+        }
+        let answer = call(&mut agent, r).await.unwrap();
+        assert_eq!(answer.status, 200, "{name}: {:?}", api.seen().last());
+        assert_eq!(api.seen().last().unwrap().token, API_KEY, "{name}");
+    }
+    let big = proto::CallRequest {
+        connection: conn("Keyed", ""),
+        ..request("Keyed", "GET", "/keyed/big")
+    };
+    let err = call(&mut agent, big).await.unwrap_err();
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    let before = api.seen().len();
+    let mut upload = proto::CallRequest {
+        connection: conn("Keyed", ""),
+        ..request("Keyed", "POST", "/keyed/upload")
+    };
+    upload.body = vec![b'x'; 101];
+    let err = call(&mut agent, upload).await.unwrap_err();
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert_eq!(api.seen().len(), before, "an oversized body was sent");
+    let everything = format!("{}{:?}", daemon.logs(), audit_records(&mut admin).await);
+    assert!(
+        !everything.contains(API_KEY),
+        "the API key in a log line or audit record"
+    );
 }
