@@ -14,16 +14,20 @@
 //! - redirects are not followed: a 3xx on the base's origin is returned as is, one whose
 //!   `Location` leaves it is refused ([`CallError::Redirected`]);
 //! - request and response bodies are bounded ([`CallLimits`]); the upstream deadline is the
-//!   broker's one for every upstream;
+//!   broker's one for every upstream; HTTPS clients are kept per extra CA (connections are
+//!   reused; no cookie is ever stored);
 //! - an OAuth connection's 401 refreshes its token once and retries once;
 //! - errors and the [`Exchange`] summary (the audit's) never hold a header, a body, a query
 //!   value or the credential; a transport error is described without its URL (which may carry
 //!   an API key as a query parameter).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::driver::{Credential, CredentialError, Credentials, Form};
@@ -180,7 +184,13 @@ pub struct Proxy {
     credentials: Credentials,
     timeout: Duration,
     limits: CallLimits,
+    /// HTTPS clients by the SHA-256 of the extra CA they trust, kept so that calls reuse
+    /// connections (a handshake per call was most of a call's cost).
+    clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
 }
+
+/// Clients kept at most; past it the cache starts over.
+const MAX_CLIENTS: usize = 64;
 
 impl Proxy {
     pub fn new(credentials: Credentials, timeout: Duration, limits: CallLimits) -> Self {
@@ -188,7 +198,23 @@ impl Proxy {
             credentials,
             timeout,
             limits,
+            clients: Mutex::default(),
         }
+    }
+
+    /// The HTTPS client trusting `ca_pem` besides the public roots; never follows redirects.
+    fn client(&self, ca_pem: Option<&str>) -> Result<reqwest::Client, crate::tls::TlsError> {
+        let key: [u8; 32] = Sha256::digest(ca_pem.unwrap_or_default().as_bytes()).into();
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = crate::tls::http_client(ca_pem, self.timeout)?;
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Checks a call and addresses it at the connector's API base; nothing is sent.
@@ -237,7 +263,8 @@ impl Proxy {
         call: &Prepared,
         exchange: &mut Exchange,
     ) -> Result<CallResponse, CallError> {
-        let client = crate::tls::http_client(target.connector.setting("ca_pem"), self.timeout)
+        let client = self
+            .client(target.connector.setting("ca_pem"))
             .map_err(|e| CallError::Unreachable {
                 host: exchange.host.clone(),
                 why: e.to_string(),
