@@ -606,6 +606,21 @@ mod tests {
             .check_connector(Mode::Shared, "", &config, &BTreeMap::new())
             .unwrap_err();
         assert_eq!(err.field, "config.revocation_url");
+        for kind in [Kind::Oauth2, Kind::ApiKey] {
+            for bad in [
+                "http://api.corp",
+                "https://u:canary@api.corp",
+                "https://api.corp/v1?key=x",
+                "https://api.corp/#x",
+            ] {
+                let config = BTreeMap::from([("api_base".to_string(), bad.to_string())]);
+                let err = driver(kind)
+                    .check_connector(Mode::Shared, "", &config, &BTreeMap::new())
+                    .unwrap_err();
+                assert_eq!(err.field, "config.api_base", "{kind:?} {bad}");
+                assert!(!err.problem.contains("canary"), "{err}");
+            }
+        }
     }
 
     #[test]
