@@ -554,3 +554,50 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
         "the API key in a log line or audit record"
     );
 }
+
+/// The documented example (`clients/python/examples/call.py`): Drive files posted to Slack,
+/// the agent never seeing a token. The script runs while this test's runtime serves the fake
+/// API, so the runtime has threads of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
+    let (python, client) = support::python::client_build("python-client-call");
+    let mut s = setup().await;
+    let dir = s.daemon.dir.path().to_path_buf();
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/call.py");
+    let out = support::python::run(
+        std::process::Command::new(&python)
+            .env("PYTHONPATH", &client)
+            .arg(example)
+            .args([
+                "--addr",
+                &s.daemon.grpc.to_string(),
+                "--user",
+                "u1",
+                "--channel",
+                "C123",
+            ])
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("agent.pem"))
+            .arg("--key")
+            .arg(dir.join("agent.key")),
+        "examples/call.py",
+    );
+    assert!(
+        out.contains("listed 1 files; Slack answered 200 ok=True"),
+        "{out}"
+    );
+    let seen = s.api.seen();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/drive/v3/files", "/api/chat.postMessage"]);
+    let canaries: Vec<String> = seen.iter().map(|r| r.token.clone()).collect();
+    for canary in &canaries {
+        assert!(
+            !out.contains(canary.as_str()),
+            "the example printed a token"
+        );
+    }
+    assert_no_canary(&mut s, &canaries, &[]).await;
+}
