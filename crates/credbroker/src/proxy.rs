@@ -104,7 +104,7 @@ pub enum CallError {
     RequestTooLarge { size: usize, limit: usize },
     #[error("{host} answered more than {limit} bytes (limits.max_call_response_bytes)")]
     ResponseTooLarge { host: String, limit: usize },
-    #[error("{host} did not answer within {seconds}s")]
+    #[error("{host} did not answer in time (the upstream deadline is {seconds}s)")]
     Timeout { host: String, seconds: u64 },
     #[error("cannot reach {host}: {why}")]
     Unreachable { host: String, why: String },
