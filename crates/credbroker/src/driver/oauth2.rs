@@ -18,6 +18,7 @@ pub struct OAuth2;
 static SCHEMA: Schema = Schema {
     config: &[
         "client_id",
+        "issuer",
         "auth_url",
         "token_url",
         "revocation_url",
@@ -78,6 +79,10 @@ impl ConnectorDriver for OAuth2 {
         }
         if let Some(base) = config.get("api_base") {
             api_base_url("config.api_base", base)?;
+        }
+        // The issuer identifier an authorization response must name (RFC 9207): an https URL.
+        if let Some(issuer) = config.get("issuer") {
+            https_url("config.issuer", issuer)?;
         }
         check_ca("config.ca_pem", config.get("ca_pem"))
     }

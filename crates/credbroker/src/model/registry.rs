@@ -493,6 +493,11 @@ impl Registry {
         self.store.generation(CONNECTIONS)
     }
 
+    /// Changes whenever a connector is written or deleted (see [`Store::generation`]).
+    pub fn connectors_generation(&self) -> u64 {
+        self.store.generation(CONNECTORS)
+    }
+
     /// Connections by status across every workspace (for metrics), scanning page by page on a
     /// blocking thread.
     pub async fn count_connections(
@@ -684,9 +689,24 @@ impl Registry {
 }
 
 #[cfg(test)]
+impl Registry {
+    /// A registry on a new store in a temporary folder (removed when the folder is dropped).
+    pub async fn temporary(rules: &'static dyn ConnectorRules) -> (tempfile::TempDir, Registry) {
+        use crate::vault::{KeySource, generate_key_file};
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
+        (dir, Registry::new(Arc::new(store), rules))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::{KeySource, generate_key_file};
 
     /// Rules that accept every connector and keep no credential on one.
     struct AnyConnector;
@@ -710,14 +730,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        generate_key_file(&key).unwrap();
-        let config = crate::config::StoreConfig::at(dir.path().join("db"));
-        let store = Store::create(&config, &KeySource::KeyFile(key))
-            .await
-            .unwrap();
-        let registry = Registry::new(Arc::new(store), &AnyConnector);
+        let (_dir, registry) = Registry::temporary(&AnyConnector).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
