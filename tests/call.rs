@@ -487,6 +487,34 @@ async fn a_refused_token_is_refreshed_once_and_the_call_retried_once() {
     assert_ne!(seen[2].token, seen[3].token);
 }
 
+/// A shared API-key connector with the key [`API_KEY`] going where `place` says.
+async fn keyed_connector(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    place: (&str, &str),
+    base: &str,
+    ca: &str,
+) {
+    let config: HashMap<String, String> = [
+        place,
+        ("header_prefix", ""),
+        ("api_base", base),
+        ("ca_pem", ca),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let shared = proto::ConnectorMode::Shared;
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            config,
+            secrets: secrets(&[("api_key", API_KEY)]),
+            ..new_connector(name, proto::ConnectorKind::ApiKey, shared)
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded() {
     let (api, port, api_ca) = fake_api().await;
@@ -497,24 +525,7 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
         ("Keyed", ("header_name", "X-Api-Key")),
         ("KeyedQ", ("query_param", "key")),
     ] {
-        let config: HashMap<String, String> = [
-            place,
-            ("header_prefix", ""),
-            ("api_base", &base),
-            ("ca_pem", &api_ca),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let shared = proto::ConnectorMode::Shared;
-        admin
-            .create_connector(proto::CreateConnectorRequest {
-                config,
-                secrets: secrets(&[("api_key", API_KEY)]),
-                ..new_connector(name, proto::ConnectorKind::ApiKey, shared)
-            })
-            .await
-            .unwrap();
+        keyed_connector(&mut admin, name, place, &base, &api_ca).await;
         // The agent's own guess at the key, where this connector puts it, is dropped.
         let mut r = request(name, "GET", "/keyed/ping");
         r.connection = conn(name, "");
@@ -548,6 +559,30 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
     let err = call(&mut agent, upload).await.unwrap_err();
     assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
     assert_eq!(api.seen().len(), before, "an oversized body was sent");
+    // An API that cannot be reached: the error names the host, never the URL with the key.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = format!("https://{closed}");
+    keyed_connector(
+        &mut admin,
+        "KeyedDown",
+        ("query_param", "key"),
+        &down,
+        &api_ca,
+    )
+    .await;
+    let mut r = request("KeyedDown", "GET", "/keyed/ping");
+    r.connection = conn("KeyedDown", "");
+    let err = call(&mut agent, r).await.unwrap_err();
+    assert_refused(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    assert!(
+        err.message().contains(&closed.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains(API_KEY), "{}", err.message());
     let everything = format!("{}{:?}", daemon.logs(), audit_records(&mut admin).await);
     assert!(
         !everything.contains(API_KEY),
