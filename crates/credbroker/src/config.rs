@@ -36,7 +36,7 @@
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
 //! max_call_request_bytes = 8388608   # Broker.Call: request body sent upstream…
-//! max_call_response_bytes = 16777216 # …and response body read back
+//! max_call_response_bytes = 4128768 # …and response body read back (fits a 4 MiB gRPC reply)
 //! ```
 
 use std::net::SocketAddr;
@@ -233,7 +233,9 @@ impl Default for Limits {
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
             max_call_request_bytes: 8 << 20,
-            max_call_response_bytes: 16 << 20,
+            // A reply must fit the 4 MiB a gRPC client receives by default, with room for
+            // the status and headers.
+            max_call_response_bytes: (4 << 20) - (64 << 10),
         }
     }
 }
