@@ -631,6 +631,57 @@ mod tests {
         }
     }
 
+    /// `%XX` decoded once, as a server would.
+    fn percent_decoded(path: &str) -> String {
+        let (bytes, mut out, mut i) = (path.as_bytes(), Vec::new(), 0);
+        while i < bytes.len() {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) if bytes[i] == b'%' => {
+                    out.push(b);
+                    i += 3;
+                }
+                _ => {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Every path of up to six characters from an alphabet of traversal material: whatever is
+    /// accepted stays under the base, and no accepted path decodes to a `.` or `..` segment.
+    #[test]
+    fn no_accepted_path_climbs_out_of_the_base() {
+        let alphabet = [b'/', b'.', b'%', b'2', b'e', b'f', b'5', b'c', b'\\', b'a'];
+        let base = Url::parse("https://api.test/v1").unwrap();
+        let mut accepted = 0;
+        let mut stack: Vec<Vec<u8>> = vec![b"/".to_vec()];
+        while let Some(path) = stack.pop() {
+            if path.len() < 7 {
+                for c in alphabet {
+                    stack.push([path.as_slice(), &[c]].concat());
+                }
+            }
+            let path = String::from_utf8(path).unwrap();
+            let Ok(ok) = relative_path(&path) else {
+                continue;
+            };
+            accepted += 1;
+            let url = join(&base, &ok).unwrap();
+            assert!(url.path().starts_with("/v1/"), "{path} -> {url}");
+            let decoded = percent_decoded(url.path());
+            assert!(
+                !decoded.split('/').any(|s| s == "." || s == ".."),
+                "{path} decodes to {decoded}"
+            );
+        }
+        assert!(accepted > 1000, "only {accepted} paths accepted");
+    }
+
     #[test]
     fn paths_join_under_the_base() {
         let base = Url::parse("https://slack.com/api").unwrap();
