@@ -550,6 +550,12 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
     };
     let err = call(&mut agent, big).await.unwrap_err();
     assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    // HEAD of the same: its Content-Length announces no body, and is not refused for it.
+    let mut head = request("Keyed", "HEAD", "/keyed/big");
+    head.connection = conn("Keyed", "");
+    let head = call(&mut agent, head).await.unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(header(&head, "content-length"), Some("200"));
     let before = api.seen().len();
     let mut upload = proto::CallRequest {
         connection: conn("Keyed", ""),

@@ -332,7 +332,11 @@ impl Proxy {
             host: host.clone(),
             limit,
         };
-        if response.content_length().is_some_and(|n| n > limit as u64) {
+        // A HEAD answer's Content-Length is the size of what a GET would send: no body follows.
+        let announced = response
+            .content_length()
+            .filter(|_| call.method != reqwest::Method::HEAD);
+        if announced.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
         let headers = returned_headers(response.headers());
