@@ -332,11 +332,8 @@ impl Proxy {
             host: host.clone(),
             limit,
         };
-        // A HEAD answer's Content-Length is the size of what a GET would send: no body follows.
-        let announced = response
-            .content_length()
-            .filter(|_| call.method != reqwest::Method::HEAD);
-        if announced.is_some_and(|n| n > limit as u64) {
+        // The body's announced size (none for a HEAD answer, whatever its Content-Length).
+        if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
         let headers = returned_headers(response.headers());
