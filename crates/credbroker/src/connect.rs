@@ -158,6 +158,7 @@ impl Connect {
             .unwrap_or_default();
         connection.connected_at = Some(now);
         connection.last_refreshed_at = None;
+        connection.expired_reason = None;
         if report.ok() {
             connection.status = ConnectionStatus::Connected;
             connection.last_error.clear();

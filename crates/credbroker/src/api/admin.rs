@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, settings};
 use super::proto::{self, admin_server::Admin};
-use super::{ApiError, Rpc, Services};
-use crate::audit::AuditRecord;
+use super::{ApiError, Call, Rpc, Services};
+use crate::audit::{AuditEvent, AuditRecord, Outcome};
 use crate::connect::Candidate;
-use crate::model::{ConnectorPatch, FieldError, Kind, NewConnector, workspace_or_default};
+use crate::model::{ConnectorPatch, FieldError, Kind, Moved, NewConnector, workspace_or_default};
 
 pub struct AdminApi(pub Arc<Services>);
 
@@ -144,6 +144,24 @@ fn connector_patch(r: &mut proto::UpdateConnectorRequest) -> Result<ConnectorPat
         }
     }
     Ok(patch)
+}
+
+/// Audits what an UpdateConnector erased because it moved where secrets go, under its own
+/// operation `DestinationChanged` beside the call's record (same request id).
+async fn audit_moved(s: &Services, call: &Call, moved: &Moved) -> Result<(), ApiError> {
+    s.audit
+        .record(AuditEvent {
+            caller: call.caller.clone(),
+            operation: "DestinationChanged".into(),
+            workspace: call.workspace.clone(),
+            connector: call.connector.clone(),
+            user_id: String::new(),
+            outcome: Some(Outcome::Ok),
+            reason: moved.describe(),
+            request_id: call.request_id.clone(),
+        })
+        .await?;
+    Ok(())
 }
 
 /// QueryAudit's scope: without a workspace, the whole log (for admins of every workspace).
@@ -293,11 +311,14 @@ impl Admin for AdminApi {
             call.connector = r.connector.clone();
             let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             let patch = connector_patch(&mut r)?;
-            let c = s
+            let (c, moved) = s
                 .registry
                 .update_connector(&workspace, &r.connector, patch)
                 .await?;
             call.on_connector(&c);
+            if c.destinations_at == Some(c.updated_at) {
+                audit_moved(s, call, &moved).await?;
+            }
             Ok(convert::connector(&c))
         })
         .await

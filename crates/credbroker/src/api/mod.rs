@@ -12,6 +12,7 @@ mod convert;
 mod redact;
 mod rpc;
 mod status;
+mod through;
 
 pub use call::Call;
 pub use rpc::{Access, Rpc};

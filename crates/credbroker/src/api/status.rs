@@ -16,7 +16,7 @@ use crate::calendar::CalendarError;
 use crate::connect::ConnectError;
 use crate::driver::ConnectionError;
 use crate::mail::MailError;
-use crate::model::{FieldError, ModelError};
+use crate::model::{Expiry, FieldError, ModelError};
 use crate::oauth::OAuthError;
 use crate::resolve::ResolveError;
 
@@ -187,6 +187,10 @@ fn connection(e: &ConnectionError) -> Class {
     match e {
         ConnectionError::NotConnected { .. } => plain(Reason::NotConnected),
         ConnectionError::Expired { .. } => plain(Reason::Expired),
+        ConnectionError::DestinationChanged { .. } => (
+            Reason::Expired,
+            vec![("expired", Expiry::DestinationChanged.name().to_string())],
+        ),
     }
 }
 

@@ -6,14 +6,12 @@
 //! ([`ConnectorDriver::check_candidate`], [`ConnectorDriver::check_connector`]): a test that
 //! runs meets only well-formed input.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
+use crate::model::{Connector, ConnectorDraft, FieldError, Secret, TestReport};
 
 pub struct Caldav;
 
@@ -24,7 +22,7 @@ static SCHEMA: Schema = Schema {
     connection_secrets: &["password"],
     destinations: &[Destination {
         secret: "password",
-        settings: &["url"],
+        settings: &["url", "ca_pem"],
     }],
 };
 
@@ -51,18 +49,12 @@ impl ConnectorDriver for Caldav {
     }
 
     /// A connector's URL, when it sets one, is a CalDAV server's (https, no credentials).
-    fn check_connector(
-        &self,
-        _mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        check_plain(&SCHEMA, provider, config, secrets)?;
-        if let Some(url) = config.get("url").filter(|u| !u.is_empty()) {
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        check_plain(&SCHEMA, draft)?;
+        if let Some(url) = draft.config.get("url").filter(|u| !u.is_empty()) {
             https_url("config.url", url)?;
         }
-        check_ca("config.ca_pem", config.get("ca_pem"))
+        check_ca("config.ca_pem", draft.config.get("ca_pem"))
     }
 
     /// The server URL, the username, the password and the CA, as the test would use them.
@@ -106,20 +98,9 @@ impl ConnectorDriver for Caldav {
 
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        _min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
-        async move {
-            let (connection, password) =
-                stored_secret(credentials, target, "password", false).await?;
-            Ok(password_credential(
-                Kind::Caldav,
-                password,
-                connection.account_label,
-            ))
-        }
-        .boxed()
+        stored_password(at).boxed()
     }
 
     fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {

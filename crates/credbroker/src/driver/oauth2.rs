@@ -4,13 +4,12 @@
 //! browser flow (BeginConnect), never with typed-in credentials.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
+use crate::model::{Check, Connector, ConnectorDraft, FieldError, Kind, TestReport};
 use crate::oauth::catalog::Endpoints;
 
 pub struct OAuth2;
@@ -36,18 +35,20 @@ static SCHEMA: Schema = Schema {
     connector_secrets: &["client_secret"],
     settings: &[],
     connection_secrets: &["access_token", "refresh_token"],
+    // The CA says who the servers are; `base_url` is where the broker's own calls (Google
+    // Calendar) send the access token.
     destinations: &[
         Destination {
             secret: "client_secret",
-            settings: &["token_url", "revocation_url"],
+            settings: &["token_url", "revocation_url", "ca_pem"],
         },
         Destination {
             secret: "refresh_token",
-            settings: &["token_url", "revocation_url"],
+            settings: &["token_url", "revocation_url", "ca_pem"],
         },
         Destination {
             secret: "access_token",
-            settings: &["userinfo_url", "revocation_url"],
+            settings: &["userinfo_url", "revocation_url", "base_url", "ca_pem"],
         },
     ],
 };
@@ -61,21 +62,15 @@ impl ConnectorDriver for OAuth2 {
         &SCHEMA
     }
 
-    fn check_connector(
-        &self,
-        _mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        crate::oauth::catalog::validate_provider("provider", provider)?;
-        check_schema(&SCHEMA, config, secrets)?;
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        crate::oauth::catalog::validate_provider("provider", draft.provider)?;
+        check_schema(&SCHEMA, draft)?;
         for key in ENDPOINTS {
-            if let Some(url) = config.get(*key) {
+            if let Some(url) = draft.config.get(*key) {
                 https_url(&format!("config.{key}"), url)?;
             }
         }
-        check_ca("config.ca_pem", config.get("ca_pem"))
+        check_ca("config.ca_pem", draft.config.get("ca_pem"))
     }
 
     /// The provider's endpoints (catalog preset, overridden by the connector's config).
@@ -124,14 +119,14 @@ impl ConnectorDriver for OAuth2 {
 
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let token = credentials
+            let target = at.target;
+            let token = at
+                .credentials
                 .oauth
-                .access_token(&target.connector, &target.connection_user, min_ttl)
+                .access_token(&target.connector, &target.connection_user, at.min_ttl)
                 .await?;
             Ok(Credential {
                 kind: Kind::Oauth2,

@@ -10,9 +10,12 @@ mod validate;
 
 pub use check::{Check, Stage, TestReport};
 pub use kind::{Kind, Mode};
-pub use records::{Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets};
+pub use records::{
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Expiry,
+};
 pub use registry::{
-    ConnectorPatch, ConnectorRules, KeyStatus, NewConnector, Registry, Target, connection_path,
+    ConnectorDraft, ConnectorPatch, ConnectorRules, Dependents, KeyStatus, Moved, NewConnector,
+    Registry, Target, connection_path,
 };
 pub use secret::Secret;
 pub use validate::{

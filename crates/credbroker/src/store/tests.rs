@@ -531,6 +531,7 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
         secrets_set: ["client_secret".to_string()].into(),
         created_at: now,
         updated_at: now,
+        destinations_at: None,
     };
     check(&store, CACHED, &connector).await;
     check(&store, CACHED, &"cn_1".to_string()).await;
