@@ -584,31 +584,79 @@ async fn serve_https(
     addr
 }
 
+/// Where a [`Relay`] sends the connections it accepts.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    To(std::net::SocketAddr),
+    /// Closes each connection at once.
+    Refuse,
+    /// Accepts and never says anything.
+    Hold,
+}
+
+/// A TCP relay in front of a token endpoint, so that a test can take the endpoint away (or send
+/// it elsewhere) without changing the connector: a changed token_url erases every grant.
+struct Relay {
+    addr: std::net::SocketAddr,
+    route: std::sync::Arc<std::sync::Mutex<Route>>,
+}
+
+impl Relay {
+    async fn start(route: Route) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let route = std::sync::Arc::new(std::sync::Mutex::new(route));
+        let current = route.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let route = *current.lock().unwrap();
+                match route {
+                    Route::To(to) => {
+                        tokio::spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            }
+                        });
+                    }
+                    Route::Refuse => drop(inbound),
+                    Route::Hold => held.push(inbound),
+                }
+            }
+        });
+        Relay { addr, route }
+    }
+
+    /// The test server, through the relay.
+    async fn to_provider() -> Relay {
+        let issuer = reqwest::Url::parse(&peers().oauth_issuer()).unwrap();
+        let to = (issuer.host_str().unwrap(), issuer.port().unwrap());
+        let to = tokio::net::lookup_host(to).await.unwrap().next().unwrap();
+        Relay::start(Route::To(to)).await
+    }
+
+    fn token_url(&self) -> String {
+        format!("https://{}/token", self.addr)
+    }
+
+    fn set(&self, route: Route) {
+        *self.route.lock().unwrap() = route;
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
+    let relay = Relay::to_provider().await;
+    create_connector(&mut admin, CONNECTOR, &[("token_url", &relay.token_url())]).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let current = resolve(&mut agent, "u1").await.unwrap().secret;
-    // The token endpoint goes away (a closed port).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    admin
-        .update_connector(proto::UpdateConnectorRequest {
-            connector: CONNECTOR.into(),
-            config: [("token_url".to_string(), format!("https://{closed}/token"))].into(),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["config.token_url".into()],
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // The token endpoint goes away.
+    relay.set(Route::Refuse);
     let wants_refresh = |agent: &mut BrokerClient<Channel>| {
         let mut agent = agent.clone();
         async move {
@@ -650,28 +698,11 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     );
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
+    let relay = Relay::to_provider().await;
+    create_connector(&mut admin, CONNECTOR, &[("token_url", &relay.token_url())]).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // Accepts TCP, then says nothing, ever.
-    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = black_hole.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = black_hole.accept().await {
-            held.push(socket);
-        }
-    });
-    admin
-        .update_connector(proto::UpdateConnectorRequest {
-            connector: CONNECTOR.into(),
-            config: [("token_url".to_string(), format!("https://{addr}/token"))].into(),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["config.token_url".into()],
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    relay.set(Route::Hold);
     let_tokens_expire().await;
     // The daemon's own deadline ends the call; the outer one only keeps a bug from hanging CI.
     let answer = tokio::time::timeout(Duration::from_secs(60), resolve(&mut agent, "u1")).await;
@@ -691,7 +722,12 @@ async fn a_huge_expires_in_is_capped_not_a_panic() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
+    let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
+    let relay = Relay::to_provider().await;
+    let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
+    let config = [("token_url", relay.token_url()), ("ca_pem", cas)];
+    let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    create_connector(&mut admin, CONNECTOR, &config).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // The fake token endpoint records the refresh tokens it is sent.
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -712,26 +748,7 @@ async fn a_huge_expires_in_is_capped_not_a_panic() {
             }),
         )
     };
-    let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
-    let fake = serve_https(&fake_ca, app).await;
-    admin
-        .update_connector(proto::UpdateConnectorRequest {
-            connector: CONNECTOR.into(),
-            config: [
-                ("token_url".to_string(), format!("https://{fake}/token")),
-                (
-                    "ca_pem".to_string(),
-                    format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem),
-                ),
-            ]
-            .into(),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["config.token_url".into(), "config.ca_pem".into()],
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    relay.set(Route::To(serve_https(&fake_ca, app).await));
     let_tokens_expire().await;
     let before = std::time::SystemTime::now();
     let token = resolve(&mut agent, "u1").await.unwrap();

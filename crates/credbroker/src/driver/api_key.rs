@@ -34,6 +34,7 @@ static SCHEMA: Schema = Schema {
         secret: "api_key",
         settings: &["test_url", "header_name", "ca_pem"],
     }],
+    service: None,
 };
 
 /// The header a key goes in and what precedes it: `Authorization: Bearer <key>` unless the

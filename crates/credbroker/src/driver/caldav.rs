@@ -24,6 +24,7 @@ static SCHEMA: Schema = Schema {
         secret: "password",
         settings: &["url", "ca_pem"],
     }],
+    service: Some(Service::Calendar),
 };
 
 /// The setting a connection's server URL comes from: its own, or else its connector's (an
@@ -90,10 +91,6 @@ impl ConnectorDriver for Caldav {
         let url = crate::calendar::caldav::server_url(connector, settings)
             .map_err(|e| FieldError::new(field, e.to_string()))?;
         Ok(vec![url.to_string()])
-    }
-
-    fn serves(&self, _connector: &Connector, service: Service) -> bool {
-        service == Service::Calendar
     }
 
     fn credential<'a>(

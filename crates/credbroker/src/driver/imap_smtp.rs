@@ -46,6 +46,7 @@ static SCHEMA: Schema = Schema {
             OAUTH_CONNECTOR,
         ],
     }],
+    service: Some(Service::Mail),
 };
 
 /// How long an access token must stay valid for a test: the test's own deadline and a margin.
@@ -102,10 +103,6 @@ impl ConnectorDriver for ImapSmtp {
             Some(_) => &[],
             None => SCHEMA.connection_secrets,
         })
-    }
-
-    fn serves(&self, _connector: &Connector, service: Service) -> bool {
-        service == Service::Mail
     }
 
     /// The password, or the access token of the `oauth_connector` connection of the same user.

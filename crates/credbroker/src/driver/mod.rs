@@ -49,6 +49,8 @@ pub struct Schema {
     /// Which settings name where each secret may be sent: the one list of them (UpdateConnector
     /// erases what a change moves, candidates may not move a stored secret).
     pub destinations: &'static [Destination],
+    /// The service every connector of the kind serves besides ResolveCredential, if any.
+    pub service: Option<Service>,
 }
 
 /// The settings (a connection's, over its connector's config) that name where a secret goes:
@@ -221,8 +223,8 @@ pub trait ConnectorDriver: Send + Sync {
 
     /// Whether a connector of this kind can serve `service`.
     fn serves(&self, connector: &Connector, service: Service) -> bool {
-        let _ = (connector, service);
-        false
+        let _ = connector;
+        self.schema().service == Some(service)
     }
 
     /// The credential of a stored connection, current (an OAuth token refreshed first if it has

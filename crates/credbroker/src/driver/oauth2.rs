@@ -51,6 +51,7 @@ static SCHEMA: Schema = Schema {
             settings: &["userinfo_url", "revocation_url", "base_url", "ca_pem"],
         },
     ],
+    service: None,
 };
 
 /// The provider endpoints a connector may set: each is where a secret (the client secret, a

@@ -950,4 +950,125 @@ mod tests {
                 .is_none()
         );
     }
+
+    /// Rules where `url` is where the connector's `s` and every connection's secrets go.
+    struct UrlMoves;
+
+    impl ConnectorRules for UrlMoves {
+        fn check_connector(&self, _: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+            Ok(())
+        }
+
+        fn credential_on_connector(&self, _: Kind, _: Mode) -> bool {
+            false
+        }
+
+        fn dependents(&self, _: Kind, changed: &BTreeSet<String>) -> Dependents {
+            if changed.contains("url") {
+                Dependents {
+                    connector_secrets: vec!["s"],
+                    connections: true,
+                }
+            } else {
+                Dependents::default()
+            }
+        }
+
+        fn through_key(&self, _: Kind) -> Option<&'static str> {
+            None
+        }
+    }
+
+    fn set(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_moved_destination_erases_what_the_change_did_not_carry() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
+        let registry = Registry::new(Arc::new(store), &UrlMoves);
+        let connector = registry
+            .create_connector(NewConnector {
+                workspace: String::new(),
+                name: "C".into(),
+                kind: Kind::Oauth2,
+                mode: Mode::Personal,
+                provider: String::new(),
+                config: [("url".to_string(), "https://a/".to_string())].into(),
+                secrets: [("s".to_string(), Secret::new("s1"))].into(),
+            })
+            .await
+            .unwrap();
+        let mut connection = Connection::new(&connector.id, "u1");
+        connection.status = ConnectionStatus::Connected;
+        connection.connected_at = Some(Utc::now());
+        let secrets = ConnectionSecrets {
+            slots: [("t".to_string(), Secret::new("t1"))].into(),
+        };
+        registry
+            .save_connection(&connection, Some(&secrets))
+            .await
+            .unwrap();
+        let update = async |config: &[(&str, Option<&str>)], secret: Option<&str>| {
+            let patch = ConnectorPatch {
+                config: set(config),
+                secrets: secret
+                    .map(|s| ("s".to_string(), Some(Secret::new(s))))
+                    .into_iter()
+                    .collect(),
+                mode: None,
+            };
+            registry.update_connector("", "C", patch).await.unwrap()
+        };
+
+        // Not a destination: nothing moves.
+        let (c, moved) = update(&[("description", Some("d"))], None).await;
+        assert!(moved.settings.is_empty() && c.destinations_at.is_none());
+        // The URL moves with the secret carried: the connector keeps it (the new value), the
+        // connection's secrets go.
+        let (c, moved) = update(&[("url", Some("https://b/"))], Some("s2")).await;
+        assert_eq!(
+            (moved.settings, moved.erased, moved.expired),
+            (vec!["url".to_string()], vec![], 1)
+        );
+        assert_eq!(
+            registry.connector_secrets(&c).await.unwrap().slots["s"].expose(),
+            "s2"
+        );
+        let shown = registry.connection(&c, "u1").await.unwrap().unwrap();
+        assert_eq!(shown.status, ConnectionStatus::Expired);
+        assert_eq!(shown.expired_reason, Some(Expiry::DestinationChanged));
+        assert!(
+            registry
+                .connection_secrets(&c, "u1")
+                .await
+                .unwrap()
+                .slots
+                .is_empty()
+        );
+        // Without it (even to a URL that only looks the same), the connector's secret goes too.
+        let (c, moved) = update(&[("url", Some("https://b/x"))], None).await;
+        assert_eq!(moved.erased, ["s"]);
+        assert!(c.secrets_set.is_empty());
+        assert!(
+            registry
+                .connector_secrets(&c)
+                .await
+                .unwrap()
+                .slots
+                .is_empty()
+        );
+        // A connection made after the move is usable; one made before is not.
+        assert!(!c.moved_since(Some(Utc::now())));
+        assert!(c.moved_since(connection.connected_at));
+    }
 }
