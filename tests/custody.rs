@@ -235,21 +235,8 @@ struct Capture {
 
 impl Capture {
     async fn start(speaks: Speaks) -> Capture {
-        use rustls::pki_types::pem::PemObject;
         let ca = credbroker_devpki::CertAuthority::generate("attacker CA").unwrap();
-        let cert = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
-        let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
-        let key =
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+        let acceptor = support::daemon::tls_acceptor(&ca);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
@@ -387,6 +374,14 @@ async fn converse(
     }
 }
 
+/// An IMAP and an SMTP capture.
+async fn mail_captures() -> (Capture, Capture) {
+    (
+        Capture::start(Speaks::Imap).await,
+        Capture::start(Speaks::Smtp).await,
+    )
+}
+
 /// Mail settings that send IMAP and SMTP to two captures over implicit TLS, trusting their CA.
 fn captured_mail(imap: &Capture, smtp: &Capture) -> Vec<(&'static str, String)> {
     vec![
@@ -444,15 +439,59 @@ async fn connection_of(
         .into_inner()
 }
 
+/// A personal OAuth connector at the test server, and `user`'s connection through the browser.
+async fn oauth_connection(
+    daemon: &Daemon,
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    user: &str,
+) {
+    let scopes = [("scopes", "openid email mail.read mail.send")];
+    create_connector(admin, name, &scopes).await;
+    support::oauth::connect(daemon, admin, name, user, user).await;
+}
+
+/// The audit records of one operation.
+async fn audit_of(admin: &mut AdminClient<Channel>, operation: &str) -> Vec<proto::AuditRecord> {
+    let query = proto::QueryAuditRequest {
+        operation: operation.into(),
+        limit: 100,
+        ..Default::default()
+    };
+    admin.query_audit(query).await.unwrap().into_inner().records
+}
+
+/// TestConnection, then ConnectWithCredentials (saving even what fails its test), of `user`'s
+/// connection to "Mail" with these settings and no secret.
+async fn test_then_connect(
+    admin: &mut AdminClient<Channel>,
+    user: &str,
+    settings: &[(&str, String)],
+) -> (
+    Result<tonic::Response<proto::TestConnectionResponse>, tonic::Status>,
+    Result<tonic::Response<proto::ConnectWithCredentialsResponse>, tonic::Status>,
+) {
+    let tested = admin
+        .test_connection(proto::TestConnectionRequest {
+            connection: conn("Mail", user),
+            settings: map(settings),
+            ..Default::default()
+        })
+        .await;
+    let connected = admin
+        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
+            connection: conn("Mail", user),
+            settings: map(settings),
+            save_on_failure: true,
+            ..Default::default()
+        })
+        .await;
+    (tested, connected)
+}
+
 /// An OAuth connection "Mail OAuth" of alice, and the access token it holds now.
 async fn alice_oauth(daemon: &Daemon, admin: &mut AdminClient<Channel>) -> String {
-    create_connector(
-        admin,
-        "Mail OAuth",
-        &[("scopes", "openid email mail.read mail.send")],
-    )
-    .await;
-    support::oauth::connect(daemon, admin, "Mail OAuth", "alice", "alice").await;
+    oauth_connection(daemon, admin, "Mail OAuth", "alice").await;
     let mut agent = daemon.agent().await;
     agent
         .resolve_credential(proto::ResolveCredentialRequest {
@@ -481,45 +520,16 @@ async fn a_users_oauth_token_never_goes_to_mail_servers_an_admin_names() {
         config,
     )
     .await;
-    let (imap, smtp) = (
-        Capture::start(Speaks::Imap).await,
-        Capture::start(Speaks::Smtp).await,
-    );
+    let (imap, smtp) = mail_captures().await;
     let mut candidate = captured_mail(&imap, &smtp);
     candidate.push(("email", "alice@x.test".into()));
 
     // 1. The request's own settings name the attacker's servers and CA.
-    let tested = admin
-        .test_connection(proto::TestConnectionRequest {
-            connection: conn("Mail", "alice"),
-            settings: map(&candidate),
-            ..Default::default()
-        })
-        .await;
-    let connected = admin
-        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
-            connection: conn("Mail", "alice"),
-            settings: map(&candidate),
-            save_on_failure: true,
-            ..Default::default()
-        })
-        .await;
-    // 2. The connector is pointed at them, then alice's connection is made or tested again.
+    let (tested, connected) = test_then_connect(&mut admin, "alice", &candidate).await;
+    // 2. The connector is pointed at them, then alice's connection is tested and made again.
     let moved = update_config(&mut admin, "Mail", &captured_mail(&imap, &smtp)).await;
     let email = [("email", "alice@x.test".to_string())];
-    let reconnected = admin
-        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
-            connection: conn("Mail", "alice"),
-            settings: map(&email),
-            ..Default::default()
-        })
-        .await;
-    let _ = admin
-        .test_connection(proto::TestConnectionRequest {
-            connection: conn("Mail", "alice"),
-            ..Default::default()
-        })
-        .await;
+    let (_, reconnected) = test_then_connect(&mut admin, "alice", &email).await;
 
     for capture in [&imap, &smtp] {
         assert!(!capture.got(&token), "alice's token reached the attacker");
@@ -537,18 +547,13 @@ async fn a_users_oauth_token_never_goes_to_mail_servers_an_admin_names() {
     );
     assert_eq!(connected.unwrap_err().code(), Code::InvalidArgument);
     moved.expect("an admin may still move the connector");
-    let report = reconnected.unwrap().into_inner();
-    assert!(!report.saved, "{report:?}");
-    let audit = admin
-        .query_audit(proto::QueryAuditRequest {
-            operation: "ConnectWithCredentials".into(),
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let test = reconnected.unwrap().into_inner().test.unwrap();
+    assert!(!test.ok, "{test:?}");
+    assert!(
+        test.checks[0].message.contains("destination_changed"),
+        "alice's grant predates the servers: {test:?}"
+    );
+    let audit = audit_of(&mut admin, "ConnectWithCredentials").await;
     assert!(
         audit
             .iter()
@@ -564,14 +569,12 @@ async fn a_moved_token_endpoint_gets_neither_the_client_secret_nor_a_users_grant
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let mut agent = daemon.agent().await;
-    create_connector(&mut admin, "Idp", &[]).await;
-    support::oauth::connect(&daemon, &mut admin, "Idp", "u1", "").await;
-    create_connector(&mut admin, "Idp2", &[]).await;
-    support::oauth::connect(&daemon, &mut admin, "Idp2", "u2", "").await;
+    oauth_connection(&daemon, &mut admin, "Idp", "alice").await;
+    oauth_connection(&daemon, &mut admin, "Idp2", "bob").await;
     let evil = Capture::start(Speaks::Http).await;
     let url = |path: &str| format!("https://{}/{path}", evil.addr);
 
-    // The token endpoint moves: the next refresh would carry the client secret and u1's grant.
+    // The token endpoint moves: the next refresh would carry the client secret and alice's grant.
     update_config(
         &mut admin,
         "Idp",
@@ -582,11 +585,11 @@ async fn a_moved_token_endpoint_gets_neither_the_client_secret_nor_a_users_grant
     tokio::time::sleep(std::time::Duration::from_secs(ACCESS_TTL_SECS + 1)).await;
     let refreshed = agent
         .resolve_credential(proto::ResolveCredentialRequest {
-            connection: conn("Idp", "u1"),
+            connection: conn("Idp", "alice"),
             min_ttl_seconds: 0,
         })
         .await;
-    // The revocation endpoint moves: Disconnect would send it u2's token.
+    // The revocation endpoint moves: Disconnect would send it bob's token.
     update_config(
         &mut admin,
         "Idp2",
@@ -599,7 +602,7 @@ async fn a_moved_token_endpoint_gets_neither_the_client_secret_nor_a_users_grant
     .unwrap();
     let _ = admin
         .disconnect(proto::DisconnectRequest {
-            connection: conn("Idp2", "u2"),
+            connection: conn("Idp2", "bob"),
         })
         .await;
 
@@ -616,7 +619,7 @@ async fn a_moved_token_endpoint_gets_neither_the_client_secret_nor_a_users_grant
         support::daemon::reason(&err).1["expired"],
         "destination_changed"
     );
-    let shown = connection_of(&mut admin, "Idp", "u1").await;
+    let shown = connection_of(&mut admin, "Idp", "alice").await;
     assert_eq!(shown.status, proto::ConnectionStatus::Expired as i32);
     assert_eq!(shown.expired_reason, "destination_changed");
     let idp = admin
@@ -685,6 +688,13 @@ async fn a_stored_api_key_is_tested_only_where_it_was_saved_for() {
     }
     assert!(!evil.got("k-shared-canary"), "{}", evil.text());
     assert!(!evil.got("k-personal-canary"), "{}", evil.text());
+    // Each move is audited: what changed, what was erased, how many connections expired.
+    let audit = audit_of(&mut admin, "DestinationChanged").await;
+    let reasons: Vec<&str> = audit.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("test_url") && reasons[0].contains("[api_key]"));
+    assert!(reasons[1].contains("1 connections expired"), "{reasons:?}");
+    assert!(!format!("{audit:?}").contains("canary"));
     for connection in shown {
         assert_eq!(
             connection.status,
@@ -699,10 +709,7 @@ async fn a_stored_api_key_is_tested_only_where_it_was_saved_for() {
 async fn a_connectors_ca_is_not_trusted_for_a_users_own_mail_servers() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    let (imap, smtp) = (
-        Capture::start(Speaks::Imap).await,
-        Capture::start(Speaks::Smtp).await,
-    );
+    let (imap, smtp) = mail_captures().await;
     // The admin's CA; the user names their own servers (which the admin intercepts).
     let config = [("ca_pem", format!("{}\n{}", imap.ca_pem, smtp.ca_pem))];
     support::mail::create_mail_connector(
@@ -741,10 +748,7 @@ async fn oauth_connector_names_an_oauth_connector_only() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     api_key(&mut admin, "", "Key").await;
-    let (imap, smtp) = (
-        Capture::start(Speaks::Imap).await,
-        Capture::start(Speaks::Smtp).await,
-    );
+    let (imap, smtp) = mail_captures().await;
     let mut config = captured_mail(&imap, &smtp);
     config.push(("oauth_connector", "Key".into()));
     let created = admin
@@ -757,13 +761,7 @@ async fn oauth_connector_names_an_oauth_connector_only() {
         })
         .await;
     let email = [("email", "u1@x.test".to_string())];
-    let _ = admin
-        .connect_with_credentials(proto::ConnectWithCredentialsRequest {
-            connection: conn("Mail", "u1"),
-            settings: map(&email),
-            ..Default::default()
-        })
-        .await;
+    let _ = test_then_connect(&mut admin, "u1", &email).await;
     assert!(!imap.got("k-secret-canary"), "{}", imap.text());
     assert!(!smtp.got("k-secret-canary"), "{}", smtp.text());
     let err = created.unwrap_err();

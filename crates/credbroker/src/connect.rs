@@ -95,12 +95,16 @@ impl Connect {
         Ok(report)
     }
 
-    /// The stored connection's settings and secrets, as a candidate to test again.
-    async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ModelError> {
+    /// The stored connection's settings and secrets, as a candidate to test again: never those
+    /// of a connection made before its connector moved where they go.
+    async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ConnectError> {
         let (connector, user) = (&target.connector, target.connection_user.as_str());
         let Some(connection) = self.registry().connection(connector, user).await? else {
             return Ok(None);
         };
+        if connector.moved_since(connection.connected_at) {
+            return Err(ConnectionError::destination_changed(connector, user).into());
+        }
         let secrets = if driver(connector.kind).credential_on_connector(connector.mode) {
             self.registry().connector_secrets(connector).await?.slots
         } else {

@@ -873,6 +873,18 @@ mod tests {
     use super::*;
     use crate::vault::{KeySource, generate_key_file};
 
+    /// A registry on a fresh store in a folder of its own (kept while the test runs).
+    async fn registry(rules: &'static dyn ConnectorRules) -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        generate_key_file(&key).unwrap();
+        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let store = Store::create(&config, &KeySource::KeyFile(key))
+            .await
+            .unwrap();
+        (dir, Registry::new(Arc::new(store), rules))
+    }
+
     /// Rules that accept every connector and keep no credential on one.
     struct AnyConnector;
 
@@ -896,14 +908,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        generate_key_file(&key).unwrap();
-        let config = crate::config::StoreConfig::at(dir.path().join("db"));
-        let store = Store::create(&config, &KeySource::KeyFile(key))
-            .await
-            .unwrap();
-        let registry = Registry::new(Arc::new(store), &AnyConnector);
+        let (_dir, registry) = registry(&AnyConnector).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
@@ -988,14 +993,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_destination_erases_what_the_change_did_not_carry() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        generate_key_file(&key).unwrap();
-        let config = crate::config::StoreConfig::at(dir.path().join("db"));
-        let store = Store::create(&config, &KeySource::KeyFile(key))
-            .await
-            .unwrap();
-        let registry = Registry::new(Arc::new(store), &UrlMoves);
+        let (_dir, registry) = registry(&UrlMoves).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
