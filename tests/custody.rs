@@ -770,4 +770,80 @@ async fn oauth_connector_names_an_oauth_connector_only() {
         support::daemon::reason(&err).1["field"],
         "config.oauth_connector"
     );
+    // Naming an OAuth connector (by name: it is kept by id, so a rename cannot redirect it)
+    // is audited with both connectors.
+    create_connector(&mut admin, "Mail OAuth", &[]).await;
+    config.retain(|(k, _)| *k != "oauth_connector");
+    config.push(("oauth_connector", "Mail OAuth".into()));
+    let created = admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Mail".into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            config: map(&config),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        created.config["oauth_connector"].starts_with("cn_"),
+        "{created:?}"
+    );
+    let audit = audit_of(&mut admin, "CreateConnector").await;
+    assert!(
+        audit
+            .last()
+            .unwrap()
+            .connector
+            .contains("via Mail OAuth (cn_"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn signing_in_through_an_oauth_connector_needs_a_grant_on_it_too() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start_with(
+        &policy(&[
+            "workspace = \"default\"\nconnectors = [\"Mail\"]\noperations = [\"fetch_mail\"]\nusers = [\"*\"]",
+        ]),
+        "",
+    );
+    let mut admin = daemon.admin().await;
+    let scopes = [("scopes", "openid email mail.read mail.send")];
+    create_connector(&mut admin, "Mail OAuth", &scopes).await;
+    let mut config =
+        support::mail::mail_config(&support::mail::Servers::implicit_imap_starttls_smtp());
+    config.insert("oauth_connector".into(), "Mail OAuth".into());
+    support::mail::create_mail_connector(
+        &mut admin,
+        "Mail",
+        proto::ConnectorMode::Personal,
+        config,
+    )
+    .await;
+    // Alice consents after the mail servers are set: her token may go there.
+    support::oauth::connect(&daemon, &mut admin, "Mail OAuth", "alice", "alice").await;
+    let email = [("email", "alice@x.test".to_string())];
+    let (_, connected) = test_then_connect(&mut admin, "alice", &email).await;
+    let connected = connected.unwrap().into_inner();
+    assert!(
+        connected.test.unwrap().ok,
+        "alice's mail signs in with her token"
+    );
+
+    // The agent may read "Mail", not "Mail OAuth": it gets nothing through it either.
+    let mut agent = daemon.agent().await;
+    let err = support::mail::fetch(&mut agent, conn("Mail", "alice"), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("Mail OAuth"), "{err:?}");
+    let audit = audit_of(&mut admin, "FetchMail").await;
+    assert_eq!(audit.len(), 1);
+    assert!(
+        audit[0].connector.contains("via Mail OAuth (cn_"),
+        "{audit:?}"
+    );
 }

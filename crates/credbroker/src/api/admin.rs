@@ -268,6 +268,7 @@ impl Admin for AdminApi {
                 .create_connector(new_connector(workspace, r)?)
                 .await?;
             call.on_connector(&c);
+            s.through_of(call, &c).await?;
             Ok(convert::connector(&c))
         })
         .await
@@ -316,6 +317,7 @@ impl Admin for AdminApi {
                 .update_connector(&workspace, &r.connector, patch)
                 .await?;
             call.on_connector(&c);
+            s.through_of(call, &c).await?;
             if c.destinations_at == Some(c.updated_at) {
                 audit_moved(s, call, &moved).await?;
             }

@@ -9,19 +9,18 @@
 use super::rpc::Access;
 use super::{ApiError, Call, Services};
 use crate::driver::OAUTH_CONNECTOR;
-use crate::model::{FieldError, ModelError, Target};
+use crate::model::{Connector, FieldError, ModelError, Target};
 
 impl Services {
-    /// Admits the caller to the connector `target` signs in through, if it has one, and notes
-    /// it in the call's audit record ("Mail (cn_…) via Mail OAuth (cn_…)").
-    pub(super) async fn admit_through(
+    /// The connector `connector` signs in through, if it has one, noted in the call's audit
+    /// record ("Mail (cn_…) via Mail OAuth (cn_…)").
+    pub(super) async fn through_of(
         &self,
         call: &mut Call,
-        target: &Target,
-    ) -> Result<(), ApiError> {
-        let connector = &target.connector;
+        connector: &Connector,
+    ) -> Result<Option<Connector>, ApiError> {
         let Some(named) = connector.setting(OAUTH_CONNECTOR) else {
-            return Ok(());
+            return Ok(None);
         };
         let through = self
             .registry
@@ -35,6 +34,18 @@ impl Services {
                 other => other.into(),
             })?;
         call.connector = format!("{} via {} ({})", call.connector, through.name, through.id);
+        Ok(Some(through))
+    }
+
+    /// Admits the caller to the connector `target` signs in through, if it has one.
+    pub(super) async fn admit_through(
+        &self,
+        call: &mut Call,
+        target: &Target,
+    ) -> Result<(), ApiError> {
+        let Some(through) = self.through_of(call, &target.connector).await? else {
+            return Ok(());
+        };
         match call.rpc.access() {
             Access::Admin => Ok(()),
             Access::Grant(op) => self
