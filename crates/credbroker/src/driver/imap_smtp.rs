@@ -11,23 +11,13 @@ use futures::future::BoxFuture;
 
 use super::*;
 use crate::mail::Auth;
+use crate::mail::account::SERVER_SETTINGS;
 use crate::model::{Check, Connector, FieldError, Secret, TestReport};
 
 pub struct ImapSmtp;
 
-/// The settings naming the servers and the CA: the connector's, or a connection's own.
-const SERVERS: &[&str] = &[
-    "imap_host",
-    "imap_port",
-    "imap_tls",
-    "smtp_host",
-    "smtp_port",
-    "smtp_tls",
-    "ca_pem",
-];
-
-static CONFIG: [&str; 9] = keys(SERVERS, &[OAUTH_CONNECTOR, "description"]);
-static SETTINGS: [&str; 10] = keys(&["email", "username", "aliases"], SERVERS);
+static CONFIG: [&str; 9] = keys(SERVER_SETTINGS, &[OAUTH_CONNECTOR, "description"]);
+static SETTINGS: [&str; 10] = keys(&["email", "username", "aliases"], SERVER_SETTINGS);
 
 static SCHEMA: Schema = Schema {
     config: &CONFIG,
@@ -86,7 +76,7 @@ impl ConnectorDriver for ImapSmtp {
         check_settings(&SCHEMA, candidate)?;
         if connector.setting(OAUTH_CONNECTOR).is_some() {
             let given = |key: &&str| candidate.settings.get(*key).is_some_and(|v| !v.is_empty());
-            if let Some(key) = destination_settings(&SCHEMA, "password").find(given) {
+            if let Some(key) = SERVER_SETTINGS.iter().copied().find(given) {
                 return Err(FieldError::new(
                     format!("settings.{key}"),
                     "cannot be given: this connector signs in with the user's OAuth token (oauth_connector), which goes only to the connector's own servers",

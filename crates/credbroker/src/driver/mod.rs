@@ -305,15 +305,6 @@ fn dependents(schema: &Schema, changed: &BTreeSet<String>) -> Dependents {
     out
 }
 
-/// The settings of a schema that name where `secret` goes.
-fn destination_settings(schema: &Schema, secret: &str) -> impl Iterator<Item = &'static str> {
-    schema
-        .destinations
-        .iter()
-        .filter(move |d| d.secret == secret)
-        .flat_map(|d| d.settings.iter().copied())
-}
-
 /// A connector of a kind without providers: no provider, then [`check_schema`].
 fn check_plain(schema: &Schema, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
     if !draft.provider.is_empty() {

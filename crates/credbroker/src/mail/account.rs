@@ -110,6 +110,18 @@ impl Account {
     }
 }
 
+/// The settings naming an account's servers and the CA they are checked against: a
+/// connector's, or (for a password) a connection's own.
+pub const SERVER_SETTINGS: &[&str] = &[
+    "imap_host",
+    "imap_port",
+    "imap_tls",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "ca_pem",
+];
+
 /// The mail defaults (imap_*/smtp_*) of an OAuth provider preset of the catalog, if it has any.
 pub fn provider_defaults(provider: &str) -> Option<BTreeMap<String, String>> {
     let preset = crate::oauth::catalog::preset(provider)?;
@@ -268,6 +280,19 @@ pub fn from_settings(
     settings: &BTreeMap<String, String>,
     auth: Option<Auth>,
 ) -> Result<Account, FieldError> {
+    // A user's OAuth token goes only to servers the connector (or the provider's catalog
+    // entry) names, never to ones a connection's settings name.
+    let kept;
+    let settings = if matches!(auth, Some(Auth::XOAuth2(_))) {
+        kept = settings
+            .iter()
+            .filter(|(k, _)| !SERVER_SETTINGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        &kept
+    } else {
+        settings
+    };
     let m = Merged {
         connector,
         settings,
@@ -502,6 +527,27 @@ mod tests {
         };
         assert!(!endpoint(&m, "imap", 993, 143).unwrap().1);
         assert!(endpoint(&m, "smtp", 465, 587).unwrap().1);
+    }
+
+    #[test]
+    fn a_token_goes_to_the_connectors_servers_only() {
+        let c = connector(&[("imap_host", "imap.corp"), ("smtp_host", "smtp.corp")]);
+        let own = settings(&[
+            ("email", "a@corp.test"),
+            ("imap_host", "evil.test"),
+            ("smtp_port", "2525"),
+            ("ca_pem", "not even a PEM"),
+        ]);
+        let token = Some(Auth::XOAuth2(Secret::new("t")));
+        let a = from_settings(&c, &own, token).unwrap();
+        assert_eq!(
+            (a.imap.host.as_str(), a.smtp.addr()),
+            ("imap.corp", "smtp.corp:465".into())
+        );
+        assert_eq!(a.ca_pem, None);
+        // A password is the user's: it goes to their own servers.
+        let e = from_settings(&c, &own, pw()).unwrap_err();
+        assert_eq!(e.field, "settings.ca_pem");
     }
 
     #[test]
