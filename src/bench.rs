@@ -163,10 +163,7 @@ async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<St
             kind,
             mode,
             provider: String::new(),
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            config: credbroker::model::settings(config),
             secrets: secrets
                 .iter()
                 .map(|(k, v)| (k.to_string(), Secret::new(*v)))

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
 use credbroker_devpki::{CertAuthority, ClientName};
-use support::daemon::{AGENT, Daemon, conn, files_under, reason, secrets, write};
+use support::daemon::{
+    AGENT, Daemon, assert_refused, conn, files_under, new_connector, reason, secrets, write,
+};
 use support::wait;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -23,11 +25,8 @@ async fn create(
 ) -> Result<proto::Connector, tonic::Status> {
     let req = proto::CreateConnectorRequest {
         workspace: workspace.into(),
-        name: name.into(),
-        kind: kind as i32,
-        mode: mode as i32,
         secrets: secrets(slots),
-        ..Default::default()
+        ..new_connector(name, kind, mode)
     };
     admin.create_connector(req).await.map(|r| r.into_inner())
 }
@@ -53,22 +52,10 @@ async fn resolve(
     broker.resolve_credential(req).await.map(|r| r.into_inner())
 }
 
-#[tokio::test]
-async fn strangers_never_get_in_and_every_refusal_is_audited() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    create(
-        &mut admin,
-        "",
-        "Shared key",
-        proto::ConnectorKind::ApiKey,
-        proto::ConnectorMode::Shared,
-        &[("api_key", "k-1")],
-    )
-    .await
-    .unwrap();
-
-    // No client certificate at all.
+/// ResolveCredential over TLS with no client certificate at all.
+async fn resolve_without_a_certificate(
+    daemon: &Daemon,
+) -> Result<proto::ResolveCredentialResponse, Box<dyn std::error::Error>> {
     let ca = daemon.path("ca.pem");
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(
@@ -87,10 +74,12 @@ async fn strangers_never_get_in_and_every_refusal_is_audited() {
             .await
             .map_err(|e| e.into())
     };
-    let result: Result<_, Box<dyn std::error::Error>> = anonymous.await;
-    assert!(result.is_err(), "a client without a certificate was served");
+    anonymous.await
+}
 
-    // A certificate from another CA, and an expired one from the right CA.
+/// Client certificates naming AGENT that must not get in, saved as `foreign` (from another CA)
+/// and `expired` (from the right CA, expired).
+fn issue_foreign_and_expired(daemon: &Daemon) {
     let other = CertAuthority::generate("other CA").unwrap();
     let name = ClientName {
         uri: Some(AGENT.into()),
@@ -106,6 +95,62 @@ async fn strangers_never_get_in_and_every_refusal_is_audited() {
         .unwrap();
     write(&daemon.path("expired.pem"), &expired.cert_pem);
     write(&daemon.path("expired.key"), &expired.key_pem);
+}
+
+/// The refused handshakes of [`strangers_never_get_in_and_every_refusal_is_audited`] are
+/// audited, each with its reason: expired, unknown issuer, no certificate.
+fn assert_refused_handshakes_audited(denied: &[proto::AuditRecord]) {
+    let handshakes: Vec<_> = denied
+        .iter()
+        .filter(|r| r.operation == "TlsHandshake")
+        .collect();
+    assert!(
+        handshakes.len() >= 3,
+        "expected 3 refused handshakes audited, got {denied:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.to_lowercase().contains("expired")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.contains("UnknownIssuer") || r.reason.contains("unknown issuer")),
+        "{handshakes:#?}"
+    );
+    assert!(
+        handshakes
+            .iter()
+            .any(|r| r.reason.contains("no certificate")
+                || r.reason.contains("NoCertificatesPresented")
+                || r.reason.contains("no client certificate")),
+        "{handshakes:#?}"
+    );
+}
+
+#[tokio::test]
+async fn strangers_never_get_in_and_every_refusal_is_audited() {
+    let daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    create(
+        &mut admin,
+        "",
+        "Shared key",
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Shared,
+        &[("api_key", "k-1")],
+    )
+    .await
+    .unwrap();
+
+    // No client certificate at all.
+    let result = resolve_without_a_certificate(&daemon).await;
+    assert!(result.is_err(), "a client without a certificate was served");
+
+    // A certificate from another CA, and an expired one from the right CA.
+    issue_foreign_and_expired(&daemon);
     for who in ["foreign", "expired"] {
         let outcome = match daemon.channel_as(who).await {
             Err(_) => Err(()),
@@ -139,34 +184,7 @@ async fn strangers_never_get_in_and_every_refusal_is_audited() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     let denied = audit(&mut admin, "denied").await;
-    let handshakes: Vec<_> = denied
-        .iter()
-        .filter(|r| r.operation == "TlsHandshake")
-        .collect();
-    assert!(
-        handshakes.len() >= 3,
-        "expected 3 refused handshakes audited, got {denied:#?}"
-    );
-    assert!(
-        handshakes
-            .iter()
-            .any(|r| r.reason.to_lowercase().contains("expired")),
-        "{handshakes:#?}"
-    );
-    assert!(
-        handshakes
-            .iter()
-            .any(|r| r.reason.contains("UnknownIssuer") || r.reason.contains("unknown issuer")),
-        "{handshakes:#?}"
-    );
-    assert!(
-        handshakes
-            .iter()
-            .any(|r| r.reason.contains("no certificate")
-                || r.reason.contains("NoCertificatesPresented")
-                || r.reason.contains("no client certificate")),
-        "{handshakes:#?}"
-    );
+    assert_refused_handshakes_audited(&denied);
     let strangers: Vec<_> = denied
         .iter()
         .filter(|r| r.caller == "spiffe://test/stranger")
@@ -174,9 +192,8 @@ async fn strangers_never_get_in_and_every_refusal_is_audited() {
     assert_eq!(strangers.len(), 2, "{denied:#?}");
 }
 
-#[tokio::test]
-async fn grants_limit_workspace_connector_and_user() {
-    let policy = r#"
+/// AGENT may resolve only connectors named hub* in the workspace acme, and only for u1.
+const HUB_IN_ACME_FOR_U1: &str = r#"
 [[callers]]
 id = "spiffe://test/admin"
 admin_workspaces = ["*"]
@@ -188,28 +205,28 @@ connectors = ["hub*"]
 operations = ["resolve"]
 users = ["u1"]
 "#;
-    let daemon = Daemon::start_with(policy, "");
-    let mut admin = daemon.admin().await;
+
+/// The connection of `user` to `connector` in the workspace `ws`.
+fn in_workspace(ws: &str, connector: &str, user: &str) -> Option<proto::ConnectionRef> {
+    Some(proto::ConnectionRef {
+        workspace: ws.into(),
+        connector: connector.into(),
+        user_id: user.into(),
+    })
+}
+
+/// Personal API-key connectors HubSpot and Slack in acme and HubSpot in other, and HubSpot
+/// keys `key-{ws}-{user}` for u1 and u2 in acme and u1 in other.
+async fn hubspot_keys_in_two_workspaces(admin: &mut AdminClient<Channel>) {
     let personal = proto::ConnectorMode::Personal;
     for (ws, name) in [("acme", "HubSpot"), ("acme", "Slack"), ("other", "HubSpot")] {
-        create(
-            &mut admin,
-            ws,
-            name,
-            proto::ConnectorKind::ApiKey,
-            personal,
-            &[],
-        )
-        .await
-        .unwrap();
+        create(admin, ws, name, proto::ConnectorKind::ApiKey, personal, &[])
+            .await
+            .unwrap();
     }
     for (ws, user) in [("acme", "u1"), ("acme", "u2"), ("other", "u1")] {
         let req = proto::ConnectWithCredentialsRequest {
-            connection: Some(proto::ConnectionRef {
-                workspace: ws.into(),
-                connector: "HubSpot".into(),
-                user_id: user.into(),
-            }),
+            connection: in_workspace(ws, "HubSpot", user),
             secrets: secrets(&[("api_key", &format!("key-{ws}-{user}"))]),
             ..Default::default()
         };
@@ -222,13 +239,16 @@ users = ["u1"]
                 .saved
         );
     }
+}
+
+#[tokio::test]
+async fn grants_limit_workspace_connector_and_user() {
+    let daemon = Daemon::start_with(HUB_IN_ACME_FOR_U1, "");
+    let mut admin = daemon.admin().await;
+    hubspot_keys_in_two_workspaces(&mut admin).await;
     let mut agent = daemon.agent().await;
     let call = |ws: &str, connector: &str, user: &str| proto::ResolveCredentialRequest {
-        connection: Some(proto::ConnectionRef {
-            workspace: ws.into(),
-            connector: connector.into(),
-            user_id: user.into(),
-        }),
+        connection: in_workspace(ws, connector, user),
         min_ttl_seconds: 0,
     };
     let ok = agent
@@ -279,25 +299,26 @@ users = ["u1"]
     assert!(by_agent.iter().any(|r| r.user_id == "u2"));
 }
 
-#[tokio::test]
-async fn canary_secrets_never_leak() {
-    const SHARED: &str = "canary-shared-4f1d9a";
-    const PERSONAL: &str = "canary-personal-77c2e0";
-    const CLIENT_SECRET: &str = "canary-client-secret-b93a";
-    let mut daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
+/// The canaries of [`canary_secrets_never_leak`].
+const SHARED_CANARY: &str = "canary-shared-4f1d9a";
+const PERSONAL_CANARY: &str = "canary-personal-77c2e0";
+const CLIENT_SECRET_CANARY: &str = "canary-client-secret-b93a";
+
+/// Stores each canary the way an admin would: a shared key, a personal key for alice, an OAuth
+/// client secret, and a refused update naming a bad slot. Returns the responses, printed.
+async fn store_the_canaries(admin: &mut AdminClient<Channel>) -> String {
     let shared = create(
-        &mut admin,
+        admin,
         "",
         "Shared",
         proto::ConnectorKind::ApiKey,
         proto::ConnectorMode::Shared,
-        &[("api_key", SHARED)],
+        &[("api_key", SHARED_CANARY)],
     )
     .await
     .unwrap();
     let personal = create(
-        &mut admin,
+        admin,
         "",
         "Personal",
         proto::ConnectorKind::ApiKey,
@@ -307,19 +328,19 @@ async fn canary_secrets_never_leak() {
     .await
     .unwrap();
     let oauth = create(
-        &mut admin,
+        admin,
         "",
         "OAuth",
         proto::ConnectorKind::Oauth2,
         proto::ConnectorMode::Personal,
-        &[("client_secret", CLIENT_SECRET)],
+        &[("client_secret", CLIENT_SECRET_CANARY)],
     )
     .await
     .unwrap();
     let connected = admin
         .connect_with_credentials(proto::ConnectWithCredentialsRequest {
             connection: conn("Personal", "alice"),
-            secrets: secrets(&[("api_key", PERSONAL)]),
+            secrets: secrets(&[("api_key", PERSONAL_CANARY)]),
             ..Default::default()
         })
         .await
@@ -329,7 +350,7 @@ async fn canary_secrets_never_leak() {
     let bad = admin
         .update_connector(proto::UpdateConnectorRequest {
             connector: "Shared".into(),
-            secrets: secrets(&[("api_kee", SHARED)]),
+            secrets: secrets(&[("api_kee", SHARED_CANARY)]),
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["secrets.api_kee".into()],
             }),
@@ -339,9 +360,12 @@ async fn canary_secrets_never_leak() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
 
-    let mut responses = vec![format!(
-        "{shared:?}{personal:?}{oauth:?}{connected:?}{bad:?}"
-    )];
+    format!("{shared:?}{personal:?}{oauth:?}{connected:?}{bad:?}")
+}
+
+/// Every admin view of connectors, connections and the audit trail, printed.
+async fn admin_views(admin: &mut AdminClient<Channel>) -> Vec<String> {
+    let mut responses = Vec::new();
     responses.push(format!(
         "{:?}",
         admin
@@ -379,9 +403,18 @@ async fn canary_secrets_never_leak() {
             .await
             .unwrap()
     ));
-    responses.push(format!("{:?}", audit(&mut admin, "").await));
+    responses.push(format!("{:?}", audit(admin, "").await));
+    responses
+}
+
+#[tokio::test]
+async fn canary_secrets_never_leak() {
+    let mut daemon = Daemon::start();
+    let mut admin = daemon.admin().await;
+    let mut responses = vec![store_the_canaries(&mut admin).await];
+    responses.extend(admin_views(&mut admin).await);
     for text in &responses {
-        for canary in [SHARED, PERSONAL, CLIENT_SECRET] {
+        for canary in [SHARED_CANARY, PERSONAL_CANARY, CLIENT_SECRET_CANARY] {
             assert!(
                 !text.contains(canary),
                 "admin response leaked {canary}: {text}"
@@ -392,14 +425,14 @@ async fn canary_secrets_never_leak() {
     let mut agent = daemon.agent().await;
     assert_eq!(
         resolve(&mut agent, "Shared", "").await.unwrap().secret,
-        SHARED
+        SHARED_CANARY
     );
     assert_eq!(
         resolve(&mut agent, "Personal", "alice")
             .await
             .unwrap()
             .secret,
-        PERSONAL
+        PERSONAL_CANARY
     );
 
     daemon.stop();
@@ -421,7 +454,7 @@ async fn canary_secrets_never_leak() {
         logs.contains("ResolveCredential"),
         "debug logs should show the calls"
     );
-    for canary in [SHARED, PERSONAL, CLIENT_SECRET] {
+    for canary in [SHARED_CANARY, PERSONAL_CANARY, CLIENT_SECRET_CANARY] {
         assert!(!export.contains(canary), "audit export leaked {canary}");
         assert!(!logs.contains(canary), "logs leaked {canary}");
         for file in files_under(&daemon.path("store")) {
@@ -435,104 +468,84 @@ async fn canary_secrets_never_leak() {
     }
 }
 
+/// Asserts that `err`, the answer to `req`, is INVALID_ARGUMENT naming `field` in its ErrorInfo
+/// and first in its message.
+fn assert_names_the_field(err: &tonic::Status, field: &str, req: &impl std::fmt::Debug) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");
+    let (why, meta) = reason(err);
+    assert_eq!(why, "INVALID_ARGUMENT");
+    assert_eq!(
+        meta.get("field").map(String::as_str),
+        Some(field),
+        "{req:?}: {}",
+        err.message()
+    );
+    assert!(
+        err.message().starts_with(field),
+        "message should name {field}: {}",
+        err.message()
+    );
+}
+
+/// CreateConnector requests each wrong in one field, and that field.
+fn bad_connectors() -> Vec<(proto::CreateConnectorRequest, &'static str)> {
+    use proto::CreateConnectorRequest as Create;
+    let ok = |name: &str| {
+        let (api, shared) = (proto::ConnectorKind::ApiKey, proto::ConnectorMode::Shared);
+        new_connector(name, api, shared)
+    };
+    let colour = HashMap::from([("colour".to_string(), "blue".to_string())]);
+    vec![
+        (ok(""), "name"),
+        (ok(&"x".repeat(65)), "name"),
+        (ok("a\u{7}b"), "name"),
+        (
+            Create {
+                kind: 0,
+                ..ok("ok")
+            },
+            "kind",
+        ),
+        (
+            Create {
+                kind: 42,
+                ..ok("ok")
+            },
+            "kind",
+        ),
+        (
+            Create {
+                mode: 0,
+                ..ok("ok")
+            },
+            "mode",
+        ),
+        (
+            Create {
+                workspace: "Bad WS".into(),
+                ..ok("ok")
+            },
+            "workspace",
+        ),
+        (
+            Create {
+                config: colour,
+                ..ok("ok")
+            },
+            "config.colour",
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn every_field_is_validated_and_names_itself() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     let api = proto::ConnectorKind::ApiKey;
     let shared = proto::ConnectorMode::Shared;
-    let cases: Vec<(proto::CreateConnectorRequest, &str)> = vec![
-        (
-            proto::CreateConnectorRequest {
-                name: "".into(),
-                kind: api as i32,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "name",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "x".repeat(65),
-                kind: api as i32,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "name",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "a\u{7}b".into(),
-                kind: api as i32,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "name",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "ok".into(),
-                kind: 0,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "kind",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "ok".into(),
-                kind: 42,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "kind",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "ok".into(),
-                kind: api as i32,
-                mode: 0,
-                ..Default::default()
-            },
-            "mode",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                workspace: "Bad WS".into(),
-                name: "ok".into(),
-                kind: api as i32,
-                mode: shared as i32,
-                ..Default::default()
-            },
-            "workspace",
-        ),
-        (
-            proto::CreateConnectorRequest {
-                name: "ok".into(),
-                kind: api as i32,
-                mode: shared as i32,
-                config: HashMap::from([("colour".to_string(), "blue".to_string())]),
-                ..Default::default()
-            },
-            "config.colour",
-        ),
-    ];
-    for (req, field) in cases {
+    for (req, field) in bad_connectors() {
         let err = admin.create_connector(req.clone()).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");
-        let (why, meta) = reason(&err);
-        assert_eq!(why, "INVALID_ARGUMENT");
-        assert_eq!(
-            meta.get("field").map(String::as_str),
-            Some(field),
-            "{req:?}: {}",
-            err.message()
-        );
-        assert!(
-            err.message().starts_with(field),
-            "message should name {field}: {}",
-            err.message()
-        );
+        assert_names_the_field(&err, field, &req);
     }
     assert!(
         admin
@@ -597,11 +610,32 @@ async fn every_field_is_validated_and_names_itself() {
     );
 }
 
+/// The row of each connector for `user` (ListConnections must succeed).
+async fn connections_of(admin: &mut AdminClient<Channel>, user: &str) -> Vec<proto::Connection> {
+    let req = proto::ListConnectionsRequest {
+        workspace: String::new(),
+        user_id: user.into(),
+    };
+    admin
+        .list_connections(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+}
+
+/// The secret ResolveCredential serves (it must succeed).
+async fn secret(
+    broker: &mut proto::broker_client::BrokerClient<Channel>,
+    connector: &str,
+    user: &str,
+) -> String {
+    resolve(broker, connector, user).await.unwrap().secret
+}
+
 #[tokio::test]
 async fn connector_lifecycle_and_connection_status() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let personal = create(
         &mut admin,
         "",
@@ -613,8 +647,7 @@ async fn connector_lifecycle_and_connection_status() {
     .await
     .unwrap();
     let err = resolve(&mut agent, "Intercom", "bob").await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&err).0, "NOT_CONNECTED");
+    assert_refused(&err, Code::FailedPrecondition, "NOT_CONNECTED");
     let err = resolve(&mut agent, "Intercom", "").await.unwrap_err();
     assert_eq!(
         reason(&err).1.get("field").map(String::as_str),
@@ -629,55 +662,23 @@ async fn connector_lifecycle_and_connection_status() {
     };
     admin.connect_with_credentials(req).await.unwrap();
     // Rename keeps the id and the connection.
-    let renamed = admin
-        .rename_connector(proto::RenameConnectorRequest {
-            workspace: String::new(),
-            connector: "Intercom".into(),
-            new_name: "Intercom EU".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rename = proto::RenameConnectorRequest {
+        connector: "Intercom".into(),
+        new_name: "Intercom EU".into(),
+        ..Default::default()
+    };
+    let renamed = admin.rename_connector(rename).await.unwrap().into_inner();
     assert_eq!(renamed.id, personal.id);
-    assert_eq!(
-        resolve(&mut agent, &personal.id, "bob")
-            .await
-            .unwrap()
-            .secret,
-        "ic-bob"
-    );
-    assert_eq!(
-        resolve(&mut agent, "intercom eu", "bob")
-            .await
-            .unwrap()
-            .secret,
-        "ic-bob"
-    );
+    assert_eq!(secret(&mut agent, &personal.id, "bob").await, "ic-bob");
+    assert_eq!(secret(&mut agent, "intercom eu", "bob").await, "ic-bob");
 
-    let rows = admin
-        .list_connections(proto::ListConnectionsRequest {
-            workspace: String::new(),
-            user_id: "bob".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let row = &rows.connections[0];
+    let rows = connections_of(&mut admin, "bob").await;
+    let row = &rows[0];
     assert_eq!(row.status, proto::ConnectionStatus::Connected as i32);
     assert_eq!(row.account_label, "Bob's workspace");
     assert!(row.connected_at.is_some());
-    let rows = admin
-        .list_connections(proto::ListConnectionsRequest {
-            workspace: String::new(),
-            user_id: "carol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        rows.connections[0].status,
-        proto::ConnectionStatus::NotConnected as i32
-    );
+    let rows = connections_of(&mut admin, "carol").await;
+    assert_eq!(rows[0].status, proto::ConnectionStatus::NotConnected as i32);
 
     admin
         .disconnect(proto::DisconnectRequest {
@@ -698,22 +699,52 @@ async fn connector_lifecycle_and_connection_status() {
         })
         .await
         .unwrap();
-    let deleted = admin
-        .delete_connector(proto::DeleteConnectorRequest {
-            workspace: String::new(),
-            connector: "Intercom EU".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let delete = proto::DeleteConnectorRequest {
+        workspace: String::new(),
+        connector: "Intercom EU".into(),
+    };
+    let deleted = admin.delete_connector(delete).await.unwrap().into_inner();
     assert_eq!(deleted.connections_removed, 1);
-    assert_eq!(
-        resolve(&mut agent, &personal.id, "bob")
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
+    let gone = resolve(&mut agent, &personal.id, "bob").await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+}
+
+/// Eight writers creating API-key connectors `r{round}-w{writer}-{i}` (key `key-{name}`) until
+/// a write fails; each sends the names the daemon acknowledged on `acked`.
+fn spawn_writers(
+    admin: &AdminClient<Channel>,
+    round: u64,
+    acked: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..8)
+        .map(|w| {
+            let (mut admin, acked) = (admin.clone(), acked.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let name = format!("r{round}-w{w}-{i}");
+                    let req = proto::CreateConnectorRequest {
+                        secrets: secrets(&[("api_key", &format!("key-{name}"))]),
+                        ..new_connector(
+                            &name,
+                            proto::ConnectorKind::ApiKey,
+                            proto::ConnectorMode::Shared,
+                        )
+                    };
+                    match admin.create_connector(req).await {
+                        Ok(_) => acked.send(name).unwrap(),
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// The names of the default workspace's connectors.
+async fn connector_names(admin: &mut AdminClient<Channel>) -> std::collections::HashSet<String> {
+    let req = proto::ListConnectorsRequest::default();
+    let listed = admin.list_connectors(req).await.unwrap().into_inner();
+    listed.connectors.into_iter().map(|c| c.name).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,29 +752,8 @@ async fn acknowledged_writes_survive_sigkill() {
     let mut daemon = Daemon::start();
     let mut acknowledged: Vec<String> = Vec::new();
     for round in 0..5 {
-        let admin = daemon.admin().await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut writers = Vec::new();
-        for w in 0..8 {
-            let (mut admin, tx) = (admin.clone(), tx.clone());
-            writers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    let name = format!("r{round}-w{w}-{i}");
-                    let req = proto::CreateConnectorRequest {
-                        name: name.clone(),
-                        kind: proto::ConnectorKind::ApiKey as i32,
-                        mode: proto::ConnectorMode::Shared as i32,
-                        secrets: secrets(&[("api_key", &format!("key-{name}"))]),
-                        ..Default::default()
-                    };
-                    match admin.create_connector(req).await {
-                        Ok(_) => tx.send(name).unwrap(),
-                        Err(_) => break,
-                    }
-                }
-            }));
-        }
-        drop(tx);
+        let writers = spawn_writers(&daemon.admin().await, round, tx);
         tokio::time::sleep(std::time::Duration::from_millis(300 + 150 * round)).await;
         daemon.kill();
         for writer in writers {
@@ -753,16 +763,7 @@ async fn acknowledged_writes_survive_sigkill() {
             acknowledged.push(name);
         }
         daemon.respawn();
-        let mut admin = daemon.admin().await;
-        let stored: std::collections::HashSet<String> = admin
-            .list_connectors(proto::ListConnectorsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .connectors
-            .into_iter()
-            .map(|c| c.name)
-            .collect();
+        let stored = connector_names(&mut daemon.admin().await).await;
         let lost: Vec<_> = acknowledged
             .iter()
             .filter(|n| !stored.contains(*n))
@@ -970,14 +971,12 @@ async fn audit_verify_names_the_tampered_record() {
     );
 }
 
-#[tokio::test]
-async fn reflection_health_and_policy_reload() {
+/// Reflection lists the broker's services and health's; health says the broker serves.
+async fn assert_reflection_and_health(channel: Channel) {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let daemon = Daemon::start();
-    let channel = daemon.channel_as("agent").await.unwrap();
     let mut reflection = ServerReflectionClient::new(channel.clone());
     let req = ServerReflectionRequest {
         host: String::new(),
@@ -1013,6 +1012,12 @@ async fn reflection_health_and_policy_reload() {
         status.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+#[tokio::test]
+async fn reflection_health_and_policy_reload() {
+    let daemon = Daemon::start();
+    assert_reflection_and_health(daemon.channel_as("agent").await.unwrap()).await;
 
     // SIGHUP reloads the policy; a broken file keeps the old one.
     daemon.issue("spiffe://test/newcomer", "newcomer");
@@ -1061,10 +1066,7 @@ async fn reflection_health_and_policy_reload() {
 
 #[tokio::test]
 async fn a_caller_over_its_rate_gets_resource_exhausted_and_is_audited() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\ncaller_rate_per_sec = 1\ncaller_burst = 5\n",
-    );
+    let daemon = Daemon::start_with_config("[limits]\ncaller_rate_per_sec = 1\ncaller_burst = 5\n");
     let mut agent = daemon.agent().await;
     let mut refused = None;
     for _ in 0..20 {

@@ -10,13 +10,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, conn, reason, secrets};
+use support::daemon::{
+    Daemon, assert_refused, conn, get_connection, new_connector, reason, secrets,
+};
 use support::peers::peers;
 use tonic::Code;
 use tonic::transport::Channel;
 
 const ALICE: (&str, &str) = ("alice", "secret1");
 const BOB: (&str, &str) = ("bob", "secret2");
+/// The window most tests list.
+const JANUARY: (&str, &str) = ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z");
 /// No call may take longer than this, whatever the server does.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -47,19 +51,20 @@ fn at(t: &Option<prost_types::Timestamp>) -> String {
         .to_string()
 }
 
+/// A request to Radicale as `user`, straight (as the user's own client would send it).
+fn radicale(method: &str, href: &str, user: (&str, &str)) -> reqwest::RequestBuilder {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let url = format!("https://127.0.0.1:{}{href}", peers().ports().caldav);
+    peers()
+        .http()
+        .request(method, url)
+        .basic_auth(user.0, Some(user.1))
+}
+
 /// Creates a calendar collection as `user` directly at Radicale (as the user's own client would).
 async fn mkcalendar(user: (&str, &str), name: &str) -> String {
     let href = format!("/{}/{name}/", user.0);
-    let resp = peers()
-        .http()
-        .request(
-            reqwest::Method::from_bytes(b"MKCALENDAR").unwrap(),
-            format!("https://127.0.0.1:{}{href}", peers().ports().caldav),
-        )
-        .basic_auth(user.0, Some(user.1))
-        .send()
-        .await
-        .unwrap();
+    let resp = radicale("MKCALENDAR", &href, user).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 201, "MKCALENDAR {href}");
     href
 }
@@ -67,17 +72,37 @@ async fn mkcalendar(user: (&str, &str), name: &str) -> String {
 async fn caldav_connector(admin: &mut AdminClient<Channel>, name: &str, url: &str) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::Caldav as i32,
-            mode: proto::ConnectorMode::Personal as i32,
             config: HashMap::from([
                 ("url".to_string(), url.to_string()),
                 ("ca_pem".to_string(), peers().ca_pem.clone()),
             ]),
-            ..Default::default()
+            ..new_connector(
+                name,
+                proto::ConnectorKind::Caldav,
+                proto::ConnectorMode::Personal,
+            )
         })
         .await
         .unwrap();
+}
+
+/// A daemon and its clients with a personal CalDAV connector "Calendar" at Radicale.
+async fn with_calendar_connector() -> (Daemon, AdminClient<Channel>, BrokerClient<Channel>) {
+    let (daemon, mut admin, agent) = Daemon::start().with_clients().await;
+    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    (daemon, admin, agent)
+}
+
+/// A new calendar of alice's named after `prefix`, and alice connected as "u-alice" to the
+/// "Calendar" connector; returns the calendar's path.
+async fn connected_with_calendar(admin: &mut AdminClient<Channel>, prefix: &str) -> String {
+    let calendar = mkcalendar(ALICE, &unique(prefix)).await;
+    assert!(
+        connect(admin, "Calendar", "u-alice", ALICE, false)
+            .await
+            .saved
+    );
+    calendar
 }
 
 async fn connect(
@@ -140,6 +165,19 @@ async fn create(
         .map(|r| r.into_inner().event.unwrap())
 }
 
+/// Asserts that alice's `calendar` has no event in `window`.
+async fn assert_no_events(agent: &mut BrokerClient<Channel>, calendar: &str, window: (&str, &str)) {
+    let listed = list(agent, "Calendar", "u-alice", calendar, window, 0)
+        .await
+        .unwrap();
+    assert!(listed.events.is_empty(), "{:?}", rows(&listed.events));
+}
+
+/// An hour-long event on 5 January 2031.
+fn on_jan_5(summary: &str) -> proto::CalendarEvent {
+    timed(summary, "2031-01-05T10:00:00Z", "2031-01-05T11:00:00Z", "")
+}
+
 fn timed(summary: &str, start: &str, end: &str, zone: &str) -> proto::CalendarEvent {
     proto::CalendarEvent {
         summary: summary.into(),
@@ -150,8 +188,11 @@ fn timed(summary: &str, start: &str, end: &str, zone: &str) -> proto::CalendarEv
     }
 }
 
-/// (summary, start, end, all-day dates, recurrence id) of each event, for exact comparisons.
-fn rows(events: &[proto::CalendarEvent]) -> Vec<(String, String, String, String, String)> {
+/// (summary, start, end, all-day dates, recurrence id) of an event, for exact comparisons.
+type Row = (String, String, String, String, String);
+
+/// The [`Row`] of each event.
+fn rows(events: &[proto::CalendarEvent]) -> Vec<Row> {
     events
         .iter()
         .map(|e| {
@@ -169,27 +210,19 @@ fn rows(events: &[proto::CalendarEvent]) -> Vec<(String, String, String, String,
         .collect()
 }
 
-fn row(
-    s: &str,
-    start: &str,
-    end: &str,
-    dates: &str,
-    rid: &str,
-) -> (String, String, String, String, String) {
+/// An instance of a weekly event: its recurrence id is its start.
+fn weekly(start: &str, end: &str) -> Row {
+    row("Weekly", start, end, "..", start)
+}
+
+fn row(s: &str, start: &str, end: &str, dates: &str, rid: &str) -> Row {
     (s.into(), start.into(), end.into(), dates.into(), rid.into())
 }
 
 /// Edits a stored event the way another client would: adds an EXDATE and an overridden
 /// instance (RFC 5545 RECURRENCE-ID), then PUTs it back with If-Match.
 async fn add_exception_and_override(href: &str) {
-    let http = peers().http();
-    let url = format!("https://127.0.0.1:{}{href}", peers().ports().caldav);
-    let resp = http
-        .get(&url)
-        .basic_auth(ALICE.0, Some(ALICE.1))
-        .send()
-        .await
-        .unwrap();
+    let resp = radicale("GET", href, ALICE).send().await.unwrap();
     assert!(resp.status().is_success(), "GET {href}: {}", resp.status());
     let etag = resp.headers()["etag"].to_str().unwrap().to_string();
     let body = resp.text().await.unwrap();
@@ -218,9 +251,7 @@ async fn add_exception_and_override(href: &str) {
     ]
     .join(nl);
     let body = body.replace("END:VCALENDAR", &over);
-    let resp = http
-        .put(&url)
-        .basic_auth(ALICE.0, Some(ALICE.1))
+    let resp = radicale("PUT", href, ALICE)
         .header("If-Match", etag)
         .header("Content-Type", "text/calendar")
         .body(body)
@@ -230,30 +261,16 @@ async fn add_exception_and_override(href: &str) {
     assert!(resp.status().is_success(), "PUT {href}: {}", resp.status());
 }
 
-#[tokio::test]
-async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
-    let work = mkcalendar(ALICE, &unique("work")).await;
-    let home = mkcalendar(ALICE, &unique("home")).await;
-
-    let connected = connect(&mut admin, "Calendar", "u-alice", ALICE, false).await;
-    let test = connected.test.unwrap();
-    assert!(connected.saved && test.ok, "{test:?}");
-    assert_eq!(test.account_label, "alice");
-    let found = test.checks.iter().find(|c| c.name == "calendars").unwrap();
-    let work_name = work.trim_matches('/').rsplit('/').next().unwrap();
-    assert!(found.message.contains(work_name), "{found:?}");
-    assert_eq!(
-        connected.connection.unwrap().status,
-        proto::ConnectionStatus::Connected as i32
-    );
-
-    // One event of each kind, by calendar name or path.
+/// Creates one event of each kind in alice's `work` calendar, by its name or its path: a single
+/// event with attendees, an all-day one, and a weekly one in Paris to which another client then
+/// adds an exception and an override. Returns the weekly event's UID.
+async fn create_work_events(
+    agent: &mut BrokerClient<Channel>,
+    work: &str,
+    work_name: &str,
+) -> String {
     let single = create(
-        &mut agent,
+        agent,
         "Calendar",
         "u-alice",
         work_name,
@@ -278,10 +295,10 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
     assert_eq!(single.attendees[0].status, "ACCEPTED");
     assert_eq!(single.status, "CONFIRMED");
     let all_day = create(
-        &mut agent,
+        agent,
         "Calendar",
         "u-alice",
-        &work,
+        work,
         proto::CalendarEvent {
             summary: "Offsite".into(),
             all_day: true,
@@ -300,10 +317,10 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
     );
     // 09:00 in Paris (CET, +1) every Monday; DST starts on 30 March 2031.
     let weekly = create(
-        &mut agent,
+        agent,
         "Calendar",
         "u-alice",
-        &work,
+        work,
         timed(
             "Weekly",
             "2031-03-03T08:00:00Z",
@@ -316,12 +333,16 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
     .unwrap();
     assert_eq!(weekly.time_zone, "Europe/Paris");
     add_exception_and_override(&format!("{work}{}.ics", weekly.uid.replace('@', "-"))).await;
-    // 10:00 in Tokyo, in the other calendar.
+    weekly.uid
+}
+
+/// 10:00 in Tokyo on 11 March 2031, in alice's calendar `home`.
+async fn create_tokyo_call(agent: &mut BrokerClient<Channel>, home: &str) {
     let tokyo = create(
-        &mut agent,
+        agent,
         "Calendar",
         "u-alice",
-        &home,
+        home,
         timed(
             "Tokyo call",
             "2031-03-11T01:00:00Z",
@@ -336,28 +357,13 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
         (tokyo.time_zone.as_str(), at(&tokyo.start).as_str()),
         ("Asia/Tokyo", "2031-03-11T01:00Z")
     );
+}
 
-    let march = ("2031-03-01T00:00:00Z", "2031-04-01T00:00:00Z");
-    let listed = list(&mut agent, "Calendar", "u-alice", &work, march, 0)
-        .await
-        .unwrap();
-    assert!(listed.warnings.is_empty(), "{:?}", listed.warnings);
-    assert!(!listed.truncated);
-    let expected = vec![
-        row(
-            "Weekly",
-            "2031-03-03T08:00Z",
-            "2031-03-03T08:30Z",
-            "..",
-            "2031-03-03T08:00Z",
-        ),
-        row(
-            "Weekly",
-            "2031-03-10T08:00Z",
-            "2031-03-10T08:30Z",
-            "..",
-            "2031-03-10T08:00Z",
-        ),
+/// The instances of [`create_work_events`]'s events in March 2031, in order.
+fn march_at_work() -> Vec<Row> {
+    vec![
+        weekly("2031-03-03T08:00Z", "2031-03-03T08:30Z"),
+        weekly("2031-03-10T08:00Z", "2031-03-10T08:30Z"),
         row("Single", "2031-03-10T14:00Z", "2031-03-10T15:00Z", "..", ""),
         row(
             "Offsite",
@@ -375,20 +381,44 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
             "2031-03-24T08:00Z",
         ),
         // After the DST change 09:00 Paris is 07:00 UTC.
-        row(
-            "Weekly",
-            "2031-03-31T07:00Z",
-            "2031-03-31T07:30Z",
-            "..",
-            "2031-03-31T07:00Z",
-        ),
-    ];
+        weekly("2031-03-31T07:00Z", "2031-03-31T07:30Z"),
+    ]
+}
+
+#[tokio::test]
+async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
+    let (daemon, mut admin, mut agent) = with_calendar_connector().await;
+    let work = mkcalendar(ALICE, &unique("work")).await;
+    let home = mkcalendar(ALICE, &unique("home")).await;
+
+    let connected = connect(&mut admin, "Calendar", "u-alice", ALICE, false).await;
+    let test = connected.test.unwrap();
+    assert!(connected.saved && test.ok, "{test:?}");
+    assert_eq!(test.account_label, "alice");
+    let found = test.checks.iter().find(|c| c.name == "calendars").unwrap();
+    let work_name = work.trim_matches('/').rsplit('/').next().unwrap();
+    assert!(found.message.contains(work_name), "{found:?}");
+    assert_eq!(
+        connected.connection.unwrap().status,
+        proto::ConnectionStatus::Connected as i32
+    );
+
+    let weekly = create_work_events(&mut agent, &work, work_name).await;
+    create_tokyo_call(&mut agent, &home).await;
+
+    let march = ("2031-03-01T00:00:00Z", "2031-04-01T00:00:00Z");
+    let listed = list(&mut agent, "Calendar", "u-alice", &work, march, 0)
+        .await
+        .unwrap();
+    assert!(listed.warnings.is_empty(), "{:?}", listed.warnings);
+    assert!(!listed.truncated);
+    let expected = march_at_work();
     assert_eq!(rows(&listed.events), expected);
     assert!(listed.events.iter().all(|e| e.calendar == work));
     let offsite = &listed.events[3];
     assert!(offsite.all_day && offsite.time_zone.is_empty());
     assert_eq!(listed.events[2].location, "Room 4");
-    assert_eq!(listed.events[0].uid, weekly.uid);
+    assert_eq!(listed.events[0].uid, weekly);
 
     // Every calendar of the account: the same, plus Tokyo from the other calendar.
     let everything = list(&mut agent, "Calendar", "u-alice", "", march, 0)
@@ -414,17 +444,8 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
     assert_eq!(rows(&mine), with_tokyo);
 
     // A narrow window holding only the excluded instance; a limit.
-    let excluded = list(
-        &mut agent,
-        "Calendar",
-        "u-alice",
-        &work,
-        ("2031-03-17T00:00:00Z", "2031-03-18T00:00:00Z"),
-        0,
-    )
-    .await
-    .unwrap();
-    assert!(excluded.events.is_empty(), "{:?}", rows(&excluded.events));
+    let excluded = ("2031-03-17T00:00:00Z", "2031-03-18T00:00:00Z");
+    assert_no_events(&mut agent, &work, excluded).await;
     let limited = list(&mut agent, "Calendar", "u-alice", &work, march, 2)
         .await
         .unwrap();
@@ -439,17 +460,14 @@ async fn events_created_through_the_api_list_back_as_exact_utc_instances() {
 
 #[tokio::test]
 async fn another_users_calendar_is_refused() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
     let bobs = mkcalendar(BOB, &unique("bob-private")).await;
     assert!(
         connect(&mut admin, "Calendar", "u-alice", ALICE, false)
             .await
             .saved
     );
-    let window = ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z");
+    let window = JANUARY;
 
     let err = list(&mut agent, "Calendar", "u-alice", &bobs, window, 0)
         .await
@@ -461,25 +479,14 @@ async fn another_users_calendar_is_refused() {
         "Calendar",
         "u-alice",
         &bobs,
-        timed(
-            "Intrusion",
-            "2031-01-05T10:00:00Z",
-            "2031-01-05T11:00:00Z",
-            "",
-        ),
+        on_jan_5("Intrusion"),
         "",
     )
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Bob's calendar is intact: nothing was written to it.
-    let bob_listing = peers()
-        .http()
-        .request(
-            reqwest::Method::from_bytes(b"PROPFIND").unwrap(),
-            format!("https://127.0.0.1:{}{bobs}", peers().ports().caldav),
-        )
-        .basic_auth(BOB.0, Some(BOB.1))
+    let bob_listing = radicale("PROPFIND", &bobs, BOB)
         .header("Depth", "1")
         .send()
         .await
@@ -504,12 +511,9 @@ async fn another_users_calendar_is_refused() {
 
 #[tokio::test]
 async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
+    let (daemon, mut admin, mut agent) = with_calendar_connector().await;
     let canary = unique("canary-password");
-    let window = ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z");
+    let window = JANUARY;
 
     let refused = connect(&mut admin, "Calendar", "u-alice", (ALICE.0, &canary), false).await;
     let test = refused.test.unwrap();
@@ -517,13 +521,7 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
     let auth = test.checks.iter().find(|c| !c.ok).unwrap();
     assert_eq!(auth.stage, "auth", "{auth:?}");
     assert!(auth.message.contains("username or password"), "{auth:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Calendar", "u-alice"),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Calendar", "u-alice")).await;
     assert_eq!(
         connection.status,
         proto::ConnectionStatus::NotConnected as i32
@@ -531,10 +529,7 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
     let err = list(&mut agent, "Calendar", "u-alice", "", window, 0)
         .await
         .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).0.as_str()),
-        (Code::FailedPrecondition, "NOT_CONNECTED")
-    );
+    assert_refused(&err, Code::FailedPrecondition, "NOT_CONNECTED");
 
     // Saved anyway, the refused password marks the connection EXPIRED at first use.
     let saved = connect(&mut admin, "Calendar", "u-alice", (ALICE.0, &canary), true).await;
@@ -546,30 +541,13 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
     let err = list(&mut agent, "Calendar", "u-alice", "", window, 0)
         .await
         .unwrap_err();
-    assert_eq!(
-        (err.code(), reason(&err).0.as_str()),
-        (Code::FailedPrecondition, "EXPIRED"),
-        "{err:?}"
-    );
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Calendar", "u-alice"),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_refused(&err, Code::FailedPrecondition, "EXPIRED");
+    let connection = get_connection(&mut admin, conn("Calendar", "u-alice")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
     assert!(connection.last_error.contains("refused"), "{connection:?}");
-    let err = create(
-        &mut agent,
-        "Calendar",
-        "u-alice",
-        "",
-        timed("x", "2031-01-05T10:00:00Z", "2031-01-05T11:00:00Z", ""),
-        "",
-    )
-    .await
-    .unwrap_err();
+    let err = create(&mut agent, "Calendar", "u-alice", "", on_jan_5("x"), "")
+        .await
+        .unwrap_err();
     assert_eq!(reason(&err).0, "EXPIRED");
 
     let logs = daemon.logs();
@@ -585,12 +563,8 @@ async fn wrong_password_fails_the_test_with_an_auth_reason_and_saves_nothing() {
 
 #[tokio::test]
 async fn unreachable_server_is_unavailable_within_the_deadline() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nupstream_timeout_secs = 2\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
+    let (_daemon, mut admin, mut agent) = daemon.with_clients().await;
     // A closed port, and a port that accepts connections but never answers.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -611,7 +585,7 @@ async fn unreachable_server_is_unavailable_within_the_deadline() {
         &format!("https://127.0.0.1:{silent_port}/"),
     )
     .await;
-    let window = ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z");
+    let window = JANUARY;
     for (connector, stage) in [("Closed", "tcp"), ("Silent", "timeout")] {
         let tested =
             tokio::time::timeout(HANG_GUARD, connect(&mut admin, connector, "u", ALICE, true))
@@ -630,78 +604,42 @@ async fn unreachable_server_is_unavailable_within_the_deadline() {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{connector}: {err:?}");
         assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
-        let err = create(
-            &mut agent,
-            connector,
-            "u",
-            "",
-            timed("x", "2031-01-05T10:00:00Z", "2031-01-05T11:00:00Z", ""),
-            "",
-        )
-        .await
-        .unwrap_err();
+        let err = create(&mut agent, connector, "u", "", on_jan_5("x"), "")
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{connector}: {err:?}");
     }
     drop(silent);
 }
 
-#[tokio::test]
-async fn bad_input_is_invalid_argument_naming_the_field() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
-    let cal = mkcalendar(ALICE, &unique("inputs")).await;
-    assert!(
-        connect(&mut admin, "Calendar", "u-alice", ALICE, false)
-            .await
-            .saved
-    );
+/// (window, limit, the field named) of ListCalendar requests that are refused.
+const BAD_WINDOWS: [((&str, &str), u32, &str); 4] = [
+    (
+        ("2031-02-01T00:00:00Z", "2031-01-01T00:00:00Z"),
+        0,
+        "time_max",
+    ),
+    (
+        ("2031-01-01T00:00:00Z", "2031-01-01T00:00:00Z"),
+        0,
+        "time_max",
+    ),
+    (
+        ("2031-01-01T00:00:00Z", "2032-02-01T00:00:00Z"),
+        0,
+        "time_max",
+    ),
+    (
+        ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z"),
+        100_000,
+        "limit",
+    ),
+];
 
-    let field = |err: &tonic::Status| {
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        reason(err).1.get("field").cloned().unwrap_or_default()
-    };
-    let bad_windows = [
-        (
-            ("2031-02-01T00:00:00Z", "2031-01-01T00:00:00Z"),
-            0,
-            "time_max",
-        ),
-        (
-            ("2031-01-01T00:00:00Z", "2031-01-01T00:00:00Z"),
-            0,
-            "time_max",
-        ),
-        (
-            ("2031-01-01T00:00:00Z", "2032-02-01T00:00:00Z"),
-            0,
-            "time_max",
-        ),
-        (
-            ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z"),
-            100_000,
-            "limit",
-        ),
-    ];
-    for (window, limit, name) in bad_windows {
-        let err = list(&mut agent, "Calendar", "u-alice", &cal, window, limit)
-            .await
-            .unwrap_err();
-        assert_eq!(field(&err), name, "{window:?}");
-    }
-    let err = agent
-        .list_calendar(proto::ListCalendarRequest {
-            connection: conn("Calendar", "u-alice"),
-            time_max: ts("2031-02-01T00:00:00Z"),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(field(&err), "time_min");
-
-    let ok = || timed("Fine", "2031-01-05T10:00:00Z", "2031-01-05T11:00:00Z", "");
-    let bad_events = [
+/// (event, rrule, the field named) of CreateEvent requests that are refused.
+fn bad_events() -> Vec<(proto::CalendarEvent, &'static str, &'static str)> {
+    let ok = || on_jan_5("Fine");
+    vec![
         (
             proto::CalendarEvent {
                 summary: "x\r\nATTENDEE:mailto:evil@example.org".into(),
@@ -766,39 +704,48 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         ),
         (ok(), "FREQ=WEEKLY\r\nEXDATE:x", "rrule"),
         (ok(), "FREQ=FORTNIGHTLY", "rrule"),
-    ];
-    for (event, rrule, name) in bad_events {
+    ]
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
+    let cal = connected_with_calendar(&mut admin, "inputs").await;
+
+    let field = |err: &tonic::Status| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        reason(err).1.get("field").cloned().unwrap_or_default()
+    };
+    for (window, limit, name) in BAD_WINDOWS {
+        let err = list(&mut agent, "Calendar", "u-alice", &cal, window, limit)
+            .await
+            .unwrap_err();
+        assert_eq!(field(&err), name, "{window:?}");
+    }
+    let err = agent
+        .list_calendar(proto::ListCalendarRequest {
+            connection: conn("Calendar", "u-alice"),
+            time_max: ts("2031-02-01T00:00:00Z"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(&err), "time_min");
+
+    for (event, rrule, name) in bad_events() {
         let err = create(&mut agent, "Calendar", "u-alice", &cal, event, rrule)
             .await
             .unwrap_err();
         assert_eq!(field(&err), name);
     }
     // Nothing reached the calendar.
-    let listed = list(
-        &mut agent,
-        "Calendar",
-        "u-alice",
-        &cal,
-        ("2031-01-01T00:00:00Z", "2031-02-01T00:00:00Z"),
-        0,
-    )
-    .await
-    .unwrap();
-    assert!(listed.events.is_empty(), "{:?}", rows(&listed.events));
+    assert_no_events(&mut agent, &cal, JANUARY).await;
 }
 
 #[tokio::test]
 async fn unreadable_calendar_data_from_the_server_is_reported_not_fatal() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    caldav_connector(&mut admin, "Calendar", &peers().caldav_url()).await;
-    let cal = mkcalendar(ALICE, &unique("odd")).await;
-    assert!(
-        connect(&mut admin, "Calendar", "u-alice", ALICE, false)
-            .await
-            .saved
-    );
+    let (_daemon, mut admin, mut agent) = with_calendar_connector().await;
+    let cal = connected_with_calendar(&mut admin, "odd").await;
     create(
         &mut agent,
         "Calendar",
@@ -818,13 +765,7 @@ async fn unreadable_calendar_data_from_the_server_is_reported_not_fatal() {
     let bad = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//other client//EN\r\nBEGIN:VEVENT\r\n\
 UID:mars-1\r\nDTSTAMP:20310101T000000Z\r\nDTSTART;TZID=Mars/Olympus:20310506T100000\r\n\
 SUMMARY:On Mars\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
-    let resp = peers()
-        .http()
-        .put(format!(
-            "https://127.0.0.1:{}{cal}mars-1.ics",
-            peers().ports().caldav
-        ))
-        .basic_auth(ALICE.0, Some(ALICE.1))
+    let resp = radicale("PUT", &format!("{cal}mars-1.ics"), ALICE)
         .header("Content-Type", "text/calendar")
         .body(bad)
         .send()
@@ -993,28 +934,8 @@ mod google_fake {
     }
 }
 
-#[tokio::test]
-async fn google_calendar_rest_against_its_documented_json() {
-    use credbroker::calendar::{CalendarError, NewEvent, Window, google};
-    use credbroker::model::Secret;
-
-    credbroker::tls::install_crypto_provider();
-    let (base, seen) = google_fake::start().await;
-    // The fake speaks plain HTTP on loopback; the daemon's own client is HTTPS-only.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let token = Secret::new("tok-123");
-    let window = Window::new(
-        Some(utc("2031-03-01T00:00:00Z")),
-        Some(utc("2031-04-01T00:00:00Z")),
-    )
-    .unwrap();
-
-    let listing = google::list(&client, &base, &token, "", &window, 250)
-        .await
-        .unwrap();
+/// The two events [`google_fake`] lists (over two pages) as the daemon reads them.
+fn assert_the_documented_listing(listing: &credbroker::calendar::Listing) {
     let got: Vec<_> = listing
         .events
         .iter()
@@ -1060,21 +981,17 @@ async fn google_calendar_rest_against_its_documented_json() {
         listing.events[1].recurrence_id,
         Some(utc("2031-03-10T08:00:00Z"))
     );
-    {
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.queries.len(), 2, "two pages");
-        let q = &seen.queries[0];
-        assert_eq!(q["singleEvents"], "true");
-        assert_eq!(q["orderBy"], "startTime");
-        assert_eq!(utc(&q["timeMin"]), window.min);
-        assert_eq!(utc(&q["timeMax"]), window.max);
-    }
-    // The limit cuts and says so.
-    let one = google::list(&client, &base, &token, "primary", &window, 1)
-        .await
-        .unwrap();
-    assert_eq!((one.events.len(), one.truncated), (1, true));
+}
 
+/// Inserts a weekly event in Paris into a named calendar: the stored event comes back in UTC,
+/// and the body sent carries the local time, its zone and the rule.
+async fn insert_planning(
+    client: &reqwest::Client,
+    base: &str,
+    token: &credbroker::model::Secret,
+    seen: &std::sync::Mutex<google_fake::Seen>,
+) {
+    use credbroker::calendar::{NewEvent, google};
     let event = NewEvent {
         summary: "Planning".into(),
         start: Some(utc("2031-03-12T08:00:00Z")),
@@ -1086,9 +1003,9 @@ async fn google_calendar_rest_against_its_documented_json() {
     .validate()
     .unwrap();
     let stored = google::insert(
-        &client,
-        &base,
-        &token,
+        client,
+        base,
+        token,
         "team@group.calendar.google.com",
         &event,
     )
@@ -1110,6 +1027,47 @@ async fn google_calendar_rest_against_its_documented_json() {
         assert_eq!(body["start"]["timeZone"], "Europe/Paris");
         assert_eq!(body["recurrence"][0], "RRULE:FREQ=WEEKLY;COUNT=2");
     }
+}
+
+#[tokio::test]
+async fn google_calendar_rest_against_its_documented_json() {
+    use credbroker::calendar::{CalendarError, Window, google};
+    use credbroker::model::Secret;
+
+    credbroker::tls::install_crypto_provider();
+    let (base, seen) = google_fake::start().await;
+    // The fake speaks plain HTTP on loopback; the daemon's own client is HTTPS-only.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let token = Secret::new("tok-123");
+    let window = Window::new(
+        Some(utc("2031-03-01T00:00:00Z")),
+        Some(utc("2031-04-01T00:00:00Z")),
+    )
+    .unwrap();
+
+    let listing = google::list(&client, &base, &token, "", &window, 250)
+        .await
+        .unwrap();
+    assert_the_documented_listing(&listing);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.queries.len(), 2, "two pages");
+        let q = &seen.queries[0];
+        assert_eq!(q["singleEvents"], "true");
+        assert_eq!(q["orderBy"], "startTime");
+        assert_eq!(utc(&q["timeMin"]), window.min);
+        assert_eq!(utc(&q["timeMax"]), window.max);
+    }
+    // The limit cuts and says so.
+    let one = google::list(&client, &base, &token, "primary", &window, 1)
+        .await
+        .unwrap();
+    assert_eq!((one.events.len(), one.truncated), (1, true));
+
+    insert_planning(&client, &base, &token, &seen).await;
 
     // A refused token, and a body that is not the documented JSON.
     let err = google::list(&client, &base, &Secret::new("stale"), "", &window, 10)
@@ -1126,23 +1084,14 @@ async fn google_calendar_rest_against_its_documented_json() {
     assert!(matches!(err, CalendarError::Malformed { .. }), "{err:?}");
 }
 
-#[tokio::test]
-async fn google_calendar_through_the_daemon_with_an_oauth_token() {
+/// A google-calendar connector "Google" whose token comes from the test OAuth server (client
+/// credentials keep a browser out of the test) and whose API base is the local fake at `base`,
+/// trusted with `fake_ca`.
+async fn google_connector(admin: &mut AdminClient<Channel>, base: &str, fake_ca: &str) {
     use support::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET};
-
-    let (base, fake_ca, seen) = google_fake::start_tls().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    // A google-calendar connector whose token comes from the test OAuth server (client
-    // credentials keep a browser out of this test) and whose API base is the local fake.
     let issuer = peers().oauth_issuer();
     admin
         .create_connector(proto::CreateConnectorRequest {
-            workspace: String::new(),
-            name: "Google".into(),
-            kind: proto::ConnectorKind::Oauth2 as i32,
-            mode: proto::ConnectorMode::Shared as i32,
             provider: "google-calendar".into(),
             config: HashMap::from([
                 ("client_id".to_string(), OAUTH_CLIENT_ID.to_string()),
@@ -1150,16 +1099,44 @@ async fn google_calendar_through_the_daemon_with_an_oauth_token() {
                 ("token_auth".to_string(), "basic".to_string()),
                 ("grant_type".to_string(), "client_credentials".to_string()),
                 ("scopes".to_string(), "mail.read".to_string()),
-                ("base_url".to_string(), base.clone()),
+                ("base_url".to_string(), base.to_string()),
                 (
                     "ca_pem".to_string(),
                     format!("{}\n{fake_ca}", peers().ca_pem),
                 ),
             ]),
             secrets: secrets(&[("client_secret", OAUTH_CLIENT_SECRET)]),
+            ..new_connector(
+                "Google",
+                proto::ConnectorKind::Oauth2,
+                proto::ConnectorMode::Shared,
+            )
         })
         .await
         .unwrap();
+}
+
+/// [`google_fake`]'s two events in March 2031 as the daemon lists them.
+fn google_fake_rows() -> Vec<Row> {
+    vec![
+        row(
+            "Offsite",
+            "2031-03-03T00:00Z",
+            "2031-03-05T00:00Z",
+            "2031-03-03..2031-03-05",
+            "",
+        ),
+        weekly("2031-03-10T08:00Z", "2031-03-10T08:30Z"),
+    ]
+}
+
+#[tokio::test]
+async fn google_calendar_through_the_daemon_with_an_oauth_token() {
+    use support::peers::OAUTH_CLIENT_SECRET;
+
+    let (base, fake_ca, seen) = google_fake::start_tls().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    google_connector(&mut admin, &base, &fake_ca).await;
 
     let listed = list(
         &mut agent,
@@ -1171,25 +1148,7 @@ async fn google_calendar_through_the_daemon_with_an_oauth_token() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        rows(&listed.events),
-        vec![
-            row(
-                "Offsite",
-                "2031-03-03T00:00Z",
-                "2031-03-05T00:00Z",
-                "2031-03-03..2031-03-05",
-                ""
-            ),
-            row(
-                "Weekly",
-                "2031-03-10T08:00Z",
-                "2031-03-10T08:30Z",
-                "..",
-                "2031-03-10T08:00Z"
-            ),
-        ]
-    );
+    assert_eq!(rows(&listed.events), google_fake_rows());
     let token = seen.lock().unwrap().queries[0]["authorization"].clone();
     assert!(
         token.starts_with("Bearer ") && !token.contains(OAUTH_CLIENT_SECRET),

@@ -133,10 +133,7 @@ async fn one_runtime_resolving_for_many_users_fits_the_default_budgets() {
 
 #[tokio::test]
 async fn a_user_over_its_budget_is_told_when_to_retry_and_others_go_on() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nuser_rate_per_sec = 0.5\nuser_burst = 3\n",
-    );
+    let daemon = Daemon::start_with_config("[limits]\nuser_rate_per_sec = 0.5\nuser_burst = 3\n");
     shared_api_key(&daemon, "HubSpot").await;
     let mut agent = daemon.agent().await;
     for _ in 0..3 {

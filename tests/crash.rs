@@ -19,11 +19,12 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use credbroker::api::proto;
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::daemon::{Daemon, conn, secrets};
-use support::oauth::{connect, create_connector};
+use support::daemon::{Daemon, conn, new_connector, secrets};
+use support::oauth::{connect, with_connection};
+use tonic::transport::Channel;
 
 const KILLS: usize = 100;
 const OAUTH: &str = "Team Mail";
@@ -51,82 +52,151 @@ struct Acked {
     refreshes: usize,
 }
 
+/// Starts the round's writers on the daemon: connectors created, personal keys saved, OAuth
+/// refreshes forced; each records in `acked` what the daemon acknowledged, until a call fails.
+async fn spawn_load(
+    daemon: &Daemon,
+    round: usize,
+    acked: &Arc<Mutex<Acked>>,
+) -> tokio::task::JoinSet<()> {
+    let mut load = tokio::task::JoinSet::new();
+    let (admin, agent) = (daemon.admin().await, daemon.agent().await);
+    {
+        let (mut admin, acked) = (admin.clone(), acked.clone());
+        load.spawn(async move {
+            for i in 0.. {
+                let name = format!("r{round}-c{i}");
+                let req = new_connector(
+                    &name,
+                    proto::ConnectorKind::ApiKey,
+                    proto::ConnectorMode::Shared,
+                );
+                if admin.create_connector(req).await.is_err() {
+                    return;
+                }
+                acked.lock().unwrap().connectors.push(name);
+            }
+        });
+    }
+    {
+        let (mut admin, acked) = (admin.clone(), acked.clone());
+        load.spawn(async move {
+            for i in 0.. {
+                let (user, key) = (format!("r{round}-u{i}"), format!("key-{round}-{i}"));
+                let req = proto::ConnectWithCredentialsRequest {
+                    connection: conn(KEYS, &user),
+                    secrets: secrets(&[("api_key", &key)]),
+                    ..Default::default()
+                };
+                if admin.connect_with_credentials(req).await.is_err() {
+                    return;
+                }
+                acked.lock().unwrap().keys.push((user, key));
+            }
+        });
+    }
+    {
+        let (mut agent, acked) = (agent.clone(), acked.clone());
+        load.spawn(async move {
+            loop {
+                // A minimum lifetime longer than any token forces a refresh on every call.
+                let req = proto::ResolveCredentialRequest {
+                    connection: conn(OAUTH, "u1"),
+                    min_ttl_seconds: 3600,
+                };
+                if agent.resolve_credential(req).await.is_err() {
+                    return;
+                }
+                acked.lock().unwrap().refreshes += 1;
+            }
+        });
+    }
+    load
+}
+
+/// Every connector and key acknowledged in `round` is there after the restart.
+async fn assert_acked_kept(
+    admin: &mut AdminClient<Channel>,
+    agent: &mut BrokerClient<Channel>,
+    round: usize,
+    acked: &Acked,
+) {
+    let listed = admin
+        .list_connectors(proto::ListConnectorsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for name in &acked.connectors {
+        assert!(
+            listed.connectors.iter().any(|c| &c.name == name),
+            "round {round}: acknowledged connector {name} lost"
+        );
+    }
+    for (user, key) in &acked.keys {
+        let got = agent
+            .resolve_credential(proto::ResolveCredentialRequest {
+                connection: conn(KEYS, user),
+                min_ttl_seconds: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: acknowledged key of {user} lost: {e:?}"));
+        assert_eq!(&got.into_inner().secret, key, "round {round}");
+    }
+}
+
+/// Whether the kill of `round` lost a token rotation. A kill between the provider rotating the
+/// refresh token and the store saving it loses the rotation (nobody was answered, so no
+/// acknowledged write is lost); the provider then sees the old token reused and revokes the
+/// grant. The connection must say so (EXPIRED), and reconnecting restores it.
+async fn rotation_lost(
+    admin: &mut AdminClient<Channel>,
+    agent: &mut BrokerClient<Channel>,
+    round: usize,
+) -> bool {
+    let status = admin
+        .get_connection(proto::GetConnectionRequest {
+            connection: conn(OAUTH, "u1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    let probe = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: conn(OAUTH, "u1"),
+            min_ttl_seconds: 3600,
+        })
+        .await;
+    let lost = status == proto::ConnectionStatus::Expired as i32 || probe.is_err();
+    if lost {
+        let err = probe.expect_err("an expired connection must not resolve");
+        assert_eq!(
+            support::daemon::reason(&err).0,
+            "EXPIRED",
+            "round {round}: {err:?}"
+        );
+    }
+    lost
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
     let seed = seed();
     let mut pauses = StdRng::seed_from_u64(seed);
-    let mut daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    create_connector(&mut admin, OAUTH, &[]).await;
-    connect(&daemon, &mut admin, OAUTH, "u1", "").await;
-    admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: KEYS.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Personal as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (mut daemon, mut admin, _) = with_connection(Daemon::start(), OAUTH, "u1").await;
+    let keys = new_connector(
+        KEYS,
+        proto::ConnectorKind::ApiKey,
+        proto::ConnectorMode::Personal,
+    );
+    admin.create_connector(keys).await.unwrap();
 
     let config = daemon.config();
     let mut rotations_lost = 0;
     let mut acked_total = (0, 0, 0);
     for round in 0..KILLS {
         let acked = Arc::new(Mutex::new(Acked::default()));
-        let mut load = tokio::task::JoinSet::new();
-        let (admin, agent) = (daemon.admin().await, daemon.agent().await);
-        {
-            let (mut admin, acked) = (admin.clone(), acked.clone());
-            load.spawn(async move {
-                for i in 0.. {
-                    let name = format!("r{round}-c{i}");
-                    let req = proto::CreateConnectorRequest {
-                        name: name.clone(),
-                        kind: proto::ConnectorKind::ApiKey as i32,
-                        mode: proto::ConnectorMode::Shared as i32,
-                        ..Default::default()
-                    };
-                    if admin.create_connector(req).await.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().connectors.push(name);
-                }
-            });
-        }
-        {
-            let (mut admin, acked) = (admin.clone(), acked.clone());
-            load.spawn(async move {
-                for i in 0.. {
-                    let (user, key) = (format!("r{round}-u{i}"), format!("key-{round}-{i}"));
-                    let req = proto::ConnectWithCredentialsRequest {
-                        connection: conn(KEYS, &user),
-                        secrets: secrets(&[("api_key", &key)]),
-                        ..Default::default()
-                    };
-                    if admin.connect_with_credentials(req).await.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().keys.push((user, key));
-                }
-            });
-        }
-        {
-            let (mut agent, acked) = (agent.clone(), acked.clone());
-            load.spawn(async move {
-                loop {
-                    // A minimum lifetime longer than any token forces a refresh on every call.
-                    let req = proto::ResolveCredentialRequest {
-                        connection: conn(OAUTH, "u1"),
-                        min_ttl_seconds: 3600,
-                    };
-                    if agent.resolve_credential(req).await.is_err() {
-                        return;
-                    }
-                    acked.lock().unwrap().refreshes += 1;
-                }
-            });
-        }
+        let load = spawn_load(&daemon, round, &acked).await;
         let pause = pauses.random_range(20..300);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         daemon.kill();
@@ -141,60 +211,13 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
         daemon.respawn();
 
         let acked = std::mem::take(&mut *acked.lock().unwrap());
-        let mut admin = daemon.admin().await;
-        let mut agent = daemon.agent().await;
-        let listed = admin
-            .list_connectors(proto::ListConnectorsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        for name in &acked.connectors {
-            assert!(
-                listed.connectors.iter().any(|c| &c.name == name),
-                "round {round}: acknowledged connector {name} lost"
-            );
-        }
-        for (user, key) in &acked.keys {
-            let got = agent
-                .resolve_credential(proto::ResolveCredentialRequest {
-                    connection: conn(KEYS, user),
-                    min_ttl_seconds: 0,
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    panic!("round {round}: acknowledged key of {user} lost: {e:?}")
-                });
-            assert_eq!(&got.into_inner().secret, key, "round {round}");
-        }
+        let (mut admin, mut agent) = (daemon.admin().await, daemon.agent().await);
+        assert_acked_kept(&mut admin, &mut agent, round, &acked).await;
         acked_total.0 += acked.connectors.len();
         acked_total.1 += acked.keys.len();
         acked_total.2 += acked.refreshes;
 
-        // A kill between the provider rotating the refresh token and the store saving it loses
-        // the rotation (nobody was answered, so no acknowledged write is lost); the provider
-        // then sees the old token reused and revokes the grant. The connection must say so
-        // (EXPIRED), and reconnecting restores it.
-        let status = admin
-            .get_connection(proto::GetConnectionRequest {
-                connection: conn(OAUTH, "u1"),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        let probe = agent
-            .resolve_credential(proto::ResolveCredentialRequest {
-                connection: conn(OAUTH, "u1"),
-                min_ttl_seconds: 3600,
-            })
-            .await;
-        if status == proto::ConnectionStatus::Expired as i32 || probe.is_err() {
-            let err = probe.expect_err("an expired connection must not resolve");
-            assert_eq!(
-                support::daemon::reason(&err).0,
-                "EXPIRED",
-                "round {round}: {err:?}"
-            );
+        if rotation_lost(&mut admin, &mut agent, round).await {
             rotations_lost += 1;
             connect(&daemon, &mut admin, OAUTH, "u1", "").await;
         }

@@ -8,64 +8,116 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use credbroker::api::proto;
-use support::daemon::{Daemon, conn, reason, secrets};
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
+use support::daemon::{
+    Daemon, assert_refused, audit_records, conn, get_connection, reason, secrets,
+};
 use support::mail::{
-    DELIVERY, Servers, connected, create_mail_connector, credentials, fetch, mail_config,
-    mail_connector, next_with_subject, token, wait_for,
+    DELIVERY, Servers, connected, connected_alice, connected_bob, create_mail_connector,
+    credentials, fetch, mail_config, mail_connector, next_with_subject, plain, saved_anyway, token,
+    wait_for,
 };
 use support::peers::peers;
 use support::wait;
 use tonic::Code;
+use tonic::transport::Channel;
 
 fn field(status: &tonic::Status) -> String {
     reason(status).1.get("field").cloned().unwrap_or_default()
 }
 
 /// Alice (with an alias) and Bob, each connected over implicit-TLS IMAP and STARTTLS SMTP.
-async fn alice_and_bob(admin: &mut proto::admin_client::AdminClient<tonic::transport::Channel>) {
+async fn alice_and_bob(admin: &mut AdminClient<Channel>) {
     let servers = Servers::implicit_imap_starttls_smtp();
     let alias = [("aliases", "alice.support@x.test")];
     connected(admin, "Alice", &servers, "alice@x.test", "secret1", &alias).await;
     connected(admin, "Bob", &servers, "bob@x.test", "secret2", &[]).await;
 }
 
+/// A message from Alice's alias to Bob, copied to Alice, with a reply-to, text and HTML bodies,
+/// two attachments (the second `pdf`) and threading headers.
+fn from_the_alias_to_bob(subject: &str, pdf: &[u8]) -> proto::SendEmailRequest {
+    proto::SendEmailRequest {
+        connection: conn("Alice", ""),
+        from: "Alice Support <alice.support@x.test>".into(),
+        to: vec!["Bob <bob@x.test>".into()],
+        cc: vec!["alice@x.test".into()],
+        reply_to: "help@x.test".into(),
+        subject: subject.into(),
+        text_body: "Bonjour Bob,\nvoici les notes.".into(),
+        html_body: "<p>Bonjour <b>Bob</b>, voici les notes.</p>".into(),
+        attachments: vec![
+            proto::Attachment {
+                filename: "notes.txt".into(),
+                content_type: "text/plain".into(),
+                content: b"line one\nline two\n".to_vec(),
+            },
+            proto::Attachment {
+                filename: "rapport.pdf".into(),
+                content_type: "application/pdf".into(),
+                content: pdf.to_vec(),
+            },
+        ],
+        in_reply_to: "<thread-parent@x.test>".into(),
+        references: vec!["<thread-root@x.test>".into()],
+        ..Default::default()
+    }
+}
+
+/// FetchMail's since_uid, since, unseen_only and mark_seen on Bob's message `uid` (unread).
+async fn assert_fetch_filters(agent: &mut BrokerClient<Channel>, uid: u32) {
+    let after = fetch(agent, conn("Bob", ""), |r| r.since_uid = uid - 1)
+        .await
+        .unwrap();
+    assert_eq!(after.messages.first().map(|x| x.uid), Some(uid));
+    assert!(after.highest_uid >= uid && after.uid_validity > 0);
+    let future = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.since = Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + 3600,
+            nanos: 0,
+        });
+    })
+    .await
+    .unwrap();
+    assert!(future.messages.is_empty(), "{:?}", future.messages);
+    let unseen = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(unseen.messages.iter().any(|x| x.uid == uid));
+    fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.limit = 1;
+        r.mark_seen = true;
+    })
+    .await
+    .unwrap();
+    let unseen = fetch(agent, conn("Bob", ""), |r| {
+        r.since_uid = uid - 1;
+        r.unseen_only = true;
+    })
+    .await
+    .unwrap();
+    assert!(!unseen.messages.iter().any(|x| x.uid == uid));
+    let seen = fetch(agent, conn("Bob", ""), |r| r.since_uid = uid - 1)
+        .await
+        .unwrap();
+    assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
+}
+
 #[tokio::test]
 async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threading() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     // Alice sends over STARTTLS (587-style); Bob reads over implicit TLS (993-style).
     alice_and_bob(&mut admin).await;
 
     let subject = format!("Réunion de suivi {}", token());
     let pdf = vec![0x25u8; 3000];
     let sent = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            from: "Alice Support <alice.support@x.test>".into(),
-            to: vec!["Bob <bob@x.test>".into()],
-            cc: vec!["alice@x.test".into()],
-            reply_to: "help@x.test".into(),
-            subject: subject.clone(),
-            text_body: "Bonjour Bob,\nvoici les notes.".into(),
-            html_body: "<p>Bonjour <b>Bob</b>, voici les notes.</p>".into(),
-            attachments: vec![
-                proto::Attachment {
-                    filename: "notes.txt".into(),
-                    content_type: "text/plain".into(),
-                    content: b"line one\nline two\n".to_vec(),
-                },
-                proto::Attachment {
-                    filename: "rapport.pdf".into(),
-                    content_type: "application/pdf".into(),
-                    content: pdf.clone(),
-                },
-            ],
-            in_reply_to: "<thread-parent@x.test>".into(),
-            references: vec!["<thread-root@x.test>".into()],
-            ..Default::default()
-        })
+        .send_email(from_the_alias_to_bob(&subject, &pdf))
         .await
         .expect("SendEmail")
         .into_inner();
@@ -108,60 +160,16 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
     // Reading did not mark it as read.
     assert!(!m.flags.iter().any(|f| f == "\\Seen"), "{:?}", m.flags);
 
-    // since_uid, since, unseen_only and mark_seen.
-    let after = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
-        .await
-        .unwrap();
-    assert_eq!(after.messages.first().map(|x| x.uid), Some(m.uid));
-    assert!(after.highest_uid >= m.uid && after.uid_validity > 0);
-    let future = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.since = Some(prost_types::Timestamp {
-            seconds: chrono::Utc::now().timestamp() + 3600,
-            nanos: 0,
-        });
-    })
-    .await
-    .unwrap();
-    assert!(future.messages.is_empty(), "{:?}", future.messages);
-    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.unseen_only = true;
-    })
-    .await
-    .unwrap();
-    assert!(unseen.messages.iter().any(|x| x.uid == m.uid));
-    fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.limit = 1;
-        r.mark_seen = true;
-    })
-    .await
-    .unwrap();
-    let unseen = fetch(&mut agent, conn("Bob", ""), |r| {
-        r.since_uid = m.uid - 1;
-        r.unseen_only = true;
-    })
-    .await
-    .unwrap();
-    assert!(!unseen.messages.iter().any(|x| x.uid == m.uid));
-    let seen = fetch(&mut agent, conn("Bob", ""), |r| r.since_uid = m.uid - 1)
-        .await
-        .unwrap();
-    assert!(seen.messages[0].flags.iter().any(|f| f == "\\Seen"));
+    assert_fetch_filters(&mut agent, m.uid).await;
 
     // A reply threads on the message's own Message-ID.
     let reply_subject = format!("Re: {subject}");
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Bob", ""),
-            // The alias it came from has no mailbox on the test server: answer the account.
-            to: vec!["alice@x.test".into()],
-            subject: reply_subject.clone(),
-            text_body: "Merci !".into(),
             in_reply_to: m.message_id.clone(),
             references: m.references.clone(),
-            ..Default::default()
+            // The alias it came from has no mailbox on the test server: answer the account.
+            ..plain(conn("Bob", ""), "alice@x.test", &reply_subject, "Merci !")
         })
         .await
         .expect("reply");
@@ -180,39 +188,27 @@ async fn a_sent_message_is_read_back_with_its_subject_body_attachments_and_threa
 
 #[tokio::test]
 async fn implicit_tls_smtp_and_starttls_imap_work_too() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_bob(
         &mut admin,
         "Bob 465",
         &Servers::starttls_imap_implicit_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
     )
     .await;
     let subject = format!("implicit TLS {}", token());
     let sent = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.clone(),
-            text_body: "to myself".into(),
-            ..Default::default()
-        })
+        .send_email(plain(
+            conn("Bob 465", ""),
+            "bob@x.test",
+            &subject,
+            "to myself",
+        ))
         .await
         .expect("SendEmail over implicit TLS")
         .into_inner();
     let m = wait_for(&mut agent, conn("Bob 465", ""), &subject, false).await;
     assert_eq!(m.message_id, sent.message_id);
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Bob 465", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Bob 465", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Connected as i32);
     assert_eq!(connection.account_label, "bob@x.test");
     assert!(
@@ -223,13 +219,12 @@ async fn implicit_tls_smtp_and_starttls_imap_work_too() {
     // The pooled SMTP connection is reused for a second message.
     let again = format!("implicit TLS again {}", token());
     agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Bob 465", ""),
-            to: vec!["bob@x.test".into()],
-            subject: again.clone(),
-            text_body: "once more".into(),
-            ..Default::default()
-        })
+        .send_email(plain(
+            conn("Bob 465", ""),
+            "bob@x.test",
+            &again,
+            "once more",
+        ))
         .await
         .expect("second SendEmail");
     wait_for(&mut agent, conn("Bob 465", ""), &again, false).await;
@@ -255,29 +250,17 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
         assert!(check.message.contains("refused"), "{check:?}");
     }
     assert_eq!(test.checks.len(), 2);
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice", "")).await;
     assert_eq!(
         connection.status,
         proto::ConnectionStatus::NotConnected as i32
     );
     let mut agent = daemon.agent().await;
     let err = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: "never".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", "never", ""))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&err).0, "NOT_CONNECTED");
+    assert_refused(&err, Code::FailedPrecondition, "NOT_CONNECTED");
 
     // TestConnection with candidate credentials says the same, and saves nothing either.
     let tested = admin
@@ -297,17 +280,10 @@ async fn a_wrong_password_fails_the_test_with_an_auth_reason_and_nothing_is_save
 
 #[tokio::test]
 async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    mail_connector(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let canary = format!("canary-{}", token());
     // Saved anyway (ERROR), as a console may do; the servers still refuse it.
-    let resp = admin
-        .connect_with_credentials(credentials("Alice", "alice@x.test", &canary, &[], true))
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = saved_anyway(&mut admin, "Alice", &canary).await;
     assert!(resp.saved);
     assert_eq!(
         resp.connection.as_ref().unwrap().status,
@@ -315,26 +291,14 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     );
     let mut responses = format!("{resp:?}");
 
+    let never = format!("never sent {}", token());
     let err = agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: format!("never sent {}", token()),
-            text_body: "x".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", &never, "x"))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(reason(&err).0, "EXPIRED");
+    assert_refused(&err, Code::FailedPrecondition, "EXPIRED");
     responses += &format!("{err:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
     assert!(connection.last_error.contains("refused"), "{connection:?}");
     responses += &format!("{connection:?}");
@@ -356,22 +320,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     }
 
     // FetchMail on a second connection whose IMAP login is refused also expires it.
-    mail_connector(
-        &mut admin,
-        "Alice IMAP",
-        &Servers::implicit_imap_starttls_smtp(),
-    )
-    .await;
-    admin
-        .connect_with_credentials(credentials(
-            "Alice IMAP",
-            "alice@x.test",
-            &canary,
-            &[],
-            true,
-        ))
-        .await
-        .unwrap();
+    saved_anyway(&mut admin, "Alice IMAP", &canary).await;
     let err = fetch(&mut agent, conn("Alice IMAP", ""), |_| {})
         .await
         .unwrap_err();
@@ -380,22 +329,7 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     responses += &format!("{err:?}");
 
     // So does TestConnection of a stored connection whose password the servers refuse.
-    mail_connector(
-        &mut admin,
-        "Alice test",
-        &Servers::implicit_imap_starttls_smtp(),
-    )
-    .await;
-    admin
-        .connect_with_credentials(credentials(
-            "Alice test",
-            "alice@x.test",
-            &canary,
-            &[],
-            true,
-        ))
-        .await
-        .unwrap();
+    saved_anyway(&mut admin, "Alice test", &canary).await;
     let tested = admin
         .test_connection(proto::TestConnectionRequest {
             connection: conn("Alice test", ""),
@@ -406,25 +340,11 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
         .into_inner();
     assert!(tested.test.as_ref().is_some_and(|t| !t.ok));
     responses += &format!("{tested:?}");
-    let connection = admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn("Alice test", ""),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let connection = get_connection(&mut admin, conn("Alice test", "")).await;
     assert_eq!(connection.status, proto::ConnectionStatus::Expired as i32);
 
     // The canary is nowhere: not in responses, the audit or the daemon's (debug) log.
-    let audit = admin
-        .query_audit(proto::QueryAuditRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let audit = audit_records(&mut admin).await;
     assert!(audit.iter().any(|r| r.operation == "SendEmail"));
     assert!(!responses.contains(&canary));
     assert!(!format!("{audit:?}").contains(&canary));
@@ -433,14 +353,41 @@ async fn a_refused_stored_password_expires_the_connection_and_never_leaks() {
     assert!(!logs.contains(&canary), "the password leaked into the log");
 }
 
+/// A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
+async fn assert_an_unresolvable_host_is_dns(
+    admin: &mut AdminClient<Channel>,
+    agent: &mut BrokerClient<Channel>,
+) {
+    create_mail_connector(
+        admin,
+        "Nowhere",
+        proto::ConnectorMode::Shared,
+        HashMap::from([
+            ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
+            ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
+        ]),
+    )
+    .await;
+    let resp = admin
+        .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
+        .await
+        .unwrap()
+        .into_inner();
+    let checks = resp.test.unwrap().checks;
+    assert_eq!(checks.len(), 2);
+    for c in &checks {
+        assert_eq!(c.stage, "dns", "{c:?}");
+        assert!(c.message.contains("nowhere.invalid"), "{c:?}");
+    }
+    let err = fetch(agent, conn("Nowhere", ""), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_within_the_deadline() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nupstream_timeout_secs = 2\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
+    let (_daemon, mut admin, mut agent) = daemon.with_clients().await;
     // A closed port (connection refused) and a server that accepts but never answers.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -480,12 +427,7 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
         );
         let err = tokio::time::timeout(
             Duration::from_secs(30),
-            agent.send_email(proto::SendEmailRequest {
-                connection: conn(name, ""),
-                to: vec!["bob@x.test".into()],
-                subject: "unreachable".into(),
-                ..Default::default()
-            }),
+            agent.send_email(plain(conn(name, ""), "bob@x.test", "unreachable", "")),
         )
         .await
         .expect("SendEmail hung")
@@ -504,33 +446,7 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline() {
     }
     drop(silent);
 
-    // A host that does not resolve is reported as DNS, and answered UNAVAILABLE.
-    create_mail_connector(
-        &mut admin,
-        "Nowhere",
-        proto::ConnectorMode::Shared,
-        HashMap::from([
-            ("imap_host".to_string(), "imap.nowhere.invalid".to_string()),
-            ("smtp_host".to_string(), "smtp.nowhere.invalid".to_string()),
-        ]),
-    )
-    .await;
-    let resp = admin
-        .connect_with_credentials(credentials("Nowhere", "alice@x.test", "secret1", &[], true))
-        .await
-        .unwrap()
-        .into_inner();
-    let checks = resp.test.unwrap().checks;
-    assert_eq!(checks.len(), 2);
-    for c in &checks {
-        assert_eq!(c.stage, "dns", "{c:?}");
-        assert!(c.message.contains("nowhere.invalid"), "{c:?}");
-    }
-    let err = fetch(&mut agent, conn("Nowhere", ""), |_| {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(reason(&err).1.get("stage").map(String::as_str), Some("dns"));
+    assert_an_unresolvable_host_is_dns(&mut admin, &mut agent).await;
 }
 
 #[tokio::test]
@@ -576,22 +492,12 @@ async fn a_wrong_tls_mode_or_an_untrusted_certificate_is_reported_as_tls() {
     }
 }
 
-#[tokio::test]
-async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    alice_and_bob(&mut admin).await;
-    let mark = token();
-    let base = |i: usize| proto::SendEmailRequest {
-        connection: conn("Alice", ""),
-        to: vec!["bob@x.test".into()],
-        subject: format!("bad {mark} {i}"),
-        text_body: "should never arrive".into(),
-        ..Default::default()
-    };
-    type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
-    let cases: Vec<(Change, &str)> = vec![
+/// A change that makes a SendEmail request invalid.
+type Change = Box<dyn Fn(&mut proto::SendEmailRequest)>;
+
+/// (change, the field the refusal names) of each invalid message.
+fn bad_messages() -> Vec<(Change, &'static str)> {
+    vec![
         (Box::new(|r| r.to = vec!["not an address".into()]), "to[0]"),
         (
             Box::new(|r| r.to.push("bob@x.test\r\nBcc: eve@evil.test".into())),
@@ -647,16 +553,14 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
             Box::new(|r| r.connection.as_mut().unwrap().connector = String::new()),
             "connection.connector",
         ),
-    ];
-    for (i, (change, want)) in cases.iter().enumerate() {
-        let mut req = base(i);
-        change(&mut req);
-        let err = agent.send_email(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {err:?}");
-        assert_eq!(field(&err), *want, "case {i}: {err:?}");
-    }
+    ]
+}
+
+/// FetchMail refuses a limit over 200 and a mailbox that smuggles a command (naming the field),
+/// and answers NOT_FOUND for a mailbox that does not exist.
+async fn assert_bad_fetches_refused(agent: &mut BrokerClient<Channel>) {
     for (limit, ok) in [(0, true), (200, true), (201, false), (100_000, false)] {
-        let result = fetch(&mut agent, conn("Bob", ""), |r| {
+        let result = fetch(agent, conn("Bob", ""), |r| {
             r.limit = limit;
             r.since_uid = u32::MAX - 1;
         })
@@ -670,7 +574,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
             (_, other) => panic!("limit {limit}: {other:?}"),
         }
     }
-    let err = fetch(&mut agent, conn("Bob", ""), |r| {
+    let err = fetch(agent, conn("Bob", ""), |r| {
         r.mailbox = "INBOX\r\nA1 DELETE INBOX".into()
     })
     .await
@@ -679,12 +583,37 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
         (err.code(), field(&err)),
         (Code::InvalidArgument, "mailbox".into())
     );
-    let err = fetch(&mut agent, conn("Bob", ""), |r| {
+    let err = fetch(agent, conn("Bob", ""), |r| {
         r.mailbox = format!("Nope{}", token())
     })
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    alice_and_bob(&mut admin).await;
+    let mark = token();
+    let base = |i: usize| {
+        let subject = format!("bad {mark} {i}");
+        plain(
+            conn("Alice", ""),
+            "bob@x.test",
+            &subject,
+            "should never arrive",
+        )
+    };
+    let cases = bad_messages();
+    for (i, (change, want)) in cases.iter().enumerate() {
+        let mut req = base(i);
+        change(&mut req);
+        let err = agent.send_email(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {err:?}");
+        assert_eq!(field(&err), *want, "case {i}: {err:?}");
+    }
+    assert_bad_fetches_refused(&mut agent).await;
     let err = admin
         .connect_with_credentials(credentials(
             "Bob",
@@ -703,13 +632,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
     // A valid message sent last arrives; none of the refused ones did.
     let good = format!("good {mark}");
     agent
-        .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: good.clone(),
-            text_body: "fine".into(),
-            ..Default::default()
-        })
+        .send_email(plain(conn("Alice", ""), "bob@x.test", &good, "fine"))
         .await
         .expect("a valid message");
     let arrived = wait_for(&mut agent, conn("Bob", ""), &good, false).await;
@@ -732,27 +655,9 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::starttls_imap_implicit_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[],
-    )
-    .await;
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_bob(&mut admin, "Bob", &Servers::implicit_imap_starttls_smtp()).await;
+    connected_alice(&mut admin, "Alice", &Servers::starttls_imap_implicit_smtp()).await;
     let mut stream = agent
         .watch_mail(proto::WatchMailRequest {
             connection: conn("Bob", ""),
@@ -765,12 +670,13 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
     let subject = format!("watch {}", token());
     agent
         .send_email(proto::SendEmailRequest {
-            connection: conn("Alice", ""),
-            to: vec!["bob@x.test".into()],
-            subject: subject.clone(),
-            text_body: "are you watching?".into(),
             html_body: "<i>are you watching?</i>".into(),
-            ..Default::default()
+            ..plain(
+                conn("Alice", ""),
+                "bob@x.test",
+                &subject,
+                "are you watching?",
+            )
         })
         .await
         .expect("SendEmail");
@@ -815,21 +721,9 @@ async fn watch_mail_delivers_a_message_sent_after_the_stream_opened() {
 
 #[tokio::test]
 async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_away() {
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nmax_watch_streams = 1\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Bob",
-        &Servers::implicit_imap_starttls_smtp(),
-        "bob@x.test",
-        "secret2",
-        &[],
-    )
-    .await;
+    let daemon = Daemon::start_with_config("[limits]\nmax_watch_streams = 1\n");
+    let (daemon, mut admin, mut agent) = daemon.with_clients().await;
+    connected_bob(&mut admin, "Bob", &Servers::implicit_imap_starttls_smtp()).await;
     let watch = || proto::WatchMailRequest {
         connection: conn("Bob", ""),
         ..Default::default()
@@ -860,25 +754,9 @@ async fn watch_streams_are_limited_per_caller_and_freed_when_the_client_goes_awa
 
 #[tokio::test]
 async fn new_credentials_replace_the_pooled_smtp_connection() {
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    connected(
-        &mut admin,
-        "Alice",
-        &Servers::implicit_imap_starttls_smtp(),
-        "alice@x.test",
-        "secret1",
-        &[],
-    )
-    .await;
-    let send = |subject: String| proto::SendEmailRequest {
-        connection: conn("Alice", ""),
-        to: vec!["bob@x.test".into()],
-        subject,
-        text_body: "pooled".into(),
-        ..Default::default()
-    };
+    let (_daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
+    connected_alice(&mut admin, "Alice", &Servers::implicit_imap_starttls_smtp()).await;
+    let send = |subject: String| plain(conn("Alice", ""), "bob@x.test", &subject, "pooled");
     // A pooled, authenticated SMTP connection now exists for this connection.
     agent
         .send_email(send(format!("pool {}", token())))

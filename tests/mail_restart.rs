@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use credbroker::api::proto;
 use support::daemon::{Daemon, conn};
-use support::mail::{Servers, credentials, mail_connector, next_with_subject, token};
+use support::mail::{Servers, credentials, mail_connector, next_with_subject, plain, token};
 use support::peers::peers;
 use support::wait;
 
@@ -41,6 +41,25 @@ fn alive(pid: i32) -> bool {
     })
 }
 
+/// Dovecot 2.3 keeps established IMAP sessions running across a restart of its master
+/// process; a real restart (or crash, or failover) drops them. So the stopped server's
+/// sessions of `user`, the stream's among them, are ended while it is down.
+async fn restart_dovecot_ending_the_sessions_of(user: &str) {
+    let sessions = imap_sessions(user);
+    assert!(!sessions.is_empty(), "the stream has no IMAP session");
+    peers().stop_dovecot().await;
+    for &pid in &sessions {
+        // SAFETY: kill(2) with a PID doveadm just listed and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let ended = wait::until(Duration::from_secs(10), async || {
+        (!sessions.iter().any(|&pid| alive(pid))).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "{user}'s IMAP sessions outlived SIGTERM");
+    peers().start_dovecot().await;
+}
+
 #[tokio::test]
 async fn watch_mail_resumes_after_the_imap_server_restarts() {
     let daemon = Daemon::start();
@@ -70,13 +89,7 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
         let mut agent = agent.clone();
         async move {
             agent
-                .send_email(proto::SendEmailRequest {
-                    connection: conn("Alice", ""),
-                    to: vec!["bob@x.test".into()],
-                    subject,
-                    text_body: "ping".into(),
-                    ..Default::default()
-                })
+                .send_email(plain(conn("Alice", ""), "bob@x.test", &subject, "ping"))
                 .await
                 .expect("SendEmail")
         }
@@ -89,22 +102,7 @@ async fn watch_mail_resumes_after_the_imap_server_restarts() {
         .message
         .unwrap();
 
-    // Dovecot 2.3 keeps established IMAP sessions running across a restart of its master
-    // process; a real restart (or crash, or failover) drops them. So the stopped server's
-    // sessions of bob, the stream's among them, are ended while it is down.
-    let sessions = imap_sessions("bob@x.test");
-    assert!(!sessions.is_empty(), "the stream has no IMAP session");
-    peers().stop_dovecot().await;
-    for &pid in &sessions {
-        // SAFETY: kill(2) with a PID doveadm just listed and a valid signal number.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let ended = wait::until(Duration::from_secs(10), async || {
-        (!sessions.iter().any(|&pid| alive(pid))).then_some(())
-    })
-    .await;
-    assert!(ended.is_some(), "bob's IMAP sessions outlived SIGTERM");
-    peers().start_dovecot().await;
+    restart_dovecot_ending_the_sessions_of("bob@x.test").await;
 
     let after = format!("after restart {token}");
     send(after.clone()).await;

@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, conn, metric, reason, secrets};
+use support::daemon::{
+    Daemon, assert_refused, audit_records, conn, get_connection, metric, reason, secrets,
+};
 use support::oauth::{
-    Browser, RETURN_URL, begin, callback_url, connect, create_connector, query_param,
+    Browser, RETURN_URL, begin, callback_url, connect, query_param, with_connection, with_connector,
 };
 use support::peers::{self, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
@@ -37,13 +39,15 @@ async fn resolve(
 }
 
 async fn connection(admin: &mut AdminClient<Channel>, user: &str) -> proto::Connection {
-    admin
-        .get_connection(proto::GetConnectionRequest {
-            connection: conn(CONNECTOR, user),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    get_connection(admin, conn(CONNECTOR, user)).await
+}
+
+async fn assert_status(
+    admin: &mut AdminClient<Channel>,
+    user: &str,
+    status: proto::ConnectionStatus,
+) {
+    assert_eq!(connection(admin, user).await.status, status as i32);
 }
 
 /// Waits until access tokens issued before now have expired at the server.
@@ -67,10 +71,7 @@ async fn whoami(token: &str) -> reqwest::StatusCode {
 #[tokio::test]
 async fn browser_flow_connects_through_the_callback() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
+    let (daemon, mut admin, mut agent) = with_connector(Daemon::start(), CONNECTOR, &[]).await;
 
     let err = resolve(&mut agent, "u1").await.unwrap_err();
     assert_eq!(reason(&err).0, "NOT_CONNECTED");
@@ -122,8 +123,7 @@ async fn browser_flow_connects_through_the_callback() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(reason(&err).0, "STATE_UNKNOWN");
+    assert_refused(&err, Code::InvalidArgument, "STATE_UNKNOWN");
     let unknown = admin
         .complete_connect(proto::CompleteConnectRequest {
             state: "f".repeat(64),
@@ -134,16 +134,8 @@ async fn browser_flow_connects_through_the_callback() {
     assert_eq!(reason(&unknown).0, "STATE_UNKNOWN");
 
     // Neither the token, the code nor the client secret is in the logs or the audit trail.
-    let audit = admin
-        .query_audit(proto::QueryAuditRequest {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = audit_records(&mut admin).await;
     let callbacks: Vec<_> = audit
-        .records
         .iter()
         .filter(|r| r.operation == "OAuthCallback")
         .collect();
@@ -160,10 +152,7 @@ async fn browser_flow_connects_through_the_callback() {
 #[tokio::test]
 async fn complete_connect_serves_platforms_that_host_the_redirect() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
+    let (daemon, mut admin, mut agent) = with_connector(Daemon::start(), CONNECTOR, &[]).await;
     let started = begin(&mut admin, CONNECTOR, "u2", "").await;
     let mut browser = Browser::new(&daemon);
     // The platform receives the browser at its own page and hands state and code over.
@@ -205,10 +194,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
 #[tokio::test]
 async fn two_hundred_waiting_callers_cause_one_refresh() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
+    let (daemon, _, _) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
     let first = resolve(&mut daemon.agent().await, "u1")
         .await
         .unwrap()
@@ -252,10 +238,7 @@ async fn two_hundred_waiting_callers_cause_one_refresh() {
 #[tokio::test]
 async fn a_rotated_refresh_token_survives_sigkill() {
     let _serial = SERIAL.lock().await;
-    let mut daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
+    let (mut daemon, _, _) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
     for round in 0..2 {
         let_tokens_expire().await;
         // This resolve refreshes; the server rotates the refresh token and would treat a reuse
@@ -270,20 +253,13 @@ async fn a_rotated_refresh_token_survives_sigkill() {
     let token = resolve(&mut daemon.agent().await, "u1").await.unwrap();
     assert_eq!(whoami(&token.secret).await.as_u16(), 200);
     let mut admin = daemon.admin().await;
-    assert_eq!(
-        connection(&mut admin, "u1").await.status,
-        proto::ConnectionStatus::Connected as i32
-    );
+    assert_status(&mut admin, "u1", proto::ConnectionStatus::Connected).await;
 }
 
 #[tokio::test]
 async fn a_revoked_grant_expires_and_reconnect_restores_it() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
+    let (daemon, mut admin, mut agent) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     // The user revokes the app at the provider.
     let url = format!("{}/__revoke_grant?token={token}", peers().oauth_issuer());
@@ -300,8 +276,7 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
     let_tokens_expire().await;
 
     let err = resolve(&mut agent, "u1").await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&err).0, "EXPIRED");
+    assert_refused(&err, Code::FailedPrecondition, "EXPIRED");
     let shown = connection(&mut admin, "u1").await;
     assert_eq!(shown.status, proto::ConnectionStatus::Expired as i32);
     assert!(
@@ -332,20 +307,13 @@ async fn a_revoked_grant_expires_and_reconnect_restores_it() {
     assert!(back.as_str().contains("status=connected"), "{back}");
     let token = resolve(&mut agent, "u1").await.unwrap();
     assert_eq!(whoami(&token.secret).await.as_u16(), 200);
-    assert_eq!(
-        connection(&mut admin, "u1").await.status,
-        proto::ConnectionStatus::Connected as i32
-    );
+    assert_status(&mut admin, "u1", proto::ConnectionStatus::Connected).await;
 }
 
 #[tokio::test]
 async fn disconnect_revokes_at_the_provider_and_erases_the_tokens() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    create_connector(&mut admin, CONNECTOR, &[]).await;
-    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
+    let (_daemon, mut admin, mut agent) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
     let token = resolve(&mut agent, "u1").await.unwrap().secret;
     let before = peers().oauth_stats().await;
     let done = admin
@@ -366,27 +334,18 @@ async fn disconnect_revokes_at_the_provider_and_erases_the_tokens() {
         reason(&resolve(&mut agent, "u1").await.unwrap_err()).0,
         "NOT_CONNECTED"
     );
-    assert_eq!(
-        connection(&mut admin, "u1").await.status,
-        proto::ConnectionStatus::NotConnected as i32
-    );
+    assert_status(&mut admin, "u1", proto::ConnectionStatus::NotConnected).await;
 }
 
 #[tokio::test]
 async fn client_credentials_tokens_are_cached_until_near_expiry() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
-    create_connector(
-        &mut admin,
-        CONNECTOR,
-        &[
-            ("grant_type", "client_credentials"),
-            ("scopes", "mail.read"),
-        ],
-    )
-    .await;
+    let client_credentials = [
+        ("grant_type", "client_credentials"),
+        ("scopes", "mail.read"),
+    ];
+    let (_daemon, mut admin, mut agent) =
+        with_connector(Daemon::start(), CONNECTOR, &client_credentials).await;
     let before = peers().oauth_stats().await;
     let first = resolve(&mut agent, "").await.unwrap();
     let second = resolve(&mut agent, "").await.unwrap();
@@ -413,6 +372,25 @@ async fn client_credentials_tokens_are_cached_until_near_expiry() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// A preset connector's settings: only the identity endpoint (`userinfo_url`) is Google's or
+/// Slack's; the rest is the real test server. `cas` trusts both.
+fn preset_config(userinfo_url: &str, cas: &str) -> HashMap<String, String> {
+    let issuer = peers().oauth_issuer();
+    [
+        ("client_id", OAUTH_CLIENT_ID.to_string()),
+        ("auth_url", format!("{issuer}/auth")),
+        ("token_url", format!("{issuer}/token")),
+        ("revocation_url", format!("{issuer}/token/revocation")),
+        ("userinfo_url", userinfo_url.to_string()),
+        ("scopes", "openid email mail.read".into()),
+        ("token_auth", "basic".into()),
+        ("ca_pem", cas.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// Google's and Slack's identity endpoints cannot run here: a fake serves their documented
 /// shapes over HTTPS, and the presets' label fields pick the account from them, through the
 /// same flow as every other connection (the rest of the flow runs at the real test server).
@@ -421,29 +399,13 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
     let _serial = SERIAL.lock().await;
     let fake_ca = credbroker_devpki::CertAuthority::generate("fake identity CA").unwrap();
     let fake = fake_identity_server(&fake_ca).await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
+    let (daemon, mut admin, mut agent) = Daemon::start().with_clients().await;
     let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
     for (provider, path, label) in [
         ("google-mail", "/oauth2/v3/userinfo", "alice@x.test"),
         ("slack", "/api/auth.test", "Acme Corp"),
     ] {
-        let issuer = peers().oauth_issuer();
-        let config: HashMap<String, String> = [
-            ("client_id", OAUTH_CLIENT_ID.to_string()),
-            // Only the identity endpoint is Google's or Slack's; the rest is the real test server.
-            ("auth_url", format!("{issuer}/auth")),
-            ("token_url", format!("{issuer}/token")),
-            ("revocation_url", format!("{issuer}/token/revocation")),
-            ("userinfo_url", format!("https://{fake}{path}")),
-            ("scopes", "openid email mail.read".into()),
-            ("token_auth", "basic".into()),
-            ("ca_pem", cas.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let config = preset_config(&format!("https://{fake}{path}"), &cas);
         admin
             .create_connector(proto::CreateConnectorRequest {
                 name: provider.into(),
@@ -648,11 +610,10 @@ impl Relay {
 #[tokio::test]
 async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
     let relay = Relay::to_provider().await;
-    create_connector(&mut admin, CONNECTOR, &[("token_url", &relay.token_url())]).await;
+    let token_url = relay.token_url();
+    let (daemon, mut admin, mut agent) =
+        with_connector(Daemon::start(), CONNECTOR, &[("token_url", &token_url)]).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let current = resolve(&mut agent, "u1").await.unwrap().secret;
     // The token endpoint goes away.
@@ -692,14 +653,11 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
 #[tokio::test]
 async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start_with(
-        support::daemon::OPEN_POLICY,
-        "[limits]\nupstream_timeout_secs = 2\n",
-    );
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
     let relay = Relay::to_provider().await;
-    create_connector(&mut admin, CONNECTOR, &[("token_url", &relay.token_url())]).await;
+    let token_url = relay.token_url();
+    let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
+    let (daemon, mut admin, mut agent) =
+        with_connector(daemon, CONNECTOR, &[("token_url", &token_url)]).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // Accepts TCP, then says nothing, ever.
     relay.set(Route::Hold);
@@ -707,8 +665,7 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     // The daemon's own deadline ends the call; the outer one only keeps a bug from hanging CI.
     let answer = tokio::time::timeout(Duration::from_secs(60), resolve(&mut agent, "u1")).await;
     let err = answer.expect("the daemon answered").unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(reason(&err).0, "UPSTREAM_UNAVAILABLE");
+    assert_refused(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
 }
 
 /// A token endpoint answering a refresh with an absurd lifetime (and a rotated refresh token):
@@ -719,15 +676,12 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
 async fn a_huge_expires_in_is_capped_not_a_panic() {
     use std::sync::{Arc, Mutex};
     let _serial = SERIAL.lock().await;
-    let daemon = Daemon::start();
-    let mut admin = daemon.admin().await;
-    let mut agent = daemon.agent().await;
     let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
     let relay = Relay::to_provider().await;
+    let token_url = relay.token_url();
     let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
-    let config = [("token_url", relay.token_url()), ("ca_pem", cas)];
-    let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    create_connector(&mut admin, CONNECTOR, &config).await;
+    let config = [("token_url", token_url.as_str()), ("ca_pem", cas.as_str())];
+    let (daemon, mut admin, mut agent) = with_connector(Daemon::start(), CONNECTOR, &config).await;
     connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // The fake token endpoint records the refresh tokens it is sent.
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();

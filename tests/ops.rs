@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY, conn, metric, secrets};
+use support::daemon::{Daemon, OPEN_POLICY, conn, metric, new_connector, secrets};
 use support::wait;
 use tonic::transport::Channel;
 
@@ -26,14 +26,17 @@ async fn api_key_connector(
 ) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: mode as i32,
             secrets: secrets(slots),
-            ..Default::default()
+            ..new_connector(name, proto::ConnectorKind::ApiKey, mode)
         })
         .await
         .unwrap();
+}
+
+/// The API-key connector "Shared" holding [`CANARY_SECRET`].
+async fn shared_canary_connector(admin: &mut AdminClient<Channel>) {
+    let slots = [("api_key", CANARY_SECRET)];
+    api_key_connector(admin, "Shared", proto::ConnectorMode::Shared, &slots).await;
 }
 
 async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &str, key: &str) {
@@ -49,7 +52,35 @@ async fn connect_user(admin: &mut AdminClient<Channel>, connector: &str, user: &
     assert!(resp.saved, "{resp:?}");
 }
 
-/// The value of the sample line `name{labels}` in a Prometheus text body (0 when absent).
+/// JSON logs: every line parses; one `rpc` line per call, with the request id the client saw
+/// (`request_ids`) and the audit record holds; neither the canary secret nor its user.
+fn assert_json_logs(logs: &str, request_ids: &[String], audit: &[proto::AuditRecord]) {
+    assert!(!logs.contains(CANARY_SECRET), "secret in logs");
+    assert!(!logs.contains(CANARY_USER), "end-user id in logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for id in request_ids {
+        let line = lines
+            .iter()
+            .find(|v| v["fields"]["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no log line for request {id}:\n{logs}"));
+        assert_eq!(line["fields"]["message"], "rpc");
+        assert_eq!(line["fields"]["op"], "ResolveCredential");
+        assert_eq!(line["fields"]["caller"], support::daemon::AGENT);
+        assert_eq!(line["fields"]["outcome"], "ok");
+        assert_eq!(line["fields"]["code"], "OK");
+        assert!(line["fields"]["elapsed_us"].is_u64());
+        assert_eq!(line["level"], "INFO");
+        assert!(
+            audit.iter().any(|r| &r.request_id == id),
+            "request {id} not in the audit log"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     let daemon = Daemon::start_with_args(OPEN_POLICY, "", &["--log-format", "json"]);
@@ -62,13 +93,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
     assert_eq!(status, 200);
     assert_eq!(metric(&before, ok_resolves), 0.0);
 
-    api_key_connector(
-        &mut admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(&mut admin).await;
     api_key_connector(&mut admin, "Personal", proto::ConnectorMode::Personal, &[]).await;
     connect_user(&mut admin, "Personal", CANARY_USER, CANARY_SECRET).await;
 
@@ -123,8 +148,6 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         );
     }
 
-    // JSON logs: every line parses; one `rpc` line per call, with the request id the client
-    // saw and the audit record holds.
     let audit = admin
         .query_audit(proto::QueryAuditRequest {
             limit: 1000,
@@ -135,31 +158,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         .unwrap()
         .into_inner()
         .records;
-    let logs = daemon.logs();
-    assert!(!logs.contains(CANARY_SECRET), "secret in logs");
-    assert!(!logs.contains(CANARY_USER), "end-user id in logs");
-    let lines: Vec<serde_json::Value> = logs
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    for id in &request_ids {
-        let line = lines
-            .iter()
-            .find(|v| v["fields"]["request_id"] == id.as_str())
-            .unwrap_or_else(|| panic!("no log line for request {id}:\n{logs}"));
-        assert_eq!(line["fields"]["message"], "rpc");
-        assert_eq!(line["fields"]["op"], "ResolveCredential");
-        assert_eq!(line["fields"]["caller"], support::daemon::AGENT);
-        assert_eq!(line["fields"]["outcome"], "ok");
-        assert_eq!(line["fields"]["code"], "OK");
-        assert!(line["fields"]["elapsed_us"].is_u64());
-        assert_eq!(line["level"], "INFO");
-        assert!(
-            audit.iter().any(|r| &r.request_id == id),
-            "request {id} not in the audit log"
-        );
-    }
+    assert_json_logs(&daemon.logs(), &request_ids, &audit);
 }
 
 /// A configuration like the daemon's, for another store folder (same key file).
@@ -279,13 +278,7 @@ async fn spawn_load(daemon: &Daemon, writers: usize) -> Load {
 async fn backup_under_write_load_restores_and_verifies() {
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    api_key_connector(
-        &mut admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(&mut admin).await;
     let load = spawn_load(&daemon, 4).await;
     load.run_for(LOAD_UNDER_WAY).await;
 
@@ -388,13 +381,7 @@ fn rewrap_finished(s: &proto::StoreStatus) -> bool {
 
 /// Connectors and connections, so the store has records of every kind to rewrap.
 async fn populate(admin: &mut AdminClient<Channel>, users: usize) {
-    api_key_connector(
-        admin,
-        "Shared",
-        proto::ConnectorMode::Shared,
-        &[("api_key", CANARY_SECRET)],
-    )
-    .await;
+    shared_canary_connector(admin).await;
     api_key_connector(admin, "Personal", proto::ConnectorMode::Personal, &[]).await;
     for u in 0..users {
         connect_user(admin, "Personal", &format!("user-{u}"), CANARY_SECRET).await;

@@ -41,40 +41,47 @@ pub struct Remote {
     workspace: String,
 }
 
+/// The CA, certificate and key files a client presents.
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    fn tls(&self) -> ClientTls<'_> {
+        ClientTls {
+            ca: &self.ca,
+            cert: &self.cert,
+            key: &self.key,
+        }
+    }
+}
+
 impl Remote {
     /// The TLS files to present: the options given, else the dev certificates.
-    fn tls_paths(&self) -> (PathBuf, PathBuf, PathBuf) {
+    fn tls_files(&self) -> TlsFiles {
         let dev = Path::new("certs/dev");
         let who = if self.as_agent { "agent" } else { "admin" };
-        (
-            self.ca.clone().unwrap_or_else(|| dev.join("ca.pem")),
-            self.cert
+        TlsFiles {
+            ca: self.ca.clone().unwrap_or_else(|| dev.join("ca.pem")),
+            cert: self
+                .cert
                 .clone()
                 .unwrap_or_else(|| dev.join(format!("{who}.pem"))),
-            self.key
+            key: self
+                .key
                 .clone()
                 .unwrap_or_else(|| dev.join(format!("{who}.key"))),
-        )
+        }
     }
 
     async fn admin(&self) -> Result<AdminClient<Channel>, Error> {
-        let (ca, cert, key) = self.tls_paths();
-        let tls = ClientTls {
-            ca: &ca,
-            cert: &cert,
-            key: &key,
-        };
-        Ok(client::admin(&self.addr, &tls).await?)
+        Ok(client::admin(&self.addr, &self.tls_files().tls()).await?)
     }
 
     async fn broker(&self) -> Result<BrokerClient<Channel>, Error> {
-        let (ca, cert, key) = self.tls_paths();
-        let tls = ClientTls {
-            ca: &ca,
-            cert: &cert,
-            key: &key,
-        };
-        Ok(client::broker(&self.addr, &tls).await?)
+        Ok(client::broker(&self.addr, &self.tls_files().tls()).await?)
     }
 
     fn reference(&self, connector: &str, user: &str) -> Option<proto::ConnectionRef> {
@@ -221,7 +228,7 @@ pub async fn resolve(remote: &Remote, args: ResolveArgs) -> Result<(), Error> {
 pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Error> {
     let mut admin = remote.admin().await?;
     let workspace = remote.workspace.clone();
-    let connector = match cmd {
+    let changed = match cmd {
         ConnectorCommand::Create {
             name,
             kind,
@@ -238,7 +245,7 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
                 config: config.into_iter().collect(),
                 secrets: HashMap::new(),
             };
-            admin.create_connector(req).await?.into_inner()
+            admin.create_connector(req).await?
         }
         ConnectorCommand::List => {
             let req = proto::ListConnectorsRequest { workspace };
@@ -255,30 +262,17 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
             return Ok(());
         }
         ConnectorCommand::Set { connector, entries } => {
-            let paths = entries.iter().map(|(k, _)| format!("config.{k}")).collect();
-            let req = proto::UpdateConnectorRequest {
-                workspace,
-                connector,
-                config: entries.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
-                update_mask: Some(prost_types::FieldMask { paths }),
-                ..Default::default()
-            };
-            admin.update_connector(req).await?.into_inner()
+            let req = config_update(workspace, connector, entries);
+            admin.update_connector(req).await?
         }
         ConnectorCommand::SetSecret {
             connector,
             slot,
             from_file,
         } => {
-            let paths = vec![format!("secrets.{slot}")];
-            let req = proto::UpdateConnectorRequest {
-                workspace,
-                connector,
-                update_mask: Some(prost_types::FieldMask { paths }),
-                secrets: HashMap::from([(slot, read_secret(from_file.as_deref())?)]),
-                ..Default::default()
-            };
-            admin.update_connector(req).await?.into_inner()
+            let value = read_secret(from_file.as_deref())?;
+            let req = secret_update(workspace, connector, slot, value);
+            admin.update_connector(req).await?
         }
         ConnectorCommand::Rename {
             connector,
@@ -289,7 +283,7 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
                 connector,
                 new_name,
             };
-            admin.rename_connector(req).await?.into_inner()
+            admin.rename_connector(req).await?
         }
         ConnectorCommand::Delete { connector } => {
             let req = proto::DeleteConnectorRequest {
@@ -304,8 +298,43 @@ pub async fn connector(remote: &Remote, cmd: ConnectorCommand) -> Result<(), Err
             return Ok(());
         }
     };
-    print_connector(&connector);
+    print_connector(&changed.into_inner());
     Ok(())
+}
+
+/// `connector set`: the entries given, each named in the mask; an empty value clears its key
+/// (in the mask, absent from the config).
+fn config_update(
+    workspace: String,
+    connector: String,
+    entries: Vec<(String, String)>,
+) -> proto::UpdateConnectorRequest {
+    let paths = entries.iter().map(|(k, _)| format!("config.{k}")).collect();
+    proto::UpdateConnectorRequest {
+        workspace,
+        connector,
+        config: entries.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
+        update_mask: Some(prost_types::FieldMask { paths }),
+        ..Default::default()
+    }
+}
+
+/// `connector set-secret`: one slot's new value, the only path in the mask.
+fn secret_update(
+    workspace: String,
+    connector: String,
+    slot: String,
+    value: proto::SecretValue,
+) -> proto::UpdateConnectorRequest {
+    proto::UpdateConnectorRequest {
+        workspace,
+        connector,
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec![format!("secrets.{slot}")],
+        }),
+        secrets: HashMap::from([(slot, value)]),
+        ..Default::default()
+    }
 }
 
 /// One connector and its configuration, a line per entry in key order.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use credbroker::client::{self, ClientTls};
+use credbroker_devpki::broker::LoopbackConfig;
 use credbroker_devpki::{CertAuthority, ClientName};
 use tonic::transport::Channel;
 
@@ -19,19 +20,8 @@ pub const ADMIN: &str = "spiffe://test/admin";
 pub const AGENT: &str = "spiffe://test/agent";
 
 /// A policy like the dev one: ADMIN administers everything, AGENT may do everything.
-pub const OPEN_POLICY: &str = r#"
-[[callers]]
-id = "spiffe://test/admin"
-admin_workspaces = ["*"]
-
-[[callers]]
-id = "spiffe://test/agent"
-[[callers.grants]]
-workspace = "*"
-connectors = ["*"]
-operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
-users = ["*"]
-"#;
+pub const OPEN_POLICY: &str =
+    credbroker_devpki::open_policy!("spiffe://test/admin", "spiffe://test/agent");
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_credbroker")
@@ -82,6 +72,11 @@ impl Daemon {
         Self::start_with(OPEN_POLICY, "")
     }
 
+    /// Starts with [`OPEN_POLICY`] and extra configuration appended to the file.
+    pub fn start_with_config(extra_config: &str) -> Daemon {
+        Self::start_with(OPEN_POLICY, extra_config)
+    }
+
     /// Starts with a policy and extra configuration appended to the file.
     pub fn start_with(policy: &str, extra_config: &str) -> Daemon {
         Self::start_with_args(policy, extra_config, &[])
@@ -97,27 +92,11 @@ impl Daemon {
         write(&dir.path().join("server.pem"), &server.cert_pem);
         write(&dir.path().join("server.key"), &server.key_pem);
         write(&dir.path().join("policy.toml"), policy);
-        let http_port = http_port();
-        let config = format!(
-            r#"
-[store]
-path = "store"
-key_file = "store.key"
-[grpc]
-listen = "127.0.0.1:0"
-cert = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-[http]
-listen = "127.0.0.1:{http_port}"
-public_url = "https://127.0.0.1:{http_port}"
-return_origins = ["https://console.example"]
-return_loopback = true
-[policy]
-file = "policy.toml"
-{extra_config}
-"#
-        );
+        let loopback = LoopbackConfig {
+            return_origins: &["https://console.example"],
+            ..LoopbackConfig::beside(http_port())
+        };
+        let config = format!("{}{extra_config}\n", loopback.toml());
         write(&dir.path().join("credbroker.toml"), &config);
         let mut daemon = Daemon {
             dir,
@@ -304,6 +283,12 @@ file = "policy.toml"
     pub async fn agent(&self) -> BrokerClient<Channel> {
         BrokerClient::new(self.channel_as("agent").await.expect("agent channel"))
     }
+
+    /// The daemon with an admin and an agent client, as most tests begin.
+    pub async fn with_clients(self) -> (Daemon, AdminClient<Channel>, BrokerClient<Channel>) {
+        let (admin, agent) = (self.admin().await, self.agent().await);
+        (self, admin, agent)
+    }
 }
 
 impl Drop for Daemon {
@@ -343,6 +328,21 @@ pub fn conn(connector: &str, user: &str) -> Option<proto::ConnectionRef> {
     })
 }
 
+/// CreateConnector of `name` in the default workspace, of `kind` and `mode`; settings, secrets
+/// and the rest are added with struct update syntax.
+pub fn new_connector(
+    name: &str,
+    kind: proto::ConnectorKind,
+    mode: proto::ConnectorMode,
+) -> proto::CreateConnectorRequest {
+    proto::CreateConnectorRequest {
+        name: name.into(),
+        kind: kind as i32,
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
 /// Secret values by slot, as requests carry them.
 pub fn secrets(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, proto::SecretValue> {
     pairs
@@ -352,6 +352,37 @@ pub fn secrets(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, prot
             (slot.to_string(), proto::SecretValue { value })
         })
         .collect()
+}
+
+/// Asserts that `status` has the code `code` and the ErrorInfo reason `want`.
+pub fn assert_refused(status: &tonic::Status, code: tonic::Code, want: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(reason(status).0, want, "{status:?}");
+}
+
+/// The connection's current record (GetConnection must succeed).
+pub async fn get_connection(
+    admin: &mut AdminClient<Channel>,
+    connection: Option<proto::ConnectionRef>,
+) -> proto::Connection {
+    admin
+        .get_connection(proto::GetConnectionRequest { connection })
+        .await
+        .expect("GetConnection")
+        .into_inner()
+}
+
+/// The last 1000 audit records (QueryAudit must succeed).
+pub async fn audit_records(admin: &mut AdminClient<Channel>) -> Vec<proto::AuditRecord> {
+    admin
+        .query_audit(proto::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("QueryAudit")
+        .into_inner()
+        .records
 }
 
 /// The ErrorInfo reason and metadata of a status, if it has one.

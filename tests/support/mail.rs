@@ -11,7 +11,7 @@ use std::time::Duration;
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use tonic::transport::Channel;
 
-use super::daemon::{conn, secrets};
+use super::daemon::{conn, new_connector, secrets};
 use super::peers::peers;
 use super::wait;
 
@@ -78,11 +78,8 @@ pub async fn create_mail_connector(
 ) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: mode as i32,
             config,
-            ..Default::default()
+            ..new_connector(name, proto::ConnectorKind::ImapSmtp, mode)
         })
         .await
         .expect("create the mail connector");
@@ -140,6 +137,48 @@ pub async fn connected(
         ["imap", "smtp"]
     );
     assert_eq!(test.account_label, email);
+}
+
+/// Bob's account (bob@x.test) connected as the shared connector `name` at `s` ([`connected`]).
+pub async fn connected_bob(admin: &mut AdminClient<Channel>, name: &str, s: &Servers) {
+    connected(admin, name, s, "bob@x.test", "secret2", &[]).await;
+}
+
+/// Alice's account (alice@x.test) connected as the shared connector `name` at `s`
+/// ([`connected`]).
+pub async fn connected_alice(admin: &mut AdminClient<Channel>, name: &str, s: &Servers) {
+    connected(admin, name, s, "alice@x.test", "secret1", &[]).await;
+}
+
+/// Creates a shared connector `name` at the peers (implicit-TLS IMAP, STARTTLS SMTP) and saves
+/// `password` for alice@x.test whatever the servers answer (`save_on_failure`).
+pub async fn saved_anyway(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    password: &str,
+) -> proto::ConnectWithCredentialsResponse {
+    mail_connector(admin, name, &Servers::implicit_imap_starttls_smtp()).await;
+    admin
+        .connect_with_credentials(credentials(name, "alice@x.test", password, &[], true))
+        .await
+        .expect("ConnectWithCredentials saving anyway")
+        .into_inner()
+}
+
+/// A plain-text message from `connection` to one recipient.
+pub fn plain(
+    connection: Option<proto::ConnectionRef>,
+    to: &str,
+    subject: &str,
+    text: &str,
+) -> proto::SendEmailRequest {
+    proto::SendEmailRequest {
+        connection,
+        to: vec![to.into()],
+        subject: subject.into(),
+        text_body: text.into(),
+        ..Default::default()
+    }
 }
 
 /// FetchMail of `connection` (at most 100 messages), changed by `change`.

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use credbroker::api::proto::{self, admin_client::AdminClient};
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use tonic::transport::Channel;
 
-use super::daemon::{Daemon, conn, secrets};
+use super::daemon::{Daemon, conn, new_connector, secrets};
 use super::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 
 pub const RETURN_URL: &str = "https://console.example/settings/integrations";
@@ -49,12 +49,9 @@ pub async fn create_connector(
     };
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::Oauth2 as i32,
-            mode: mode as i32,
             config,
             secrets: secrets(&[("client_secret", OAUTH_CLIENT_SECRET)]),
-            ..Default::default()
+            ..new_connector(name, proto::ConnectorKind::Oauth2, mode)
         })
         .await
         .unwrap();
@@ -189,4 +186,27 @@ pub async fn connect(
     );
     let location = response.headers()["location"].to_str().unwrap().to_string();
     reqwest::Url::parse(&location).unwrap()
+}
+
+/// `daemon` and its clients ([`Daemon::with_clients`]) with an OAuth connector `connector` at the
+/// test server ([`create_connector`], `extra` settings).
+pub async fn with_connector(
+    daemon: Daemon,
+    connector: &str,
+    extra: &[(&str, &str)],
+) -> (Daemon, AdminClient<Channel>, BrokerClient<Channel>) {
+    let (daemon, mut admin, agent) = daemon.with_clients().await;
+    create_connector(&mut admin, connector, extra).await;
+    (daemon, admin, agent)
+}
+
+/// As [`with_connector`], with `user` connected through the browser flow as alice ([`connect`]).
+pub async fn with_connection(
+    daemon: Daemon,
+    connector: &str,
+    user: &str,
+) -> (Daemon, AdminClient<Channel>, BrokerClient<Channel>) {
+    let (daemon, mut admin, agent) = with_connector(daemon, connector, &[]).await;
+    connect(&daemon, &mut admin, connector, user, "").await;
+    (daemon, admin, agent)
 }

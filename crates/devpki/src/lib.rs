@@ -1,6 +1,9 @@
 //! Certificates for development and tests: a CA and the leaf certificates signed by it (the
 //! server's, and clients' carrying a SPIFFE ID). Production deployments bring their own PKI;
-//! `credbroker dev` uses this to make everything it needs on first run.
+//! `credbroker dev` uses this to make everything it needs on first run. [`broker`] writes the
+//! policy and configuration such a broker runs with, the same for `credbroker dev` and tests.
+
+pub mod broker;
 
 use std::path::{Path, PathBuf};
 

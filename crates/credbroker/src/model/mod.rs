@@ -11,7 +11,7 @@ mod validate;
 pub use check::{Check, Stage, TestReport};
 pub use kind::{Kind, Mode};
 pub use records::{
-    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Expiry,
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Expiry, settings,
 };
 pub use registry::{
     ConnectorDraft, ConnectorPatch, ConnectorRules, Dependents, KeyStatus, Moved, NewConnector,

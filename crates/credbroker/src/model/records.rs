@@ -7,6 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{Kind, Mode, Secret};
 
+/// Settings (a connector's config, a connection's settings) from (key, value) pairs, as the
+/// benchmark and tests write them.
+pub fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connector {
     pub id: String,
@@ -42,10 +51,7 @@ impl Connector {
             kind,
             mode,
             provider: String::new(),
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            config: settings(config),
             secrets_set: BTreeSet::new(),
             created_at: now,
             updated_at: now,

@@ -333,65 +333,23 @@ users = ["u1"]
                 .unwrap_err()
                 .contains("not in the policy")
         );
-        assert!(
-            p.check(
-                "agent",
-                Operation::Resolve,
-                "acme",
-                "HubSpot API",
-                "cn_1",
-                "u1"
-            )
-            .is_ok()
-        );
-        assert!(
-            p.check(
-                "agent",
-                Operation::Resolve,
-                "acme",
-                "HubSpot API",
-                "cn_1",
-                ""
-            )
-            .is_ok()
-        );
-        assert!(
-            p.check(
-                "agent",
-                Operation::Resolve,
-                "acme",
-                "HubSpot API",
-                "cn_1",
-                "u2"
-            )
-            .is_err()
-        );
-        assert!(
-            p.check(
-                "agent",
-                Operation::Resolve,
-                "other",
-                "HubSpot API",
-                "cn_1",
-                "u1"
-            )
-            .is_err()
-        );
-        assert!(
-            p.check("agent", Operation::Resolve, "acme", "Slack", "cn_1", "u1")
-                .is_err()
-        );
-        assert!(
-            p.check(
-                "agent",
-                Operation::SendEmail,
-                "acme",
-                "HubSpot API",
-                "cn_1",
-                "u1"
-            )
-            .is_err()
-        );
+        // (operation, workspace, connector, user, granted)
+        let cases = [
+            (Operation::Resolve, "acme", "HubSpot API", "u1", true),
+            (Operation::Resolve, "acme", "HubSpot API", "", true),
+            (Operation::Resolve, "acme", "HubSpot API", "u2", false),
+            (Operation::Resolve, "other", "HubSpot API", "u1", false),
+            (Operation::Resolve, "acme", "Slack", "u1", false),
+            (Operation::SendEmail, "acme", "HubSpot API", "u1", false),
+        ];
+        for (op, workspace, name, user, granted) in cases {
+            let decided = p.check("agent", op, workspace, name, "cn_1", user);
+            assert_eq!(
+                decided.is_ok(),
+                granted,
+                "{op:?} {workspace}/{name} for {user:?}: {decided:?}"
+            );
+        }
     }
 
     #[test]

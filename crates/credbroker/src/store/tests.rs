@@ -500,27 +500,23 @@ pub(crate) async fn change_key_rewraps_the_keyring_only(fixture: impl Fixture + 
     assert_eq!(store.vault().terms(), vec![1]);
 }
 
-pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'static) {
-    use crate::audit::{AuditEvent, AuditHead, AuditRecord, Outcome};
-    use crate::model::{
-        Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Kind, Mode,
-        Secret,
-    };
-    async fn check<T: serde::Serialize + Record>(store: &Store, table: Table, value: &T) {
-        let mut batch = Batch::new();
-        batch.put(table, "some/path", value);
-        store.commit(batch).await.unwrap();
-        let back: T = store.get(table, "some/path").await.unwrap().unwrap();
-        assert_eq!(
-            serde_json::to_value(&back).unwrap(),
-            serde_json::to_value(value).unwrap(),
-            "{table:?}"
-        );
-    }
-    let env = Env::new(fixture);
-    let store = env.create().await;
-    let now = chrono::Utc::now();
-    let connector = Connector {
+/// Writes `value` at `table`/some/path and reads it back: the same JSON both ways.
+async fn round_trips<T: serde::Serialize + Record>(store: &Store, table: Table, value: &T) {
+    let mut batch = Batch::new();
+    batch.put(table, "some/path", value);
+    store.commit(batch).await.unwrap();
+    let back: T = store.get(table, "some/path").await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::to_value(&back).unwrap(),
+        serde_json::to_value(value).unwrap(),
+        "{table:?}"
+    );
+}
+
+/// A connector with every field set.
+fn full_connector(now: chrono::DateTime<chrono::Utc>) -> crate::model::Connector {
+    use crate::model::{Connector, Kind, Mode};
+    Connector {
         id: "cn_1".into(),
         workspace: "acme".into(),
         name: "Gmail".into(),
@@ -531,18 +527,13 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
         secrets_set: ["client_secret".to_string()].into(),
         created_at: now,
         updated_at: now,
-        destinations_at: None,
-    };
-    check(&store, CACHED, &connector).await;
-    check(&store, CACHED, &"cn_1".to_string()).await;
-    check(
-        &store,
-        CACHED,
-        &ConnectorSecrets {
-            slots: [("client_secret".to_string(), Secret::new("s3cr3t"))].into(),
-        },
-    )
-    .await;
+        destinations_at: Some(now),
+    }
+}
+
+/// A connection with every field set.
+fn full_connection(now: chrono::DateTime<chrono::Utc>) -> crate::model::Connection {
+    use crate::model::{Connection, ConnectionStatus};
     let mut connection = Connection::new("cn_1", "u1");
     connection.status = ConnectionStatus::Expired;
     connection.account_label = "alice@x.test".into();
@@ -550,18 +541,16 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
     connection.last_used_at = Some(now);
     connection.last_refreshed_at = Some(now);
     connection.access_expires_at = Some(now);
+    connection.expired_reason = Some(crate::model::Expiry::Refused);
     connection.last_error = "invalid_grant".into();
     connection.scopes = vec!["openid".into()];
     connection.settings = [("imap_host".to_string(), "imap.x.test".to_string())].into();
-    check(&store, CACHED, &connection).await;
-    check(
-        &store,
-        CACHED,
-        &ConnectionSecrets {
-            slots: [("refresh_token".to_string(), Secret::new("rt"))].into(),
-        },
-    )
-    .await;
+    connection
+}
+
+/// An audit record with every field set.
+fn full_audit_record(now: chrono::DateTime<chrono::Utc>) -> crate::audit::AuditRecord {
+    use crate::audit::{AuditEvent, AuditRecord, Outcome};
     let event = AuditEvent {
         caller: "spiffe://x/agent".into(),
         operation: "ResolveCredential".into(),
@@ -572,27 +561,34 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
         reason: "no grant".into(),
         request_id: "00ff".into(),
     };
-    check(
-        &store,
-        LOG,
-        &vec![AuditRecord {
-            seq: 7,
-            time: now,
-            event,
-            hash: "ab".repeat(32),
-        }],
-    )
-    .await;
-    check(
-        &store,
-        LOG,
-        &AuditHead {
-            seq: 7,
-            hash: "ab".repeat(32),
-            time: Some(now),
-        },
-    )
-    .await;
+    AuditRecord {
+        seq: 7,
+        time: now,
+        event,
+        hash: "ab".repeat(32),
+    }
+}
+
+pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'static) {
+    use crate::audit::AuditHead;
+    use crate::model::{ConnectionSecrets, ConnectorSecrets, Secret};
+    let env = Env::new(fixture);
+    let store = env.create().await;
+    let now = chrono::Utc::now();
+    round_trips(&store, CACHED, &full_connector(now)).await;
+    round_trips(&store, CACHED, &"cn_1".to_string()).await;
+    let slots = [("client_secret".to_string(), Secret::new("s3cr3t"))].into();
+    round_trips(&store, CACHED, &ConnectorSecrets { slots }).await;
+    round_trips(&store, CACHED, &full_connection(now)).await;
+    let slots = [("refresh_token".to_string(), Secret::new("rt"))].into();
+    round_trips(&store, CACHED, &ConnectionSecrets { slots }).await;
+    round_trips(&store, LOG, &vec![full_audit_record(now)]).await;
+    let head = AuditHead {
+        seq: 7,
+        hash: "ab".repeat(32),
+        time: Some(now),
+    };
+    round_trips(&store, LOG, &head).await;
 }
 
 pub(crate) async fn an_unsynced_update_loses_to_a_concurrent_write(
