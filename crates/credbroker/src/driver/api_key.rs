@@ -215,3 +215,28 @@ fn key_check(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_test_report_names_the_host_never_the_url() {
+        crate::tls::install_crypto_provider();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let url = format!("https://{closed}/whoami?api_key=url-canary");
+        let connector =
+            Connector::for_tests(Kind::ApiKey, Mode::Shared, &[("test_url", url.as_str())]);
+        let key = Secret::new("key-canary");
+        let report = test_key(&connector, Some(&key), Duration::from_secs(5)).await;
+        let message = &report.checks[0].message;
+        assert!(message.contains("127.0.0.1"), "{message}");
+        assert!(
+            !message.contains("canary") && !message.contains("whoami"),
+            "{message}"
+        );
+    }
+}
