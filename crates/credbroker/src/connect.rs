@@ -13,7 +13,9 @@ use std::time::Duration;
 use chrono::Utc;
 
 pub use crate::driver::Candidate;
-use crate::driver::{ConnectionError, Credentials, driver, expire_refused, for_user};
+use crate::driver::{
+    ConnectionError, Credentials, check_candidate, driver, expire_refused, for_user,
+};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode, ModelError,
     Registry, Target, TestReport,
@@ -71,7 +73,7 @@ impl Connect {
         let kind = driver(connector.kind);
         let candidate = match candidate {
             Some(candidate) => {
-                kind.check_candidate(connector, &candidate)?;
+                check_candidate(connector, &candidate)?;
                 return Ok(self.run_test(target, &candidate).await);
             }
             None => self.stored(target).await?.ok_or_else(|| {
@@ -136,7 +138,7 @@ impl Connect {
         let connector = &target.connector;
         let kind = driver(connector.kind);
         kind.typed_in(connector)?;
-        kind.check_candidate(connector, &candidate)?;
+        check_candidate(connector, &candidate)?;
         let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry()

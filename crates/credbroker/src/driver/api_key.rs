@@ -89,7 +89,6 @@ impl ConnectorDriver for ApiKey {
         _connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
         check_required(candidate, SCHEMA.connection_secrets)
     }
 

@@ -64,7 +64,6 @@ impl ConnectorDriver for Caldav {
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
         let settings = &candidate.settings;
         let (field, url) = url_source(connector, settings).ok_or_else(|| {
             FieldError::new(

@@ -73,7 +73,6 @@ impl ConnectorDriver for ImapSmtp {
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
         if connector.setting(OAUTH_CONNECTOR).is_some() {
             let given = |key: &&str| candidate.settings.get(*key).is_some_and(|v| !v.is_empty());
             if let Some(key) = SERVER_SETTINGS.iter().copied().find(given) {

@@ -191,12 +191,12 @@ pub trait ConnectorDriver: Send + Sync {
     /// is tried: known settings and slots, the secrets the test needs, and every value the
     /// test would use, so that malformed input is a [`FieldError`] naming the field and a
     /// test only ever reports what the upstream said.
+    /// Known keys and slots are checked before ([`check_candidate`]).
     fn check_candidate(
         &self,
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(self.schema(), candidate)?;
         check_required(candidate, self.typed_in(connector)?)
     }
 
@@ -323,6 +323,14 @@ fn check_schema(schema: &Schema, draft: &ConnectorDraft<'_>) -> Result<(), Field
         validate_secret("secrets", slot, value.expose(), schema.connector_secrets)?;
     }
     Ok(())
+}
+
+/// Checks credentials a user offers: the keys and slots of the kind's schema, then what the
+/// driver checks ([`ConnectorDriver::check_candidate`]).
+pub fn check_candidate(connector: &Connector, candidate: &Candidate) -> Result<(), FieldError> {
+    let kind = driver(connector.kind);
+    check_settings(kind.schema(), candidate)?;
+    kind.check_candidate(connector, candidate)
 }
 
 /// A candidate's settings keys and connection secret slots against a schema.

@@ -885,10 +885,13 @@ mod tests {
         (dir, Registry::new(Arc::new(store), rules))
     }
 
-    /// Rules that accept every connector and keep no credential on one.
-    struct AnyConnector;
+    /// Rules that accept every connector and keep no credential on one; when they name a config
+    /// key, it is where the connector's `s` and every connection's secrets go.
+    struct TestRules(Option<&'static str>);
 
-    impl ConnectorRules for AnyConnector {
+    static ANY: TestRules = TestRules(None);
+
+    impl ConnectorRules for TestRules {
         fn check_connector(&self, _: &ConnectorDraft<'_>) -> Result<(), FieldError> {
             Ok(())
         }
@@ -897,8 +900,14 @@ mod tests {
             false
         }
 
-        fn dependents(&self, _: Kind, _: &BTreeSet<String>) -> Dependents {
-            Dependents::default()
+        fn dependents(&self, _: Kind, changed: &BTreeSet<String>) -> Dependents {
+            match self.0 {
+                Some(key) if changed.contains(key) => Dependents {
+                    connector_secrets: vec!["s"],
+                    connections: true,
+                },
+                _ => Dependents::default(),
+            }
         }
 
         fn through_key(&self, _: Kind) -> Option<&'static str> {
@@ -908,7 +917,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
-        let (_dir, registry) = registry(&AnyConnector).await;
+        let (_dir, registry) = registry(&ANY).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
@@ -956,33 +965,7 @@ mod tests {
         );
     }
 
-    /// Rules where `url` is where the connector's `s` and every connection's secrets go.
-    struct UrlMoves;
-
-    impl ConnectorRules for UrlMoves {
-        fn check_connector(&self, _: &ConnectorDraft<'_>) -> Result<(), FieldError> {
-            Ok(())
-        }
-
-        fn credential_on_connector(&self, _: Kind, _: Mode) -> bool {
-            false
-        }
-
-        fn dependents(&self, _: Kind, changed: &BTreeSet<String>) -> Dependents {
-            if changed.contains("url") {
-                Dependents {
-                    connector_secrets: vec!["s"],
-                    connections: true,
-                }
-            } else {
-                Dependents::default()
-            }
-        }
-
-        fn through_key(&self, _: Kind) -> Option<&'static str> {
-            None
-        }
-    }
+    static URL_MOVES: TestRules = TestRules(Some("url"));
 
     fn set(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
         pairs
@@ -993,7 +976,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_destination_erases_what_the_change_did_not_carry() {
-        let (_dir, registry) = registry(&UrlMoves).await;
+        let (_dir, registry) = registry(&URL_MOVES).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
