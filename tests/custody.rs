@@ -289,7 +289,7 @@ async fn converse(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     sink: &std::sync::Mutex<Vec<u8>>,
 ) -> std::io::Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut io = BufReader::new(tls);
     match speaks {
         Speaks::Imap => {
@@ -306,72 +306,81 @@ async fn converse(
             return Ok(());
         }
         sink.lock().unwrap().extend_from_slice(line.as_bytes());
-        let upper = line.to_ascii_uppercase();
-        let tag = line.split_whitespace().next().unwrap_or("*").to_string();
-        let reply: String = match speaks {
-            Speaks::Imap if sasl_tag.is_some() => {
-                format!(
-                    "{} NO [AUTHENTICATIONFAILED] no\r\n",
-                    sasl_tag.take().unwrap()
-                )
-            }
-            Speaks::Imap
-                if upper.contains("AUTHENTICATE") && line.split_whitespace().count() == 3 =>
-            {
-                sasl_tag = Some(tag);
-                "+ \r\n".into()
-            }
-            Speaks::Imap if upper.contains("AUTHENTICATE") || upper.contains("LOGIN") => {
-                format!("{tag} NO [AUTHENTICATIONFAILED] no\r\n")
-            }
-            Speaks::Imap if upper.contains("CAPABILITY") => format!(
-                "* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n{tag} OK done\r\n"
-            ),
-            Speaks::Imap if upper.contains("LOGOUT") => format!("* BYE\r\n{tag} OK bye\r\n"),
-            Speaks::Imap => format!("{tag} OK done\r\n"),
-            Speaks::Smtp if upper.starts_with("EHLO") || upper.starts_with("HELO") => {
-                "250-capture\r\n250-AUTH PLAIN LOGIN XOAUTH2\r\n250 OK\r\n".into()
-            }
-            Speaks::Smtp if upper.starts_with("AUTH LOGIN") => "334 VXNlcm5hbWU6\r\n".into(),
-            Speaks::Smtp if upper.starts_with("AUTH") => "535 5.7.8 no\r\n".into(),
-            Speaks::Smtp if upper.starts_with("QUIT") => {
-                io.write_all(b"221 bye\r\n").await?;
-                return Ok(());
-            }
-            Speaks::Smtp => "535 5.7.8 no\r\n".into(),
-            Speaks::Http => {
-                let mut length = 0;
-                loop {
-                    let mut header = String::new();
-                    if io.read_line(&mut header).await? == 0 {
-                        return Ok(());
-                    }
-                    sink.lock().unwrap().extend_from_slice(header.as_bytes());
-                    if let Some((name, value)) = header.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
-                    if header.trim().is_empty() {
-                        break;
-                    }
-                }
-                let mut body = vec![0; length];
-                io.read_exact(&mut body).await?;
-                sink.lock().unwrap().extend_from_slice(&body);
-                let answer = r#"{"error":"invalid_grant"}"#;
-                format!(
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
-                    answer.len()
-                )
-            }
+        let reply = match speaks {
+            Speaks::Imap => imap_reply(&line, &mut sasl_tag),
+            Speaks::Smtp => smtp_reply(&line),
+            Speaks::Http => http_reply(&mut io, sink).await?,
         };
         io.write_all(reply.as_bytes()).await?;
         io.flush().await?;
-        if matches!(speaks, Speaks::Http) {
+        if matches!(speaks, Speaks::Http) || reply.starts_with("221") {
             return Ok(());
         }
     }
+}
+
+/// What the capture answers an IMAP command line (or a SASL response, after `+`).
+fn imap_reply(line: &str, sasl_tag: &mut Option<String>) -> String {
+    let upper = line.to_ascii_uppercase();
+    let tag = line.split_whitespace().next().unwrap_or("*").to_string();
+    if let Some(tag) = sasl_tag.take() {
+        return format!("{tag} NO [AUTHENTICATIONFAILED] no\r\n");
+    }
+    if upper.contains("AUTHENTICATE") && line.split_whitespace().count() == 3 {
+        *sasl_tag = Some(tag);
+        "+ \r\n".into()
+    } else if upper.contains("AUTHENTICATE") || upper.contains("LOGIN") {
+        format!("{tag} NO [AUTHENTICATIONFAILED] no\r\n")
+    } else if upper.contains("CAPABILITY") {
+        format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n{tag} OK done\r\n")
+    } else if upper.contains("LOGOUT") {
+        format!("* BYE\r\n{tag} OK bye\r\n")
+    } else {
+        format!("{tag} OK done\r\n")
+    }
+}
+
+/// What the capture answers an SMTP command line.
+fn smtp_reply(line: &str) -> String {
+    let upper = line.to_ascii_uppercase();
+    if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+        "250-capture\r\n250-AUTH PLAIN LOGIN XOAUTH2\r\n250 OK\r\n".into()
+    } else if upper.starts_with("AUTH LOGIN") {
+        "334 VXNlcm5hbWU6\r\n".into()
+    } else if upper.starts_with("QUIT") {
+        "221 bye\r\n".into()
+    } else {
+        "535 5.7.8 no\r\n".into()
+    }
+}
+
+/// Reads the rest of an HTTP request (headers and body) into `sink`; the answer refuses it.
+async fn http_reply(
+    io: &mut tokio::io::BufReader<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    sink: &std::sync::Mutex<Vec<u8>>,
+) -> std::io::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if io.read_line(&mut header).await? == 0 || header.trim().is_empty() {
+            break;
+        }
+        sink.lock().unwrap().extend_from_slice(header.as_bytes());
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    io.read_exact(&mut body).await?;
+    sink.lock().unwrap().extend_from_slice(&body);
+    let answer = r#"{"error":"invalid_grant"}"#;
+    Ok(format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+        answer.len()
+    ))
 }
 
 /// An IMAP and an SMTP capture.
