@@ -1,7 +1,10 @@
 //! Secret custody, played as an attacker against the real daemon: a policy glob that would
 //! match connector ids, a caller probing other workspaces for connector names, a stranger
 //! burning someone else's pending OAuth link, a return URL pointing anywhere, and an
-//! authorization URL opened in another person's browser.
+//! authorization URL opened in another person's browser; and an admin moving where stored
+//! secrets go — mail servers, token and revocation endpoints, test URLs, CAs, the connector a
+//! mail connector signs in through — against capturing servers under the attacker's own CA
+//! ([`Capture`]), which must receive no secret byte.
 
 mod support;
 
