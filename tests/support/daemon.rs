@@ -23,8 +23,10 @@ pub const AGENT: &str = "spiffe://test/agent";
 pub const OPEN_POLICY: &str =
     credbroker_devpki::open_policy!("spiffe://test/admin", "spiffe://test/agent");
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_credbroker")
+/// The binary under test; `CREDBROKER_BIN` runs another build instead (e.g. an older one, to
+/// see an attack succeed against it before the fix).
+pub fn bin() -> String {
+    std::env::var("CREDBROKER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_credbroker").into())
 }
 
 pub struct Daemon {
@@ -35,6 +37,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// Extra arguments of `credbroker serve` (e.g. `--log-format json`).
     serve_args: Vec<String>,
+    /// The daemon's `RLIMIT_NOFILE`, when a test sets one ([`Daemon::limit_descriptors`]).
+    nofile: Option<u64>,
 }
 
 /// Paths of one client identity's certificate and key.
@@ -105,6 +109,7 @@ impl Daemon {
             http: None,
             child: None,
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            nofile: None,
         };
         daemon.issue(ADMIN, "admin");
         daemon.issue(AGENT, "agent");
@@ -170,14 +175,31 @@ impl Daemon {
             .append(true)
             .open(self.path("daemon.log"))
             .unwrap();
-        let mut child = Command::new(bin())
+        let mut command = Command::new(bin());
+        command
             .args(["serve", "--config", self.config().to_str().unwrap()])
             .args(&self.serve_args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start credbroker serve");
+            .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit(2) is async-signal-safe and touches only the child.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start credbroker serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -233,6 +255,18 @@ impl Daemon {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Restarts the daemon with at most `n` open descriptors (`RLIMIT_NOFILE`, as a unit's
+    /// `LimitNOFILE=` sets it).
+    pub fn limit_descriptors(&mut self, n: u64) {
+        self.nofile = Some(n);
+        self.restart();
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
     }
 
     /// Restarts after a SIGKILL.

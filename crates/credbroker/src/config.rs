@@ -14,6 +14,9 @@
 //! client_ca = "certs/ca.pem"        # client certificates must chain to this
 //! crl = []                          # optional PEM CRLs
 //! allow_tls12 = false
+//! max_concurrent_streams = 256      # calls in flight on one client connection
+//! max_connections_per_peer = 256    # connections from one address; more are closed at accept
+//! max_connections = 8192            # connections in all
 //! [http]                            # OAuth callback and health, HTTPS with the gRPC certificate
 //! listen = "127.0.0.1:7444"
 //! public_url = "https://127.0.0.1:7444"
@@ -23,6 +26,8 @@
 //! file = "policy.toml"
 //! [limits]
 //! upstream_timeout_secs = 15
+//! max_request_bytes = 33554432      # SendEmail/CreateEvent (attachments); others are small
+//! max_inflight_request_bytes = 268435456  # large request bytes read at once, all callers
 //! rewrap_batch = 256                # records re-sealed per step after a key rotation
 //! rewrap_pause_ms = 10              # pause between rewrap steps
 //! caller_rate_per_sec = 100000      # per caller identity, a flood guard (0: no limit)…
@@ -93,10 +98,24 @@ pub struct GrpcConfig {
     /// HTTP/2 streams (calls in flight) one client connection may have open at once.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Connections open at once from one remote address; more are closed at accept.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Connections open at once in all; more are closed at accept.
+    #[serde(default = "default_max_grpc_connections")]
+    pub max_connections: usize,
 }
 
 fn default_max_concurrent_streams() -> u32 {
     256
+}
+
+fn default_max_connections_per_peer() -> usize {
+    256
+}
+
+fn default_max_grpc_connections() -> usize {
+    8192
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,8 +176,12 @@ pub struct PolicyConfig {
 pub struct Limits {
     /// Deadline of every call to an upstream server (OAuth, SMTP, IMAP, CalDAV).
     pub upstream_timeout_secs: u64,
-    /// Largest gRPC message accepted, in bytes.
+    /// Largest gRPC message accepted, in bytes: SendEmail and CreateEvent (attachments);
+    /// every other RPC has a small fixed bound (`api::rpc`).
     pub max_request_bytes: usize,
+    /// Bytes of large requests (over 64 KiB) all callers together may have in flight; a
+    /// request past it is refused with RESOURCE_EXHAUSTED before its body is read.
+    pub max_inflight_request_bytes: usize,
     /// Concurrent WatchMail streams per caller.
     pub max_watch_streams: usize,
     /// Records the background rewrap re-seals per step after a key rotation…
@@ -183,6 +206,7 @@ impl Default for Limits {
         Self {
             upstream_timeout_secs: 15,
             max_request_bytes: 32 * 1024 * 1024,
+            max_inflight_request_bytes: 256 * 1024 * 1024,
             max_watch_streams: 64,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,

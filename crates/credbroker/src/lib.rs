@@ -16,6 +16,7 @@ pub mod connect;
 pub mod disk;
 pub mod driver;
 pub mod http;
+pub mod intent;
 pub mod mail;
 pub mod metrics;
 pub mod model;

@@ -6,7 +6,7 @@
 //! ([`PeerInfo`]), and so that refused handshakes are audited like any other refusal.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -161,11 +161,75 @@ fn http_tls(config: &Config) -> Result<rustls::ServerConfig, ServeError> {
     Ok(tls)
 }
 
+/// The gRPC connections held, per remote address and in all. A connection past either cap is
+/// closed as soon as it is accepted, before its handshake, so one peer cannot take the
+/// descriptors every other caller needs.
+struct Slots {
+    per_peer: usize,
+    total: usize,
+    /// Remote address → connections held; the sum of its values is the total.
+    held: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in [`Slots`], given back when the connection is dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Slots {
+    fn new(config: &crate::config::GrpcConfig) -> Arc<Self> {
+        Arc::new(Self {
+            per_peer: config.max_connections_per_peer.max(1),
+            total: config.max_connections.max(1),
+            held: Default::default(),
+        })
+    }
+
+    /// A place for a connection from `ip`, or why there is none.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, String> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = held.values().sum();
+        let mine = held.get(&ip).copied().unwrap_or(0);
+        if mine >= self.per_peer {
+            return Err(format!(
+                "{} gRPC connections from this address already open; closed at accept",
+                self.per_peer
+            ));
+        }
+        if total >= self.total {
+            return Err(format!(
+                "{} gRPC connections already open; closed at accept",
+                self.total
+            ));
+        }
+        held.insert(ip, mine + 1);
+        Ok(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A verified mTLS connection, carrying its caller to every request (tonic puts
 /// `connect_info()` into each request's extensions).
 struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Held for as long as the connection is open.
+    _slot: Slot,
 }
 
 impl Connected for TlsConnection {
@@ -217,7 +281,7 @@ impl AsyncWrite for TlsConnection {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    refusals: Arc<Refusals>,
+    (slots, refusals): (Arc<Slots>, Arc<Refusals>),
     out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
 ) {
     loop {
@@ -229,51 +293,74 @@ async fn accept_loop(
                 continue;
             }
         };
+        let slot = match slots.take(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                drop(tcp);
+                tracing::info!(%remote, "{why}");
+                let refusals = refusals.clone();
+                tokio::spawn(async move {
+                    let label = crate::audit::label::TLS_HANDSHAKE;
+                    refusals.refuse(label, remote.ip(), why).await
+                });
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, refusals, out) = (acceptor.clone(), refusals.clone(), out.clone());
-        tokio::spawn(async move {
-            let refuse = |reason: String| {
-                refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason)
-            };
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::info!(%remote, error = %e, "TLS handshake refused");
-                    refuse(e.to_string()).await;
-                    return;
-                }
-                Err(_) => {
-                    refuse("TLS handshake timed out".into()).await;
-                    return;
-                }
-            };
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first());
-            let caller = match leaf.map(|der| caller_from_cert(der)) {
-                Some(Ok(caller)) => caller,
-                Some(Err(e)) => {
-                    refuse(e.to_string()).await;
-                    return;
-                }
-                None => {
-                    refuse("no client certificate".into()).await;
-                    return;
-                }
-            };
-            let _ = out
-                .send(Ok(TlsConnection {
-                    stream,
-                    peer: PeerInfo {
-                        caller,
-                        remote: Some(remote),
-                    },
-                }))
-                .await;
-        });
+        tokio::spawn(handshake(tcp, remote, slot, (acceptor, refusals), out));
     }
+}
+
+/// Completes one connection's TLS handshake and hands it, with its caller, to the server;
+/// a refused handshake is audited through [`Refusals`].
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    slot: Slot,
+    (acceptor, refusals): (TlsAcceptor, Arc<Refusals>),
+    out: tokio::sync::mpsc::Sender<Result<TlsConnection, std::io::Error>>,
+) {
+    let refuse =
+        |reason: String| refusals.refuse(crate::audit::label::TLS_HANDSHAKE, remote.ip(), reason);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "TLS handshake refused");
+            refuse(e.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            refuse("TLS handshake timed out".into()).await;
+            return;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    let caller = match leaf.map(|der| caller_from_cert(der)) {
+        Some(Ok(caller)) => caller,
+        Some(Err(e)) => {
+            refuse(e.to_string()).await;
+            return;
+        }
+        None => {
+            refuse("no client certificate".into()).await;
+            return;
+        }
+    };
+    let _ = out
+        .send(Ok(TlsConnection {
+            stream,
+            peer: PeerInfo {
+                caller,
+                remote: Some(remote),
+            },
+            _slot: slot,
+        }))
+        .await;
 }
 
 /// Opens everything else the configuration names over `store` and builds the shared services.
@@ -339,10 +426,6 @@ pub async fn open_services(
 /// OAuth callbacks per second one source address may send (a browser sends one per consent).
 const CALLBACK_RATE_PER_SOURCE: f64 = 10.0;
 
-/// Admin requests carry settings, secrets and certificates, never attachments: a client that
-/// sends more is refused before the body is buffered past this.
-const ADMIN_MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
 /// How long a stopping daemon waits for in-flight calls before it exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -400,6 +483,8 @@ async fn grpc_routes(
     };
     let reflection_err =
         |e: tonic_reflection::server::Error| ServeError::Tls(format!("reflection: {e}"));
+    // The services' own bounds are their largest method's; the gate holds each method to its
+    // own before the body is read ([`crate::api::gate`]).
     let max = config.limits.max_request_bytes;
     let mut routes = tonic::service::RoutesBuilder::from(extra);
     routes
@@ -409,7 +494,7 @@ async fn grpc_routes(
         .add_service(BrokerServer::new(BrokerApi(services.clone())).max_decoding_message_size(max))
         .add_service(
             AdminServer::new(AdminApi(services.clone()))
-                .max_decoding_message_size(max.min(ADMIN_MAX_REQUEST_BYTES)),
+                .max_decoding_message_size(max.min(crate::api::SETTINGS_REQUEST_BYTES)),
         );
     Ok(routes.routes())
 }
@@ -433,7 +518,7 @@ pub async fn run(
     tokio::spawn(accept_loop(
         grpc_listener,
         acceptor,
-        services.refusals.clone(),
+        (Slots::new(&config.grpc), services.refusals.clone()),
         tx,
     ));
     let http_addr = start_http(&config, &services).await?;
@@ -450,6 +535,11 @@ pub async fn run(
         .max_concurrent_streams(Some(config.grpc.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::api::gate::GateLayer::new(
+            services.clone(),
+            // Room for at least one message of the largest size.
+            (config.limits.max_inflight_request_bytes).max(config.limits.max_request_bytes),
+        ))
         .add_routes(grpc_routes(&config, &services, extra).await?)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), async {
             drain_rx.await.ok();

@@ -3,14 +3,19 @@
 //!
 //! Invariants: the caller comes from the TLS layer, never from the request; every call that
 //! gets past identity is audited under its [`Rpc`]'s label, and the reply waits for the audit
-//! record (if it cannot be written the call fails, whatever its outcome); every reply, success
-//! or error, carries the call's `x-request-id`, the same id its audit record holds.
+//! record (if it cannot be written the call fails, whatever its outcome); an RPC that acts on
+//! the world ([`Effect::Acts`]) writes a durable intent record once the caller is admitted and
+//! before it acts, and does not act if that record cannot be written (the client gets
+//! UNAVAILABLE); side effects deep inside a call (an OAuth refresh) declare theirs in the
+//! call's [`crate::intent`] scope, opened here; every reply, success or error, carries the call's `x-request-id`, the same id
+//! its audit records hold.
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use super::gate::Admitted;
 use super::proto;
-use super::rpc::{Access, Rpc};
+use super::rpc::{Access, Effect, Rpc};
 use super::status::exhausted_status;
 use super::{ApiError, PeerInfo, Services};
 use crate::audit::{AuditEvent, Outcome};
@@ -95,8 +100,14 @@ impl Services {
         request: Request<Req>,
         work: impl AsyncFnOnce(&mut Call, Req) -> Result<Resp, ApiError>,
     ) -> Result<Response<Resp>, Status> {
-        let mut call = self.begin(rpc, &request)?;
-        let result = work(&mut call, request.into_inner()).await;
+        let mut call = self.begin(rpc, &request).await?;
+        let scope = crate::intent::Scope {
+            audit: self.audit.clone(),
+            caller: call.caller.clone(),
+            operation: rpc.audit_label(),
+            request_id: call.request_id.clone(),
+        };
+        let result = crate::intent::scope(scope, work(&mut call, request.into_inner())).await;
         self.finish(call, result).await
     }
 
@@ -110,15 +121,62 @@ impl Services {
     ) -> Result<Response<Resp>, Status> {
         self.handle(rpc, request, async |call, mut req| {
             let target = self.target(call, req.take_connection()).await?;
+            if rpc.effect() == Effect::Acts {
+                self.intend(call).await?;
+            }
             work(call, target, req).await
         })
         .await
     }
 
-    /// Starts a call: the caller comes from the TLS layer, never from the request.
-    fn begin<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Call, Status> {
+    /// The intent record of an acting RPC: durable before the action, which does not happen
+    /// if it cannot be written.
+    async fn intend(&self, call: &Call) -> Result<(), ApiError> {
+        let event = AuditEvent {
+            caller: call.caller.clone(),
+            operation: call.rpc.audit_label().to_string(),
+            workspace: call.workspace.clone(),
+            connector: call.connector.clone(),
+            user_id: call.user_id.clone(),
+            outcome: Some(Outcome::Allowed),
+            reason: "intent: admitted, about to act".into(),
+            request_id: call.request_id.clone(),
+        };
+        self.audit.record(event).await.map(drop).map_err(|e| {
+            tracing::error!(error = %e, request_id = %call.request_id, "intent not written: not acting");
+            ApiError::Audit(e)
+        })
+    }
+
+    /// Starts a call: the caller comes from the TLS layer, never from the request, and is
+    /// admitted here unless the gate already did ([`Admitted`]).
+    async fn begin<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Call, Status> {
+        let peer = request.extensions().get::<PeerInfo>();
+        if request.extensions().get::<Admitted>().is_none() {
+            self.admit(rpc, peer).await?;
+        }
+        let peer = peer.ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+        Ok(self.call(rpc, &peer.caller.id))
+    }
+
+    fn call(&self, rpc: Rpc, caller: &str) -> Call {
+        Call {
+            rpc,
+            caller: caller.to_string(),
+            request_id: hex::encode(crate::vault::random_bytes::<8>()),
+            workspace: String::new(),
+            connector: String::new(),
+            user_id: String::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// What the request's headers alone decide, before its body is read: a verified caller,
+    /// within its rate limit, that the policy could admit to this RPC somewhere (a caller the
+    /// policy does not know is refused here). A policy refusal is audited like any other.
+    pub async fn admit(&self, rpc: Rpc, peer: Option<&PeerInfo>) -> Result<(), Status> {
         let request_id = hex::encode(crate::vault::random_bytes::<8>());
-        let Some(peer) = request.extensions().get::<PeerInfo>() else {
+        let Some(peer) = peer else {
             let status = Status::unauthenticated("no verified client certificate");
             return Err(tagged(status, &request_id));
         };
@@ -142,15 +200,18 @@ impl Services {
             tokio::spawn(async move { audit.record(event).await });
             return Err(tagged(exhausted_status(why, &exhausted), &request_id));
         }
-        Ok(Call {
-            rpc,
-            caller: peer.caller.id.clone(),
-            request_id,
-            workspace: String::new(),
-            connector: String::new(),
-            user_id: String::new(),
-            started: std::time::Instant::now(),
-        })
+        let op = match rpc.access() {
+            Access::Grant(op) => Some(op),
+            Access::Admin => None,
+        };
+        if let Err(why) = self.policy.current().may_call(&peer.caller.id, op) {
+            let call = self.call(rpc, &peer.caller.id);
+            return self
+                .finish::<()>(call, Err(ApiError::Denied(why)))
+                .await
+                .map(drop);
+        }
+        Ok(())
     }
 
     /// Audits the call's outcome and turns it into the reply. If the audit record cannot be

@@ -9,13 +9,14 @@ mod broker;
 mod calendar;
 mod call;
 mod convert;
+pub mod gate;
 mod redact;
 mod rpc;
 mod status;
 mod through;
 
 pub use call::Call;
-pub use rpc::{Access, Rpc};
+pub use rpc::{Access, Effect, Rpc, SETTINGS_REQUEST_BYTES};
 pub use status::{ApiError, Reason};
 
 use std::sync::Arc;

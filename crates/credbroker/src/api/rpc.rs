@@ -1,11 +1,14 @@
 //! The table of RPCs: for each method of the Broker and Admin services, its gRPC path, what
-//! the caller needs to call it (a policy operation or admin rights) and the labels its audit
-//! records and metrics carry.
+//! the caller needs to call it (a policy operation or admin rights), the largest request it
+//! accepts, whether it acts on the world (and so writes an intent record before it does), and
+//! the labels its audit records and metrics carry.
 //!
 //! Invariants: every method of the two services has exactly one row, and every
 //! [`Operation`] is reached by exactly one data-plane RPC (both checked against the compiled
-//! descriptors in the tests below). The labels are stable: audit queries filter on them and
-//! dashboards group by them, so a row's labels never change once released.
+//! descriptors in the tests below). Only the RPCs that carry attachments accept the
+//! configured large size; every other one is refused past a small fixed bound. The labels are
+//! stable: audit queries filter on them and dashboards group by them, so a row's labels never
+//! change once released.
 
 use crate::policy::Operation;
 
@@ -18,6 +21,32 @@ pub enum Access {
     Admin,
 }
 
+/// How large a request an RPC accepts: the bound is checked on the message's length prefix,
+/// before its body is read (see [`super::gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    /// A connection reference, a query or a name: [`SMALL_REQUEST_BYTES`].
+    Small,
+    /// Connector settings, secrets and certificates: [`SETTINGS_REQUEST_BYTES`].
+    Settings,
+    /// A message or event with attachments: `[limits] max_request_bytes`.
+    Attachments,
+}
+
+/// The largest request of a [`Size::Small`] RPC.
+pub const SMALL_REQUEST_BYTES: usize = 64 * 1024;
+/// The largest request of a [`Size::Settings`] RPC.
+pub const SETTINGS_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Whether an RPC changes something outside the broker's own records (a message sent, an
+/// event created, a secret stored or revoked). Those write a durable intent record before
+/// they act, and do not act if it cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Reads,
+    Acts,
+}
+
 /// One row of the table.
 struct Row {
     /// `/package.Service/Method`, as the client sends it.
@@ -25,6 +54,17 @@ struct Row {
     /// The method alone: the audit and metric label.
     method: &'static str,
     access: Access,
+    size: Size,
+    effect: Effect,
+}
+
+macro_rules! effect {
+    () => {
+        Effect::Reads
+    };
+    (acts) => {
+        Effect::Acts
+    };
 }
 
 macro_rules! access {
@@ -37,9 +77,10 @@ macro_rules! access {
 }
 
 /// The table: `Method: Service`, with the policy operation in parentheses for the RPCs a
-/// grant admits to (the others need admin rights).
+/// grant admits to (the others need admin rights), then the request [`Size`] and `acts` for
+/// the RPCs with an [`Effect`] on the world.
 macro_rules! rpcs {
-    ($($rpc:ident: $service:ident $(($op:ident))?,)*) => {
+    ($($rpc:ident: $service:ident $(($op:ident))?, $size:ident $(, $acts:ident)?;)*) => {
         /// One RPC of the Broker or Admin service.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum Rpc {
@@ -55,6 +96,8 @@ macro_rules! rpcs {
                         path: concat!("/credbroker.v1.", stringify!($service), "/", stringify!($rpc)),
                         method: stringify!($rpc),
                         access: access!($($op)?),
+                        size: Size::$size,
+                        effect: effect!($($acts)?),
                     },)*
                 }
             }
@@ -63,30 +106,30 @@ macro_rules! rpcs {
 }
 
 rpcs! {
-    ResolveCredential: Broker(Resolve),
-    SendEmail: Broker(SendEmail),
-    FetchMail: Broker(FetchMail),
-    WatchMail: Broker(WatchMail),
-    ListCalendar: Broker(ListCalendar),
-    CreateEvent: Broker(CreateEvent),
-    CreateConnector: Admin,
-    GetConnector: Admin,
-    ListConnectors: Admin,
-    UpdateConnector: Admin,
-    RenameConnector: Admin,
-    DeleteConnector: Admin,
-    BeginConnect: Admin,
-    CompleteConnect: Admin,
-    ConnectWithCredentials: Admin,
-    TestConnection: Admin,
-    Disconnect: Admin,
-    GetConnection: Admin,
-    ListConnections: Admin,
-    QueryAudit: Admin,
-    GetAuditHead: Admin,
-    Backup: Admin,
-    RotateKey: Admin,
-    GetStatus: Admin,
+    ResolveCredential: Broker(Resolve), Small;
+    SendEmail: Broker(SendEmail), Attachments, acts;
+    FetchMail: Broker(FetchMail), Small;
+    WatchMail: Broker(WatchMail), Small;
+    ListCalendar: Broker(ListCalendar), Small;
+    CreateEvent: Broker(CreateEvent), Attachments, acts;
+    CreateConnector: Admin, Settings;
+    GetConnector: Admin, Small;
+    ListConnectors: Admin, Small;
+    UpdateConnector: Admin, Settings;
+    RenameConnector: Admin, Small;
+    DeleteConnector: Admin, Small;
+    BeginConnect: Admin, Small;
+    CompleteConnect: Admin, Small;
+    ConnectWithCredentials: Admin, Settings, acts;
+    TestConnection: Admin, Settings;
+    Disconnect: Admin, Small, acts;
+    GetConnection: Admin, Small;
+    ListConnections: Admin, Small;
+    QueryAudit: Admin, Small;
+    GetAuditHead: Admin, Small;
+    Backup: Admin, Small;
+    RotateKey: Admin, Small;
+    GetStatus: Admin, Small;
 }
 
 impl Rpc {
@@ -103,6 +146,26 @@ impl Rpc {
     /// What the caller needs to be let in.
     pub fn access(self) -> Access {
         self.row().access
+    }
+
+    /// The row whose path is `path`, if the Broker or Admin service serves it.
+    pub fn from_path(path: &str) -> Option<Rpc> {
+        Rpc::ALL.iter().copied().find(|r| r.grpc_path() == path)
+    }
+
+    /// The largest request this RPC accepts, in bytes (the gRPC message, without its 5-byte
+    /// prefix), given the configured size for attachments; never above it.
+    pub fn max_request_bytes(self, attachments: usize) -> usize {
+        match self.row().size {
+            Size::Small => SMALL_REQUEST_BYTES.min(attachments),
+            Size::Settings => SETTINGS_REQUEST_BYTES.min(attachments),
+            Size::Attachments => attachments,
+        }
+    }
+
+    /// Whether the RPC acts on the world (and so writes an intent record first).
+    pub fn effect(self) -> Effect {
+        self.row().effect
     }
 
     /// The `operation` of this RPC's audit records: the method name.
@@ -153,6 +216,42 @@ mod tests {
             assert_eq!(rpc.audit_label(), format!("{rpc:?}"));
             assert_eq!(rpc.metric_label(), format!("{rpc:?}"));
         }
+    }
+
+    #[test]
+    fn only_attachments_get_the_large_size_and_paths_find_their_rows() {
+        let large = 32 * 1024 * 1024;
+        let big: Vec<Rpc> = Rpc::ALL
+            .iter()
+            .copied()
+            .filter(|r| r.max_request_bytes(large) > SETTINGS_REQUEST_BYTES)
+            .collect();
+        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent]);
+        assert_eq!(Rpc::ResolveCredential.max_request_bytes(large), 64 * 1024);
+        // A configured size below the fixed bounds lowers them too.
+        for &rpc in Rpc::ALL {
+            assert!(rpc.max_request_bytes(1000) <= 1000, "{rpc:?}");
+            assert_eq!(Rpc::from_path(rpc.grpc_path()), Some(rpc));
+        }
+        assert_eq!(Rpc::from_path("/grpc.health.v1.Health/Check"), None);
+    }
+
+    #[test]
+    fn the_side_effects_of_the_issue_are_the_acting_rpcs() {
+        let acting: Vec<Rpc> = Rpc::ALL
+            .iter()
+            .copied()
+            .filter(|r| r.effect() == Effect::Acts)
+            .collect();
+        assert_eq!(
+            acting,
+            [
+                Rpc::SendEmail,
+                Rpc::CreateEvent,
+                Rpc::ConnectWithCredentials,
+                Rpc::Disconnect
+            ]
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ const QUEUE: usize = 65536;
 pub enum Outcome {
     /// Allowed and done.
     Ok,
+    /// Admitted, and about to act: the intent record an acting RPC writes before its side
+    /// effect (its outcome follows in a record of its own).
+    Allowed,
     /// Refused by policy or by authentication.
     Denied,
     /// Allowed, but failed (bad input, upstream error…); `reason` says why.
@@ -52,6 +55,7 @@ impl Outcome {
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Error => "error",
         }

@@ -272,6 +272,11 @@ impl OAuth {
         let client = self.token_client(connector, endpoints).await?;
         let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
         let refresh = RefreshToken::new(refresh_token.expose().to_string());
+        // The provider may rotate the refresh token: not without an intent record.
+        let act = "token refresh (the provider may rotate the refresh token)";
+        crate::intent::declare(connector, user, act)
+            .await
+            .map_err(|e| OAuthError::Unavailable(format!("{e}; the refresh was not attempted")))?;
         let sender = http::Sender(http);
         let response = client
             .exchange_refresh_token(&refresh)

@@ -269,6 +269,32 @@ impl Policy {
         })
     }
 
+    /// Before the request is read: could any rule of `caller` admit it to `op` (or, for
+    /// `None`, to the admin API) anywhere? A caller the policy does not know, or one holding
+    /// no such grant, is refused on the headers alone.
+    pub fn may_call(&self, caller: &str, op: Option<Operation>) -> Result<(), String> {
+        let rules = self
+            .callers
+            .get(caller)
+            .ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+        let may = match op {
+            Some(op) => rules.grants.iter().any(|g| g.operations.contains(&op)),
+            None => !rules.admin_workspaces.is_empty(),
+        };
+        if may {
+            Ok(())
+        } else if let Some(op) = op {
+            Err(format!(
+                "caller {caller} is not granted {} anywhere",
+                op.name()
+            ))
+        } else {
+            Err(format!(
+                "caller {caller} has no admin rights on any workspace"
+            ))
+        }
+    }
+
     fn granted(
         &self,
         caller: &str,
