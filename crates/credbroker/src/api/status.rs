@@ -316,5 +316,17 @@ mod tests {
             assert_eq!(classify(&e).0, Reason::NotConnected);
             assert_eq!(Status::from(e).code(), Code::FailedPrecondition);
         }
+        // A connection made before its destinations moved is EXPIRED, and says why.
+        let moved = ApiError::from(ResolveError::Connection(
+            ConnectionError::DestinationChanged {
+                connector: "c".into(),
+                user: "u".into(),
+            },
+        ));
+        let status = Status::from(moved);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "EXPIRED");
+        assert_eq!(info.metadata["expired"], "destination_changed");
     }
 }
