@@ -501,19 +501,30 @@ async fn test_then_connect(
     (tested, connected)
 }
 
-/// An OAuth connection "Mail OAuth" of alice, and the access token it holds now.
-async fn alice_oauth(daemon: &Daemon, admin: &mut AdminClient<Channel>) -> String {
-    oauth_connection(daemon, admin, "Mail OAuth", "alice").await;
-    let mut agent = daemon.agent().await;
-    agent
+/// "Mail OAuth" at the test server, "Mail" at the mail peers signing in through it, and
+/// alice's OAuth connection, made after both (so her token may go to Mail's servers).
+async fn alice_over_oauth(daemon: &Daemon, admin: &mut AdminClient<Channel>) {
+    let scopes = [("scopes", "openid email mail.read mail.send")];
+    create_connector(admin, "Mail OAuth", &scopes).await;
+    let mut config =
+        support::mail::mail_config(&support::mail::Servers::implicit_imap_starttls_smtp());
+    config.insert("oauth_connector".into(), "Mail OAuth".into());
+    support::mail::create_mail_connector(admin, "Mail", proto::ConnectorMode::Personal, config)
+        .await;
+    support::oauth::connect(daemon, admin, "Mail OAuth", "alice", "alice").await;
+}
+
+/// The access token alice's "Mail OAuth" connection holds now.
+async fn alices_token(daemon: &Daemon) -> String {
+    let resolved = daemon
+        .agent()
+        .await
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn("Mail OAuth", "alice"),
             min_ttl_seconds: 0,
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
+        .await;
+    resolved.unwrap().into_inner().secret
 }
 
 #[tokio::test]
@@ -521,17 +532,12 @@ async fn a_users_oauth_token_never_goes_to_mail_servers_an_admin_names() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
-    let token = alice_oauth(&daemon, &mut admin).await;
-    let mut config =
-        support::mail::mail_config(&support::mail::Servers::implicit_imap_starttls_smtp());
-    config.insert("oauth_connector".into(), "Mail OAuth".into());
-    support::mail::create_mail_connector(
-        &mut admin,
-        "Mail",
-        proto::ConnectorMode::Personal,
-        config,
-    )
-    .await;
+    alice_over_oauth(&daemon, &mut admin).await;
+    let token = alices_token(&daemon).await;
+    // Her mail connection works: the token goes to the servers the connector names.
+    let email = [("email", "alice@x.test".to_string())];
+    let (_, connected) = test_then_connect(&mut admin, "alice", &email).await;
+    assert!(connected.unwrap().into_inner().test.unwrap().ok);
     let (imap, smtp) = mail_captures().await;
     let mut candidate = captured_mail(&imap, &smtp);
     candidate.push(("email", "alice@x.test".into()));
@@ -540,7 +546,7 @@ async fn a_users_oauth_token_never_goes_to_mail_servers_an_admin_names() {
     let (tested, connected) = test_then_connect(&mut admin, "alice", &candidate).await;
     // 2. The connector is pointed at them, then alice's connection is tested and made again.
     let moved = update_config(&mut admin, "Mail", &captured_mail(&imap, &smtp)).await;
-    let email = [("email", "alice@x.test".to_string())];
+    let expired = connection_of(&mut admin, "Mail", "alice").await;
     let (_, reconnected) = test_then_connect(&mut admin, "alice", &email).await;
 
     for capture in [&imap, &smtp] {
@@ -559,6 +565,7 @@ async fn a_users_oauth_token_never_goes_to_mail_servers_an_admin_names() {
     );
     assert_eq!(connected.unwrap_err().code(), Code::InvalidArgument);
     moved.expect("an admin may still move the connector");
+    assert_eq!(expired.expired_reason, "destination_changed", "{expired:?}");
     let test = reconnected.unwrap().into_inner().test.unwrap();
     assert!(!test.ok, "{test:?}");
     assert!(
@@ -823,20 +830,7 @@ async fn signing_in_through_an_oauth_connector_needs_a_grant_on_it_too() {
         "",
     );
     let mut admin = daemon.admin().await;
-    let scopes = [("scopes", "openid email mail.read mail.send")];
-    create_connector(&mut admin, "Mail OAuth", &scopes).await;
-    let mut config =
-        support::mail::mail_config(&support::mail::Servers::implicit_imap_starttls_smtp());
-    config.insert("oauth_connector".into(), "Mail OAuth".into());
-    support::mail::create_mail_connector(
-        &mut admin,
-        "Mail",
-        proto::ConnectorMode::Personal,
-        config,
-    )
-    .await;
-    // Alice consents after the mail servers are set: her token may go there.
-    support::oauth::connect(&daemon, &mut admin, "Mail OAuth", "alice", "alice").await;
+    alice_over_oauth(&daemon, &mut admin).await;
     let email = [("email", "alice@x.test".to_string())];
     let (_, connected) = test_then_connect(&mut admin, "alice", &email).await;
     let connected = connected.unwrap().into_inner();
