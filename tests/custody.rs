@@ -762,6 +762,22 @@ async fn a_connectors_ca_is_not_trusted_for_a_users_own_mail_servers() {
     );
 }
 
+/// CreateConnector of a personal imap_smtp connector "Mail" with this config.
+async fn create_personal_mail(
+    admin: &mut AdminClient<Channel>,
+    config: &[(&str, String)],
+) -> Result<tonic::Response<proto::Connector>, tonic::Status> {
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            name: "Mail".into(),
+            kind: proto::ConnectorKind::ImapSmtp as i32,
+            mode: proto::ConnectorMode::Personal as i32,
+            config: map(config),
+            ..Default::default()
+        })
+        .await
+}
+
 #[tokio::test]
 async fn oauth_connector_names_an_oauth_connector_only() {
     let daemon = Daemon::start();
@@ -770,15 +786,7 @@ async fn oauth_connector_names_an_oauth_connector_only() {
     let (imap, smtp) = mail_captures().await;
     let mut config = captured_mail(&imap, &smtp);
     config.push(("oauth_connector", "Key".into()));
-    let created = admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Mail".into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Personal as i32,
-            config: map(&config),
-            ..Default::default()
-        })
-        .await;
+    let created = create_personal_mail(&mut admin, &config).await;
     let email = [("email", "u1@x.test".to_string())];
     let _ = test_then_connect(&mut admin, "u1", &email).await;
     assert!(!imap.got("k-secret-canary"), "{}", imap.text());
@@ -794,14 +802,7 @@ async fn oauth_connector_names_an_oauth_connector_only() {
     create_connector(&mut admin, "Mail OAuth", &[]).await;
     config.retain(|(k, _)| *k != "oauth_connector");
     config.push(("oauth_connector", "Mail OAuth".into()));
-    let created = admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Mail".into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Personal as i32,
-            config: map(&config),
-            ..Default::default()
-        })
+    let created = create_personal_mail(&mut admin, &config)
         .await
         .unwrap()
         .into_inner();
