@@ -819,6 +819,15 @@ async fn oauth_connector_names_an_oauth_connector_only() {
             .contains("via Mail OAuth (cn_"),
         "{audit:?}"
     );
+    // Naming the same connector again moves nothing; naming another moves the destination.
+    let again = [("oauth_connector", "Mail OAuth".to_string())];
+    update_config(&mut admin, "Mail", &again).await.unwrap();
+    assert!(audit_of(&mut admin, "DestinationChanged").await.is_empty());
+    create_connector(&mut admin, "Other OAuth", &[]).await;
+    let other = [("oauth_connector", "Other OAuth".to_string())];
+    update_config(&mut admin, "Mail", &other).await.unwrap();
+    let moves = audit_of(&mut admin, "DestinationChanged").await;
+    assert!(moves[0].reason.contains("oauth_connector"), "{moves:?}");
 }
 
 #[tokio::test]
