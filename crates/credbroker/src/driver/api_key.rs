@@ -2,7 +2,6 @@
 //! personal; it is handed to callers as stored, with the header it goes in. A key is tested by
 //! calling the connector's `test_url`, the one place the broker itself sends it.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -70,13 +69,9 @@ impl ConnectorDriver for ApiKey {
         Ok(())
     }
 
-    fn destination(
-        &self,
-        connector: &Connector,
-        _settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
-        Ok(connector
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
+        Ok(at
+            .connector
             .setting("test_url")
             .map(str::to_string)
             .into_iter()

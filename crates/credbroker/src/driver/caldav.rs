@@ -80,12 +80,8 @@ impl ConnectorDriver for Caldav {
     }
 
     /// The server URL, checked as a connection would use it (https, no credentials in it).
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
+        let (connector, settings) = (at.connector, at.settings);
         let field = url_source(connector, settings).map_or("settings.url", |(field, _)| field);
         let url = crate::calendar::caldav::server_url(connector, settings)
             .map_err(|e| FieldError::new(field, e.to_string()))?;

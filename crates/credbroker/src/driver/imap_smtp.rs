@@ -50,15 +50,10 @@ impl ConnectorDriver for ImapSmtp {
     }
 
     /// The IMAP and SMTP servers (host:port), checked as the account would be built.
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
         let account = crate::mail::account::from_settings(
-            connector,
-            settings,
+            at.connector,
+            at.settings,
             Some(Auth::Password(Secret::new(""))),
         )?;
         Ok(vec![account.imap.addr(), account.smtp.addr()])
@@ -82,7 +77,14 @@ impl ConnectorDriver for ImapSmtp {
                 ));
             }
         }
-        self.destination(connector, &candidate.settings, "password")?;
+        let settings = &candidate.settings;
+        self.destination(
+            Where {
+                connector,
+                settings,
+            },
+            "password",
+        )?;
         check_required(candidate, self.typed_in(connector)?)
     }
 

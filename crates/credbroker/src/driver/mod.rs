@@ -78,6 +78,14 @@ const fn keys<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'stat
     out
 }
 
+/// A connection's settings over its connector's config: where [`ConnectorDriver::destination`]
+/// looks.
+#[derive(Clone, Copy)]
+pub struct Where<'a> {
+    pub connector: &'a Connector,
+    pub settings: &'a BTreeMap<String, String>,
+}
+
 /// What a driver looks a credential up with: the service, the target, how long it must last.
 #[derive(Clone, Copy)]
 pub struct Lookup<'a> {
@@ -180,12 +188,7 @@ pub trait ConnectorDriver: Send + Sync {
 
     /// Where each secret of a connection would be sent, e.g. "imap.corp:993": errors name the
     /// setting that does not say it properly.
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        secret: &str,
-    ) -> Result<Vec<String>, FieldError>;
+    fn destination(&self, at: Where<'_>, secret: &str) -> Result<Vec<String>, FieldError>;
 
     /// Checks credentials a user offers (ConnectWithCredentials, TestConnection) before anything
     /// is tried: known settings and slots, the secrets the test needs, and every value the
@@ -574,6 +577,13 @@ mod tests {
         }
     }
 
+    fn at<'a>(connector: &'a Connector, settings: &'a BTreeMap<String, String>) -> Where<'a> {
+        Where {
+            connector,
+            settings,
+        }
+    }
+
     #[test]
     fn destinations_are_where_the_settings_point() {
         let imap = Connector::for_tests(
@@ -584,7 +594,7 @@ mod tests {
         let settings = BTreeMap::from([("email".to_string(), "a@corp.test".to_string())]);
         assert_eq!(
             driver(Kind::ImapSmtp)
-                .destination(&imap, &settings, "password")
+                .destination(at(&imap, &settings), "password")
                 .unwrap(),
             ["imap.corp:993", "smtp.corp:465"]
         );
@@ -593,7 +603,7 @@ mod tests {
         // The plain-http URL is the connector's: the error names where it came from.
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &BTreeMap::new(), "password")
+                .destination(at(&caldav, &BTreeMap::new()), "password")
                 .unwrap_err()
                 .field,
             "config.url"
@@ -601,7 +611,7 @@ mod tests {
         let ftp = BTreeMap::from([("url".to_string(), "ftp://dav.corp/".to_string())]);
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &ftp, "password")
+                .destination(at(&caldav, &ftp), "password")
                 .unwrap_err()
                 .field,
             "settings.url"
@@ -609,7 +619,7 @@ mod tests {
         let https = BTreeMap::from([("url".to_string(), "https://dav.corp/u".to_string())]);
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &https, "password")
+                .destination(at(&caldav, &https), "password")
                 .unwrap(),
             ["https://dav.corp/u/"]
         );

@@ -3,8 +3,6 @@
 //! and expires a connection whose grant the provider refuses. Accounts connect through the
 //! browser flow (BeginConnect), never with typed-in credentials.
 
-use std::collections::BTreeMap;
-
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -75,13 +73,8 @@ impl ConnectorDriver for OAuth2 {
     }
 
     /// The provider's endpoints (catalog preset, overridden by the connector's config).
-    fn destination(
-        &self,
-        connector: &Connector,
-        _settings: &BTreeMap<String, String>,
-        secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
-        let endpoints = Endpoints::of(connector)?;
+    fn destination(&self, at: Where<'_>, secret: &str) -> Result<Vec<String>, FieldError> {
+        let endpoints = Endpoints::of(at.connector)?;
         let urls = match secret {
             "client_secret" | "refresh_token" => {
                 [Some(endpoints.token_url), endpoints.revocation_url]
