@@ -175,6 +175,7 @@ async fn a_stranger_cannot_burn_a_pending_link() {
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state.clone(),
             code: "not-a-code".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -184,6 +185,7 @@ async fn a_stranger_cannot_burn_a_pending_link() {
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state.clone(),
             code,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -78,17 +78,16 @@ async fn browser_flow_connects_through_the_callback() {
 
     let before = peers().oauth_stats().await;
     let started = begin(&mut admin, CONNECTOR, "u1", "").await;
-    let url = reqwest::Url::parse(&started.authorization_url).unwrap();
+    let mut browser = Browser::new(&daemon);
+    let at_provider = browser.open(&started.authorization_url).await;
+    let url = reqwest::Url::parse(&at_provider).unwrap();
     let query: HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(query["code_challenge_method"], "S256");
     assert!(query["code_challenge"].len() >= 43);
     assert_eq!(query["state"], started.state);
-    assert!(!started.authorization_url.contains(OAUTH_CLIENT_SECRET));
+    assert!(!at_provider.contains(OAUTH_CLIENT_SECRET));
 
-    let mut browser = Browser::new(&daemon);
-    let callback = browser
-        .consent(&started.authorization_url, &callback_url(&daemon))
-        .await;
+    let callback = browser.consent(&at_provider, &callback_url(&daemon)).await;
     let code = query_param(&callback, "code");
     let response = browser.get(&callback).await;
     assert_eq!(response.status().as_u16(), 303);
@@ -120,6 +119,7 @@ async fn browser_flow_connects_through_the_callback() {
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state.clone(),
             code: code.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -128,6 +128,7 @@ async fn browser_flow_connects_through_the_callback() {
         .complete_connect(proto::CompleteConnectRequest {
             state: "f".repeat(64),
             code: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -168,6 +169,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
         .complete_connect(proto::CompleteConnectRequest {
             state: params["state"].clone(),
             code: params["code"].clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -181,6 +183,7 @@ async fn complete_connect_serves_platforms_that_host_the_redirect() {
         .complete_connect(proto::CompleteConnectRequest {
             state: started.state,
             code: "not-a-code".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -419,18 +422,13 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
             .await
             .unwrap();
         let started = begin(&mut admin, provider, "u1", "").await;
+        let mut browser = Browser::new(&daemon);
+        let at_provider = browser.open(&started.authorization_url).await;
         if provider == "google-mail" {
             // The preset's extra authorization parameters (offline access) are sent.
-            assert!(
-                started.authorization_url.contains("access_type=offline"),
-                "{}",
-                started.authorization_url
-            );
+            assert!(at_provider.contains("access_type=offline"), "{at_provider}");
         }
-        let mut browser = Browser::new(&daemon);
-        let callback = browser
-            .consent(&started.authorization_url, &callback_url(&daemon))
-            .await;
+        let callback = browser.consent(&at_provider, &callback_url(&daemon)).await;
         assert_eq!(browser.get(&callback).await.status().as_u16(), 303);
         let shown = admin
             .get_connection(proto::GetConnectionRequest {

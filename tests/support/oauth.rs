@@ -57,7 +57,9 @@ pub async fn create_connector(
         .unwrap();
 }
 
-/// A browser: follows redirects by hand, keeps cookies, trusts the provider's and the daemon's CAs.
+/// A browser: follows redirects by hand, keeps a cookie jar (by name; like a browser's, it sends
+/// a host's cookies to each of its ports, so the provider and the daemon on 127.0.0.1 share it),
+/// trusts the provider's and the daemon's CAs. Two `Browser`s share nothing.
 pub struct Browser {
     http: reqwest::Client,
     cookies: HashMap<String, String>,
@@ -94,6 +96,24 @@ impl Browser {
             }
         }
         response
+    }
+
+    /// Opens BeginConnect's link (the daemon's start link, which binds this browser with a
+    /// cookie); returns the provider's authorization URL it sends the browser to.
+    pub async fn open(&mut self, authorization_url: &str) -> String {
+        let response = self.get(authorization_url).await;
+        let status = response.status().as_u16();
+        let location = response
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_string());
+        let Some(location) = location.filter(|_| status == 303) else {
+            panic!(
+                "the start link answered {status}: {}",
+                response.text().await.unwrap()
+            );
+        };
+        location
     }
 
     /// Follows the provider's redirects until the browser is sent to `stop_at`; returns that URL.

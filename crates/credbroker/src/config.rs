@@ -184,6 +184,12 @@ pub struct Limits {
     pub max_inflight_request_bytes: usize,
     /// Concurrent WatchMail streams per caller.
     pub max_watch_streams: usize,
+    /// Bytes FetchMail and WatchMail read of one message; a larger one is read up to here and
+    /// marked truncated.
+    pub max_mail_message_bytes: u32,
+    /// Bytes of messages one FetchMail reply (or one WatchMail batch) reads; the messages past
+    /// it are left for the next page.
+    pub max_mail_response_bytes: u64,
     /// Records the background rewrap re-seals per step after a key rotation…
     pub rewrap_batch: usize,
     /// …and the pause between steps, which bounds the I/O a rewrap adds.
@@ -208,6 +214,8 @@ impl Default for Limits {
             max_request_bytes: 32 * 1024 * 1024,
             max_inflight_request_bytes: 256 * 1024 * 1024,
             max_watch_streams: 64,
+            max_mail_message_bytes: crate::mail::imap::Caps::default().message,
+            max_mail_response_bytes: crate::mail::imap::Caps::default().response,
             rewrap_batch: 256,
             rewrap_pause_ms: 10,
             // An agent runtime is one caller for a whole platform: its budget is a flood
@@ -219,6 +227,27 @@ impl Default for Limits {
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
         }
+    }
+}
+
+/// The smallest per-message cap: enough for the headers of any ordinary message.
+const MIN_MAIL_MESSAGE_BYTES: u32 = 16 * 1024;
+
+impl Limits {
+    /// FetchMail's and WatchMail's byte caps; the error names the key that is wrong.
+    pub fn mail_caps(&self) -> Result<crate::mail::imap::Caps, String> {
+        let (message, response) = (self.max_mail_message_bytes, self.max_mail_response_bytes);
+        if message < MIN_MAIL_MESSAGE_BYTES {
+            return Err(format!(
+                "[limits] max_mail_message_bytes is {message}; must be at least {MIN_MAIL_MESSAGE_BYTES}"
+            ));
+        }
+        if response < u64::from(message) {
+            return Err(format!(
+                "[limits] max_mail_response_bytes is {response}; must be at least max_mail_message_bytes ({message})"
+            ));
+        }
+        Ok(crate::mail::imap::Caps { message, response })
     }
 }
 
@@ -243,6 +272,9 @@ impl Config {
             });
         }
         if let Err(why) = config.http.return_origins() {
+            return Err(ConfigError::Invalid { path: shown, why });
+        }
+        if let Err(why) = config.limits.mail_caps() {
             return Err(ConfigError::Invalid { path: shown, why });
         }
         let base = path.parent().unwrap_or(Path::new("."));
@@ -340,4 +372,31 @@ pub fn passphrase_from_file(path: &Path) -> Result<KeySource, ConfigError> {
     })?);
     let line = text.lines().next().unwrap_or("");
     Ok(KeySource::Passphrase(SecretString::from(line.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mail_caps_are_checked_naming_the_key() {
+        let caps = Limits::default().mail_caps().unwrap();
+        assert_eq!((caps.message, caps.response), (4 << 20, 25 << 20));
+        let small = Limits {
+            max_mail_message_bytes: 100,
+            ..Limits::default()
+        };
+        assert!(
+            small
+                .mail_caps()
+                .unwrap_err()
+                .contains("max_mail_message_bytes is 100")
+        );
+        let inverted = Limits {
+            max_mail_response_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let why = inverted.mail_caps().unwrap_err();
+        assert!(why.contains("max_mail_response_bytes is 1048576"), "{why}");
+    }
 }

@@ -394,6 +394,8 @@ pub async fn open_services(
         oauth.clone(),
         timeout,
         config.limits.max_watch_streams,
+        // Checked when the configuration was loaded.
+        config.limits.mail_caps().unwrap_or_default(),
     ));
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),

@@ -398,7 +398,10 @@ impl Admin for AdminApi {
                     s.admin_of(call, &pending.workspace)
                 })
                 .await?;
-            let done = s.oauth.complete(pending, &r.code).await?;
+            // The platform hosts the redirect and binds the browser to its own session; it
+            // passes the `iss` it received, if any.
+            let iss = Some(r.iss.as_str()).filter(|i| !i.is_empty());
+            let done = s.oauth.complete(pending, &r.code, iss).await?;
             call.on_connector(&done.connector);
             Ok(convert::connection(&done.connector, &done.connection))
         })

@@ -6,12 +6,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use super::call::{Call, audited_outcome};
 use super::proto::{self, broker_server::Broker};
 use super::{ApiError, Rpc, Services, convert};
+use crate::audit::Outcome;
+use crate::mail::MailError;
+use crate::mail::guard::Grant;
 use crate::model::FieldError;
+use crate::policy::Operation;
 
 pub struct BrokerApi(pub Arc<Services>);
 
@@ -33,6 +38,79 @@ fn min_ttl(seconds: u32) -> Result<Duration, FieldError> {
 }
 
 type MailStream = Pin<Box<dyn Stream<Item = Result<proto::MailEvent, Status>> + Send>>;
+
+/// Audits a WatchMail stream's end, under the request id of its opening: the error the daemon
+/// ends it with (written before the client sees that error), or that the client closed it
+/// (written when the stream is dropped).
+struct StreamEnd {
+    services: Arc<Services>,
+    call: Call,
+    audited: bool,
+}
+
+impl StreamEnd {
+    fn event(&self, (outcome, why): (Outcome, String)) -> crate::audit::AuditEvent {
+        self.call
+            .clone()
+            .into_audit_event(outcome, format!("stream ended: {why}"))
+    }
+
+    /// The daemon ends the stream with `e`.
+    async fn ended(&mut self, e: &ApiError) {
+        self.audited = true;
+        if let Err(write) = self
+            .services
+            .audit
+            .record(self.event(audited_outcome(e)))
+            .await
+        {
+            tracing::error!(error = %write, "could not audit the end of a WatchMail stream");
+        }
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        if self.audited {
+            return;
+        }
+        let event = self.event((Outcome::Ok, "the client closed it".into()));
+        let audit = self.services.audit.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = audit.record(event).await {
+                    tracing::error!(error = %e, "could not audit the end of a WatchMail stream");
+                }
+            });
+        }
+    }
+}
+
+/// A revoked grant is a refusal like any other.
+fn stream_error(e: MailError) -> ApiError {
+    match e {
+        MailError::Denied(why) => ApiError::Denied(why),
+        e => e.into(),
+    }
+}
+
+/// The watcher's events as the stream's items; its end is audited.
+fn audited(watcher: crate::mail::watch::Watcher, end: StreamEnd) -> MailStream {
+    Box::pin(futures::stream::unfold(
+        (watcher, end),
+        async |(mut watcher, mut end)| {
+            let item = match watcher.next().await? {
+                Ok(event) => Ok(convert::mail_event(event)),
+                Err(e) => {
+                    let e = stream_error(e);
+                    end.ended(&e).await;
+                    Err(Status::from(e))
+                }
+            };
+            Some((item, (watcher, end)))
+        },
+    ))
+}
 
 #[tonic::async_trait]
 impl Broker for BrokerApi {
@@ -75,6 +153,7 @@ impl Broker for BrokerApi {
                 messages: fetched.messages.into_iter().map(convert::mail).collect(),
                 uid_validity: fetched.uid_validity,
                 highest_uid: fetched.highest_uid,
+                response_cap_reached: fetched.response_cap_reached,
             })
         })
         .await
@@ -82,24 +161,29 @@ impl Broker for BrokerApi {
 
     type WatchMailStream = MailStream;
 
-    /// The stream is audited when it opens; what it delivers afterwards is not audited per
-    /// message.
+    /// The stream is audited when it opens and when it ends; what it delivers in between is
+    /// not audited per message. It holds its grant: it ends when that goes ([`Grant`]).
     async fn watch_mail(
         &self,
         req: Request<proto::WatchMailRequest>,
     ) -> Result<Response<Self::WatchMailStream>, Status> {
         let s = &self.0;
         s.handle_on(Rpc::WatchMail, req, async |call, target, r| {
+            let grant = Grant {
+                policy: s.policy.clone(),
+                caller: call.caller.clone(),
+                op: Operation::WatchMail,
+            };
             let watcher = s
                 .mail
-                .watch(&call.caller, &target, convert::watch_query(r))
+                .watch(grant, &target, convert::watch_query(r))
                 .await?;
-            let stream = tokio_stream::wrappers::ReceiverStream::new(watcher).map(|event| {
-                event
-                    .map(convert::mail_event)
-                    .map_err(|e| Status::from(ApiError::from(e)))
-            });
-            Ok(Box::pin(stream) as MailStream)
+            let end = StreamEnd {
+                services: s.clone(),
+                call: call.clone(),
+                audited: false,
+            };
+            Ok(audited(watcher, end))
         })
         .await
     }

@@ -37,7 +37,31 @@ pub struct Call {
     pub started: std::time::Instant,
 }
 
+/// How an error is audited: a refusal (policy, rate) is denied, anything else an error.
+pub fn audited_outcome(e: &ApiError) -> (Outcome, String) {
+    match e {
+        ApiError::Denied(why) | ApiError::Exhausted { message: why, .. } => {
+            (Outcome::Denied, why.clone())
+        }
+        e => (Outcome::Error, e.to_string()),
+    }
+}
+
 impl Call {
+    /// The call's audit record.
+    pub fn into_audit_event(self, outcome: Outcome, reason: String) -> AuditEvent {
+        AuditEvent {
+            caller: self.caller,
+            operation: self.rpc.audit_label().to_string(),
+            workspace: self.workspace,
+            connector: self.connector,
+            user_id: self.user_id,
+            outcome: Some(outcome),
+            reason,
+            request_id: self.request_id,
+        }
+    }
+
     /// Notes the connector the call resolved to, for the audit record.
     pub fn on(&mut self, target: &Target) {
         self.on_connector(&target.connector);
@@ -132,16 +156,9 @@ impl Services {
     /// The intent record of an acting RPC: durable before the action, which does not happen
     /// if it cannot be written.
     async fn intend(&self, call: &Call) -> Result<(), ApiError> {
-        let event = AuditEvent {
-            caller: call.caller.clone(),
-            operation: call.rpc.audit_label().to_string(),
-            workspace: call.workspace.clone(),
-            connector: call.connector.clone(),
-            user_id: call.user_id.clone(),
-            outcome: Some(Outcome::Allowed),
-            reason: "intent: admitted, about to act".into(),
-            request_id: call.request_id.clone(),
-        };
+        let event = call
+            .clone()
+            .into_audit_event(Outcome::Allowed, "intent: admitted, about to act".into());
         self.audit.record(event).await.map(drop).map_err(|e| {
             tracing::error!(error = %e, request_id = %call.request_id, "intent not written: not acting");
             ApiError::Audit(e)
@@ -223,25 +240,18 @@ impl Services {
     ) -> Result<Response<T>, Status> {
         let (outcome, reason) = match &result {
             Ok(_) => (Outcome::Ok, String::new()),
-            Err(ApiError::Denied(why) | ApiError::Exhausted { message: why, .. }) => {
-                (Outcome::Denied, why.clone())
-            }
-            Err(e) => (Outcome::Error, e.to_string()),
+            Err(e) => audited_outcome(e),
         };
-        let event = AuditEvent {
-            caller: call.caller.clone(),
-            operation: call.rpc.audit_label().to_string(),
-            workspace: call.workspace,
-            connector: call.connector,
-            user_id: call.user_id,
-            outcome: Some(outcome),
-            reason,
-            request_id: call.request_id.clone(),
-        };
-        let (rpc, id) = (call.rpc, &call.request_id);
-        if let Err(e) = self.audit.record(event).await {
+        let (rpc, started) = (call.rpc, call.started);
+        let (caller, request_id) = (call.caller.clone(), call.request_id.clone());
+        let id = &request_id;
+        if let Err(e) = self
+            .audit
+            .record(call.into_audit_event(outcome, reason))
+            .await
+        {
             tracing::error!(error = %e, request_id = %id, "audit failed: refusing the call");
-            crate::metrics::rpc(rpc, tonic::Code::Unavailable, call.started.elapsed());
+            crate::metrics::rpc(rpc, tonic::Code::Unavailable, started.elapsed());
             let status =
                 Status::unavailable("the audit log cannot be written; the request was refused");
             return Err(tagged(status, id));
@@ -250,11 +260,11 @@ impl Services {
         let code = result
             .as_ref()
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        let elapsed = call.started.elapsed();
+        let elapsed = started.elapsed();
         crate::metrics::rpc(rpc, code, elapsed);
         tracing::info!(
             op = rpc.metric_label(),
-            caller = %call.caller,
+            caller = %caller,
             request_id = %id,
             outcome = outcome.name(),
             code = crate::metrics::code_name(code),

@@ -167,6 +167,8 @@ pub fn mail(m: crate::mail::MailMessage) -> proto::MailMessage {
         in_reply_to: m.in_reply_to,
         references: m.references,
         reply_to: m.reply_to,
+        size: m.size,
+        truncated: m.truncated,
     }
 }
 

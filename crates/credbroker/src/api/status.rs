@@ -200,6 +200,9 @@ fn oauth(e: &OAuthError) -> Class {
         OAuthError::NotOAuth { .. } => plain(Reason::NotOauth),
         OAuthError::UnknownState => plain(Reason::StateUnknown),
         OAuthError::StateExpired => plain(Reason::StateExpired),
+        OAuthError::OtherBrowser => plain(Reason::Policy),
+        OAuthError::IssuerMismatch { .. } => plain(Reason::ProviderRefused),
+        OAuthError::ConnectorChanged { .. } => plain(Reason::FailedPrecondition),
         OAuthError::Refused(_) => plain(Reason::ProviderRefused),
         OAuthError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
         OAuthError::Model(m) => model(m),
@@ -227,6 +230,7 @@ fn mail(e: &MailError) -> Class {
         MailError::Rejected { .. } => plain(Reason::MailRejected),
         MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
         MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+        MailError::Denied(_) => plain(Reason::Policy),
     }
 }
 

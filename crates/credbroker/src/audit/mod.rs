@@ -67,6 +67,8 @@ impl Outcome {
 pub mod label {
     /// The browser's return from an OAuth provider (the HTTP listener's callback).
     pub const OAUTH_CALLBACK: &str = "OAuthCallback";
+    /// A browser opening BeginConnect's start link (the HTTP listener's `/oauth/start`).
+    pub const OAUTH_START: &str = "OAuthStart";
     /// A TLS handshake the gRPC listener refused.
     pub const TLS_HANDSHAKE: &str = "TlsHandshake";
 }

@@ -15,6 +15,7 @@ pub struct OAuth2;
 static SCHEMA: Schema = Schema {
     config: &[
         "client_id",
+        "issuer",
         "auth_url",
         "token_url",
         "revocation_url",
@@ -68,6 +69,10 @@ impl ConnectorDriver for OAuth2 {
             if let Some(url) = draft.config.get(*key) {
                 https_url(&format!("config.{key}"), url)?;
             }
+        }
+        // The issuer identifier an authorization response must name (RFC 9207): an https URL.
+        if let Some(issuer) = draft.config.get("issuer") {
+            https_url("config.issuer", issuer)?;
         }
         check_ca("config.ca_pem", draft.config.get("ca_pem"))
     }

@@ -1,5 +1,6 @@
-//! The HTTPS listener for browsers and probes: `/healthz`, Prometheus `/metrics` and the OAuth
-//! redirect target `/oauth/callback`. It uses the gRPC server certificate but asks for no client certificate.
+//! The HTTPS listener for browsers and probes: `/healthz`, Prometheus `/metrics`, the OAuth start
+//! link `/oauth/start` (binds the browser, see [`crate::oauth::binding`]) and the redirect target
+//! `/oauth/callback`. It uses the gRPC server certificate but asks for no client certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::Services;
 use crate::audit::{AuditEvent, Outcome};
+use crate::oauth::{OAuthError, PendingConnect, binding};
 use axum::http::StatusCode;
 
 /// The address a connection came from, given to each of its requests.
@@ -28,6 +30,13 @@ struct CallbackParams {
     state: Option<String>,
     code: Option<String>,
     error: Option<String>,
+    /// RFC 9207: the issuer of the authorization response.
+    iss: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StartParams {
+    state: Option<String>,
 }
 
 fn router(services: Arc<Services>, metrics_token: Option<String>) -> Router {
@@ -38,7 +47,8 @@ fn router(services: Arc<Services>, metrics_token: Option<String>) -> Router {
     });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/oauth/callback", get(callback))
+        .route(binding::START_PATH, get(start))
+        .route(binding::CALLBACK_PATH, get(callback))
         .with_state(services)
         .merge(
             Router::new()
@@ -96,12 +106,7 @@ impl Scrapes {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
+        crate::vault::constant_time_eq(given.as_bytes(), token.as_bytes())
     }
 }
 
@@ -130,64 +135,153 @@ async fn metrics(State(scrapes): State<Arc<Scrapes>>, headers: axum::http::Heade
         .into_response()
 }
 
-/// The provider sends the browser here after consent. The state names the pending connection;
-/// the outcome is audited (the browser is the caller) and the browser goes on to the return
-/// URL given at BeginConnect with `status=connected` or `status=error&error=…`.
-async fn callback(
-    State(services): State<Arc<Services>>,
-    Extension(Remote(remote)): Extension<Remote>,
-    Query(params): Query<CallbackParams>,
-) -> Response {
-    if services
+/// A refusal page for a browser that may not go on, if this address is over its rate.
+fn over_rate(services: &Services, remote: std::net::SocketAddr) -> Option<Response> {
+    services
         .callback_rate
         .allow(&remote.ip().to_string())
-        .is_err()
-    {
-        return (
+        .err()?;
+    Some(
+        (
             StatusCode::TOO_MANY_REQUESTS,
             "Too many requests from this address; try again in a moment.\n",
         )
-            .into_response();
-    }
-    let mut event = AuditEvent {
-        caller: "browser (oauth callback)".into(),
-        operation: crate::audit::label::OAUTH_CALLBACK.into(),
+            .into_response(),
+    )
+}
+
+/// An audit event for a browser's request (the browser is the caller, `what` says where).
+fn browser_event(operation: &str, what: &str) -> AuditEvent {
+    AuditEvent {
+        caller: format!("browser ({what})"),
+        operation: operation.into(),
         request_id: hex::encode(crate::vault::random_bytes::<8>()),
         ..AuditEvent::default()
-    };
-    let pending = match services
-        .oauth
-        .take_state(params.state.as_deref().unwrap_or_default())
-        .await
-    {
-        Ok(pending) => pending,
-        Err(e) => {
-            // Nobody is authenticated yet: a flood of junk states is summarised, not written
-            // one by one.
-            services
-                .refusals
-                .refuse(
-                    crate::audit::label::OAUTH_CALLBACK,
-                    remote.ip(),
-                    e.to_string(),
-                )
-                .await;
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("{e}\nReturn to the application and connect the account again.\n"),
-            )
-                .into_response();
-        }
-    };
+    }
+}
+
+/// Names the pending connection a state stands for in the audit event.
+fn note(event: &mut AuditEvent, pending: &PendingConnect) {
     event.workspace = pending.workspace.clone();
     event.connector = pending.connector_id.clone();
     event.user_id = pending.user_id.clone();
+}
+
+/// The binding cookie the browser presented, if any.
+fn cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
+    binding::from_headers(
+        headers
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+/// A refused start or callback. Another browser presenting someone's state is audited in full
+/// (it names the connection); junk and spent states are summarised, not written one by one.
+async fn refuse(
+    services: &Services,
+    remote: std::net::SocketAddr,
+    operation: &'static str,
+    mut event: AuditEvent,
+    e: OAuthError,
+) -> Response {
+    let status = if matches!(e, OAuthError::OtherBrowser) {
+        event.outcome = Some(Outcome::Denied);
+        event.reason = e.to_string();
+        if let Err(response) = audit(services, event).await {
+            return response;
+        }
+        StatusCode::FORBIDDEN
+    } else {
+        services
+            .refusals
+            .refuse(operation, remote.ip(), e.to_string())
+            .await;
+        StatusCode::BAD_REQUEST
+    };
+    let page = format!("{e}\nReturn to the application and connect the account again.\n");
+    (
+        status,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        page,
+    )
+        .into_response()
+}
+
+/// BeginConnect's link: binds this browser to the state (a cookie) and sends it to the
+/// provider. Audited; a second browser is refused.
+async fn start(
+    State(services): State<Arc<Services>>,
+    Extension(Remote(remote)): Extension<Remote>,
+    headers: axum::http::HeaderMap,
+    Query(params): Query<StartParams>,
+) -> Response {
+    if let Some(response) = over_rate(&services, remote) {
+        return response;
+    }
+    let operation = crate::audit::label::OAUTH_START;
+    let mut event = browser_event(operation, "oauth start");
+    let state = params.state.as_deref().unwrap_or_default();
+    let opened = services
+        .oauth
+        .open_start(state, cookie(&headers), |p| note(&mut event, p))
+        .await;
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => return refuse(&services, remote, operation, event, e).await,
+    };
+    event.outcome = Some(Outcome::Ok);
+    if let Err(response) = audit(&services, event).await {
+        return response;
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (axum::http::header::LOCATION, opened.location),
+            (
+                axum::http::header::SET_COOKIE,
+                binding::set_cookie(&opened.cookie),
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-store".into()),
+        ],
+    )
+        .into_response()
+}
+
+/// The provider sends the browser here after consent. The state names the pending connection,
+/// which only the browser that opened the start link may finish (another is refused and the
+/// state kept); the outcome is audited and the browser goes on to the return URL given at
+/// BeginConnect with `status=connected` or `status=error&error=…`.
+async fn callback(
+    State(services): State<Arc<Services>>,
+    Extension(Remote(remote)): Extension<Remote>,
+    headers: axum::http::HeaderMap,
+    Query(params): Query<CallbackParams>,
+) -> Response {
+    if let Some(response) = over_rate(&services, remote) {
+        return response;
+    }
+    let operation = crate::audit::label::OAUTH_CALLBACK;
+    let mut event = browser_event(operation, "oauth callback");
+    let state = params.state.as_deref().unwrap_or_default();
+    let taken = services
+        .oauth
+        .take_state_if(state, |p| {
+            note(&mut event, p);
+            p.check_browser(cookie(&headers))
+        })
+        .await;
+    let pending = match taken {
+        Ok(pending) => pending,
+        Err(e) => return refuse(&services, remote, operation, event, e).await,
+    };
     let return_url = pending.return_url.clone();
     let outcome = match (params.error, params.code) {
         (Some(error), _) => Err(provider_error_code(&error)),
         (None, Some(code)) => services
             .oauth
-            .complete(pending, &code)
+            .complete(pending, &code, params.iss.as_deref())
             .await
             .map_err(|e| e.to_string()),
         (None, None) => Err("the provider returned neither a code nor an error".into()),

@@ -442,6 +442,11 @@ pub struct MailMessage {
     pub attachments: Vec<AttachmentInfo>,
     pub in_reply_to: String,
     pub references: Vec<String>,
+    /// The message's size on the server (RFC822.SIZE), in bytes.
+    pub size: u64,
+    /// Larger than the per-message cap: only its first bytes were read (see
+    /// [`super::imap::Caps`]).
+    pub truncated: bool,
 }
 
 fn addr_string(a: &mail_parser::Addr<'_>) -> Option<String> {
@@ -527,6 +532,8 @@ pub fn parse(raw: &[u8], html: bool) -> MailMessage {
         attachments,
         in_reply_to: ids(m.in_reply_to()).into_iter().next().unwrap_or_default(),
         references: ids(m.references()),
+        size: raw.len() as u64,
+        truncated: false,
     }
 }
 

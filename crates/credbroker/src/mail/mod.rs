@@ -4,15 +4,18 @@
 //! - [`message`]: validating and building outgoing mail, parsing incoming mail (mail-parser);
 //! - [`smtp`]: sending through a pooled lettre transport per connection;
 //! - [`imap`]: reading a mailbox with async-imap over tokio-rustls;
-//! - [`watch`]: the IMAP IDLE loop behind WatchMail;
+//! - [`watch`]: the IMAP IDLE loop behind WatchMail, and [`guard`]: what ends a stream when
+//!   its grant or its connection goes;
 //! - [`test_account`]: the IMAP login + SMTP AUTH check behind ConnectWithCredentials.
 //!
 //! Every upstream step is bounded by the configured upstream timeout. A stored password the
 //! server refuses marks the connection EXPIRED. No password or token ever appears in an error.
 
 pub mod account;
+pub mod guard;
 pub mod imap;
 pub mod message;
+mod meter;
 pub mod smtp;
 pub mod watch;
 
@@ -89,6 +92,9 @@ pub enum MailError {
     NoMailbox { mailbox: String, message: String },
     #[error("too many WatchMail streams for this caller (at most {0})")]
     TooManyWatchers(usize),
+    /// The policy no longer grants the caller what a stream it holds needs ([`guard`]).
+    #[error("{0}")]
+    Denied(String),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -142,6 +148,7 @@ pub struct Mail {
     smtp: smtp::Pools,
     max_watchers: usize,
     watchers: Arc<Mutex<HashMap<String, usize>>>,
+    caps: imap::Caps,
 }
 
 impl Mail {
@@ -150,6 +157,7 @@ impl Mail {
         oauth: Arc<OAuth>,
         timeout: Duration,
         max_watchers: usize,
+        caps: imap::Caps,
     ) -> Self {
         Self {
             credentials: Credentials::new(registry, oauth),
@@ -157,6 +165,7 @@ impl Mail {
             smtp: smtp::Pools::default(),
             max_watchers,
             watchers: Arc::default(),
+            caps,
         }
     }
 
@@ -164,12 +173,16 @@ impl Mail {
         self.timeout
     }
 
+    pub fn caps(&self) -> imap::Caps {
+        self.caps
+    }
+
     /// The account behind a connection, with fresh credentials.
     pub async fn account(&self, target: &Target) -> Result<Account, MailError> {
         account::load(&self.credentials, target, self.timeout).await
     }
 
-    fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         self.credentials.registry()
     }
 
@@ -197,7 +210,7 @@ impl Mail {
     ) -> Result<imap::FetchResult, MailError> {
         query.validate()?;
         let account = self.account(target).await?;
-        let result = imap::fetch(&account, &query, self.timeout).await;
+        let result = imap::fetch(&account, &query, self.timeout, self.caps).await;
         let result = self.on_auth_refused(target, &account, result).await;
         if result.is_ok() {
             self.record_use(target).await;
@@ -205,28 +218,26 @@ impl Mail {
         result
     }
 
-    /// Starts watching a mailbox. The first connection is made before this returns, so that
-    /// configuration, credential and reachability problems are answered as errors; afterwards
-    /// the stream reconnects by itself until the receiver is dropped.
+    /// Starts watching a mailbox for the holder of `grant`. The first connection is made
+    /// before this returns, so that configuration, credential and reachability problems are
+    /// answered as errors; afterwards the stream reconnects by itself until the receiver is
+    /// dropped, or ends when the grant or the connection goes ([`guard`]).
     pub async fn watch(
         self: &Arc<Self>,
-        caller: &str,
+        grant: guard::Grant,
         target: &Target,
         mut query: watch::WatchQuery,
     ) -> Result<watch::Watcher, MailError> {
         query.validate()?;
-        let slot = self.watch_slot(caller)?;
+        let slot = self.watch_slot(&grant.caller)?;
+        let mut guard = guard::Guard::new(grant, target.clone(), self.registry());
+        guard.check(self.registry()).await?;
         let account = self.account(target).await?;
-        let first = imap::Session::open(&account, &query.mailbox, false, self.timeout).await;
+        let first =
+            imap::Session::open(&account, &query.mailbox, false, self.timeout, self.caps).await;
         let first = self.on_auth_refused(target, &account, first).await?;
         self.record_use(target).await;
-        Ok(watch::spawn(
-            self.clone(),
-            target.clone(),
-            query,
-            first,
-            slot,
-        ))
+        Ok(watch::spawn(self.clone(), guard, query, first, slot))
     }
 
     /// A password connection is recorded once a call worked; OAuth ones when their token is

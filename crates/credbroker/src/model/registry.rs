@@ -677,6 +677,11 @@ impl Registry {
         self.store.generation(CONNECTIONS)
     }
 
+    /// Changes whenever a connector is written or deleted (see [`Store::generation`]).
+    pub fn connectors_generation(&self) -> u64 {
+        self.store.generation(CONNECTORS)
+    }
+
     /// Connections by status across every workspace (for metrics), scanning page by page on a
     /// blocking thread.
     pub async fn count_connections(
@@ -869,12 +874,10 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vault::{KeySource, generate_key_file};
-
-    /// A registry on a fresh store in a folder of its own (kept while the test runs).
-    async fn registry(rules: &'static dyn ConnectorRules) -> (tempfile::TempDir, Registry) {
+impl Registry {
+    /// A registry on a new store in a temporary folder (removed when the folder is dropped).
+    pub async fn temporary(rules: &'static dyn ConnectorRules) -> (tempfile::TempDir, Registry) {
+        use crate::vault::{KeySource, generate_key_file};
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         generate_key_file(&key).unwrap();
@@ -884,6 +887,11 @@ mod tests {
             .unwrap();
         (dir, Registry::new(Arc::new(store), rules))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     /// Rules that accept every connector and keep no credential on one; when they name a config
     /// key, it is where the connector's `s` and every connection's secrets go.
@@ -917,7 +925,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
-        let (_dir, registry) = registry(&ANY).await;
+        let (_dir, registry) = Registry::temporary(&ANY).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
@@ -976,7 +984,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_destination_erases_what_the_change_did_not_carry() {
-        let (_dir, registry) = registry(&URL_MOVES).await;
+        let (_dir, registry) = Registry::temporary(&URL_MOVES).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),

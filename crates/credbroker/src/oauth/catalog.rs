@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Connector, FieldError};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Preset {
+    /// The authorization server's issuer identifier (RFC 8414), for providers that send `iss`
+    /// in every authorization response (RFC 9207).
+    pub issuer: Option<String>,
     pub auth_url: Option<String>,
     pub token_url: Option<String>,
     pub revocation_url: Option<String>,
@@ -60,14 +63,14 @@ pub fn validate_provider(field: &str, provider: &str) -> Result<(), FieldError> 
 }
 
 /// How the client authenticates at the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TokenAuth {
     Basic,
     Post,
 }
 
 /// Which grant a connector uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Grant {
     /// A person consents in a browser; the broker keeps a refresh token.
     AuthorizationCode,
@@ -89,10 +92,14 @@ impl Grant {
     }
 }
 
-/// Everything the flows need to talk to one connector's provider.
-#[derive(Debug, Clone)]
+/// Everything the flows need to talk to one connector's provider. BeginConnect keeps a copy in
+/// the pending state, so the callback talks to the provider the consent was asked of.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Endpoints {
     pub client_id: String,
+    /// The issuer identifier an authorization response must name (`config.issuer`): when set,
+    /// the callback requires `iss` and compares it exactly (RFC 9207).
+    pub issuer: Option<String>,
     pub auth_url: Option<String>,
     pub token_url: String,
     pub revocation_url: Option<String>,
@@ -105,6 +112,8 @@ pub struct Endpoints {
     pub redirect_uri: Option<String>,
     pub resource: Option<String>,
     pub ca_pem: Option<String>,
+    /// The provider's API (Google), where access tokens go.
+    pub base_url: Option<String>,
 }
 
 impl Endpoints {
@@ -152,6 +161,7 @@ impl Endpoints {
                 "client_id",
                 connector.setting("client_id").map(str::to_string),
             )?,
+            issuer: pick("issuer", preset.issuer),
             auth_url,
             token_url: required("token_url", pick("token_url", preset.token_url))?,
             revocation_url: pick("revocation_url", preset.revocation_url),
@@ -165,7 +175,19 @@ impl Endpoints {
             redirect_uri: connector.setting("redirect_uri").map(str::to_string),
             resource: connector.setting("resource").map(str::to_string),
             ca_pem: connector.setting("ca_pem").map(str::to_string),
+            base_url: pick("base_url", preset.base_url),
         })
+    }
+
+    /// Where a grant's secrets go, and what names the provider: the values that must not change
+    /// between BeginConnect and the callback (the scopes, the label field may).
+    pub fn destination(&self) -> impl PartialEq + '_ {
+        (
+            (&self.client_id, &self.issuer, &self.token_url),
+            (&self.revocation_url, &self.userinfo_url, &self.base_url),
+            (self.token_auth, self.grant, &self.redirect_uri),
+            (&self.resource, &self.ca_pem),
+        )
     }
 }
 

@@ -1,7 +1,13 @@
 //! The authorization-code flow: BeginConnect makes the authorization URL (PKCE S256, a
-//! single-use state kept encrypted for ten minutes); the callback or CompleteConnect exchanges
-//! the code, reads the account label and stores the tokens. Reconnect is the same flow on an
-//! existing connection. Disconnect revokes at the provider where it can.
+//! single-use state kept encrypted for ten minutes) and pins the connector's endpoints in the
+//! pending state; the broker's start link binds the browser ([`super::binding`]); the callback
+//! or CompleteConnect exchanges the code, reads the account label and stores the tokens.
+//! Reconnect is the same flow on an existing connection. Disconnect revokes at the provider
+//! where it can.
+//!
+//! Invariant: the code goes only to the token endpoint pinned at BeginConnect, and only while
+//! the connector's destination ([`Endpoints::destination`]) is still the pinned one — tokens of
+//! one provider are never stored under a connector that now points elsewhere.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use oauth2::basic::BasicClient;
@@ -12,6 +18,7 @@ use oauth2::{
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::binding::{self, CALLBACK_PATH, START_PATH};
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
 use super::{OAuth, OAuthError, describe, expiry};
@@ -32,6 +39,16 @@ pub struct PendingConnect {
     redirect_uri: String,
     pub return_url: String,
     pub expires_at: DateTime<Utc>,
+    /// The provider's authorization URL, where the start link sends the bound browser.
+    #[serde(default)]
+    authorize_url: String,
+    /// SHA-256 of the cookie of the browser that opened the start link; none until one did.
+    #[serde(default)]
+    browser: Option<String>,
+    /// The connector's endpoints at BeginConnect (none in a state written before they were
+    /// pinned: such a state cannot be completed).
+    #[serde(default)]
+    endpoints: Option<Endpoints>,
 }
 
 impl PendingConnect {
@@ -41,12 +58,40 @@ impl PendingConnect {
         }
         Ok(())
     }
+
+    /// Refuses any browser but the one that opened the start link (its cookie).
+    pub fn check_browser(&self, cookie: Option<&str>) -> Result<(), OAuthError> {
+        match &self.browser {
+            Some(bound) if binding::matches(bound, cookie) => Ok(()),
+            _ => Err(OAuthError::OtherBrowser),
+        }
+    }
+
+    /// The endpoints pinned at BeginConnect, while the connector's destination is still theirs.
+    fn pinned(&self, connector: &Connector) -> Result<Endpoints, OAuthError> {
+        let pinned = self.endpoints.clone().ok_or(OAuthError::StateExpired)?;
+        if Endpoints::of(connector)?.destination() != pinned.destination() {
+            return Err(OAuthError::ConnectorChanged {
+                connector: connector.name.clone(),
+            });
+        }
+        Ok(pinned)
+    }
 }
 
 pub struct Started {
+    /// The broker's start link when the broker receives the callback; the provider's URL when
+    /// the connector names its own `redirect_uri` (the platform binds the browser then).
     pub authorization_url: String,
     pub state: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// Where the start link sends a browser, and the binding cookie to set (no `Debug`: the cookie
+/// is a bearer value).
+pub struct Opened {
+    pub location: String,
+    pub cookie: String,
 }
 
 pub struct Completed {
@@ -57,6 +102,14 @@ pub struct Completed {
 
 fn state_key(state: &str) -> String {
     hex::encode(sha2::Sha256::digest(state.as_bytes()))
+}
+
+/// The store key of a state a browser or caller presented, if it can be one.
+fn checked_key(state: &str) -> Result<String, OAuthError> {
+    if state.is_empty() || state.len() > 256 {
+        return Err(OAuthError::UnknownState);
+    }
+    Ok(state_key(state))
 }
 
 /// Where a browser may be sent back after consenting: the configured origins (`[http]
@@ -135,6 +188,15 @@ impl OAuth {
             .unwrap_or_else(|| self.callback_url.clone())
     }
 
+    /// The broker's start link (`{public_url}/oauth/start`).
+    fn start_url(&self) -> String {
+        let base = self
+            .callback_url
+            .strip_suffix(CALLBACK_PATH)
+            .unwrap_or(&self.callback_url);
+        format!("{base}{START_PATH}")
+    }
+
     /// Starts connecting (or reconnecting) the target's account.
     pub async fn begin(
         &self,
@@ -158,35 +220,16 @@ impl OAuth {
             )
             .into());
         }
-        let auth_url = endpoints.auth_url.clone().unwrap_or_default();
         let redirect_uri = self.redirect_uri(&endpoints);
-        let client = BasicClient::new(ClientId::new(endpoints.client_id.clone()))
-            .set_auth_uri(
-                AuthUrl::new(auth_url)
-                    .map_err(|e| FieldError::new("config.auth_url", e.to_string()))?,
-            )
-            .set_redirect_uri(
-                RedirectUrl::new(redirect_uri.clone())
-                    .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
-            );
-        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let state = hex::encode(crate::vault::random_bytes::<32>());
-        let mut request = client
-            .authorize_url(|| CsrfToken::new(state.clone()))
-            .set_pkce_challenge(challenge);
-        for scope in endpoints.scopes.iter().chain(extra_scopes) {
-            request = request.add_scope(Scope::new(scope.clone()));
-        }
-        for (name, value) in &endpoints.auth_params {
-            request = request.add_extra_param(name.clone(), value.clone());
-        }
-        if !login_hint.is_empty() {
-            request = request.add_extra_param("login_hint", login_hint.to_string());
-        }
-        if let Some(resource) = &endpoints.resource {
-            request = request.add_extra_param("resource", resource.clone());
-        }
-        let (url, _) = request.url();
+        let (authorize_url, verifier) =
+            authorization_request(&endpoints, &redirect_uri, &state, extra_scopes, login_hint)?;
+        // Where the broker receives the callback, it binds the browser first.
+        let authorization_url = if redirect_uri == self.callback_url {
+            format!("{}?state={state}", self.start_url())
+        } else {
+            authorize_url.clone()
+        };
         let expires_at = Utc::now() + STATE_TTL;
         let pending = PendingConnect {
             workspace: connector.workspace.clone(),
@@ -196,14 +239,59 @@ impl OAuth {
             redirect_uri,
             return_url: return_url.to_string(),
             expires_at,
+            authorize_url,
+            browser: None,
+            endpoints: Some(endpoints),
         };
         self.registry
             .save_oauth_state(&state_key(&state), &pending)
             .await?;
         Ok(Started {
-            authorization_url: url.to_string(),
+            authorization_url,
             state,
             expires_at,
+        })
+    }
+
+    /// The start link: on the first open, binds the browser (its earlier cookie, or a new one)
+    /// to the state; returns where to send it at the provider and the cookie to set. Another
+    /// browser is refused and changes nothing. `note` sees the pending connection (for the
+    /// audit) before any check.
+    pub async fn open_start(
+        &self,
+        state: &str,
+        cookie: Option<&str>,
+        note: impl FnOnce(&PendingConnect),
+    ) -> Result<Opened, OAuthError> {
+        let key = checked_key(state)?;
+        let _one_at_a_time = self.states.lock().await;
+        let mut pending = self
+            .registry
+            .oauth_state::<PendingConnect>(&key)
+            .await?
+            .ok_or(OAuthError::UnknownState)?;
+        note(&pending);
+        pending.check_fresh(Utc::now())?;
+        if pending.authorize_url.is_empty() {
+            return Err(OAuthError::StateExpired);
+        }
+        let cookie = match &pending.browser {
+            Some(_) => {
+                pending.check_browser(cookie)?;
+                cookie.unwrap_or_default().to_string()
+            }
+            None => {
+                let value = cookie
+                    .filter(|c| binding::well_formed(c))
+                    .map_or_else(binding::new_cookie, str::to_string);
+                pending.browser = Some(binding::digest(&value));
+                self.registry.save_oauth_state(&key, &pending).await?;
+                value
+            }
+        };
+        Ok(Opened {
+            location: pending.authorize_url,
+            cookie,
         })
     }
 
@@ -219,10 +307,7 @@ impl OAuth {
         state: &str,
         admit: impl FnOnce(&PendingConnect) -> Result<(), E>,
     ) -> Result<PendingConnect, E> {
-        if state.is_empty() || state.len() > 256 {
-            return Err(OAuthError::UnknownState.into());
-        }
-        let key = state_key(state);
+        let key = checked_key(state)?;
         let _one_at_a_time = self.states.lock().await;
         let found = self.registry.oauth_state::<PendingConnect>(&key).await;
         let pending = found
@@ -238,12 +323,14 @@ impl OAuth {
         Ok(pending)
     }
 
-    /// Finishes a connection: exchanges the code (with the PKCE verifier), asks the provider
-    /// who the account is, and stores the tokens.
+    /// Finishes a connection: checks the response's issuer, exchanges the code (with the PKCE
+    /// verifier) at the pinned token endpoint, asks the provider who the account is, and stores
+    /// the tokens.
     pub async fn complete(
         &self,
         pending: PendingConnect,
         code: &str,
+        iss: Option<&str>,
     ) -> Result<Completed, OAuthError> {
         if code.is_empty() || code.len() > 4096 {
             return Err(FieldError::new(
@@ -256,44 +343,69 @@ impl OAuth {
             .registry
             .find_connector(&pending.workspace, &pending.connector_id)
             .await?;
-        let endpoints = Endpoints::of(&connector)?;
+        let endpoints = pending.pinned(&connector)?;
+        binding::check_issuer(&endpoints, iss)?;
+        let sender = http::Sender(http::client(endpoints.ca_pem.as_deref(), self.timeout)?);
+        let response = self
+            .exchange_code(&connector, &endpoints, &sender, &pending, code)
+            .await?;
+        let access = Secret::new(response.access_token().secret().clone());
+        let account_label = account_label(&sender, &endpoints, &access).await?;
+        let connection = self
+            .save_connected(
+                &connector,
+                &pending.user_id,
+                &endpoints,
+                &response,
+                (access, account_label),
+            )
+            .await?;
+        Ok(Completed {
+            connector,
+            connection,
+            return_url: pending.return_url,
+        })
+    }
+
+    async fn exchange_code(
+        &self,
+        connector: &Connector,
+        endpoints: &Endpoints,
+        sender: &http::Sender,
+        pending: &PendingConnect,
+        code: &str,
+    ) -> Result<oauth2::basic::BasicTokenResponse, OAuthError> {
         let client = self
-            .token_client(&connector, &endpoints)
+            .token_client(connector, endpoints)
             .await?
             .set_redirect_uri(
                 RedirectUrl::new(pending.redirect_uri.clone())
                     .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
             );
-        let http = http::client(endpoints.ca_pem.as_deref(), self.timeout)?;
-        let sender = http::Sender(http);
-        let response = client
+        client
             .exchange_code(AuthorizationCode::new(code.to_string()))
             .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.expose().to_string()))
-            .request_async(&sender)
+            .request_async(sender)
             .await
             .map_err(|e| match e {
                 RequestTokenError::ServerResponse(r) => OAuthError::Refused(r.to_string()),
                 other => OAuthError::Unavailable(describe(&other)),
-            })?;
-        let access = Secret::new(response.access_token().secret().clone());
-        let account_label = match &endpoints.userinfo_url {
-            Some(url) => match http::identity(&sender.0, url, &access).await? {
-                Identity::Document(doc) => {
-                    label_at(&doc, &endpoints.account_label_field).unwrap_or_default()
-                }
-                Identity::Refused(status) => {
-                    return Err(OAuthError::Refused(format!(
-                        "the identity endpoint refused the new token (HTTP {status})"
-                    )));
-                }
-            },
-            None => String::new(),
-        };
+            })
+    }
+
+    /// Stores a newly connected account's tokens.
+    async fn save_connected(
+        &self,
+        connector: &Connector,
+        user: &str,
+        endpoints: &Endpoints,
+        response: &oauth2::basic::BasicTokenResponse,
+        (access, account_label): (Secret, String),
+    ) -> Result<Connection, OAuthError> {
         let now = Utc::now();
-        let user = &pending.user_id;
         let mut connection = self
             .registry
-            .connection(&connector, user)
+            .connection(connector, user)
             .await?
             .unwrap_or_else(|| Connection::new(&connector.id, user));
         connection.status = ConnectionStatus::Connected;
@@ -318,11 +430,7 @@ impl OAuth {
             .save_connection(&connection, Some(&secrets))
             .await?;
         self.backoff_clear(&crate::model::connection_path(&connector.id, user));
-        Ok(Completed {
-            connector,
-            connection,
-            return_url: pending.return_url,
-        })
+        Ok(connection)
     }
 
     /// Disconnects an OAuth connection: revokes at the provider where it can, then erases the
@@ -391,6 +499,63 @@ impl OAuth {
     }
 }
 
+/// The provider's authorization URL for one state, and the PKCE verifier that goes with it.
+fn authorization_request(
+    endpoints: &Endpoints,
+    redirect_uri: &str,
+    state: &str,
+    extra_scopes: &[String],
+    login_hint: &str,
+) -> Result<(String, PkceCodeVerifier), FieldError> {
+    let auth_url = endpoints.auth_url.clone().unwrap_or_default();
+    let client = BasicClient::new(ClientId::new(endpoints.client_id.clone()))
+        .set_auth_uri(
+            AuthUrl::new(auth_url)
+                .map_err(|e| FieldError::new("config.auth_url", e.to_string()))?,
+        )
+        .set_redirect_uri(
+            RedirectUrl::new(redirect_uri.to_string())
+                .map_err(|e| FieldError::new("config.redirect_uri", e.to_string()))?,
+        );
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let mut request = client
+        .authorize_url(|| CsrfToken::new(state.to_string()))
+        .set_pkce_challenge(challenge);
+    for scope in endpoints.scopes.iter().chain(extra_scopes) {
+        request = request.add_scope(Scope::new(scope.clone()));
+    }
+    for (name, value) in &endpoints.auth_params {
+        request = request.add_extra_param(name.clone(), value.clone());
+    }
+    if !login_hint.is_empty() {
+        request = request.add_extra_param("login_hint", login_hint.to_string());
+    }
+    if let Some(resource) = &endpoints.resource {
+        request = request.add_extra_param("resource", resource.clone());
+    }
+    let (url, _) = request.url();
+    Ok((url.to_string(), verifier))
+}
+
+/// Who the new token belongs to, from the identity endpoint (empty without one).
+async fn account_label(
+    sender: &http::Sender,
+    endpoints: &Endpoints,
+    access: &Secret,
+) -> Result<String, OAuthError> {
+    let Some(url) = &endpoints.userinfo_url else {
+        return Ok(String::new());
+    };
+    match http::identity(&sender.0, url, access).await? {
+        Identity::Document(doc) => {
+            Ok(label_at(&doc, &endpoints.account_label_field).unwrap_or_default())
+        }
+        Identity::Refused(status) => Err(OAuthError::Refused(format!(
+            "the identity endpoint refused the new token (HTTP {status})"
+        ))),
+    }
+}
+
 /// How often states past their life are swept from the store.
 pub const STATE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -427,13 +592,12 @@ impl OAuth {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn expired_states_are_swept_and_live_ones_kept() {
+    /// An OAuth service on a fresh store in `dir`.
+    async fn service(dir: &std::path::Path) -> (OAuth, std::sync::Arc<crate::model::Registry>) {
         use crate::vault::{KeySource, generate_key_file};
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
+        let key = dir.join("key");
         generate_key_file(&key).unwrap();
-        let config = crate::config::StoreConfig::at(dir.path().join("db"));
+        let config = crate::config::StoreConfig::at(dir.join("db"));
         let store = crate::store::Store::create(&config, &KeySource::KeyFile(key))
             .await
             .unwrap();
@@ -443,9 +607,163 @@ mod tests {
         ));
         let oauth = OAuth::new(
             registry.clone(),
-            String::new(),
+            "https://broker.test/oauth/callback".into(),
             std::time::Duration::from_secs(1),
         );
+        (oauth, registry)
+    }
+
+    fn connector(extra: &[(&str, &str)]) -> Connector {
+        let mut config = vec![
+            ("client_id", "c"),
+            ("auth_url", "https://as.test/auth"),
+            ("token_url", "https://as.test/token"),
+            ("userinfo_url", "https://as.test/me"),
+        ];
+        config.extend_from_slice(extra);
+        Connector::for_tests(Kind::Oauth2, crate::model::Mode::Personal, &config)
+    }
+
+    #[tokio::test]
+    async fn the_start_link_binds_one_browser_and_only_it_may_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (oauth, registry) = service(dir.path()).await;
+        let target = Target {
+            connector: connector(&[]),
+            connection_user: "u1".into(),
+            on_behalf_of: "u1".into(),
+        };
+        let started = oauth.begin(&target, "", &[], "").await.unwrap();
+        assert_eq!(
+            started.authorization_url,
+            format!("https://broker.test/oauth/start?state={}", started.state)
+        );
+        let state = started.state.as_str();
+        let mut noted = String::new();
+        let a = oauth
+            .open_start(state, None, |p| noted = p.user_id.clone())
+            .await
+            .unwrap();
+        assert_eq!(noted, "u1");
+        assert!(
+            a.location.starts_with("https://as.test/auth?"),
+            "{}",
+            a.location
+        );
+        assert!(a.location.contains(&format!("state={state}")));
+        assert!(binding::well_formed(&a.cookie));
+        // Another browser, with or without a cookie of its own, is refused; A may reopen.
+        let b = binding::new_cookie();
+        for other in [None, Some(b.as_str()), Some("junk")] {
+            let refused = oauth.open_start(state, other, |_| {}).await;
+            assert!(
+                matches!(refused, Err(OAuthError::OtherBrowser)),
+                "{other:?}"
+            );
+        }
+        let again = oauth.open_start(state, Some(&a.cookie), |_| {}).await;
+        assert_eq!(again.unwrap().cookie, a.cookie);
+        // The callback in B's browser is refused and leaves the state for A's.
+        let refused = oauth
+            .take_state_if(state, |p| p.check_browser(Some(&b)))
+            .await;
+        assert!(matches!(refused, Err(OAuthError::OtherBrowser)));
+        let refused = oauth.take_state_if(state, |p| p.check_browser(None)).await;
+        assert!(matches!(refused, Err(OAuthError::OtherBrowser)));
+        let pending = oauth
+            .take_state_if(state, |p| p.check_browser(Some(&a.cookie)))
+            .await
+            .unwrap();
+        assert_eq!(pending.user_id, "u1");
+        // A browser that already holds a binding cookie keeps it for its next link.
+        let next = oauth.begin(&target, "", &[], "").await.unwrap();
+        let opened = oauth
+            .open_start(&next.state, Some(&a.cookie), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(opened.cookie, a.cookie);
+        // The store keeps only the cookie's digest.
+        let kept: PendingConnect = registry
+            .oauth_state(&state_key(&next.state))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.browser, Some(binding::digest(&a.cookie)));
+        assert!(!serde_json::to_string(&kept).unwrap().contains(&a.cookie));
+    }
+
+    #[tokio::test]
+    async fn a_connector_with_its_own_redirect_gets_the_provider_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let (oauth, _) = service(dir.path()).await;
+        let target = Target {
+            connector: connector(&[("redirect_uri", "https://app.test/oauth/back")]),
+            connection_user: "u1".into(),
+            on_behalf_of: "u1".into(),
+        };
+        let started = oauth.begin(&target, "", &[], "").await.unwrap();
+        assert!(
+            started
+                .authorization_url
+                .starts_with("https://as.test/auth?"),
+            "{}",
+            started.authorization_url
+        );
+    }
+
+    #[test]
+    fn the_callback_keeps_to_the_endpoints_pinned_at_begin() {
+        let at_begin = connector(&[("scopes", "a")]);
+        let pending = PendingConnect {
+            workspace: "default".into(),
+            connector_id: at_begin.id.clone(),
+            user_id: "u1".into(),
+            verifier: Secret::new("v"),
+            redirect_uri: String::new(),
+            return_url: String::new(),
+            expires_at: Utc::now(),
+            authorize_url: String::new(),
+            browser: None,
+            endpoints: Some(Endpoints::of(&at_begin).unwrap()),
+        };
+        let pinned = pending.pinned(&at_begin).unwrap();
+        assert_eq!(pinned.token_url, "https://as.test/token");
+        // Scopes may change meanwhile; the pinned ones are used.
+        let rescoped = connector(&[("scopes", "a b")]);
+        assert_eq!(pending.pinned(&rescoped).unwrap().scopes, ["a"]);
+        for (key, moved) in [
+            ("token_url", "https://evil.test/token"),
+            ("userinfo_url", "https://evil.test/me"),
+            ("revocation_url", "https://evil.test/revoke"),
+            ("client_id", "other"),
+            ("ca_pem", "-----BEGIN CERTIFICATE-----"),
+            ("issuer", "https://as.test"),
+            ("base_url", "https://evil.test/"),
+            ("token_auth", "post"),
+        ] {
+            let changed = connector(&[("scopes", "a"), (key, moved)]);
+            assert!(
+                matches!(
+                    pending.pinned(&changed),
+                    Err(OAuthError::ConnectorChanged { .. })
+                ),
+                "{key}"
+            );
+        }
+        let unpinned = PendingConnect {
+            endpoints: None,
+            ..pending
+        };
+        assert!(matches!(
+            unpinned.pinned(&at_begin),
+            Err(OAuthError::StateExpired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn expired_states_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (oauth, registry) = service(dir.path()).await;
         let now = Utc::now();
         // 600 states (more than a page): a third expired a minute ago, the rest live.
         for i in 0..600 {
@@ -461,6 +779,9 @@ mod tests {
                 } else {
                     now + STATE_TTL
                 },
+                authorize_url: String::new(),
+                browser: None,
+                endpoints: None,
             };
             registry
                 .save_oauth_state(&state_key(&format!("s{i}")), &pending)
@@ -492,6 +813,9 @@ mod tests {
             redirect_uri: "https://127.0.0.1/oauth/callback".into(),
             return_url: String::new(),
             expires_at: Utc::now(),
+            authorize_url: String::new(),
+            browser: None,
+            endpoints: None,
         };
         assert!(
             pending

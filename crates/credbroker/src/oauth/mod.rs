@@ -8,11 +8,12 @@
 //! - `invalid_grant` marks the connection EXPIRED (reconnect needed) and erases its tokens;
 //! - a transient failure backs off per connection and serves the stored token while it is valid.
 
+pub mod binding;
 pub mod catalog;
 mod flow;
 mod http;
 
-pub use flow::{Completed, PendingConnect, ReturnOrigins, Started};
+pub use flow::{Completed, Opened, PendingConnect, ReturnOrigins, Started};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +62,21 @@ pub enum OAuthError {
     UnknownState,
     #[error("the OAuth state has expired: start the connection again")]
     StateExpired,
+    #[error(
+        "this sign-in was started in another browser, so nothing was linked: open the link from \
+         the application in the browser you started from"
+    )]
+    OtherBrowser,
+    #[error(
+        "the authorization response names issuer {got:?}, not {expected:?} (RFC 9207): nothing \
+         was linked"
+    )]
+    IssuerMismatch { expected: String, got: String },
+    #[error(
+        "connector {connector:?} changed its provider endpoints since the connection was \
+         started: start the connection again"
+    )]
+    ConnectorChanged { connector: String },
     #[error("the provider refused the authorization: {0}")]
     Refused(String),
     #[error("the provider is unavailable: {0}")]

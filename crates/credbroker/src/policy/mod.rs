@@ -19,10 +19,14 @@ pub struct Caller {
     pub id: String,
 }
 
-/// The live policy, swapped whole on reload so a request sees one version throughout.
+/// The live policy, swapped whole on reload so a request sees one version throughout. Long
+/// calls (WatchMail streams) [`PolicyHandle::subscribe`] to hear of each reload and check
+/// their grant again.
 pub struct PolicyHandle {
     path: Option<PathBuf>,
     current: RwLock<Arc<Policy>>,
+    /// How many reloads took effect.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyHandle {
@@ -31,6 +35,7 @@ impl PolicyHandle {
         Ok(Self {
             path: Some(path.to_path_buf()),
             current: RwLock::new(Arc::new(policy)),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -38,7 +43,13 @@ impl PolicyHandle {
         Self {
             path: None,
             current: RwLock::new(Arc::new(policy)),
+            reloads: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes on every reload that took effect (the value counts them).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     pub fn current(&self) -> Arc<Policy> {
@@ -55,6 +66,7 @@ impl PolicyHandle {
         };
         let policy = Policy::load(path)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(())
     }
 }

@@ -18,6 +18,11 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
+/// Whether two bearer values are equal, in time that depends on their length only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 /// Where the KEK comes from. Its Debug output never shows the passphrase.
 #[derive(Debug, Clone)]
 pub enum KeySource {

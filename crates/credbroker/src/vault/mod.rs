@@ -17,7 +17,7 @@ mod locked;
 
 pub use envelope::{ENVELOPE_OVERHEAD, Envelope};
 pub use header::{ARGON2_PARAMS, FORMAT_VERSION, Header, Kdf};
-pub use kek::{Kek, KeySource, generate_key_file, random_bytes};
+pub use kek::{Kek, KeySource, constant_time_eq, generate_key_file, random_bytes};
 pub use keyring::{Keyring, TERM_LIMIT};
 
 use std::sync::atomic::{AtomicU64, Ordering};
