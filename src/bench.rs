@@ -576,6 +576,12 @@ pub async fn run(
         Some(&peak),
     );
 
+    let sync = fdatasync_probe(&options.dir, duration).await?;
+    report.add(
+        format!("fdatasync {PROBE_BYTES} B, preallocated"),
+        sync,
+        None,
+    );
     let single = closed_loop(one, 1, duration, echo).await;
     let single = report.add("echo, 1 in flight".into(), single, None);
     let stats = closed_loop(one, 1, duration, key.clone()).await;
@@ -612,6 +618,90 @@ pub async fn run(
         measure_stored(&mut broker, options, &one[0], &single, &mut report).await?;
     }
     Ok(report.rows)
+}
+
+/// Bytes each probe write appends: about one audit batch of one record.
+const PROBE_BYTES: usize = 600;
+
+/// One `write` + `fdatasync` of [`PROBE_BYTES`] at a time into a zero-filled, synced file in
+/// `dir` (the store's disk), as the audit log appends: the physical floor of a durable call.
+async fn fdatasync_probe(dir: &Path, duration: Duration) -> Result<Stats, BenchError> {
+    let path = dir.join("fdatasync-probe");
+    let work = move || -> std::io::Result<Stats> {
+        use std::os::unix::fs::FileExt;
+        let size = 64u64 << 20;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let zeros = vec![0u8; 1 << 20];
+        for at in (0..size).step_by(zeros.len()) {
+            file.write_all_at(&zeros, at)?;
+        }
+        file.sync_all()?;
+        let record = vec![0x5au8; PROBE_BYTES];
+        let (mut stats, started, mut at) = (Stats::default(), Instant::now(), 0u64);
+        while started.elapsed() < duration && at + (PROBE_BYTES as u64) < size {
+            let call = Instant::now();
+            file.write_all_at(&record, at)?;
+            file.sync_data()?;
+            stats.latencies_us.push(call.elapsed().as_micros() as u32);
+            stats.calls += 1;
+            at += PROBE_BYTES as u64;
+        }
+        stats.seconds = started.elapsed().as_secs_f64();
+        drop(file);
+        std::fs::remove_file(&path)?;
+        Ok(stats)
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BenchError::Daemon(format!("the fdatasync probe failed: {e}")))?
+        .map_err(io("the fdatasync probe"))
+}
+
+/// The issue-18 targets, each as met or missed, from one run's rows.
+pub fn targets(rows: &[Row]) -> Vec<String> {
+    let find = |prefix: &str| rows.iter().find(|r| r.scenario.starts_with(prefix));
+    let mut out = Vec::new();
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let (Some(r), Some(e)) = (find("resolve api key, "), find("echo, ")) {
+        let ratio = r.stats.rate() / e.stats.rate().max(1e-9);
+        out.push(format!(
+            "target peak resolve >= 80% of echo: {:.0}% ({})",
+            100.0 * ratio,
+            verdict(ratio >= 0.8)
+        ));
+    }
+    let sync = find("fdatasync").map(|r| r.stats.percentile_us(50.0) as f64);
+    if let (Some(r), Some(e), Some(sync)) = (
+        find("resolve api key, 1 in flight"),
+        find("echo, 1 in flight"),
+        sync,
+    ) {
+        let (p50, limit) = (
+            r.stats.percentile_us(50.0) as f64,
+            e.stats.percentile_us(50.0) as f64 + 1.5 * sync,
+        );
+        out.push(format!(
+            "target 1-in-flight p50 <= echo p50 + 1.5 x fdatasync p50 ({sync:.0} µs): {p50:.0} <= {limit:.0} µs ({})",
+            verdict(p50 <= limit)
+        ));
+    }
+    for what in ["resolve api key at", "resolve cached oauth at"] {
+        if let Some(r) = find(what)
+            && let Some(b) = &r.baseline
+        {
+            let ratio = r.stats.percentile_us(99.0) as f64 / b.percentile_us(99.0).max(1) as f64;
+            out.push(format!(
+                "target p99 {what} 25% <= 2 x echo: x{ratio:.2} ({})",
+                verdict(ratio <= 2.0)
+            ));
+        }
+    }
+    out
 }
 
 /// Last, because growing the store restarts the daemon: resolve among the first

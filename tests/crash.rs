@@ -1,7 +1,8 @@
 //! SIGKILL at random points under write load — connector changes, connections saved, OAuth
 //! token refreshes, and the audit record of every call — a hundred times. After each kill the
-//! audit chain verifies on the closed store, and after each restart every write the daemon
-//! acknowledged before the kill is there.
+//! audit chain verifies on the closed store (a torn last batch allowed: it was never
+//! acknowledged), and after each restart every write the daemon acknowledged before the kill is
+//! there. The audit log's segments are small, so kills also land mid-roll.
 //!
 //! The pauses before the kills come from a seeded generator. The test prints its seed first
 //! (`crash test seed: N`, shown with the output of a failing test); to replay a failing run,
@@ -29,6 +30,8 @@ use tonic::transport::Channel;
 const KILLS: usize = 100;
 const OAUTH: &str = "Team Mail";
 const KEYS: &str = "Personal Keys";
+/// Segments of 64 KiB: a roll every ~150 records.
+const AUDIT: &str = "[audit]\nsegment_bytes = 65536\n";
 /// The environment variable that replays a run's pauses (see the module's comment).
 const SEED_VAR: &str = "CRASH_SEED";
 
@@ -144,6 +147,21 @@ async fn assert_acked_kept(
     }
 }
 
+/// Every acknowledged call was answered only after its audit record was durable: the log
+/// holds at least as many records as calls were acknowledged.
+async fn assert_audit_covers(admin: &mut AdminClient<Channel>, round: usize, acked_calls: u64) {
+    let head = admin
+        .get_audit_head(proto::GetAuditHeadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        head.seq >= acked_calls,
+        "round {round}: the audit log holds {} records, but {acked_calls} calls were acknowledged",
+        head.seq
+    );
+}
+
 /// Whether the kill of `round` lost a token rotation. A kill between the provider rotating the
 /// refresh token and the store saving it loses the rotation (nobody was answered, so no
 /// acknowledged write is lost); the provider then sees the old token reused and revokes the
@@ -183,7 +201,8 @@ async fn rotation_lost(
 async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
     let seed = seed();
     let mut pauses = StdRng::seed_from_u64(seed);
-    let (mut daemon, mut admin, _) = with_connection(Daemon::start(), OAUTH, "u1").await;
+    let (mut daemon, mut admin, _) =
+        with_connection(Daemon::start_with_config(AUDIT), OAUTH, "u1").await;
     let keys = new_connector(
         KEYS,
         proto::ConnectorKind::ApiKey,
@@ -216,6 +235,8 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
         acked_total.0 += acked.connectors.len();
         acked_total.1 += acked.keys.len();
         acked_total.2 += acked.refreshes;
+        let acked_calls = acked_total.0 + acked_total.1 + acked_total.2;
+        assert_audit_covers(&mut admin, round, acked_calls as u64).await;
 
         if rotation_lost(&mut admin, &mut agent, round).await {
             rotations_lost += 1;

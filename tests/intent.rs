@@ -92,7 +92,9 @@ async fn outcomes(daemon: &Daemon, operation: &str, request_id: &str) -> Vec<Str
 /// the daemon stops before the tmpfs is unmounted.
 fn daemon_on_tmpfs() -> (Tmpfs, Daemon) {
     let tmpfs = Tmpfs::mount("64m");
-    let mut daemon = Daemon::start();
+    // Small audit segments: the log writes into space it reserved ahead, so a full disk shows
+    // once the current segment and its spare are used up and the next cannot be made.
+    let mut daemon = Daemon::start_with_config("[audit]\nsegment_bytes = 65536\n");
     daemon.stop();
     let store = tmpfs.path().join("store");
     let copied = Command::new("cp")

@@ -39,6 +39,16 @@ pub struct StoreArgs {
 }
 
 #[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Checkpoints held elsewhere (a witness file, or `audit checkpoint`'s output): the log
+    /// must extend every one of them.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     store: StoreArgs,
@@ -172,19 +182,54 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     .await
 }
 
-pub async fn audit_verify(args: StoreArgs) -> Result<(), Error> {
-    let (_, store) = open(&args).await?;
-    let summary = credbroker::audit::verify(&store).await?;
+pub async fn audit_verify(args: VerifyArgs) -> Result<(), Error> {
+    let (config, store) = open(&args.store).await?;
+    let checkpoints = match &args.checkpoint {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            credbroker::audit::Checkpoint::parse_lines(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
+    let dir = config.audit.dir(&config.store);
+    let summary = credbroker::audit::verify_against(&store, &dir, &checkpoints).await?;
     println!(
-        "audit chain intact: {} records, head {}",
-        summary.records, summary.head
+        "audit chain intact: {} records, head {} (record {}){}{}; {} checkpoint(s) on the chain",
+        summary.records,
+        summary.head,
+        summary.last,
+        if summary.pruned_through > 0 {
+            format!(
+                ", continuing from the signed prune anchor at record {}",
+                summary.pruned_through
+            )
+        } else {
+            String::new()
+        },
+        if summary.torn_tail {
+            ", and a torn unacknowledged write at the end (cut when the daemon starts)"
+        } else {
+            ""
+        },
+        summary.checkpoints
     );
     Ok(())
 }
 
 pub async fn audit_export(args: StoreArgs) -> Result<(), Error> {
-    let (_, store) = open(&args).await?;
-    credbroker::audit::export(&store, &mut std::io::stdout().lock()).await?;
+    let (config, store) = open(&args).await?;
+    let dir = config.audit.dir(&config.store);
+    credbroker::audit::export(&store, &dir, &mut std::io::stdout().lock()).await?;
+    Ok(())
+}
+
+pub async fn audit_migrate(args: StoreArgs) -> Result<(), Error> {
+    let (config, store) = open(&args).await?;
+    let dir = config.audit.dir(&config.store);
+    let moved = credbroker::audit::migrate(&store, &dir, config.audit.node.as_deref()).await?;
+    println!("{moved} audit records moved into {}", dir.display());
     Ok(())
 }
 
@@ -259,10 +304,13 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
         dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
     };
     println!("{}", crate::bench::header());
-    crate::bench::run(&options, |row| {
+    let rows = crate::bench::run(&options, |row| {
         println!("{}", crate::bench::format_row(row))
     })
     .await?;
+    for line in crate::bench::targets(&rows) {
+        println!("{line}");
+    }
     let Some(seconds) = args.soak else {
         return Ok(());
     };

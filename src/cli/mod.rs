@@ -78,15 +78,22 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the whole hash chain of a stopped store.
-    Verify(local::StoreArgs),
+    /// Check the whole hash chain of a stopped store's audit log, and that it extends its
+    /// latest signed checkpoint (and those in --checkpoint FILE, one JSON object a line).
+    Verify(local::VerifyArgs),
     /// Write every record of a stopped store as JSON lines to stdout.
     Export(local::StoreArgs),
+    /// Move the records of a store written before the audit log had files of its own into
+    /// the log (daemon stopped).
+    Migrate(local::StoreArgs),
     /// Show the latest records of a running broker.
     Tail {
         #[arg(long, default_value_t = 20)]
         count: u64,
     },
+    /// Print a running broker's latest signed audit checkpoint (keep it elsewhere; `audit
+    /// verify --checkpoint` later proves the log still extends it).
+    Checkpoint,
 }
 
 pub async fn run(cli: Cli) -> Result<(), Error> {
@@ -100,6 +107,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Bench(args) => local::bench(args).await,
         Command::Audit(AuditCommand::Verify(args)) => local::audit_verify(args).await,
         Command::Audit(AuditCommand::Export(args)) => local::audit_export(args).await,
+        Command::Audit(AuditCommand::Migrate(args)) => local::audit_migrate(args).await,
+        Command::Audit(AuditCommand::Checkpoint) => remote::audit_checkpoint(remote).await,
         Command::RotateKey {
             config: Some(config),
             prompt,

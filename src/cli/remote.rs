@@ -427,6 +427,19 @@ pub async fn audit_tail(remote: &Remote, count: u64) -> Result<(), Error> {
     Ok(())
 }
 
+pub async fn audit_checkpoint(remote: &Remote) -> Result<(), Error> {
+    let mut admin = remote.admin().await?;
+    let head = admin
+        .get_audit_head(proto::GetAuditHeadRequest {})
+        .await?
+        .into_inner();
+    if head.checkpoint.is_empty() {
+        return Err("no audit checkpoint yet (the log is empty, or the first is due)".into());
+    }
+    println!("{}", head.checkpoint);
+    Ok(())
+}
+
 /// Streams a backup from the daemon, checks it whole, and writes it durably to `out`.
 pub async fn backup(remote: &Remote, out: &Path) -> Result<(), Error> {
     if out.exists() {
@@ -548,7 +561,11 @@ fn print_status(status: &proto::StoreStatus) {
         ),
     }
     println!(
-        "audit: head {}, {} queued",
-        status.audit_seq, status.audit_queue_depth
+        "audit: head {}, {} queued, node {}",
+        status.audit_seq, status.audit_queue_depth, status.audit_node
+    );
+    println!(
+        "audit checkpoint key (Ed25519): {}",
+        status.audit_public_key
     );
 }

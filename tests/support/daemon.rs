@@ -160,6 +160,21 @@ impl Daemon {
         }
     }
 
+    /// The options that point the CLI at this daemon as the admin.
+    pub fn admin_args(&self) -> Vec<String> {
+        let d = self.dir.path();
+        vec![
+            "--addr".into(),
+            self.addr(),
+            "--ca".into(),
+            d.join("ca.pem").display().to_string(),
+            "--cert".into(),
+            d.join("admin.pem").display().to_string(),
+            "--key".into(),
+            d.join("admin.key").display().to_string(),
+        ]
+    }
+
     /// Runs the CLI with this daemon's folder as working directory.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin())

@@ -35,6 +35,16 @@
 //! free_disk_warn_bytes = 1073741824 # warn below this much free space on the store's disk
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
+//! [audit]                           # the audit log (every key optional)
+//! path = "store/audit"              # its folder (default: "audit" in the store's folder)
+//! node = "broker-1"                 # this node's id in every record (default: the hostname)
+//! segment_bytes = 33554432          # segments roll at this size (preallocated)
+//! checkpoint_records = 1000         # a signed checkpoint every this many records…
+//! checkpoint_secs = 10              # …or this many seconds, whichever comes first
+//! witness_file = "/elsewhere/ckpt"  # each checkpoint appended here as a JSON line
+//! retain_days = 365                 # segments older than this are exported and pruned…
+//! retain_bytes = 10737418240        # …and the oldest while the log is larger than this
+//! archive = "store/audit-archive"   # where pruned segments are exported (JSON lines)
 //! ```
 
 use std::net::SocketAddr;
@@ -68,6 +78,77 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where the audit log lives, how it rolls, checkpoints and prunes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The log's folder; `None`: `audit` inside the store's folder.
+    pub path: Option<PathBuf>,
+    /// This node's id; `None`: the one the log was created with, else the hostname.
+    pub node: Option<String>,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    #[serde(default = "default_checkpoint_records")]
+    pub checkpoint_records: u64,
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_secs: u64,
+    pub witness_file: Option<PathBuf>,
+    pub retain_days: Option<u64>,
+    pub retain_bytes: Option<u64>,
+    /// Where pruned segments are exported; `None`: `audit-archive` beside the log's folder.
+    pub archive: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            node: None,
+            segment_bytes: default_segment_bytes(),
+            checkpoint_records: default_checkpoint_records(),
+            checkpoint_secs: default_checkpoint_secs(),
+            witness_file: None,
+            retain_days: None,
+            retain_bytes: None,
+            archive: None,
+        }
+    }
+}
+
+fn default_segment_bytes() -> u64 {
+    32 << 20
+}
+
+fn default_checkpoint_records() -> u64 {
+    1000
+}
+
+fn default_checkpoint_secs() -> u64 {
+    10
+}
+
+impl AuditConfig {
+    /// The log's folder for a store at `store`.
+    pub fn dir(&self, store: &StoreConfig) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| store.path.join("audit"))
+    }
+
+    /// Where pruned segments go for a store at `store`.
+    pub fn archive_dir(&self, store: &StoreConfig) -> PathBuf {
+        self.archive.clone().unwrap_or_else(|| {
+            let dir = self.dir(store);
+            dir.with_file_name(format!(
+                "{}-archive",
+                dir.file_name().and_then(|n| n.to_str()).unwrap_or("audit")
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,6 +382,16 @@ impl Config {
         self.grpc.crl.iter_mut().for_each(fix);
         fix(&mut self.policy.file);
         if let Some(p) = &mut self.http.metrics_token_file {
+            fix(p);
+        }
+        for p in [
+            &mut self.audit.path,
+            &mut self.audit.witness_file,
+            &mut self.audit.archive,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
     }

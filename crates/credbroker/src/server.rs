@@ -371,7 +371,13 @@ pub async fn open_services(
     store: Arc<Store>,
 ) -> Result<Arc<Services>, ServeError> {
     let policy = Arc::new(PolicyHandle::load(&config.policy.file)?);
-    let audit = Arc::new(AuditLog::start(store.clone()).await?);
+    let audit = Arc::new(
+        AuditLog::start(
+            store.clone(),
+            crate::audit::LogSettings::from_config(config),
+        )
+        .await?,
+    );
     let refusals = Refusals::start(audit.clone());
     let registry = Arc::new(Registry::new(store, &crate::driver::DRIVERS));
     let timeout = config.upstream_timeout();

@@ -65,6 +65,8 @@ async fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
         rewrap,
         audit_seq: s.audit.head().seq,
         audit_queue_depth: s.audit.queue_depth() as u64,
+        audit_public_key: s.audit.public_key()?,
+        audit_node: s.audit.node().to_string(),
     })
 }
 
@@ -211,6 +213,7 @@ fn audit_record(rec: AuditRecord) -> proto::AuditRecord {
         reason: rec.event.reason,
         request_id: rec.event.request_id,
         hash: rec.hash,
+        node: rec.node,
     }
 }
 
@@ -534,6 +537,12 @@ impl Admin for AdminApi {
                 seq: head.seq,
                 hash: head.hash,
                 time: convert::opt_timestamp(head.time),
+                node: s.audit.node().to_string(),
+                checkpoint: s
+                    .audit
+                    .latest_checkpoint()
+                    .map(|cp| cp.to_line())
+                    .unwrap_or_default(),
             })
         })
         .await

@@ -1,39 +1,47 @@
 //! The audit log: every data-plane call and admin change, allowed or denied, as a hash chain
-//! (`h_n = SHA-256(h_{n-1} ‖ record)`), appended by one writer thread that batches whatever is
-//! queued into one durable commit, which it syncs itself: every hop between threads costs a
-//! wake-up on the path of every call, so the writer does not hand its sync to another thread.
-//! [`AuditLog::record`] returns only once its record is on disk; if it cannot be written the
-//! caller fails the request (fail closed).
+//! (`h_n = SHA-256(h_{n-1} ‖ record)`), kept in an append-only segment log of its own beside the
+//! store (`[audit] path`), outside the storage engine.
 //!
-//! Records live in the store (sealed like everything else), up to [`RECORDS_PER_VALUE`] per
-//! value under `b/{first seq:020}`, because one store write per record was most of the
-//! writer's cost. The latest head is kept beside them under `head`, written in the same commit,
-//! so that deleting the last records is detected too. Records never contain a secret.
+//! One writer thread takes whatever is queued — what arrived while its previous sync ran — seals
+//! it as one batch and appends it with one `write` and one `fdatasync` (group commit; see
+//! [`log`] for the files' invariants). [`AuditLog::record`] returns only once its record is on
+//! disk; if it cannot be written the caller fails the request (fail closed). Records never
+//! contain a secret; they may name users, so batches are sealed with a key from the vault.
+//!
+//! A maintenance thread, off the writer's path, zero-fills the next segment, signs a
+//! [`Checkpoint`] every `checkpoint_records` records or `checkpoint_secs` seconds (kept in the
+//! log's folder and appended to the witness file), and prunes old segments ([`retention`]).
 
+mod checkpoint;
+mod log;
+mod migrate;
+mod retention;
+mod segment;
+#[cfg(test)]
+mod tests;
 mod verify;
 
-pub use verify::{VerifyError, VerifySummary, export, verify};
+pub use checkpoint::{Checkpoint, Kind as CheckpointKind};
+pub use migrate::{migrate, old_records};
+pub use verify::{VerifyError, VerifySummary, export, verify, verify_against};
 
 use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Batch, Store, StoreError, Table};
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use crate::vault::VaultError;
+use log::{Appender, CHECKPOINT_FILE};
 
-/// The audit log's table: `b/{first seq:020}` → up to [`RECORDS_PER_VALUE`] records, and
-/// `head` → [`AuditHead`]. Written once and read rarely, so never cached.
-pub const TABLE: Table = Table::uncached("audit");
-
-/// Most records one commit carries.
+/// Most records one batch carries.
 const MAX_BATCH: usize = 4096;
-/// Records stored in one value. Small enough that the default backend's pages (up to 17
-/// values) stay under its blob threshold (128 KiB): larger pages go to blob files, one file
-/// and two syncs each.
-const RECORDS_PER_VALUE: usize = 16;
 /// Queue depth before callers wait for room (back-pressure, not loss).
 const QUEUE: usize = 65536;
 
@@ -86,11 +94,14 @@ pub struct AuditEvent {
     pub request_id: String,
 }
 
-/// A record as chained and stored. Field order is the canonical hashing order.
+/// A record as read back. Field order is the canonical hashing order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditRecord {
     pub seq: u64,
     pub time: DateTime<Utc>,
+    /// The node whose log holds it.
+    #[serde(default)]
+    pub node: String,
     #[serde(flatten)]
     pub event: AuditEvent,
     /// Hex SHA-256 of the chain up to and including this record.
@@ -113,68 +124,221 @@ pub enum AuditError {
     Stopped,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the audit log is damaged: {0}")]
+    Damaged(String),
+    #[error(
+        "the audit log ends at record {last}, but its latest signed checkpoint covers record {checkpoint}: acknowledged records are gone (restore the log, or see `credbroker audit verify`)"
+    )]
+    Lost { checkpoint: u64, last: u64 },
+    #[error("the audit keys: {0}")]
+    Keys(VaultError),
+    #[error(
+        "this store keeps {records} audit records in the old in-store format; move them to the audit log with `credbroker audit migrate --config …` (daemon stopped)"
+    )]
+    OldFormat { records: u64 },
+}
+
+impl AuditError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
 }
 
 pub(crate) const GENESIS: [u8; 32] = [0; 32];
-
-/// Where the batch whose first record is `first_seq` is stored.
-pub(crate) fn batch_path(first_seq: u64) -> String {
-    format!("{BATCH_PREFIX}{first_seq:020}")
-}
-
-pub(crate) const BATCH_PREFIX: &str = "b/";
-
-pub(crate) const HEAD_PATH: &str = "head";
 
 /// `SHA-256(prev ‖ canonical JSON of the record without its hash)`.
 pub(crate) fn chain_hash(
     prev: &[u8; 32],
     seq: u64,
     time: &DateTime<Utc>,
+    node: &str,
     event: &AuditEvent,
 ) -> [u8; 32] {
     #[derive(Serialize)]
     struct Canonical<'a> {
         seq: u64,
         time: &'a DateTime<Utc>,
+        node: &'a str,
         #[serde(flatten)]
         event: &'a AuditEvent,
     }
-    let body =
-        serde_json::to_vec(&Canonical { seq, time, event }).expect("audit record serializes");
+    let body = serde_json::to_vec(&Canonical {
+        seq,
+        time,
+        node,
+        event,
+    })
+    .expect("audit record serializes");
     let mut hasher = Sha256::new();
     hasher.update(prev);
     hasher.update(&body);
     hasher.finalize().into()
 }
 
+/// Where the log lives and how it checkpoints and prunes (`[audit]`, resolved).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub dir: PathBuf,
+    pub node: Option<String>,
+    pub segment_bytes: u64,
+    pub checkpoint_records: u64,
+    pub checkpoint_every: Duration,
+    pub witness_file: Option<PathBuf>,
+    pub retention: retention::Retention,
+}
+
+pub use retention::Retention;
+
+impl LogSettings {
+    /// The defaults, for a log in `dir` (tests, tools).
+    pub fn at(dir: PathBuf) -> Self {
+        let defaults = crate::config::AuditConfig::default();
+        Self {
+            dir,
+            node: None,
+            segment_bytes: defaults.segment_bytes,
+            checkpoint_records: defaults.checkpoint_records,
+            checkpoint_every: Duration::from_secs(defaults.checkpoint_secs),
+            witness_file: None,
+            retention: Retention::default(),
+        }
+    }
+
+    pub fn from_config(config: &Config) -> Self {
+        let audit = &config.audit;
+        Self {
+            dir: audit.dir(&config.store),
+            node: audit.node.clone(),
+            segment_bytes: audit.segment_bytes,
+            checkpoint_records: audit.checkpoint_records.max(1),
+            checkpoint_every: Duration::from_secs(audit.checkpoint_secs.max(1)),
+            witness_file: audit.witness_file.clone(),
+            retention: Retention {
+                max_age: audit.retain_days.map(|d| Duration::from_secs(d * 86_400)),
+                max_bytes: audit.retain_bytes,
+                archive: audit.archive_dir(&config.store),
+            },
+        }
+    }
+}
+
 type Pending = (AuditEvent, oneshot::Sender<Result<u64, Arc<str>>>);
+
+/// Signs and keeps checkpoints; shared by the maintenance thread and [`AuditLog::checkpoint_now`].
+struct Checkpointer {
+    store: Arc<Store>,
+    settings: LogSettings,
+    node: String,
+    head: Arc<Mutex<AuditHead>>,
+    /// The latest checkpoint; held while one is signed, stored and witnessed.
+    latest: Mutex<Option<Checkpoint>>,
+}
+
+impl Checkpointer {
+    /// Signs the current head unless the latest checkpoint covers it; returns the latest.
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let head = self.head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if head.seq == 0 || latest.as_ref().is_some_and(|cp| cp.seq >= head.seq) {
+            return Ok(latest.clone());
+        }
+        let cp = Checkpoint::sign(
+            self.store.vault(),
+            CheckpointKind::Checkpoint,
+            &self.node,
+            head.seq,
+            &head.hash,
+            head.time.unwrap_or_else(Utc::now),
+        )?;
+        cp.store(&self.settings.dir.join(CHECKPOINT_FILE))?;
+        *latest = Some(cp.clone());
+        if let Some(witness) = &self.settings.witness_file {
+            cp.witness(witness)?;
+        }
+        Ok(Some(cp))
+    }
+
+    fn due(&self, since: std::time::Instant) -> bool {
+        let head = self.head.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        let covered = self
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |cp| cp.seq);
+        head > covered
+            && (head - covered >= self.settings.checkpoint_records
+                || since.elapsed() >= self.settings.checkpoint_every)
+    }
+}
 
 pub struct AuditLog {
     queue: mpsc::Sender<Pending>,
     head: Arc<Mutex<AuditHead>>,
     store: Arc<Store>,
+    checkpoints: Arc<Checkpointer>,
+    dir: PathBuf,
+    node: String,
 }
 
 impl AuditLog {
-    /// Starts the writer task, continuing the chain from the stored head.
-    pub async fn start(store: Arc<Store>) -> Result<AuditLog, AuditError> {
-        let head = store
-            .get::<AuditHead>(TABLE, HEAD_PATH)
-            .await?
-            .unwrap_or(AuditHead {
-                seq: 0,
-                hash: hex::encode(GENESIS),
-                time: None,
-            });
+    /// Opens the log `settings` names (recovering its tail) and starts its writer.
+    pub async fn start(store: Arc<Store>, settings: LogSettings) -> Result<AuditLog, AuditError> {
+        let old = migrate::old_count(&store).await?;
+        if old > 0 {
+            return Err(AuditError::OldFormat { records: old });
+        }
+        let appender = {
+            let (store, settings) = (store.clone(), settings.clone());
+            crate::store::run_blocking(async move {
+                Appender::open(
+                    &settings.dir,
+                    store.vault(),
+                    settings.node.as_deref(),
+                    settings.segment_bytes,
+                )
+            })
+            .await??
+        };
+        let node = appender.node.clone();
+        let head = Arc::new(Mutex::new(appender.tail.head()));
+        let latest = checkpoint::Checkpoint::load(&settings.dir.join(CHECKPOINT_FILE))?;
+        let checkpoints = Arc::new(Checkpointer {
+            store: store.clone(),
+            settings: settings.clone(),
+            node: node.clone(),
+            head: head.clone(),
+            latest: Mutex::new(latest),
+        });
         let (queue, rx) = mpsc::channel(QUEUE);
-        let head = Arc::new(Mutex::new(head));
+        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
         let (writer_store, writer_head) = (store.clone(), head.clone());
+        let every = settings.checkpoint_records;
         std::thread::Builder::new()
             .name("credbroker-audit".into())
-            .spawn(move || writer(writer_store, writer_head, rx))
+            .spawn(move || writer(writer_store, appender, writer_head, rx, nudge, every))
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
-        Ok(AuditLog { queue, head, store })
+        let maintained = checkpoints.clone();
+        std::thread::Builder::new()
+            .name("credbroker-audit-maint".into())
+            .spawn(move || maintain(maintained, nudges))
+            .map_err(|e| AuditError::Write(format!("cannot start the audit maintenance: {e}")))?;
+        Ok(AuditLog {
+            queue,
+            head,
+            store,
+            checkpoints,
+            dir: settings.dir,
+            node,
+        })
     }
 
     /// Appends `event`; returns its sequence number once it is durable.
@@ -193,8 +357,38 @@ impl AuditLog {
         self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// This node's id, as every record of its log carries it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Hex of the Ed25519 key the log's checkpoints are signed with.
+    pub fn public_key(&self) -> Result<String, AuditError> {
+        self.store
+            .vault()
+            .audit_public_key()
+            .map_err(AuditError::Keys)
+    }
+
+    /// The latest signed checkpoint, if any was made yet.
+    pub fn latest_checkpoint(&self) -> Option<Checkpoint> {
+        self.checkpoints
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Signs a checkpoint of the current head now (unless the latest covers it), stores and
+    /// witnesses it.
+    pub async fn checkpoint_now(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let checkpoints = self.checkpoints.clone();
+        crate::store::run_blocking(async move { checkpoints.checkpoint() }).await?
+    }
+
     /// Records after `after_seq` that pass `keep`, at most `limit`, looking at most at
-    /// `max_scan` records so one query cannot walk the whole log.
+    /// `max_scan` records so one query cannot walk the whole log. Reads only what the writer
+    /// has acknowledged.
     pub async fn query(
         &self,
         after_seq: u64,
@@ -202,20 +396,29 @@ impl AuditLog {
         max_scan: usize,
         keep: impl Fn(&AuditRecord) -> bool,
     ) -> Result<Vec<AuditRecord>, AuditError> {
+        let upto = self.head().seq;
         let mut out = Vec::new();
         let mut scanned = 0;
-        for_each_record(&self.store, after_seq.saturating_add(1), |record| {
-            scanned += 1;
-            if keep(&record) {
-                out.push(record);
-            }
-            if out.len() < limit && scanned < max_scan {
-                ControlFlow::Continue(())
-            } else {
-                ControlFlow::Break(())
-            }
-        })
-        .await?;
+        if after_seq >= upto {
+            return Ok(out);
+        }
+        log::read_records(
+            &self.dir,
+            self.store.vault(),
+            after_seq + 1,
+            upto,
+            |record| {
+                scanned += 1;
+                if keep(&record) {
+                    out.push(record);
+                }
+                if out.len() < limit && scanned < max_scan {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
         Ok(out)
     }
 
@@ -226,90 +429,73 @@ impl AuditLog {
 }
 
 /// Runs until every [`AuditLog`] (and so every sender) is gone.
-fn writer(store: Arc<Store>, head: Arc<Mutex<AuditHead>>, mut rx: mpsc::Receiver<Pending>) {
+fn writer(
+    store: Arc<Store>,
+    mut appender: Appender,
+    head: Arc<Mutex<AuditHead>>,
+    mut rx: mpsc::Receiver<Pending>,
+    nudge: std::sync::mpsc::SyncSender<()>,
+    checkpoint_records: u64,
+) {
     let mut pending: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let mut nudged_at = appender.tail.seq;
     while rx.blocking_recv_many(&mut pending, MAX_BATCH) > 0 {
-        let start = head.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut prev = [0u8; 32];
-        if hex::decode_to_slice(&start.hash, &mut prev).is_err() {
-            fail_all(&mut pending, "the stored audit head is damaged");
-            continue;
-        }
-        let mut seq = start.seq;
-        let mut records = Vec::with_capacity(pending.len());
-        let time = Utc::now();
-        for (event, _) in &pending {
-            seq += 1;
-            prev = chain_hash(&prev, seq, &time, event);
-            records.push(AuditRecord {
-                seq,
-                time,
-                event: event.clone(),
-                hash: hex::encode(prev),
-            });
-        }
-        let new_head = AuditHead {
-            seq,
-            hash: hex::encode(prev),
-            time: Some(time),
-        };
-        let mut batch = Batch::new();
-        for chunk in records.chunks(RECORDS_PER_VALUE) {
-            batch.put(TABLE, batch_path(chunk[0].seq), &chunk);
-        }
-        batch.put(TABLE, HEAD_PATH, &new_head);
+        let (events, replies): (Vec<AuditEvent>, Vec<_>) = pending.drain(..).unzip();
+        let count = events.len();
         let started = std::time::Instant::now();
-        // This thread is the writer's own, not a runtime worker: it waits for its commit here.
-        let committed = crate::store::wait_inline(store.commit_here(batch));
-        crate::metrics::audit_flush(pending.len(), started.elapsed());
-        match committed {
-            Ok(()) => {
-                *head.lock().unwrap_or_else(|p| p.into_inner()) = new_head;
-                let first = start.seq + 1;
-                for (i, (_, reply)) in pending.drain(..).enumerate() {
+        let appended = appender.append(store.vault(), events);
+        crate::metrics::audit_flush(count, started.elapsed());
+        match appended {
+            Ok(first) => {
+                *head.lock().unwrap_or_else(|p| p.into_inner()) = appender.tail.head();
+                for (i, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok(first + i as u64));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit write failed; failing the requests it covers");
-                fail_all(&mut pending, &e.to_string());
+                let why: Arc<str> = Arc::from(e.to_string());
+                for reply in replies {
+                    let _ = reply.send(Err(why.clone()));
+                }
             }
+        }
+        let rolled = std::mem::take(&mut appender.rolled);
+        if rolled || appender.tail.seq - nudged_at >= checkpoint_records {
+            nudged_at = appender.tail.seq;
+            let _ = nudge.try_send(());
         }
     }
 }
 
-/// Calls `visit` on every stored record from `from_seq` on, in sequence order, until it breaks.
-pub(crate) async fn for_each_record(
-    store: &Store,
-    from_seq: u64,
-    mut visit: impl FnMut(AuditRecord) -> ControlFlow<()>,
-) -> Result<(), StoreError> {
-    // The batch holding `from_seq` is the last one starting at or before it.
-    let first = store
-        .last::<Vec<AuditRecord>>(TABLE, BATCH_PREFIX, Some(&batch_path(from_seq)))
-        .await?;
-    let mut after = first.as_ref().map(|(path, _)| path.clone());
-    let mut page: Vec<Vec<AuditRecord>> = first.into_iter().map(|(_, records)| records).collect();
+/// The maintenance thread: a spare segment, checkpoints, pruning. Ends (with a last
+/// checkpoint) when the writer does.
+fn maintain(checkpoints: Arc<Checkpointer>, nudges: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let settings = checkpoints.settings.clone();
+    let mut since = std::time::Instant::now();
     loop {
-        for record in page.drain(..).flatten() {
-            if record.seq >= from_seq && visit(record).is_break() {
-                return Ok(());
+        let stopped = matches!(
+            nudges.recv_timeout(settings.checkpoint_every.min(Duration::from_secs(1))),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        if let Err(e) = Appender::prepare_spare(&settings.dir, settings.segment_bytes) {
+            tracing::warn!(error = %e, "audit log: cannot prepare the next segment");
+        }
+        if stopped || checkpoints.due(since) {
+            since = std::time::Instant::now();
+            match checkpoints.checkpoint() {
+                Ok(Some(cp)) => {
+                    if let Err(e) = retention::prune(&checkpoints.store, &settings, &cp) {
+                        tracing::error!(error = %e, "audit log: pruning failed");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "audit log: cannot sign a checkpoint"),
             }
         }
-        let next = store
-            .scan::<Vec<AuditRecord>>(TABLE, BATCH_PREFIX, after.as_deref(), 64)
-            .await?;
-        let Some((last, _)) = next.last() else {
-            return Ok(());
-        };
-        after = Some(last.clone());
-        page.extend(next.into_iter().map(|(_, records)| records));
-    }
-}
-
-fn fail_all(pending: &mut Vec<Pending>, why: &str) {
-    let why: Arc<str> = Arc::from(why);
-    for (_, reply) in pending.drain(..) {
-        let _ = reply.send(Err(why.clone()));
+        if stopped {
+            return;
+        }
     }
 }

@@ -14,8 +14,8 @@
 //! miss pays for the backend's boxed future.
 //!
 //! The vault's persistence hooks (a counter reservation every 64 Ki seals, a rotation's
-//! keyring write) are synchronous, so they wait for the backend with [`wait_inline`]; so do
-//! the group-commit and audit threads, which are not runtime workers.
+//! keyring write) are synchronous, so they wait for the backend with [`wait_inline`]; so does
+//! the group-commit thread, which is not a runtime worker.
 
 mod backend;
 mod backup;
@@ -44,7 +44,7 @@ pub trait Record: DeserializeOwned + Clone + Send + Sync + 'static {}
 
 impl<T: DeserializeOwned + Clone + Send + Sync + 'static> Record for T {}
 
-/// A logical table, declared by the layer that owns its records (the registry, the audit log).
+/// A logical table, declared by the layer that owns its records (the registry, say).
 /// A record's full key is `name ‖ 0x00 ‖ path`; the envelope is bound to it. Names are unique
 /// across the crate and contain no 0 byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,7 +113,7 @@ pub enum StoreError {
 
 /// Waits for a backend future on the calling thread, parking it until the future is woken, for
 /// the synchronous callers named in the module comment. Unlike an executor's `block_on`, it may
-/// nest (the audit writer's commit seals, and a seal may persist a reservation). A backend
+/// nest (a commit seals, and a seal may persist a reservation). A backend
 /// whose futures need the runtime's I/O driver must finish them on another thread (as a client
 /// library's connection task does), never on this one.
 pub(crate) fn wait_inline<F: Future>(future: F) -> F::Output {
@@ -241,6 +241,17 @@ async fn read_header(backend: &dyn Backend) -> Result<Header, StoreError> {
         .map_err(|e| StoreError::Vault(VaultError::HeaderCorrupt(e.to_string())))
 }
 
+/// Writes `header` and syncs it.
+async fn write_header(backend: &dyn Backend, header: &Header) -> Result<(), StoreError> {
+    backend
+        .meta_put(
+            HEADER_KEY,
+            &serde_json::to_vec(header).expect("header serializes"),
+        )
+        .await?;
+    backend.sync().await
+}
+
 impl Store {
     /// Creates a new store where `config` says, refusing if one exists there.
     pub async fn create(config: &StoreConfig, source: &KeySource) -> Result<Store, StoreError> {
@@ -252,13 +263,7 @@ impl Store {
         }
         let (header, _) = Header::create_with_params(source, crate::vault::ARGON2_PARAMS)?;
         // The header is the last thing written: a store without one is not a store yet.
-        backend
-            .meta_put(
-                HEADER_KEY,
-                &serde_json::to_vec(&header).expect("header serializes"),
-            )
-            .await?;
-        backend.sync().await?;
+        write_header(backend.as_ref(), &header).await?;
         // The same handle goes on: reopening would race the engine's release of its lock.
         Self::unlock(backend, source).await
     }
@@ -270,8 +275,14 @@ impl Store {
     }
 
     async fn unlock(backend: Arc<dyn Backend>, source: &KeySource) -> Result<Store, StoreError> {
-        let header = read_header(backend.as_ref()).await?;
-        let (kek, keyring) = header.unlock_with_kek(source)?;
+        let mut header = read_header(backend.as_ref()).await?;
+        let (kek, mut keyring) = header.unlock_with_kek(source)?;
+        if keyring.ensure_audit_keys() {
+            // A keyring from before the audit log had keys of its own: they are made durable
+            // before anything is sealed or signed with them.
+            header = header.with_keyring_kek(&kek, &keyring);
+            write_header(backend.as_ref(), &header).await?;
+        }
         let term = keyring.current_term();
         let reserved = backend
             .meta_get(&reservation_key(term))
@@ -365,8 +376,7 @@ impl Store {
             .collect()
     }
 
-    /// The record with the greatest path under `prefix`, and not above `at_most` if given (the
-    /// audit batch holding a sequence number, say).
+    /// The record with the greatest path under `prefix`, and not above `at_most` if given.
     pub async fn last<T: DeserializeOwned>(
         &self,
         table: Table,
@@ -400,20 +410,10 @@ impl Store {
         self.rotate_if_worn().await
     }
 
-    /// Applies and syncs `batch` in the calling task, without the group-commit thread: for a
-    /// writer that batches on its own and waits for nothing else (the audit writer).
-    pub async fn commit_here(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch).await?;
-        let started = std::time::Instant::now();
-        self.backend.sync().await?;
-        crate::metrics::store_sync(1, started.elapsed());
-        self.rotate_if_worn().await
-    }
-
     /// Rewrites one record with `change` (which returns whether it changed anything), without
     /// a sync of its own: only for hints a crash may lose (a connection's last use), made
-    /// durable by the next commit of any writer — on a serving daemon, the same call's audit
-    /// record. The write happens only if the record is still what was read: a concurrent
+    /// durable by the next commit of any writer (the audit log is not one: it lives outside the
+    /// store). The write happens only if the record is still what was read: a concurrent
     /// change or delete wins, and the hint is dropped. Returns whether it wrote.
     pub async fn update_unsynced<T: Record + Serialize>(
         &self,

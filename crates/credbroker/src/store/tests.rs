@@ -564,6 +564,7 @@ fn full_audit_record(now: chrono::DateTime<chrono::Utc>) -> crate::audit::AuditR
     AuditRecord {
         seq: 7,
         time: now,
+        node: "n1".into(),
         event,
         hash: "ab".repeat(32),
     }

@@ -9,16 +9,18 @@
 //! - encryptions under one term are counted and refused past [`keyring::TERM_LIMIT`], well before
 //!   GCM's 2^32 random-nonce bound.
 
+mod audit_keys;
 mod envelope;
 mod header;
 mod kek;
 mod keyring;
 mod locked;
 
+pub use audit_keys::{SegmentSealer, verify_signature};
 pub use envelope::{ENVELOPE_OVERHEAD, Envelope};
 pub use header::{ARGON2_PARAMS, FORMAT_VERSION, Header, Kdf};
 pub use kek::{Kek, KeySource, constant_time_eq, generate_key_file, random_bytes};
-pub use keyring::{Keyring, TERM_LIMIT};
+pub use keyring::{AuditKeys, Keyring, TERM_LIMIT};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
