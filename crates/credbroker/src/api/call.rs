@@ -310,6 +310,7 @@ impl Services {
             .target(&workspace, &r.connector, &r.user_id)
             .await?;
         call.on(&target);
+        self.admit_through(call, &target).await?;
         if let Access::Grant(op) = call.rpc.access() {
             let c = &target.connector;
             self.policy

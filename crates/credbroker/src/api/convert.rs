@@ -106,6 +106,11 @@ pub fn connection(c: &Connector, conn: &Connection) -> proto::Connection {
         last_refreshed_at: opt_timestamp(conn.last_refreshed_at),
         last_error: conn.last_error.clone(),
         scopes: conn.scopes.clone(),
+        expired_reason: conn
+            .expired_reason
+            .filter(|_| conn.status == crate::model::ConnectionStatus::Expired)
+            .map(|r| r.name().to_string())
+            .unwrap_or_default(),
     }
 }
 

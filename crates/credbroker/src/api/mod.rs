@@ -13,6 +13,7 @@ pub mod gate;
 mod redact;
 mod rpc;
 mod status;
+mod through;
 
 pub use call::Call;
 pub use rpc::{Access, Effect, Rpc, SETTINGS_REQUEST_BYTES};

@@ -16,7 +16,7 @@ use crate::calendar::CalendarError;
 use crate::connect::ConnectError;
 use crate::driver::ConnectionError;
 use crate::mail::MailError;
-use crate::model::{FieldError, ModelError};
+use crate::model::{Expiry, FieldError, ModelError};
 use crate::oauth::OAuthError;
 use crate::proxy::CallError;
 use crate::resolve::ResolveError;
@@ -191,6 +191,10 @@ fn connection(e: &ConnectionError) -> Class {
     match e {
         ConnectionError::NotConnected { .. } => plain(Reason::NotConnected),
         ConnectionError::Expired { .. } => plain(Reason::Expired),
+        ConnectionError::DestinationChanged { .. } => (
+            Reason::Expired,
+            vec![("expired", Expiry::DestinationChanged.name().to_string())],
+        ),
     }
 }
 
@@ -335,5 +339,17 @@ mod tests {
             assert_eq!(classify(&e).0, Reason::NotConnected);
             assert_eq!(Status::from(e).code(), Code::FailedPrecondition);
         }
+        // A connection made before its destinations moved is EXPIRED, and says why.
+        let moved = ApiError::from(ResolveError::Connection(
+            ConnectionError::DestinationChanged {
+                connector: "c".into(),
+                user: "u".into(),
+            },
+        ));
+        let status = Status::from(moved);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "EXPIRED");
+        assert_eq!(info.metadata["expired"], "destination_changed");
     }
 }

@@ -423,6 +423,8 @@ impl OAuth {
             tokens
                 .get(&connector.id)
                 .filter(|t| fresh_enough(Some(t.issued_at), t.expires_at, Utc::now(), min_ttl))
+                // Not a token asked for before the connector moved where tokens go.
+                .filter(|t| !connector.moved_since(Some(t.issued_at)))
                 .cloned()
         };
         let hit = match cached() {
