@@ -611,6 +611,38 @@ mod tests {
     }
 
     #[test]
+    fn the_api_base_is_where_calls_send_the_credential() {
+        let none = BTreeMap::new();
+        let key = Connector::for_tests(
+            Kind::ApiKey,
+            Mode::Shared,
+            &[("api_base", "https://api.corp/v2")],
+        );
+        assert_eq!(
+            driver(Kind::ApiKey)
+                .destination(at(&key, &none), "api_key")
+                .unwrap(),
+            ["https://api.corp/v2"]
+        );
+        let mut slack = Connector::for_tests(Kind::Oauth2, Mode::Personal, &[("client_id", "c")]);
+        slack.provider = "slack".into();
+        let token = driver(Kind::Oauth2)
+            .destination(at(&slack, &none), "access_token")
+            .unwrap();
+        assert!(
+            token.contains(&"https://slack.com/api".to_string()),
+            "{token:?}"
+        );
+        let refresh = driver(Kind::Oauth2)
+            .destination(at(&slack, &none), "refresh_token")
+            .unwrap();
+        assert!(
+            !refresh.contains(&"https://slack.com/api".to_string()),
+            "{refresh:?}"
+        );
+    }
+
+    #[test]
     fn destinations_are_where_the_settings_point() {
         let imap = Connector::for_tests(
             Kind::ImapSmtp,
