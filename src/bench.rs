@@ -546,7 +546,6 @@ pub async fn run(
     }
     let one = &channels[..1];
     let key = resolve_call(KEY_CONNECTOR, 0);
-    let oauth = resolve_call(OAUTH_CONNECTOR, 0);
     let mut report = Report {
         rows: Vec::new(),
         progress: &mut progress,
@@ -560,54 +559,16 @@ pub async fn run(
     )
     .await;
 
-    let n = options.in_flight;
-    let peak = closed_loop(&channels, n, duration, echo).await;
-    let peak = report.add(format!("echo, {n} in flight"), peak, None);
-    let stats = closed_loop(&channels, n, duration, key.clone()).await;
-    report.add(
-        format!("resolve api key, {n} in flight"),
-        stats,
-        Some(&peak),
-    );
-    let stats = closed_loop(&channels, n, duration, oauth.clone()).await;
-    report.add(
-        format!("resolve cached oauth, {n} in flight"),
-        stats,
-        Some(&peak),
-    );
-
+    let peak = peak_rows(&mut report, &channels, options.in_flight, duration).await;
     let sync = fdatasync_probe(&options.dir, duration).await?;
     report.add(
         format!("fdatasync {PROBE_BYTES} B, preallocated"),
         sync,
         None,
     );
-    let single = closed_loop(one, 1, duration, echo).await;
-    let single = report.add("echo, 1 in flight".into(), single, None);
-    let stats = closed_loop(one, 1, duration, key.clone()).await;
-    report.add("resolve api key, 1 in flight".into(), stats, Some(&single));
-    let stats = closed_loop(one, 1, duration, oauth.clone()).await;
-    report.add(
-        "resolve cached oauth, 1 in flight".into(),
-        stats,
-        Some(&single),
-    );
-
+    let single = single_rows(&mut report, one, duration).await;
     let rate = (peak.rate() * options.rate_fraction).max(1.0);
-    let open = open_loop(&channels, rate, duration, echo).await;
-    let open = report.add(format!("echo at {rate:.0}/s"), open, None);
-    let stats = open_loop(&channels, rate, duration, key.clone()).await;
-    report.add(
-        format!("resolve api key at {rate:.0}/s"),
-        stats,
-        Some(&open),
-    );
-    let stats = open_loop(&channels, rate, duration, oauth).await;
-    report.add(
-        format!("resolve cached oauth at {rate:.0}/s"),
-        stats,
-        Some(&open),
-    );
+    fixed_rate_rows(&mut report, &channels, rate, duration).await;
 
     let fresh = new_connections(&broker, 8, duration, echo).await?;
     let fresh = report.add("new mTLS connection + echo".into(), fresh, None);
@@ -618,6 +579,69 @@ pub async fn run(
         measure_stored(&mut broker, options, &one[0], &single, &mut report).await?;
     }
     Ok(report.rows)
+}
+
+/// Echo, then both resolves, at `n` in flight on every channel; returns Echo's figures.
+async fn peak_rows(
+    report: &mut Report<'_>,
+    channels: &[Channel],
+    n: usize,
+    duration: Duration,
+) -> Stats {
+    let peak = closed_loop(channels, n, duration, echo).await;
+    let peak = report.add(format!("echo, {n} in flight"), peak, None);
+    for (label, connector) in [
+        ("api key", KEY_CONNECTOR),
+        ("cached oauth", OAUTH_CONNECTOR),
+    ] {
+        let stats = closed_loop(channels, n, duration, resolve_call(connector, 0)).await;
+        report.add(
+            format!("resolve {label}, {n} in flight"),
+            stats,
+            Some(&peak),
+        );
+    }
+    peak
+}
+
+/// Echo, then both resolves, one call in flight on one channel; returns Echo's figures.
+async fn single_rows(report: &mut Report<'_>, one: &[Channel], duration: Duration) -> Stats {
+    let single = closed_loop(one, 1, duration, echo).await;
+    let single = report.add("echo, 1 in flight".into(), single, None);
+    for (label, connector) in [
+        ("api key", KEY_CONNECTOR),
+        ("cached oauth", OAUTH_CONNECTOR),
+    ] {
+        let stats = closed_loop(one, 1, duration, resolve_call(connector, 0)).await;
+        report.add(
+            format!("resolve {label}, 1 in flight"),
+            stats,
+            Some(&single),
+        );
+    }
+    single
+}
+
+/// Echo, then both resolves, at a fixed arrival rate.
+async fn fixed_rate_rows(
+    report: &mut Report<'_>,
+    channels: &[Channel],
+    rate: f64,
+    duration: Duration,
+) {
+    let open = open_loop(channels, rate, duration, echo).await;
+    let open = report.add(format!("echo at {rate:.0}/s"), open, None);
+    for (label, connector) in [
+        ("api key", KEY_CONNECTOR),
+        ("cached oauth", OAUTH_CONNECTOR),
+    ] {
+        let stats = open_loop(channels, rate, duration, resolve_call(connector, 0)).await;
+        report.add(
+            format!("resolve {label} at {rate:.0}/s"),
+            stats,
+            Some(&open),
+        );
+    }
 }
 
 /// Bytes each probe write appends: about one audit batch of one record.

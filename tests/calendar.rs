@@ -912,22 +912,7 @@ mod google_fake {
         use hyper_util::service::TowerToHyperService;
 
         let ca = credbroker_devpki::CertAuthority::generate("fake Google CA").unwrap();
-        let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
-        let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
-            .unwrap()
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let acceptor = crate::support::daemon::tls_acceptor(&ca);
         let seen = Shared::default();
         let app = app(&seen);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

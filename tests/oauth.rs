@@ -14,6 +14,7 @@ use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::Bro
 use support::daemon::{
     Daemon, assert_refused, audit_records, conn, get_connection, metric, reason, secrets,
 };
+use support::https::serve_https;
 use support::oauth::{
     Browser, RETURN_URL, begin, callback_url, connect, query_param, with_connection, with_connector,
 };
@@ -48,24 +49,6 @@ async fn assert_status(
     status: proto::ConnectionStatus,
 ) {
     assert_eq!(connection(admin, user).await.status, status as i32);
-}
-
-/// Changes the connector's settings: each (key, value) is set, and named in the update mask.
-async fn set_config(admin: &mut AdminClient<Channel>, entries: &[(&str, String)]) {
-    admin
-        .update_connector(proto::UpdateConnectorRequest {
-            connector: CONNECTOR.into(),
-            config: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            update_mask: Some(prost_types::FieldMask {
-                paths: entries.iter().map(|(k, _)| format!("config.{k}")).collect(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 /// Waits until access tokens issued before now have expired at the server.
@@ -522,61 +505,78 @@ async fn fake_identity_server(ca: &credbroker_devpki::CertAuthority) -> std::net
     serve_https(ca, app).await
 }
 
-/// Serves `app` over HTTPS with a certificate from `ca`; returns its address.
-async fn serve_https(
-    ca: &credbroker_devpki::CertAuthority,
-    app: axum::Router,
-) -> std::net::SocketAddr {
-    let cert = ca.issue_server(&["127.0.0.1"]).unwrap();
-    let certs = credbroker::tls::parse_pem_certs(&cert.cert_pem).unwrap();
-    let key = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
-    };
-    let tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper_util::service::TowerToHyperService::new(app);
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-            });
-        }
-    });
-    addr
+/// Where a [`Relay`] sends the connections it accepts.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    To(std::net::SocketAddr),
+    /// Closes each connection at once.
+    Refuse,
+    /// Accepts and never says anything.
+    Hold,
+}
+
+/// A TCP relay in front of a token endpoint, so that a test can take the endpoint away (or send
+/// it elsewhere) without changing the connector: a changed token_url erases every grant.
+struct Relay {
+    addr: std::net::SocketAddr,
+    route: std::sync::Arc<std::sync::Mutex<Route>>,
+}
+
+impl Relay {
+    async fn start(route: Route) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let route = std::sync::Arc::new(std::sync::Mutex::new(route));
+        let current = route.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let route = *current.lock().unwrap();
+                match route {
+                    Route::To(to) => {
+                        tokio::spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            }
+                        });
+                    }
+                    Route::Refuse => drop(inbound),
+                    Route::Hold => held.push(inbound),
+                }
+            }
+        });
+        Relay { addr, route }
+    }
+
+    /// The test server, through the relay.
+    async fn to_provider() -> Relay {
+        let issuer = reqwest::Url::parse(&peers().oauth_issuer()).unwrap();
+        let to = (issuer.host_str().unwrap(), issuer.port().unwrap());
+        let to = tokio::net::lookup_host(to).await.unwrap().next().unwrap();
+        Relay::start(Route::To(to)).await
+    }
+
+    fn token_url(&self) -> String {
+        format!("https://{}/token", self.addr)
+    }
+
+    fn set(&self, route: Route) {
+        *self.route.lock().unwrap() = route;
+    }
 }
 
 #[tokio::test]
 async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
     let _serial = SERIAL.lock().await;
-    let (_daemon, mut admin, mut agent) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
+    let relay = Relay::to_provider().await;
+    let token_url = relay.token_url();
+    let (daemon, mut admin, mut agent) =
+        with_connector(Daemon::start(), CONNECTOR, &[("token_url", &token_url)]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     let current = resolve(&mut agent, "u1").await.unwrap().secret;
-    // The token endpoint goes away (a closed port).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    set_config(
-        &mut admin,
-        &[("token_url", format!("https://{closed}/token"))],
-    )
-    .await;
+    // The token endpoint goes away.
+    relay.set(Route::Refuse);
     let wants_refresh = |agent: &mut BrokerClient<Channel>| {
         let mut agent = agent.clone();
         async move {
@@ -612,22 +612,14 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
 #[tokio::test]
 async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     let _serial = SERIAL.lock().await;
+    let relay = Relay::to_provider().await;
+    let token_url = relay.token_url();
     let daemon = Daemon::start_with_config("[limits]\nupstream_timeout_secs = 2\n");
-    let (_daemon, mut admin, mut agent) = with_connection(daemon, CONNECTOR, "u1").await;
+    let (daemon, mut admin, mut agent) =
+        with_connector(daemon, CONNECTOR, &[("token_url", &token_url)]).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // Accepts TCP, then says nothing, ever.
-    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = black_hole.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = black_hole.accept().await {
-            held.push(socket);
-        }
-    });
-    set_config(
-        &mut admin,
-        &[("token_url", format!("https://{addr}/token"))],
-    )
-    .await;
+    relay.set(Route::Hold);
     let_tokens_expire().await;
     // The daemon's own deadline ends the call; the outer one only keeps a bug from hanging CI.
     let answer = tokio::time::timeout(Duration::from_secs(60), resolve(&mut agent, "u1")).await;
@@ -643,7 +635,13 @@ async fn a_token_endpoint_that_never_answers_is_unavailable_not_a_hang() {
 async fn a_huge_expires_in_is_capped_not_a_panic() {
     use std::sync::{Arc, Mutex};
     let _serial = SERIAL.lock().await;
-    let (daemon, mut admin, mut agent) = with_connection(Daemon::start(), CONNECTOR, "u1").await;
+    let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
+    let relay = Relay::to_provider().await;
+    let token_url = relay.token_url();
+    let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
+    let config = [("token_url", token_url.as_str()), ("ca_pem", cas.as_str())];
+    let (daemon, mut admin, mut agent) = with_connector(Daemon::start(), CONNECTOR, &config).await;
+    connect(&daemon, &mut admin, CONNECTOR, "u1", "").await;
     // The fake token endpoint records the refresh tokens it is sent.
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let app = {
@@ -663,11 +661,7 @@ async fn a_huge_expires_in_is_capped_not_a_panic() {
             }),
         )
     };
-    let fake_ca = credbroker_devpki::CertAuthority::generate("fake token CA").unwrap();
-    let fake = serve_https(&fake_ca, app).await;
-    let cas = format!("{}\n{}", peers().ca_pem, fake_ca.cert_pem);
-    let fake_url = format!("https://{fake}/token");
-    set_config(&mut admin, &[("token_url", fake_url), ("ca_pem", cas)]).await;
+    relay.set(Route::To(serve_https(&fake_ca, app).await));
     let_tokens_expire().await;
     let before = std::time::SystemTime::now();
     let token = resolve(&mut agent, "u1").await.unwrap();

@@ -9,71 +9,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use credbroker::api::proto;
 use support::daemon::{Daemon, secrets};
+use support::python::{client_build, run};
 
 const KEY: &str = "canary-python-key-2c9e";
-
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The venv with the client's dependencies that install.sh makes.
-fn deps_venv() -> PathBuf {
-    let deps = std::env::var_os("PEERS_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peer-deps"));
-    deps.join("python-client")
-}
-
-/// The client package built from source (so that its stubs follow the protos) into a folder
-/// of its own, offline; returns the Python to run it with and that folder, for `PYTHONPATH`.
-fn client_build() -> (PathBuf, PathBuf) {
-    let venv = deps_venv();
-    let python = venv.join("bin/python");
-    let probe = Command::new(&python)
-        .args(["-c", "import setuptools, grpc_tools, grpc, google.protobuf"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        _ => panic!(
-            "the Python client test needs the venv {} with the client's build and runtime \
-             dependencies: run `sudo bash tests/peers/install.sh` (with the same PEERS_DEPS, if \
-             you set one); nothing is downloaded while the tests run",
-            venv.display()
-        ),
-    }
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-client");
-    let _ = std::fs::remove_dir_all(&target);
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
-    run(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args([
-                "--no-index",
-                "--no-build-isolation",
-                "--no-deps",
-                "--target",
-            ])
-            .arg(&target)
-            .arg(&package),
-        "building clients/python offline",
-    );
-    (python, target)
-}
 
 const SCRIPT: &str = r#"
 import json, sys
@@ -106,7 +49,7 @@ except grpc.FutureTimeoutError:
 
 #[tokio::test]
 async fn python_client_resolves_and_lists_connections() {
-    let (python, client) = client_build();
+    let (python, client) = client_build("python-client");
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     for (name, mode, slots) in [

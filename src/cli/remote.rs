@@ -420,8 +420,8 @@ pub async fn audit_tail(remote: &Remote, count: u64) -> Result<(), Error> {
     };
     for r in admin.query_audit(req).await?.into_inner().records {
         println!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            r.seq, r.caller, r.operation, r.connector, r.user_id, r.outcome, r.reason
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            r.seq, r.caller, r.operation, r.connector, r.user_id, r.outcome, r.reason, r.detail
         );
     }
     Ok(())

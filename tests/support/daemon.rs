@@ -459,3 +459,20 @@ pub fn reason(status: &tonic::Status) -> (String, std::collections::HashMap<Stri
         .map(|i| (i.reason.clone(), i.metadata.clone()))
         .unwrap_or_default()
 }
+
+/// A TLS acceptor serving a certificate for 127.0.0.1 and localhost from `ca` (a test server of
+/// its own CA: a fake provider, an attacker's server).
+pub fn tls_acceptor(ca: &CertAuthority) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let leaf = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
+    let certs = credbroker::tls::parse_pem_certs(&leaf.cert_pem).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}

@@ -35,6 +35,8 @@
 //! free_disk_warn_bytes = 1073741824 # warn below this much free space on the store's disk
 //! user_rate_per_sec = 500           # per (caller, user the call acts for) (0: no limit)…
 //! user_burst = 1000                 # …with bursts up to this many
+//! max_call_request_bytes = 8388608   # Broker.Call: request body sent upstream…
+//! max_call_response_bytes = 4128768 # …and response body read back (fits a 4 MiB gRPC reply)
 //! upstream_connections = 4096       # upstream sockets (IMAP, SMTP, HTTPS) open at once…
 //! upstream_connections_per_caller = 1024  # …and per caller (RESOURCE_EXHAUSTED beyond)
 //! [egress]                          # where upstream connections may go (crate::upstream)
@@ -294,6 +296,10 @@ pub struct Limits {
     pub user_rate_per_sec: f64,
     /// …with bursts up to this many.
     pub user_burst: f64,
+    /// Largest request body Broker.Call sends upstream, in bytes.
+    pub max_call_request_bytes: usize,
+    /// Largest response body Broker.Call reads from upstream, in bytes.
+    pub max_call_response_bytes: usize,
     /// Upstream connections (IMAP, SMTP, HTTPS) open at once, for the whole broker…
     pub upstream_connections: usize,
     /// …and for one caller; more are refused with RESOURCE_EXHAUSTED before a socket is opened.
@@ -319,6 +325,10 @@ impl Default for Limits {
             free_disk_warn_bytes: 1 << 30,
             user_rate_per_sec: 500.0,
             user_burst: 1000.0,
+            max_call_request_bytes: 8 << 20,
+            // A reply must fit the 4 MiB a gRPC client receives by default, with room for
+            // the status and headers.
+            max_call_response_bytes: (4 << 20) - (64 << 10),
             upstream_connections: crate::upstream::DEFAULT_CONNECTIONS,
             upstream_connections_per_caller: crate::upstream::DEFAULT_CONNECTIONS_PER_CALLER,
         }

@@ -13,7 +13,9 @@ use std::time::Duration;
 use chrono::Utc;
 
 pub use crate::driver::Candidate;
-use crate::driver::{ConnectionError, Credentials, driver, expire_refused, for_user};
+use crate::driver::{
+    ConnectionError, Credentials, check_candidate, driver, expire_refused, for_user,
+};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode, ModelError,
     Registry, Target, TestReport,
@@ -71,7 +73,7 @@ impl Connect {
         let kind = driver(connector.kind);
         let candidate = match candidate {
             Some(candidate) => {
-                kind.check_candidate(connector, &candidate)?;
+                check_candidate(connector, &candidate)?;
                 return Ok(self.run_test(target, &candidate).await);
             }
             None => self.stored(target).await?.ok_or_else(|| {
@@ -95,12 +97,16 @@ impl Connect {
         Ok(report)
     }
 
-    /// The stored connection's settings and secrets, as a candidate to test again.
-    async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ModelError> {
+    /// The stored connection's settings and secrets, as a candidate to test again: never those
+    /// of a connection made before its connector moved where they go.
+    async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ConnectError> {
         let (connector, user) = (&target.connector, target.connection_user.as_str());
         let Some(connection) = self.registry().connection(connector, user).await? else {
             return Ok(None);
         };
+        if connector.moved_since(connection.connected_at) {
+            return Err(ConnectionError::destination_changed(connector, user).into());
+        }
         let secrets = if driver(connector.kind).credential_on_connector(connector.mode) {
             self.registry().connector_secrets(connector).await?.slots
         } else {
@@ -132,7 +138,7 @@ impl Connect {
         let connector = &target.connector;
         let kind = driver(connector.kind);
         kind.typed_in(connector)?;
-        kind.check_candidate(connector, &candidate)?;
+        check_candidate(connector, &candidate)?;
         let report = self.run_test(target, &candidate).await;
         let previous = self
             .registry()
@@ -158,6 +164,7 @@ impl Connect {
             .unwrap_or_default();
         connection.connected_at = Some(now);
         connection.last_refreshed_at = None;
+        connection.expired_reason = None;
         if report.ok() {
             connection.status = ConnectionStatus::Connected;
             connection.last_error.clear();

@@ -46,6 +46,7 @@ pub async fn declare(connector: &Connector, user: &str, act: &str) -> Result<(),
         outcome: Some(Outcome::Allowed),
         reason: format!("intent: {act}"),
         request_id: scope.request_id,
+        detail: String::new(),
     };
     scope.audit.record(event).await.map(drop)
 }

@@ -5,7 +5,7 @@
 //! Layers, bottom up (DESIGN.md §3): [`vault`] (keys and envelopes) → [`store`] (durable,
 //! encrypted records) → [`model`] (connectors and connections) → [`driver`] (what each connector
 //! kind does, and the credentials service) → [`oauth`], [`mail`], [`calendar`], [`connect`] →
-//! the use cases ([`resolve`]) and the API.
+//! the use cases ([`resolve`], [`proxy`]) and the API.
 
 pub mod api;
 pub mod audit;
@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod oauth;
 pub mod policy;
+pub mod proxy;
 pub mod refusals;
 pub mod resolve;
 pub mod server;

@@ -405,6 +405,14 @@ pub async fn open_services(
     ));
     Ok(Arc::new(Services {
         resolver: Resolver::new(registry.clone(), oauth.clone()),
+        proxy: crate::proxy::Proxy::new(
+            crate::driver::Credentials::new(registry.clone(), oauth.clone()),
+            timeout,
+            crate::proxy::CallLimits {
+                request_bytes: config.limits.max_call_request_bytes,
+                response_bytes: config.limits.max_call_response_bytes,
+            },
+        ),
         connect: Connect::new(
             crate::driver::Credentials::new(registry.clone(), oauth.clone()),
             timeout,

@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, settings};
 use super::proto::{self, admin_server::Admin};
-use super::{ApiError, Rpc, Services};
-use crate::audit::AuditRecord;
+use super::{ApiError, Call, Rpc, Services};
+use crate::audit::{AuditEvent, AuditRecord, Outcome};
 use crate::connect::Candidate;
-use crate::model::{ConnectorPatch, FieldError, Kind, NewConnector, workspace_or_default};
+use crate::model::{ConnectorPatch, FieldError, Kind, Moved, NewConnector, workspace_or_default};
 
 pub struct AdminApi(pub Arc<Services>);
 
@@ -148,6 +148,25 @@ fn connector_patch(r: &mut proto::UpdateConnectorRequest) -> Result<ConnectorPat
     Ok(patch)
 }
 
+/// Audits what an UpdateConnector erased because it moved where secrets go, under its own
+/// operation `DestinationChanged` beside the call's record (same request id).
+async fn audit_moved(s: &Services, call: &Call, moved: &Moved) -> Result<(), ApiError> {
+    s.audit
+        .record(AuditEvent {
+            caller: call.caller.clone(),
+            operation: "DestinationChanged".into(),
+            workspace: call.workspace.clone(),
+            connector: call.connector.clone(),
+            user_id: String::new(),
+            outcome: Some(Outcome::Ok),
+            reason: moved.describe(),
+            request_id: call.request_id.clone(),
+            ..AuditEvent::default()
+        })
+        .await?;
+    Ok(())
+}
+
 /// QueryAudit's scope: without a workspace, the whole log (for admins of every workspace).
 fn audit_scope(workspace: &str) -> Result<String, FieldError> {
     if workspace.is_empty() {
@@ -194,6 +213,7 @@ fn audit_record(rec: AuditRecord) -> proto::AuditRecord {
             .unwrap_or_default(),
         reason: rec.event.reason,
         request_id: rec.event.request_id,
+        detail: rec.event.detail,
         hash: rec.hash,
         node: rec.node,
     }
@@ -253,6 +273,7 @@ impl Admin for AdminApi {
                 .create_connector(new_connector(workspace, r)?)
                 .await?;
             call.on_connector(&c);
+            s.through_of(call, &c).await?;
             Ok(convert::connector(&c))
         })
         .await
@@ -296,11 +317,15 @@ impl Admin for AdminApi {
             call.connector = r.connector.clone();
             let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             let patch = connector_patch(&mut r)?;
-            let c = s
+            let (c, moved) = s
                 .registry
                 .update_connector(&workspace, &r.connector, patch)
                 .await?;
             call.on_connector(&c);
+            s.through_of(call, &c).await?;
+            if c.destinations_at == Some(c.updated_at) {
+                audit_moved(s, call, &moved).await?;
+            }
             Ok(convert::connector(&c))
         })
         .await

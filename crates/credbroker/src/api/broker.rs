@@ -209,4 +209,36 @@ impl Broker for BrokerApi {
         })
         .await
     }
+
+    /// Admitted to the connection, then to the request's method and path, before anything
+    /// is sent; the audit record's detail says what was sent and what came back.
+    async fn call(
+        &self,
+        req: Request<proto::CallRequest>,
+    ) -> Result<Response<proto::CallResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::Call, req, async |call, target, r| {
+            let prepared = s
+                .proxy
+                .prepare(&target.connector, convert::call_request(r))?;
+            let mut exchange = prepared.exchange.clone();
+            call.detail = exchange.to_string();
+            let c = &target.connector;
+            s.policy
+                .current()
+                .check_call(
+                    &call.caller,
+                    &c.workspace,
+                    (&c.name, &c.id),
+                    &target.on_behalf_of,
+                    prepared.method.as_str(),
+                    &prepared.path,
+                )
+                .map_err(ApiError::Denied)?;
+            let sent = s.proxy.send(&target, &prepared, &mut exchange).await;
+            call.detail = exchange.to_string();
+            Ok(convert::call_response(sent?))
+        })
+        .await
+    }
 }

@@ -34,6 +34,8 @@ pub struct Call {
     pub workspace: String,
     pub connector: String,
     pub user_id: String,
+    /// The audit record's `detail` ([`AuditEvent::detail`]).
+    pub detail: String,
     pub started: std::time::Instant,
 }
 
@@ -59,6 +61,7 @@ impl Call {
             outcome: Some(outcome),
             reason,
             request_id: self.request_id,
+            detail: self.detail,
         }
     }
 
@@ -97,6 +100,7 @@ on_connection!(
     WatchMailRequest,
     ListCalendarRequest,
     CreateEventRequest,
+    CallRequest,
     BeginConnectRequest,
     ConnectWithCredentialsRequest,
     TestConnectionRequest,
@@ -186,6 +190,7 @@ impl Services {
             workspace: String::new(),
             connector: String::new(),
             user_id: String::new(),
+            detail: String::new(),
             started: std::time::Instant::now(),
         }
     }
@@ -307,6 +312,7 @@ impl Services {
             .target(&workspace, &r.connector, &r.user_id)
             .await?;
         call.on(&target);
+        self.admit_through(call, &target).await?;
         if let Access::Grant(op) = call.rpc.access() {
             let c = &target.connector;
             self.policy

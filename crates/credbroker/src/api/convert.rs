@@ -106,6 +106,11 @@ pub fn connection(c: &Connector, conn: &Connection) -> proto::Connection {
         last_refreshed_at: opt_timestamp(conn.last_refreshed_at),
         last_error: conn.last_error.clone(),
         scopes: conn.scopes.clone(),
+        expired_reason: conn
+            .expired_reason
+            .filter(|_| conn.status == crate::model::ConnectionStatus::Expired)
+            .map(|r| r.name().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -235,5 +240,29 @@ pub fn mail_event(e: crate::mail::watch::WatchEvent) -> proto::MailEvent {
     proto::MailEvent {
         message: Some(mail(e.message)),
         uid_validity: e.uid_validity,
+    }
+}
+
+/// A Broker.Call request for the proxy.
+pub fn call_request(r: proto::CallRequest) -> crate::proxy::CallRequest {
+    crate::proxy::CallRequest {
+        method: r.method,
+        path: r.path,
+        query: r.query.into_iter().map(|q| (q.name, q.value)).collect(),
+        headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        body: r.body,
+    }
+}
+
+/// What the proxy returned, as the reply.
+pub fn call_response(r: crate::proxy::CallResponse) -> proto::CallResponse {
+    proto::CallResponse {
+        status: r.status.into(),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(name, value)| proto::HttpHeader { name, value })
+            .collect(),
+        body: r.body,
     }
 }

@@ -13,6 +13,7 @@ pub mod gate;
 mod redact;
 mod rpc;
 mod status;
+mod through;
 
 pub use call::Call;
 pub use rpc::{Access, Effect, Rpc, SETTINGS_REQUEST_BYTES};
@@ -51,6 +52,7 @@ pub struct Services {
     pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyHandle>,
     pub resolver: Resolver,
+    pub proxy: crate::proxy::Proxy,
     pub connect: Connect,
     pub mail: Arc<crate::mail::Mail>,
     pub oauth: Arc<OAuth>,

@@ -29,7 +29,8 @@ pub enum Size {
     Small,
     /// Connector settings, secrets and certificates: [`SETTINGS_REQUEST_BYTES`].
     Settings,
-    /// A message or event with attachments: `[limits] max_request_bytes`.
+    /// A message or event with attachments, or a Broker.Call body: `[limits] max_request_bytes`
+    /// (a Call body is bounded again by `max_call_request_bytes`).
     Attachments,
 }
 
@@ -112,6 +113,7 @@ rpcs! {
     WatchMail: Broker(WatchMail), Small;
     ListCalendar: Broker(ListCalendar), Small;
     CreateEvent: Broker(CreateEvent), Attachments, acts;
+    Call: Broker(Call), Attachments, acts;
     CreateConnector: Admin, Settings;
     GetConnector: Admin, Small;
     ListConnectors: Admin, Small;
@@ -226,7 +228,7 @@ mod tests {
             .copied()
             .filter(|r| r.max_request_bytes(large) > SETTINGS_REQUEST_BYTES)
             .collect();
-        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent]);
+        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call]);
         assert_eq!(Rpc::ResolveCredential.max_request_bytes(large), 64 * 1024);
         // A configured size below the fixed bounds lowers them too.
         for &rpc in Rpc::ALL {
@@ -248,6 +250,7 @@ mod tests {
             [
                 Rpc::SendEmail,
                 Rpc::CreateEvent,
+                Rpc::Call,
                 Rpc::ConnectWithCredentials,
                 Rpc::Disconnect
             ]

@@ -16,8 +16,9 @@ use crate::calendar::CalendarError;
 use crate::connect::ConnectError;
 use crate::driver::ConnectionError;
 use crate::mail::MailError;
-use crate::model::{FieldError, ModelError};
+use crate::model::{Expiry, FieldError, ModelError};
 use crate::oauth::OAuthError;
+use crate::proxy::CallError;
 use crate::resolve::ResolveError;
 use crate::upstream::UpstreamError;
 
@@ -41,6 +42,8 @@ pub enum ApiError {
     Mail(#[from] MailError),
     #[error(transparent)]
     Calendar(#[from] CalendarError),
+    #[error(transparent)]
+    Call(#[from] CallError),
     /// A request budget ran out ([`crate::policy::Budgets`]).
     #[error("{message}")]
     Exhausted {
@@ -165,6 +168,7 @@ pub fn classify(e: &ApiError) -> Class {
         ApiError::OAuth(o) => oauth(o),
         ApiError::Mail(m) => mail(m),
         ApiError::Calendar(c) => calendar(c),
+        ApiError::Call(c) => call(c),
         ApiError::Task(_) => plain(Reason::Internal),
     }
 }
@@ -192,6 +196,10 @@ fn connection(e: &ConnectionError) -> Class {
     match e {
         ConnectionError::NotConnected { .. } => plain(Reason::NotConnected),
         ConnectionError::Expired { .. } => plain(Reason::Expired),
+        ConnectionError::DestinationChanged { .. } => (
+            Reason::Expired,
+            vec![("expired", Expiry::DestinationChanged.name().to_string())],
+        ),
     }
 }
 
@@ -269,6 +277,21 @@ fn calendar(e: &CalendarError) -> Class {
     }
 }
 
+fn call(e: &CallError) -> Class {
+    match e {
+        CallError::Invalid(f) => (Reason::InvalidArgument, vec![("field", f.field.clone())]),
+        CallError::Credential(r) => resolve(r),
+        CallError::NoBase { .. } => plain(Reason::Config),
+        CallError::RequestTooLarge { .. } | CallError::ResponseTooLarge { .. } => {
+            plain(Reason::MessageTooLarge)
+        }
+        CallError::Timeout { .. } | CallError::Unreachable { .. } => {
+            plain(Reason::UpstreamUnavailable)
+        }
+        CallError::Redirected { .. } => plain(Reason::UpstreamRejected),
+    }
+}
+
 fn error_info(reason: Reason, metadata: Vec<(&'static str, String)>) -> ErrorDetails {
     let metadata: HashMap<String, String> = metadata
         .into_iter()
@@ -335,5 +358,17 @@ mod tests {
             assert_eq!(classify(&e).0, Reason::NotConnected);
             assert_eq!(Status::from(e).code(), Code::FailedPrecondition);
         }
+        // A connection made before its destinations moved is EXPIRED, and says why.
+        let moved = ApiError::from(ResolveError::Connection(
+            ConnectionError::DestinationChanged {
+                connector: "c".into(),
+                user: "u".into(),
+            },
+        ));
+        let status = Status::from(moved);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "EXPIRED");
+        assert_eq!(info.metadata["expired"], "destination_changed");
     }
 }

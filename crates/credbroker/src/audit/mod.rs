@@ -92,6 +92,11 @@ pub struct AuditEvent {
     pub outcome: Option<Outcome>,
     pub reason: String,
     pub request_id: String,
+    /// What the call did, where an RPC says more than its outcome (Broker.Call: method, host,
+    /// path, query names, status, bytes). Never a secret, a header, a body or a query value.
+    /// Left out of the record when empty, so records written before it hash as they did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// A record as read back. Field order is the canonical hashing order.

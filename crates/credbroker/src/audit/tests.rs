@@ -16,6 +16,13 @@ fn event(i: usize) -> AuditEvent {
         caller: "c".into(),
         operation: format!("op{i}"),
         user_id: format!("user-{i}"),
+        // Every other record carries a detail (Broker.Call's), so the chain and its checks
+        // cover records with and without one.
+        detail: if i % 2 == 1 {
+            format!("GET api.test/x{i} -> 200; 0 bytes out, {i} bytes in")
+        } else {
+            String::new()
+        },
         ..Default::default()
     }
 }

@@ -106,7 +106,7 @@ pub fn server_url(
 
 impl Settings {
     /// From a connection's settings (url, username, ca_pem), falling back to the connector's
-    /// configuration (url, ca_pem), and its password.
+    /// configuration (url, and its ca_pem for its own url only), and its password.
     pub fn new(
         connector: &Connector,
         settings: &BTreeMap<String, String>,
@@ -118,8 +118,11 @@ impl Settings {
             .to_string();
         let password =
             password.ok_or_else(|| CalendarError::Config("no CalDAV password is stored".into()))?;
+        // A connector's CA vouches for the connector's server only, never for a URL the user
+        // gave on their own connection.
+        let users_own = setting(settings, "url").is_some();
         let ca_pem = setting(settings, "ca_pem")
-            .or_else(|| connector.setting("ca_pem"))
+            .or_else(|| connector.setting("ca_pem").filter(|_| !users_own))
             .map(str::to_string);
         Ok(Settings {
             url,

@@ -2,14 +2,15 @@
 //! personal; it is handed to callers as stored, with the header it goes in. A key is tested by
 //! calling the connector's `test_url`, the one place the broker itself sends it.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Stage, Target, TestReport};
+use crate::model::{
+    Check, Connector, ConnectorDraft, FieldError, Kind, Mode, Secret, Stage, TestReport,
+};
 
 pub struct ApiKey;
 
@@ -19,6 +20,8 @@ static SCHEMA: Schema = Schema {
         "header_prefix",
         "base_url",
         "test_url",
+        "api_base",
+        "query_param",
         "account_label",
         "ca_pem",
         "description",
@@ -26,10 +29,13 @@ static SCHEMA: Schema = Schema {
     connector_secrets: &["api_key"],
     settings: &["account_label"],
     connection_secrets: &["api_key"],
+    // The broker itself sends the key only to the test URL, in that header, to a server the CA
+    // vouches for; callers are handed it with the header name.
     destinations: &[Destination {
         secret: "api_key",
-        settings: &["test_url"],
+        settings: &["test_url", "header_name", "ca_pem", "api_base"],
     }],
+    service: None,
 };
 
 /// The header a key goes in and what precedes it: `Authorization: Bearer <key>` unless the
@@ -50,16 +56,16 @@ impl ConnectorDriver for ApiKey {
         &SCHEMA
     }
 
-    fn check_connector(
-        &self,
-        mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        check_plain(&SCHEMA, provider, config, secrets)?;
-        check_ca("config.ca_pem", config.get("ca_pem"))?;
-        if mode == Mode::Personal && secrets.contains_key("api_key") {
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        check_plain(&SCHEMA, draft)?;
+        check_ca("config.ca_pem", draft.config.get("ca_pem"))?;
+        if let Some(url) = draft.config.get("test_url").filter(|u| !u.is_empty()) {
+            https_url("config.test_url", url)?;
+        }
+        if let Some(base) = draft.config.get("api_base") {
+            api_base_url("config.api_base", base)?;
+        }
+        if draft.mode == Mode::Personal && draft.secrets.contains_key("api_key") {
             return Err(FieldError::new(
                 "secrets.api_key",
                 "a personal API-key connector takes each user's key through ConnectWithCredentials",
@@ -68,16 +74,10 @@ impl ConnectorDriver for ApiKey {
         Ok(())
     }
 
-    fn destination(
-        &self,
-        connector: &Connector,
-        _settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
-        Ok(connector
-            .setting("test_url")
-            .map(str::to_string)
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
+        Ok(["test_url", "api_base"]
             .into_iter()
+            .filter_map(|key| at.connector.setting(key).map(str::to_string))
             .collect())
     }
 
@@ -87,7 +87,6 @@ impl ConnectorDriver for ApiKey {
         _connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
         check_required(candidate, SCHEMA.connection_secrets)
     }
 
@@ -111,15 +110,13 @@ impl ConnectorDriver for ApiKey {
 
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        _min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let (connector, user) = (&target.connector, target.connection_user.as_str());
+            let (connector, user) = (&at.target.connector, at.target.connection_user.as_str());
             let (connection, key) =
-                stored_secret(credentials, target, "api_key", user.is_empty()).await?;
-            credentials.registry().record_use(connector, user).await;
+                stored_secret(at.credentials, at.target, "api_key", user.is_empty()).await?;
+            at.credentials.registry().record_use(connector, user).await;
             let (name, prefix) = header(connector);
             Ok(Credential {
                 kind: Kind::ApiKey,
@@ -142,6 +139,9 @@ impl ConnectorDriver for ApiKey {
 }
 
 /// An API key is tested by calling the connector's `test_url` with it, when one is configured.
+/// A stored key is tested only where it was saved for: a connector whose test URL, header or CA
+/// changed since erased it ([`Destination`]). Reports name the URL's host only: the URL may
+/// carry a query key.
 async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration) -> TestReport {
     let Some(key) = key else {
         return TestReport::one(Check::failed(
@@ -156,47 +156,85 @@ async fn test_key(connector: &Connector, key: Option<&Secret>, timeout: Duration
             "stored untested: the connector has no test_url",
         ));
     };
+    let url = match https_url("config.test_url", url) {
+        Ok(url) => url,
+        Err(e) => return TestReport::one(Check::failed("api_key", Stage::Config, e.to_string())),
+    };
+    let host = url.host_str().unwrap_or_default().to_string();
     let client = match crate::tls::http_client(connector.setting("ca_pem"), timeout) {
         Ok(client) => client,
         Err(e) => return TestReport::one(Check::failed("api_key", Stage::Tls, e.to_string())),
     };
     let (header, prefix) = header(connector);
-    let check = match client
+    let sent = client
         .get(url)
         .header(header, format!("{prefix}{}", key.expose()))
         .send()
-        .await
-    {
+        .await;
+    TestReport::one(key_check(&host, sent, timeout))
+}
+
+/// What the test URL's answer says of the key.
+fn key_check(
+    host: &str,
+    sent: Result<reqwest::Response, reqwest::Error>,
+    timeout: Duration,
+) -> Check {
+    match sent {
         Ok(resp) if resp.status().is_success() => {
-            Check::passed("api_key", format!("{url} accepted the key"))
+            Check::passed("api_key", format!("{host} accepted the key"))
         }
         Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => Check::failed(
             "api_key",
             Stage::Auth,
             format!(
-                "{url} refused the key ({}): check that it is current",
+                "{host} refused the key ({}): check that it is current",
                 resp.status()
             ),
         ),
         Ok(resp) => Check::failed(
             "api_key",
             Stage::Protocol,
-            format!("{url} answered {}", resp.status()),
+            format!("{host} answered {}", resp.status()),
         ),
         Err(e) if e.is_timeout() => Check::failed(
             "api_key",
             Stage::Timeout,
-            format!("{url} did not answer in {timeout:?}"),
+            format!("{host} did not answer in {timeout:?}"),
         ),
         Err(e) if e.is_connect() => match crate::upstream::refusal(&e) {
             Some(refused) => Check::failed("api_key", Stage::Config, refused.to_string()),
-            None => Check::failed("api_key", Stage::Tcp, format!("cannot connect to {url}")),
+            None => Check::failed("api_key", Stage::Tcp, format!("cannot connect to {host}")),
         },
         Err(_) => Check::failed(
             "api_key",
             Stage::Protocol,
-            format!("request to {url} failed"),
+            format!("the request to {host} failed"),
         ),
-    };
-    TestReport::one(check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_test_report_names_the_host_never_the_url() {
+        crate::tls::install_crypto_provider();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let url = format!("https://{closed}/whoami?api_key=url-canary");
+        let connector =
+            Connector::for_tests(Kind::ApiKey, Mode::Shared, &[("test_url", url.as_str())]);
+        let key = Secret::new("key-canary");
+        let report = test_key(&connector, Some(&key), Duration::from_secs(5)).await;
+        let message = &report.checks[0].message;
+        assert!(message.contains("127.0.0.1"), "{message}");
+        assert!(
+            !message.contains("canary") && !message.contains("whoami"),
+            "{message}"
+        );
+    }
 }

@@ -6,14 +6,12 @@
 //! ([`ConnectorDriver::check_candidate`], [`ConnectorDriver::check_connector`]): a test that
 //! runs meets only well-formed input.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
+use crate::model::{Connector, ConnectorDraft, FieldError, Secret, TestReport};
 
 pub struct Caldav;
 
@@ -24,8 +22,9 @@ static SCHEMA: Schema = Schema {
     connection_secrets: &["password"],
     destinations: &[Destination {
         secret: "password",
-        settings: &["url"],
+        settings: &["url", "ca_pem"],
     }],
+    service: Some(Service::Calendar),
 };
 
 /// The setting a connection's server URL comes from: its own, or else its connector's (an
@@ -51,18 +50,12 @@ impl ConnectorDriver for Caldav {
     }
 
     /// A connector's URL, when it sets one, is a CalDAV server's (https, no credentials).
-    fn check_connector(
-        &self,
-        _mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        check_plain(&SCHEMA, provider, config, secrets)?;
-        if let Some(url) = config.get("url").filter(|u| !u.is_empty()) {
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        check_plain(&SCHEMA, draft)?;
+        if let Some(url) = draft.config.get("url").filter(|u| !u.is_empty()) {
             https_url("config.url", url)?;
         }
-        check_ca("config.ca_pem", config.get("ca_pem"))
+        check_ca("config.ca_pem", draft.config.get("ca_pem"))
     }
 
     /// The server URL, the username, the password and the CA, as the test would use them.
@@ -71,7 +64,6 @@ impl ConnectorDriver for Caldav {
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
         let settings = &candidate.settings;
         let (field, url) = url_source(connector, settings).ok_or_else(|| {
             FieldError::new(
@@ -88,38 +80,19 @@ impl ConnectorDriver for Caldav {
     }
 
     /// The server URL, checked as a connection would use it (https, no credentials in it).
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
+        let (connector, settings) = (at.connector, at.settings);
         let field = url_source(connector, settings).map_or("settings.url", |(field, _)| field);
         let url = crate::calendar::caldav::server_url(connector, settings)
             .map_err(|e| FieldError::new(field, e.to_string()))?;
         Ok(vec![url.to_string()])
     }
 
-    fn serves(&self, _connector: &Connector, service: Service) -> bool {
-        service == Service::Calendar
-    }
-
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        _min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
-        async move {
-            let (connection, password) =
-                stored_secret(credentials, target, "password", false).await?;
-            Ok(password_credential(
-                Kind::Caldav,
-                password,
-                connection.account_label,
-            ))
-        }
-        .boxed()
+        stored_password(at).boxed()
     }
 
     fn test<'a>(&'a self, run: TestRun<'a>) -> BoxFuture<'a, TestReport> {

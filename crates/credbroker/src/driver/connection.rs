@@ -5,10 +5,12 @@
 //! Invariants:
 //! - a connection is usable only when it is stored and CONNECTED or ERROR: absent or
 //!   NOT_CONNECTED is [`ConnectionError::NotConnected`], EXPIRED is [`ConnectionError::Expired`];
+//! - a connection made before its connector last moved where its secrets go is never used
+//!   ([`ConnectionError::DestinationChanged`]), even before the move's sweep has marked it;
 //! - a stored password or grant the server refuses expires the connection ([`expire_refused`]):
 //!   the user must reconnect, and every later use says EXPIRED without trying the server again.
 
-use crate::model::{Connection, ConnectionStatus, Connector, ModelError, Registry};
+use crate::model::{Connection, ConnectionStatus, Connector, Expiry, ModelError, Registry};
 
 /// Why a connection cannot be used: the one pair every module reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +25,11 @@ pub enum ConnectionError {
         for_user(user)
     )]
     Expired { connector: String, user: String },
+    #[error(
+        "the connection of connector {connector:?}{} was made before a change of where its secrets go (destination_changed): reconnect the account",
+        for_user(user)
+    )]
+    DestinationChanged { connector: String, user: String },
 }
 
 impl ConnectionError {
@@ -35,6 +42,13 @@ impl ConnectionError {
 
     pub fn expired(connector: &Connector, user: &str) -> Self {
         ConnectionError::Expired {
+            connector: connector.name.clone(),
+            user: user.to_string(),
+        }
+    }
+
+    pub fn destination_changed(connector: &Connector, user: &str) -> Self {
+        ConnectionError::DestinationChanged {
             connector: connector.name.clone(),
             user: user.to_string(),
         }
@@ -63,11 +77,18 @@ pub async fn usable_connection<E: From<ConnectionError> + From<ModelError>>(
         .connection(connector, user)
         .await?
         .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
+    let moved = || Err(ConnectionError::destination_changed(connector, user).into());
     match connection.status {
-        ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user).into()),
         ConnectionStatus::NotConnected => {
             Err(ConnectionError::not_connected(connector, user).into())
         }
+        ConnectionStatus::Expired
+            if connection.expired_reason == Some(Expiry::DestinationChanged) =>
+        {
+            moved()
+        }
+        ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user).into()),
+        _ if connector.moved_since(connection.connected_at) => moved(),
         ConnectionStatus::Connected | ConnectionStatus::Error => Ok(connection),
     }
 }

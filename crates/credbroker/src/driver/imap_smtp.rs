@@ -11,40 +11,32 @@ use futures::future::BoxFuture;
 
 use super::*;
 use crate::mail::Auth;
-use crate::model::{Check, Connector, FieldError, Kind, Secret, Target, TestReport};
+use crate::mail::account::SERVER_SETTINGS;
+use crate::model::{Check, Connector, FieldError, Secret, TestReport};
 
 pub struct ImapSmtp;
 
+static CONFIG: [&str; 9] = keys(SERVER_SETTINGS, &[OAUTH_CONNECTOR, "description"]);
+static SETTINGS: [&str; 10] = keys(&["email", "username", "aliases"], SERVER_SETTINGS);
+
 static SCHEMA: Schema = Schema {
-    config: &[
-        "imap_host",
-        "imap_port",
-        "imap_tls",
-        "smtp_host",
-        "smtp_port",
-        "smtp_tls",
-        "ca_pem",
-        "oauth_connector",
-        "description",
-    ],
+    config: &CONFIG,
     connector_secrets: &[],
-    settings: &[
-        "email",
-        "username",
-        "aliases",
-        "imap_host",
-        "imap_port",
-        "imap_tls",
-        "smtp_host",
-        "smtp_port",
-        "smtp_tls",
-        "ca_pem",
-    ],
+    settings: &SETTINGS,
     connection_secrets: &["password"],
+    // The password, or the access token signed in with through `oauth_connector`.
     destinations: &[Destination {
         secret: "password",
-        settings: &["imap_host", "imap_port", "smtp_host", "smtp_port"],
+        settings: &[
+            "imap_host",
+            "imap_port",
+            "smtp_host",
+            "smtp_port",
+            "ca_pem",
+            OAUTH_CONNECTOR,
+        ],
     }],
+    service: Some(Service::Mail),
 };
 
 /// How long an access token must stay valid for a test: the test's own deadline and a margin.
@@ -58,66 +50,65 @@ impl ConnectorDriver for ImapSmtp {
     }
 
     /// The IMAP and SMTP servers (host:port), checked as the account would be built.
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        _secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
+    fn destination(&self, at: Where<'_>, _secret: &str) -> Result<Vec<String>, FieldError> {
         let account = crate::mail::account::from_settings(
-            connector,
-            settings,
+            at.connector,
+            at.settings,
             Some(Auth::Password(Secret::new(""))),
         )?;
         Ok(vec![account.imap.addr(), account.smtp.addr()])
     }
 
     /// Hosts, ports, TLS modes, addresses and CAs are checked before anything is tried, and the
-    /// password is required unless the connector signs in with OAuth.
+    /// password is required unless the connector signs in with OAuth. A connection that signs
+    /// in with a user's OAuth token takes its servers from the connector only: the request may
+    /// not name where the token goes.
     fn check_candidate(
         &self,
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(&SCHEMA, candidate)?;
-        self.destination(connector, &candidate.settings, "password")?;
+        if connector.setting(OAUTH_CONNECTOR).is_some() {
+            let given = |key: &&str| candidate.settings.get(*key).is_some_and(|v| !v.is_empty());
+            if let Some(key) = SERVER_SETTINGS.iter().copied().find(given) {
+                return Err(FieldError::new(
+                    format!("settings.{key}"),
+                    "cannot be given: this connector signs in with the user's OAuth token (oauth_connector), which goes only to the connector's own servers",
+                ));
+            }
+        }
+        let settings = &candidate.settings;
+        self.destination(
+            Where {
+                connector,
+                settings,
+            },
+            "password",
+        )?;
         check_required(candidate, self.typed_in(connector)?)
     }
 
     /// A mail connector that signs in with OAuth needs no password.
     fn typed_in(&self, connector: &Connector) -> Result<&'static [&'static str], FieldError> {
-        Ok(match connector.setting("oauth_connector") {
+        Ok(match connector.setting(OAUTH_CONNECTOR) {
             Some(_) => &[],
             None => SCHEMA.connection_secrets,
         })
     }
 
-    fn serves(&self, _connector: &Connector, service: Service) -> bool {
-        service == Service::Mail
-    }
-
     /// The password, or the access token of the `oauth_connector` connection of the same user.
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let connector = &target.connector;
-            if let Some(oauth) = connector.setting("oauth_connector") {
-                let registry = credentials.registry();
-                usable_connection::<CredentialError>(registry, connector, &target.connection_user)
-                    .await?;
-                return credentials.through(target, oauth, min_ttl).await;
-            }
-            let (connection, password) =
-                stored_secret(credentials, target, "password", false).await?;
-            Ok(password_credential(
-                Kind::ImapSmtp,
-                password,
-                connection.account_label,
-            ))
+            let (connector, user) = (&at.target.connector, &at.target.connection_user);
+            let Some(oauth) = connector.setting(OAUTH_CONNECTOR) else {
+                return stored_password(at).await;
+            };
+            let registry = at.credentials.registry();
+            usable_connection::<CredentialError>(registry, connector, user).await?;
+            at.credentials.through(at.target, oauth, at.min_ttl).await
         }
         .boxed()
     }
@@ -132,7 +123,7 @@ impl ConnectorDriver for ImapSmtp {
         } = run;
         async move {
             let connector = &target.connector;
-            let auth = match connector.setting("oauth_connector") {
+            let auth = match connector.setting(OAUTH_CONNECTOR) {
                 Some(oauth) => match credentials.through(target, oauth, min_ttl(timeout)).await {
                     Ok(credential) => Some(Auth::XOAuth2(credential.secret)),
                     Err(e) => {

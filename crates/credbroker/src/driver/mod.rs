@@ -21,7 +21,7 @@ mod oauth2;
 
 pub use connection::{ConnectionError, expire_refused, for_user, usable_connection};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +29,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 use crate::model::{
-    Connection, Connector, ConnectorRules, FieldError, Kind, Mode, ModelError, Registry, Secret,
-    Stage, Target, TestReport, validate_config, validate_secret,
+    Connection, Connector, ConnectorDraft, ConnectorRules, Dependents, FieldError, Kind, Mode,
+    ModelError, Registry, Secret, Stage, Target, TestReport, validate_config, validate_secret,
 };
 use crate::oauth::{OAuth, OAuthError};
 
@@ -46,16 +46,52 @@ pub struct Schema {
     pub settings: &'static [&'static str],
     /// Secret slots of a connection.
     pub connection_secrets: &'static [&'static str],
-    /// Which settings name where each secret may be sent.
+    /// Which settings name where each secret may be sent: the one list of them (UpdateConnector
+    /// erases what a change moves, candidates may not move a stored secret).
     pub destinations: &'static [Destination],
+    /// The service every connector of the kind serves besides ResolveCredential, if any.
+    pub service: Option<Service>,
 }
 
-/// The settings (a connection's, over its connector's config) that name where a secret goes.
-/// A secret is meant for that destination only.
+/// The settings (a connection's, over its connector's config) that name where a secret goes:
+/// hosts, ports, URLs, the CA that says who the server is, the header it is sent in, the
+/// connector signed in through. A secret is meant for that destination only: a change of any
+/// of them without the secret in the same request erases it ([`Registry::update_connector`]).
 #[derive(Debug)]
 pub struct Destination {
     pub secret: &'static str,
     pub settings: &'static [&'static str],
+}
+
+/// The config key naming the OAuth connector a kind signs in through.
+pub const OAUTH_CONNECTOR: &str = "oauth_connector";
+
+/// `a` then `b`, for schemas whose key lists share a part (`N` must be their total length).
+const fn keys<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    assert!(a.len() + b.len() == N, "N is the total length");
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i < a.len() { a[i] } else { b[i - a.len()] };
+        i += 1;
+    }
+    out
+}
+
+/// A connection's settings over its connector's config: where [`ConnectorDriver::destination`]
+/// looks.
+#[derive(Clone, Copy)]
+pub struct Where<'a> {
+    pub connector: &'a Connector,
+    pub settings: &'a BTreeMap<String, String>,
+}
+
+/// What a driver looks a credential up with: the service, the target, how long it must last.
+#[derive(Clone, Copy)]
+pub struct Lookup<'a> {
+    pub credentials: &'a Credentials,
+    pub target: &'a Target,
+    pub min_ttl: Duration,
 }
 
 /// What kind of secret a [`Credential`] is.
@@ -146,36 +182,24 @@ pub trait ConnectorDriver: Send + Sync {
     fn schema(&self) -> &'static Schema;
 
     /// Checks a connector as an admin sets it: provider, config and connector secrets.
-    fn check_connector(
-        &self,
-        mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        let _ = mode;
-        check_plain(self.schema(), provider, config, secrets)
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        check_plain(self.schema(), draft)
     }
 
     /// Where each secret of a connection would be sent, e.g. "imap.corp:993": errors name the
     /// setting that does not say it properly.
-    fn destination(
-        &self,
-        connector: &Connector,
-        settings: &BTreeMap<String, String>,
-        secret: &str,
-    ) -> Result<Vec<String>, FieldError>;
+    fn destination(&self, at: Where<'_>, secret: &str) -> Result<Vec<String>, FieldError>;
 
     /// Checks credentials a user offers (ConnectWithCredentials, TestConnection) before anything
     /// is tried: known settings and slots, the secrets the test needs, and every value the
     /// test would use, so that malformed input is a [`FieldError`] naming the field and a
     /// test only ever reports what the upstream said.
+    /// Known keys and slots are checked before ([`check_candidate`]).
     fn check_candidate(
         &self,
         connector: &Connector,
         candidate: &Candidate,
     ) -> Result<(), FieldError> {
-        check_settings(self.schema(), candidate)?;
         check_required(candidate, self.typed_in(connector)?)
     }
 
@@ -202,17 +226,15 @@ pub trait ConnectorDriver: Send + Sync {
 
     /// Whether a connector of this kind can serve `service`.
     fn serves(&self, connector: &Connector, service: Service) -> bool {
-        let _ = (connector, service);
-        false
+        let _ = connector;
+        self.schema().service == Some(service)
     }
 
     /// The credential of a stored connection, current (an OAuth token refreshed first if it has
     /// less than `min_ttl` left).
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>>;
 
     /// Tests credentials (a candidate's, or the stored ones) against the upstream.
@@ -247,49 +269,71 @@ pub struct Drivers;
 pub static DRIVERS: Drivers = Drivers;
 
 impl ConnectorRules for Drivers {
-    fn check_connector(
-        &self,
-        kind: Kind,
-        mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        driver(kind).check_connector(mode, provider, config, secrets)
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        driver(draft.kind).check_connector(draft)
     }
 
     fn credential_on_connector(&self, kind: Kind, mode: Mode) -> bool {
         driver(kind).credential_on_connector(mode)
     }
+
+    fn dependents(&self, kind: Kind, changed: &BTreeSet<String>) -> Dependents {
+        dependents(driver(kind).schema(), changed)
+    }
+
+    fn through_key(&self, kind: Kind) -> Option<&'static str> {
+        let schema = driver(kind).schema();
+        schema
+            .config
+            .contains(&OAUTH_CONNECTOR)
+            .then_some(OAUTH_CONNECTOR)
+    }
+}
+
+/// The secrets of a schema sent where the `changed` settings say.
+fn dependents(schema: &Schema, changed: &BTreeSet<String>) -> Dependents {
+    let mut out = Dependents::default();
+    let moved = schema
+        .destinations
+        .iter()
+        .filter(|d| d.settings.iter().any(|s| changed.contains(*s)));
+    for d in moved {
+        if schema.connector_secrets.contains(&d.secret)
+            && !out.connector_secrets.contains(&d.secret)
+        {
+            out.connector_secrets.push(d.secret);
+        }
+        out.connections |= schema.connection_secrets.contains(&d.secret);
+    }
+    out
 }
 
 /// A connector of a kind without providers: no provider, then [`check_schema`].
-fn check_plain(
-    schema: &Schema,
-    provider: &str,
-    config: &BTreeMap<String, String>,
-    secrets: &BTreeMap<String, Secret>,
-) -> Result<(), FieldError> {
-    if !provider.is_empty() {
+fn check_plain(schema: &Schema, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+    if !draft.provider.is_empty() {
         return Err(FieldError::new(
             "provider",
             "only OAuth connectors take a provider",
         ));
     }
-    check_schema(schema, config, secrets)
+    check_schema(schema, draft)
 }
 
 /// Config keys and connector secret slots against a schema.
-fn check_schema(
-    schema: &Schema,
-    config: &BTreeMap<String, String>,
-    secrets: &BTreeMap<String, Secret>,
-) -> Result<(), FieldError> {
-    validate_config("config", config, schema.config)?;
-    for (slot, value) in secrets {
+fn check_schema(schema: &Schema, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+    validate_config("config", draft.config, schema.config)?;
+    for (slot, value) in draft.secrets {
         validate_secret("secrets", slot, value.expose(), schema.connector_secrets)?;
     }
     Ok(())
+}
+
+/// Checks credentials a user offers: the keys and slots of the kind's schema, then what the
+/// driver checks ([`ConnectorDriver::check_candidate`]).
+pub fn check_candidate(connector: &Connector, candidate: &Candidate) -> Result<(), FieldError> {
+    let kind = driver(connector.kind);
+    check_settings(kind.schema(), candidate)?;
+    kind.check_candidate(connector, candidate)
 }
 
 /// A candidate's settings keys and connection secret slots against a schema.
@@ -327,6 +371,19 @@ pub(crate) fn https_url(field: &str, value: &str) -> Result<url::Url, FieldError
         return Err(FieldError::new(
             field,
             "must not contain a username or password: credentials go in their own fields",
+        ));
+    }
+    Ok(url)
+}
+
+/// An API base (`api_base`): an [`https_url`] without query or fragment, the call's path is
+/// appended to it.
+pub(crate) fn api_base_url(field: &str, value: &str) -> Result<url::Url, FieldError> {
+    let url = https_url(field, value)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(FieldError::new(
+            field,
+            "must not have a query or fragment: the call gives its own query",
         ));
     }
     Ok(url)
@@ -381,18 +438,20 @@ fn credential_stage(e: &CredentialError) -> Stage {
     }
 }
 
-/// A password credential, for the broker's own sign-in (mail, calendar).
-fn password_credential(kind: Kind, secret: Secret, account_label: String) -> Credential {
-    Credential {
-        kind,
+/// The stored password of the target's connection, for the broker's own sign-in (mail,
+/// calendar).
+async fn stored_password(at: Lookup<'_>) -> Result<Credential, CredentialError> {
+    let (connection, secret) = stored_secret(at.credentials, at.target, "password", false).await?;
+    Ok(Credential {
+        kind: at.target.connector.kind,
         form: Form::Password,
         secret,
         expires_at: None,
         scopes: Vec::new(),
-        account_label,
+        account_label: connection.account_label,
         header_name: String::new(),
         header_prefix: String::new(),
-    }
+    })
 }
 
 /// The credentials service: the one way mail, calendar, connection tests and ResolveCredential
@@ -418,39 +477,53 @@ impl Credentials {
         target: &Target,
         min_ttl: Duration,
     ) -> Result<Credential, CredentialError> {
-        driver(target.connector.kind)
-            .credential(self, target, min_ttl)
-            .await
+        let at = Lookup {
+            credentials: self,
+            target,
+            min_ttl,
+        };
+        driver(target.connector.kind).credential(at).await
     }
 
-    /// The credential of the connector a connector signs in through (`oauth_connector`, same
-    /// workspace), for the same user.
+    /// The credential of the connector a connector signs in through (`oauth_connector`: an
+    /// OAuth connector of the same workspace), for the same user, if that user's grant was made
+    /// after the connector last changed where it sends it: a token is never sent to servers
+    /// set after the user consented.
     pub async fn through(
         &self,
         target: &Target,
         oauth_connector: &str,
         min_ttl: Duration,
     ) -> Result<Credential, CredentialError> {
+        let (connector, user) = (&target.connector, &target.on_behalf_of);
+        let field = format!("config.{OAUTH_CONNECTOR}");
         let through = self
             .registry
-            .target(
-                &target.connector.workspace,
-                oauth_connector,
-                &target.on_behalf_of,
-            )
+            .target(&connector.workspace, oauth_connector, user)
             .await
             .map_err(|e| match e {
-                ModelError::NotFound { .. } => CredentialError::Model(
-                    FieldError::new(
-                        "config.oauth_connector",
-                        format!(
-                            "names {oauth_connector:?}, which is not a connector of this workspace"
-                        ),
-                    )
-                    .into(),
-                ),
-                other => other.into(),
+                ModelError::NotFound { .. } => ModelError::from(FieldError::new(
+                    &field,
+                    format!(
+                        "names {oauth_connector:?}, which is not a connector of this workspace"
+                    ),
+                ))
+                .into(),
+                other => CredentialError::from(other),
             })?;
+        let oauth = &through.connector;
+        if oauth.kind != Kind::Oauth2 {
+            let why = format!("names {:?}, which is not an OAuth connector", oauth.name);
+            return Err(ModelError::from(FieldError::new(field, why)).into());
+        }
+        let since = Some(connector.destinations_at.unwrap_or(connector.created_at));
+        let grant = self
+            .registry
+            .connection(oauth, &through.connection_user)
+            .await?;
+        if let Some(grant) = grant.filter(|g| g.connected_at < since) {
+            return Err(ConnectionError::destination_changed(oauth, &grant.user_id).into());
+        }
         self.resolvable(&through, min_ttl).await
     }
 
@@ -470,6 +543,19 @@ impl Credentials {
             });
         }
         self.credential(target, min_ttl).await
+    }
+
+    /// After an API refused `rejected` (the target's OAuth access token): refreshes it once,
+    /// true when the next [`Credentials::credential`] gives another token to try.
+    pub async fn replace_rejected(
+        &self,
+        target: &Target,
+        rejected: &Secret,
+    ) -> Result<bool, CredentialError> {
+        Ok(self
+            .oauth
+            .replace_rejected(&target.connector, &target.connection_user, rejected)
+            .await?)
     }
 
     /// Tests credentials: the candidate's, or the stored connection's.
@@ -517,6 +603,45 @@ mod tests {
         }
     }
 
+    fn at<'a>(connector: &'a Connector, settings: &'a BTreeMap<String, String>) -> Where<'a> {
+        Where {
+            connector,
+            settings,
+        }
+    }
+
+    #[test]
+    fn the_api_base_is_where_calls_send_the_credential() {
+        let none = BTreeMap::new();
+        let key = Connector::for_tests(
+            Kind::ApiKey,
+            Mode::Shared,
+            &[("api_base", "https://api.corp/v2")],
+        );
+        assert_eq!(
+            driver(Kind::ApiKey)
+                .destination(at(&key, &none), "api_key")
+                .unwrap(),
+            ["https://api.corp/v2"]
+        );
+        let mut slack = Connector::for_tests(Kind::Oauth2, Mode::Personal, &[("client_id", "c")]);
+        slack.provider = "slack".into();
+        let token = driver(Kind::Oauth2)
+            .destination(at(&slack, &none), "access_token")
+            .unwrap();
+        assert!(
+            token.contains(&"https://slack.com/api".to_string()),
+            "{token:?}"
+        );
+        let refresh = driver(Kind::Oauth2)
+            .destination(at(&slack, &none), "refresh_token")
+            .unwrap();
+        assert!(
+            !refresh.contains(&"https://slack.com/api".to_string()),
+            "{refresh:?}"
+        );
+    }
+
     #[test]
     fn destinations_are_where_the_settings_point() {
         let imap = Connector::for_tests(
@@ -527,7 +652,7 @@ mod tests {
         let settings = BTreeMap::from([("email".to_string(), "a@corp.test".to_string())]);
         assert_eq!(
             driver(Kind::ImapSmtp)
-                .destination(&imap, &settings, "password")
+                .destination(at(&imap, &settings), "password")
                 .unwrap(),
             ["imap.corp:993", "smtp.corp:465"]
         );
@@ -536,7 +661,7 @@ mod tests {
         // The plain-http URL is the connector's: the error names where it came from.
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &BTreeMap::new(), "password")
+                .destination(at(&caldav, &BTreeMap::new()), "password")
                 .unwrap_err()
                 .field,
             "config.url"
@@ -544,7 +669,7 @@ mod tests {
         let ftp = BTreeMap::from([("url".to_string(), "ftp://dav.corp/".to_string())]);
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &ftp, "password")
+                .destination(at(&caldav, &ftp), "password")
                 .unwrap_err()
                 .field,
             "settings.url"
@@ -552,7 +677,7 @@ mod tests {
         let https = BTreeMap::from([("url".to_string(), "https://dav.corp/u".to_string())]);
         assert_eq!(
             driver(Kind::Caldav)
-                .destination(&caldav, &https, "password")
+                .destination(at(&caldav, &https), "password")
                 .unwrap(),
             ["https://dav.corp/u/"]
         );
@@ -577,9 +702,39 @@ mod tests {
             "http://idp.corp/revoke".to_string(),
         )]);
         let err = driver(Kind::Oauth2)
-            .check_connector(Mode::Shared, "", &config, &BTreeMap::new())
+            .check_connector(&draft(Mode::Shared, "", &config, &BTreeMap::new()))
             .unwrap_err();
         assert_eq!(err.field, "config.revocation_url");
+        for kind in [Kind::Oauth2, Kind::ApiKey] {
+            for bad in [
+                "http://api.corp",
+                "https://u:canary@api.corp",
+                "https://api.corp/v1?key=x",
+                "https://api.corp/#x",
+            ] {
+                let config = BTreeMap::from([("api_base".to_string(), bad.to_string())]);
+                let err = driver(kind)
+                    .check_connector(&draft(Mode::Shared, "", &config, &BTreeMap::new()))
+                    .unwrap_err();
+                assert_eq!(err.field, "config.api_base", "{kind:?} {bad}");
+                assert!(!err.problem.contains("canary"), "{err}");
+            }
+        }
+    }
+
+    fn draft<'a>(
+        mode: Mode,
+        provider: &'a str,
+        config: &'a BTreeMap<String, String>,
+        secrets: &'a BTreeMap<String, Secret>,
+    ) -> ConnectorDraft<'a> {
+        ConnectorDraft {
+            kind: Kind::ApiKey,
+            mode,
+            provider,
+            config,
+            secrets,
+        }
     }
 
     #[test]
@@ -589,24 +744,24 @@ mod tests {
         let no_config = BTreeMap::new();
         let api = driver(Kind::ApiKey);
         assert!(
-            api.check_connector(Mode::Shared, "", &no_config, &key)
+            api.check_connector(&draft(Mode::Shared, "", &no_config, &key))
                 .is_ok()
         );
         assert_eq!(
-            api.check_connector(Mode::Personal, "", &no_config, &key)
+            api.check_connector(&draft(Mode::Personal, "", &no_config, &key))
                 .unwrap_err()
                 .field,
             "secrets.api_key"
         );
         assert_eq!(
-            api.check_connector(Mode::Shared, "slack", &no_config, &none)
+            api.check_connector(&draft(Mode::Shared, "slack", &no_config, &none))
                 .unwrap_err()
                 .field,
             "provider"
         );
         assert!(
             driver(Kind::Oauth2)
-                .check_connector(Mode::Shared, "slack", &no_config, &none)
+                .check_connector(&draft(Mode::Shared, "slack", &no_config, &none))
                 .is_ok()
         );
         assert!(api.credential_on_connector(Mode::Shared));
@@ -616,5 +771,47 @@ mod tests {
             .filter(|k| driver(*k).resolvable())
             .collect();
         assert_eq!(resolvable, [Kind::ApiKey, Kind::Oauth2]);
+    }
+
+    #[test]
+    fn a_moved_destination_names_the_secrets_it_carries_off() {
+        let changed = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect();
+        let of = |kind: Kind, keys: &[&str]| DRIVERS.dependents(kind, &changed(keys));
+        assert_eq!(
+            of(Kind::Oauth2, &["token_url"]),
+            Dependents {
+                connector_secrets: vec!["client_secret"],
+                connections: true
+            }
+        );
+        assert_eq!(
+            of(Kind::Oauth2, &["userinfo_url"]),
+            Dependents {
+                connector_secrets: vec![],
+                connections: true
+            }
+        );
+        for key in ["ca_pem", "base_url", "revocation_url"] {
+            assert!(of(Kind::Oauth2, &[key]).connections, "{key}");
+        }
+        assert_eq!(
+            of(Kind::Oauth2, &["scopes", "description"]),
+            Dependents::default()
+        );
+        assert_eq!(
+            of(Kind::ApiKey, &["header_name"]).connector_secrets,
+            ["api_key"]
+        );
+        assert_eq!(
+            of(Kind::ApiKey, &["header_prefix", "base_url"]),
+            Dependents::default()
+        );
+        for key in ["imap_host", "smtp_port", "ca_pem", OAUTH_CONNECTOR] {
+            assert!(of(Kind::ImapSmtp, &[key]).connections, "{key}");
+        }
+        assert!(of(Kind::Caldav, &["url"]).connections);
+        assert!(!of(Kind::ImapSmtp, &["description"]).connections);
+        assert_eq!(DRIVERS.through_key(Kind::ImapSmtp), Some(OAUTH_CONNECTOR));
+        assert_eq!(DRIVERS.through_key(Kind::ApiKey), None);
     }
 }

@@ -3,14 +3,11 @@
 //! and expires a connection whose grant the provider refuses. Accounts connect through the
 //! browser flow (BeginConnect), never with typed-in credentials.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::model::{Check, Connector, FieldError, Kind, Mode, Secret, Target, TestReport};
+use crate::model::{Check, Connector, ConnectorDraft, FieldError, Kind, TestReport};
 use crate::oauth::catalog::Endpoints;
 
 pub struct OAuth2;
@@ -30,6 +27,7 @@ static SCHEMA: Schema = Schema {
         "auth_params",
         "token_auth",
         "base_url",
+        "api_base",
         "resource",
         "ca_pem",
         "description",
@@ -37,20 +35,29 @@ static SCHEMA: Schema = Schema {
     connector_secrets: &["client_secret"],
     settings: &[],
     connection_secrets: &["access_token", "refresh_token"],
+    // The CA says who the servers are; `base_url` is where the broker's own calls (Google
+    // Calendar) send the access token.
     destinations: &[
         Destination {
             secret: "client_secret",
-            settings: &["token_url", "revocation_url"],
+            settings: &["token_url", "revocation_url", "ca_pem"],
         },
         Destination {
             secret: "refresh_token",
-            settings: &["token_url", "revocation_url"],
+            settings: &["token_url", "revocation_url", "ca_pem"],
         },
         Destination {
             secret: "access_token",
-            settings: &["userinfo_url", "revocation_url"],
+            settings: &[
+                "userinfo_url",
+                "revocation_url",
+                "base_url",
+                "ca_pem",
+                "api_base",
+            ],
         },
     ],
+    service: None,
 };
 
 /// The provider endpoints a connector may set: each is where a secret (the client secret, a
@@ -62,42 +69,38 @@ impl ConnectorDriver for OAuth2 {
         &SCHEMA
     }
 
-    fn check_connector(
-        &self,
-        _mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError> {
-        crate::oauth::catalog::validate_provider("provider", provider)?;
-        check_schema(&SCHEMA, config, secrets)?;
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError> {
+        crate::oauth::catalog::validate_provider("provider", draft.provider)?;
+        check_schema(&SCHEMA, draft)?;
         for key in ENDPOINTS {
-            if let Some(url) = config.get(*key) {
+            if let Some(url) = draft.config.get(*key) {
                 https_url(&format!("config.{key}"), url)?;
             }
         }
+        if let Some(base) = draft.config.get("api_base") {
+            api_base_url("config.api_base", base)?;
+        }
         // The issuer identifier an authorization response must name (RFC 9207): an https URL.
-        if let Some(issuer) = config.get("issuer") {
+        if let Some(issuer) = draft.config.get("issuer") {
             https_url("config.issuer", issuer)?;
         }
-        check_ca("config.ca_pem", config.get("ca_pem"))
+        check_ca("config.ca_pem", draft.config.get("ca_pem"))
     }
 
     /// The provider's endpoints (catalog preset, overridden by the connector's config).
-    fn destination(
-        &self,
-        connector: &Connector,
-        _settings: &BTreeMap<String, String>,
-        secret: &str,
-    ) -> Result<Vec<String>, FieldError> {
-        let endpoints = Endpoints::of(connector)?;
+    fn destination(&self, at: Where<'_>, secret: &str) -> Result<Vec<String>, FieldError> {
+        let endpoints = Endpoints::of(at.connector)?;
         let urls = match secret {
             "client_secret" | "refresh_token" => {
                 [Some(endpoints.token_url), endpoints.revocation_url]
             }
             _ => [endpoints.userinfo_url, endpoints.revocation_url],
         };
-        Ok(urls.into_iter().flatten().collect())
+        let api_base = match secret {
+            "access_token" => crate::oauth::catalog::api_base(at.connector),
+            _ => None,
+        };
+        Ok(urls.into_iter().flatten().chain(api_base).collect())
     }
 
     /// There are no typed-in OAuth credentials to test.
@@ -129,14 +132,14 @@ impl ConnectorDriver for OAuth2 {
 
     fn credential<'a>(
         &'a self,
-        credentials: &'a Credentials,
-        target: &'a Target,
-        min_ttl: Duration,
+        at: Lookup<'a>,
     ) -> BoxFuture<'a, Result<Credential, CredentialError>> {
         async move {
-            let token = credentials
+            let target = at.target;
+            let token = at
+                .credentials
                 .oauth
-                .access_token(&target.connector, &target.connection_user, min_ttl)
+                .access_token(&target.connector, &target.connection_user, at.min_ttl)
                 .await?;
             Ok(Credential {
                 kind: Kind::Oauth2,

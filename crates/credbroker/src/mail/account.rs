@@ -82,8 +82,9 @@ pub struct Account {
     pub aliases: Vec<String>,
     pub imap: Endpoint,
     pub smtp: Endpoint,
-    /// Extra CA (PEM) trusted besides Mozilla's roots.
+    /// Extra CAs (PEM) trusted besides Mozilla's roots for the SMTP server.
     pub ca_pem: Option<String>,
+    /// The TLS client configuration for the IMAP server (Mozilla's roots and its extra CAs).
     pub tls: Arc<rustls::ClientConfig>,
     pub auth: Auth,
 }
@@ -108,6 +109,18 @@ impl Account {
             .any(|a| a.eq_ignore_ascii_case(address))
     }
 }
+
+/// The settings naming an account's servers and the CA they are checked against: a
+/// connector's, or (for a password) a connection's own.
+pub const SERVER_SETTINGS: &[&str] = &[
+    "imap_host",
+    "imap_port",
+    "imap_tls",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "ca_pem",
+];
 
 /// The mail defaults (imap_*/smtp_*) of an OAuth provider preset of the catalog, if it has any.
 pub fn provider_defaults(provider: &str) -> Option<BTreeMap<String, String>> {
@@ -201,16 +214,18 @@ fn parse_host(value: Option<(&str, String)>, missing: &str) -> Result<String, Fi
     Ok(v.to_string())
 }
 
+/// A server of the account, and whether the connection's own settings named its host.
 fn endpoint(
     m: &Merged<'_>,
     prefix: &str,
     implicit_port: u16,
     starttls_port: u16,
-) -> Result<Endpoint, FieldError> {
-    let host = parse_host(
-        m.get(&format!("{prefix}_host")),
-        &format!("settings.{prefix}_host"),
-    )?;
+) -> Result<(Endpoint, bool), FieldError> {
+    let given = m.get(&format!("{prefix}_host"));
+    let users_own = given
+        .as_ref()
+        .is_some_and(|(_, field)| field.starts_with("settings."));
+    let host = parse_host(given, &format!("settings.{prefix}_host"))?;
     let port = parse_port(m.get(&format!("{prefix}_port")))?;
     let tls = parse_tls(m.get(&format!("{prefix}_tls")))?;
     let tls = tls.unwrap_or(match port {
@@ -221,7 +236,26 @@ fn endpoint(
         TlsMode::Implicit => implicit_port,
         TlsMode::StartTls => starttls_port,
     });
-    Ok(Endpoint { host, port, tls })
+    Ok((Endpoint { host, port, tls }, users_own))
+}
+
+/// The extra CAs trusted for one server: the connection's, and the connector's (an
+/// organisation's server) unless the host is the user's own — a connector's CA never vouches
+/// for a server the user named.
+fn trusted_cas(
+    connector: &Connector,
+    settings: &BTreeMap<String, String>,
+    users_own: bool,
+) -> Option<String> {
+    let cas: Vec<&str> = [
+        connector.setting("ca_pem").filter(|_| !users_own),
+        settings.get("ca_pem").map(String::as_str),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|p| !p.trim().is_empty())
+    .collect();
+    (!cas.is_empty()).then(|| cas.join("\n"))
 }
 
 /// An email address as lettre parses it; the error names the field.
@@ -246,14 +280,27 @@ pub fn from_settings(
     settings: &BTreeMap<String, String>,
     auth: Option<Auth>,
 ) -> Result<Account, FieldError> {
+    // A user's OAuth token goes only to servers the connector (or the provider's catalog
+    // entry) names, never to ones a connection's settings name.
+    let kept;
+    let settings = if matches!(auth, Some(Auth::XOAuth2(_))) {
+        kept = settings
+            .iter()
+            .filter(|(k, _)| !SERVER_SETTINGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        &kept
+    } else {
+        settings
+    };
     let m = Merged {
         connector,
         settings,
         // Only OAuth connectors have a provider (the registry refuses one anywhere else).
         defaults: provider_defaults(&connector.provider),
     };
-    let imap = endpoint(&m, "imap", 993, 143)?;
-    let smtp = endpoint(&m, "smtp", 465, 587)?;
+    let (imap, imap_own) = endpoint(&m, "imap", 993, 143)?;
+    let (smtp, smtp_own) = endpoint(&m, "smtp", 465, 587)?;
     let username = m.get("username").map(|(v, _)| v.to_string());
     let email = match (m.get("email"), &username) {
         (Some((v, field)), _) => parse_address(&field, v)?.to_string(),
@@ -278,24 +325,18 @@ pub fn from_settings(
             aliases.push(parse_address(&format!("{field}[{i}]"), alias)?.to_string());
         }
     }
-    // Both CAs are trusted: the connector's (an organisation's server) and the connection's.
-    let cas: Vec<&str> = [
-        connector.setting("ca_pem"),
-        settings.get("ca_pem").map(String::as_str),
-    ]
-    .into_iter()
-    .flatten()
-    .filter(|p| !p.trim().is_empty())
-    .collect();
-    let ca_pem = (!cas.is_empty()).then(|| cas.join("\n"));
-    let tls = crate::tls::client_config(ca_pem.as_deref()).map_err(|e| {
+    let ca_error = |e: crate::tls::TlsError| {
         let field = if settings.contains_key("ca_pem") {
             "settings.ca_pem"
         } else {
             "config.ca_pem"
         };
         FieldError::new(field, e.to_string())
-    })?;
+    };
+    let ca_pem = trusted_cas(connector, settings, smtp_own);
+    crate::tls::client_config(ca_pem.as_deref()).map_err(ca_error)?;
+    let tls = crate::tls::client_config(trusted_cas(connector, settings, imap_own).as_deref())
+        .map_err(ca_error)?;
     let auth = auth.ok_or_else(|| FieldError::new("secrets.password", "is required"))?;
     Ok(Account {
         key: String::new(),
@@ -468,6 +509,45 @@ mod tests {
             let e = from_settings(&c, &settings(s), pw()).unwrap_err();
             assert_eq!(&e.field, field, "{s:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_connectors_ca_vouches_for_its_own_servers_only() {
+        let ca = "-----BEGIN CERTIFICATE-----";
+        let c = connector(&[("imap_host", "imap.corp"), ("ca_pem", ca)]);
+        let own = settings(&[("smtp_host", "smtp.mine.test")]);
+        assert_eq!(trusted_cas(&c, &own, false).as_deref(), Some(ca));
+        assert_eq!(trusted_cas(&c, &own, true), None);
+        let with_own = settings(&[("ca_pem", "mine")]);
+        assert_eq!(trusted_cas(&c, &with_own, true).as_deref(), Some("mine"));
+        let m = Merged {
+            connector: &c,
+            settings: &own,
+            defaults: None,
+        };
+        assert!(!endpoint(&m, "imap", 993, 143).unwrap().1);
+        assert!(endpoint(&m, "smtp", 465, 587).unwrap().1);
+    }
+
+    #[test]
+    fn a_token_goes_to_the_connectors_servers_only() {
+        let c = connector(&[("imap_host", "imap.corp"), ("smtp_host", "smtp.corp")]);
+        let own = settings(&[
+            ("email", "a@corp.test"),
+            ("imap_host", "evil.test"),
+            ("smtp_port", "2525"),
+            ("ca_pem", "not even a PEM"),
+        ]);
+        let token = Some(Auth::XOAuth2(Secret::new("t")));
+        let a = from_settings(&c, &own, token).unwrap();
+        assert_eq!(
+            (a.imap.host.as_str(), a.smtp.addr()),
+            ("imap.corp", "smtp.corp:465".into())
+        );
+        assert_eq!(a.ca_pem, None);
+        // A password is the user's: it goes to their own servers.
+        let e = from_settings(&c, &own, pw()).unwrap_err();
+        assert_eq!(e.field, "settings.ca_pem");
     }
 
     #[test]

@@ -11,10 +11,11 @@ mod validate;
 pub use check::{Check, Stage, TestReport};
 pub use kind::{Kind, Mode};
 pub use records::{
-    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, settings,
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Expiry, settings,
 };
 pub use registry::{
-    ConnectorPatch, ConnectorRules, KeyStatus, NewConnector, Registry, Target, connection_path,
+    ConnectorDraft, ConnectorPatch, ConnectorRules, Dependents, KeyStatus, Moved, NewConnector,
+    Registry, Target, connection_path,
 };
 pub use secret::Secret;
 pub use validate::{

@@ -33,6 +33,10 @@ pub struct Connector {
     pub secrets_set: BTreeSet<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When a setting naming where its connections' secrets go last changed (see
+    /// [`crate::driver::Destination`]); a connection connected before it is not used again.
+    #[serde(default)]
+    pub destinations_at: Option<DateTime<Utc>>,
 }
 
 impl Connector {
@@ -51,6 +55,7 @@ impl Connector {
             secrets_set: BTreeSet::new(),
             created_at: now,
             updated_at: now,
+            destinations_at: None,
         }
     }
 
@@ -59,6 +64,13 @@ impl Connector {
             .get(key)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
+    }
+
+    /// Whether a connection connected at `connected_at` predates where its secrets go now: its
+    /// secrets were given for a destination the connector no longer names.
+    pub fn moved_since(&self, connected_at: Option<DateTime<Utc>>) -> bool {
+        self.destinations_at
+            .is_some_and(|moved| connected_at.is_none_or(|at| at < moved))
     }
 }
 
@@ -76,6 +88,25 @@ pub enum ConnectionStatus {
     NotConnected,
     Expired,
     Error,
+}
+
+/// Why a connection is EXPIRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expiry {
+    /// The provider or server refused the stored credential.
+    Refused,
+    /// A setting naming where its secrets go changed without them: they were erased.
+    DestinationChanged,
+}
+
+impl Expiry {
+    pub fn name(self) -> &'static str {
+        match self {
+            Expiry::Refused => "refused",
+            Expiry::DestinationChanged => "destination_changed",
+        }
+    }
 }
 
 impl ConnectionStatus {
@@ -109,6 +140,9 @@ pub struct Connection {
     pub settings: BTreeMap<String, String>,
     /// When the stored access token expires (OAuth).
     pub access_expires_at: Option<DateTime<Utc>>,
+    /// Why the connection is EXPIRED, when it is.
+    #[serde(default)]
+    pub expired_reason: Option<Expiry>,
 }
 
 impl Connection {
@@ -125,6 +159,7 @@ impl Connection {
             scopes: Vec::new(),
             settings: BTreeMap::new(),
             access_expires_at: None,
+            expired_reason: None,
         }
     }
 

@@ -4,15 +4,15 @@
 //! uniqueness is kept under a lock held across check and write. It declares its own tables:
 //! the store below is schema-blind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::Utc;
 
 use super::validate::{validate_connector_name, validate_user_id, workspace_or_default};
 use super::{
-    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, FieldError, Kind,
-    Mode, ModelError, Secret, new_id,
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, ConnectorSecrets, Expiry,
+    FieldError, Kind, Mode, ModelError, Secret, new_id,
 };
 use serde::Serialize;
 
@@ -39,22 +39,66 @@ const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 /// connections never builds one giant batch.
 const DELETE_CHUNK: usize = 1000;
 
+/// A connector as an admin sets it (CreateConnector, or UpdateConnector's result), for
+/// [`ConnectorRules::check_connector`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorDraft<'a> {
+    pub kind: Kind,
+    pub mode: Mode,
+    /// OAuth provider preset, empty for generic or non-OAuth kinds.
+    pub provider: &'a str,
+    pub config: &'a BTreeMap<String, String>,
+    pub secrets: &'a BTreeMap<String, Secret>,
+}
+
+/// The secrets whose destination a change of connector settings moves.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dependents {
+    /// The connector's own secret slots (a client secret, a shared key).
+    pub connector_secrets: Vec<&'static str>,
+    /// True when the connections' secrets go there too: every connection then expires.
+    pub connections: bool,
+}
+
 /// What the registry needs to know of connector kinds, given at construction (the drivers',
 /// [`crate::driver::DRIVERS`]) so that the model does not depend on the drivers built on it.
 pub trait ConnectorRules: Send + Sync {
     /// Checks a connector as an admin sets it (provider, config, connector secrets).
-    fn check_connector(
-        &self,
-        kind: Kind,
-        mode: Mode,
-        provider: &str,
-        config: &BTreeMap<String, String>,
-        secrets: &BTreeMap<String, Secret>,
-    ) -> Result<(), FieldError>;
+    fn check_connector(&self, draft: &ConnectorDraft<'_>) -> Result<(), FieldError>;
 
     /// True when the credential is a secret of the connector (a shared API key): its one
     /// connection then mirrors whether it is set.
     fn credential_on_connector(&self, kind: Kind, mode: Mode) -> bool;
+
+    /// The secrets sent where the config keys `changed` say (the kind's destinations).
+    fn dependents(&self, kind: Kind, changed: &BTreeSet<String>) -> Dependents;
+
+    /// The config key naming the connector this kind signs in through, if it has one.
+    fn through_key(&self, kind: Kind) -> Option<&'static str>;
+}
+
+/// What UpdateConnector did besides saving: the secrets it erased because a setting naming
+/// where they go changed without them in the same request.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// The config keys naming a destination that changed.
+    pub settings: Vec<String>,
+    /// The connector's secret slots erased.
+    pub erased: Vec<&'static str>,
+    /// Connections marked EXPIRED (destination_changed), their secrets erased.
+    pub expired: usize,
+}
+
+impl Moved {
+    /// For the audit: what moved and what was erased; never a value.
+    pub fn describe(&self) -> String {
+        format!(
+            "destination_changed: config {} changed; erased connector secrets [{}]; {} connections expired",
+            self.settings.join(", "),
+            self.erased.join(", "),
+            self.expired
+        )
+    }
 }
 
 pub struct Registry {
@@ -146,11 +190,18 @@ impl Registry {
         }
     }
 
-    pub async fn create_connector(&self, new: NewConnector) -> Result<Connector, ModelError> {
+    pub async fn create_connector(&self, mut new: NewConnector) -> Result<Connector, ModelError> {
         let workspace = workspace_or_default("workspace", &new.workspace)?;
         validate_connector_name("name", &new.name)?;
-        self.rules
-            .check_connector(new.kind, new.mode, &new.provider, &new.config, &new.secrets)?;
+        self.rules.check_connector(&ConnectorDraft {
+            kind: new.kind,
+            mode: new.mode,
+            provider: &new.provider,
+            config: &new.config,
+            secrets: &new.secrets,
+        })?;
+        self.pin_through(&workspace, new.kind, &mut new.config, None)
+            .await?;
         let _guard = self.names.lock().await;
         self.name_free(&workspace, &new.name).await?;
         let now = Utc::now();
@@ -165,6 +216,7 @@ impl Registry {
             secrets_set: new.secrets.keys().cloned().collect(),
             created_at: now,
             updated_at: now,
+            destinations_at: None,
         };
         let secrets = ConnectorSecrets { slots: new.secrets };
         let ws = &connector.workspace;
@@ -290,14 +342,18 @@ impl Registry {
             .unwrap_or_default())
     }
 
+    /// Applies a patch. A config key naming where secrets go ([`ConnectorRules::dependents`])
+    /// that changes without those secrets in the same patch erases them: the connector's own
+    /// slots at once, and every connection's, which turns EXPIRED (destination_changed).
     pub async fn update_connector(
         &self,
         workspace: &str,
         name_or_id: &str,
         patch: ConnectorPatch,
-    ) -> Result<Connector, ModelError> {
+    ) -> Result<(Connector, Moved), ModelError> {
         let mut connector = self.find_connector(workspace, name_or_id).await?;
         let kind = connector.kind;
+        let before = connector.config.clone();
         for (key, value) in &patch.config {
             match value {
                 Some(value) => connector.config.insert(key.clone(), value.clone()),
@@ -307,35 +363,163 @@ impl Registry {
         if let Some(mode) = patch.mode {
             connector.mode = mode;
         }
+        let ws = connector.workspace.clone();
+        self.pin_through(&ws, kind, &mut connector.config, Some(&connector.id))
+            .await?;
         let mut secrets = self.connector_secrets(&connector).await?;
         let key_changed = patch.secrets.contains_key("api_key");
+        let carried: BTreeSet<String> = patch
+            .secrets
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
         for (slot, value) in patch.secrets {
             match value {
                 Some(value) => secrets.slots.insert(slot, value),
                 None => secrets.slots.remove(&slot),
             };
         }
-        self.rules.check_connector(
+        let now = Utc::now();
+        let mut moved = self.moved(&mut connector, &before, &carried, &mut secrets, now);
+        self.rules.check_connector(&ConnectorDraft {
             kind,
-            connector.mode,
-            &connector.provider,
-            &connector.config,
-            &secrets.slots,
-        )?;
+            mode: connector.mode,
+            provider: &connector.provider,
+            config: &connector.config,
+            secrets: &secrets.slots,
+        })?;
         connector.secrets_set = secrets.slots.keys().cloned().collect();
-        connector.updated_at = Utc::now();
+        connector.updated_at = now;
         let mut batch = Batch::new();
         batch
-            .put(
-                CONNECTORS,
-                connector_path(&connector.workspace, &connector.id),
-                &connector,
-            )
+            .put(CONNECTORS, connector_path(&ws, &connector.id), &connector)
             .put(CONNECTOR_SECRETS, connector.id.clone(), &secrets);
-        let existing = self.connection(&connector, "").await?;
-        self.shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
+        if moved.erased.is_empty() {
+            let existing = self.connection(&connector, "").await?;
+            self.shared_key_connection(&mut batch, &connector, &secrets, existing, key_changed);
+        }
         self.store.commit(batch).await?;
-        Ok(connector)
+        if connector.destinations_at == Some(now) {
+            moved.expired = self.expire_moved(&connector, &moved.settings).await?;
+        }
+        Ok((connector, moved))
+    }
+
+    /// Works out what a change of config moves: erases the dependent connector secrets the
+    /// patch did not carry, and dates the move when connections' secrets depend on it.
+    fn moved(
+        &self,
+        connector: &mut Connector,
+        before: &BTreeMap<String, String>,
+        carried: &BTreeSet<String>,
+        secrets: &mut ConnectorSecrets,
+        now: chrono::DateTime<Utc>,
+    ) -> Moved {
+        let changed: BTreeSet<String> = before
+            .keys()
+            .chain(connector.config.keys())
+            .filter(|k| before.get(*k) != connector.config.get(*k))
+            .cloned()
+            .collect();
+        let dependents = self.rules.dependents(connector.kind, &changed);
+        let mut moved = Moved::default();
+        for slot in dependents.connector_secrets {
+            if !carried.contains(slot) && secrets.slots.remove(slot).is_some() {
+                moved.erased.push(slot);
+            }
+        }
+        if dependents.connections || !moved.erased.is_empty() {
+            connector.destinations_at = Some(now);
+            moved.settings = changed.into_iter().collect();
+        }
+        moved
+    }
+
+    /// Resolves the connector a kind signs in through (`oauth_connector`) to its id: an OAuth
+    /// connector of the same workspace, never `this` one. A rename cannot then redirect it.
+    async fn pin_through(
+        &self,
+        workspace: &str,
+        kind: Kind,
+        config: &mut BTreeMap<String, String>,
+        this: Option<&str>,
+    ) -> Result<(), ModelError> {
+        let Some(key) = self.rules.through_key(kind) else {
+            return Ok(());
+        };
+        let Some(named) = config.get(key).filter(|v| !v.trim().is_empty()) else {
+            return Ok(());
+        };
+        let field = format!("config.{key}");
+        let through = self
+            .find_connector(workspace, named.trim())
+            .await
+            .map_err(|e| match e {
+                ModelError::NotFound { .. } => FieldError::new(
+                    &field,
+                    format!("names {named:?}, which is not a connector of workspace {workspace:?}"),
+                )
+                .into(),
+                other => other,
+            })?;
+        if through.kind != Kind::Oauth2 || Some(through.id.as_str()) == this {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "names {:?}, a {} connector: it must name an OAuth connector",
+                    through.name,
+                    through.kind.name()
+                ),
+            )
+            .into());
+        }
+        config.insert(key.to_string(), through.id);
+        Ok(())
+    }
+
+    /// Marks EXPIRED (destination_changed) every connection of the connector connected before
+    /// its destinations moved, erasing its secrets; a page of connections per batch. Until a
+    /// connection is marked, [`Connector::moved_since`] already keeps it from being used.
+    async fn expire_moved(
+        &self,
+        connector: &Connector,
+        settings: &[String],
+    ) -> Result<usize, ModelError> {
+        let prefix = format!("{}/", connector.id);
+        let why = format!(
+            "the connector's {} changed (where this connection's secrets go): they were erased; reconnect the account",
+            settings.join(", ")
+        );
+        let (mut after, mut expired) = (None::<String>, 0);
+        loop {
+            let rows = self
+                .store
+                .scan::<Connection>(CONNECTIONS, &prefix, after.as_deref(), DELETE_CHUNK)
+                .await?;
+            let mut batch = Batch::new();
+            for (path, connection) in &rows {
+                if !connector.moved_since(connection.connected_at) {
+                    continue;
+                }
+                let mut connection = connection.clone();
+                connection.status = ConnectionStatus::Expired;
+                connection.expired_reason = Some(Expiry::DestinationChanged);
+                connection.last_error = why.clone();
+                connection.access_expires_at = None;
+                batch
+                    .put(CONNECTIONS, path.clone(), &connection)
+                    .delete(CONNECTION_SECRETS, path.clone());
+                expired += 1;
+            }
+            if !batch.is_empty() {
+                self.store.commit(batch).await?;
+            }
+            match rows.last() {
+                Some((last, _)) if rows.len() == DELETE_CHUNK => after = Some(last.clone()),
+                _ => return Ok(expired),
+            }
+        }
     }
 
     pub async fn rename_connector(
@@ -630,6 +814,7 @@ impl Registry {
             return Ok(false);
         };
         connection.status = ConnectionStatus::Expired;
+        connection.expired_reason = Some(Expiry::Refused);
         connection.last_error = why;
         let erased = ConnectionSecrets::default();
         if erase_secrets {
@@ -708,29 +893,39 @@ impl Registry {
 mod tests {
     use super::*;
 
-    /// Rules that accept every connector and keep no credential on one.
-    struct AnyConnector;
+    /// Rules that accept every connector and keep no credential on one; when they name a config
+    /// key, it is where the connector's `s` and every connection's secrets go.
+    struct TestRules(Option<&'static str>);
 
-    impl ConnectorRules for AnyConnector {
-        fn check_connector(
-            &self,
-            _: Kind,
-            _: Mode,
-            _: &str,
-            _: &BTreeMap<String, String>,
-            _: &BTreeMap<String, Secret>,
-        ) -> Result<(), FieldError> {
+    static ANY: TestRules = TestRules(None);
+
+    impl ConnectorRules for TestRules {
+        fn check_connector(&self, _: &ConnectorDraft<'_>) -> Result<(), FieldError> {
             Ok(())
         }
 
         fn credential_on_connector(&self, _: Kind, _: Mode) -> bool {
             false
         }
+
+        fn dependents(&self, _: Kind, changed: &BTreeSet<String>) -> Dependents {
+            match self.0 {
+                Some(key) if changed.contains(key) => Dependents {
+                    connector_secrets: vec!["s"],
+                    connections: true,
+                },
+                _ => Dependents::default(),
+            }
+        }
+
+        fn through_key(&self, _: Kind) -> Option<&'static str> {
+            None
+        }
     }
 
     #[tokio::test]
     async fn a_use_is_recorded_once_a_minute_and_seen_at_once() {
-        let (_dir, registry) = Registry::temporary(&AnyConnector).await;
+        let (_dir, registry) = Registry::temporary(&ANY).await;
         let connector = registry
             .create_connector(NewConnector {
                 workspace: String::new(),
@@ -776,5 +971,93 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    static URL_MOVES: TestRules = TestRules(Some("url"));
+
+    fn set(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_moved_destination_erases_what_the_change_did_not_carry() {
+        let (_dir, registry) = Registry::temporary(&URL_MOVES).await;
+        let connector = registry
+            .create_connector(NewConnector {
+                workspace: String::new(),
+                name: "C".into(),
+                kind: Kind::Oauth2,
+                mode: Mode::Personal,
+                provider: String::new(),
+                config: [("url".to_string(), "https://a/".to_string())].into(),
+                secrets: [("s".to_string(), Secret::new("s1"))].into(),
+            })
+            .await
+            .unwrap();
+        let mut connection = Connection::new(&connector.id, "u1");
+        connection.status = ConnectionStatus::Connected;
+        connection.connected_at = Some(Utc::now());
+        let secrets = ConnectionSecrets {
+            slots: [("t".to_string(), Secret::new("t1"))].into(),
+        };
+        registry
+            .save_connection(&connection, Some(&secrets))
+            .await
+            .unwrap();
+        let update = async |config: &[(&str, Option<&str>)], secret: Option<&str>| {
+            let patch = ConnectorPatch {
+                config: set(config),
+                secrets: secret
+                    .map(|s| ("s".to_string(), Some(Secret::new(s))))
+                    .into_iter()
+                    .collect(),
+                mode: None,
+            };
+            registry.update_connector("", "C", patch).await.unwrap()
+        };
+
+        // Not a destination: nothing moves.
+        let (c, moved) = update(&[("description", Some("d"))], None).await;
+        assert!(moved.settings.is_empty() && c.destinations_at.is_none());
+        // The URL moves with the secret carried: the connector keeps it (the new value), the
+        // connection's secrets go.
+        let (c, moved) = update(&[("url", Some("https://b/"))], Some("s2")).await;
+        assert_eq!(
+            (moved.settings, moved.erased, moved.expired),
+            (vec!["url".to_string()], vec![], 1)
+        );
+        assert_eq!(
+            registry.connector_secrets(&c).await.unwrap().slots["s"].expose(),
+            "s2"
+        );
+        let shown = registry.connection(&c, "u1").await.unwrap().unwrap();
+        assert_eq!(shown.status, ConnectionStatus::Expired);
+        assert_eq!(shown.expired_reason, Some(Expiry::DestinationChanged));
+        assert!(
+            registry
+                .connection_secrets(&c, "u1")
+                .await
+                .unwrap()
+                .slots
+                .is_empty()
+        );
+        // Without it (even to a URL that only looks the same), the connector's secret goes too.
+        let (c, moved) = update(&[("url", Some("https://b/x"))], None).await;
+        assert_eq!(moved.erased, ["s"]);
+        assert!(c.secrets_set.is_empty());
+        assert!(
+            registry
+                .connector_secrets(&c)
+                .await
+                .unwrap()
+                .slots
+                .is_empty()
+        );
+        // A connection made after the move is usable; one made before is not.
+        assert!(!c.moved_since(Some(Utc::now())));
+        assert!(c.moved_since(connection.connected_at));
     }
 }

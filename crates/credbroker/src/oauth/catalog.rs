@@ -25,6 +25,8 @@ pub struct Preset {
     pub auth_params: BTreeMap<String, String>,
     pub token_auth: Option<String>,
     pub base_url: Option<String>,
+    /// Where Broker.Call sends requests: the call's relative path is appended to it.
+    pub api_base: Option<String>,
     pub imap_host: Option<String>,
     pub imap_port: Option<String>,
     pub imap_tls: Option<String>,
@@ -60,6 +62,14 @@ pub fn validate_provider(field: &str, provider: &str) -> Result<(), FieldError> 
             provider_names().join(", ")
         ),
     ))
+}
+
+/// Where Broker.Call sends a connector's requests: its `api_base`, else its provider's.
+pub fn api_base(connector: &Connector) -> Option<String> {
+    connector
+        .setting("api_base")
+        .map(str::to_string)
+        .or_else(|| preset(&connector.provider).and_then(|p| p.api_base.clone()))
 }
 
 /// How the client authenticates at the token endpoint.

@@ -198,6 +198,31 @@ impl OAuth {
         Ok(token)
     }
 
+    /// Refreshes the access token now because an API refused `rejected` (Broker.Call's one
+    /// retry), unless the stored token is already another one (someone refreshed since).
+    /// True when there is a new token to try; client-credentials tokens are not replaced.
+    pub async fn replace_rejected(
+        &self,
+        connector: &Connector,
+        user: &str,
+        rejected: &Secret,
+    ) -> Result<bool, OAuthError> {
+        if connector.kind != Kind::Oauth2 || Grant::of(connector)? == Grant::ClientCredentials {
+            return Ok(false);
+        }
+        let key = crate::model::connection_path(&connector.id, user);
+        let flight = self.flight(&key);
+        let _turn = flight.lock().await;
+        let stored = self.registry.connection_secrets(connector, user).await?;
+        if stored.get("access_token").is_some_and(|t| t != rejected) {
+            return Ok(true);
+        }
+        let token = self
+            .refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .await?;
+        Ok(&token.token != rejected)
+    }
+
     async fn fresh_token(
         &self,
         connector: &Connector,
@@ -404,6 +429,8 @@ impl OAuth {
             tokens
                 .get(&connector.id)
                 .filter(|t| fresh_enough(Some(t.issued_at), t.expires_at, Utc::now(), min_ttl))
+                // Not a token asked for before the connector moved where tokens go.
+                .filter(|t| !connector.moved_since(Some(t.issued_at)))
                 .cloned()
         };
         let hit = match cached() {

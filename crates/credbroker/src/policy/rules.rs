@@ -13,7 +13,17 @@
 //! connectors = ["HubSpot*", "Gmail"]  # name patterns (case-insensitive), or exact ids
 //! operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
 //! users = ["*"]                        # end users it may act for; [] = shared connectors only
+//!
+//! [[callers.grants]]                  # Broker.Call: which requests, by method and path
+//! workspace = "default"
+//! connectors = ["Drive"]
+//! operations = ["call"]
+//! calls = ["GET /drive/v3/files*", "* /about"]  # METHOD (or *) and a glob over the path
 //! ```
+//!
+//! A `calls` pattern's path is a glob over the call's path relative to the API base, as the
+//! caller sent it (already refused if it could climb out of the base): `*` crosses `/`, and
+//! the match is case-sensitive. A grant with `call` must list `calls`; one without may not.
 //!
 //! A `connectors` entry is a glob over connector *names* only: `C*` never matches the id
 //! `cn_…` of a connector whose name it does not match. An entry that is a connector id
@@ -41,16 +51,18 @@ pub enum Operation {
     WatchMail,
     ListCalendar,
     CreateEvent,
+    Call,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 7] = [
         Operation::Resolve,
         Operation::SendEmail,
         Operation::FetchMail,
         Operation::WatchMail,
         Operation::ListCalendar,
         Operation::CreateEvent,
+        Operation::Call,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +73,7 @@ impl Operation {
             Operation::WatchMail => "watch_mail",
             Operation::ListCalendar => "list_calendar",
             Operation::CreateEvent => "create_event",
+            Operation::Call => "call",
         }
     }
 }
@@ -101,6 +114,44 @@ struct GrantFile {
     operations: Vec<Operation>,
     #[serde(default)]
     users: Vec<String>,
+    #[serde(default)]
+    calls: Vec<String>,
+}
+
+/// One `calls` entry: `METHOD /path-glob`, the method `*` for any.
+struct CallRule {
+    method: Option<String>,
+    path: GlobMatcher,
+}
+
+impl CallRule {
+    fn parse(pattern: &str) -> Result<Self, String> {
+        let (method, path) = pattern
+            .trim()
+            .split_once(' ')
+            .ok_or("is not \"METHOD /path\" (e.g. \"GET /drive/v3/files*\")")?;
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_string()),
+            _ => return Err("its method must be upper-case letters (GET) or *".into()),
+        };
+        let path = path.trim();
+        if !path.starts_with('/') && !path.starts_with('*') {
+            return Err("its path must start with / or *".into());
+        }
+        let glob = GlobBuilder::new(path)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            method,
+            path: glob.compile_matcher(),
+        })
+    }
+
+    fn covers(&self, method: &str, path: &str) -> bool {
+        self.method.as_deref().is_none_or(|m| m == method) && self.path.is_match(path)
+    }
 }
 
 /// One `connectors` entry: a glob over names, or one exact connector id.
@@ -153,6 +204,7 @@ struct Grant {
     connectors: Vec<ConnectorRule>,
     operations: Vec<Operation>,
     users: Vec<String>,
+    calls: Vec<CallRule>,
 }
 
 #[derive(Default)]
@@ -176,6 +228,26 @@ impl std::fmt::Debug for Policy {
 
 fn matches(pattern: &str, value: &str) -> bool {
     pattern == "*" || pattern == value
+}
+
+/// A grant's `calls`: given exactly when it grants `call`.
+fn call_rules(
+    caller: &str,
+    operations: &[Operation],
+    calls: &[String],
+) -> Result<Vec<CallRule>, String> {
+    match (operations.contains(&Operation::Call), calls.is_empty()) {
+        (true, true) => Err(format!(
+            "caller {caller}: a grant of operation call must list calls = [\"METHOD /path\", …] (\"* /*\" for any request)"
+        )),
+        (false, false) => Err(format!(
+            "caller {caller}: a grant lists calls but not operation call"
+        )),
+        _ => calls
+            .iter()
+            .map(|p| CallRule::parse(p).map_err(|e| format!("caller {caller}: call {p:?} {e}")))
+            .collect(),
+    }
 }
 
 impl Policy {
@@ -206,11 +278,13 @@ impl Policy {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let calls = call_rules(&caller.id, &grant.operations, &grant.calls)?;
                 grants.push(Grant {
                     workspace: grant.workspace,
                     connectors,
                     operations: grant.operations,
                     users: grant.users,
+                    calls,
                 });
             }
             let rules = CallerRules {
@@ -251,6 +325,52 @@ impl Policy {
         user_id: &str,
     ) -> Result<(), String> {
         self.granted(caller, op, workspace, name, user_id, |c| c.covers(name, id))
+    }
+
+    /// May `caller` send `method path` through Broker.Call to connector (`name`, `id`) of
+    /// `workspace` for `user_id`? A grant of `call` covering the connector and user must
+    /// also list a `calls` pattern covering the request.
+    pub fn check_call(
+        &self,
+        caller: &str,
+        workspace: &str,
+        (name, id): (&str, &str),
+        user_id: &str,
+        method: &str,
+        path: &str,
+    ) -> Result<(), String> {
+        let covered = |g: &Grant| {
+            g.connectors.iter().any(|c| c.covers(name, id))
+                && g.calls.iter().any(|c| c.covers(method, path))
+        };
+        if self.any_grant(caller, Operation::Call, workspace, user_id, covered)? {
+            Ok(())
+        } else {
+            Err(format!(
+                "caller {caller} is not granted call {method} {path} on connector {name:?} in workspace {workspace}"
+            ))
+        }
+    }
+
+    /// Whether a grant of `caller` for `op` on `workspace` and `user_id` satisfies `covers`.
+    fn any_grant(
+        &self,
+        caller: &str,
+        op: Operation,
+        workspace: &str,
+        user_id: &str,
+        covers: impl Fn(&Grant) -> bool,
+    ) -> Result<bool, String> {
+        let rules = self
+            .callers
+            .get(caller)
+            .ok_or_else(|| format!("caller {caller} is not in the policy"))?;
+        Ok(rules.grants.iter().any(|g| {
+            matches(&g.workspace, workspace)
+                && g.operations.contains(&op)
+                && (user_id.is_empty() || g.users.iter().any(|u| matches(u, user_id)))
+                && covers(g)
+        }))
     }
 
     /// Before any lookup: could a grant of `caller` cover `op` on the connector `reference`
@@ -304,16 +424,9 @@ impl Policy {
         user_id: &str,
         covers: impl Fn(&ConnectorRule) -> bool,
     ) -> Result<(), String> {
-        let rules = self
-            .callers
-            .get(caller)
-            .ok_or_else(|| format!("caller {caller} is not in the policy"))?;
-        let granted = rules.grants.iter().any(|g| {
-            matches(&g.workspace, workspace)
-                && g.operations.contains(&op)
-                && g.connectors.iter().any(&covers)
-                && (user_id.is_empty() || g.users.iter().any(|u| matches(u, user_id)))
-        });
+        let granted = self.any_grant(caller, op, workspace, user_id, |g| {
+            g.connectors.iter().any(&covers)
+        })?;
         if granted {
             Ok(())
         } else {
@@ -404,6 +517,56 @@ users = ["u1"]
             p.may_reach("a", Operation::Resolve, "x", "cn_abc", "")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn calls_are_granted_by_method_and_path() {
+        let p = Policy::parse(
+            "[[callers]]\nid = \"a\"\n[[callers.grants]]\nworkspace = \"w\"\n\
+             connectors = [\"Drive\"]\noperations = [\"call\"]\nusers = [\"u1\"]\n\
+             calls = [\"GET /drive/v3/files*\", \"* /about\"]",
+        )
+        .unwrap();
+        let call =
+            |user, method, path| p.check_call("a", "w", ("drive", "cn_1"), user, method, path);
+        assert!(call("u1", "GET", "/drive/v3/files").is_ok());
+        assert!(call("u1", "GET", "/drive/v3/files/abc/export").is_ok());
+        assert!(call("u1", "DELETE", "/drive/v3/files/abc").is_err());
+        assert!(
+            call("u1", "GET", "/drive/v3/FILES").is_err(),
+            "paths are case-sensitive"
+        );
+        assert!(call("u1", "POST", "/about").is_ok());
+        assert!(call("u1", "GET", "/about/x").is_err());
+        assert!(call("u2", "GET", "/about").is_err());
+        assert!(
+            p.check_call("a", "w", ("Slack", "cn_2"), "u1", "GET", "/about")
+                .is_err()
+        );
+        assert!(
+            p.check("a", Operation::Call, "w", "Drive", "cn_1", "u1")
+                .is_ok()
+        );
+        let grant = |ops: &str, calls: &str| {
+            Policy::parse(&format!(
+                "[[callers]]\nid = \"a\"\n[[callers.grants]]\nworkspace = \"w\"\n\
+                 connectors = [\"x\"]\noperations = [{ops}]\n{calls}"
+            ))
+        };
+        assert!(
+            grant("\"call\"", "")
+                .unwrap_err()
+                .contains("must list calls")
+        );
+        assert!(
+            grant("\"resolve\"", "calls = [\"GET /x\"]")
+                .unwrap_err()
+                .contains("not operation call")
+        );
+        for bad in ["GET", "get /x", "GET x", "GET /[x"] {
+            let err = grant("\"call\"", &format!("calls = [{bad:?}]")).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]

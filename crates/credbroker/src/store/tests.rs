@@ -527,6 +527,7 @@ fn full_connector(now: chrono::DateTime<chrono::Utc>) -> crate::model::Connector
         secrets_set: ["client_secret".to_string()].into(),
         created_at: now,
         updated_at: now,
+        destinations_at: Some(now),
     }
 }
 
@@ -540,6 +541,7 @@ fn full_connection(now: chrono::DateTime<chrono::Utc>) -> crate::model::Connecti
     connection.last_used_at = Some(now);
     connection.last_refreshed_at = Some(now);
     connection.access_expires_at = Some(now);
+    connection.expired_reason = Some(crate::model::Expiry::Refused);
     connection.last_error = "invalid_grant".into();
     connection.scopes = vec!["openid".into()];
     connection.settings = [("imap_host".to_string(), "imap.x.test".to_string())].into();
@@ -558,6 +560,7 @@ fn full_audit_record(now: chrono::DateTime<chrono::Utc>) -> crate::audit::AuditR
         outcome: Some(Outcome::Denied),
         reason: "no grant".into(),
         request_id: "00ff".into(),
+        detail: "GET api.test/x -> 200; 0 bytes out, 2 bytes in".into(),
     };
     AuditRecord {
         seq: 7,

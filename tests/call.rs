@@ -1,0 +1,644 @@
+//! Broker.Call against a fake HTTPS API shaped like Google Drive (`GET /drive/v3/files`) and
+//! Slack (`POST /api/chat.postMessage`). The fake checks each bearer token as a resource server
+//! does, at the real OAuth test server's userinfo endpoint, and records every request it gets,
+//! so the tests see exactly what reached the API: the agent gets the data without holding a
+//! token, its own Authorization header never arrives, a path outside its grant sends nothing, a
+//! redirect to another host is not followed, and a 401 is retried once after one refresh. Every
+//! token the API saw is a canary: none may appear in a reply, a log line or an audit record.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
+use support::daemon::{AGENT, Daemon, assert_refused, audit_records, conn, new_connector, secrets};
+use support::https::serve_https;
+use support::oauth::{connect, create_connector};
+use support::peers::peers;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const INSPECTOR: &str = "spiffe://test/inspector";
+/// The shared API key of the `Keyed` connectors, and a canary.
+const API_KEY: &str = "key-canary-5b1f0c9e2d7a4e38";
+
+/// The agent may call two Drive and one Slack request shapes, nothing else (and may not
+/// resolve); the inspector may resolve, to learn what the tokens are.
+const POLICY: &str = r#"
+[[callers]]
+id = "spiffe://test/admin"
+admin_workspaces = ["*"]
+
+[[callers]]
+id = "spiffe://test/agent"
+[[callers.grants]]
+workspace = "*"
+connectors = ["Drive", "Slack"]
+operations = ["call"]
+users = ["*"]
+calls = ["GET /drive/v3/files*", "POST /chat.postMessage"]
+[[callers.grants]]
+workspace = "*"
+connectors = ["Keyed*"]
+operations = ["call"]
+calls = ["* /keyed/*"]
+
+[[callers]]
+id = "spiffe://test/inspector"
+[[callers.grants]]
+workspace = "*"
+connectors = ["*"]
+operations = ["resolve"]
+users = ["*"]
+"#;
+
+/// One request as the fake API received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    token: String,
+}
+
+#[derive(Default)]
+struct Api {
+    seen: Mutex<Vec<Seen>>,
+    /// Answer this many next requests 401, whatever their token (an API that revoked it).
+    refuse: Mutex<u32>,
+    port: Mutex<u16>,
+}
+
+impl Api {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Whether the OAuth test server's userinfo endpoint accepts `token`.
+async fn valid(token: &str) -> bool {
+    let http =
+        credbroker::tls::http_client(Some(&peers().ca_pem), std::time::Duration::from_secs(10))
+            .unwrap();
+    let me = format!("{}/me", peers().oauth_issuer());
+    http.get(me)
+        .bearer_auth(token)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+async fn handle(
+    api: Arc<Api>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, String) {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    api.seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        query: uri.query().unwrap_or_default().to_string(),
+        headers: headers.clone(),
+        token: token.clone(),
+    });
+    if uri.path().starts_with("/keyed/") {
+        return keyed(&api, &uri, &headers);
+    }
+    let refuse = {
+        let mut left = api.refuse.lock().unwrap();
+        let refuse = *left > 0;
+        *left = left.saturating_sub(1);
+        refuse
+    };
+    let mut out = HeaderMap::new();
+    if refuse || !valid(&token).await {
+        out.insert(
+            "www-authenticate",
+            "Bearer error=\"invalid_token\"".parse().unwrap(),
+        );
+        return (
+            StatusCode::UNAUTHORIZED,
+            out,
+            r#"{"error":"invalid_token"}"#.into(),
+        );
+    }
+    out.insert("content-type", "application/json".parse().unwrap());
+    out.insert("set-cookie", "session=s3cr3t; Secure".parse().unwrap());
+    out.insert("x-ratelimit-remaining", "99".parse().unwrap());
+    match (method.as_str(), uri.path()) {
+        ("GET", "/drive/v3/files") => {
+            let doc = r#"{"kind":"drive#fileList","files":[{"id":"f1","name":"Report.pdf","mimeType":"application/pdf"}]}"#;
+            (StatusCode::OK, out, doc.into())
+        }
+        ("GET", "/drive/v3/files/moved") => {
+            let port = *api.port.lock().unwrap();
+            let to = format!("https://localhost:{port}/steal?from=drive");
+            out.insert("location", to.parse().unwrap());
+            (StatusCode::FOUND, out, String::new())
+        }
+        ("POST", "/api/chat.postMessage") => {
+            let msg: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let doc = serde_json::json!({"ok": true, "channel": msg["channel"], "ts": "1700000000.000100", "message": {"text": msg["text"]}});
+            (StatusCode::OK, out, doc.to_string())
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            out,
+            r#"{"error":"not_found"}"#.into(),
+        ),
+    }
+}
+
+/// The API-key routes: the key in `X-Api-Key` or in the `key` query parameter, exactly once;
+/// `/keyed/big` answers 200 bytes.
+fn keyed(api: &Api, uri: &Uri, headers: &HeaderMap) -> (StatusCode, HeaderMap, String) {
+    let mut keys: Vec<String> = headers
+        .get_all("x-api-key")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    keys.extend(
+        uri.query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("key="))
+            .map(str::to_string),
+    );
+    api.seen.lock().unwrap().last_mut().unwrap().token = keys.join(",");
+    if keys != [API_KEY] {
+        return (StatusCode::FORBIDDEN, HeaderMap::new(), "{}".into());
+    }
+    let body = match uri.path() {
+        "/keyed/big" => "x".repeat(200),
+        _ => r#"{"ok":true}"#.into(),
+    };
+    (StatusCode::OK, HeaderMap::new(), body)
+}
+
+/// The fake API on a free port; returns it and its CA.
+async fn fake_api() -> (Arc<Api>, u16, String) {
+    let ca = credbroker_devpki::CertAuthority::generate("fake API CA").unwrap();
+    let api = Arc::new(Api::default());
+    let shared = api.clone();
+    let app = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            handle(shared.clone(), method, uri, headers, body)
+        },
+    );
+    let port = serve_https(&ca, app).await.port();
+    *api.port.lock().unwrap() = port;
+    (api, port, ca.cert_pem)
+}
+
+struct Setup {
+    daemon: Daemon,
+    admin: AdminClient<Channel>,
+    agent: BrokerClient<Channel>,
+    inspector: BrokerClient<Channel>,
+    api: Arc<Api>,
+    port: u16,
+}
+
+/// A daemon with Drive (API base the fake's root) and Slack (its `/api`) OAuth connectors at
+/// the OAuth test server, both connected for u1.
+async fn setup() -> Setup {
+    let (api, port, api_ca) = fake_api().await;
+    let daemon = Daemon::start_with(POLICY, "");
+    daemon.issue(INSPECTOR, "inspector");
+    let (daemon, mut admin, agent) = daemon.with_clients().await;
+    let cas = format!("{}\n{api_ca}", peers().ca_pem);
+    for (name, base) in [
+        ("Drive", format!("https://127.0.0.1:{port}")),
+        ("Slack", format!("https://127.0.0.1:{port}/api")),
+    ] {
+        create_connector(&mut admin, name, &[("api_base", &base), ("ca_pem", &cas)]).await;
+        connect(&daemon, &mut admin, name, "u1", "").await;
+    }
+    let inspector = BrokerClient::new(daemon.channel_as("inspector").await.unwrap());
+    Setup {
+        daemon,
+        admin,
+        agent,
+        inspector,
+        api,
+        port,
+    }
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+fn request(connector: &str, method: &str, path: &str) -> proto::CallRequest {
+    proto::CallRequest {
+        connection: conn(connector, "u1"),
+        method: method.into(),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+fn list_files() -> proto::CallRequest {
+    let query = pairs(&[("q", "name contains 'Report'"), ("pageSize", "10")]);
+    let headers = pairs(&[
+        ("Authorization", "Bearer agent-own-token"),
+        ("Cookie", "sid=agent"),
+        ("X-Trace", "t-1"),
+    ]);
+    proto::CallRequest {
+        query: query
+            .into_iter()
+            .map(|(name, value)| proto::QueryParam { name, value })
+            .collect(),
+        headers: headers
+            .into_iter()
+            .map(|(name, value)| proto::HttpHeader { name, value })
+            .collect(),
+        ..request("Drive", "GET", "/drive/v3/files")
+    }
+}
+
+async fn call(
+    agent: &mut BrokerClient<Channel>,
+    r: proto::CallRequest,
+) -> Result<proto::CallResponse, tonic::Status> {
+    agent.call(r).await.map(|r| r.into_inner())
+}
+
+fn header<'a>(r: &'a proto::CallResponse, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| h.value.as_str())
+}
+
+/// The current access token of `connector` for u1, as the inspector resolves it.
+async fn token(inspector: &mut BrokerClient<Channel>, connector: &str) -> String {
+    let r = proto::ResolveCredentialRequest {
+        connection: conn(connector, "u1"),
+        min_ttl_seconds: 0,
+    };
+    inspector
+        .resolve_credential(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
+#[tokio::test]
+async fn an_agent_lists_drive_files_and_posts_to_slack_without_holding_a_token() {
+    let mut s = setup().await;
+    let files = call(&mut s.agent, list_files()).await.unwrap();
+    assert_eq!(files.status, 200);
+    let body = String::from_utf8(files.body.clone()).unwrap();
+    assert!(body.contains("Report.pdf"), "{body}");
+    assert_eq!(header(&files, "content-type"), Some("application/json"));
+    assert_eq!(header(&files, "x-ratelimit-remaining"), Some("99"));
+    assert_eq!(header(&files, "set-cookie"), None);
+    let seen = s.api.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let drive = &seen[0];
+    assert_eq!(drive.path, "/drive/v3/files");
+    assert!(drive.query.contains("pageSize=10"), "{}", drive.query);
+    assert_ne!(
+        drive.token, "agent-own-token",
+        "the agent's own header reached the API"
+    );
+    assert_eq!(drive.headers.get_all("authorization").iter().count(), 1);
+    assert!(drive.headers.get("cookie").is_none());
+    assert_eq!(drive.headers["x-trace"], "t-1");
+
+    let mut post = request("Slack", "POST", "/chat.postMessage");
+    post.headers = vec![proto::HttpHeader {
+        name: "Content-Type".into(),
+        value: "application/json".into(),
+    }];
+    post.body = br#"{"channel":"C123","text":"Quarterly report is in Drive"}"#.to_vec();
+    let sent = post.body.len();
+    let posted = call(&mut s.agent, post).await.unwrap();
+    assert_eq!(posted.status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&posted.body).unwrap();
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["channel"], "C123");
+    let seen = s.api.seen();
+    assert_eq!(
+        (seen[1].method.as_str(), seen[1].path.as_str()),
+        ("POST", "/api/chat.postMessage")
+    );
+    assert_ne!(
+        seen[1].token, seen[0].token,
+        "each connection has its own token"
+    );
+
+    refusals_send_nothing(&mut s).await;
+    let canaries: Vec<String> = s.api.seen().into_iter().map(|r| r.token).collect();
+    assert_no_canary(&mut s, &canaries, &[files, posted]).await;
+    audit_says_what_was_called(&mut s, sent).await;
+}
+
+/// Outside the grant, a climbing path, a redirect off the base: refused, nothing (more) sent.
+async fn refusals_send_nothing(s: &mut Setup) {
+    let before = s.api.seen().len();
+    for (method, path) in [("DELETE", "/drive/v3/files/f1"), ("GET", "/drive/v2/about")] {
+        let err = call(&mut s.agent, request("Drive", method, path))
+            .await
+            .unwrap_err();
+        assert_refused(&err, Code::PermissionDenied, "POLICY");
+        assert!(err.message().contains(path), "{}", err.message());
+    }
+    // The grant's glob would cover these paths: the path check comes first.
+    for path in [
+        "/drive/v3/files/../../admin",
+        "/drive/v3/files/%2e%2e/x",
+        "//evil.test/x",
+    ] {
+        let err = call(&mut s.agent, request("Drive", "GET", path))
+            .await
+            .unwrap_err();
+        assert_refused(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    }
+    // Resolving is not granted to the agent: it cannot get the token another way.
+    let resolve = proto::ResolveCredentialRequest {
+        connection: conn("Drive", "u1"),
+        min_ttl_seconds: 0,
+    };
+    let err = s.agent.resolve_credential(resolve).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(s.api.seen().len(), before, "a refused call reached the API");
+
+    let err = call(
+        &mut s.agent,
+        request("Drive", "GET", "/drive/v3/files/moved"),
+    )
+    .await
+    .unwrap_err();
+    assert_refused(&err, Code::FailedPrecondition, "UPSTREAM_REJECTED");
+    assert!(err.message().contains("localhost"), "{}", err.message());
+    assert!(!err.message().contains("steal"), "{}", err.message());
+    let paths: Vec<String> = s.api.seen().into_iter().map(|r| r.path).collect();
+    assert!(
+        paths.ends_with(&["/drive/v3/files/moved".to_string()]),
+        "{paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p == "/steal"),
+        "the redirect was followed"
+    );
+}
+
+/// No token the API saw (nor the current ones) is in a reply, a log line or an audit record.
+async fn assert_no_canary(s: &mut Setup, seen: &[String], replies: &[proto::CallResponse]) {
+    let mut canaries = seen.to_vec();
+    for connector in ["Drive", "Slack"] {
+        canaries.push(token(&mut s.inspector, connector).await);
+    }
+    let replies = format!("{replies:?}");
+    let logs = s.daemon.logs();
+    let audit = format!("{:?}", audit_records(&mut s.admin).await);
+    assert!(!logs.is_empty(), "the daemon logged nothing");
+    for canary in canaries.iter().filter(|c| !c.is_empty()) {
+        assert!(canary.len() >= 20, "not a token: {canary:?}");
+        assert!(
+            !replies.contains(canary.as_str()),
+            "a token in a Call reply"
+        );
+        assert!(
+            !logs.contains(canary.as_str()),
+            "a token in the daemon's log"
+        );
+        assert!(!audit.contains(canary.as_str()), "a token in the audit log");
+    }
+}
+
+/// Each call's record names method, host, path and query names, status and bytes; denied
+/// ones say so; never a query value.
+async fn audit_says_what_was_called(s: &mut Setup, posted_bytes: usize) {
+    let records = audit_records(&mut s.admin).await;
+    let calls: Vec<&proto::AuditRecord> =
+        records.iter().filter(|r| r.operation == "Call").collect();
+    let host = format!("127.0.0.1:{}", s.port);
+    let listed = calls
+        .iter()
+        .find(|r| r.outcome == "ok" && r.detail.contains("/drive/v3/files?"))
+        .expect("the file listing is audited");
+    assert!(
+        listed.detail.starts_with(&format!(
+            "GET {host}/drive/v3/files?q=&pageSize= -> 200; 0 bytes out, "
+        )),
+        "{}",
+        listed.detail
+    );
+    assert_eq!(listed.caller, AGENT);
+    assert!(calls.iter().any(|r| r.outcome == "ok"
+        && r.detail.starts_with(&format!(
+            "POST {host}/api/chat.postMessage -> 200; {posted_bytes} bytes out"
+        ))));
+    assert!(calls.iter().any(|r| {
+        r.outcome == "denied"
+            && r.detail
+                .starts_with(&format!("DELETE {host}/drive/v3/files/f1 -> no answer"))
+    }));
+    let all = format!("{calls:?}");
+    assert!(!all.contains("Report'"), "a query value in the audit log");
+    assert!(!all.contains("Quarterly"), "a body in the audit log");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_refreshed_once_and_the_call_retried_once() {
+    let mut s = setup().await;
+    *s.api.refuse.lock().unwrap() = 1;
+    let files = call(&mut s.agent, list_files()).await.unwrap();
+    assert_eq!(
+        files.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&files.body)
+    );
+    let seen = s.api.seen();
+    assert_eq!(seen.len(), 2, "one refused request, one retry: {seen:?}");
+    assert_ne!(
+        seen[0].token, seen[1].token,
+        "the retry did not use a refreshed token"
+    );
+    assert_eq!(seen[1].token, token(&mut s.inspector, "Drive").await);
+    // An API that keeps refusing gets one retry, and its 401 is returned as is.
+    *s.api.refuse.lock().unwrap() = 5;
+    let refused = call(&mut s.agent, request("Slack", "POST", "/chat.postMessage"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 401);
+    assert_eq!(header(&refused, "www-authenticate"), None);
+    let seen = s.api.seen();
+    assert_eq!(seen.len(), 4, "more than one retry: {seen:?}");
+    assert_ne!(seen[2].token, seen[3].token);
+}
+
+/// A shared API-key connector with the key [`API_KEY`] going where `place` says.
+async fn keyed_connector(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    place: (&str, &str),
+    base: &str,
+    ca: &str,
+) {
+    let config: HashMap<String, String> = [
+        place,
+        ("header_prefix", ""),
+        ("api_base", base),
+        ("ca_pem", ca),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let shared = proto::ConnectorMode::Shared;
+    admin
+        .create_connector(proto::CreateConnectorRequest {
+            config,
+            secrets: secrets(&[("api_key", API_KEY)]),
+            ..new_connector(name, proto::ConnectorKind::ApiKey, shared)
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded() {
+    let (api, port, api_ca) = fake_api().await;
+    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n";
+    let (daemon, mut admin, mut agent) = Daemon::start_with(POLICY, limits).with_clients().await;
+    let base = format!("https://127.0.0.1:{port}");
+    for (name, place) in [
+        ("Keyed", ("header_name", "X-Api-Key")),
+        ("KeyedQ", ("query_param", "key")),
+    ] {
+        keyed_connector(&mut admin, name, place, &base, &api_ca).await;
+        // The agent's own guess at the key, where this connector puts it, is dropped.
+        let mut r = request(name, "GET", "/keyed/ping");
+        r.connection = conn(name, "");
+        if place.0 == "header_name" {
+            r.headers.push(proto::HttpHeader {
+                name: "x-api-key".into(),
+                value: "agent-guess".into(),
+            });
+        } else {
+            r.query.push(proto::QueryParam {
+                name: "key".into(),
+                value: "agent-guess".into(),
+            });
+        }
+        let answer = call(&mut agent, r).await.unwrap();
+        assert_eq!(answer.status, 200, "{name}: {:?}", api.seen().last());
+        assert_eq!(api.seen().last().unwrap().token, API_KEY, "{name}");
+    }
+    let big = proto::CallRequest {
+        connection: conn("Keyed", ""),
+        ..request("Keyed", "GET", "/keyed/big")
+    };
+    let err = call(&mut agent, big).await.unwrap_err();
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    // HEAD of the same: its Content-Length announces no body, and is not refused for it.
+    let mut head = request("Keyed", "HEAD", "/keyed/big");
+    head.connection = conn("Keyed", "");
+    let head = call(&mut agent, head).await.unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(header(&head, "content-length"), Some("200"));
+    let before = api.seen().len();
+    let mut upload = proto::CallRequest {
+        connection: conn("Keyed", ""),
+        ..request("Keyed", "POST", "/keyed/upload")
+    };
+    upload.body = vec![b'x'; 101];
+    let err = call(&mut agent, upload).await.unwrap_err();
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert_eq!(api.seen().len(), before, "an oversized body was sent");
+    // An API that cannot be reached: the error names the host, never the URL with the key.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = format!("https://{closed}");
+    keyed_connector(
+        &mut admin,
+        "KeyedDown",
+        ("query_param", "key"),
+        &down,
+        &api_ca,
+    )
+    .await;
+    let mut r = request("KeyedDown", "GET", "/keyed/ping");
+    r.connection = conn("KeyedDown", "");
+    let err = call(&mut agent, r).await.unwrap_err();
+    assert_refused(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    assert!(
+        err.message().contains(&closed.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains(API_KEY), "{}", err.message());
+    let everything = format!("{}{:?}", daemon.logs(), audit_records(&mut admin).await);
+    assert!(
+        !everything.contains(API_KEY),
+        "the API key in a log line or audit record"
+    );
+}
+
+/// The documented example (`clients/python/examples/call.py`): Drive files posted to Slack,
+/// the agent never seeing a token. The script runs while this test's runtime serves the fake
+/// API, so the runtime has threads of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
+    let (python, client) = support::python::client_build("python-client-call");
+    let mut s = setup().await;
+    let dir = s.daemon.dir.path().to_path_buf();
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/call.py");
+    let out = support::python::run(
+        std::process::Command::new(&python)
+            .env("PYTHONPATH", &client)
+            .arg(example)
+            .args([
+                "--addr",
+                &s.daemon.grpc.to_string(),
+                "--user",
+                "u1",
+                "--channel",
+                "C123",
+            ])
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("agent.pem"))
+            .arg("--key")
+            .arg(dir.join("agent.key")),
+        "examples/call.py",
+    );
+    assert!(
+        out.contains("listed 1 files; Slack answered 200 ok=True"),
+        "{out}"
+    );
+    let seen = s.api.seen();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/drive/v3/files", "/api/chat.postMessage"]);
+    let canaries: Vec<String> = seen.iter().map(|r| r.token.clone()).collect();
+    for canary in &canaries {
+        assert!(
+            !out.contains(canary.as_str()),
+            "the example printed a token"
+        );
+    }
+    assert_no_canary(&mut s, &canaries, &[]).await;
+}
