@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credbroker::api::proto;
-use support::daemon::{Daemon, unit_nofile};
+use support::daemon::{Daemon, raise_own_nofile, unit_nofile};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -328,6 +328,8 @@ async fn key_connector(
 
 #[tokio::test]
 async fn idle_tls_floods_under_the_units_descriptor_limit_leave_the_broker_serving() {
+    // The test holds the 1,100 client sockets itself, beside the peers' and the daemon's pipes.
+    raise_own_nofile(4096);
     let mut daemon = Daemon::start();
     let unit = unit_nofile();
     assert!(

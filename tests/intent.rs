@@ -26,15 +26,19 @@ struct Tmpfs(tempfile::TempDir);
 
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
+        use std::os::unix::fs::MetadataExt;
         let at = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        // Owned by whoever runs the test, so the daemon it starts can write there.
+        let owner = at.path().metadata().unwrap();
+        let options = format!("size={size},uid={},gid={}", owner.uid(), owner.gid());
+        let out = privileged("mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
             .arg(at.path())
             .output()
             .expect("run mount");
         assert!(
             out.status.success(),
-            "this test mounts a tmpfs and must run as root: {}",
+            "this test mounts a tmpfs: run it as root or with passwordless sudo: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Tmpfs(at)
@@ -58,7 +62,21 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        let _ = privileged("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+/// `program` as root: directly when the test runs as root, else through `sudo -n`, as `.ci/run`
+/// does for its installs.
+fn privileged(program: &str) -> Command {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if root {
+        Command::new(program)
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", program]);
+        sudo
     }
 }
 

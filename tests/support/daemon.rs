@@ -62,6 +62,27 @@ fn http_port() -> u16 {
     panic!("no free port in 127.0.0.1:{base}..{}", base + 100);
 }
 
+/// Raises this test process's own soft descriptor limit to at least `n` (within its hard
+/// limit, which needs no privilege), for tests that hold many client sockets themselves.
+pub fn raise_own_nofile(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit(2) read and write only the rlimit struct passed.
+    let ok = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_cur.max(n.min(limit.rlim_max));
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    assert!(
+        ok && limit.rlim_cur >= n,
+        "this test needs {n} descriptors; the hard limit is {} (raise it: ulimit -Hn)",
+        limit.rlim_max
+    );
+}
+
 /// The descriptor limit the shipped unit gives the daemon (`LimitNOFILE=`).
 pub fn unit_nofile() -> u64 {
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/credbroker.service");
