@@ -41,22 +41,22 @@ fn candidate(
 
 /// The store's key and rewrap state, for GetStatus and RotateKey.
 async fn store_status(s: &Services) -> Result<proto::StoreStatus, ApiError> {
+    let rewrap = s.registry.rewrap_state().await?;
     let key = s.registry.key_status();
-    let rewrap = s
-        .registry
-        .rewrap_state()
-        .await?
-        .map(|r| proto::RewrapStatus {
-            finished: r.finished,
-            to_term: r.to_term,
-            pass: r.pass,
-            scanned: r.scanned,
-            rewrapped: r.rewrapped,
-            total: r.total,
-            retired: r.retired,
-            started_at: convert::opt_timestamp(r.started_at),
-            finished_at: convert::opt_timestamp(r.finished_at),
-        });
+    let rewrap = rewrap.map(|r| proto::RewrapStatus {
+        // The rewrap records itself finished just before the keyring drops the old terms
+        // (so a crash between the two is resumed, not lost): to a reader it is finished
+        // once both are visible, which is what a client waiting for retirement needs.
+        finished: r.finished && key.terms.iter().all(|t| *t >= r.to_term),
+        to_term: r.to_term,
+        pass: r.pass,
+        scanned: r.scanned,
+        rewrapped: r.rewrapped,
+        total: r.total,
+        retired: r.retired,
+        started_at: convert::opt_timestamp(r.started_at),
+        finished_at: convert::opt_timestamp(r.finished_at),
+    });
     Ok(proto::StoreStatus {
         store_id: key.store_id,
         current_term: key.current_term,
