@@ -605,28 +605,12 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
 async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
     let (python, client) = support::python::client_build("python-client-call");
     let mut s = setup().await;
-    let dir = s.daemon.dir.path().to_path_buf();
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/call.py");
-    let out = support::python::run(
-        std::process::Command::new(&python)
-            .env("PYTHONPATH", &client)
-            .arg(example)
-            .args([
-                "--addr",
-                &s.daemon.grpc.to_string(),
-                "--user",
-                "u1",
-                "--channel",
-                "C123",
-            ])
-            .arg("--ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--cert")
-            .arg(dir.join("agent.pem"))
-            .arg("--key")
-            .arg(dir.join("agent.key")),
-        "examples/call.py",
+    let out = support::python::run_example(
+        (&python, &client),
+        "call.py",
+        &s.daemon.grpc.to_string(),
+        s.daemon.dir.path(),
+        &["--user", "u1", "--channel", "C123"],
     );
     assert!(
         out.contains("listed 1 files; Slack answered 200 ok=True"),

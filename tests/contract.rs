@@ -5,7 +5,7 @@
 mod support;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{Daemon, conn, reason, secrets};
+use support::daemon::{Daemon, conn, new_connector, reason, secrets};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -80,11 +80,12 @@ async fn shared_api_key(daemon: &Daemon, name: &str) {
     let mut admin = daemon.admin().await;
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
             secrets: secrets(&[("api_key", "pat-na1-contract")]),
-            ..Default::default()
+            ..new_connector(
+                name,
+                proto::ConnectorKind::ApiKey,
+                proto::ConnectorMode::Shared,
+            )
         })
         .await
         .expect("create the connector");
@@ -193,12 +194,11 @@ async fn a_caldav_url_that_is_not_an_https_url_is_invalid_argument_and_nothing_i
     let daemon = Daemon::start();
     let mut admin = daemon.admin().await;
     admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Calendar".into(),
-            kind: proto::ConnectorKind::Caldav as i32,
-            mode: proto::ConnectorMode::Personal as i32,
-            ..Default::default()
-        })
+        .create_connector(new_connector(
+            "Calendar",
+            proto::ConnectorKind::Caldav,
+            proto::ConnectorMode::Personal,
+        ))
         .await
         .expect("a CalDAV connector whose users give the server URL");
     let upstream = Upstream::new();
@@ -297,11 +297,12 @@ async fn an_oauth_endpoint_that_is_not_https_is_refused_when_saved() {
             config.insert(key.into(), url.into());
             let refused = admin
                 .create_connector(proto::CreateConnectorRequest {
-                    name: "Idp".into(),
-                    kind: proto::ConnectorKind::Oauth2 as i32,
-                    mode: proto::ConnectorMode::Personal as i32,
                     config,
-                    ..Default::default()
+                    ..new_connector(
+                        "Idp",
+                        proto::ConnectorKind::Oauth2,
+                        proto::ConnectorMode::Personal,
+                    )
                 })
                 .await
                 .unwrap_err();
@@ -315,11 +316,12 @@ async fn an_oauth_endpoint_that_is_not_https_is_refused_when_saved() {
 
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: "Idp".into(),
-            kind: proto::ConnectorKind::Oauth2 as i32,
-            mode: proto::ConnectorMode::Personal as i32,
             config: oauth_config(),
-            ..Default::default()
+            ..new_connector(
+                "Idp",
+                proto::ConnectorKind::Oauth2,
+                proto::ConnectorMode::Personal,
+            )
         })
         .await
         .expect("https endpoints are accepted");

@@ -9,7 +9,7 @@
 mod support;
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
-use support::daemon::{ADMIN, Daemon, conn, secrets};
+use support::daemon::{ADMIN, Daemon, conn, new_connector, secrets};
 use support::oauth::{Browser, RETURN_URL, begin, callback_url, create_connector, query_param};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -39,11 +39,12 @@ async fn api_key(admin: &mut AdminClient<Channel>, workspace: &str, name: &str) 
     admin
         .create_connector(proto::CreateConnectorRequest {
             workspace: workspace.into(),
-            name: name.into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
             secrets: secrets(&[("api_key", "k-secret-canary")]),
-            ..Default::default()
+            ..new_connector(
+                name,
+                proto::ConnectorKind::ApiKey,
+                proto::ConnectorMode::Shared,
+            )
         })
         .await
         .unwrap()
@@ -664,21 +665,21 @@ async fn a_stored_api_key_is_tested_only_where_it_was_saved_for() {
     let evil = Capture::start(Speaks::Http).await;
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: "CRM".into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Shared as i32,
             secrets: secrets(&[("api_key", "k-shared-canary")]),
-            ..Default::default()
+            ..new_connector(
+                "CRM",
+                proto::ConnectorKind::ApiKey,
+                proto::ConnectorMode::Shared,
+            )
         })
         .await
         .unwrap();
     admin
-        .create_connector(proto::CreateConnectorRequest {
-            name: "Own CRM".into(),
-            kind: proto::ConnectorKind::ApiKey as i32,
-            mode: proto::ConnectorMode::Personal as i32,
-            ..Default::default()
-        })
+        .create_connector(new_connector(
+            "Own CRM",
+            proto::ConnectorKind::ApiKey,
+            proto::ConnectorMode::Personal,
+        ))
         .await
         .unwrap();
     let saved = admin
@@ -771,11 +772,12 @@ async fn create_personal_mail(
 ) -> Result<tonic::Response<proto::Connector>, tonic::Status> {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: "Mail".into(),
-            kind: proto::ConnectorKind::ImapSmtp as i32,
-            mode: proto::ConnectorMode::Personal as i32,
             config: map(config),
-            ..Default::default()
+            ..new_connector(
+                "Mail",
+                proto::ConnectorKind::ImapSmtp,
+                proto::ConnectorMode::Personal,
+            )
         })
         .await
 }

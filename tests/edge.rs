@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credbroker::api::proto;
-use support::daemon::{Daemon, raise_own_nofile, unit_nofile};
+use support::daemon::{Daemon, new_connector, raise_own_nofile, unit_nofile};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -317,11 +317,12 @@ async fn key_connector(
 ) -> Result<tonic::Response<proto::Connector>, tonic::Status> {
     let secrets = support::daemon::secrets(&[("api_key", "k-123")]);
     let req = proto::CreateConnectorRequest {
-        name: name.into(),
-        kind: proto::ConnectorKind::ApiKey as i32,
-        mode: proto::ConnectorMode::Shared as i32,
         secrets,
-        ..Default::default()
+        ..new_connector(
+            name,
+            proto::ConnectorKind::ApiKey,
+            proto::ConnectorMode::Shared,
+        )
     };
     admin.create_connector(req).await
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, OPEN_POLICY, conn, reason, secrets, unit_nofile};
+use support::daemon::{Daemon, OPEN_POLICY, conn, new_connector, reason, secrets, unit_nofile};
 use support::wait;
 use tokio::io::AsyncReadExt;
 use tonic::Code;
@@ -81,15 +81,12 @@ async fn create(
 ) {
     admin
         .create_connector(proto::CreateConnectorRequest {
-            name: name.into(),
-            kind: kind as i32,
-            mode: proto::ConnectorMode::Shared as i32,
             config: config
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             secrets: secrets(slots),
-            ..Default::default()
+            ..new_connector(name, kind, proto::ConnectorMode::Shared)
         })
         .await
         .unwrap_or_else(|e| panic!("create connector {name}: {e:?}"));

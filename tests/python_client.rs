@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 use credbroker::api::proto;
@@ -98,20 +97,12 @@ async fn python_client_resolves_and_lists_connections() {
     assert_eq!(lines[3]["wrong_ca"], "refused");
 
     // The example agent script, as documented.
-    let dir = daemon.dir.path();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python/examples/agent.py");
-    let out = run(
-        Command::new(&python)
-            .env("PYTHONPATH", &client)
-            .arg(example)
-            .args(["--addr", &daemon.grpc.to_string(), "--connector", "Weather"])
-            .arg("--ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--cert")
-            .arg(dir.join("agent.pem"))
-            .arg("--key")
-            .arg(dir.join("agent.key")),
-        "examples/agent.py",
+    let out = support::python::run_example(
+        (&python, &client),
+        "agent.py",
+        &daemon.grpc.to_string(),
+        daemon.dir.path(),
+        &["--connector", "Weather"],
     );
     assert!(
         out.contains(&format!("got credential kind=API_KEY length={}", KEY.len())),

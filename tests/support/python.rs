@@ -7,6 +7,35 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Runs the example `script` of `clients/python/examples` with the client built by
+/// [`client_build`], as the daemon's agent (the dev certificates in `daemon_dir`) against
+/// `addr`, with `args` after `--addr`; it must succeed; returns its stdout.
+pub fn run_example(
+    (python, client): (&Path, &Path),
+    script: &str,
+    addr: &str,
+    daemon_dir: &Path,
+    args: &[&str],
+) -> String {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients/python/examples")
+        .join(script);
+    run(
+        Command::new(python)
+            .env("PYTHONPATH", client)
+            .arg(example)
+            .args(["--addr", addr])
+            .args(args)
+            .arg("--ca")
+            .arg(daemon_dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(daemon_dir.join("agent.pem"))
+            .arg("--key")
+            .arg(daemon_dir.join("agent.key")),
+        &format!("examples/{script}"),
+    )
+}
+
 /// Runs `cmd`, which must succeed; returns its stdout.
 pub fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd

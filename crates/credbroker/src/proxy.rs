@@ -119,13 +119,33 @@ pub enum CallError {
 }
 
 /// A call as the caller asked for it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CallRequest {
     pub method: String,
     pub path: String,
     pub query: Vec<(String, String)>,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+/// Names and sizes only: the caller's headers may carry its own credentials (which are
+/// dropped, never sent) and its query and body are its data, not ours to print.
+impl fmt::Debug for CallRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field(
+                "query",
+                &self.query.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 /// What the API answered, filtered.
@@ -594,6 +614,25 @@ fn returned_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 mod tests {
     use super::*;
     use crate::model::Mode;
+
+    #[test]
+    fn a_call_request_debug_shows_no_header_query_or_body_value() {
+        let request = CallRequest {
+            method: "GET".into(),
+            path: "/drive/v3/files".into(),
+            query: vec![("q".into(), "query-canary".into())],
+            headers: vec![("authorization".into(), "Bearer header-canary".into())],
+            body: b"body-canary".to_vec(),
+        };
+        let printed = format!("{request:?}");
+        assert!(
+            printed.contains("authorization") && printed.contains("\"q\""),
+            "{printed}"
+        );
+        for canary in ["query-canary", "header-canary", "body-canary"] {
+            assert!(!printed.contains(canary), "{printed}");
+        }
+    }
 
     #[test]
     fn paths_that_could_leave_the_base_are_refused() {

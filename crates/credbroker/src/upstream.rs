@@ -120,8 +120,8 @@ tokio::task_local! {
 }
 
 /// Runs `fut` with upstream connections charged to `caller`.
-pub async fn as_caller<F: Future>(caller: &str, fut: F) -> F::Output {
-    CALLER.scope(caller.to_string(), fut).await
+pub async fn as_caller<F: Future>(caller: String, fut: F) -> F::Output {
+    CALLER.scope(caller, fut).await
 }
 
 /// Resolves `host` and keeps the addresses the policy allows (an IP literal is not looked up).
@@ -147,7 +147,28 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamE
 pub async fn connect(host: &str, port: u16) -> Result<Conn, UpstreamError> {
     let permit = current().permit()?;
     let addrs = resolve(host, port).await?;
-    let stream = TcpStream::connect(addrs.as_slice()).await.map_err(|e| {
+    open(host, port, &addrs, permit).await
+}
+
+/// A TCP connection to the first of `addrs` that answers, holding its cap permit: for a
+/// caller that already has the addresses [`resolve`] returned for `host:port` (and only
+/// those: they are not checked again).
+pub async fn connect_resolved(
+    host: &str,
+    port: u16,
+    addrs: &[SocketAddr],
+) -> Result<Conn, UpstreamError> {
+    let permit = current().permit()?;
+    open(host, port, addrs, permit).await
+}
+
+async fn open(
+    host: &str,
+    port: u16,
+    addrs: &[SocketAddr],
+    permit: Permit,
+) -> Result<Conn, UpstreamError> {
+    let stream = TcpStream::connect(addrs).await.map_err(|e| {
         tracing::debug!(host, port, error = %e, "upstream connect failed");
         UpstreamError::Connect {
             target: format!("{host}:{port}"),
@@ -165,6 +186,13 @@ pub async fn connect(host: &str, port: u16) -> Result<Conn, UpstreamError> {
 pub struct Conn {
     stream: TcpStream,
     _permit: Permit,
+}
+
+impl Conn {
+    /// The address this connection reached.
+    pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
 }
 
 impl AsyncRead for Conn {

@@ -136,7 +136,7 @@ impl Services {
             request_id: call.request_id.clone(),
         };
         let caller = call.caller.clone();
-        let work = crate::upstream::as_caller(&caller, work(&mut call, request.into_inner()));
+        let work = crate::upstream::as_caller(caller, work(&mut call, request.into_inner()));
         let result = crate::intent::scope(scope, work).await;
         self.finish(call, result).await
     }

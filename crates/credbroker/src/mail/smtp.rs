@@ -98,11 +98,10 @@ impl Pools {
             (Some(addr), _) => Ok(addr),
             (None, [one]) => Ok(*one),
             (None, _) => {
-                let probe = tokio::net::TcpStream::connect(addrs).await.map_err(|_| {
-                    let target = account.smtp.addr();
-                    let e = crate::upstream::UpstreamError::Connect { target };
-                    super::imap::upstream_failure(Service::Smtp, &account.smtp, e)
-                })?;
+                let (host, port) = (&account.smtp.host, account.smtp.port);
+                let probe = crate::upstream::connect_resolved(host, port, addrs)
+                    .await
+                    .map_err(|e| super::imap::upstream_failure(Service::Smtp, &account.smtp, e))?;
                 Ok(probe.peer_addr().unwrap_or(addrs[0]))
             }
         }
