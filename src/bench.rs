@@ -497,6 +497,7 @@ fn resolve_call(
                     user_id: user,
                 }),
                 min_ttl_seconds: 60,
+                ..Default::default()
             };
             BrokerClient::new(channel)
                 .resolve_credential(request)

@@ -48,6 +48,7 @@ async fn resolve(
     let req = proto::ResolveCredentialRequest {
         connection: conn(connector, user),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     broker.resolve_credential(req).await.map(|r| r.into_inner())
 }
@@ -250,6 +251,7 @@ async fn grants_limit_workspace_connector_and_user() {
     let call = |ws: &str, connector: &str, user: &str| proto::ResolveCredentialRequest {
         connection: in_workspace(ws, connector, user),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     let ok = agent
         .resolve_credential(call("acme", "hubspot", "u1"))
@@ -389,6 +391,7 @@ async fn admin_views(admin: &mut AdminClient<Channel>) -> Vec<String> {
     let list = proto::ListConnectionsRequest {
         workspace: String::new(),
         user_id: "alice".into(),
+        ..Default::default()
     };
     responses.push(format!(
         "{:?}",
@@ -582,6 +585,7 @@ async fn every_field_is_validated_and_names_itself() {
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn("HubSpot", ""),
             min_ttl_seconds: 99_999,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -593,6 +597,7 @@ async fn every_field_is_validated_and_names_itself() {
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: None,
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -615,6 +620,7 @@ async fn connections_of(admin: &mut AdminClient<Channel>, user: &str) -> Vec<pro
     let req = proto::ListConnectionsRequest {
         workspace: String::new(),
         user_id: user.into(),
+        ..Default::default()
     };
     admin
         .list_connections(req)

@@ -292,6 +292,7 @@ async fn token(inspector: &mut BrokerClient<Channel>, connector: &str) -> String
     let r = proto::ResolveCredentialRequest {
         connection: conn(connector, "u1"),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     inspector
         .resolve_credential(r)
@@ -377,6 +378,7 @@ async fn refusals_send_nothing(s: &mut Setup) {
     let resolve = proto::ResolveCredentialRequest {
         connection: conn("Drive", "u1"),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     let err = s.agent.resolve_credential(resolve).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);

@@ -99,6 +99,7 @@ async fn resolve(
     let req = proto::ResolveCredentialRequest {
         connection: conn(connector, user),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     agent.resolve_credential(req).await.map(|_| ())
 }

@@ -106,6 +106,7 @@ async fn spawn_load(
                 let req = proto::ResolveCredentialRequest {
                     connection: conn(OAUTH, "u1"),
                     min_ttl_seconds: 3600,
+                    ..Default::default()
                 };
                 if agent.resolve_credential(req).await.is_err() {
                     return;
@@ -140,6 +141,7 @@ async fn assert_acked_kept(
             .resolve_credential(proto::ResolveCredentialRequest {
                 connection: conn(KEYS, user),
                 min_ttl_seconds: 0,
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("round {round}: acknowledged key of {user} lost: {e:?}"));
@@ -183,6 +185,7 @@ async fn rotation_lost(
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn(OAUTH, "u1"),
             min_ttl_seconds: 3600,
+            ..Default::default()
         })
         .await;
     let lost = status == proto::ConnectionStatus::Expired as i32 || probe.is_err();

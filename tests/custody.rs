@@ -63,6 +63,7 @@ async fn resolve(
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: Some(connection),
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -525,6 +526,7 @@ async fn alices_token(daemon: &Daemon) -> String {
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn("Mail OAuth", "alice"),
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await;
     resolved.unwrap().into_inner().secret
@@ -609,6 +611,7 @@ async fn a_moved_token_endpoint_gets_neither_the_client_secret_nor_a_users_grant
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn("Idp", "alice"),
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await;
     // The revocation endpoint moves: Disconnect would send it bob's token.

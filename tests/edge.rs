@@ -53,6 +53,7 @@ async fn assert_grpc_answers(daemon: &Daemon) {
                 ..Default::default()
             }),
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -303,6 +304,7 @@ async fn resolves(daemon: &Daemon, channels: usize, n: usize) -> usize {
             let req = proto::ResolveCredentialRequest {
                 connection: support::daemon::conn("Key", ""),
                 min_ttl_seconds: 0,
+                ..Default::default()
             };
             ok += usize::from(agent.resolve_credential(req).await.is_ok());
         }
@@ -552,6 +554,7 @@ async fn huge_requests(daemon: &Daemon) -> Vec<(usize, tonic::Code, String)> {
                 let req = proto::ResolveCredentialRequest {
                     connection: support::daemon::conn(&huge, ""),
                     min_ttl_seconds: 0,
+                    ..Default::default()
                 };
                 broker.resolve_credential(req).await.unwrap_err()
             } else {
@@ -643,6 +646,7 @@ async fn grpc_connections_from_one_peer_are_capped_and_given_back() {
         let req = proto::ResolveCredentialRequest {
             connection: support::daemon::conn("nothing-here", ""),
             min_ttl_seconds: 0,
+            ..Default::default()
         };
         let missing = agent.resolve_credential(req).await.unwrap_err();
         assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");

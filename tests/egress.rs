@@ -232,6 +232,7 @@ async fn resolve_token(
     let req = proto::ResolveCredentialRequest {
         connection: conn(name, ""),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
     tokio::time::timeout(Duration::from_secs(60), agent.resolve_credential(req))
         .await
@@ -516,6 +517,7 @@ async fn a_flood_of_fetches_to_a_silent_server_is_capped_and_others_keep_resolvi
     let resolve = proto::ResolveCredentialRequest {
         connection: conn("Key", ""),
         min_ttl_seconds: 0,
+        ..Default::default()
     };
 
     // 2,000 FetchMail calls on the agent's one connection, all at once: the cap's worth hold

@@ -221,6 +221,7 @@ async fn a_token_refresh_whose_intent_cannot_be_written_never_reaches_the_provid
         let req = proto::ResolveCredentialRequest {
             connection: conn("Team Mail", "u1"),
             min_ttl_seconds: 1,
+            ..Default::default()
         };
         daemon.agent().await.resolve_credential(req).await
     };

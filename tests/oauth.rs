@@ -34,6 +34,7 @@ async fn resolve(
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn(CONNECTOR, user),
             min_ttl_seconds: 1,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -444,6 +445,7 @@ async fn provider_presets_read_the_account_from_google_and_slack_shapes() {
             .resolve_credential(proto::ResolveCredentialRequest {
                 connection: conn(provider, "u1"),
                 min_ttl_seconds: 1,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -584,6 +586,7 @@ async fn an_unreachable_provider_backs_off_and_serves_the_still_valid_token() {
                 .resolve_credential(proto::ResolveCredentialRequest {
                     connection: conn(CONNECTOR, "u1"),
                     min_ttl_seconds: 3600,
+                    ..Default::default()
                 })
                 .await
                 .map(|r| r.into_inner())

@@ -103,6 +103,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
             .resolve_credential(proto::ResolveCredentialRequest {
                 connection: conn(connector, user),
                 min_ttl_seconds: 0,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -114,6 +115,7 @@ async fn metrics_move_and_json_logs_carry_request_ids_but_no_canary() {
         .resolve_credential(proto::ResolveCredentialRequest {
             connection: conn("Nope", CANARY_USER),
             min_ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -247,6 +249,7 @@ async fn spawn_load(daemon: &Daemon, writers: usize) -> Load {
                     .resolve_credential(proto::ResolveCredentialRequest {
                         connection: conn("Shared", ""),
                         min_ttl_seconds: 0,
+                        ..Default::default()
                     })
                     .await
                     .expect("resolve under load")

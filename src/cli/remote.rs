@@ -219,6 +219,7 @@ pub async fn resolve(remote: &Remote, args: ResolveArgs) -> Result<(), Error> {
     let req = proto::ResolveCredentialRequest {
         connection: remote.reference(&args.connector, &args.user),
         min_ttl_seconds: args.min_ttl,
+        ..Default::default()
     };
     let resp = remote.broker().await?.resolve_credential(req).await?;
     println!("{}", resp.into_inner().secret);
@@ -354,6 +355,7 @@ pub async fn connection(remote: &Remote, cmd: ConnectionCommand) -> Result<(), E
             let req = proto::ListConnectionsRequest {
                 workspace: remote.workspace.clone(),
                 user_id: user,
+                ..Default::default()
             };
             for c in admin.list_connections(req).await?.into_inner().connections {
                 println!(

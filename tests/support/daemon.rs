@@ -138,6 +138,11 @@ impl Daemon {
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);
         }
+        // The background refresher would add refreshes to the tests that count them: off
+        // unless a test writes its own [refresh] (tests/lifecycle_refresh.rs).
+        if !extra_config.contains("[refresh]") {
+            config.push_str("\n[refresh]\nahead = false\nkeepalive = false\n");
+        }
         write(&dir.path().join("credbroker.toml"), &config);
         let mut daemon = Daemon {
             dir,

@@ -53,6 +53,18 @@
 //! retain_days = 365                 # segments older than this are exported and pruned…
 //! retain_bytes = 10737418240        # …and the oldest while the log is larger than this
 //! archive = "store/audit-archive"   # where pruned segments are exported (JSON lines)
+//! [refresh]                         # OAuth refresh ahead and keep-alive (crate::oauth::refresher)
+//! ahead = true                      # renew recently used connections' tokens before they expire
+//! window_secs = 300                 # this long before expiry (at most 3/4 of a token's lifetime)…
+//! jitter = 0.1                      # …earlier by up to this fraction of it, at random
+//! recent_secs = 3600                # "recently used": resolved within this long
+//! concurrency = 4                   # refreshes in flight at once
+//! provider_rate_per_sec = 5.0       # refreshes per second per provider (token endpoint)
+//! keepalive = true                  # refresh idle connections before their grant lapses…
+//! keepalive_days = 30.0             # …this often, unless the provider preset names its own…
+//! keepalive_scan_secs = 300         # …looking for due ones this often
+//! [refresh.keepalive_days_by_provider]
+//! microsoft-outlook = 60.0          # a preset's interval overridden
 //! ```
 
 use std::net::SocketAddr;
@@ -90,6 +102,86 @@ pub struct Config {
     pub egress: crate::upstream::EgressConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub refresh: RefreshConfig,
+}
+
+/// `[refresh]`: the background refresher of OAuth tokens ([`crate::oauth::refresher`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshConfig {
+    /// Renew the tokens of recently used connections before they expire.
+    pub ahead: bool,
+    /// How long before expiry a token is renewed; at most 3/4 of its lifetime, so that a
+    /// caller asking for up to half the lifetime left (ResolveCredential's `min_ttl` is capped
+    /// there) finds it fresh.
+    pub window_secs: u64,
+    /// Each lead is made longer by up to this fraction of it, at random (0 to 1), so that
+    /// tokens issued together are not renewed together.
+    pub jitter: f64,
+    /// A connection used within this long is "recently used" and refreshed ahead.
+    pub recent_secs: u64,
+    /// Refreshes in flight at once (ahead and keep-alive together).
+    pub concurrency: usize,
+    /// Refreshes per second one provider is sent (by preset name, or token endpoint host);
+    /// 0: no limit.
+    pub provider_rate_per_sec: f64,
+    /// Refresh idle connections before the provider lets their refresh token lapse.
+    pub keepalive: bool,
+    /// The keep-alive interval of connectors whose provider preset names none (0: none).
+    pub keepalive_days: f64,
+    /// Per provider preset name: its keep-alive interval in days, over the preset's (0: none).
+    pub keepalive_days_by_provider: std::collections::BTreeMap<String, f64>,
+    /// How often the store is scanned for connections whose keep-alive is due.
+    pub keepalive_scan_secs: u64,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self {
+            ahead: true,
+            window_secs: 300,
+            jitter: 0.1,
+            recent_secs: 3600,
+            concurrency: 4,
+            provider_rate_per_sec: 5.0,
+            keepalive: true,
+            keepalive_days: 30.0,
+            keepalive_days_by_provider: std::collections::BTreeMap::new(),
+            keepalive_scan_secs: 300,
+        }
+    }
+}
+
+impl RefreshConfig {
+    /// Checks the values that have a range; the error names the key.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(format!(
+                "[refresh] jitter is {}; must be between 0 and 1",
+                self.jitter
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("[refresh] concurrency must be at least 1".into());
+        }
+        let days = std::iter::once(("keepalive_days".to_string(), self.keepalive_days)).chain(
+            self.keepalive_days_by_provider
+                .iter()
+                .map(|(p, d)| (format!("keepalive_days_by_provider.{p}"), *d)),
+        );
+        for (key, d) in days {
+            if !d.is_finite() || !(0.0..=3650.0).contains(&d) {
+                return Err(format!(
+                    "[refresh] {key} is {d}; must be between 0 and 3650 days"
+                ));
+            }
+        }
+        if !self.provider_rate_per_sec.is_finite() || self.provider_rate_per_sec < 0.0 {
+            return Err("[refresh] provider_rate_per_sec must be 0 or more".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[audit]`: where the audit log lives, how it rolls, checkpoints and prunes.
@@ -383,6 +475,9 @@ impl Config {
             return Err(ConfigError::Invalid { path: shown, why });
         }
         if let Err(why) = config.upstream() {
+            return Err(ConfigError::Invalid { path: shown, why });
+        }
+        if let Err(why) = config.refresh.check() {
             return Err(ConfigError::Invalid { path: shown, why });
         }
         let base = path.parent().unwrap_or(Path::new("."));

@@ -82,6 +82,15 @@ pub enum Refresh {
     Expired,
 }
 
+/// Why the background refresher refreshed a token.
+#[derive(Debug, Clone, Copy)]
+pub enum Background {
+    /// A recently used connection's token, before it expired.
+    Ahead,
+    /// An idle connection's grant, before the provider lets it lapse.
+    KeepAlive,
+}
+
 /// The upstream services the daemon calls. Mail and calendar code call [`upstream`] with theirs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Upstream {
@@ -108,6 +117,10 @@ struct Registry {
     rpcs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     rpc_latency: Mutex<BTreeMap<&'static str, &'static Histogram>>,
     refreshes: [AtomicU64; 3],
+    /// Background refreshes by trigger ([`Background`]).
+    background_refreshes: [AtomicU64; 2],
+    /// OAuth token uses that found no fresh stored token and waited on a refresh.
+    token_waits: AtomicU64,
     upstream: Mutex<BTreeMap<Upstream, &'static Histogram>>,
     audit_flush: Histogram,
     audit_batch_records: AtomicU64,
@@ -147,6 +160,16 @@ fn count_rpc(method: &'static str, code: tonic::Code, elapsed: Duration) {
 /// One OAuth token refresh.
 pub fn refresh(outcome: Refresh) {
     REGISTRY.refreshes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// One refresh the background refresher made (counted in [`refresh`] too, by outcome).
+pub fn background_refresh(trigger: Background) {
+    REGISTRY.background_refreshes[trigger as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// One use of an OAuth token (a resolve, mail, calendar) that waited on the token endpoint.
+pub fn token_wait() {
+    REGISTRY.token_waits.fetch_add(1, Ordering::Relaxed);
 }
 
 /// One call to an upstream server, however it ended.
@@ -257,6 +280,24 @@ fn render_calls(out: &mut Exposition) {
             "credbroker_token_refresh_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
+    out.help(
+        "credbroker_token_refresh_background_total",
+        "counter",
+        "OAuth token refreshes the background refresher attempted, by trigger.",
+    );
+    for (i, trigger) in ["ahead", "keepalive"].iter().enumerate() {
+        let n = r.background_refreshes[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out.0,
+            "credbroker_token_refresh_background_total{{trigger=\"{trigger}\"}} {n}"
+        );
+    }
+    out.scalar(
+        "credbroker_token_waits_total",
+        "counter",
+        "OAuth token uses (resolve, mail, calendar) that found no fresh token and waited on a refresh.",
+        r.token_waits.load(Ordering::Relaxed),
+    );
     let name = "credbroker_upstream_duration_seconds";
     out.help(
         name,

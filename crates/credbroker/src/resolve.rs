@@ -2,6 +2,10 @@
 //! credential comes from the credentials service ([`crate::driver::Credentials::resolvable`]);
 //! only kinds whose driver says they are resolvable (API keys, OAuth access tokens) answer. Nothing else (refresh
 //! tokens, client secrets, passwords) ever leaves through here.
+//!
+//! Invariant: a caller naming `required_scopes` gets the credential only if its grant holds
+//! every one (the scopes stored from the token response); else FAILED_PRECONDITION naming the
+//! missing ones ([`crate::oauth::OAuthError::MissingScopes`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +36,15 @@ impl Resolver {
         &self,
         target: &Target,
         min_ttl: Duration,
+        required_scopes: &[String],
     ) -> Result<Credential, ResolveError> {
-        self.credentials.resolvable(target, min_ttl).await
+        let credential = self.credentials.resolvable(target, min_ttl).await?;
+        crate::oauth::require_scopes(
+            &target.connector,
+            &target.connection_user,
+            &credential.scopes,
+            required_scopes,
+        )?;
+        Ok(credential)
     }
 }

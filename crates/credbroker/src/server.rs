@@ -392,9 +392,13 @@ pub async fn open_services(
     );
     // Checked when the configuration was loaded; were it not, no return URL is accepted.
     let origins = config.http.return_origins().unwrap_or_default();
-    let oauth =
-        Arc::new(OAuth::new(registry.clone(), callback, timeout).with_return_origins(origins));
+    let oauth = Arc::new(
+        OAuth::new(registry.clone(), callback, timeout)
+            .with_return_origins(origins)
+            .with_refresh(&config.refresh),
+    );
     oauth.start_state_sweep();
+    oauth.start_refresher();
     let mail = Arc::new(crate::mail::Mail::new(
         registry.clone(),
         oauth.clone(),
@@ -583,6 +587,7 @@ pub async fn run(
             }
         }
     }
+    services.oauth.stop_refresher().await;
     Ok(())
 }
 

@@ -474,13 +474,14 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::Connection>, Status> {
         let s = &self.0;
         s.handle_on(Rpc::GetConnection, req, async |_, target, _| {
-            let connection = s
+            let mut connection = s
                 .registry
                 .connection(&target.connector, &target.connection_user)
                 .await?
                 .unwrap_or_else(|| {
                     crate::model::Connection::new(&target.connector.id, &target.connection_user)
                 });
+            connection.next_refresh_at = s.oauth.next_refresh_at(&connection);
             Ok(convert::connection(&target.connector, &connection))
         })
         .await
@@ -495,11 +496,16 @@ impl Admin for AdminApi {
             call.user_id = r.user_id.clone();
             let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
             crate::model::validate_user_id("user_id", &r.user_id)?;
+            let keep = convert::status_filter(&r.statuses)?;
             let rows = s.connect.statuses(&workspace, &r.user_id).await?;
             Ok(proto::ListConnectionsResponse {
                 connections: rows
-                    .iter()
-                    .map(|(c, conn)| convert::connection(c, conn))
+                    .into_iter()
+                    .filter(|(_, conn)| keep.is_empty() || keep.contains(&conn.status))
+                    .map(|(c, mut conn)| {
+                        conn.next_refresh_at = s.oauth.next_refresh_at(&conn);
+                        convert::connection(&c, &conn)
+                    })
                     .collect(),
             })
         })

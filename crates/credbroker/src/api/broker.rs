@@ -121,7 +121,10 @@ impl Broker for BrokerApi {
         let s = &self.0;
         s.handle_on(Rpc::ResolveCredential, req, async |_, target, r| {
             let min_ttl = min_ttl(r.min_ttl_seconds)?;
-            let credential = s.resolver.resolve(&target, min_ttl).await?;
+            let credential = s
+                .resolver
+                .resolve(&target, min_ttl, &r.required_scopes)
+                .await?;
             Ok(convert::credential(credential))
         })
         .await

@@ -111,7 +111,29 @@ pub fn connection(c: &Connector, conn: &Connection) -> proto::Connection {
             .filter(|_| conn.status == crate::model::ConnectionStatus::Expired)
             .map(|r| r.name().to_string())
             .unwrap_or_default(),
+        next_refresh_at: opt_timestamp(conn.next_refresh_at),
+        last_error_class: conn.last_error_class.clone(),
+        last_error_at: opt_timestamp(conn.last_error_at),
     }
+}
+
+/// ListConnections' `statuses`: the statuses to keep (none: all); an unknown value names it.
+pub fn status_filter(statuses: &[i32]) -> Result<Vec<ConnectionStatus>, FieldError> {
+    statuses
+        .iter()
+        .map(|n| match proto::ConnectionStatus::try_from(*n) {
+            Ok(proto::ConnectionStatus::Connected) => Ok(ConnectionStatus::Connected),
+            Ok(proto::ConnectionStatus::NotConnected) => Ok(ConnectionStatus::NotConnected),
+            Ok(proto::ConnectionStatus::Expired) => Ok(ConnectionStatus::Expired),
+            Ok(proto::ConnectionStatus::Error) => Ok(ConnectionStatus::Error),
+            _ => Err(FieldError::new(
+                "statuses",
+                format!(
+                    "{n} is not a connection status (CONNECTED, NOT_CONNECTED, EXPIRED, ERROR)"
+                ),
+            )),
+        })
+        .collect()
 }
 
 pub fn secrets(

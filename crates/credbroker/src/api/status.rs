@@ -94,6 +94,7 @@ pub enum Reason {
     TooManyStreams,
     EgressRefused,
     UpstreamBusy,
+    MissingScopes,
 }
 
 impl Reason {
@@ -130,6 +131,7 @@ impl Reason {
             Reason::TooManyStreams => ("TOO_MANY_STREAMS", ResourceExhausted),
             Reason::EgressRefused => ("EGRESS_REFUSED", FailedPrecondition),
             Reason::UpstreamBusy => ("UPSTREAM_BUSY", ResourceExhausted),
+            Reason::MissingScopes => ("MISSING_SCOPES", FailedPrecondition),
         }
     }
 
@@ -216,6 +218,10 @@ fn oauth(e: &OAuthError) -> Class {
         OAuthError::Unavailable(_) => plain(Reason::UpstreamUnavailable),
         OAuthError::Egress(e) => upstream(e),
         OAuthError::Model(m) => model(m),
+        OAuthError::MissingScopes { missing, .. } => (
+            Reason::MissingScopes,
+            vec![("missing_scopes", missing.join(" "))],
+        ),
     }
 }
 

@@ -143,6 +143,16 @@ pub struct Connection {
     /// Why the connection is EXPIRED, when it is.
     #[serde(default)]
     pub expired_reason: Option<Expiry>,
+    /// When the broker refreshes an idle OAuth grant to keep it from lapsing (keep-alive),
+    /// written with each refresh so that the schedule survives restarts.
+    #[serde(default)]
+    pub next_refresh_at: Option<DateTime<Utc>>,
+    /// The class of the last failure ("network", "provider", "malformed", "refused"…) and when
+    /// it happened; kept after a later success (compare with `last_refreshed_at`).
+    #[serde(default)]
+    pub last_error_class: String,
+    #[serde(default)]
+    pub last_error_at: Option<DateTime<Utc>>,
 }
 
 impl Connection {
@@ -160,6 +170,9 @@ impl Connection {
             settings: BTreeMap::new(),
             access_expires_at: None,
             expired_reason: None,
+            next_refresh_at: None,
+            last_error_class: String::new(),
+            last_error_at: None,
         }
     }
 

@@ -816,6 +816,8 @@ impl Registry {
         connection.status = ConnectionStatus::Expired;
         connection.expired_reason = Some(Expiry::Refused);
         connection.last_error = why;
+        connection.last_error_class = "refused".into();
+        connection.last_error_at = Some(Utc::now());
         let erased = ConnectionSecrets::default();
         if erase_secrets {
             connection.access_expires_at = None;
@@ -855,6 +857,24 @@ impl Registry {
         if let Err(e) = written {
             tracing::warn!(error = %e, "could not record last_used_at");
         }
+    }
+
+    /// Every connector of every workspace (the OAuth keep-alive's scan).
+    pub async fn all_connectors(&self) -> Result<Vec<Connector>, ModelError> {
+        let rows = self
+            .store
+            .scan::<Connector>(CONNECTORS, "", None, usize::MAX)
+            .await?;
+        Ok(rows.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// Up to `limit` connections after the path `after`, in path order (a scan page by page).
+    pub async fn connections_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Connection)>, ModelError> {
+        Ok(self.store.scan(CONNECTIONS, "", after, limit).await?)
     }
 
     /// Removes a connection's record and secrets.

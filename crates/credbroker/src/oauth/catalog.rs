@@ -33,6 +33,8 @@ pub struct Preset {
     pub smtp_host: Option<String>,
     pub smtp_port: Option<String>,
     pub smtp_tls: Option<String>,
+    /// How often an idle grant is refreshed so the provider does not let it lapse, in days.
+    pub keepalive_days: Option<f64>,
 }
 
 static CATALOG: LazyLock<BTreeMap<String, Preset>> = LazyLock::new(|| {

@@ -49,6 +49,9 @@ pub struct PendingConnect {
     /// pinned: such a state cannot be completed).
     #[serde(default)]
     endpoints: Option<Endpoints>,
+    /// The scopes asked for beyond the connector's (incremental consent).
+    #[serde(default)]
+    extra_scopes: Vec<String>,
 }
 
 impl PendingConnect {
@@ -242,6 +245,7 @@ impl OAuth {
             authorize_url,
             browser: None,
             endpoints: Some(endpoints),
+            extra_scopes: extra_scopes.to_vec(),
         };
         self.registry
             .save_oauth_state(&state_key(&state), &pending)
@@ -354,7 +358,7 @@ impl OAuth {
         let connection = self
             .save_connected(
                 &connector,
-                &pending.user_id,
+                &pending,
                 &endpoints,
                 &response,
                 (access, account_label),
@@ -393,16 +397,17 @@ impl OAuth {
             })
     }
 
-    /// Stores a newly connected account's tokens.
+    /// Stores a newly connected account's tokens, with the scopes the token response says were
+    /// granted (or, when it names none, those that were asked for).
     async fn save_connected(
         &self,
         connector: &Connector,
-        user: &str,
+        pending: &PendingConnect,
         endpoints: &Endpoints,
         response: &oauth2::basic::BasicTokenResponse,
         (access, account_label): (Secret, String),
     ) -> Result<Connection, OAuthError> {
-        let now = Utc::now();
+        let (now, user) = (Utc::now(), pending.user_id.as_str());
         let mut connection = self
             .registry
             .connection(connector, user)
@@ -413,11 +418,12 @@ impl OAuth {
         connection.connected_at = Some(now);
         connection.last_refreshed_at = Some(now);
         connection.access_expires_at = Some(expiry(now, response.expires_in()));
+        connection.next_refresh_at = self.refresh.policy.keepalive_next(connector, now);
         connection.last_error.clear();
         connection.scopes = response
             .scopes()
             .map(|s| s.iter().map(|s| s.to_string()).collect())
-            .unwrap_or_else(|| endpoints.scopes.clone());
+            .unwrap_or_else(|| requested_scopes(&endpoints.scopes, &pending.extra_scopes));
         let mut secrets = ConnectionSecrets::default();
         secrets.slots.insert("access_token".into(), access);
         if let Some(refresh) = response.refresh_token() {
@@ -499,6 +505,17 @@ impl OAuth {
     }
 }
 
+/// The connector's scopes and the extra ones asked for, each once, in order.
+fn requested_scopes(scopes: &[String], extra: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = Vec::with_capacity(scopes.len() + extra.len());
+    for scope in scopes.iter().chain(extra) {
+        if !all.contains(scope) {
+            all.push(scope.clone());
+        }
+    }
+    all
+}
+
 /// The provider's authorization URL for one state, and the PKCE verifier that goes with it.
 fn authorization_request(
     endpoints: &Endpoints,
@@ -521,8 +538,8 @@ fn authorization_request(
     let mut request = client
         .authorize_url(|| CsrfToken::new(state.to_string()))
         .set_pkce_challenge(challenge);
-    for scope in endpoints.scopes.iter().chain(extra_scopes) {
-        request = request.add_scope(Scope::new(scope.clone()));
+    for scope in requested_scopes(&endpoints.scopes, extra_scopes) {
+        request = request.add_scope(Scope::new(scope));
     }
     for (name, value) in &endpoints.auth_params {
         request = request.add_extra_param(name.clone(), value.clone());
@@ -725,6 +742,7 @@ mod tests {
             authorize_url: String::new(),
             browser: None,
             endpoints: Some(Endpoints::of(&at_begin).unwrap()),
+            extra_scopes: Vec::new(),
         };
         let pinned = pending.pinned(&at_begin).unwrap();
         assert_eq!(pinned.token_url, "https://as.test/token");
@@ -782,6 +800,7 @@ mod tests {
                 authorize_url: String::new(),
                 browser: None,
                 endpoints: None,
+                extra_scopes: Vec::new(),
             };
             registry
                 .save_oauth_state(&state_key(&format!("s{i}")), &pending)
@@ -816,6 +835,7 @@ mod tests {
             authorize_url: String::new(),
             browser: None,
             endpoints: None,
+            extra_scopes: Vec::new(),
         };
         assert!(
             pending

@@ -6,12 +6,15 @@
 //! - a rotated refresh token is durable before the access token that came with it is returned;
 //! - a refresh response without a refresh token keeps the stored one;
 //! - `invalid_grant` marks the connection EXPIRED (reconnect needed) and erases its tokens;
-//! - a transient failure backs off per connection and serves the stored token while it is valid.
+//! - a transient failure backs off per connection and serves the stored token while it is valid;
+//! - the background refresher ([`refresher`]) refreshes through the same lock and the same
+//!   [`OAuth::refresh`] as callers ([`OAuth::refresh_ahead`]): one refresh per token.
 
 pub mod binding;
 pub mod catalog;
 mod flow;
 mod http;
+pub mod refresher;
 
 pub use flow::{Completed, Opened, PendingConnect, ReturnOrigins, Started};
 
@@ -86,6 +89,41 @@ pub enum OAuthError {
     Egress(crate::upstream::UpstreamError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The grant lacks scopes the caller requires (ResolveCredential's `required_scopes`).
+    #[error(
+        "the grant of connector {connector:?}{} lacks scope(s) {}: reconnect to grant {} (BeginConnect with them in scopes)",
+        crate::driver::for_user(user),
+        missing.join(", "),
+        if missing.len() == 1 { "it" } else { "them" }
+    )]
+    MissingScopes {
+        connector: String,
+        user: String,
+        missing: Vec<String>,
+    },
+}
+
+/// Refuses a credential whose grant lacks any of `required` (exact scope strings), naming them.
+pub fn require_scopes(
+    connector: &Connector,
+    user: &str,
+    granted: &[String],
+    required: &[String],
+) -> Result<(), OAuthError> {
+    let mut missing: Vec<String> = required
+        .iter()
+        .filter(|r| !granted.contains(r))
+        .cloned()
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(OAuthError::MissingScopes {
+        connector: connector.name.clone(),
+        user: user.to_string(),
+        missing,
+    })
 }
 
 impl From<FieldError> for OAuthError {
@@ -133,6 +171,8 @@ pub struct OAuth {
     states: tokio::sync::Mutex<()>,
     /// Where BeginConnect may send browsers back ([`OAuth::with_return_origins`]).
     return_origins: ReturnOrigins,
+    /// The background refresher's policy and recently used connections ([`refresher`]).
+    refresh: refresher::Refresh,
 }
 
 impl OAuth {
@@ -146,7 +186,14 @@ impl OAuth {
             backoff: Mutex::default(),
             states: tokio::sync::Mutex::new(()),
             return_origins: ReturnOrigins::default(),
+            refresh: refresher::Refresh::default(),
         }
+    }
+
+    /// Sets the background refresher's policy (`[refresh]`); [`OAuth::start_refresher`] runs it.
+    pub fn with_refresh(mut self, config: &crate::config::RefreshConfig) -> Self {
+        self.refresh = refresher::Refresh::new(config.into());
+        self
     }
 
     fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -241,9 +288,11 @@ impl OAuth {
         }
         let key = crate::model::connection_path(&connector.id, user);
         let asked_at = Utc::now();
+        self.refresh.recent.touch(connector, user, &key, asked_at);
         if let Some(token) = self.stored_token(connector, user, min_ttl, None).await? {
             return Ok(token);
         }
+        crate::metrics::token_wait();
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
         // Whoever held the lock before us may have refreshed: a token refreshed since we asked
@@ -256,6 +305,27 @@ impl OAuth {
         }
         self.refresh(connector, user, &Endpoints::of(connector)?, &key)
             .await
+    }
+
+    /// The background refresher's refresh: under the connection's one lock, refreshes only if the
+    /// stored token is still the one expiring at `planned` (nobody refreshed since) and the
+    /// connection is not backing off. True when the provider was asked.
+    pub(crate) async fn refresh_ahead(
+        &self,
+        connector: &Connector,
+        user: &str,
+        planned: Option<DateTime<Utc>>,
+    ) -> Result<bool, OAuthError> {
+        let key = crate::model::connection_path(&connector.id, user);
+        let flight = self.flight(&key);
+        let _turn = flight.lock().await;
+        let connection = usable_connection::<OAuthError>(&self.registry, connector, user).await?;
+        if connection.access_expires_at != planned || self.backing_off(&key).is_some() {
+            return Ok(false);
+        }
+        self.refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .await?;
+        Ok(true)
     }
 
     /// The stored access token if it is fresh enough; errors if there is no usable connection.
@@ -337,7 +407,7 @@ impl OAuth {
         match response {
             Ok(response) => {
                 let token = self
-                    .store_refreshed(&mut connection, &mut secrets, &response)
+                    .store_refreshed(connector, &mut connection, &mut secrets, &response)
                     .await?;
                 self.backoff_clear(key);
                 Ok(token)
@@ -357,6 +427,8 @@ impl OAuth {
                 if connection.status != ConnectionStatus::Error || connection.last_error != why {
                     connection.status = ConnectionStatus::Error;
                     connection.last_error = why.clone();
+                    connection.last_error_class = failure_class(&e).into();
+                    connection.last_error_at = Some(Utc::now());
                     self.registry.save_connection(&connection, None).await?;
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
@@ -368,6 +440,7 @@ impl OAuth {
     /// crash after this must not lose the rotated refresh token the provider has switched to.
     async fn store_refreshed(
         &self,
+        connector: &Connector,
         connection: &mut Connection,
         secrets: &mut ConnectionSecrets,
         response: &oauth2::basic::BasicTokenResponse,
@@ -388,6 +461,7 @@ impl OAuth {
         let expires_at = expiry(now, response.expires_in());
         connection.access_expires_at = Some(expires_at);
         connection.last_refreshed_at = Some(now);
+        connection.next_refresh_at = self.refresh.policy.keepalive_next(connector, now);
         connection.last_error.clear();
         self.registry
             .save_connection(connection, Some(secrets))
@@ -608,6 +682,19 @@ fn unavailable<RE: oauth2::ErrorResponse + 'static>(
     match e {
         RequestTokenError::Request(h) => OAuthError::from(h),
         other => OAuthError::Unavailable(describe(&other)),
+    }
+}
+
+/// The class of a transient token-endpoint failure, for the connection's status.
+fn failure_class<RE: oauth2::ErrorResponse + 'static>(
+    e: &RequestTokenError<http::HttpError, RE>,
+) -> &'static str {
+    match e {
+        RequestTokenError::ServerResponse(_) => "provider",
+        RequestTokenError::Request(h) if crate::upstream::refusal(h).is_some() => "egress",
+        RequestTokenError::Request(_) => "network",
+        RequestTokenError::Parse(_, _) => "malformed",
+        RequestTokenError::Other(_) => "other",
     }
 }
 

@@ -49,7 +49,7 @@ impl RateLimiter {
         self.allow_at(key, Instant::now())
     }
 
-    fn allow_at(&self, key: &str, now: Instant) -> Result<(), Exhausted> {
+    pub(crate) fn allow_at(&self, key: &str, now: Instant) -> Result<(), Exhausted> {
         if self.per_second <= 0.0 {
             return Ok(());
         }
