@@ -728,6 +728,51 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn extra_scopes_are_asked_for_and_google_keeps_those_granted_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (oauth, _) = service(dir.path()).await;
+        let mut google = connector(&[("scopes", "openid email")]);
+        google.provider = "google-mail".into();
+        let target = Target {
+            connector: google,
+            connection_user: "u1".into(),
+            on_behalf_of: "u1".into(),
+        };
+        let extra = [
+            "https://www.googleapis.com/auth/calendar".to_string(),
+            "email".into(),
+        ];
+        let started = oauth.begin(&target, "", &extra, "").await.unwrap();
+        let opened = oauth
+            .open_start(&started.state, None, |_| {})
+            .await
+            .unwrap();
+        let url = reqwest::Url::parse(&opened.location).unwrap();
+        let query: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        // Each scope once, the connector's first.
+        assert_eq!(
+            query["scope"],
+            "openid email https://www.googleapis.com/auth/calendar"
+        );
+        assert_eq!(query["include_granted_scopes"], "true");
+        // A generic connector asks for no incremental consent of its own.
+        let generic = Target {
+            connector: connector(&[]),
+            ..target
+        };
+        let started = oauth.begin(&generic, "", &extra, "").await.unwrap();
+        let opened = oauth
+            .open_start(&started.state, None, |_| {})
+            .await
+            .unwrap();
+        assert!(!opened.location.contains("include_granted_scopes"));
+        assert_eq!(
+            requested_scopes(&["a".into(), "b".into()], &["b".into(), "c".into()]),
+            ["a", "b", "c"]
+        );
+    }
+
     #[test]
     fn the_callback_keeps_to_the_endpoints_pinned_at_begin() {
         let at_begin = connector(&[("scopes", "a")]);

@@ -217,8 +217,8 @@ pub(crate) enum Job {
 pub struct Recent {
     tracking: AtomicBool,
     map: Mutex<HashMap<String, Tracked>>,
-    /// Told when a connection is first seen, so the loop plans it at once.
-    added: Notify,
+    /// Told when a connection is first seen or planned anew, so the loop looks at it at once.
+    changed: Notify,
 }
 
 impl Recent {
@@ -248,7 +248,7 @@ impl Recent {
             },
         );
         drop(map);
-        self.added.notify_one();
+        self.changed.notify_one();
     }
 
     /// The jobs due at `now` (their entries marked busy), and when the next one is due.
@@ -291,9 +291,14 @@ impl Recent {
         self.lock().get(key).cloned()
     }
 
+    /// Sets a connection's state; the loop is woken to see a new plan.
     fn set(&self, key: &str, state: State) {
+        let planned = matches!(state, State::Planned { .. });
         if let Some(tracked) = self.lock().get_mut(key) {
             tracked.state = state;
+        }
+        if planned {
+            self.changed.notify_one();
         }
     }
 
@@ -509,7 +514,7 @@ async fn nap(
         .min(MAX_SLEEP);
     tokio::select! {
         () = tokio::time::sleep(wait) => true,
-        () = inner.recent.added.notified() => true,
+        () = inner.recent.changed.notified() => true,
         _ = stopped.changed() => false,
     }
 }
