@@ -601,6 +601,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_refresh_settings_are_checked_naming_the_key() {
+        assert!(RefreshConfig::default().check().is_ok());
+        let parsed: RefreshConfig = toml::from_str(
+            "window_secs = 60\n[keepalive_days_by_provider]\nmicrosoft-outlook = 45.0\n",
+        )
+        .unwrap();
+        assert_eq!(parsed.window_secs, 60);
+        assert_eq!(parsed.keepalive_days_by_provider["microsoft-outlook"], 45.0);
+        assert!(parsed.ahead && parsed.keepalive, "defaults kept");
+        for (bad, key) in [
+            ("jitter = 1.5", "jitter"),
+            ("concurrency = 0", "concurrency"),
+            ("keepalive_days = -1.0", "keepalive_days"),
+            (
+                "[keepalive_days_by_provider]\nslack = 9999.0",
+                "keepalive_days_by_provider.slack",
+            ),
+            ("provider_rate_per_sec = -2.0", "provider_rate_per_sec"),
+        ] {
+            let config: RefreshConfig = toml::from_str(bad).unwrap();
+            let why = config.check().unwrap_err();
+            assert!(why.contains(&format!("[refresh] {key}")), "{bad}: {why}");
+        }
+        assert!(toml::from_str::<RefreshConfig>("windows_secs = 1").is_err());
+    }
+
+    #[test]
     fn the_mail_caps_are_checked_naming_the_key() {
         let caps = Limits::default().mail_caps().unwrap();
         assert_eq!((caps.message, caps.response), (4 << 20, 25 << 20));

@@ -234,6 +234,21 @@ impl Exposition {
         let _ = writeln!(self.0, "{name} {value}");
     }
 
+    /// A counter with one label, a value per label value (in the same order).
+    fn counters(
+        &mut self,
+        name: &str,
+        text: &str,
+        (label, values): (&str, &[&str]),
+        counts: &[AtomicU64],
+    ) {
+        self.help(name, "counter", text);
+        for (value, n) in values.iter().zip(counts) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(self.0, "{name}{{{label}=\"{value}\"}} {n}");
+        }
+    }
+
     fn histogram(&mut self, name: &str, text: &str, h: &Histogram, labels: &str) {
         self.help(name, "histogram", text);
         h.render(&mut self.0, name, labels);
@@ -268,30 +283,18 @@ fn render_calls(out: &mut Exposition) {
     {
         h.render(&mut out.0, name, &format!("method=\"{method}\""));
     }
-    out.help(
+    out.counters(
         "credbroker_token_refresh_total",
-        "counter",
         "OAuth token refreshes by outcome.",
+        ("outcome", &["ok", "failed", "expired"]),
+        &r.refreshes,
     );
-    for (i, outcome) in ["ok", "failed", "expired"].iter().enumerate() {
-        let n = r.refreshes[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out.0,
-            "credbroker_token_refresh_total{{outcome=\"{outcome}\"}} {n}"
-        );
-    }
-    out.help(
+    out.counters(
         "credbroker_token_refresh_background_total",
-        "counter",
         "OAuth token refreshes the background refresher attempted, by trigger.",
+        ("trigger", &["ahead", "keepalive"]),
+        &r.background_refreshes,
     );
-    for (i, trigger) in ["ahead", "keepalive"].iter().enumerate() {
-        let n = r.background_refreshes[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out.0,
-            "credbroker_token_refresh_background_total{{trigger=\"{trigger}\"}} {n}"
-        );
-    }
     out.scalar(
         "credbroker_token_waits_total",
         "counter",

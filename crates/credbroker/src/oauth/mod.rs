@@ -721,6 +721,29 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_scope_is_named_with_the_way_to_get_it() {
+        let connector = Connector::for_tests(Kind::Oauth2, Mode::Personal, &[]);
+        let granted = ["openid".to_string(), "mail.read".into()];
+        let want = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(require_scopes(&connector, "u1", &granted, &want(&["mail.read"])).is_ok());
+        assert!(require_scopes(&connector, "u1", &granted, &[]).is_ok());
+        let e = require_scopes(
+            &connector,
+            "u1",
+            &granted,
+            &want(&["mail.send", "mail.read"]),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(&e, OAuthError::MissingScopes { missing, .. } if missing == &["mail.send"]),
+            "{text}"
+        );
+        assert!(text.contains("mail.send: reconnect to grant it"), "{text}");
+        assert!(text.contains("for user \"u1\""), "{text}");
+    }
+
+    #[test]
     fn any_expires_in_gives_a_lifetime_without_overflow() {
         let now = Utc::now();
         for (expires_in, want) in [

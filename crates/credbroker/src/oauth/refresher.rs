@@ -9,8 +9,9 @@
 //!   refresh lock and refreshes only if the stored token is still the one planned for: an
 //!   on-demand refresh (or another replica's) that came first is never repeated, so there is one
 //!   refresh per token whoever meets whom;
-//! - "recently used" is kept in memory, one map entry per connection, touched on the resolve
-//!   path without a store write; entries idle past `recent_secs` are dropped;
+//! - "recently used" is kept in memory, one map entry per connection (at most
+//!   [`MAX_TRACKED`]), touched on the resolve path without a store write; entries idle past
+//!   `recent_secs` are dropped;
 //! - at most `concurrency` refreshes run at once and each provider is sent at most
 //!   `provider_rate_per_sec` of them;
 //! - keep-alive due times are stored in the connection (`next_refresh_at`, written with each
@@ -46,6 +47,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(5);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Connections read per page by the keep-alive scan.
 const SCAN_PAGE: usize = 512;
+/// Connections tracked at most: past it, a connection not yet tracked is left to on-demand
+/// refreshes (and keep-alive), so memory is bounded whatever callers name.
+const MAX_TRACKED: usize = 100_000;
 /// How long a connection with nothing to refresh ahead is left alone.
 const IGNORE_FOR: TimeDelta = TimeDelta::seconds(30);
 
@@ -235,6 +239,9 @@ impl Recent {
         let mut map = self.lock();
         if let Some(tracked) = map.get_mut(key) {
             tracked.last_use = now;
+            return;
+        }
+        if map.len() >= MAX_TRACKED {
             return;
         }
         map.insert(
