@@ -117,6 +117,23 @@ async fn valid(token: &str) -> bool {
     }
 }
 
+/// `/drive/v3/files/stall`: 1,000 bytes, then nothing, never ending; `/drive/v3/files/drip`:
+/// a byte every 200 ms, never ending.
+fn slow_body(path: &str) -> Option<Body> {
+    use futures::StreamExt;
+    let first = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![b's'; 1000]))]);
+    match path {
+        "/drive/v3/files/stall" => Some(Body::from_stream(first.chain(futures::stream::pending()))),
+        "/drive/v3/files/drip" => {
+            Some(Body::from_stream(futures::stream::unfold((), async |()| {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Some((Ok::<_, std::io::Error>(Bytes::from_static(b"d")), ()))
+            })))
+        }
+        _ => None,
+    }
+}
+
 /// Byte `i` of every big download.
 fn big_byte(i: u64) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 13) as u8
@@ -186,6 +203,9 @@ async fn handle(
     if let Some(size) = big.and_then(|n| n.parse::<u64>().ok()) {
         out.insert("content-type", "application/octet-stream".parse().unwrap());
         return (StatusCode::OK, out, big_body(size)).into_response();
+    }
+    if let Some(body) = slow_body(uri.path()) {
+        return (StatusCode::OK, out, body).into_response();
     }
     let answer: (_, _, String) = match (method.as_str(), uri.path()) {
         ("GET", "/drive/v3/files") => {
@@ -657,10 +677,12 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
 }
 
 /// The documented example (`clients/python/examples/call.py`): Drive files posted to Slack,
-/// the agent never seeing a token. The script runs while this test's runtime serves the fake
-/// API, so the runtime has threads of its own.
+/// and a file past Call's cap downloaded through the client's CallStream, the agent never
+/// seeing a token. The script runs while this test's runtime serves the fake API, so the
+/// runtime has threads of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
+async fn the_python_example_lists_drive_files_posts_to_slack_and_streams_a_download() {
+    const SIZE: u64 = 6_000_000;
     let (python, client) = support::python::client_build("python-client-call");
     let mut s = setup().await;
     let out = support::python::run_example(
@@ -668,15 +690,35 @@ async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
         "call.py",
         &s.daemon.grpc.to_string(),
         s.daemon.dir.path(),
-        &["--user", "u1", "--channel", "C123"],
+        &[
+            "--user",
+            "u1",
+            "--channel",
+            "C123",
+            "--download",
+            &format!("big-{SIZE}"),
+        ],
     );
     assert!(
         out.contains("listed 1 files; Slack answered 200 ok=True"),
         "{out}"
     );
+    let sha = hex::encode(expected_hash(SIZE));
+    assert!(
+        out.contains(&format!("downloaded {SIZE} bytes sha256={sha}")),
+        "{out}"
+    );
     let seen = s.api.seen();
     let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, ["/drive/v3/files", "/api/chat.postMessage"]);
+    assert_eq!(
+        paths,
+        [
+            "/drive/v3/files",
+            "/api/chat.postMessage",
+            &big(SIZE) as &str
+        ]
+    );
+    assert_eq!(seen[2].query, "alt=media");
     let canaries: Vec<String> = seen.iter().map(|r| r.token.clone()).collect();
     for canary in &canaries {
         assert!(
@@ -973,4 +1015,36 @@ async fn a_refused_client_credentials_token_is_replaced_once_and_the_call_retrie
     *s.api.refuse.lock().unwrap() = 0;
     let canaries: Vec<String> = s.api.seen().into_iter().map(|r| r.token).collect();
     assert_no_canary(&mut s, &canaries, &[ok, files, refused]).await;
+}
+
+/// An API that stops sending mid-body is cut off after `upstream_timeout_secs`; one that keeps
+/// dripping is cut off at `call_stream_timeout_secs`; each error and audit record names its key.
+#[tokio::test]
+async fn a_stream_that_idles_or_outlives_its_deadline_is_cut_off_naming_it() {
+    let limits = "[limits]\nupstream_timeout_secs = 3\ncall_stream_timeout_secs = 6\n";
+    let mut s = setup_with(limits).await;
+    for (path, key, least) in [
+        (
+            "/drive/v3/files/stall",
+            "limits.upstream_timeout_secs",
+            1000,
+        ),
+        ("/drive/v3/files/drip", "limits.call_stream_timeout_secs", 1),
+    ] {
+        let got = stream(&mut s.agent, request("Drive", "GET", path))
+            .await
+            .unwrap();
+        assert_eq!(got.head.status, 200);
+        let err = got.error.expect("a stalled stream ended without an error");
+        assert_refused(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+        assert!(err.message().contains(key), "{path}: {}", err.message());
+        assert!(got.body.len() >= least, "{path}: {} bytes", got.body.len());
+        let cut = stream_ends(&mut s.admin, key).await;
+        assert_eq!(cut.len(), 1, "{path}: {cut:?}");
+        assert!(
+            cut[0].reason.starts_with("stream ended: cut off: "),
+            "{}",
+            cut[0].reason
+        );
+    }
 }
