@@ -598,7 +598,8 @@ async fn keyed_connector(
 #[tokio::test]
 async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded() {
     let (api, port, api_ca) = fake_api().await;
-    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n";
+    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n\
+                  max_call_stream_bytes = 150\n";
     let (daemon, mut admin, mut agent) = Daemon::start_with(POLICY, limits).with_clients().await;
     let base = format!("https://127.0.0.1:{port}");
     for (name, place) in [
@@ -624,6 +625,7 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
         assert_eq!(answer.status, 200, "{name}: {:?}", api.seen().last());
         assert_eq!(api.seen().last().unwrap().token, API_KEY, "{name}");
     }
+    keyed_streams(&mut agent).await;
     let big = proto::CallRequest {
         connection: conn("Keyed", ""),
         ..request("Keyed", "GET", "/keyed/big")
@@ -673,6 +675,29 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
     assert!(
         !everything.contains(API_KEY),
         "the API key in a log line or audit record"
+    );
+}
+
+/// CallStream with an API key: injected as for Call; a body whose Content-Length passes
+/// `max_call_stream_bytes` is refused before any of it is streamed.
+async fn keyed_streams(agent: &mut BrokerClient<Channel>) {
+    let keyed = |path: &str| proto::CallRequest {
+        connection: conn("KeyedQ", ""),
+        ..request("KeyedQ", "GET", path)
+    };
+    let ping = stream(agent, keyed("/keyed/ping")).await.unwrap();
+    assert_eq!(
+        (ping.head.status, ping.body.as_slice()),
+        (200, &br#"{"ok":true}"#[..])
+    );
+    let Err(err) = stream(agent, keyed("/keyed/big")).await else {
+        panic!("a body announced past the stream's cap was streamed");
+    };
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert!(
+        err.message().contains("limits.max_call_stream_bytes"),
+        "{}",
+        err.message()
     );
 }
 

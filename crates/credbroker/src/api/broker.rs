@@ -240,6 +240,8 @@ impl Broker for BrokerApi {
             let opened = s.proxy.open(&target, &prepared, &mut exchange).await;
             call.detail = exchange.to_string();
             let download = opened?;
+            // The body's bytes are the end record's.
+            call.detail.push_str("; the body follows in the stream");
             let (tx, rx) = tokio::sync::mpsc::channel(CALL_STREAM_BUFFER);
             let head = proto::CallChunk {
                 status: download.status.into(),
