@@ -240,6 +240,11 @@ fn mail(e: &MailError) -> Class {
         MailError::Rejected { .. } => plain(Reason::MailRejected),
         MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
         MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+        MailError::StaleUidValidity { mailbox, .. } => (
+            Reason::FailedPrecondition,
+            vec![("mailbox", mailbox.clone())],
+        ),
+        MailError::Unsupported { .. } => plain(Reason::Unsupported),
         MailError::Denied(_) => plain(Reason::Policy),
         MailError::Egress(e) => upstream(e),
     }
