@@ -263,8 +263,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first =
             imap::Session::open(&account, &query.mailbox, false, self.timeout, self.caps).await;
-        let first = self.on_auth_refused(target, &account, first).await?;
-        self.record_use(target).await;
+        let first = self.settle(target, &account, first).await?;
         Ok(watch::spawn(self.clone(), guard, query, first, slot))
     }
 
