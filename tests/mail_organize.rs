@@ -40,7 +40,7 @@ async fn setup() -> (Daemon, BrokerClient<Channel>) {
     (daemon, agent)
 }
 
-/// Plain IMAP as Bob, outside the broker: `create BOX`, `append BOX SUBJECT`, `list BOX` (one
+/// Plain IMAP as Bob, outside the broker: `create BOX`, `delete BOX`, `append BOX SUBJECT`, `list BOX` (one
 /// JSON line: UIDVALIDITY and each message's UID, flags and subject).
 const IMAP: &str = r#"
 import imaplib, json, re, ssl, sys
@@ -53,6 +53,8 @@ def ok(r):
     return r[1]
 if cmd == "create":
     ok(m.create(name))
+elif cmd == "delete":
+    ok(m.delete(name))
 elif cmd == "append":
     s = sys.argv[5]
     msg = f"From: t@x.test\r\nTo: bob@x.test\r\nSubject: {s}\r\n\r\nthe body of {s}\r\n"
@@ -155,14 +157,33 @@ fn plain(mailbox: &str) -> Plain {
     }
 }
 
-/// A new folder of Bob's holding one message per subject (`{mark} {name}`); its name.
-fn folder_with(mark: &str, prefix: &str, names: &[&str]) -> String {
+/// A folder of Bob's that a test made; deleted when the test ends, so that runs do not pile
+/// folders up in the shared account.
+struct TestFolder(String);
+
+impl std::ops::Deref for TestFolder {
+    type Target = String;
+    fn deref(&self) -> &String {
+        &self.0
+    }
+}
+
+impl Drop for TestFolder {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            imap(&["delete", &self.0]);
+        }
+    }
+}
+
+/// A new folder of Bob's holding one message per subject (`{mark} {name}`).
+fn folder_with(mark: &str, prefix: &str, names: &[&str]) -> TestFolder {
     let folder = format!("{prefix}-{mark}");
     imap(&["create", &folder]);
     for name in names {
         imap(&["append", &folder, &format!("{mark} {name}")]);
     }
-    folder
+    TestFolder(folder)
 }
 
 fn selection(mailbox: &str, uid_validity: u32, uids: Vec<u32>) -> Option<proto::MailSelection> {
@@ -263,7 +284,21 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
         ("Trash", false)
     );
     assert_eq!(plain(src).subjects(), BTreeSet::from([d.as_str()]));
-    assert_eq!(plain("Trash").flags(&c), strings(&["\\Seen"]));
+    let trash = plain("Trash");
+    assert_eq!(trash.flags(&c), strings(&["\\Seen"]));
+    // From Trash itself, only expunging removes a message (for good).
+    let in_trash = || selection("Trash", trash.uid_validity, vec![trash.uid(&c)]);
+    let status = agent
+        .delete_messages(delete(in_trash(), false))
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(reason(&status).1["field"], "expunge");
+    agent
+        .delete_messages(delete(in_trash(), true))
+        .await
+        .expect("DeleteMessages expunging from Trash");
+    assert!(!plain("Trash").subjects().contains(c.as_str()));
 
     let expunged = agent
         .delete_messages(delete(sel(vec![before.uid(&d)]), true))
@@ -336,9 +371,11 @@ async fn messages_are_moved_flagged_trashed_and_expunged_as_plain_imap_sees() {
         .find(|r| r.operation == "MoveMessages" && r.outcome == "ok")
         .unwrap();
     assert!(
-        moved
-            .detail
-            .starts_with(&format!("move to {dst:?}: 2 UIDs of {src:?}")),
+        moved.detail.starts_with(&format!(
+            "move to {:?}: 2 UIDs of {:?}",
+            dst.as_str(),
+            src.as_str()
+        )),
         "{}",
         moved.detail
     );
@@ -423,9 +460,9 @@ async fn a_stale_uidvalidity_a_missing_folder_or_too_many_uids_change_nothing() 
     })
     .await;
     assert_refused(&status, Code::FailedPrecondition, "FAILED_PRECONDITION");
-    assert_eq!(reason(&status).1["mailbox"], src);
+    assert_eq!(reason(&status).1["mailbox"], src.as_str());
     assert!(
-        status.message().contains(&src) && status.message().contains("UIDVALIDITY"),
+        status.message().contains(src.as_str()) && status.message().contains("UIDVALIDITY"),
         "{status:?}"
     );
 
