@@ -256,10 +256,11 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
         plain(src).subjects(),
         BTreeSet::from([c.as_str(), d.as_str()])
     );
-    assert_eq!(
-        plain(dst).subjects(),
-        BTreeSet::from([a.as_str(), b.as_str()])
-    );
+    let there = plain(dst);
+    assert_eq!(there.subjects(), BTreeSet::from([a.as_str(), b.as_str()]));
+    // Where they went, as the server said (COPYUID), is what plain IMAP sees.
+    assert_eq!(moved.destination_uids, [there.uid(&a), there.uid(&b)]);
+    assert_eq!(moved.destination_uid_validity, there.uid_validity);
 
     use proto::MailFlag::{Flagged, Seen};
     agent
@@ -286,6 +287,7 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
     assert_eq!(plain(src).subjects(), BTreeSet::from([d.as_str()]));
     let trash = plain("Trash");
     assert_eq!(trash.flags(&c), strings(&["\\Seen"]));
+    assert_eq!(trashed.destination_uids, [trash.uid(&c)]);
     // From Trash itself, only expunging removes a message (for good).
     let in_trash = || selection("Trash", trash.uid_validity, vec![trash.uid(&c)]);
     let status = agent

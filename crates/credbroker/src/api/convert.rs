@@ -329,6 +329,8 @@ pub fn organized(o: organize::Outcome) -> proto::OrganizeMailResponse {
         missing: o.missing,
         destination: o.destination,
         expunged: o.expunged,
+        destination_uids: o.destination_uids,
+        destination_uid_validity: o.destination_uid_validity,
     }
 }
 

@@ -16,6 +16,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use async_imap::imap_proto::rfc4315::UidSetMember;
+use async_imap::imap_proto::{Response, ResponseCode, Status};
 use async_imap::types::NameAttribute;
 use futures::TryStreamExt;
 
@@ -232,6 +234,10 @@ pub struct Outcome {
     pub missing: Vec<u32>,
     /// Where the messages went (a move, a delete to trash).
     pub destination: String,
+    /// The UIDs the messages have there, in the order of `uids`, and that folder's
+    /// UIDVALIDITY: where the server said (COPYUID, UIDPLUS), else empty and 0.
+    pub destination_uids: Vec<u32>,
+    pub destination_uid_validity: u32,
     pub expunged: bool,
 }
 
@@ -287,19 +293,69 @@ fn label(l: &str) -> String {
     let system = l
         .strip_prefix('\\')
         .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
-    if system {
-        return l.to_string();
-    }
-    let mut quoted = String::with_capacity(l.len() + 2);
-    quoted.push('"');
-    for c in l.chars() {
+    if system { l.to_string() } else { quoted(l) }
+}
+
+/// An IMAP quoted string (`"` and `\` escaped); `s` holds no line break (validated before).
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
         if c == '"' || c == '\\' {
-            quoted.push('\\');
+            out.push('\\');
         }
-        quoted.push(c);
+        out.push(c);
     }
-    quoted.push('"');
-    quoted
+    out.push('"');
+    out
+}
+
+/// The UIDs of a COPYUID set, in order; `None` past [`MAX_UIDS`]: a server may name any
+/// range, and it is never expanded beyond what a request can hold.
+fn expand(set: &[UidSetMember]) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for member in set {
+        let (a, b) = match member {
+            UidSetMember::Uid(u) => (*u, *u),
+            UidSetMember::UidRange(r) => (*r.start(), *r.end()),
+        };
+        let (lo, hi) = (a.min(b), a.max(b));
+        if (hi - lo) as usize >= MAX_UIDS - out.len().min(MAX_UIDS) {
+            return None;
+        }
+        out.extend(lo..=hi);
+    }
+    Some(out)
+}
+
+/// What a COPYUID response code says: the destination's UIDVALIDITY, and where each source
+/// UID went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Copied {
+    uid_validity: u32,
+    pairs: Vec<(u32, u32)>,
+}
+
+fn copied(code: &ResponseCode<'_>) -> Option<Copied> {
+    let ResponseCode::CopyUid(uid_validity, from, to) = code else {
+        return None;
+    };
+    let (from, to) = (expand(from)?, expand(to)?);
+    (from.len() == to.len()).then(|| Copied {
+        uid_validity: *uid_validity,
+        pairs: from.into_iter().zip(to).collect(),
+    })
+}
+
+impl Copied {
+    /// The new UID of each of `uids`, if the server named them all.
+    fn of(&self, uids: &[u32]) -> Vec<u32> {
+        let found: Option<Vec<u32>> = uids
+            .iter()
+            .map(|u| self.pairs.iter().find(|(f, _)| f == u).map(|(_, t)| *t))
+            .collect();
+        found.unwrap_or_default()
+    }
 }
 
 /// The UID STORE queries of a change, in order: flags added, flags removed, labels added,
@@ -436,31 +492,70 @@ impl Session {
         expunged.map_err(|e| refused(self, "expunge", e))
     }
 
-    /// Moves `uids` to `destination`: UID MOVE, or UID COPY then UID EXPUNGE (UIDPLUS).
+    /// Moves `uids` to `destination`: UID MOVE, or UID COPY then UID EXPUNGE (UIDPLUS); what
+    /// the server said of their new UIDs.
     async fn transfer(
         &mut self,
         uids: &[u32],
         destination: &str,
         features: Features,
-    ) -> Result<(), MailError> {
-        self.allow_command();
-        let set = uid_ranges(uids);
-        let moved = if features.moves {
-            self.inner.uid_mv(&set, destination).await
-        } else {
-            self.inner.uid_copy(&set, destination).await
-        };
-        moved.map_err(|e| match e {
-            async_imap::error::Error::No(message) => MailError::NoMailbox {
-                mailbox: destination.to_string(),
-                message,
-            },
-            e => self.err("move", e),
-        })?;
+    ) -> Result<Option<Copied>, MailError> {
+        let verb = if features.moves { "MOVE" } else { "COPY" };
+        let command = format!("UID {verb} {} {}", uid_ranges(uids), quoted(destination));
+        let copied = self.copying(&command, destination).await?;
         if !features.moves {
             self.expunge(uids).await?;
         }
-        Ok(())
+        Ok(copied)
+    }
+
+    /// Runs a UID MOVE or UID COPY to `destination` to its tagged reply, keeping the COPYUID
+    /// code servers send untagged (MOVE) or in that reply (COPY).
+    async fn copying(
+        &mut self,
+        command: &str,
+        destination: &str,
+    ) -> Result<Option<Copied>, MailError> {
+        self.allow_command();
+        let id = self.inner.run_command(command).await;
+        let id = id.map_err(|e| self.err("move", e))?;
+        let mut found = None;
+        loop {
+            let response = self.inner.read_response().await;
+            let response = response
+                .map_err(|e| self.err("move", e))?
+                .ok_or_else(|| self.err("move", "the server closed the connection"))?;
+            let (status, outcome) = match response.parsed() {
+                Response::Data { outcome, .. } => (None, outcome),
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } if *tag == id => (Some(status), outcome),
+                _ => continue,
+            };
+            if let Some(c) = outcome.code.as_ref().and_then(copied) {
+                found = Some(c);
+            }
+            let message = outcome.information.as_deref().unwrap_or_default();
+            match status {
+                None => {}
+                Some(Status::Ok) => return Ok(found),
+                Some(Status::No) if outcome.code == Some(ResponseCode::TryCreate) => {
+                    return Err(MailError::NoMailbox {
+                        mailbox: destination.to_string(),
+                        message: message.to_string(),
+                    });
+                }
+                Some(_) => {
+                    return Err(refused(
+                        self,
+                        "move",
+                        async_imap::error::Error::No(message.to_string()),
+                    ));
+                }
+            }
+        }
     }
 }
 
@@ -547,9 +642,13 @@ async fn act(
     }
     match &request.action {
         Action::Move { .. } | Action::Delete { expunge: false } => {
-            session
+            let copied = session
                 .transfer(&uids, &outcome.destination, features)
-                .await?
+                .await?;
+            if let Some(c) = copied {
+                outcome.destination_uids = c.of(&uids);
+                outcome.destination_uid_validity = c.uid_validity;
+            }
         }
         Action::Delete { expunge: true } => {
             session.expunge(&uids).await?;
@@ -699,6 +798,38 @@ mod tests {
             ..FlagChange::default()
         };
         assert_eq!(field(flags(too_many)).0, "remove_labels");
+    }
+
+    fn copyuid(line: &str) -> Option<Copied> {
+        let (_, response) = Response::parse(line.as_bytes()).unwrap();
+        match response {
+            Response::Data { outcome, .. } | Response::Done { outcome, .. } => {
+                copied(outcome.code.as_ref()?)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn copyuid_says_where_each_message_went_within_bounds() {
+        let c = copyuid("* OK [COPYUID 38505 304,319:320 3956:3958] Moved UIDs.\r\n").unwrap();
+        assert_eq!(c.uid_validity, 38505);
+        assert_eq!(c.of(&[304, 319, 320]), [3956, 3957, 3958]);
+        assert_eq!(c.of(&[320, 304]), [3958, 3956]);
+        assert!(c.of(&[304, 999]).is_empty(), "a UID it did not name");
+        let tagged = copyuid("A3 OK [COPYUID 7 1 9] Copy completed.\r\n").unwrap();
+        assert_eq!((tagged.uid_validity, tagged.of(&[1])), (7, vec![9]));
+        // A server naming a huge range is not believed, and nothing is expanded.
+        assert_eq!(
+            copyuid("* OK [COPYUID 7 1:4294967295 1:4294967295] x\r\n"),
+            None
+        );
+        assert_eq!(
+            copyuid("* OK [COPYUID 7 1:3 1:2] x\r\n"),
+            None,
+            "sets of other lengths"
+        );
+        assert_eq!(copyuid("* OK [UIDNEXT 5] x\r\n"), None);
     }
 
     #[test]
