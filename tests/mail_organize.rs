@@ -360,6 +360,21 @@ async fn messages_are_moved_flagged_trashed_and_expunged_as_plain_imap_sees() {
     // Each call is audited, with what was asked and never anything of the messages.
     let mut admin = daemon.admin().await;
     let records = audit_records(&mut admin).await;
+    // The changing RPCs wrote an intent record before they acted; ListFolders only reads.
+    let intents = |op: &str| {
+        records
+            .iter()
+            .filter(|r| r.operation == op && r.outcome == "allowed")
+            .count()
+    };
+    assert_eq!(
+        [
+            intents("ListFolders"),
+            intents("MoveMessages"),
+            intents("DeleteMessages")
+        ],
+        [0, 1, 5]
+    );
     for op in ["ListFolders", "MoveMessages", "SetFlags", "DeleteMessages"] {
         assert!(
             records
