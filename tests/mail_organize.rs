@@ -274,9 +274,20 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
         .await
         .expect("SetFlags removing");
     assert_eq!(plain(src).flags(&c), strings(&["\\Seen"]));
+    trash_and_expunge(agent, src, &before, &c, &d).await;
+}
 
+/// Deletes `c` of `src` to Trash and expunges it from there, then expunges `d` (twice).
+async fn trash_and_expunge(
+    agent: &mut BrokerClient<Channel>,
+    src: &str,
+    before: &Plain,
+    c: &str,
+    d: &str,
+) {
+    let sel = |uids: Vec<u32>| selection(src, before.uid_validity, uids);
     let trashed = agent
-        .delete_messages(delete(sel(vec![before.uid(&c)]), false))
+        .delete_messages(delete(sel(vec![before.uid(c)]), false))
         .await
         .expect("DeleteMessages to Trash")
         .into_inner();
@@ -284,12 +295,12 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
         (trashed.destination.as_str(), trashed.expunged),
         ("Trash", false)
     );
-    assert_eq!(plain(src).subjects(), BTreeSet::from([d.as_str()]));
+    assert_eq!(plain(src).subjects(), BTreeSet::from([d]));
     let trash = plain("Trash");
-    assert_eq!(trash.flags(&c), strings(&["\\Seen"]));
-    assert_eq!(trashed.destination_uids, [trash.uid(&c)]);
+    assert_eq!(trash.flags(c), strings(&["\\Seen"]));
+    assert_eq!(trashed.destination_uids, [trash.uid(c)]);
     // From Trash itself, only expunging removes a message (for good).
-    let in_trash = || selection("Trash", trash.uid_validity, vec![trash.uid(&c)]);
+    let in_trash = || selection("Trash", trash.uid_validity, vec![trash.uid(c)]);
     let status = agent
         .delete_messages(delete(in_trash(), false))
         .await
@@ -300,23 +311,23 @@ async fn organise(agent: &mut BrokerClient<Channel>, mark: &str, src: &str, dst:
         .delete_messages(delete(in_trash(), true))
         .await
         .expect("DeleteMessages expunging from Trash");
-    assert!(!plain("Trash").subjects().contains(c.as_str()));
+    assert!(!plain("Trash").subjects().contains(c));
 
     let expunged = agent
-        .delete_messages(delete(sel(vec![before.uid(&d)]), true))
+        .delete_messages(delete(sel(vec![before.uid(d)]), true))
         .await
         .expect("DeleteMessages expunging")
         .into_inner();
     assert!(expunged.expunged && expunged.destination.is_empty());
     assert!(plain(src).messages.is_empty());
-    assert!(!plain("Trash").subjects().contains(d.as_str()));
+    assert!(!plain("Trash").subjects().contains(d));
     // Gone already: nothing is done, and the answer says so.
     let again = agent
-        .delete_messages(delete(sel(vec![before.uid(&d)]), true))
+        .delete_messages(delete(sel(vec![before.uid(d)]), true))
         .await
         .expect("DeleteMessages of a gone message")
         .into_inner();
-    assert_eq!((again.uids, again.missing), (vec![], vec![before.uid(&d)]));
+    assert_eq!((again.uids, again.missing), (vec![], vec![before.uid(d)]));
 }
 
 #[tokio::test]
@@ -357,9 +368,12 @@ async fn messages_are_moved_flagged_trashed_and_expunged_as_plain_imap_sees() {
     assert!(labels.message().contains("no labels"), "{labels:?}");
     assert_eq!(plain(&dst), there, "nothing changed");
 
-    // Each call is audited, with what was asked and never anything of the messages.
-    let mut admin = daemon.admin().await;
-    let records = audit_records(&mut admin).await;
+    assert_audited(&daemon, &mark, &src, &dst).await;
+}
+
+/// Each call is audited, with what was asked and never anything of the messages.
+async fn assert_audited(daemon: &Daemon, mark: &str, src: &str, dst: &str) {
+    let records = audit_records(&mut daemon.admin().await).await;
     // The changing RPCs wrote an intent record before they acted; ListFolders only reads.
     let intents = |op: &str| {
         records
@@ -388,11 +402,9 @@ async fn messages_are_moved_flagged_trashed_and_expunged_as_plain_imap_sees() {
         .find(|r| r.operation == "MoveMessages" && r.outcome == "ok")
         .unwrap();
     assert!(
-        moved.detail.starts_with(&format!(
-            "move to {:?}: 2 UIDs of {:?}",
-            dst.as_str(),
-            src.as_str()
-        )),
+        moved
+            .detail
+            .starts_with(&format!("move to {dst:?}: 2 UIDs of {src:?}")),
         "{}",
         moved.detail
     );
