@@ -4,9 +4,10 @@
 //! the labels its audit records and metrics carry.
 //!
 //! Invariants: every method of the two services has exactly one row, and every
-//! [`Operation`] is reached by exactly one data-plane RPC, except `fetch_mail` (FetchMail and
-//! ListFolders: reading) and `organize_mail` (MoveMessages, SetFlags, DeleteMessages) (both
-//! checked against the compiled descriptors in the tests below). Only the RPCs that carry attachments accept the
+//! [`Operation`] is reached by exactly one data-plane RPC, except `call` (Call and its
+//! streaming form CallStream), `fetch_mail` (FetchMail and ListFolders: reading) and
+//! `organize_mail` (MoveMessages, SetFlags, DeleteMessages) (both checked against the compiled
+//! descriptors in the tests below). Only the RPCs that carry attachments accept the
 //! configured large size; every other one is refused past a small fixed bound. The labels are
 //! stable: audit queries filter on them and dashboards group by them, so a row's labels never
 //! change once released.
@@ -115,6 +116,7 @@ rpcs! {
     ListCalendar: Broker(ListCalendar), Small;
     CreateEvent: Broker(CreateEvent), Attachments, acts;
     Call: Broker(Call), Attachments, acts;
+    CallStream: Broker(Call), Attachments, acts;
     ListFolders: Broker(FetchMail), Small;
     MoveMessages: Broker(OrganizeMail), Small, acts;
     SetFlags: Broker(OrganizeMail), Small, acts;
@@ -233,7 +235,10 @@ mod tests {
             .copied()
             .filter(|r| r.max_request_bytes(large) > SETTINGS_REQUEST_BYTES)
             .collect();
-        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call]);
+        assert_eq!(
+            big,
+            [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call, Rpc::CallStream]
+        );
         assert_eq!(Rpc::ResolveCredential.max_request_bytes(large), 64 * 1024);
         // A configured size below the fixed bounds lowers them too.
         for &rpc in Rpc::ALL {
@@ -256,6 +261,7 @@ mod tests {
                 Rpc::SendEmail,
                 Rpc::CreateEvent,
                 Rpc::Call,
+                Rpc::CallStream,
                 Rpc::MoveMessages,
                 Rpc::SetFlags,
                 Rpc::DeleteMessages,
@@ -274,6 +280,8 @@ mod tests {
                 .filter(|r| r.access() == Access::Grant(op))
                 .collect();
             match op {
+                // Call's streaming form is the same operation, granted by the same `calls`.
+                Operation::Call => assert_eq!(rpcs, [Rpc::Call, Rpc::CallStream]),
                 Operation::FetchMail => assert_eq!(rpcs, [Rpc::FetchMail, Rpc::ListFolders]),
                 Operation::OrganizeMail => assert_eq!(
                     rpcs,
