@@ -554,8 +554,31 @@ async fn the_python_example_flags_and_moves_messages() {
     for s in &invoices {
         assert_eq!(filed.flags(s), strings(&["\\Flagged", "\\Seen"]));
     }
-    assert_eq!(
-        plain(&src).subjects(),
-        BTreeSet::from([format!("{mark} note").as_str()])
+    let left = plain(&src);
+    let note = format!("{mark} note");
+    assert_eq!(left.subjects(), BTreeSet::from([note.as_str()]));
+    // The client's delete_messages, expunging the note for good.
+    let script = "import sys, credbroker\n\
+        from credbroker.v1 import common_pb2\n\
+        addr, ca, cert, key, box, validity, uid = sys.argv[1:]\n\
+        with credbroker.connect(addr, ca=ca, cert=cert, key=key) as cb:\n\
+        \x20   r = cb.delete_messages(common_pb2.ConnectionRef(connector='Bob'), box, int(validity), [int(uid)], expunge=True)\n\
+        \x20   print(r.expunged, list(r.uids))\n";
+    let files = daemon.files("agent");
+    let out = support::python::run(
+        Command::new(python)
+            .env("PYTHONPATH", client)
+            .args(["-c", script, &daemon.grpc.to_string()])
+            .arg(daemon.path("ca.pem"))
+            .arg(&files.cert)
+            .arg(&files.key)
+            .args([
+                &src,
+                &left.uid_validity.to_string(),
+                &left.uid(&note).to_string(),
+            ]),
+        "credbroker.Client.delete_messages",
     );
+    assert_eq!(out.trim(), format!("True [{}]", left.uid(&note)));
+    assert!(plain(&src).messages.is_empty());
 }

@@ -39,7 +39,7 @@ def main() -> int:
     with credbroker.connect(args.addr, ca=args.ca, cert=args.cert, key=args.key) as cb:
         broker = cb.broker
         try:
-            folders = broker.ListFolders(broker_pb2.ListFoldersRequest(connection=connection), timeout=30)
+            folders = cb.list_folders(connection)
             names = [f.name for f in folders.folders]
             print(f"folders: {len(names)}; trash: {folders.trash}; labels: {folders.labels}")
             if args.move_to not in names:
@@ -53,23 +53,11 @@ def main() -> int:
             if not uids:
                 print("nothing to organise")
                 return 0
-            selection = broker_pb2.MailSelection(
-                mailbox=args.mailbox, uid_validity=fetched.uid_validity, uids=uids
+            mailbox, validity = args.mailbox, fetched.uid_validity
+            flagged = cb.set_flags(
+                connection, mailbox, validity, uids, add=[broker_pb2.SEEN, broker_pb2.FLAGGED]
             )
-            flagged = broker.SetFlags(
-                broker_pb2.SetFlagsRequest(
-                    connection=connection,
-                    selection=selection,
-                    add=[broker_pb2.SEEN, broker_pb2.FLAGGED],
-                ),
-                timeout=60,
-            )
-            moved = broker.MoveMessages(
-                broker_pb2.MoveMessagesRequest(
-                    connection=connection, selection=selection, destination=args.move_to
-                ),
-                timeout=60,
-            )
+            moved = cb.move_messages(connection, mailbox, validity, uids, args.move_to)
         except grpc.RpcError as e:
             print(f"credbroker refused: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
