@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use credbroker::api::proto::{self, broker_client::BrokerClient};
 use support::daemon::{ADMIN, AGENT, Daemon, assert_refused, audit_records, conn, reason};
-use support::mail::{Servers, connected_bob, fetch, token};
+use support::mail::{Servers, connected, connected_bob, fetch, token};
 use support::peers::peers;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -517,6 +517,55 @@ async fn a_stale_uidvalidity_a_missing_folder_or_too_many_uids_change_nothing() 
     assert_refused(&status, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert_eq!(reason(&status).1["field"], "selection.uids");
     assert!(status.message().contains("at most 1000"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_connection_names_its_own_trash_folder_created_on_first_use() {
+    let daemon = Daemon::start_with(&policy(), "");
+    let (_daemon, mut admin, mut agent) = daemon.with_clients().await;
+    let mark = token();
+    let bin = TestFolder(format!("Bin-{mark}"));
+    let servers = Servers::implicit_imap_starttls_smtp();
+    let setting = [("trash_mailbox", bin.as_str())];
+    connected(
+        &mut admin,
+        "Bob",
+        &servers,
+        "bob@x.test",
+        "secret2",
+        &setting,
+    )
+    .await;
+    let src = folder_with(&mark, "Own", &["x"]);
+    let listed = agent
+        .list_folders(proto::ListFoldersRequest {
+            connection: conn("Bob", ""),
+        })
+        .await
+        .expect("ListFolders")
+        .into_inner();
+    assert_eq!(listed.trash, *bin);
+    assert!(
+        !listed.folders.iter().any(|f| f.name == *bin),
+        "not yet made"
+    );
+    let before = plain(&src);
+    let sel = selection(
+        &src,
+        before.uid_validity,
+        vec![before.uid(&format!("{mark} x"))],
+    );
+    let trashed = agent
+        .delete_messages(delete(sel, false))
+        .await
+        .expect("DeleteMessages to the connection's trash")
+        .into_inner();
+    assert_eq!(trashed.destination, *bin);
+    assert_eq!(
+        plain(&bin).subjects(),
+        BTreeSet::from([format!("{mark} x").as_str()])
+    );
+    assert!(plain(&src).messages.is_empty());
 }
 
 /// The documented example (`clients/python/examples/organize_mail.py`): an agent flags and
