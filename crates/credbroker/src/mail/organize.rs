@@ -579,12 +579,13 @@ fn unsupported(action: &Action, f: Features) -> Option<&'static str> {
     }
 }
 
-/// The Trash folder for a delete from `mailbox`, created if it is a conventional name the
-/// account does not have yet.
+/// The Trash folder for a delete from `mailbox`, created (with `create`: there is something
+/// to move) if it is a configured or conventional name the account does not have yet.
 async fn trash_for(
     session: &mut Session,
     mailbox: &str,
     configured: Option<&str>,
+    create: bool,
 ) -> Result<String, MailError> {
     let folders = session.folders().await?;
     let (trash, exists) = trash_of(&folders, configured);
@@ -595,7 +596,7 @@ async fn trash_for(
         )
         .into());
     }
-    if !exists {
+    if create && !exists {
         session.allow_command();
         let created = session.inner.create(&trash).await;
         created.map_err(|e| refused(session, "creating the Trash folder", e))?;
@@ -633,7 +634,8 @@ async fn act(
     match &request.action {
         Action::Move { destination } => outcome.destination = destination.clone(),
         Action::Delete { expunge: false } => {
-            outcome.destination = trash_for(session, &s.mailbox, account.trash.as_deref()).await?
+            let (configured, create) = (account.trash.as_deref(), !uids.is_empty());
+            outcome.destination = trash_for(session, &s.mailbox, configured, create).await?
         }
         _ => {}
     }
