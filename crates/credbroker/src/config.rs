@@ -53,6 +53,17 @@
 //! retain_days = 365                 # segments older than this are exported and pruned…
 //! retain_bytes = 10737418240        # …and the oldest while the log is larger than this
 //! archive = "store/audit-archive"   # where pruned segments are exported (JSON lines)
+//! [events]                          # lifecycle events (crate::events; every key optional)
+//! retain_days = 30                  # events older than this are removed…
+//! retain_events = 100000            # …and the oldest beyond this many
+//! max_streams = 64                  # WatchEvents streams open at once
+//! webhook_backoff_max_secs = 300    # longest wait between two attempts of one delivery
+//! webhook_max_age_hours = 72        # a delivery still failing after this long is dropped
+//! [[webhooks]]                      # each lifecycle event POSTed, signed, at least once
+//! url = "https://platform.example/hooks/credbroker"
+//! secret_file = "webhook.secret"    # or secret_credential = "webhook.secret" (systemd)
+//! events = ["expired", "reconnected"]  # optional: only these kinds (default: all)
+//! ca_file = "platform-ca.pem"       # optional: a CA to trust beside the public roots
 //! ```
 
 use std::net::SocketAddr;
@@ -90,6 +101,10 @@ pub struct Config {
     pub egress: crate::upstream::EgressConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::WebhookConfig>,
 }
 
 /// `[audit]`: where the audit log lives, how it rolls, checkpoints and prunes.
@@ -410,6 +425,14 @@ impl Config {
         fix(&mut self.policy.file);
         if let Some(p) = &mut self.http.metrics_token_file {
             fix(p);
+        }
+        for hook in &mut self.webhooks {
+            for p in [&mut hook.secret_file, &mut hook.ca_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
         for p in [
             &mut self.audit.path,

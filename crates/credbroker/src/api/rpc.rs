@@ -132,6 +132,7 @@ rpcs! {
     Backup: Admin, Small;
     RotateKey: Admin, Small;
     GetStatus: Admin, Small;
+    WatchEvents: Admin, Small;
 }
 
 impl Rpc {

@@ -27,6 +27,7 @@ use oauth2::{
 };
 
 use crate::driver::{ConnectionError, expire_refused, usable_connection};
+use crate::events::Detail;
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
     Registry, Secret,
@@ -336,10 +337,16 @@ impl OAuth {
         });
         match response {
             Ok(response) => {
+                let was = connection.status;
                 let token = self
                     .store_refreshed(&mut connection, &mut secrets, &response)
                     .await?;
                 self.backoff_clear(key);
+                let kind = crate::events::EventKind::after_refresh(was);
+                self.registry
+                    .events()
+                    .emit(kind, connector, user, Detail::NONE)
+                    .await;
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
@@ -358,6 +365,12 @@ impl OAuth {
                     connection.status = ConnectionStatus::Error;
                     connection.last_error = why.clone();
                     self.registry.save_connection(&connection, None).await?;
+                    let failed = crate::events::EventKind::RefreshFailed;
+                    let detail = Detail::new(failure_class(&e), &why);
+                    self.registry
+                        .events()
+                        .emit(failed, connector, user, detail)
+                        .await;
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
@@ -515,6 +528,11 @@ impl OAuth {
         connection.account_label = client_id.to_string();
         connection.last_error.clear();
         self.registry.save_connection(&connection, None).await?;
+        let connected = crate::events::EventKind::Connected;
+        self.registry
+            .events()
+            .emit(connected, connector, "", Detail::NONE)
+            .await;
         Ok(())
     }
 
@@ -608,6 +626,19 @@ fn unavailable<RE: oauth2::ErrorResponse + 'static>(
     match e {
         RequestTokenError::Request(h) => OAuthError::from(h),
         other => OAuthError::Unavailable(describe(&other)),
+    }
+}
+
+/// A token-endpoint failure's class, as a `refresh_failed` event names it.
+fn failure_class<RE: oauth2::ErrorResponse + 'static>(
+    e: &RequestTokenError<http::HttpError, RE>,
+) -> &'static str {
+    match e {
+        RequestTokenError::ServerResponse(_) => "provider_error",
+        RequestTokenError::Request(h) if crate::upstream::refusal(h).is_some() => "egress",
+        RequestTokenError::Request(_) => "unreachable",
+        RequestTokenError::Parse(_, _) => "bad_response",
+        RequestTokenError::Other(_) => "other",
     }
 }
 
