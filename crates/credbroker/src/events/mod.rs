@@ -430,6 +430,31 @@ impl Events {
         Ok(rows.into_iter().map(|(_, e)| e).collect())
     }
 
+    /// Removes the deliveries waiting for webhooks other than `keys` (removed from the
+    /// configuration, or their URL changed). Returns how many.
+    pub async fn drop_orphans(&self, keys: &[&str]) -> Result<usize, StoreError> {
+        let (mut after, mut dropped) = (None::<String>, 0);
+        loop {
+            let rows = self
+                .store
+                .scan::<serde::de::IgnoredAny>(OUTBOX, "", after.as_deref(), PRUNE_CHUNK)
+                .await?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(dropped);
+            };
+            after = Some(last.clone());
+            let mut batch = Batch::new();
+            let kept = |path: &str| path.split_once('/').is_some_and(|(k, _)| keys.contains(&k));
+            for (path, _) in rows.iter().filter(|(path, _)| !kept(path)) {
+                batch.delete(OUTBOX, path.clone());
+                dropped += 1;
+            }
+            if !batch.is_empty() {
+                self.store.commit(batch).await?;
+            }
+        }
+    }
+
     /// Removes a delivery from `webhook`'s outbox: it was delivered, or given up on.
     async fn delivered(&self, webhook: &str, cursor: u64) -> Result<(), StoreError> {
         let mut batch = Batch::new();
@@ -454,6 +479,15 @@ pub async fn start(
         hooks.push(hook);
     }
     events.configure(&config.events, &hooks);
+    let keys: Vec<&str> = hooks.iter().map(|h| h.key()).collect();
+    match events.drop_orphans(&keys).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            dropped = n,
+            "webhook deliveries for URLs no longer configured were dropped"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot clear the outbox of removed webhooks"),
+    }
     for hook in hooks {
         webhook::spawn(
             events.clone(),

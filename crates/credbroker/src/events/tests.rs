@@ -6,15 +6,8 @@ use super::*;
 use crate::model::{Kind, Mode};
 
 async fn journal() -> (tempfile::TempDir, Arc<Events>) {
-    use crate::vault::{KeySource, generate_key_file};
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    generate_key_file(&key).unwrap();
-    let config = crate::config::StoreConfig::at(dir.path().join("db"));
-    let store = Store::create(&config, &KeySource::KeyFile(key))
-        .await
-        .unwrap();
-    (dir, Arc::new(Events::new(Arc::new(store))))
+    let (dir, registry) = crate::model::Registry::temporary(&crate::driver::DRIVERS).await;
+    (dir, registry.events().clone())
 }
 
 fn connector(workspace: &str) -> Connector {
@@ -340,6 +333,10 @@ async fn outbox_rows_follow_each_webhooks_filter_in_the_same_batch() {
     assert_eq!((a, b), (vec![3], vec![1, 2, 3]));
     events.delivered(&keys[1], 1).await.unwrap();
     assert_eq!(events.outbox(&keys[1], 10).await.unwrap()[0].cursor, 2);
+    // The first webhook leaves the configuration: its deliveries go, the other's stay.
+    assert_eq!(events.drop_orphans(&[&keys[1]]).await.unwrap(), 1);
+    assert!(events.outbox(&keys[0], 10).await.unwrap().is_empty());
+    assert_eq!(events.outbox(&keys[1], 10).await.unwrap().len(), 2);
 }
 
 #[test]
