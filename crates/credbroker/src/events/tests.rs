@@ -11,19 +11,11 @@ async fn journal() -> (tempfile::TempDir, Arc<Events>) {
 }
 
 fn connector(workspace: &str) -> Connector {
-    let now = Utc::now();
     Connector {
         id: "cn_test".into(),
         workspace: workspace.into(),
         name: "Team Mail".into(),
-        kind: Kind::Oauth2,
-        mode: Mode::Personal,
-        provider: String::new(),
-        config: Default::default(),
-        secrets_set: Default::default(),
-        created_at: now,
-        updated_at: now,
-        destinations_at: None,
+        ..Connector::for_tests(Kind::Oauth2, Mode::Personal, &[])
     }
 }
 
@@ -398,4 +390,64 @@ fn kinds_parse_by_their_wire_names() {
     }
     let err = EventKind::parse("kinds", "exploded").unwrap_err();
     assert!(err.to_string().contains("refresh_failed"), "{err}");
+}
+
+/// A refresh that fails for a reason that may pass is one `refresh_failed` event naming its
+/// class (not one per retry), without the refresh token in it.
+#[tokio::test]
+async fn a_transient_refresh_failure_is_one_refresh_failed_event() {
+    use crate::model::{Connection, ConnectionSecrets, ConnectionStatus, Secret};
+    let (_dir, registry) = crate::model::Registry::temporary(&crate::driver::DRIVERS).await;
+    let registry = Arc::new(registry);
+    let connector = Connector::for_tests(
+        Kind::Oauth2,
+        Mode::Personal,
+        &[
+            ("client_id", "c"),
+            ("auth_url", "https://127.0.0.1:9/auth"),
+            ("token_url", "https://127.0.0.1:9/token"),
+        ],
+    );
+    let mut connection = Connection::new(&connector.id, "u1");
+    connection.status = ConnectionStatus::Connected;
+    connection.connected_at = Some(Utc::now());
+    connection.access_expires_at = Some(Utc::now() - chrono::TimeDelta::seconds(1));
+    let canary = "refresh-token-canary-5e2a";
+    let mut secrets = ConnectionSecrets::default();
+    secrets
+        .slots
+        .insert("refresh_token".into(), Secret::new(canary));
+    registry
+        .save_connection(&connection, Some(&secrets))
+        .await
+        .unwrap();
+    let oauth = crate::oauth::OAuth::new(registry.clone(), String::new(), Duration::from_secs(2));
+    for _ in 0..3 {
+        let refused = oauth
+            .access_token(&connector, "u1", Duration::from_secs(1))
+            .await;
+        assert!(refused.is_err());
+    }
+    let events = registry.events().after(0, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let failed = &events[0];
+    assert_eq!(
+        (failed.kind, failed.user_id.as_str()),
+        (EventKind::RefreshFailed, "u1")
+    );
+    // Loopback is refused by the built-in egress policy unless a test installed another.
+    assert!(
+        ["egress", "unreachable"].contains(&failed.class.as_str()),
+        "{failed:?}"
+    );
+    assert!(!format!("{failed:?}").contains(canary));
+    // Its success would be `recovered`, a first success `refreshed`.
+    assert_eq!(
+        EventKind::after_refresh(ConnectionStatus::Error),
+        EventKind::Recovered
+    );
+    assert_eq!(
+        EventKind::after_refresh(ConnectionStatus::Connected),
+        EventKind::Refreshed
+    );
 }
