@@ -383,6 +383,19 @@ async fn a_receiver_down_for_30s_across_a_broker_restart_gets_every_event_once_b
         recorded.push(e);
     }
     assert_eq!(recorded.len(), 10);
+    assert_every_event_delivered(&daemon, &got, &recorded);
+    assert_tail_shows(&daemon, &recorded);
+    // The Python client: the same events, and a receiver's check of a delivery.
+    python_sees(&daemon, &got[0], &recorded[9].id);
+}
+
+/// Every recorded event was accepted once at least, in cursor order, signed; every attempt at
+/// one event carried its id and the same body; the figures are printed.
+fn assert_every_event_delivered(
+    daemon: &Daemon,
+    got: &[Delivery],
+    recorded: &[proto::LifecycleEvent],
+) {
     let recorded_ids: BTreeSet<&str> = recorded.iter().map(|e| e.id.as_str()).collect();
     let delivered: BTreeSet<&str> = got
         .iter()
@@ -395,7 +408,7 @@ async fn a_receiver_down_for_30s_across_a_broker_restart_gets_every_event_once_b
     );
     // Each delivery is signed; every attempt at one event carries its id and the same body.
     let mut by_id: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
-    for d in &got {
+    for d in got {
         assert_signed(d);
         by_id.entry(d.id.as_str()).or_default().push(d);
     }
@@ -423,8 +436,10 @@ async fn a_receiver_down_for_30s_across_a_broker_restart_gets_every_event_once_b
         .map(|d| d.json()["cursor"].as_u64().unwrap())
         .collect();
     assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+}
 
-    // `credbroker events tail` shows them.
+/// `credbroker events tail` shows the recorded events, one a line.
+fn assert_tail_shows(daemon: &Daemon, recorded: &[proto::LifecycleEvent]) {
     let mut args: Vec<String> = daemon.admin_args();
     args.extend(["events", "tail", "--kind", "connector_deleted"].map(String::from));
     let out = daemon.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -444,9 +459,6 @@ async fn a_receiver_down_for_30s_across_a_broker_restart_gets_every_event_once_b
         lines[0].contains("Doomed 0") && lines[9].contains(&recorded[9].id),
         "{text}"
     );
-
-    // The Python client: the same events, and a receiver's check of a delivery.
-    python_sees(&daemon, &got[0], &recorded[9].id);
 }
 
 const PYTHON: &str = r#"
