@@ -9,6 +9,15 @@
 
 The CA is always given explicitly: the broker's certificate is checked against it, never against
 the system trust store (nor SSL_CERT_FILE).
+
+Large downloads through ``Broker.CallStream`` (the body in pieces, never whole in memory)::
+
+    with cb.call_stream(broker_pb2.CallRequest(connection=..., method="GET",
+                                               path="/drive/v3/files/FILE_ID",
+                                               query=[broker_pb2.QueryParam(name="alt", value="media")])) as download:
+        if download.status == 200:
+            for piece in download:
+                out.write(piece)
 """
 
 from __future__ import annotations
@@ -17,14 +26,14 @@ import hashlib
 import hmac
 import os
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import grpc
 
 from .v1 import admin_pb2, admin_pb2_grpc, broker_pb2_grpc
 
-__all__ = ["Client", "connect", "verify_webhook", "WebhookSignatureError"]
+__all__ = ["CallStream", "Client", "connect", "verify_webhook", "WebhookSignatureError"]
 
 #: The replay window a webhook receiver applies: a signature more than this many seconds from
 #: the receiver's clock is refused.
@@ -39,6 +48,33 @@ def _read(path: PathLike, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise ValueError(f"cannot read the {what} {os.fspath(path)!r}: {e.strerror}") from None
+
+
+@dataclass
+class CallStream:
+    """An answer of ``Broker.CallStream``: ``status`` and ``headers`` (lower-case names) as the API
+    sent them; iterating gives the body's pieces (``bytes``, at most 64 KiB each). An error while
+    streaming (the broker's cap ``max_call_stream_bytes`` reached, the API gone) raises
+    ``grpc.RpcError``. ``close()`` (or leaving the ``with`` block) hangs up; the broker records how
+    much was handed on."""
+
+    status: int
+    headers: Dict[str, str]
+    _messages: Any = field(repr=False)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for message in self._messages:
+            if message.data:
+                yield message.data
+
+    def close(self) -> None:
+        self._messages.cancel()
+
+    def __enter__(self) -> "CallStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -69,6 +105,21 @@ class Client:
             backlog_only=backlog_only,
         )
         yield from self.admin.WatchEvents(request)
+
+    def call_stream(self, request, *, timeout: Optional[float] = None) -> CallStream:
+        """Starts ``Broker.CallStream`` with ``request`` (a ``broker_pb2.CallRequest``) and waits for
+        the API's status and headers; a refusal (policy, path, credential) raises ``grpc.RpcError``
+        before anything is read. ``timeout`` bounds the whole download."""
+        messages = self.broker.CallStream(request, timeout=timeout)
+        head = next(messages, None)
+        if head is None:
+            messages.cancel()
+            raise RuntimeError("Broker.CallStream ended without its status message")
+        return CallStream(
+            status=head.status,
+            headers={h.name.lower(): h.value for h in head.headers},
+            _messages=messages,
+        )
 
     def __enter__(self) -> "Client":
         return self
