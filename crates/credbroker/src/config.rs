@@ -59,7 +59,8 @@
 //! retain_days = 30                  # events older than this are removed…
 //! retain_events = 100000            # …and the oldest beyond this many
 //! max_streams = 64                  # WatchEvents streams open at once
-//! webhook_backoff_max_secs = 300    # longest wait between two attempts of one delivery
+//! webhook_backoff_first_ms = 1000   # first wait after a failed delivery, doubling…
+//! webhook_backoff_max_secs = 300    # …up to this between two attempts of one delivery
 //! webhook_max_age_hours = 72        # a delivery still failing after this long is dropped
 //! [[webhooks]]                      # each lifecycle event POSTed, signed, at least once
 //! url = "https://platform.example/hooks/credbroker"
