@@ -67,6 +67,18 @@
 //! keepalive_scan_secs = 300         # …looking for due ones this often
 //! [refresh.keepalive_days_by_provider]
 //! microsoft-outlook = 60.0          # a preset's interval overridden
+//! [events]                          # lifecycle events (crate::events; every key optional)
+//! retain_days = 30                  # events older than this are removed…
+//! retain_events = 100000            # …and the oldest beyond this many
+//! max_streams = 64                  # WatchEvents streams open at once
+//! webhook_backoff_first_ms = 1000   # first wait after a failed delivery, doubling…
+//! webhook_backoff_max_secs = 300    # …up to this between two attempts of one delivery
+//! webhook_max_age_hours = 72        # a delivery still failing after this long is dropped
+//! [[webhooks]]                      # each lifecycle event POSTed, signed, at least once
+//! url = "https://platform.example/hooks/credbroker"
+//! secret_file = "webhook.secret"    # or secret_credential = "webhook.secret" (systemd)
+//! events = ["expired", "reconnected"]  # optional: only these kinds (default: all)
+//! ca_file = "platform-ca.pem"       # optional: a CA to trust beside the public roots
 //! ```
 
 use std::net::SocketAddr;
@@ -106,6 +118,10 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub refresh: RefreshConfig,
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::WebhookConfig>,
 }
 
 /// `[refresh]`: the background refresher of OAuth tokens ([`crate::oauth::refresher`]).
@@ -513,6 +529,14 @@ impl Config {
         fix(&mut self.policy.file);
         if let Some(p) = &mut self.http.metrics_token_file {
             fix(p);
+        }
+        for hook in &mut self.webhooks {
+            for p in [&mut hook.secret_file, &mut hook.ca_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
         for p in [
             &mut self.audit.path,

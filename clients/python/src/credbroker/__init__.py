@@ -22,15 +22,22 @@ Large downloads through ``Broker.CallStream`` (the body in pieces, never whole i
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import grpc
 
-from .v1 import admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from .v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
-__all__ = ["CallStream", "Client", "connect"]
+__all__ = ["CallStream", "Client", "connect", "verify_webhook", "WebhookSignatureError"]
+
+#: The replay window a webhook receiver applies: a signature more than this many seconds from
+#: the receiver's clock is refused.
+REPLAY_WINDOW_SECONDS = 300
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,6 +91,24 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+    def watch_events(
+        self,
+        after_cursor: int = 0,
+        kinds: Iterable[str] = (),
+        workspace: str = "",
+        backlog_only: bool = False,
+    ) -> Iterator["admin_pb2.LifecycleEvent"]:
+        """Lifecycle events after ``after_cursor`` (0: every one the broker keeps), then each new
+        one as it happens (unless ``backlog_only``). Keep the last ``cursor`` seen and pass it
+        back to resume; an event's ``id`` is the same in the webhook delivering it."""
+        request = admin_pb2.WatchEventsRequest(
+            after_cursor=after_cursor,
+            kinds=list(kinds),
+            workspace=workspace,
+            backlog_only=backlog_only,
+        )
+        yield from self.admin.WatchEvents(request)
 
     def call_stream(self, request, *, timeout: Optional[float] = None) -> CallStream:
         """Starts ``Broker.CallStream`` with ``request`` (a ``broker_pb2.CallRequest``) and waits for
@@ -173,3 +198,35 @@ def connect(
         broker=broker_pb2_grpc.BrokerStub(channel),
         admin=admin_pb2_grpc.AdminStub(channel),
     )
+
+
+class WebhookSignatureError(ValueError):
+    """A webhook delivery whose ``credbroker-signature`` does not check out."""
+
+
+def verify_webhook(
+    secret: Union[str, bytes],
+    signature_header: str,
+    body: bytes,
+    *,
+    now: Optional[float] = None,
+    window_seconds: int = REPLAY_WINDOW_SECONDS,
+) -> None:
+    """Checks a webhook delivery: ``signature_header`` is its ``credbroker-signature``
+    (``t=<unix seconds>,v1=<hex>``), ``body`` the raw request body. ``v1`` must be
+    HMAC-SHA256 under ``secret`` of ``"<t>.<body>"``, and ``t`` within ``window_seconds`` of
+    now. Raises :class:`WebhookSignatureError` otherwise. Then drop any event ``id``
+    (``credbroker-event-id``) already handled: deliveries are at least once."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    parts = dict(p.strip().split("=", 1) for p in signature_header.split(",") if "=" in p)
+    try:
+        t = int(parts["t"])
+        given = bytes.fromhex(parts["v1"])
+    except (KeyError, ValueError):
+        raise WebhookSignatureError("the signature header is not t=<seconds>,v1=<hex>") from None
+    age = (time.time() if now is None else now) - t
+    if abs(age) > window_seconds:
+        raise WebhookSignatureError(f"the signature is {int(age)}s old, outside the replay window")
+    want = hmac.new(key, str(t).encode() + b"." + body, hashlib.sha256).digest()
+    if not hmac.compare_digest(want, given):
+        raise WebhookSignatureError("the signature does not match the body")

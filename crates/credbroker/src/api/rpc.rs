@@ -139,6 +139,7 @@ rpcs! {
     Backup: Admin, Small;
     RotateKey: Admin, Small;
     GetStatus: Admin, Small;
+    WatchEvents: Admin, Small;
 }
 
 impl Rpc {

@@ -50,6 +50,8 @@ pub enum ApiError {
         message: String,
         exhausted: crate::policy::Exhausted,
     },
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
     /// A blocking task of the call panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
@@ -172,6 +174,19 @@ pub fn classify(e: &ApiError) -> Class {
         ApiError::Calendar(c) => calendar(c),
         ApiError::Call(c) => call(c),
         ApiError::Task(_) => plain(Reason::Internal),
+        ApiError::Events(e) => events(e),
+    }
+}
+
+fn events(e: &crate::events::EventsError) -> Class {
+    use crate::events::EventsError;
+    match e {
+        EventsError::Store(_) => plain(Reason::Storage),
+        EventsError::Pruned { .. } => (
+            Reason::InvalidArgument,
+            vec![("field", "after_cursor".to_string())],
+        ),
+        EventsError::TooManyStreams(_) => plain(Reason::TooManyStreams),
     }
 }
 

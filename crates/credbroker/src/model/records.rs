@@ -147,7 +147,7 @@ pub struct Connection {
     /// written with each refresh so that the schedule survives restarts.
     #[serde(default)]
     pub next_refresh_at: Option<DateTime<Utc>>,
-    /// The class of the last failure ("network", "provider", "malformed", "refused"…) and when
+    /// The class of the last failure ("unreachable", "provider_error", "bad_response", "egress", "other": transient; "refused") and when
     /// it happened; kept after a later success (compare with `last_refreshed_at`).
     #[serde(default)]
     pub last_error_class: String,

@@ -30,6 +30,7 @@ use oauth2::{
 };
 
 use crate::driver::{ConnectionError, expire_refused, usable_connection};
+use crate::events::Detail;
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
     Registry, Secret,
@@ -434,10 +435,16 @@ impl OAuth {
         });
         match response {
             Ok(response) => {
+                let was = connection.status;
                 let token = self
                     .store_refreshed(connector, &mut connection, &mut secrets, &response)
                     .await?;
                 self.backoff_clear(key);
+                let kind = crate::events::EventKind::after_refresh(was);
+                self.registry
+                    .events()
+                    .emit(kind, connector, user, Detail::NONE)
+                    .await;
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
@@ -458,6 +465,12 @@ impl OAuth {
                     connection.last_error_class = failure_class(&e).into();
                     connection.last_error_at = Some(Utc::now());
                     self.registry.save_connection(&connection, None).await?;
+                    let failed = crate::events::EventKind::RefreshFailed;
+                    let detail = Detail::new(failure_class(&e), &why);
+                    self.registry
+                        .events()
+                        .emit(failed, connector, user, detail)
+                        .await;
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
@@ -617,6 +630,11 @@ impl OAuth {
         connection.account_label = client_id.to_string();
         connection.last_error.clear();
         self.registry.save_connection(&connection, None).await?;
+        let connected = crate::events::EventKind::Connected;
+        self.registry
+            .events()
+            .emit(connected, connector, "", Detail::NONE)
+            .await;
         Ok(())
     }
 
@@ -713,15 +731,15 @@ fn unavailable<RE: oauth2::ErrorResponse + 'static>(
     }
 }
 
-/// The class of a transient token-endpoint failure, for the connection's status.
+/// A token-endpoint failure's class, as a `refresh_failed` event names it.
 fn failure_class<RE: oauth2::ErrorResponse + 'static>(
     e: &RequestTokenError<http::HttpError, RE>,
 ) -> &'static str {
     match e {
-        RequestTokenError::ServerResponse(_) => "provider",
+        RequestTokenError::ServerResponse(_) => "provider_error",
         RequestTokenError::Request(h) if crate::upstream::refusal(h).is_some() => "egress",
-        RequestTokenError::Request(_) => "network",
-        RequestTokenError::Parse(_, _) => "malformed",
+        RequestTokenError::Request(_) => "unreachable",
+        RequestTokenError::Parse(_, _) => "bad_response",
         RequestTokenError::Other(_) => "other",
     }
 }
