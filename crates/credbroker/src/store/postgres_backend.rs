@@ -422,9 +422,11 @@ impl PgBackend {
         let shared = self.shared.clone();
         let deadline = shared.deadline;
         let location = shared.location().to_string();
+        let work = work(shared);
+        // The timer is made on the backend's runtime: the caller may be on none (wait_inline).
         let task = self
             .handle
-            .spawn(tokio::time::timeout(deadline, work(shared)));
+            .spawn(async move { tokio::time::timeout(deadline, work).await });
         match task.await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_elapsed)) => Err(StoreError::Timeout {
