@@ -134,12 +134,13 @@ impl PostgresTarget {
 
     /// Drops the run's schema.
     async fn drop_schema(&self, config: &credbroker::config::Config) -> Result<(), BenchError> {
-        let backend = credbroker::store::open_backend(
-            &config.store,
-            credbroker::store::Intent::Existing,
-        )
-        .await?;
-        let Some(pg) = backend.as_any().downcast_ref::<credbroker::store::PgBackend>() else {
+        let backend =
+            credbroker::store::open_backend(&config.store, credbroker::store::Intent::Existing)
+                .await?;
+        let Some(pg) = backend
+            .as_any()
+            .downcast_ref::<credbroker::store::PgBackend>()
+        else {
             return Ok(());
         };
         let sql = format!("DROP SCHEMA {} CASCADE", Self::schema());
