@@ -651,6 +651,11 @@ pub async fn run(
         sync,
         None,
     );
+    if options.postgres.is_some() {
+        let [commit, get] = postgres_probe(&broker.config, duration).await?;
+        report.add(format!("postgres commit {PROBE_BYTES} B"), commit, None);
+        report.add(format!("postgres get {PROBE_BYTES} B"), get, None);
+    }
     let single = single_rows(&mut report, one, duration).await;
     let rate = (peak.rate() * options.rate_fraction).max(1.0);
     fixed_rate_rows(&mut report, &channels, rate, duration).await;
@@ -774,6 +779,39 @@ async fn fdatasync_probe(dir: &Path, duration: Duration) -> Result<Stats, BenchE
         .await
         .map_err(|e| BenchError::Daemon(format!("the fdatasync probe failed: {e}")))?
         .map_err(io("the fdatasync probe"))
+}
+
+/// `--backend postgres`: the store's own round trips, one at a time, from this process beside
+/// the running daemon — a durable one-record `apply` (a commit) and a `get` — on a key of the
+/// probe's own.
+async fn postgres_probe(
+    config: &credbroker::config::Config,
+    duration: Duration,
+) -> Result<[Stats; 2], BenchError> {
+    let backend =
+        credbroker::store::open_backend(&config.store, credbroker::store::Intent::Existing).await?;
+    let key = b"bench-probe\0key".to_vec();
+    let value = vec![0x5au8; PROBE_BYTES];
+    let mut out = [Stats::default(), Stats::default()];
+    for (i, stats) in out.iter_mut().enumerate() {
+        let started = Instant::now();
+        while started.elapsed() < duration {
+            let call = Instant::now();
+            if i == 0 {
+                backend
+                    .apply(vec![(key.clone(), Some(value.clone()))])
+                    .await?;
+                backend.sync().await?;
+            } else {
+                backend.get(&key).await?;
+            }
+            stats.latencies_us.push(call.elapsed().as_micros() as u32);
+            stats.calls += 1;
+        }
+        stats.seconds = started.elapsed().as_secs_f64();
+    }
+    backend.apply(vec![(key, None)]).await?;
+    Ok(out)
 }
 
 /// The issue-18 targets, each as met or missed, from one run's rows.

@@ -85,8 +85,10 @@ async fn migrate(client: &mut Client, schema: &str, location: &str) -> Result<()
     )
     .await
     .map_err(error)?;
+    // (No NOTICE for what exists already: every start comes here.)
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS {schema};
          CREATE TABLE IF NOT EXISTS {schema}.schema_version (version integer NOT NULL);"
     ))
     .await
