@@ -96,6 +96,8 @@ pub enum Reason {
     TooManyStreams,
     EgressRefused,
     UpstreamBusy,
+    /// The store's server (PostgreSQL) could not be reached in time; a retry may succeed.
+    StorageUnavailable,
 }
 
 impl Reason {
@@ -132,6 +134,7 @@ impl Reason {
             Reason::TooManyStreams => ("TOO_MANY_STREAMS", ResourceExhausted),
             Reason::EgressRefused => ("EGRESS_REFUSED", FailedPrecondition),
             Reason::UpstreamBusy => ("UPSTREAM_BUSY", ResourceExhausted),
+            Reason::StorageUnavailable => ("STORAGE_UNAVAILABLE", Unavailable),
         }
     }
 
@@ -194,6 +197,7 @@ fn model(e: &ModelError) -> Class {
         ModelError::NotFound { .. } => plain(Reason::NotFound),
         ModelError::AlreadyExists { .. } => plain(Reason::AlreadyExists),
         ModelError::FailedPrecondition(_) => plain(Reason::FailedPrecondition),
+        ModelError::Store(e) if e.is_unavailable() => plain(Reason::StorageUnavailable),
         ModelError::Store(_) => plain(Reason::Storage),
     }
 }
