@@ -121,6 +121,21 @@ impl Daemon {
 
     /// As [`Daemon::start_with`], passing `serve_args` to `credbroker serve`.
     pub fn start_with_args(policy: &str, extra_config: &str, serve_args: &[&str]) -> Daemon {
+        Self::start_full(policy, "", extra_config, serve_args)
+    }
+
+    /// Starts with [`OPEN_POLICY`] and `store_lines` added to the `[store]` table (another
+    /// backend, say: TOML has each table once, so they cannot go in the extra configuration).
+    pub fn start_with_store(store_lines: &str, extra_config: &str) -> Daemon {
+        Self::start_full(OPEN_POLICY, store_lines, extra_config, &[])
+    }
+
+    fn start_full(
+        policy: &str,
+        store_lines: &str,
+        extra_config: &str,
+        serve_args: &[&str],
+    ) -> Daemon {
         credbroker::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertAuthority::generate("credbroker test CA").unwrap();
@@ -133,7 +148,11 @@ impl Daemon {
             return_origins: &["https://console.example"],
             ..LoopbackConfig::beside(http_port())
         };
-        let mut config = format!("{}{extra_config}\n", loopback.toml());
+        let mut config = format!("{}{extra_config}\n", loopback.toml()).replacen(
+            "[store]\n",
+            &format!("[store]\n{store_lines}"),
+            1,
+        );
         // A test that writes its own [egress] gets only that, not the loopback allowance.
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);

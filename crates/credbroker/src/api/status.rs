@@ -97,6 +97,8 @@ pub enum Reason {
     EgressRefused,
     UpstreamBusy,
     MissingScopes,
+    /// The store's server (PostgreSQL) could not be reached in time; a retry may succeed.
+    StorageUnavailable,
 }
 
 impl Reason {
@@ -134,6 +136,7 @@ impl Reason {
             Reason::EgressRefused => ("EGRESS_REFUSED", FailedPrecondition),
             Reason::UpstreamBusy => ("UPSTREAM_BUSY", ResourceExhausted),
             Reason::MissingScopes => ("MISSING_SCOPES", FailedPrecondition),
+            Reason::StorageUnavailable => ("STORAGE_UNAVAILABLE", Unavailable),
         }
     }
 
@@ -196,6 +199,7 @@ fn model(e: &ModelError) -> Class {
         ModelError::NotFound { .. } => plain(Reason::NotFound),
         ModelError::AlreadyExists { .. } => plain(Reason::AlreadyExists),
         ModelError::FailedPrecondition(_) => plain(Reason::FailedPrecondition),
+        ModelError::Store(e) if e.is_unavailable() => plain(Reason::StorageUnavailable),
         ModelError::Store(_) => plain(Reason::Storage),
     }
 }

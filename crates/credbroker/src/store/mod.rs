@@ -21,11 +21,13 @@ mod backend;
 mod backup;
 mod cache;
 mod group_commit;
+pub mod postgres_backend;
 mod rotation;
 mod sled_backend;
 
 pub use backend::{BACKENDS, Backend, Intent, RawEntry, RawOp, open_backend};
 pub use backup::{BackupError, Snapshot, restore, write_backup_file};
+pub use postgres_backend::{PgBackend, PgUrl};
 pub use rotation::{RewrapState, RewrapStep, change_key};
 
 use std::future::Future;
@@ -109,6 +111,46 @@ pub enum StoreError {
     Decode { record: String, why: String },
     #[error("the write could not be made durable: {0}")]
     Sync(String),
+    #[error("the store at {location} is unavailable: {source}")]
+    Unavailable {
+        location: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the store at {location} did not answer within {waited_ms} ms")]
+    Timeout { location: String, waited_ms: u64 },
+    #[error("the store at {location} refused a statement (SQLSTATE {code}): {source}")]
+    Database {
+        location: String,
+        code: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "PostgreSQL at {location} runs with synchronous_commit = {setting}, so an acknowledged write could be lost; set it to on (or set allow_async_commit = true in [store] to accept that)"
+    )]
+    AsyncCommit { location: String, setting: String },
+    #[error(
+        "the store at {location} has schema version {found}, newer than this build's {known}: run a newer credbroker"
+    )]
+    SchemaTooNew {
+        location: String,
+        found: i32,
+        known: i32,
+    },
+    #[error("[store] {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached in time (a retry later may succeed): the
+    /// caller's answer is UNAVAILABLE, not an internal error.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+        )
+    }
 }
 
 /// Waits for a backend future on the calling thread, parking it until the future is woken, for
@@ -327,6 +369,11 @@ impl Store {
         &self.vault
     }
 
+    /// The storage engine (see [`Backend::as_any`] for what only one engine offers).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
     /// A number that changes whenever a write to `table` begins: equal before and after a
     /// computation over the table means no write touched it meanwhile (in this process).
     pub fn generation(&self, table: Table) -> u64 {
@@ -485,5 +532,6 @@ impl Store {
     }
 }
 
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod tests;
