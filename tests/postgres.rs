@@ -181,6 +181,7 @@ async fn one_round(daemon: &Daemon, n: usize, outcomes: &mut Outcomes) {
     let mut read = tonic::Request::new(proto::ResolveCredentialRequest {
         connection: conn("Keys", "u0"),
         min_ttl_seconds: 0,
+        ..Default::default()
     });
     read.set_timeout(CALL_DEADLINE);
     outcomes.count(agent.resolve_credential(read).await.map(drop));
