@@ -672,6 +672,35 @@ impl Registry {
         Ok(())
     }
 
+    /// As [`Registry::save_connection`], only while `lease` (a refresh lease) is still the
+    /// latest: false, and nothing written, if another replica took it over.
+    pub async fn save_connection_fenced(
+        &self,
+        connection: &Connection,
+        secrets: &ConnectionSecrets,
+        lease: &crate::store::Lease,
+    ) -> Result<bool, ModelError> {
+        let path = connection_path(&connection.connector_id, &connection.user_id);
+        let mut batch = Batch::new();
+        batch
+            .put(CONNECTIONS, path.clone(), connection)
+            .put(CONNECTION_SECRETS, path, secrets);
+        Ok(self.store.commit_fenced(batch, lease).await?)
+    }
+
+    /// Drops a connection and its secrets from this replica's read cache: the next read sees
+    /// what another replica wrote last.
+    pub fn forget_connection(&self, connector: &Connector, user_id: &str) {
+        let path = connection_path(&connector.id, user_id);
+        self.store.forget(CONNECTIONS, &path);
+        self.store.forget(CONNECTION_SECRETS, &path);
+    }
+
+    /// The store (leases and jobs shared by every replica).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Changes whenever a connection is written (see [`Store::generation`]).
     pub fn connections_generation(&self) -> u64 {
         self.store.generation(CONNECTIONS)
