@@ -46,6 +46,10 @@ pub struct VerifyArgs {
     /// must extend every one of them.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// The log folder of one replica (repeat for each): the logs are verified together, with
+    /// the checkpoints, each against its own node.
+    #[arg(long = "node-log")]
+    node_logs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -193,6 +197,22 @@ pub async fn audit_verify(args: VerifyArgs) -> Result<(), Error> {
                 .map_err(|e| format!("{}: {e}", path.display()))?
         }
     };
+    if !args.node_logs.is_empty() {
+        let nodes = credbroker::audit::verify_nodes(&store, &args.node_logs, &checkpoints).await?;
+        for node in &nodes {
+            println!(
+                "node {:?} ({}): audit chain intact: {} records, head {} (record {}); {} checkpoint(s) on the chain",
+                node.node,
+                node.dir.display(),
+                node.summary.records,
+                node.summary.head,
+                node.summary.last,
+                node.summary.checkpoints
+            );
+        }
+        println!("{} node logs verified together", nodes.len());
+        return Ok(());
+    }
     let dir = config.audit.dir(&config.store);
     let summary = credbroker::audit::verify_against(&store, &dir, &checkpoints).await?;
     println!(

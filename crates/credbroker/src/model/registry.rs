@@ -753,9 +753,14 @@ impl Registry {
         Ok(self.store.get::<T>(OAUTH_STATES, state).await?)
     }
 
-    /// Removes and returns the pending authorization kept under `state`, if any. The caller
-    /// serialises takes of one state, so that it is handed out once.
+    /// Removes and returns the pending authorization kept under `state`, if any: once, across
+    /// every replica (the take runs as a store job, so two callbacks of one state on two
+    /// replicas cannot both get it).
     pub async fn take_oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
+        let _once = self
+            .store
+            .job(&format!("oauth-state/{state}"), true)
+            .await?;
         let Some(pending) = self.store.get::<T>(OAUTH_STATES, state).await? else {
             return Ok(None);
         };
