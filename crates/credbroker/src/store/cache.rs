@@ -41,6 +41,13 @@ pub struct ReadCache {
 }
 
 impl ReadCache {
+    /// An empty cache; `suspended`: keeping nothing until [`ReadCache::resume`].
+    pub fn new(suspended: bool) -> Self {
+        let cache = Self::default();
+        cache.lock().suspended = suspended;
+        cache
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

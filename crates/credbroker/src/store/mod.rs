@@ -301,9 +301,11 @@ impl Store {
                 wait_inline(sink.reserve(term, count)).map_err(|e| e.to_string())
             }),
         );
-        let cache = Arc::new(cache::ReadCache::default());
         let keyring_moved = Arc::new(AtomicBool::new(false));
-        if let Some(changes) = coord.changes() {
+        let changes = coord.changes();
+        // With other replicas, nothing is cached before their changes are followed.
+        let cache = Arc::new(cache::ReadCache::new(changes.is_some()));
+        if let Some(changes) = changes {
             tokio::spawn(replicas::follow_changes(
                 changes,
                 cache.clone(),

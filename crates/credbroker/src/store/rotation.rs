@@ -158,7 +158,7 @@ impl Store {
             return Ok(RewrapStep::Idle);
         }
         // One replica steps at a time; another resumes from the stored position.
-        let Some(_job) = self.coord.job(KEYRING_JOB, false).await? else {
+        let Some(_job) = self.coord.job(KEYRING_JOB, true).await? else {
             return Ok(RewrapStep::Idle);
         };
         self.follow_keyring().await?;
