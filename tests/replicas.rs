@@ -122,7 +122,11 @@ async fn two_hundred_resolves_over_three_replicas_cause_one_refresh() {
     let results = futures::future::join_all(calls).await;
     let after = peers().oauth_stats().await;
     let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failures.is_empty(), "{} failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
     let tokens: HashSet<_> = results.into_iter().map(|r| r.unwrap().secret).collect();
     println!(
         "200 resolves over 3 replicas: {} refresh(es) at the OAuth server, {} distinct token(s)",

@@ -30,6 +30,8 @@ const CONNECTIONS: Table = Table::cached("connections");
 const CONNECTION_SECRETS: Table = Table::cached("connection_secrets");
 /// `{state}` → pending OAuth authorization (read once: never cached)
 const OAUTH_STATES: Table = Table::uncached("oauth_states");
+/// The store job under which names are checked and written, across replicas.
+const NAMES_JOB: &str = "connector-names";
 
 /// How often `last_used_at` is written for a busy connection: it is a hint for people, not a
 /// counter, so it must not add a write to every call.
@@ -104,7 +106,8 @@ impl Moved {
 pub struct Registry {
     store: Arc<Store>,
     rules: &'static dyn ConnectorRules,
-    /// Serialises the changes that must check-then-write a name (create, rename, delete).
+    /// Serialises the changes that must check-then-write a name (create, rename, delete); the
+    /// store job [`NAMES_JOB`] does across replicas.
     names: tokio::sync::Mutex<()>,
 }
 
@@ -203,6 +206,7 @@ impl Registry {
         self.pin_through(&workspace, new.kind, &mut new.config, None)
             .await?;
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         self.name_free(&workspace, &new.name).await?;
         let now = Utc::now();
         let connector = Connector {
@@ -530,6 +534,7 @@ impl Registry {
     ) -> Result<Connector, ModelError> {
         validate_connector_name("new_name", new_name)?;
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         let mut connector = self.find_connector(workspace, name_or_id).await?;
         let ws = connector.workspace.clone();
         let taken = self
@@ -560,6 +565,7 @@ impl Registry {
         name_or_id: &str,
     ) -> Result<usize, ModelError> {
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         let connector = self.find_connector(workspace, name_or_id).await?;
         let ws = &connector.workspace;
         // The connector goes first: from this commit on, callers get NOT_FOUND.
