@@ -272,7 +272,7 @@ async fn sigkills_of_random_replicas_lose_no_acknowledged_write() {
     let mut missing = Vec::new();
     for (i, (user, value)) in acknowledged.iter().enumerate() {
         let got = resolve(&mut agents[i % 3], KEYS, user).await;
-        if got.as_ref().map(|r| &r.secret) != Ok(value) {
+        if got.as_ref().ok().map(|r| &r.secret) != Some(value) {
             missing.push((user.clone(), got.map(|r| r.secret)));
         }
     }
@@ -309,12 +309,27 @@ async fn sigkills_of_random_replicas_lose_no_acknowledged_write() {
     println!("{out}");
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Outcomes {
     ok: u64,
     unavailable: u64,
     deadline: u64,
     other: Vec<String>,
+}
+
+impl std::fmt::Debug for Outcomes {
+    /// Counts, and the first two other errors only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ok {}, UNAVAILABLE {}, DEADLINE_EXCEEDED {}, other {} {:?}",
+            self.ok,
+            self.unavailable,
+            self.deadline,
+            self.other.len(),
+            &self.other[..self.other.len().min(2)]
+        )
+    }
 }
 
 /// PostgreSQL stopped for 10 s under load: calls fail UNAVAILABLE, none runs into its deadline,
@@ -344,14 +359,15 @@ async fn postgres_stopped_under_load_is_unavailable_then_recovers() {
                     } else {
                         resolve(&mut agent, KEYS, "steady").await.map(drop)
                     };
-                    let mut seen = outcomes.lock().unwrap();
-                    match outcome {
-                        Ok(()) => seen.ok += 1,
-                        Err(s) if s.code() == Code::Unavailable => seen.unavailable += 1,
-                        Err(s) if s.code() == Code::DeadlineExceeded => seen.deadline += 1,
-                        Err(s) => seen.other.push(format!("{s:?}")),
+                    {
+                        let mut seen = outcomes.lock().unwrap();
+                        match outcome {
+                            Ok(()) => seen.ok += 1,
+                            Err(s) if s.code() == Code::Unavailable => seen.unavailable += 1,
+                            Err(s) if s.code() == Code::DeadlineExceeded => seen.deadline += 1,
+                            Err(s) => seen.other.push(format!("{:?}: {}", s.code(), s.message())),
+                        }
                     }
-                    drop(seen);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }));
@@ -378,8 +394,171 @@ async fn postgres_stopped_under_load_is_unavailable_then_recovers() {
     );
     assert!(during.unavailable > 0, "the outage was noticed: {during:?}");
     assert_eq!(during.deadline, 0, "no call hung into its deadline");
-    assert!(during.other.is_empty(), "{:?}", during.other);
+    assert!(during.other.is_empty(), "{during:?}");
     assert_eq!(after.deadline, 0);
-    assert!(after.other.is_empty(), "{:?}", after.other);
+    assert!(after.other.is_empty(), "{after:?}");
     assert!(after.ok >= 20, "calls succeed again: {after:?}");
+}
+
+/// Two stores in this process on one schema (two replicas, as the store sees them).
+async fn two_stores(
+    pg: &Postgres,
+) -> (
+    tempfile::TempDir,
+    credbroker::store::Store,
+    credbroker::store::Store,
+    String,
+) {
+    use credbroker::vault::{KeySource, generate_key_file};
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    generate_key_file(&key).unwrap();
+    let toml = store_toml(pg);
+    let schema = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("schema = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let mut config = credbroker::config::StoreConfig::at(dir.path().join("local"));
+    config.backend = "postgres".into();
+    config.url = Some(credbroker::store::PgUrl::new(pg.url()));
+    config.password_file = Some(pg.password_file());
+    config.ca_file = Some(pg.ca_file());
+    config.schema = schema.clone();
+    config.pool_size = 4;
+    let source = KeySource::KeyFile(key);
+    let a = credbroker::store::Store::create(&config, &source)
+        .await
+        .unwrap();
+    let b = credbroker::store::Store::open(&config, &source)
+        .await
+        .unwrap();
+    (dir, a, b, schema)
+}
+
+/// Runs `statement` on the database of schema `schema` (through a backend's pool).
+async fn sql(schema: &str, statement: String) {
+    let pg = postgres();
+    let mut config = credbroker::config::StoreConfig::at("/nonexistent".into());
+    config.backend = "postgres".into();
+    config.url = Some(credbroker::store::PgUrl::new(pg.url()));
+    config.password_file = Some(pg.password_file());
+    config.ca_file = Some(pg.ca_file());
+    config.schema = schema.to_string();
+    let backend = credbroker::store::open_backend(&config, credbroker::store::Intent::Existing)
+        .await
+        .unwrap();
+    let pg_backend = backend
+        .as_any()
+        .downcast_ref::<credbroker::store::PgBackend>()
+        .unwrap();
+    pg_backend
+        .run(move |s| async move { s.execute(&statement, &[]).await.map(drop) })
+        .await
+        .unwrap();
+}
+
+/// The read cache is in use on PostgreSQL, and what keeps it true is the notification: with
+/// the trigger off, replica B keeps serving what it cached; with it on, B sees A's write.
+#[tokio::test]
+async fn the_read_cache_follows_notifications_from_other_replicas() {
+    use credbroker::store::{Batch, Table};
+    const T: Table = Table::cached("replica_test");
+    let (_dir, a, b, schema) = two_stores(postgres()).await;
+    let put = |value: &str| {
+        let mut batch = Batch::new();
+        batch.put(T, "k", &value.to_string());
+        batch
+    };
+    let read_until = |want: &'static str| {
+        let b = &b;
+        async move {
+            for _ in 0..500 {
+                if b.get::<String>(T, "k").await.unwrap().as_deref() == Some(want) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    a.commit(put("v1")).await.unwrap();
+    assert!(read_until("v1").await);
+    // B follows changes once it listens: give it the time to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.get::<String>(T, "k").await.unwrap().as_deref(),
+        Some("v1")
+    );
+    sql(
+        &schema,
+        format!("ALTER TABLE {schema}.records DISABLE TRIGGER record_changed"),
+    )
+    .await;
+    a.commit(put("v2")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.get::<String>(T, "k").await.unwrap().as_deref(),
+        Some("v1"),
+        "without the notification B serves its cache"
+    );
+    sql(
+        &schema,
+        format!("ALTER TABLE {schema}.records ENABLE TRIGGER record_changed"),
+    )
+    .await;
+    a.commit(put("v3")).await.unwrap();
+    assert!(read_until("v3").await, "with it, B sees A's write");
+}
+
+/// Leases across two stores: one holder; a lapsed holder's fenced write is refused; counters
+/// reserved by both never overlap; a job is held by one.
+#[tokio::test]
+async fn leases_fence_and_counters_add_up_across_replicas() {
+    use credbroker::store::{Batch, Table};
+    const T: Table = Table::cached("replica_test");
+    let (_dir, a, b, _) = two_stores(postgres()).await;
+    let short = Duration::from_millis(300);
+    let first = a.try_lease("refresh/x", short).await.unwrap().unwrap();
+    assert!(b.try_lease("refresh/x", short).await.unwrap().is_none());
+    tokio::time::sleep(short * 2).await;
+    let second = b.try_lease("refresh/x", short).await.unwrap().unwrap();
+    assert!(second.token > first.token);
+    let put = |value: &str| {
+        let mut batch = Batch::new();
+        batch.put(T, "fenced", &value.to_string());
+        batch
+    };
+    assert!(!a.commit_fenced(put("stale"), &first).await.unwrap());
+    assert!(b.commit_fenced(put("fresh"), &second).await.unwrap());
+    assert_eq!(
+        a.get::<String>(T, "fenced").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+    b.release(&second).await.unwrap();
+    assert!(a.try_lease("refresh/x", short).await.unwrap().is_some());
+    let job = a.job("keyring", false).await.unwrap().unwrap();
+    assert!(b.job("keyring", false).await.unwrap().is_none());
+    drop(job);
+    let mut taken = false;
+    for _ in 0..50 {
+        if b.job("keyring", false).await.unwrap().is_some() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(taken, "a dropped job frees");
+    // Both seal (each reserves its own range of the one counter).
+    for i in 0..10 {
+        a.commit(put(&format!("a{i}"))).await.unwrap();
+        b.commit(put(&format!("b{i}"))).await.unwrap();
+    }
+    assert!(
+        a.vault().encryptions() >= 65_536 || b.vault().encryptions() >= 65_536,
+        "the second range starts past the first: {} {}",
+        a.vault().encryptions(),
+        b.vault().encryptions()
+    );
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the test peers need (DESIGN.md §4): dovecot and postfix from Debian, Radicale in
+# Installs what the test peers need (DESIGN.md §4): dovecot, postfix and postgresql from Debian, Radicale in
 # a Python venv and oidc-provider from npm, the last two under DEPS (default target/peer-deps);
 # and, for tests/python_client.rs, a venv with the Python client's build and runtime
 # dependencies, so that no test fetches anything from a registry.
@@ -20,13 +20,15 @@ command -v node >/dev/null || pkgs+=(nodejs npm)
 # python3-venv also serves the Python client's venv below.
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 command -v systemd-analyze >/dev/null || pkgs+=(systemd)
+# tests/support/postgres.rs runs initdb, pg_ctl and postgres from /usr/lib/postgresql/<ver>/bin.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || pkgs+=(postgresql)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing ${pkgs[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
 # Debian starts the system instances; the tests run their own on other ports.
-for svc in dovecot postfix; do
+for svc in dovecot postfix postgresql; do
   command -v systemctl >/dev/null && systemctl stop "$svc" 2>/dev/null || true
 done
 

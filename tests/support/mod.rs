@@ -6,5 +6,6 @@ pub mod https;
 pub mod mail;
 pub mod oauth;
 pub mod peers;
+pub mod postgres;
 pub mod python;
 pub mod wait;

@@ -175,6 +175,47 @@ pub struct StoreConfig {
     pub key_credential: Option<String>,
     pub passphrase_file: Option<PathBuf>,
     pub passphrase_env: Option<String>,
+    /// `backend = "postgres"`: the server, as a `postgres://user@host:port/db` URL (or
+    /// key=value string). A password in it is never shown; prefer `password_file`.
+    pub url: Option<crate::store::PgUrl>,
+    /// `backend = "postgres"`: a file holding the role's password (first line).
+    pub password_file: Option<PathBuf>,
+    /// `backend = "postgres"`: the CA that signed the server's certificate (PEM); without it,
+    /// Mozilla's roots. TLS is always required.
+    pub ca_file: Option<PathBuf>,
+    /// `backend = "postgres"`: the PostgreSQL schema holding the store's tables.
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+    /// `backend = "postgres"`: connections open at once, at most.
+    #[serde(default = "default_pg_pool_size")]
+    pub pool_size: usize,
+    /// `backend = "postgres"`: how long opening a connection may take.
+    #[serde(default = "default_pg_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// `backend = "postgres"`: how long one statement may run (PostgreSQL's
+    /// `statement_timeout`); a whole call is bounded by connect + statement timeouts.
+    #[serde(default = "default_pg_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// `backend = "postgres"`: start even though the server's `synchronous_commit` is `off` or
+    /// `local` (a commit may then be lost by a crash or a failover after it was acknowledged).
+    #[serde(default)]
+    pub allow_async_commit: bool,
+}
+
+fn default_pg_schema() -> String {
+    "credbroker".into()
+}
+
+fn default_pg_pool_size() -> usize {
+    16
+}
+
+fn default_pg_connect_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_pg_statement_timeout_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -453,6 +494,14 @@ impl StoreConfig {
             key_credential: None,
             passphrase_file: None,
             passphrase_env: None,
+            url: None,
+            password_file: None,
+            ca_file: None,
+            schema: default_pg_schema(),
+            pool_size: default_pg_pool_size(),
+            connect_timeout_ms: default_pg_connect_timeout_ms(),
+            statement_timeout_ms: default_pg_statement_timeout_ms(),
+            allow_async_commit: false,
         }
     }
 

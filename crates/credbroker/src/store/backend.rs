@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::StoreError;
+use super::postgres_backend::{self, PgBackend};
 use super::sled_backend::{self, SledBackend};
 use crate::config::StoreConfig;
 
@@ -20,7 +21,7 @@ pub type RawEntry = (Vec<u8>, Vec<u8>);
 pub type RawOp = (Vec<u8>, Option<Vec<u8>>);
 
 /// The engines `[store] backend` may name; the first is the default.
-pub const BACKENDS: &[&str] = &[sled_backend::NAME];
+pub const BACKENDS: &[&str] = &[sled_backend::NAME, postgres_backend::NAME];
 
 /// What opening a backend is for: each intent checks what it needs before anything is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,7 @@ pub async fn open_backend(
 ) -> Result<Arc<dyn Backend>, StoreError> {
     match config.backend.as_str() {
         sled_backend::NAME => Ok(Arc::new(SledBackend::open(&config.path, intent)?)),
+        postgres_backend::NAME => Ok(Arc::new(PgBackend::open(config, intent).await?)),
         other => Err(StoreError::UnknownBackend {
             name: other.to_string(),
         }),
@@ -72,6 +74,9 @@ pub async fn open_backend(
 pub trait Backend: Send + Sync + 'static {
     /// Where this backend keeps its data, for messages (never a credential).
     fn location(&self) -> String;
+
+    /// The engine itself, for what only one engine offers (PostgreSQL's pool, for replicas).
+    fn as_any(&self) -> &dyn std::any::Any;
 
     /// The record stored under `key`, if any.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;

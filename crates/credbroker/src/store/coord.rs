@@ -92,7 +92,11 @@ pub async fn open_coordinator(
     config: &crate::config::StoreConfig,
     backend: Arc<dyn Backend>,
 ) -> Result<Arc<dyn Coordinator>, StoreError> {
-    let _ = config;
+    if config.backend == super::postgres_backend::NAME {
+        return Ok(Arc::new(
+            super::pg_coord::PgCoordinator::open(backend).await?,
+        ));
+    }
     Ok(Arc::new(LocalCoordinator::new(backend)))
 }
 

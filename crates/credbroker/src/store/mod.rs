@@ -22,12 +22,15 @@ mod backup;
 mod cache;
 mod coord;
 mod group_commit;
+mod pg_coord;
+pub mod postgres_backend;
 mod rotation;
 mod sled_backend;
 
 pub use backend::{BACKENDS, Backend, Intent, RawEntry, RawOp, open_backend};
 pub use backup::{BackupError, Snapshot, restore, write_backup_file};
 pub use coord::{Change, Coordinator, JobGuard, Lease, LocalCoordinator, open_coordinator};
+pub use postgres_backend::{PgBackend, PgUrl};
 pub use rotation::{RewrapState, RewrapStep, change_key};
 
 use std::future::Future;
@@ -112,6 +115,46 @@ pub enum StoreError {
     Decode { record: String, why: String },
     #[error("the write could not be made durable: {0}")]
     Sync(String),
+    #[error("the store at {location} is unavailable: {source}")]
+    Unavailable {
+        location: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the store at {location} did not answer within {waited_ms} ms")]
+    Timeout { location: String, waited_ms: u64 },
+    #[error("the store at {location} refused a statement (SQLSTATE {code}): {source}")]
+    Database {
+        location: String,
+        code: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "PostgreSQL at {location} runs with synchronous_commit = {setting}, so an acknowledged write could be lost; set it to on (or set allow_async_commit = true in [store] to accept that)"
+    )]
+    AsyncCommit { location: String, setting: String },
+    #[error(
+        "the store at {location} has schema version {found}, newer than this build's {known}: run a newer credbroker"
+    )]
+    SchemaTooNew {
+        location: String,
+        found: i32,
+        known: i32,
+    },
+    #[error("[store] {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached in time (a retry later may succeed): the
+    /// caller's answer is UNAVAILABLE, not an internal error.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+        )
+    }
 }
 
 /// Waits for a backend future on the calling thread, parking it until the future is woken, for
@@ -147,6 +190,9 @@ pub async fn run_blocking<T: Send + 'static>(
         .await
         .map_err(|e| StoreError::Backend(format!("a store task failed: {e}")))
 }
+
+/// A batch's sealed ops, and the cached keys it touches.
+type Sealed = (Vec<RawOp>, Vec<(Table, Vec<u8>)>);
 
 /// One write of a batch, before sealing: a put (Some) or delete (None).
 struct Op {
@@ -338,6 +384,11 @@ impl Store {
         &self.vault
     }
 
+    /// The storage engine (see [`Backend::as_any`] for what only one engine offers).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
     /// A number that changes whenever a write to `table` begins: equal before and after a
     /// computation over the table means no write touched it meanwhile (in this process).
     pub fn generation(&self, table: Table) -> u64 {
@@ -472,7 +523,7 @@ impl Store {
     }
 
     /// Seals every op of `batch`; also returns the cached keys it touches.
-    fn seal_batch(&self, batch: Batch) -> Result<(Vec<RawOp>, Vec<(Table, Vec<u8>)>), StoreError> {
+    fn seal_batch(&self, batch: Batch) -> Result<Sealed, StoreError> {
         let mut ops = Vec::with_capacity(batch.ops.len());
         let mut touched = Vec::new();
         for Op { table, path, value } in batch.ops {
@@ -511,5 +562,6 @@ impl Store {
 }
 
 mod replicas;
-#[cfg(test)]
-mod tests;
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod tests;

@@ -102,9 +102,7 @@ impl Sql {
                  WHERE l.holder IS NULL OR l.expires_at < clock_timestamp() \
                  RETURNING token"
             ),
-            release: format!(
-                "UPDATE {s}.leases SET holder = NULL WHERE name = $1 AND token = $2"
-            ),
+            release: format!("UPDATE {s}.leases SET holder = NULL WHERE name = $1 AND token = $2"),
             lock_lease: format!(
                 "SELECT 1 FROM {s}.leases WHERE name = $1 AND token = $2 FOR UPDATE"
             ),
@@ -144,8 +142,7 @@ impl PgCoordinator {
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = pg.run(|s| async move { Ok(s) }).await?;
-        pg.runtime()
-            .spawn(follow(shared, sql.channel.clone(), tx));
+        pg.runtime().spawn(follow(shared, sql.channel.clone(), tx));
         Ok(Self {
             backend,
             sql,
@@ -270,8 +267,11 @@ fn decode<'a>(payloads: impl Iterator<Item = &'a str>) -> Vec<Change> {
     changes
 }
 
+/// Keys put, their values, and keys deleted.
+type Split = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+
 /// Puts and deletes, folded as the backend folds them (a later op on a key wins).
-fn split(ops: Vec<RawOp>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+fn split(ops: Vec<RawOp>) -> Split {
     let folded: BTreeMap<Vec<u8>, Option<Vec<u8>>> = ops.into_iter().collect();
     let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
     for (key, value) in folded {
@@ -323,7 +323,11 @@ async fn apply_fenced(
 }
 
 /// Takes the advisory lock of `name` on a connection of its own, held by the returned guard.
-async fn take_job(s: Arc<Shared>, name: String, wait: bool) -> Result<Option<JobGuard>, StoreError> {
+async fn take_job(
+    s: Arc<Shared>,
+    name: String,
+    wait: bool,
+) -> Result<Option<JobGuard>, StoreError> {
     let location = s.pool().location().to_string();
     let lock = format!("credbroker job {} {name}", s.schema());
     let listener = s.pool().listen().await?;
@@ -422,7 +426,10 @@ impl Coordinator for PgCoordinator {
     }
 
     fn changes(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
-        self.changes.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn adoption_grace(&self) -> Duration {

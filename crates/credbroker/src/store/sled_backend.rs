@@ -197,6 +197,10 @@ impl Backend for SledBackend {
         self.path.display().to_string()
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .records

@@ -1,26 +1,30 @@
 //! The backend conformance suite: every store test, run against a backend given by a
 //! [`Fixture`]. [`conformance_suite!`] instantiates the whole suite for one backend; it is
-//! invoked below for sled, and any other backend (PostgreSQL) invokes it the same way.
+//! invoked below for sled, and by `tests/postgres.rs` for PostgreSQL (through the `test-util`
+//! feature, which makes this module public), the same suite for each.
 
 use super::*;
 use crate::vault::generate_key_file;
 
 /// Where one test keeps its store, on the backend under test; dropping it removes the store.
-pub(crate) trait Fixture: Send + Sync {
+pub trait Fixture: Send + Sync {
     /// The configuration that opens (and reopens) the test's store named `name`: each name is
     /// its own, initially empty, place.
     fn config_at(&self, name: &str) -> StoreConfig;
 }
 
 /// The sled backend: a store in a temporary folder.
+#[cfg(test)]
 pub(crate) struct SledFixture(tempfile::TempDir);
 
+#[cfg(test)]
 impl SledFixture {
     pub(crate) fn new() -> Self {
         Self(tempfile::tempdir().unwrap())
     }
 }
 
+#[cfg(test)]
 impl Fixture for SledFixture {
     fn config_at(&self, name: &str) -> StoreConfig {
         let mut config = StoreConfig::at(self.0.path().join(name));
@@ -68,10 +72,11 @@ const LOG: Table = Table::uncached("log");
 
 /// Runs every test of the suite against the backend `$fixture` (an expression evaluated
 /// afresh for each test, yielding a [`Fixture`]), in a module named `$name`.
+#[macro_export]
 macro_rules! conformance_suite {
     ($name:ident, $fixture:expr) => {
         mod $name {
-            $crate::store::tests::conformance_suite!(@each $fixture;
+            $crate::conformance_suite!(@each $fixture;
                 backend_keeps_its_invariants,
                 opening_checks_what_is_there,
                 round_trip_scan_and_last,
@@ -96,10 +101,10 @@ macro_rules! conformance_suite {
         )*
     };
 }
-pub(crate) use conformance_suite;
+#[cfg(test)]
+crate::conformance_suite!(sled, super::SledFixture::new());
 
-conformance_suite!(sled, super::SledFixture::new());
-
+#[cfg(test)]
 #[test]
 fn an_unknown_backend_is_named_in_the_error() {
     let mut config = StoreConfig::at("unused".into());
@@ -117,7 +122,7 @@ fn an_unknown_backend_is_named_in_the_error() {
     );
 }
 
-pub(crate) async fn backend_keeps_its_invariants(fixture: impl Fixture + 'static) {
+pub async fn backend_keeps_its_invariants(fixture: impl Fixture + 'static) {
     let backend = open_backend(&fixture.config_at("db"), Intent::Create)
         .await
         .unwrap();
@@ -189,7 +194,7 @@ pub(crate) async fn backend_keeps_its_invariants(fixture: impl Fixture + 'static
     backend.sync().await.unwrap();
 }
 
-pub(crate) async fn opening_checks_what_is_there(fixture: impl Fixture + 'static) {
+pub async fn opening_checks_what_is_there(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let opened = Store::open(&env.config(), &env.key).await;
     assert!(
@@ -220,7 +225,7 @@ fn one<T: Serialize>(table: Table, path: &str, value: &T) -> Batch {
     batch
 }
 
-pub(crate) async fn a_snapshot_restores_into_an_empty_place(fixture: impl Fixture + 'static) {
+pub async fn a_snapshot_restores_into_an_empty_place(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     fill(&store, 20).await;
@@ -247,7 +252,7 @@ pub(crate) async fn a_snapshot_restores_into_an_empty_place(fixture: impl Fixtur
     assert_eq!(v.as_deref(), Some("logged"));
 }
 
-pub(crate) async fn round_trip_scan_and_last(fixture: impl Fixture + 'static) {
+pub async fn round_trip_scan_and_last(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     let mut batch = Batch::new();
@@ -285,9 +290,7 @@ pub(crate) async fn round_trip_scan_and_last(fixture: impl Fixture + 'static) {
     );
 }
 
-pub(crate) async fn moved_or_flipped_values_are_reported_not_returned(
-    fixture: impl Fixture + 'static,
-) {
+pub async fn moved_or_flipped_values_are_reported_not_returned(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     let mut batch = Batch::new();
@@ -317,7 +320,7 @@ pub(crate) async fn moved_or_flipped_values_are_reported_not_returned(
     }
 }
 
-pub(crate) async fn concurrent_commits_share_flushes_and_all_land(fixture: impl Fixture + 'static) {
+pub async fn concurrent_commits_share_flushes_and_all_land(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     let store = std::sync::Arc::new(store);
@@ -358,7 +361,7 @@ async fn run_rewrap(store: &Store) -> RewrapState {
     panic!("rewrap never finished")
 }
 
-pub(crate) async fn rotation_rewraps_everything_then_retires_the_old_term(
+pub async fn rotation_rewraps_everything_then_retires_the_old_term(
     fixture: impl Fixture + 'static,
 ) {
     let env = Env::new(fixture);
@@ -423,7 +426,7 @@ pub(crate) async fn rotation_rewraps_everything_then_retires_the_old_term(
     assert_eq!(v, "value 4");
 }
 
-pub(crate) async fn rewrap_resumes_from_its_persisted_position(fixture: impl Fixture + 'static) {
+pub async fn rewrap_resumes_from_its_persisted_position(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     fill(&store, 40).await;
@@ -456,7 +459,7 @@ pub(crate) async fn rewrap_resumes_from_its_persisted_position(fixture: impl Fix
     );
 }
 
-pub(crate) async fn worn_term_rotates_by_itself(fixture: impl Fixture + 'static) {
+pub async fn worn_term_rotates_by_itself(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     store.vault().set_rotate_at(20);
@@ -474,7 +477,7 @@ pub(crate) async fn worn_term_rotates_by_itself(fixture: impl Fixture + 'static)
     );
 }
 
-pub(crate) async fn change_key_rewraps_the_keyring_only(fixture: impl Fixture + 'static) {
+pub async fn change_key_rewraps_the_keyring_only(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     fill(&store, 5).await;
@@ -571,7 +574,7 @@ fn full_audit_record(now: chrono::DateTime<chrono::Utc>) -> crate::audit::AuditR
     }
 }
 
-pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'static) {
+pub async fn every_record_type_round_trips(fixture: impl Fixture + 'static) {
     use crate::audit::AuditHead;
     use crate::model::{ConnectionSecrets, ConnectorSecrets, Secret};
     let env = Env::new(fixture);
@@ -593,9 +596,7 @@ pub(crate) async fn every_record_type_round_trips(fixture: impl Fixture + 'stati
     round_trips(&store, LOG, &head).await;
 }
 
-pub(crate) async fn an_unsynced_update_loses_to_a_concurrent_write(
-    fixture: impl Fixture + 'static,
-) {
+pub async fn an_unsynced_update_loses_to_a_concurrent_write(fixture: impl Fixture + 'static) {
     let env = Env::new(fixture);
     let store = env.create().await;
     let mut batch = Batch::new();
