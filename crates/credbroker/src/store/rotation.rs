@@ -208,15 +208,18 @@ impl Store {
         let _one = self.rotation.lock().await;
         let current = self.vault.current_term();
         state.to_term = current;
-        let grace = self.coord.adoption_grace();
-        let adopting = state.started_at.is_some_and(|at| {
+        // Every replica takes the rotation within the grace: only then can the check below
+        // be the last word (no envelope under an older term is still on its way).
+        let since = state.started_at.map_or(Default::default(), |at| {
             Utc::now()
                 .signed_duration_since(at)
                 .to_std()
                 .unwrap_or_default()
-                < grace
         });
-        if adopting || self.records_below(current).await? > 0 {
+        if let Some(left) = self.coord.adoption_grace().checked_sub(since) {
+            tokio::time::sleep(left).await;
+        }
+        if self.records_below(current).await? > 0 {
             // Written under an older term before the rotation but after this pass went by, or
             // a later rotation: another pass.
             state.after = None;
