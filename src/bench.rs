@@ -7,6 +7,9 @@
 //! open loop (a fixed rate, latency counted from each call's scheduled time) for tails, and new
 //! mTLS connections per second. Every figure is also given as a ratio to Echo's, because the
 //! machines this runs on are shared and noisy.
+//!
+//! `--backend postgres` keeps the broker's store in PostgreSQL instead of sled
+//! ([`PostgresTarget`]), in a schema of the run's own, dropped at the end.
 
 use std::future::Future;
 use std::io::BufRead;
@@ -87,6 +90,64 @@ pub struct BenchOptions {
     pub stored: u64,
     /// Where the throwaway broker lives (removed afterwards).
     pub dir: PathBuf,
+    /// `--backend postgres`: the server; `None`: sled.
+    pub postgres: Option<PostgresTarget>,
+}
+
+/// The PostgreSQL server a `--backend postgres` run keeps its store in.
+#[derive(Debug, Clone)]
+pub struct PostgresTarget {
+    pub url: credbroker::store::PgUrl,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl PostgresTarget {
+    /// The run's own schema.
+    fn schema() -> String {
+        format!("bench_{}", std::process::id())
+    }
+
+    /// `[store]` settings selecting this server, over the sled ones `credbroker dev` wrote.
+    fn apply(&self, store: &mut credbroker::config::StoreConfig) {
+        store.backend = "postgres".into();
+        store.url = Some(self.url.clone());
+        store.password_file = self.password_file.clone();
+        store.ca_file = self.ca_file.clone();
+        store.schema = Self::schema();
+    }
+
+    /// The same settings as `[store]` lines of the daemon's configuration file.
+    fn toml_lines(&self, url: &str) -> String {
+        let path = |name: &str, p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| format!("{name} = {:?}\n", p.display().to_string()))
+                .unwrap_or_default()
+        };
+        format!(
+            "backend = \"postgres\"\nurl = {url:?}\nschema = {:?}\n{}{}",
+            Self::schema(),
+            path("password_file", &self.password_file),
+            path("ca_file", &self.ca_file)
+        )
+    }
+
+    /// Drops the run's schema.
+    async fn drop_schema(&self, config: &credbroker::config::Config) -> Result<(), BenchError> {
+        let backend =
+            credbroker::store::open_backend(&config.store, credbroker::store::Intent::Existing)
+                .await?;
+        let Some(pg) = backend
+            .as_any()
+            .downcast_ref::<credbroker::store::PgBackend>()
+        else {
+            return Ok(());
+        };
+        let sql = format!("DROP SCHEMA {} CASCADE", Self::schema());
+        pg.run(move |s| async move { s.execute(&sql, &[]).await.map(drop) })
+            .await?;
+        Ok(())
+    }
 }
 
 /// Latencies of one measurement.
@@ -263,6 +324,10 @@ async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError
     std::fs::write(&config_path, text).map_err(io("write the bench config"))?;
     let config = credbroker::config::Config::load(&config_path)
         .map_err(|e| BenchError::Daemon(e.to_string()))?;
+    let config = match &options.postgres {
+        Some(pg) => on_postgres(pg, config, &config_path).await?,
+        None => config,
+    };
     let personal = populate(&config, stored).await?;
     let (child, addr) = spawn_daemon(&dir, &config_path, &certs)?;
     Ok(Broker {
@@ -275,6 +340,26 @@ async fn start(options: &BenchOptions, stored: u64) -> Result<Broker, BenchError
         personal,
         stored,
     })
+}
+
+/// Moves the bench broker's store to `pg`: rewrites `[store]` in its configuration file and
+/// creates the store there.
+async fn on_postgres(
+    pg: &PostgresTarget,
+    mut config: credbroker::config::Config,
+    config_path: &Path,
+) -> Result<credbroker::config::Config, BenchError> {
+    let text = std::fs::read_to_string(config_path).map_err(io("read the bench config"))?;
+    let url = pg.url.expose();
+    let text = text.replacen("[store]\n", &format!("[store]\n{}", pg.toml_lines(url)), 1);
+    std::fs::write(config_path, text).map_err(io("write the bench config"))?;
+    pg.apply(&mut config.store);
+    let key = config
+        .store
+        .key_source()
+        .map_err(|e| BenchError::Daemon(e.to_string()))?;
+    drop(Store::create(&config.store, &key).await?);
+    Ok(config)
 }
 
 /// Starts `credbroker serve` on `config_path`; returns it with its gRPC address.
@@ -577,6 +662,11 @@ pub async fn run(
 
     if options.stored > 0 {
         measure_stored(&mut broker, options, &one[0], &single, &mut report).await?;
+    }
+    if let Some(pg) = &options.postgres {
+        let _ = broker.child.kill();
+        let _ = broker.child.wait();
+        pg.drop_schema(&broker.config).await?;
     }
     Ok(report.rows)
 }

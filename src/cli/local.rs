@@ -103,6 +103,19 @@ pub struct BenchArgs {
     /// its memory (RSS) every 10 s.
     #[arg(long)]
     soak: Option<u64>,
+    /// The throwaway broker's store engine: sled, or postgres (with --pg-url).
+    #[arg(long, default_value = "sled", value_parser = ["sled", "postgres"])]
+    backend: String,
+    /// For --backend postgres: the server's connection string (the run uses a schema of
+    /// its own, dropped at the end).
+    #[arg(long)]
+    pg_url: Option<String>,
+    /// For --backend postgres: a file holding the role's password.
+    #[arg(long)]
+    pg_password_file: Option<PathBuf>,
+    /// For --backend postgres: the CA of the server's certificate.
+    #[arg(long)]
+    pg_ca_file: Option<PathBuf>,
 }
 
 /// A passphrase typed at the terminal, asked twice when `confirm`.
@@ -314,6 +327,22 @@ pub async fn change_passphrase(args: ChangePassphraseArgs) -> Result<(), Error> 
     Ok(())
 }
 
+/// The PostgreSQL server of `--backend postgres`.
+fn bench_postgres(args: &BenchArgs) -> Result<Option<crate::bench::PostgresTarget>, Error> {
+    if args.backend != "postgres" {
+        return Ok(None);
+    }
+    let url = args
+        .pg_url
+        .clone()
+        .ok_or("--backend postgres needs --pg-url postgres://USER@HOST:PORT/DATABASE")?;
+    Ok(Some(crate::bench::PostgresTarget {
+        url: credbroker::store::PgUrl::new(url),
+        password_file: args.pg_password_file.clone(),
+        ca_file: args.pg_ca_file.clone(),
+    }))
+}
+
 pub async fn bench(args: BenchArgs) -> Result<(), Error> {
     let options = crate::bench::BenchOptions {
         seconds: args.seconds,
@@ -322,6 +351,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
         rate_fraction: args.rate_fraction,
         stored: args.stored,
         dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
+        postgres: bench_postgres(&args)?,
     };
     println!("{}", crate::bench::header());
     let rows = crate::bench::run(&options, |row| {

@@ -121,19 +121,34 @@ impl Daemon {
 
     /// As [`Daemon::start_with`], passing `serve_args` to `credbroker serve`.
     pub fn start_with_args(policy: &str, extra_config: &str, serve_args: &[&str]) -> Daemon {
-        let mut daemon = Self::prepare(policy, extra_config, "", serve_args);
+        Self::start_full(policy, "", extra_config, serve_args)
+    }
+
+    /// Starts with [`OPEN_POLICY`] and `store_lines` added to the `[store]` table (another
+    /// backend, say: TOML has each table once, so they cannot go in the extra configuration).
+    pub fn start_with_store(store_lines: &str, extra_config: &str) -> Daemon {
+        Self::start_full(OPEN_POLICY, store_lines, extra_config, &[])
+    }
+
+    fn start_full(
+        policy: &str,
+        store_lines: &str,
+        extra_config: &str,
+        serve_args: &[&str],
+    ) -> Daemon {
+        let mut daemon = Self::prepare(policy, extra_config, store_lines, serve_args);
         daemon.init_and_spawn();
         daemon
     }
 
-    /// `n` replicas sharing one store: `store_toml` (`[store]` lines, e.g. a PostgreSQL
+    /// `n` replicas sharing one store: `store_lines` (`[store]` lines, e.g. a PostgreSQL
     /// server's) and the first replica's key file; each has its own folder, certificates,
     /// ports and audit log (`[audit] node = "replica-{i}"`). The first runs `credbroker init`.
-    pub fn start_replicas(n: usize, store_toml: &str, extra_config: &str) -> Vec<Daemon> {
+    pub fn start_replicas(n: usize, store_lines: &str, extra_config: &str) -> Vec<Daemon> {
         let mut replicas: Vec<Daemon> = Vec::with_capacity(n);
         for i in 0..n {
             let extra = format!("{extra_config}\n[audit]\nnode = \"replica-{i}\"\n");
-            let mut daemon = Self::prepare(OPEN_POLICY, &extra, store_toml, &[]);
+            let mut daemon = Self::prepare(OPEN_POLICY, &extra, store_lines, &[]);
             match replicas.first() {
                 None => daemon.init_and_spawn(),
                 Some(first) => {
@@ -147,8 +162,9 @@ impl Daemon {
         replicas
     }
 
-    /// The folder, PKI, policy and configuration (`store_toml` added to `[store]`), nothing run.
-    fn prepare(policy: &str, extra_config: &str, store_toml: &str, serve_args: &[&str]) -> Daemon {
+    /// The folder, PKI, policy and configuration (`store_lines` added to `[store]`), nothing
+    /// run yet.
+    fn prepare(policy: &str, extra_config: &str, store_lines: &str, serve_args: &[&str]) -> Daemon {
         credbroker::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertAuthority::generate("credbroker test CA").unwrap();
@@ -161,12 +177,15 @@ impl Daemon {
             return_origins: &["https://console.example"],
             ..LoopbackConfig::beside(http_port())
         };
-        let mut config = format!("{}{extra_config}\n", loopback.toml());
+        let mut config = format!("{}{extra_config}\n", loopback.toml()).replacen(
+            "[store]\n",
+            &format!("[store]\n{store_lines}"),
+            1,
+        );
         // A test that writes its own [egress] gets only that, not the loopback allowance.
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);
         }
-        config = config.replacen("[store]\n", &format!("[store]\n{store_toml}"), 1);
         write(&dir.path().join("credbroker.toml"), &config);
         let daemon = Daemon {
             dir,

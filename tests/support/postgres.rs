@@ -351,6 +351,35 @@ impl Postgres {
         );
     }
 
+    /// Freezes the server and every one of its processes (SIGSTOP), or thaws them (SIGCONT):
+    /// connections then hang rather than fail.
+    pub fn freeze(&self, frozen: bool) {
+        let pid: u32 = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .expect("read postmaster.pid")
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a pid in postmaster.pid");
+        let mut pids = vec![pid];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid …: the parent is the second field after the comm.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent.and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+                && let Ok(child) = entry.file_name().to_string_lossy().parse()
+            {
+                pids.push(child);
+            }
+        }
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        for pid in pids {
+            // SAFETY: kill(2) on a process of this server, which this test started.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
     /// Starts it again on the same port.
     pub fn start(&self) {
         assert!(

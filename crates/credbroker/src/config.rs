@@ -37,6 +37,8 @@
 //! user_burst = 1000                 # …with bursts up to this many
 //! max_call_request_bytes = 8388608   # Broker.Call: request body sent upstream…
 //! max_call_response_bytes = 4128768 # …and response body read back (fits a 4 MiB gRPC reply)
+//! max_call_stream_bytes = 1073741824  # Broker.CallStream: response body streamed back…
+//! call_stream_timeout_secs = 3600   # …within this long (each piece within upstream_timeout_secs)
 //! upstream_connections = 4096       # upstream sockets (IMAP, SMTP, HTTPS) open at once…
 //! upstream_connections_per_caller = 1024  # …and per caller (RESOURCE_EXHAUSTED beyond)
 //! [egress]                          # where upstream connections may go (crate::upstream)
@@ -343,6 +345,10 @@ pub struct Limits {
     pub max_call_request_bytes: usize,
     /// Largest response body Broker.Call reads from upstream, in bytes.
     pub max_call_response_bytes: usize,
+    /// Largest response body Broker.CallStream streams from upstream, in bytes…
+    pub max_call_stream_bytes: u64,
+    /// …and the longest a CallStream may last, in seconds.
+    pub call_stream_timeout_secs: u64,
     /// Upstream connections (IMAP, SMTP, HTTPS) open at once, for the whole broker…
     pub upstream_connections: usize,
     /// …and for one caller; more are refused with RESOURCE_EXHAUSTED before a socket is opened.
@@ -372,6 +378,8 @@ impl Default for Limits {
             // A reply must fit the 4 MiB a gRPC client receives by default, with room for
             // the status and headers.
             max_call_response_bytes: (4 << 20) - (64 << 10),
+            max_call_stream_bytes: 1 << 30,
+            call_stream_timeout_secs: 3600,
             upstream_connections: crate::upstream::DEFAULT_CONNECTIONS,
             upstream_connections_per_caller: crate::upstream::DEFAULT_CONNECTIONS_PER_CALLER,
         }

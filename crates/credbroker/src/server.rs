@@ -411,6 +411,8 @@ pub async fn open_services(
             crate::proxy::CallLimits {
                 request_bytes: config.limits.max_call_request_bytes,
                 response_bytes: config.limits.max_call_response_bytes,
+                stream_bytes: config.limits.max_call_stream_bytes,
+                stream_time: Duration::from_secs(config.limits.call_stream_timeout_secs.max(1)),
             },
         ),
         connect: Connect::new(

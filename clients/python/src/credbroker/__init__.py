@@ -9,19 +9,28 @@
 
 The CA is always given explicitly: the broker's certificate is checked against it, never against
 the system trust store (nor SSL_CERT_FILE).
+
+Large downloads through ``Broker.CallStream`` (the body in pieces, never whole in memory)::
+
+    with cb.call_stream(broker_pb2.CallRequest(connection=..., method="GET",
+                                               path="/drive/v3/files/FILE_ID",
+                                               query=[broker_pb2.QueryParam(name="alt", value="media")])) as download:
+        if download.status == 200:
+            for piece in download:
+                out.write(piece)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Union
 
 import grpc
 
 from .v1 import admin_pb2_grpc, broker_pb2_grpc
 
-__all__ = ["Client", "connect"]
+__all__ = ["CallStream", "Client", "connect"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -35,6 +44,33 @@ def _read(path: PathLike, what: str) -> bytes:
 
 
 @dataclass
+class CallStream:
+    """An answer of ``Broker.CallStream``: ``status`` and ``headers`` (lower-case names) as the API
+    sent them; iterating gives the body's pieces (``bytes``, at most 64 KiB each). An error while
+    streaming (the broker's cap ``max_call_stream_bytes`` reached, the API gone) raises
+    ``grpc.RpcError``. ``close()`` (or leaving the ``with`` block) hangs up; the broker records how
+    much was handed on."""
+
+    status: int
+    headers: Dict[str, str]
+    _messages: Any = field(repr=False)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for message in self._messages:
+            if message.data:
+                yield message.data
+
+    def close(self) -> None:
+        self._messages.cancel()
+
+    def __enter__(self) -> "CallStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
 class Client:
     """An open mTLS channel and the two services on it. Close it, or use it as a context manager."""
 
@@ -44,6 +80,21 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+    def call_stream(self, request, *, timeout: Optional[float] = None) -> CallStream:
+        """Starts ``Broker.CallStream`` with ``request`` (a ``broker_pb2.CallRequest``) and waits for
+        the API's status and headers; a refusal (policy, path, credential) raises ``grpc.RpcError``
+        before anything is read. ``timeout`` bounds the whole download."""
+        messages = self.broker.CallStream(request, timeout=timeout)
+        head = next(messages, None)
+        if head is None:
+            messages.cancel()
+            raise RuntimeError("Broker.CallStream ended without its status message")
+        return CallStream(
+            status=head.status,
+            headers={h.name.lower(): h.value for h in head.headers},
+            _messages=messages,
+        )
 
     def __enter__(self) -> "Client":
         return self

@@ -258,11 +258,15 @@ pub fn call_request(r: proto::CallRequest) -> crate::proxy::CallRequest {
 pub fn call_response(r: crate::proxy::CallResponse) -> proto::CallResponse {
     proto::CallResponse {
         status: r.status.into(),
-        headers: r
-            .headers
-            .into_iter()
-            .map(|(name, value)| proto::HttpHeader { name, value })
-            .collect(),
+        headers: http_headers(r.headers),
         body: r.body,
     }
+}
+
+/// Response headers, as the reply's.
+pub fn http_headers(headers: Vec<(String, String)>) -> Vec<proto::HttpHeader> {
+    headers
+        .into_iter()
+        .map(|(name, value)| proto::HttpHeader { name, value })
+        .collect()
 }

@@ -4,7 +4,8 @@
 //! the labels its audit records and metrics carry.
 //!
 //! Invariants: every method of the two services has exactly one row, and every
-//! [`Operation`] is reached by exactly one data-plane RPC (both checked against the compiled
+//! [`Operation`] is reached by exactly one data-plane RPC, but for `call`, reached by Call and
+//! its streaming form CallStream (both checked against the compiled
 //! descriptors in the tests below). Only the RPCs that carry attachments accept the
 //! configured large size; every other one is refused past a small fixed bound. The labels are
 //! stable: audit queries filter on them and dashboards group by them, so a row's labels never
@@ -114,6 +115,7 @@ rpcs! {
     ListCalendar: Broker(ListCalendar), Small;
     CreateEvent: Broker(CreateEvent), Attachments, acts;
     Call: Broker(Call), Attachments, acts;
+    CallStream: Broker(Call), Attachments, acts;
     CreateConnector: Admin, Settings;
     GetConnector: Admin, Small;
     ListConnectors: Admin, Small;
@@ -228,7 +230,10 @@ mod tests {
             .copied()
             .filter(|r| r.max_request_bytes(large) > SETTINGS_REQUEST_BYTES)
             .collect();
-        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call]);
+        assert_eq!(
+            big,
+            [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call, Rpc::CallStream]
+        );
         assert_eq!(Rpc::ResolveCredential.max_request_bytes(large), 64 * 1024);
         // A configured size below the fixed bounds lowers them too.
         for &rpc in Rpc::ALL {
@@ -251,6 +256,7 @@ mod tests {
                 Rpc::SendEmail,
                 Rpc::CreateEvent,
                 Rpc::Call,
+                Rpc::CallStream,
                 Rpc::ConnectWithCredentials,
                 Rpc::Disconnect
             ]
@@ -265,7 +271,9 @@ mod tests {
                 .copied()
                 .filter(|r| r.access() == Access::Grant(op))
                 .collect();
-            assert_eq!(rpcs.len(), 1, "{op:?} is reached by {rpcs:?}");
+            // Call's streaming form is the same operation, granted by the same `calls`.
+            let expected = if op == Operation::Call { 2 } else { 1 };
+            assert_eq!(rpcs.len(), expected, "{op:?} is reached by {rpcs:?}");
             assert!(rpcs[0].grpc_path().starts_with("/credbroker.v1.Broker/"));
         }
     }

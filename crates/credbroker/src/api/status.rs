@@ -94,6 +94,8 @@ pub enum Reason {
     TooManyStreams,
     EgressRefused,
     UpstreamBusy,
+    /// The store's server (PostgreSQL) could not be reached in time; a retry may succeed.
+    StorageUnavailable,
 }
 
 impl Reason {
@@ -130,6 +132,7 @@ impl Reason {
             Reason::TooManyStreams => ("TOO_MANY_STREAMS", ResourceExhausted),
             Reason::EgressRefused => ("EGRESS_REFUSED", FailedPrecondition),
             Reason::UpstreamBusy => ("UPSTREAM_BUSY", ResourceExhausted),
+            Reason::StorageUnavailable => ("STORAGE_UNAVAILABLE", Unavailable),
         }
     }
 
@@ -179,6 +182,7 @@ fn model(e: &ModelError) -> Class {
         ModelError::NotFound { .. } => plain(Reason::NotFound),
         ModelError::AlreadyExists { .. } => plain(Reason::AlreadyExists),
         ModelError::FailedPrecondition(_) => plain(Reason::FailedPrecondition),
+        ModelError::Store(e) if e.is_unavailable() => plain(Reason::StorageUnavailable),
         ModelError::Store(_) => plain(Reason::Storage),
     }
 }

@@ -202,15 +202,19 @@ impl OAuth {
 
     /// Refreshes the access token now because an API refused `rejected` (Broker.Call's one
     /// retry), unless the stored token is already another one (someone refreshed since).
-    /// True when there is a new token to try; client-credentials tokens are not replaced.
+    /// True when there is a new token to try (for a client-credentials connector, a new one
+    /// asked for in its place).
     pub async fn replace_rejected(
         &self,
         connector: &Connector,
         user: &str,
         rejected: &Secret,
     ) -> Result<bool, OAuthError> {
-        if connector.kind != Kind::Oauth2 || Grant::of(connector)? == Grant::ClientCredentials {
+        if connector.kind != Kind::Oauth2 {
             return Ok(false);
+        }
+        if Grant::of(connector)? == Grant::ClientCredentials {
+            return self.replace_client_token(connector, rejected).await;
         }
         let key = crate::model::connection_path(&connector.id, user);
         let flight = self.flight(&key);
@@ -221,6 +225,30 @@ impl OAuth {
         }
         let token = self
             .refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .await?;
+        Ok(&token.token != rejected)
+    }
+
+    /// A new client-credentials token in place of `rejected`, unless the cached one is
+    /// already another (asked for since); true when there is a new token to try.
+    async fn replace_client_token(
+        &self,
+        connector: &Connector,
+        rejected: &Secret,
+    ) -> Result<bool, OAuthError> {
+        let flight = self.flight(&connector.id);
+        let _turn = flight.lock().await;
+        let cached = self
+            .client_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&connector.id)
+            .map(|t| t.token.clone());
+        if cached.is_some_and(|t| &t != rejected) {
+            return Ok(true);
+        }
+        let token = self
+            .request_client_token(connector, &Endpoints::of(connector)?)
             .await?;
         Ok(&token.token != rejected)
     }

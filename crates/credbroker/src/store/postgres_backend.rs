@@ -60,6 +60,12 @@ impl PgUrl {
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
     }
+
+    /// The connection string itself, password and all: only to hand it on to a connection
+    /// or a configuration file, never to show.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for PgUrl {
@@ -141,6 +147,25 @@ pub struct Shared {
     sync_failed: AtomicBool,
 }
 
+/// Runs `$call` with a pooled connection as `$conn`, retried once on a fresh connection when
+/// the pooled one turned out closed (see [`Shared::query`]).
+macro_rules! on_connection {
+    ($shared:expr, |$conn:ident| $call:expr) => {{
+        let mut retried = false;
+        loop {
+            let mut $conn = $shared.pool.get().await?;
+            let outcome = $call.await;
+            match outcome {
+                Err(e) if e.is_closed() && !retried => retried = true,
+                outcome => {
+                    $conn.completed();
+                    return outcome.map_err(|e| pg_error($shared.location(), e));
+                }
+            }
+        }
+    }};
+}
+
 type Params<'a> = &'a [(&'a (dyn ToSql + Sync), Type)];
 
 impl Shared {
@@ -163,39 +188,12 @@ impl Shared {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        let mut retried = false;
-        loop {
-            let mut conn = self.pool.get().await?;
-            match conn.query_typed(sql, params).await {
-                Ok(rows) => {
-                    conn.completed();
-                    return Ok(rows);
-                }
-                Err(e) if e.is_closed() && !retried => retried = true,
-                Err(e) => {
-                    conn.completed();
-                    return Err(pg_error(self.location(), e));
-                }
-            }
-        }
+        on_connection!(self, |conn| conn.query_typed(sql, params))
     }
 
+    /// As [`Shared::query`], for a statement's count of rows changed.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
-        let mut retried = false;
-        loop {
-            let mut conn = self.pool.get().await?;
-            match conn.execute_typed(sql, params).await {
-                Ok(n) => {
-                    conn.completed();
-                    return Ok(n);
-                }
-                Err(e) if e.is_closed() && !retried => retried = true,
-                Err(e) => {
-                    conn.completed();
-                    return Err(pg_error(self.location(), e));
-                }
-            }
-        }
+        on_connection!(self, |conn| conn.execute_typed(sql, params))
     }
 
     /// Forces a WAL flush covering every commit made before it (for `allow_async_commit`).
@@ -422,9 +420,11 @@ impl PgBackend {
         let shared = self.shared.clone();
         let deadline = shared.deadline;
         let location = shared.location().to_string();
+        let work = work(shared);
+        // The timer is made on the backend's runtime: the caller may be on none (wait_inline).
         let task = self
             .handle
-            .spawn(tokio::time::timeout(deadline, work(shared)));
+            .spawn(async move { tokio::time::timeout(deadline, work).await });
         match task.await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_elapsed)) => Err(StoreError::Timeout {

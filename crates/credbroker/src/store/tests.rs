@@ -78,6 +78,7 @@ macro_rules! conformance_suite {
         mod $name {
             $crate::conformance_suite!(@each $fixture;
                 backend_keeps_its_invariants,
+                calls_work_outside_any_runtime,
                 opening_checks_what_is_there,
                 round_trip_scan_and_last,
                 moved_or_flipped_values_are_reported_not_returned,
@@ -192,6 +193,26 @@ pub async fn backend_keeps_its_invariants(fixture: impl Fixture + 'static) {
     let every = backend.scan_prefix(b"", None, usize::MAX).await.unwrap();
     assert_eq!(every.len(), 4, "metadata is not a record");
     backend.sync().await.unwrap();
+}
+
+/// The synchronous callers (the vault's reservation hook, the group-commit thread) wait for
+/// backend calls on threads outside any runtime, with [`wait_inline`].
+pub async fn calls_work_outside_any_runtime(fixture: impl Fixture + 'static) {
+    let backend = open_backend(&fixture.config_at("db"), Intent::Create)
+        .await
+        .unwrap();
+    let outside = std::thread::spawn(move || {
+        wait_inline(async {
+            backend.meta_put("reserved/1", b"64").await?;
+            backend.sync().await?;
+            backend
+                .apply(vec![(b"t\0a".to_vec(), Some(b"1".to_vec()))])
+                .await?;
+            backend.sync().await?;
+            backend.get(b"t\0a").await
+        })
+    });
+    assert_eq!(outside.join().unwrap().unwrap(), Some(b"1".to_vec()));
 }
 
 pub async fn opening_checks_what_is_there(fixture: impl Fixture + 'static) {
