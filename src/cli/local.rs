@@ -116,6 +116,10 @@ pub struct BenchArgs {
     /// For --backend postgres: the CA of the server's certificate.
     #[arg(long)]
     pg_ca_file: Option<PathBuf>,
+    /// For --backend postgres: also measure the peak over this many brokers on the one store
+    /// (the connections spread over them).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 /// A passphrase typed at the terminal, asked twice when `confirm`.
@@ -352,7 +356,13 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
         stored: args.stored,
         dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
         postgres: bench_postgres(&args)?,
+        replicas: args.replicas,
     };
+    if options.replicas > 1 && options.postgres.is_none() {
+        return Err(
+            "--replicas needs --backend postgres (replicas share a PostgreSQL store)".into(),
+        );
+    }
     println!("{}", crate::bench::header());
     let rows = crate::bench::run(&options, |row| {
         println!("{}", crate::bench::format_row(row))

@@ -22,7 +22,7 @@ mod backup;
 mod cache;
 mod coord;
 mod group_commit;
-mod pg_coord;
+pub(crate) mod pg_coord;
 pub mod postgres_backend;
 mod rotation;
 mod sled_backend;

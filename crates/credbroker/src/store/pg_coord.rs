@@ -1,6 +1,6 @@
 //! The PostgreSQL [`Coordinator`]: how replicas on one database agree. Its tables and triggers
-//! live beside the backend's, in the store's schema, created (idempotently, under an advisory
-//! lock) when a store opens:
+//! live beside the backend's, in the store's schema: its migration 2 ([`MIGRATION`]), created
+//! by `credbroker init` and migrated by `serve` like the rest of the schema:
 //!
 //! - `leases (name, token, holder, expires_at)`: a lease is taken by one upsert that bumps the
 //!   token only if the row is free or lapsed (by the server's clock, so replicas' clocks never
@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -49,8 +48,33 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 
 type Params<'a> = &'a [(&'a (dyn ToSql + Sync), Type)];
 
+/// The coordination tables and change triggers: migration 2 of the store's schema (see
+/// [`super::postgres_backend::MIGRATIONS`]), `{s}` standing for the schema. The channel is named
+/// after the schema (its first 50 characters), as [`channel_of`] computes it.
+pub const MIGRATION: &str = "
+    CREATE TABLE {s}.leases (name text COLLATE \"C\" PRIMARY KEY, token bigint NOT NULL,
+      holder text, expires_at timestamptz NOT NULL);
+    CREATE TABLE {s}.counters (term bigint PRIMARY KEY, total bigint NOT NULL);
+    CREATE FUNCTION {s}.record_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify(left(TG_TABLE_SCHEMA, 50) || '_changes', 'r' || encode(OLD.key, 'hex'));
+      ELSE
+        PERFORM pg_notify(left(TG_TABLE_SCHEMA, 50) || '_changes', 'r' || encode(NEW.key, 'hex'));
+      END IF;
+      RETURN NULL;
+    END $$;
+    CREATE FUNCTION {s}.meta_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      PERFORM pg_notify(left(TG_TABLE_SCHEMA, 50) || '_changes', 'm' || NEW.key);
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER record_changed AFTER INSERT OR UPDATE OR DELETE ON {s}.records
+      FOR EACH ROW EXECUTE FUNCTION {s}.record_changed();
+    CREATE TRIGGER meta_changed AFTER INSERT OR UPDATE ON {s}.meta
+      FOR EACH ROW EXECUTE FUNCTION {s}.meta_changed();";
+
 struct Sql {
-    setup: String,
     try_lease: String,
     release: String,
     lock_lease: String,
@@ -60,40 +84,14 @@ struct Sql {
     channel: String,
 }
 
-/// The notification channel of `schema` (an identifier of its own, short enough).
+/// The notification channel of `schema` (a plain identifier: the schema's is one).
 fn channel_of(schema: &str) -> String {
-    let digest = Sha256::digest(schema.as_bytes());
-    format!("credbroker_{}", hex::encode(&digest[..8]))
+    format!("{}_changes", &schema[..schema.len().min(50)])
 }
 
 impl Sql {
     fn new(s: &str) -> Self {
-        let channel = channel_of(s);
-        let setup = format!(
-            "CREATE TABLE IF NOT EXISTS {s}.leases (name text COLLATE \"C\" PRIMARY KEY, \
-               token bigint NOT NULL, holder text, expires_at timestamptz NOT NULL);
-             CREATE TABLE IF NOT EXISTS {s}.counters (term bigint PRIMARY KEY, total bigint NOT NULL);
-             CREATE OR REPLACE FUNCTION {s}.record_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF TG_OP = 'DELETE' THEN
-                 PERFORM pg_notify('{channel}', 'r' || encode(OLD.key, 'hex'));
-               ELSE
-                 PERFORM pg_notify('{channel}', 'r' || encode(NEW.key, 'hex'));
-               END IF;
-               RETURN NULL;
-             END $$;
-             CREATE OR REPLACE FUNCTION {s}.meta_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               PERFORM pg_notify('{channel}', 'm' || NEW.key);
-               RETURN NULL;
-             END $$;
-             CREATE OR REPLACE TRIGGER record_changed AFTER INSERT OR UPDATE OR DELETE ON {s}.records
-               FOR EACH ROW EXECUTE FUNCTION {s}.record_changed();
-             CREATE OR REPLACE TRIGGER meta_changed AFTER INSERT OR UPDATE ON {s}.meta
-               FOR EACH ROW EXECUTE FUNCTION {s}.meta_changed();"
-        );
         Self {
-            setup,
             try_lease: format!(
                 "INSERT INTO {s}.leases AS l (name, token, holder, expires_at) \
                  VALUES ($1, 1, $2, clock_timestamp() + make_interval(secs => $3)) \
@@ -114,7 +112,7 @@ impl Sql {
                  ON CONFLICT (term) DO UPDATE SET total = c.total + EXCLUDED.total RETURNING total"
             ),
             reserved: format!("SELECT total FROM {s}.counters WHERE term = $1"),
-            channel,
+            channel: channel_of(s),
         }
     }
 }
@@ -133,13 +131,10 @@ pub struct PgCoordinator {
 }
 
 impl PgCoordinator {
-    /// Creates the coordination tables and triggers if missing, and starts following changes.
+    /// Starts following changes (the tables are the schema's migration 2, [`MIGRATION`]).
     pub async fn open(backend: Arc<dyn Backend>) -> Result<Self, StoreError> {
         let pg = pg_of(backend.as_ref());
         let sql = Arc::new(Sql::new(pg.schema()));
-        let setup = sql.clone();
-        pg.run(move |s| async move { prepare(&s, &setup).await })
-            .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = pg.run(|s| async move { Ok(s) }).await?;
         pg.runtime().spawn(follow(shared, sql.channel.clone(), tx));
@@ -161,25 +156,6 @@ fn pg_of(backend: &dyn Backend) -> &PgBackend {
         .as_any()
         .downcast_ref::<PgBackend>()
         .expect("the PostgreSQL coordinator runs over the PostgreSQL backend")
-}
-
-/// Creates the tables and triggers, once even when replicas start together.
-async fn prepare(s: &Shared, sql: &Sql) -> Result<(), StoreError> {
-    let location = s.pool().location().to_string();
-    let error = |e| pg_error(&location, e);
-    let mut conn = s.pool().get().await?;
-    let tx = conn.transaction().await.map_err(error)?;
-    let lock = format!("credbroker coordinate {}", s.schema());
-    tx.execute_typed(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[(&lock, Type::TEXT)],
-    )
-    .await
-    .map_err(error)?;
-    tx.batch_execute(&sql.setup).await.map_err(error)?;
-    tx.commit().await.map_err(error)?;
-    conn.completed();
-    Ok(())
 }
 
 /// Follows the schema's change channel for as long as anyone takes the changes.
@@ -453,7 +429,7 @@ mod tests {
                 Change::Resumed,
             ]
         );
-        assert!(channel_of("credbroker").len() < 63);
-        assert_ne!(channel_of("a"), channel_of("b"));
+        assert_eq!(channel_of("credbroker"), "credbroker_changes");
+        assert!(channel_of(&"s".repeat(63)).len() < 63);
     }
 }
