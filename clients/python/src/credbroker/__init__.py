@@ -28,11 +28,15 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 import grpc
 
-from .v1 import admin_pb2_grpc, broker_pb2_grpc
+from .v1 import admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 __all__ = ["CallStream", "Client", "connect"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _selection(mailbox: str, uid_validity: int, uids):
+    return broker_pb2.MailSelection(mailbox=mailbox, uid_validity=uid_validity, uids=list(uids))
 
 
 def _read(path: PathLike, what: str) -> bytes:
@@ -95,6 +99,36 @@ class Client:
             headers={h.name.lower(): h.value for h in head.headers},
             _messages=messages,
         )
+
+    # Mail organisation: each names the messages by UID in one mailbox, with the UIDVALIDITY
+    # they were read under (FetchMail's ``uid_validity``); a stale one changes nothing.
+
+    def list_folders(self, connection, *, timeout: Optional[float] = 30.0):
+        """``Broker.ListFolders``: the account's folders, its Trash folder, whether it has labels."""
+        return self.broker.ListFolders(broker_pb2.ListFoldersRequest(connection=connection), timeout=timeout)
+
+    def move_messages(self, connection, mailbox: str, uid_validity: int, uids, destination: str,
+                      *, timeout: Optional[float] = 60.0):
+        """``Broker.MoveMessages`` of ``uids`` from ``mailbox`` to ``destination``."""
+        return self.broker.MoveMessages(broker_pb2.MoveMessagesRequest(
+            connection=connection, selection=_selection(mailbox, uid_validity, uids),
+            destination=destination), timeout=timeout)
+
+    def set_flags(self, connection, mailbox: str, uid_validity: int, uids, *, add=(), remove=(),
+                  add_labels=(), remove_labels=(), timeout: Optional[float] = 60.0):
+        """``Broker.SetFlags``: ``add``/``remove`` are ``broker_pb2.SEEN``, ``FLAGGED``,
+        ``ANSWERED``, ``DELETED``; labels only where the server has them (Gmail)."""
+        return self.broker.SetFlags(broker_pb2.SetFlagsRequest(
+            connection=connection, selection=_selection(mailbox, uid_validity, uids),
+            add=list(add), remove=list(remove), add_labels=list(add_labels),
+            remove_labels=list(remove_labels)), timeout=timeout)
+
+    def delete_messages(self, connection, mailbox: str, uid_validity: int, uids, *,
+                        expunge: bool = False, timeout: Optional[float] = 60.0):
+        """``Broker.DeleteMessages``: to the Trash folder, or with ``expunge`` for good."""
+        return self.broker.DeleteMessages(broker_pb2.DeleteMessagesRequest(
+            connection=connection, selection=_selection(mailbox, uid_validity, uids),
+            expunge=expunge), timeout=timeout)
 
     def __enter__(self) -> "Client":
         return self

@@ -256,6 +256,53 @@ impl Broker for BrokerApi {
         })
         .await
     }
+
+    async fn list_folders(
+        &self,
+        req: Request<proto::ListFoldersRequest>,
+    ) -> Result<Response<proto::ListFoldersResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::ListFolders, req, async |_, target, _| {
+            Ok(convert::folders(s.mail.list_folders(&target).await?))
+        })
+        .await
+    }
+
+    async fn move_messages(
+        &self,
+        req: Request<proto::MoveMessagesRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::MoveMessages, req, async |call, target, r| {
+            self.organize(call, &target, convert::move_request(r)?)
+                .await
+        })
+        .await
+    }
+
+    async fn set_flags(
+        &self,
+        req: Request<proto::SetFlagsRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::SetFlags, req, async |call, target, r| {
+            self.organize(call, &target, convert::flags_request(r)?)
+                .await
+        })
+        .await
+    }
+
+    async fn delete_messages(
+        &self,
+        req: Request<proto::DeleteMessagesRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::DeleteMessages, req, async |call, target, r| {
+            self.organize(call, &target, convert::delete_request(r)?)
+                .await
+        })
+        .await
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::CallChunk, Status>> + Send>>;
@@ -323,5 +370,20 @@ async fn stream_body(
     }
     if let Some(e) = failure {
         let _ = tx.send(Err(Status::from(e))).await;
+    }
+}
+
+impl BrokerApi {
+    /// A mail organisation request; its audit detail says what was asked (never anything of
+    /// the messages).
+    async fn organize(
+        &self,
+        call: &mut Call,
+        target: &crate::model::Target,
+        request: crate::mail::organize::Request,
+    ) -> Result<proto::OrganizeMailResponse, ApiError> {
+        call.detail = request.to_string();
+        let outcome = self.0.mail.organize(target, request).await?;
+        Ok(convert::organized(outcome))
     }
 }

@@ -4,8 +4,9 @@
 //! the labels its audit records and metrics carry.
 //!
 //! Invariants: every method of the two services has exactly one row, and every
-//! [`Operation`] is reached by exactly one data-plane RPC, but for `call`, reached by Call and
-//! its streaming form CallStream (both checked against the compiled
+//! [`Operation`] is reached by exactly one data-plane RPC, except `call` (Call and its
+//! streaming form CallStream), `fetch_mail` (FetchMail and ListFolders: reading) and
+//! `organize_mail` (MoveMessages, SetFlags, DeleteMessages) (both checked against the compiled
 //! descriptors in the tests below). Only the RPCs that carry attachments accept the
 //! configured large size; every other one is refused past a small fixed bound. The labels are
 //! stable: audit queries filter on them and dashboards group by them, so a row's labels never
@@ -116,6 +117,10 @@ rpcs! {
     CreateEvent: Broker(CreateEvent), Attachments, acts;
     Call: Broker(Call), Attachments, acts;
     CallStream: Broker(Call), Attachments, acts;
+    ListFolders: Broker(FetchMail), Small;
+    MoveMessages: Broker(OrganizeMail), Small, acts;
+    SetFlags: Broker(OrganizeMail), Small, acts;
+    DeleteMessages: Broker(OrganizeMail), Small, acts;
     CreateConnector: Admin, Settings;
     GetConnector: Admin, Small;
     ListConnectors: Admin, Small;
@@ -257,6 +262,9 @@ mod tests {
                 Rpc::CreateEvent,
                 Rpc::Call,
                 Rpc::CallStream,
+                Rpc::MoveMessages,
+                Rpc::SetFlags,
+                Rpc::DeleteMessages,
                 Rpc::ConnectWithCredentials,
                 Rpc::Disconnect
             ]
@@ -264,17 +272,26 @@ mod tests {
     }
 
     #[test]
-    fn every_operation_is_reached_by_exactly_one_rpc() {
+    fn every_operation_is_reached_by_exactly_one_rpc_but_reading_and_organising_mail() {
         for op in Operation::ALL {
             let rpcs: Vec<Rpc> = Rpc::ALL
                 .iter()
                 .copied()
                 .filter(|r| r.access() == Access::Grant(op))
                 .collect();
-            // Call's streaming form is the same operation, granted by the same `calls`.
-            let expected = if op == Operation::Call { 2 } else { 1 };
-            assert_eq!(rpcs.len(), expected, "{op:?} is reached by {rpcs:?}");
-            assert!(rpcs[0].grpc_path().starts_with("/credbroker.v1.Broker/"));
+            match op {
+                // Call's streaming form is the same operation, granted by the same `calls`.
+                Operation::Call => assert_eq!(rpcs, [Rpc::Call, Rpc::CallStream]),
+                Operation::FetchMail => assert_eq!(rpcs, [Rpc::FetchMail, Rpc::ListFolders]),
+                Operation::OrganizeMail => assert_eq!(
+                    rpcs,
+                    [Rpc::MoveMessages, Rpc::SetFlags, Rpc::DeleteMessages]
+                ),
+                _ => assert_eq!(rpcs.len(), 1, "{op:?} is reached by {rpcs:?}"),
+            }
+            for rpc in rpcs {
+                assert!(rpc.grpc_path().starts_with("/credbroker.v1.Broker/"));
+            }
         }
     }
 }
