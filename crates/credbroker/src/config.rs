@@ -116,7 +116,9 @@ pub struct Config {
 pub struct AuditConfig {
     /// The log's folder; `None`: `audit` inside the store's folder.
     pub path: Option<PathBuf>,
-    /// This node's id; `None`: the one the log was created with, else the hostname.
+    /// This node's id; `None`: the one the log was created with, else the hostname. Replicas
+    /// sharing a store each need their own (`node_id` is the same setting).
+    #[serde(alias = "node_id")]
     pub node: Option<String>,
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,

@@ -15,6 +15,7 @@
 mod checkpoint;
 mod log;
 mod migrate;
+mod nodes;
 mod retention;
 mod segment;
 #[cfg(test)]
@@ -23,6 +24,7 @@ mod verify;
 
 pub use checkpoint::{Checkpoint, Kind as CheckpointKind};
 pub use migrate::{migrate, old_records};
+pub use nodes::{NodeSummary, NodesError, node_of, verify_nodes};
 pub use verify::{VerifyError, VerifySummary, export, verify, verify_against};
 
 use std::ops::ControlFlow;

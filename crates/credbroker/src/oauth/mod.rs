@@ -6,12 +6,14 @@
 //! - a rotated refresh token is durable before the access token that came with it is returned;
 //! - a refresh response without a refresh token keeps the stored one;
 //! - `invalid_grant` marks the connection EXPIRED (reconnect needed) and erases its tokens;
-//! - a transient failure backs off per connection and serves the stored token while it is valid.
+//! - a transient failure backs off per connection and serves the stored token while it is valid;
+//! - one refresh per connection across every replica sharing the store ([`lease`]).
 
 pub mod binding;
 pub mod catalog;
 mod flow;
 mod http;
+mod lease;
 
 pub use flow::{Completed, Opened, PendingConnect, ReturnOrigins, Started};
 
@@ -321,12 +323,33 @@ impl OAuth {
         }))
     }
 
+    /// Refreshes under the connection's lease across replicas ([`lease`]), or takes the token
+    /// another replica's refresh stored meanwhile.
     async fn refresh(
         &self,
         connector: &Connector,
         user: &str,
         endpoints: &Endpoints,
         key: &str,
+    ) -> Result<AccessToken, OAuthError> {
+        let lease = match self.refresh_turn(connector, user, key).await? {
+            lease::Turn::Ours(lease) => lease,
+            lease::Turn::Refreshed(token) => return Ok(token),
+        };
+        let refreshed = self
+            .refresh_leased(connector, user, endpoints, key, &lease)
+            .await;
+        self.release_turn(&lease).await;
+        refreshed
+    }
+
+    async fn refresh_leased(
+        &self,
+        connector: &Connector,
+        user: &str,
+        endpoints: &Endpoints,
+        key: &str,
+        lease: &crate::store::Lease,
     ) -> Result<AccessToken, OAuthError> {
         let mut connection =
             usable_connection::<OAuthError>(&self.registry, connector, user).await?;
@@ -367,7 +390,7 @@ impl OAuth {
             Ok(response) => {
                 let was = connection.status;
                 let token = self
-                    .store_refreshed(&mut connection, &mut secrets, &response)
+                    .store_refreshed(&mut connection, &mut secrets, &response, lease)
                     .await?;
                 self.backoff_clear(key);
                 let kind = crate::events::EventKind::after_refresh(was);
@@ -378,6 +401,9 @@ impl OAuth {
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
+                if let Some(token) = self.superseded(connector, user, &refresh_token).await? {
+                    return Ok(token);
+                }
                 self.expire(
                     connector,
                     user,
@@ -412,6 +438,7 @@ impl OAuth {
         connection: &mut Connection,
         secrets: &mut ConnectionSecrets,
         response: &oauth2::basic::BasicTokenResponse,
+        lease: &crate::store::Lease,
     ) -> Result<AccessToken, OAuthError> {
         let now = Utc::now();
         let access = Secret::new(response.access_token().secret().clone());
@@ -430,9 +457,15 @@ impl OAuth {
         connection.access_expires_at = Some(expires_at);
         connection.last_refreshed_at = Some(now);
         connection.last_error.clear();
-        self.registry
-            .save_connection(connection, Some(secrets))
+        let saved = self
+            .registry
+            .save_connection_fenced(connection, secrets, lease)
             .await?;
+        if !saved {
+            return Err(OAuthError::Unavailable(
+                "another replica took this connection's refresh over; try again".into(),
+            ));
+        }
         Ok(AccessToken {
             token: access,
             expires_at,
