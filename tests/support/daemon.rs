@@ -134,6 +134,10 @@ impl Daemon {
             ..LoopbackConfig::beside(http_port())
         };
         let mut config = format!("{}{extra_config}\n", loopback.toml());
+        // Small audit segments, so a test daemon does not zero-fill the default 32 MiB twice.
+        if !extra_config.contains("[audit]") {
+            config.push_str("[audit]\nsegment_bytes = 262144\n");
+        }
         // A test that writes its own [egress] gets only that, not the loopback allowance.
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);
