@@ -528,3 +528,19 @@ async fn an_old_in_store_log_is_refused_until_migrated() {
     assert!(back.iter().all(|r| r.time == time), "times are kept");
     assert_eq!(log.record(event(4)).await.unwrap(), 4);
 }
+
+#[tokio::test]
+async fn a_witness_url_that_is_not_https_is_refused_by_name() {
+    let env = env().await;
+    let mut settings = env.settings(1 << 20);
+    settings.witness_url = Some("http://witness.example/checkpoints".into());
+    let err = AuditLog::start(env.store.clone(), settings)
+        .await
+        .err()
+        .expect("a plain-HTTP witness was accepted");
+    assert!(
+        matches!(err, AuditError::Witness(_)) && err.to_string().contains("https://"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("witness.example"), "{err}");
+}
