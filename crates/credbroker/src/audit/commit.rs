@@ -1,17 +1,19 @@
-//! Group commit, leader–follower: a caller whose record finds no batch being written writes
-//! the batch itself, on its own thread — one `write` and one `fdatasync`, no hop to a writer
-//! thread and back. Records that arrive meanwhile wait and go in the next batch; if work is
-//! left when a leader's batch is durable, leadership passes to a standby thread, so no caller's
-//! reply waits behind a batch after its own.
+//! Group commit: callers queue their records and wake the writer thread if it is idle; the
+//! writer takes whatever queued while its previous sync ran, as one batch — one `write`, one
+//! `fdatasync` — until the queue is empty, then sleeps.
+//!
+//! Callers never write a batch themselves: a caller that did (leader–follower, tried and
+//! measured in BENCHMARKS.md) blocks a runtime worker for the whole sync, which stalls the
+//! other calls queued on that worker; at a fixed rate it made the median 4–8 × slower, and at
+//! one call in flight it saved nothing measurable.
 //!
 //! Invariants:
-//! - at most one leader at a time ([`Queue::leading`]), and only the leader touches the
-//!   appender; a record is acknowledged only after the batch holding it was appended (its
-//!   `fdatasync` returned), and a failed batch fails every record it holds;
-//! - queued records are never left without a leader: a leader steps down only under the queue's
-//!   lock with the queue empty, else hands over to the standby thread, which leads until the
-//!   queue is empty;
-//! - the leader's section has no await point, so a cancelled caller cannot drop leadership.
+//! - only the writer thread touches the appender; a record is acknowledged only after the
+//!   batch holding it was appended (its `fdatasync` returned), and a failed batch fails every
+//!   record it holds;
+//! - queued records are never left without the writer awake: it goes idle only under the
+//!   queue's lock with the queue empty, and a caller that queues finds it awake or wakes it;
+//! - a caller's part has no blocking step (a short lock), so no runtime worker waits on the disk.
 
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -28,20 +30,18 @@ const MAX_BATCH: usize = 4096;
 /// Where a record's sequence number (or the reason it was not written) is sent.
 pub(crate) type Reply = oneshot::Sender<Result<u64, Arc<str>>>;
 
-/// Records waiting for a batch, and who leads.
+/// Records waiting for a batch, and whether the writer is awake.
 #[derive(Default)]
 struct Queue {
     events: Vec<AuditEvent>,
     replies: Vec<Reply>,
-    /// A batch is being written (by a caller or the standby thread).
-    leading: bool,
-    /// The standby thread is asked to take over as leader.
-    handoff: bool,
-    /// The log is being dropped: no new records; the standby thread ends once idle.
+    /// The writer is writing, or woken to: it takes what is queued without being woken again.
+    awake: bool,
+    /// The log is being dropped: no new records; the writer ends once idle.
     closed: bool,
 }
 
-/// The leader's state: the appender and the batch being written (buffers reused).
+/// The writer's own state: the appender and the batch being written (buffers reused).
 struct Writing {
     appender: Appender,
     events: Vec<AuditEvent>,
@@ -50,10 +50,16 @@ struct Writing {
     nudged_at: u64,
 }
 
+/// The queue callers share with the writer thread.
 pub(crate) struct GroupCommit {
     queue: Mutex<Queue>,
-    standby: Condvar,
-    writing: Mutex<Writing>,
+    wake: Condvar,
+}
+
+/// What the writer thread needs besides the queue.
+struct Writer {
+    commit: Arc<GroupCommit>,
+    writing: Writing,
     store: Arc<Store>,
     head: Arc<Mutex<AuditHead>>,
     nudge: SyncSender<()>,
@@ -65,8 +71,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl GroupCommit {
-    /// Takes over `appender` and starts the standby thread; `nudge` wakes maintenance after a
-    /// roll or every `checkpoint_records` records.
+    /// Starts the writer thread over `appender`; `nudge` wakes maintenance after a roll or
+    /// every `checkpoint_records` records.
     pub fn start(
         store: Arc<Store>,
         appender: Appender,
@@ -74,47 +80,48 @@ impl GroupCommit {
         nudge: SyncSender<()>,
         checkpoint_records: u64,
     ) -> Result<Arc<Self>, AuditError> {
-        let nudged_at = appender.tail.seq;
         let commit = Arc::new(GroupCommit {
             queue: Mutex::new(Queue::default()),
-            standby: Condvar::new(),
-            writing: Mutex::new(Writing {
+            wake: Condvar::new(),
+        });
+        let writer = Writer {
+            commit: commit.clone(),
+            writing: Writing {
+                nudged_at: appender.tail.seq,
                 appender,
                 events: Vec::with_capacity(MAX_BATCH),
                 replies: Vec::with_capacity(MAX_BATCH),
-                nudged_at,
-            }),
+            },
             store,
             head,
             nudge,
             checkpoint_records,
-        });
-        let standby = commit.clone();
+        };
         std::thread::Builder::new()
             .name("credbroker-audit".into())
-            .spawn(move || standby.run_standby())
+            .spawn(move || writer.run())
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
         Ok(commit)
     }
 
-    /// Queues `event`, writing its batch on this thread if no batch is being written; the
-    /// receiver gets its sequence number once it is durable.
+    /// Queues `event`, waking the writer if it is idle; the receiver gets its sequence number
+    /// once it is durable.
     pub fn submit(
         &self,
         event: AuditEvent,
     ) -> Result<oneshot::Receiver<Result<u64, Arc<str>>>, AuditError> {
         let (tx, rx) = oneshot::channel();
-        let lead = {
+        let wake = {
             let mut queue = lock(&self.queue);
             if queue.closed {
                 return Err(AuditError::Stopped);
             }
             queue.events.push(event);
             queue.replies.push(tx);
-            !std::mem::replace(&mut queue.leading, true)
+            !std::mem::replace(&mut queue.awake, true)
         };
-        if lead {
-            self.lead_one();
+        if wake {
+            self.wake.notify_one();
         }
         Ok(rx)
     }
@@ -124,55 +131,45 @@ impl GroupCommit {
         lock(&self.queue).events.len()
     }
 
-    /// Stops taking records; the standby thread ends once what is queued is written.
+    /// Stops taking records; the writer ends once what is queued is written.
     pub fn close(&self) {
         lock(&self.queue).closed = true;
-        self.standby.notify_one();
+        self.wake.notify_one();
     }
+}
 
-    /// A caller's lead: one batch (holding its own record), then step down or hand over.
-    fn lead_one(&self) {
-        let mut writing = lock(&self.writing);
-        if self.take(&mut writing) {
-            self.write(&mut writing);
-        }
-        let mut queue = lock(&self.queue);
-        if queue.events.is_empty() {
-            queue.leading = false;
-        } else {
-            queue.handoff = true;
-            self.standby.notify_one();
-        }
-    }
-
-    /// The standby thread: leads whenever handed over to, until the queue is empty.
-    fn run_standby(&self) {
+impl Writer {
+    /// Writes batches while records are queued; sleeps while none are; ends once closed.
+    fn run(mut self) {
         loop {
             {
-                let mut queue = lock(&self.queue);
-                while !queue.handoff && !queue.closed {
-                    queue = self.standby.wait(queue).unwrap_or_else(|p| p.into_inner());
+                let mut queue = lock(&self.commit.queue);
+                while !queue.awake && !queue.closed {
+                    queue = self
+                        .commit
+                        .wake
+                        .wait(queue)
+                        .unwrap_or_else(|p| p.into_inner());
                 }
-                if !queue.handoff {
+                if !queue.awake {
                     return;
                 }
-                queue.handoff = false;
             }
-            let mut writing = lock(&self.writing);
-            while self.take(&mut writing) {
-                self.write(&mut writing);
+            while self.take() {
+                self.write();
             }
         }
     }
 
-    /// Moves up to [`MAX_BATCH`] queued records into the leader's batch; with none queued, the
-    /// leader steps down (under the queue's lock) and this returns false.
-    fn take(&self, writing: &mut Writing) -> bool {
-        let mut queue = lock(&self.queue);
+    /// Moves up to [`MAX_BATCH`] queued records into the batch; with none queued, the writer
+    /// goes idle (under the queue's lock) and this returns false.
+    fn take(&mut self) -> bool {
+        let mut queue = lock(&self.commit.queue);
         if queue.events.is_empty() {
-            queue.leading = false;
+            queue.awake = false;
             return false;
         }
+        let writing = &mut self.writing;
         if queue.events.len() <= MAX_BATCH {
             std::mem::swap(&mut queue.events, &mut writing.events);
             std::mem::swap(&mut queue.replies, &mut writing.replies);
@@ -183,8 +180,9 @@ impl GroupCommit {
         true
     }
 
-    /// Appends the leader's batch durably and answers every record in it.
-    fn write(&self, writing: &mut Writing) {
+    /// Appends the batch durably and answers every record in it.
+    fn write(&mut self) {
+        let writing = &mut self.writing;
         let count = writing.events.len();
         let started = std::time::Instant::now();
         let appended = writing.appender.append(self.store.vault(), &writing.events);

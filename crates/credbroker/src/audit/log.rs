@@ -2,7 +2,7 @@
 //! one `fdatasync`), rolling segments, and reading records back.
 //!
 //! Invariants:
-//! - only the leader of the group commit appends, at the end of the newest segment; a batch is acknowledged
+//! - only the group commit's writer thread appends, at the end of the newest segment; a batch is acknowledged
 //!   only after its `fdatasync` returned, and a failed write or sync poisons the log (a later
 //!   sync could not prove the lost bytes reached the disk); a roll that fails (no room for the
 //!   next segment) writes nothing, fails its batch, and is tried again by the next one;

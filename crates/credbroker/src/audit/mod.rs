@@ -2,9 +2,9 @@
 //! (`h_n = SHA-256(h_{n-1} ‖ record)`), kept in an append-only segment log of its own beside the
 //! store (`[audit] path`), outside the storage engine.
 //!
-//! Records are written in batches with one `write` and one `fdatasync` each: a caller that finds
-//! no batch being written writes one itself, with whatever queued meanwhile going in the next
-//! (leader–follower group commit, [`commit`]; see [`log`] for the files' invariants). [`AuditLog::record`] returns only once its record is on
+//! Records are written in batches with one `write` and one `fdatasync` each: callers queue, and
+//! one writer thread takes whatever queued while its previous sync ran as the next batch (group
+//! commit, [`commit`]; see [`log`] for the files' invariants). [`AuditLog::record`] returns only once its record is on
 //! disk; if it cannot be written the caller fails the request (fail closed). Records never
 //! contain a secret; they may name users, so batches are sealed with a key from the vault.
 //!

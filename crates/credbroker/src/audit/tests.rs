@@ -135,8 +135,6 @@ fn zero(path: &Path, from: u64, len: u64) {
     file.write_all_at(&vec![0u8; len as usize], from).unwrap();
 }
 
-// Two workers, as the daemon runs: while one caller writes a batch, the other worker's callers
-// queue for the next (on one thread, each caller would write its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_records_share_batches_and_read_back_in_order() {
     let env = env().await;
