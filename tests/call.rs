@@ -5,19 +5,23 @@
 //! token, its own Authorization header never arrives, a path outside its grant sends nothing, a
 //! redirect to another host is not followed, and a 401 is retried once after one refresh. Every
 //! token the API saw is a canary: none may appear in a reply, a log line or an audit record.
+//! The streaming form (CallStream) downloads `GET /drive/v3/files/big-N` (N bytes sent in
+//! chunks without a Content-Length, made as they are read): whole past Call's cap, cut off at
+//! its own, audited however it ends.
 
 mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{AGENT, Daemon, assert_refused, audit_records, conn, new_connector, secrets};
 use support::https::serve_https;
 use support::oauth::{connect, create_connector};
-use support::peers::peers;
+use support::peers::{OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, peers};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -45,6 +49,11 @@ workspace = "*"
 connectors = ["Keyed*"]
 operations = ["call"]
 calls = ["* /keyed/*"]
+[[callers.grants]]
+workspace = "*"
+connectors = ["Service"]
+operations = ["call"]
+calls = ["GET /drive/v3/files"]
 
 [[callers]]
 id = "spiffe://test/inspector"
@@ -79,19 +88,70 @@ impl Api {
     }
 }
 
-/// Whether the OAuth test server's userinfo endpoint accepts `token`.
+/// Whether the OAuth test server takes `token` as one of its live access tokens: its userinfo
+/// endpoint accepts a user's; its introspection endpoint says a client-credentials one (which
+/// has no user) is active.
 async fn valid(token: &str) -> bool {
     let http = credbroker::tls::unchecked_http_client(
         Some(&peers().ca_pem),
         std::time::Duration::from_secs(10),
     )
     .unwrap();
-    let me = format!("{}/me", peers().oauth_issuer());
-    http.get(me)
-        .bearer_auth(token)
+    let issuer = peers().oauth_issuer();
+    let me = http.get(format!("{issuer}/me")).bearer_auth(token).send();
+    if me.await.is_ok_and(|r| r.status().is_success()) {
+        return true;
+    }
+    let introspected = http
+        .post(format!("{issuer}/token/introspection"))
+        .basic_auth(OAUTH_CLIENT_ID, Some(OAUTH_CLIENT_SECRET))
+        .form(&[("token", token)])
         .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
+        .await;
+    match introspected {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .is_ok_and(|v| v["active"] == true),
+        Err(_) => false,
+    }
+}
+
+/// `/drive/v3/files/stall`: 1,000 bytes, then nothing, never ending; `/drive/v3/files/drip`:
+/// a byte every 200 ms, never ending.
+fn slow_body(path: &str) -> Option<Body> {
+    use futures::StreamExt;
+    let first = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![b's'; 1000]))]);
+    match path {
+        "/drive/v3/files/stall" => Some(Body::from_stream(first.chain(futures::stream::pending()))),
+        "/drive/v3/files/drip" => {
+            Some(Body::from_stream(futures::stream::unfold((), async |()| {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Some((Ok::<_, std::io::Error>(Bytes::from_static(b"d")), ()))
+            })))
+        }
+        _ => None,
+    }
+}
+
+/// Byte `i` of every big download.
+fn big_byte(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// A body of `size` bytes ([`big_byte`]) in chunks of 100,000, made as they are read; no
+/// Content-Length.
+fn big_body(size: u64) -> Body {
+    const CHUNK: u64 = 100_000;
+    let chunks = futures::stream::unfold(0u64, move |at| async move {
+        if at >= size {
+            return None;
+        }
+        let end = (at + CHUNK).min(size);
+        let chunk: Vec<u8> = (at..end).map(big_byte).collect();
+        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), end))
+    });
+    Body::from_stream(chunks)
 }
 
 async fn handle(
@@ -100,7 +160,7 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, HeaderMap, String) {
+) -> Response {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -115,7 +175,7 @@ async fn handle(
         token: token.clone(),
     });
     if uri.path().starts_with("/keyed/") {
-        return keyed(&api, &uri, &headers);
+        return keyed(&api, &uri, &headers).into_response();
     }
     let refuse = {
         let mut left = api.refuse.lock().unwrap();
@@ -129,16 +189,25 @@ async fn handle(
             "www-authenticate",
             "Bearer error=\"invalid_token\"".parse().unwrap(),
         );
-        return (
+        let refused: (_, _, String) = (
             StatusCode::UNAUTHORIZED,
             out,
             r#"{"error":"invalid_token"}"#.into(),
         );
+        return refused.into_response();
     }
     out.insert("content-type", "application/json".parse().unwrap());
     out.insert("set-cookie", "session=s3cr3t; Secure".parse().unwrap());
     out.insert("x-ratelimit-remaining", "99".parse().unwrap());
-    match (method.as_str(), uri.path()) {
+    let big = uri.path().strip_prefix("/drive/v3/files/big-");
+    if let Some(size) = big.and_then(|n| n.parse::<u64>().ok()) {
+        out.insert("content-type", "application/octet-stream".parse().unwrap());
+        return (StatusCode::OK, out, big_body(size)).into_response();
+    }
+    if let Some(body) = slow_body(uri.path()) {
+        return (StatusCode::OK, out, body).into_response();
+    }
+    let answer: (_, _, String) = match (method.as_str(), uri.path()) {
         ("GET", "/drive/v3/files") => {
             let doc = r#"{"kind":"drive#fileList","files":[{"id":"f1","name":"Report.pdf","mimeType":"application/pdf"}]}"#;
             (StatusCode::OK, out, doc.into())
@@ -159,7 +228,8 @@ async fn handle(
             out,
             r#"{"error":"not_found"}"#.into(),
         ),
-    }
+    };
+    answer.into_response()
 }
 
 /// The API-key routes: the key in `X-Api-Key` or in the `key` query parameter, exactly once;
@@ -210,13 +280,20 @@ struct Setup {
     inspector: BrokerClient<Channel>,
     api: Arc<Api>,
     port: u16,
+    /// The CAs of the OAuth test server and of the fake API.
+    cas: String,
 }
 
 /// A daemon with Drive (API base the fake's root) and Slack (its `/api`) OAuth connectors at
 /// the OAuth test server, both connected for u1.
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// [`setup`] with `config` appended to the daemon's configuration.
+async fn setup_with(config: &str) -> Setup {
     let (api, port, api_ca) = fake_api().await;
-    let daemon = Daemon::start_with(POLICY, "");
+    let daemon = Daemon::start_with(POLICY, config);
     daemon.issue(INSPECTOR, "inspector");
     let (daemon, mut admin, agent) = daemon.with_clients().await;
     let cas = format!("{}\n{api_ca}", peers().ca_pem);
@@ -235,6 +312,7 @@ async fn setup() -> Setup {
         inspector,
         api,
         port,
+        cas,
     }
 }
 
@@ -520,7 +598,8 @@ async fn keyed_connector(
 #[tokio::test]
 async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded() {
     let (api, port, api_ca) = fake_api().await;
-    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n";
+    let limits = "[limits]\nmax_call_request_bytes = 100\nmax_call_response_bytes = 120\n\
+                  max_call_stream_bytes = 150\n";
     let (daemon, mut admin, mut agent) = Daemon::start_with(POLICY, limits).with_clients().await;
     let base = format!("https://127.0.0.1:{port}");
     for (name, place) in [
@@ -546,6 +625,7 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
         assert_eq!(answer.status, 200, "{name}: {:?}", api.seen().last());
         assert_eq!(api.seen().last().unwrap().token, API_KEY, "{name}");
     }
+    keyed_streams(&mut agent).await;
     let big = proto::CallRequest {
         connection: conn("Keyed", ""),
         ..request("Keyed", "GET", "/keyed/big")
@@ -598,11 +678,36 @@ async fn api_keys_go_in_their_header_or_query_parameter_and_bodies_are_bounded()
     );
 }
 
+/// CallStream with an API key: injected as for Call; a body whose Content-Length passes
+/// `max_call_stream_bytes` is refused before any of it is streamed.
+async fn keyed_streams(agent: &mut BrokerClient<Channel>) {
+    let keyed = |path: &str| proto::CallRequest {
+        connection: conn("KeyedQ", ""),
+        ..request("KeyedQ", "GET", path)
+    };
+    let ping = stream(agent, keyed("/keyed/ping")).await.unwrap();
+    assert_eq!(
+        (ping.head.status, ping.body.as_slice()),
+        (200, &br#"{"ok":true}"#[..])
+    );
+    let Err(err) = stream(agent, keyed("/keyed/big")).await else {
+        panic!("a body announced past the stream's cap was streamed");
+    };
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert!(
+        err.message().contains("limits.max_call_stream_bytes"),
+        "{}",
+        err.message()
+    );
+}
+
 /// The documented example (`clients/python/examples/call.py`): Drive files posted to Slack,
-/// the agent never seeing a token. The script runs while this test's runtime serves the fake
-/// API, so the runtime has threads of its own.
+/// and a file past Call's cap downloaded through the client's CallStream, the agent never
+/// seeing a token. The script runs while this test's runtime serves the fake API, so the
+/// runtime has threads of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
+async fn the_python_example_lists_drive_files_posts_to_slack_and_streams_a_download() {
+    const SIZE: u64 = 6_000_000;
     let (python, client) = support::python::client_build("python-client-call");
     let mut s = setup().await;
     let out = support::python::run_example(
@@ -610,15 +715,35 @@ async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
         "call.py",
         &s.daemon.grpc.to_string(),
         s.daemon.dir.path(),
-        &["--user", "u1", "--channel", "C123"],
+        &[
+            "--user",
+            "u1",
+            "--channel",
+            "C123",
+            "--download",
+            &format!("big-{SIZE}"),
+        ],
     );
     assert!(
         out.contains("listed 1 files; Slack answered 200 ok=True"),
         "{out}"
     );
+    let sha = hex::encode(expected_hash(SIZE));
+    assert!(
+        out.contains(&format!("downloaded {SIZE} bytes sha256={sha}")),
+        "{out}"
+    );
     let seen = s.api.seen();
     let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, ["/drive/v3/files", "/api/chat.postMessage"]);
+    assert_eq!(
+        paths,
+        [
+            "/drive/v3/files",
+            "/api/chat.postMessage",
+            &big(SIZE) as &str
+        ]
+    );
+    assert_eq!(seen[2].query, "alt=media");
     let canaries: Vec<String> = seen.iter().map(|r| r.token.clone()).collect();
     for canary in &canaries {
         assert!(
@@ -627,4 +752,336 @@ async fn the_python_example_lists_drive_files_and_posts_them_to_slack() {
         );
     }
     assert_no_canary(&mut s, &canaries, &[]).await;
+}
+
+/// What a CallStream delivered: its head (status and headers), the body, how many pieces and
+/// the largest, and the error it ended with, if any.
+struct Streamed {
+    head: proto::CallChunk,
+    body: Vec<u8>,
+    pieces: usize,
+    largest: usize,
+    error: Option<tonic::Status>,
+}
+
+/// Runs a CallStream to its end. Only the first message has a status or headers.
+async fn stream(
+    agent: &mut BrokerClient<Channel>,
+    r: proto::CallRequest,
+) -> Result<Streamed, tonic::Status> {
+    let mut messages = agent.call_stream(r).await?.into_inner();
+    let head = messages.message().await?.expect("a head message");
+    assert!(head.data.is_empty(), "data in the head message");
+    let (mut body, mut pieces, mut largest) = (Vec::new(), 0, 0);
+    let error = loop {
+        match messages.message().await {
+            Ok(Some(piece)) => {
+                assert_eq!((piece.status, piece.headers.len()), (0, 0));
+                pieces += 1;
+                largest = largest.max(piece.data.len());
+                body.extend(piece.data);
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    Ok(Streamed {
+        head,
+        body,
+        pieces,
+        largest,
+        error,
+    })
+}
+
+fn big(size: u64) -> String {
+    format!("/drive/v3/files/big-{size}")
+}
+
+fn expected_hash(size: u64) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for i in 0..size {
+        hash.update([big_byte(i)]);
+    }
+    hash.finalize().to_vec()
+}
+
+/// The CallStream records of the audit log whose reason contains `what`.
+async fn stream_ends(admin: &mut AdminClient<Channel>, what: &str) -> Vec<proto::AuditRecord> {
+    audit_records(admin)
+        .await
+        .into_iter()
+        .filter(|r| r.operation == "CallStream" && r.reason.contains(what))
+        .collect()
+}
+
+/// Past Call's cap (which refuses it), a download streams whole and byte-identical, after one
+/// refused token refreshed before streaming starts; refusals send nothing; a caller hanging up
+/// mid-stream is audited; no token is in a message, a log line or an audit record.
+#[tokio::test]
+async fn a_streamed_download_past_calls_cap_arrives_whole_and_every_end_is_audited() {
+    const SIZE: u64 = 10_000_000;
+    let mut s = setup().await;
+    let err = call(&mut s.agent, request("Drive", "GET", &big(SIZE)))
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert!(err.message().contains("max_call_response_bytes"), "{err:?}");
+
+    *s.api.refuse.lock().unwrap() = 1;
+    let before = s.api.seen().len();
+    let mut r = request("Drive", "GET", &big(SIZE));
+    r.headers = vec![proto::HttpHeader {
+        name: "Authorization".into(),
+        value: "Bearer agent-own-token".into(),
+    }];
+    let got = stream(&mut s.agent, r).await.unwrap();
+    assert!(got.error.is_none(), "{:?}", got.error);
+    assert_eq!(got.head.status, 200);
+    let names: Vec<&str> = got.head.headers.iter().map(|h| h.name.as_str()).collect();
+    assert!(names.contains(&"content-type"), "{names:?}");
+    assert!(!names.contains(&"set-cookie"), "{names:?}");
+    assert_eq!(got.body.len() as u64, SIZE);
+    use sha2::Digest;
+    assert!(
+        sha2::Sha256::digest(&got.body).to_vec() == expected_hash(SIZE),
+        "the streamed body differs from what the API sent"
+    );
+    assert!(got.largest <= 64 * 1024, "a piece of {} bytes", got.largest);
+    assert!(got.pieces as u64 >= SIZE / (64 * 1024));
+    let seen = s.api.seen()[before..].to_vec();
+    assert_eq!(seen.len(), 2, "one refused request, one retry: {seen:?}");
+    assert_ne!(seen[0].token, seen[1].token, "the retry's token is not new");
+    assert!(seen.iter().all(|r| r.token != "agent-own-token"));
+
+    stream_refusals_send_nothing(&mut s).await;
+
+    a_hang_up_is_audited(&mut s).await;
+    let host = format!("127.0.0.1:{}", s.port);
+    let complete = stream_ends(&mut s.admin, "stream ended: complete").await;
+    assert!(
+        complete.iter().any(|r| r.detail
+            == format!(
+                "GET {host}/drive/v3/files/big-{SIZE} -> 200; 0 bytes out, {SIZE} bytes in"
+            )),
+        "{complete:?}"
+    );
+
+    let canaries: Vec<String> = s.api.seen().into_iter().map(|r| r.token).collect();
+    for canary in canaries.iter().filter(|c| !c.is_empty()) {
+        let bytes = canary.as_bytes();
+        assert!(
+            !got.body.windows(bytes.len()).any(|w| w == bytes),
+            "a token in the body"
+        );
+    }
+    let head = proto::CallResponse {
+        status: got.head.status,
+        headers: got.head.headers,
+        body: Vec::new(),
+    };
+    assert_no_canary(&mut s, &canaries, &[head]).await;
+}
+
+/// A path outside the grant or climbing out of the base: refused, nothing sent.
+async fn stream_refusals_send_nothing(s: &mut Setup) {
+    let before = s.api.seen().len();
+    for (method, path, code, reason) in [
+        (
+            "DELETE",
+            "/drive/v3/files/f1",
+            Code::PermissionDenied,
+            "POLICY",
+        ),
+        ("GET", "/drive/v2/about", Code::PermissionDenied, "POLICY"),
+        (
+            "GET",
+            "/drive/v3/files/../../admin",
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+    ] {
+        let Err(err) = stream(&mut s.agent, request("Drive", method, path)).await else {
+            panic!("{method} {path} was streamed");
+        };
+        assert_refused(&err, code, reason);
+    }
+    assert_eq!(
+        s.api.seen().len(),
+        before,
+        "a refused stream reached the API"
+    );
+}
+
+/// A caller that takes a few pieces of a 1 GB download and hangs up: the stream's end is
+/// audited, with the bytes handed on (a few pieces, not the download).
+async fn a_hang_up_is_audited(s: &mut Setup) {
+    let r = request("Drive", "GET", &big(1_000_000_000));
+    let mut hung = s.agent.call_stream(r).await.unwrap().into_inner();
+    for _ in 0..4 {
+        hung.message().await.unwrap().expect("a piece");
+    }
+    drop(hung);
+    let mut admin = s.admin.clone();
+    let within = std::time::Duration::from_secs(20);
+    let ended = support::wait::until(within, async || {
+        stream_ends(&mut admin, "hung up").await.pop()
+    })
+    .await
+    .expect("no audit record of the caller hanging up");
+    let host = format!("127.0.0.1:{}", s.port);
+    let prefix = format!("GET {host}/drive/v3/files/big-1000000000 -> 200; 0 bytes out, ");
+    assert!(ended.detail.starts_with(&prefix), "{}", ended.detail);
+    let handed: u64 = ended.detail[prefix.len()..]
+        .trim_end_matches(" bytes in")
+        .parse()
+        .unwrap();
+    assert!(
+        (3 * 64 * 1024..100_000_000).contains(&handed),
+        "{handed} bytes handed on"
+    );
+    assert!(
+        ended
+            .reason
+            .starts_with("stream ended: the caller hung up before the end"),
+        "{}",
+        ended.reason
+    );
+    assert_eq!(ended.outcome, "ok");
+    eprintln!("a hang-up after 3 pieces taken: {handed} bytes handed on");
+}
+
+/// A stream whose body passes `max_call_stream_bytes` stops with RESOURCE_EXHAUSTED naming it,
+/// having handed on no more than the cap, and its audit record says it was cut off there.
+#[tokio::test]
+async fn a_stream_past_its_own_cap_stops_with_a_clear_error_and_the_audit_says_so() {
+    const CAP: u64 = 1_000_000;
+    let mut s = setup_with(&format!("[limits]\nmax_call_stream_bytes = {CAP}\n")).await;
+    let under = stream(&mut s.agent, request("Drive", "GET", &big(CAP)))
+        .await
+        .unwrap();
+    assert!(under.error.is_none(), "{:?}", under.error);
+    assert_eq!(under.body.len() as u64, CAP);
+
+    let over = stream(&mut s.agent, request("Drive", "GET", &big(3 * CAP)))
+        .await
+        .unwrap();
+    assert_eq!(over.head.status, 200);
+    let err = over
+        .error
+        .expect("a stream past its cap ended without an error");
+    assert_refused(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    assert!(
+        err.message().contains("limits.max_call_stream_bytes")
+            && err.message().contains(&CAP.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(
+        over.body.len() as u64 <= CAP,
+        "{} bytes past the cap",
+        over.body.len()
+    );
+    let expected: Vec<u8> = (0..over.body.len() as u64).map(big_byte).collect();
+    assert!(over.body == expected, "the part handed on differs");
+    let cut = stream_ends(&mut s.admin, "cut off").await;
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert!(
+        cut[0].reason.contains("limits.max_call_stream_bytes"),
+        "{}",
+        cut[0].reason
+    );
+    assert_eq!(cut[0].outcome, "error");
+    assert!(
+        cut[0]
+            .detail
+            .ends_with(&format!("; 0 bytes out, {} bytes in", over.body.len())),
+        "{}",
+        cut[0].detail
+    );
+}
+
+/// A client-credentials connector (no user, no refresh token) whose token the API refuses: a
+/// new one is asked of the real OAuth test server once, and the call sent once more.
+#[tokio::test]
+async fn a_refused_client_credentials_token_is_replaced_once_and_the_call_retried_once() {
+    let mut s = setup().await;
+    let base = format!("https://127.0.0.1:{}", s.port);
+    let settings = [
+        ("grant_type", "client_credentials"),
+        ("scopes", "mail.read"),
+        ("api_base", base.as_str()),
+        ("ca_pem", s.cas.as_str()),
+    ];
+    create_connector(&mut s.admin, "Service", &settings).await;
+    let list = || proto::CallRequest {
+        connection: conn("Service", ""),
+        ..request("Service", "GET", "/drive/v3/files")
+    };
+    let ok = call(&mut s.agent, list()).await.unwrap();
+    assert_eq!(ok.status, 200, "{:?}", String::from_utf8_lossy(&ok.body));
+
+    *s.api.refuse.lock().unwrap() = 1;
+    let (before, asked) = (s.api.seen().len(), peers().oauth_stats().await);
+    let files = call(&mut s.agent, list()).await.unwrap();
+    assert_eq!(
+        files.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&files.body)
+    );
+    let seen = s.api.seen()[before..].to_vec();
+    assert_eq!(seen.len(), 2, "one refused request, one retry: {seen:?}");
+    assert_ne!(
+        seen[0].token, seen[1].token,
+        "the retry did not use a new token"
+    );
+    let now = peers().oauth_stats().await;
+    assert!(
+        now.client_credentials > asked.client_credentials,
+        "no new token was asked for"
+    );
+
+    // An API that keeps refusing gets one retry, and its 401 is returned as is.
+    *s.api.refuse.lock().unwrap() = 5;
+    let before = s.api.seen().len();
+    let refused = call(&mut s.agent, list()).await.unwrap();
+    assert_eq!(refused.status, 401);
+    assert_eq!(s.api.seen().len() - before, 2, "more than one retry");
+    *s.api.refuse.lock().unwrap() = 0;
+    let canaries: Vec<String> = s.api.seen().into_iter().map(|r| r.token).collect();
+    assert_no_canary(&mut s, &canaries, &[ok, files, refused]).await;
+}
+
+/// An API that stops sending mid-body is cut off after `upstream_timeout_secs`; one that keeps
+/// dripping is cut off at `call_stream_timeout_secs`; each error and audit record names its key.
+#[tokio::test]
+async fn a_stream_that_idles_or_outlives_its_deadline_is_cut_off_naming_it() {
+    let limits = "[limits]\nupstream_timeout_secs = 3\ncall_stream_timeout_secs = 6\n";
+    let mut s = setup_with(limits).await;
+    for (path, key, least) in [
+        (
+            "/drive/v3/files/stall",
+            "limits.upstream_timeout_secs",
+            1000,
+        ),
+        ("/drive/v3/files/drip", "limits.call_stream_timeout_secs", 1),
+    ] {
+        let got = stream(&mut s.agent, request("Drive", "GET", path))
+            .await
+            .unwrap();
+        assert_eq!(got.head.status, 200);
+        let err = got.error.expect("a stalled stream ended without an error");
+        assert_refused(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+        assert!(err.message().contains(key), "{path}: {}", err.message());
+        assert!(got.body.len() >= least, "{path}: {} bytes", got.body.len());
+        let cut = stream_ends(&mut s.admin, key).await;
+        assert_eq!(cut.len(), 1, "{path}: {cut:?}");
+        assert!(
+            cut[0].reason.starts_with("stream ended: cut off: "),
+            "{}",
+            cut[0].reason
+        );
+    }
 }

@@ -50,6 +50,9 @@ enum Command {
     /// Check, export or read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// See a running broker's lifecycle events (admin).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Save a consistent, still encrypted snapshot of a running broker's store (admin of "*").
     Backup {
         /// The backup file to create (refused if it exists).
@@ -96,6 +99,13 @@ enum AuditCommand {
     Checkpoint,
 }
 
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print the events after a cursor, one a line (cursor, time, kind, workspace, connector,
+    /// user, class, reason, id); with --follow, then each new one as it happens.
+    Tail(remote::EventsTailArgs),
+}
+
 pub async fn run(cli: Cli) -> Result<(), Error> {
     let remote = &cli.remote;
     match cli.command {
@@ -120,6 +130,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Resolve(args) => remote::resolve(remote, args).await,
         Command::Backup { out } => remote::backup(remote, &out).await,
         Command::Status => remote::status(remote).await,
+        Command::Events(EventsCommand::Tail(args)) => remote::events_tail(remote, args).await,
     }
 }
 

@@ -427,6 +427,46 @@ pub async fn audit_tail(remote: &Remote, count: u64) -> Result<(), Error> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct EventsTailArgs {
+    /// Events after this cursor (0: every event the broker keeps).
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// Only these kinds (repeatable): connected, reconnected, refreshed, refresh_failed,
+    /// expired, recovered, disconnected, connector_deleted, destination_changed.
+    #[arg(long = "kind")]
+    kinds: Vec<String>,
+    /// Only this workspace's events (default: every workspace, which needs admin of "*").
+    #[arg(long, default_value = "")]
+    workspace: String,
+    /// Keep following new events after the ones already recorded.
+    #[arg(long)]
+    follow: bool,
+}
+
+pub async fn events_tail(remote: &Remote, args: EventsTailArgs) -> Result<(), Error> {
+    let mut admin = remote.admin().await?;
+    let req = proto::WatchEventsRequest {
+        after_cursor: args.after,
+        kinds: args.kinds,
+        workspace: args.workspace,
+        backlog_only: !args.follow,
+    };
+    let mut stream = admin.watch_events(req).await?.into_inner();
+    while let Some(e) = stream.message().await? {
+        let time = e
+            .time
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        println!(
+            "{}\t{time}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            e.cursor, e.kind, e.workspace, e.connector, e.user_id, e.class, e.reason, e.id
+        );
+    }
+    Ok(())
+}
+
 pub async fn audit_checkpoint(remote: &Remote) -> Result<(), Error> {
     let mut admin = remote.admin().await?;
     let head = admin

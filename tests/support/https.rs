@@ -26,19 +26,23 @@ pub async fn serve_https(
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper_util::service::TowerToHyperService::new(app);
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-            });
+            tokio::spawn(serve_one(acceptor.clone(), tcp, app.clone()));
         }
     });
     addr
+}
+
+/// Serves `app` on one accepted connection, after its TLS handshake.
+pub async fn serve_one(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    app: axum::Router,
+) {
+    let Ok(tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .await;
 }

@@ -37,6 +37,8 @@
 //! user_burst = 1000                 # …with bursts up to this many
 //! max_call_request_bytes = 8388608   # Broker.Call: request body sent upstream…
 //! max_call_response_bytes = 4128768 # …and response body read back (fits a 4 MiB gRPC reply)
+//! max_call_stream_bytes = 1073741824  # Broker.CallStream: response body streamed back…
+//! call_stream_timeout_secs = 3600   # …within this long (each piece within upstream_timeout_secs)
 //! upstream_connections = 4096       # upstream sockets (IMAP, SMTP, HTTPS) open at once…
 //! upstream_connections_per_caller = 1024  # …and per caller (RESOURCE_EXHAUSTED beyond)
 //! [egress]                          # where upstream connections may go (crate::upstream)
@@ -55,6 +57,18 @@
 //! retain_days = 365                 # segments older than this are exported and pruned…
 //! retain_bytes = 10737418240        # …and the oldest while the log is larger than this
 //! archive = "store/audit-archive"   # where pruned segments are exported (JSON lines)
+//! [events]                          # lifecycle events (crate::events; every key optional)
+//! retain_days = 30                  # events older than this are removed…
+//! retain_events = 100000            # …and the oldest beyond this many
+//! max_streams = 64                  # WatchEvents streams open at once
+//! webhook_backoff_first_ms = 1000   # first wait after a failed delivery, doubling…
+//! webhook_backoff_max_secs = 300    # …up to this between two attempts of one delivery
+//! webhook_max_age_hours = 72        # a delivery still failing after this long is dropped
+//! [[webhooks]]                      # each lifecycle event POSTed, signed, at least once
+//! url = "https://platform.example/hooks/credbroker"
+//! secret_file = "webhook.secret"    # or secret_credential = "webhook.secret" (systemd)
+//! events = ["expired", "reconnected"]  # optional: only these kinds (default: all)
+//! ca_file = "platform-ca.pem"       # optional: a CA to trust beside the public roots
 //! ```
 
 use std::net::SocketAddr;
@@ -92,6 +106,10 @@ pub struct Config {
     pub egress: crate::upstream::EgressConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::WebhookConfig>,
 }
 
 /// `[audit]`: where the audit log lives, how it rolls, checkpoints and prunes.
@@ -308,6 +326,10 @@ pub struct Limits {
     pub max_call_request_bytes: usize,
     /// Largest response body Broker.Call reads from upstream, in bytes.
     pub max_call_response_bytes: usize,
+    /// Largest response body Broker.CallStream streams from upstream, in bytes…
+    pub max_call_stream_bytes: u64,
+    /// …and the longest a CallStream may last, in seconds.
+    pub call_stream_timeout_secs: u64,
     /// Upstream connections (IMAP, SMTP, HTTPS) open at once, for the whole broker…
     pub upstream_connections: usize,
     /// …and for one caller; more are refused with RESOURCE_EXHAUSTED before a socket is opened.
@@ -337,6 +359,8 @@ impl Default for Limits {
             // A reply must fit the 4 MiB a gRPC client receives by default, with room for
             // the status and headers.
             max_call_response_bytes: (4 << 20) - (64 << 10),
+            max_call_stream_bytes: 1 << 30,
+            call_stream_timeout_secs: 3600,
             upstream_connections: crate::upstream::DEFAULT_CONNECTIONS,
             upstream_connections_per_caller: crate::upstream::DEFAULT_CONNECTIONS_PER_CALLER,
         }
@@ -418,6 +442,14 @@ impl Config {
         fix(&mut self.policy.file);
         if let Some(p) = &mut self.http.metrics_token_file {
             fix(p);
+        }
+        for hook in &mut self.webhooks {
+            for p in [&mut hook.secret_file, &mut hook.ca_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
         for p in [
             &mut self.audit.path,

@@ -16,6 +16,7 @@ pub use crate::driver::Candidate;
 use crate::driver::{
     ConnectionError, Credentials, check_candidate, driver, expire_refused, for_user,
 };
+use crate::events::Detail;
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode, ModelError,
     Registry, Target, TestReport,
@@ -144,6 +145,7 @@ impl Connect {
             .registry()
             .connection(connector, &target.connection_user)
             .await?;
+        let kind = crate::events::EventKind::on_connect(previous.as_ref());
         let mut connection =
             previous.unwrap_or_else(|| Connection::new(&connector.id, &target.connection_user));
         if !report.ok() && !save_on_failure {
@@ -178,6 +180,12 @@ impl Connect {
         self.registry()
             .save_connection(&connection, Some(&secrets))
             .await?;
+        let (user, why) = (&target.connection_user, &connection.last_error);
+        let detail = Detail::new(if report.ok() { "" } else { "test_failed" }, why);
+        self.registry()
+            .events()
+            .emit(kind, connector, user, detail)
+            .await;
         Ok(Connected {
             connection,
             report,
@@ -211,6 +219,14 @@ impl Connect {
         self.registry()
             .delete_connection(connector, &target.connection_user)
             .await?;
+        let (gone, user) = (
+            crate::events::EventKind::Disconnected,
+            &target.connection_user,
+        );
+        self.registry()
+            .events()
+            .emit(gone, connector, user, Detail::NONE)
+            .await;
         Ok(Connection::new(&connector.id, &target.connection_user))
     }
 

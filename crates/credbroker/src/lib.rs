@@ -15,6 +15,7 @@ pub mod config;
 pub mod connect;
 pub mod disk;
 pub mod driver;
+pub mod events;
 pub mod http;
 pub mod intent;
 pub mod mail;

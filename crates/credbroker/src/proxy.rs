@@ -16,7 +16,13 @@
 //! - request and response bodies are bounded ([`CallLimits`]); the upstream deadline is the
 //!   broker's one for every upstream; HTTPS clients are kept per extra CA (connections are
 //!   reused; no cookie is ever stored);
-//! - an OAuth connection's 401 refreshes its token once and retries once;
+//! - the streaming form ([`Proxy::open`], [`Download`]) is the same request, sent the same way
+//!   (one [`Proxy::respond`] for both); its body is read piece by piece, never whole, only as
+//!   fast as the caller takes it (a bounded channel, [`Download::pump`]), up to its own cap
+//!   ([`CallLimits::stream_bytes`]), each piece within the upstream deadline and the whole
+//!   within [`CallLimits::stream_time`]; how it ended ([`Ending`]) is the audit's;
+//! - an OAuth connection's 401 refreshes its token once (or, for a client-credentials
+//!   connector, asks for a new one once) and retries once;
 //! - errors and the [`Exchange`] summary (the audit's) never hold a header, a body, a query
 //!   value or the credential; a transport error is described without its URL (which may carry
 //!   an API key as a query parameter).
@@ -28,6 +34,8 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use url::Url;
 
 use crate::driver::{Credential, CredentialError, Credentials, Form};
@@ -82,12 +90,20 @@ const RETURNED: &[&str] = &[
 /// Response header prefixes returned as well: rate-limit information.
 const RETURNED_PREFIXES: &[&str] = &["x-ratelimit-", "ratelimit-"];
 
+/// The largest piece of a streamed body handed on at once.
+pub const STREAM_PIECE_BYTES: usize = 64 * 1024;
+
 /// How large a call's bodies may be (`[limits] max_call_request_bytes`,
-/// `max_call_response_bytes`).
+/// `max_call_response_bytes`), and a stream's (`max_call_stream_bytes`,
+/// `call_stream_timeout_secs`).
 #[derive(Debug, Clone, Copy)]
 pub struct CallLimits {
     pub request_bytes: usize,
     pub response_bytes: usize,
+    /// The body a CallStream reads back, in all.
+    pub stream_bytes: u64,
+    /// A CallStream's whole life, from sending the request.
+    pub stream_time: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,10 +118,18 @@ pub enum CallError {
     NoBase { connector: String },
     #[error("the request body is {size} bytes; at most {limit} (limits.max_call_request_bytes)")]
     RequestTooLarge { size: usize, limit: usize },
-    #[error("{host} answered more than {limit} bytes (limits.max_call_response_bytes)")]
-    ResponseTooLarge { host: String, limit: usize },
-    #[error("{host} did not answer in time (the upstream deadline is {seconds}s)")]
-    Timeout { host: String, seconds: u64 },
+    #[error("{host} answered more than {limit} bytes (limits.{setting})")]
+    ResponseTooLarge {
+        host: String,
+        limit: u64,
+        setting: &'static str,
+    },
+    #[error("{host} did not answer in time ({what} is {seconds}s)")]
+    Timeout {
+        host: String,
+        seconds: u64,
+        what: &'static str,
+    },
     #[error("cannot reach {host}: {why}")]
     Unreachable { host: String, why: String },
     #[error(
@@ -274,15 +298,74 @@ impl Proxy {
         })
     }
 
-    /// Sends a prepared call with the target's credential; on a 401 for an OAuth connection,
-    /// refreshes the token once and sends it once more. `exchange` is filled in as it goes,
-    /// for the audit, whatever the outcome.
+    /// Sends a prepared call with the target's credential and reads the whole answer (up to
+    /// [`CallLimits::response_bytes`]). `exchange` is filled in as it goes, for the audit,
+    /// whatever the outcome.
     pub async fn send(
         &self,
         target: &Target,
         call: &Prepared,
         exchange: &mut Exchange,
     ) -> Result<CallResponse, CallError> {
+        let response = self.respond(target, call, exchange, None).await?;
+        let answer = self.answer(call, response).await;
+        if let Ok(a) = &answer {
+            exchange.bytes_in = a.body.len();
+        }
+        answer
+    }
+
+    /// Sends a prepared call as [`Proxy::send`] does and returns the answer's status and
+    /// headers once they arrive (within the upstream deadline), its body still to be read
+    /// ([`Download`]): bounded by [`CallLimits::stream_bytes`] and [`CallLimits::stream_time`].
+    pub async fn open(
+        &self,
+        target: &Target,
+        call: &Prepared,
+        exchange: &mut Exchange,
+    ) -> Result<Download, CallError> {
+        let life = self.limits.stream_time;
+        let started = Instant::now();
+        let host = host_of(&call.url);
+        let response = tokio::time::timeout(
+            self.timeout,
+            self.respond(target, call, exchange, Some(life)),
+        )
+        .await
+        .map_err(|_| CallError::Timeout {
+            host: host.clone(),
+            seconds: self.timeout.as_secs(),
+            what: UPSTREAM_DEADLINE,
+        })??;
+        let limit = self.limits.stream_bytes;
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(stream_too_large(host, limit));
+        }
+        Ok(Download {
+            status: response.status().as_u16(),
+            headers: returned_headers(response.headers()),
+            response,
+            host,
+            limit,
+            idle: self.timeout,
+            life,
+            deadline: started + life,
+            received: 0,
+        })
+    }
+
+    /// The API's answer to a prepared call, its body unread: sent with the target's
+    /// credential; on a 401 for an OAuth connection, the token refreshed once (a new one
+    /// asked for, for a client-credentials connector) and the call sent once more; a redirect
+    /// off the base refused. `timeout` replaces the client's whole-request deadline (a stream's
+    /// life). The one way both forms of Call send a request.
+    async fn respond(
+        &self,
+        target: &Target,
+        call: &Prepared,
+        exchange: &mut Exchange,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, CallError> {
         let client = self
             .client(target.connector.setting("ca_pem"))
             .map_err(|e| CallError::Unreachable {
@@ -291,7 +374,11 @@ impl Proxy {
             })?;
         let credential = self.credentials.resolvable(target, MIN_TTL).await?;
         exchange.bytes_out = call.body.len();
-        let mut response = self.attempt(&client, target, call, &credential).await?;
+        let send = async |credential: &Credential| {
+            self.attempt(&client, target, call, credential, timeout)
+                .await
+        };
+        let mut response = send(&credential).await?;
         if response.status() == reqwest::StatusCode::UNAUTHORIZED
             && credential.form == Form::Bearer
             && self
@@ -300,14 +387,14 @@ impl Proxy {
                 .await?
         {
             let fresh = self.credentials.resolvable(target, MIN_TTL).await?;
-            response = self.attempt(&client, target, call, &fresh).await?;
+            response = send(&fresh).await?;
         }
-        exchange.status = Some(response.status().as_u16());
-        let answer = self.answer(call, response).await;
-        if let Ok(a) = &answer {
-            exchange.bytes_in = a.body.len();
+        let status = response.status().as_u16();
+        exchange.status = Some(status);
+        if response.status().is_redirection() {
+            check_redirect(&call.url, status, response.headers())?;
         }
-        answer
+        Ok(response)
     }
 
     async fn attempt(
@@ -316,6 +403,7 @@ impl Proxy {
         target: &Target,
         call: &Prepared,
         credential: &Credential,
+        timeout: Option<Duration>,
     ) -> Result<reqwest::Response, CallError> {
         let mut url = call.url.clone();
         let mut headers = call.headers.clone();
@@ -326,17 +414,21 @@ impl Proxy {
             &mut headers,
             &call.query,
         )?;
-        client
+        let mut request = client
             .request(call.method.clone(), url)
             .headers(headers)
-            .body(call.body.clone())
+            .body(call.body.clone());
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        request
             .send()
             .await
             .map_err(|e| self.transport(&call.url, e))
     }
 
-    /// The response as returned to the caller: a redirect off the base refused, the headers
-    /// filtered, the body read up to the limit.
+    /// The response as returned to the caller: the headers filtered, the body read up to the
+    /// limit.
     async fn answer(
         &self,
         call: &Prepared,
@@ -344,13 +436,11 @@ impl Proxy {
     ) -> Result<CallResponse, CallError> {
         let status = response.status().as_u16();
         let host = host_of(&call.url);
-        if response.status().is_redirection() {
-            check_redirect(&call.url, status, response.headers())?;
-        }
         let limit = self.limits.response_bytes;
         let too_large = || CallError::ResponseTooLarge {
             host: host.clone(),
-            limit,
+            limit: limit as u64,
+            setting: "max_call_response_bytes",
         };
         // The body's announced size (none for a HEAD answer, whatever its Content-Length).
         if response.content_length().is_some_and(|n| n > limit as u64) {
@@ -377,26 +467,154 @@ impl Proxy {
 
     /// A transport error, described without its URL.
     fn transport(&self, url: &Url, e: reqwest::Error) -> CallError {
-        let host = host_of(url);
-        if e.is_timeout() {
-            return CallError::Timeout {
-                host,
-                seconds: self.timeout.as_secs(),
-            };
-        }
-        let mut why = if e.is_connect() {
-            "connection failed".to_string()
-        } else {
-            "request failed".to_string()
-        };
-        let e = e.without_url();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            why.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        CallError::Unreachable { host, why }
+        transport(host_of(url), (self.timeout, UPSTREAM_DEADLINE), e)
     }
+}
+
+/// An answer being streamed: its status and the headers returned, its body still upstream,
+/// read by [`Download::pump`].
+pub struct Download {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    response: reqwest::Response,
+    host: String,
+    limit: u64,
+    /// The longest wait for the API's next piece, and for the caller to take one.
+    idle: Duration,
+    life: Duration,
+    deadline: Instant,
+    /// Body bytes read from the API so far.
+    received: u64,
+}
+
+/// How a stream ended, for its audit record.
+#[derive(Debug)]
+pub enum Ending {
+    /// The whole body was handed on.
+    Complete,
+    /// The caller went away before the end.
+    HungUp,
+    /// The caller took nothing for this many seconds (the upstream deadline).
+    Stalled { seconds: u64 },
+    /// The API's side failed, the body passed its cap or the stream its life: the caller was
+    /// told this error.
+    Failed(CallError),
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Complete => f.write_str("complete"),
+            Ending::HungUp => f.write_str("the caller hung up before the end"),
+            Ending::Stalled { seconds } => {
+                write!(f, "the caller took nothing for {seconds}s; ended")
+            }
+            Ending::Failed(e) => write!(f, "cut off: {e}"),
+        }
+    }
+}
+
+impl Download {
+    /// Hands the body on into `tx` as `wrap(piece)`, in pieces of at most
+    /// [`STREAM_PIECE_BYTES`], reading the API only when the channel has room (its capacity
+    /// bounds what is held), until the end, an error (returned, for the caller to hand on),
+    /// the caller gone or not taking pieces. Returns how it ended and the body bytes handed on.
+    pub async fn pump<T>(
+        mut self,
+        tx: &mpsc::Sender<T>,
+        wrap: impl Fn(Vec<u8>) -> T,
+    ) -> (Ending, u64) {
+        let mut sent = 0u64;
+        loop {
+            let next = tokio::select! {
+                next = self.next() => next,
+                () = tx.closed() => return (Ending::HungUp, sent),
+            };
+            let chunk = match next {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return (Ending::Complete, sent),
+                Err(e) => return (Ending::Failed(e), sent),
+            };
+            for piece in chunk.chunks(STREAM_PIECE_BYTES) {
+                match tx.send_timeout(wrap(piece.to_vec()), self.idle).await {
+                    Ok(()) => sent += piece.len() as u64,
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                        return (Ending::HungUp, sent);
+                    }
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        let seconds = self.idle.as_secs();
+                        return (Ending::Stalled { seconds }, sent);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The API's next chunk, within the idle wait and the stream's life, the total within
+    /// the cap; `None` at the end.
+    async fn next(&mut self) -> Result<Option<prost::bytes::Bytes>, CallError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let (wait, named) = if left < self.idle {
+            (left, (self.life, STREAM_LIFE))
+        } else {
+            (self.idle, (self.idle, STREAM_IDLE))
+        };
+        let chunk = tokio::time::timeout(wait, self.response.chunk())
+            .await
+            .map_err(|_| CallError::Timeout {
+                host: self.host.clone(),
+                seconds: named.0.as_secs(),
+                what: named.1,
+            })?
+            .map_err(|e| transport(self.host.clone(), (self.life, STREAM_LIFE), e))?;
+        let Some(chunk) = chunk else {
+            return Ok(None);
+        };
+        self.received += chunk.len() as u64;
+        if self.received > self.limit {
+            return Err(stream_too_large(self.host.clone(), self.limit));
+        }
+        Ok(Some(chunk))
+    }
+}
+
+/// What [`CallError::Timeout`] names for a request's deadline.
+const UPSTREAM_DEADLINE: &str = "the upstream deadline (limits.upstream_timeout_secs)";
+/// …for a stream's piece that does not come.
+const STREAM_IDLE: &str =
+    "the longest a stream may wait for its next piece (limits.upstream_timeout_secs)";
+/// …for a stream's whole life.
+const STREAM_LIFE: &str = "a stream's longest life (limits.call_stream_timeout_secs)";
+
+fn stream_too_large(host: String, limit: u64) -> CallError {
+    CallError::ResponseTooLarge {
+        host,
+        limit,
+        setting: "max_call_stream_bytes",
+    }
+}
+
+/// A transport error, described without its URL; a timeout names `deadline`.
+fn transport(host: String, deadline: (Duration, &'static str), e: reqwest::Error) -> CallError {
+    if e.is_timeout() {
+        return CallError::Timeout {
+            host,
+            seconds: deadline.0.as_secs(),
+            what: deadline.1,
+        };
+    }
+    let mut why = if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let e = e.without_url();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        why.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    CallError::Unreachable { host, why }
 }
 
 /// The connector's API base, checked as when it was set.
@@ -818,6 +1036,87 @@ mod tests {
         let (url, headers) = run(&[("query_param", "key")]);
         assert_eq!(url, "https://api.test/x?q=a+b&key=k1");
         assert!(headers.is_empty());
+    }
+
+    fn download(body: Vec<u8>, limit: u64, idle: Duration) -> Download {
+        let response = reqwest::Response::from(http::Response::new(reqwest::Body::from(body)));
+        let life = Duration::from_secs(60);
+        Download {
+            status: 200,
+            headers: Vec::new(),
+            response,
+            host: "api.test".into(),
+            limit,
+            idle,
+            life,
+            deadline: Instant::now() + life,
+            received: 0,
+        }
+    }
+
+    /// Pumps `body` into a channel of `capacity`, read by `read` (which may drop it).
+    async fn pumped(
+        d: Download,
+        capacity: usize,
+        read: impl AsyncFnOnce(mpsc::Receiver<Vec<u8>>),
+    ) -> (Ending, u64) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let pump = tokio::spawn(async move { d.pump(&tx, |piece| piece).await });
+        read(rx).await;
+        pump.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_hands_its_body_on_whole_in_bounded_pieces() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        let d = download(body.clone(), 1 << 20, Duration::from_secs(10));
+        let (ending, sent) = pumped(d, 1, async |mut rx| {
+            while let Some(piece) = rx.recv().await {
+                assert!(piece.len() <= STREAM_PIECE_BYTES);
+                pieces += 1;
+                got.extend(piece);
+            }
+        })
+        .await;
+        assert!(matches!(ending, Ending::Complete), "{ending}");
+        assert_eq!((sent, pieces), (200_000, 4));
+        assert!(got == body, "the body arrived changed");
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_its_cap_a_caller_gone_or_stalled_ends_saying_so() {
+        let body = vec![7u8; 200_000];
+        let idle = Duration::from_secs(10);
+        let d = download(body.clone(), 100_000, idle);
+        let (ending, sent) = pumped(d, 8, async |mut rx| while rx.recv().await.is_some() {}).await;
+        let Ending::Failed(e) = &ending else {
+            panic!("{ending}")
+        };
+        assert!(
+            e.to_string().contains("limits.max_call_stream_bytes"),
+            "{e}"
+        );
+        assert_eq!(sent, 0);
+        assert!(
+            ending
+                .to_string()
+                .starts_with("cut off: api.test answered more")
+        );
+
+        let d = download(body.clone(), 1 << 20, idle);
+        let (ending, sent) = pumped(d, 1, async |rx| drop(rx)).await;
+        assert!(matches!(ending, Ending::HungUp), "{ending}");
+        assert_eq!(sent, 0);
+
+        // A caller that keeps the stream open and takes nothing: one piece fits the channel.
+        let d = download(body, 1 << 20, Duration::from_millis(50));
+        let (tx, rx) = mpsc::channel(1);
+        let (ending, sent) = d.pump(&tx, |piece| piece).await;
+        assert!(matches!(ending, Ending::Stalled { .. }), "{ending}");
+        assert_eq!(sent, STREAM_PIECE_BYTES as u64);
+        drop(rx);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Webhook(#[from] crate::events::WebhookError),
     #[error("[http] metrics_token_file {path}: {why}")]
     MetricsToken { path: String, why: String },
 }
@@ -380,6 +382,7 @@ pub async fn open_services(
     );
     let refusals = Refusals::start(audit.clone());
     let registry = Arc::new(Registry::new(store, &crate::driver::DRIVERS));
+    crate::events::start(config, registry.events()).await?;
     let timeout = config.upstream_timeout();
     let callback = format!(
         "{}/oauth/callback",
@@ -411,6 +414,8 @@ pub async fn open_services(
             crate::proxy::CallLimits {
                 request_bytes: config.limits.max_call_request_bytes,
                 response_bytes: config.limits.max_call_response_bytes,
+                stream_bytes: config.limits.max_call_stream_bytes,
+                stream_time: Duration::from_secs(config.limits.call_stream_timeout_secs.max(1)),
             },
         ),
         connect: Connect::new(

@@ -20,7 +20,7 @@ macro_rules! open_policy {
             $agent,
             "\"\n[[callers.grants]]\nworkspace = \"*\"\nconnectors = [\"*\"]\n",
             "operations = [\"resolve\", \"send_email\", \"fetch_mail\", \"watch_mail\", ",
-            "\"list_calendar\", \"create_event\"]\nusers = [\"*\"]\n",
+            "\"list_calendar\", \"create_event\", \"organize_mail\"]\nusers = [\"*\"]\n",
         )
     };
 }

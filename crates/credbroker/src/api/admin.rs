@@ -26,6 +26,61 @@ const ALL: &str = "*";
 /// Bytes per BackupChunk: well under gRPC's default 4 MiB message limit.
 const BACKUP_CHUNK: usize = 1 << 20;
 
+pub type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::LifecycleEvent, Status>> + Send>,
+>;
+
+/// WatchEvents' query: its scope checked (every workspace needs admin rights on "*").
+fn watch_query(
+    s: &Services,
+    call: &mut Call,
+    r: proto::WatchEventsRequest,
+) -> Result<crate::events::WatchQuery, ApiError> {
+    let workspace = match r.workspace.is_empty() {
+        true => None,
+        false => Some(workspace_or_default("workspace", &r.workspace)?),
+    };
+    s.admin_of(call, workspace.as_deref().unwrap_or(ALL))?;
+    let kinds = r
+        .kinds
+        .iter()
+        .map(|k| crate::events::EventKind::parse("kinds", k))
+        .collect::<Result<_, _>>()?;
+    Ok(crate::events::WatchQuery {
+        after: r.after_cursor,
+        kinds,
+        workspace,
+        backlog_only: r.backlog_only,
+    })
+}
+
+/// A lifecycle event as WatchEvents sends it.
+fn lifecycle_event(e: crate::events::Event) -> proto::LifecycleEvent {
+    proto::LifecycleEvent {
+        id: e.id,
+        cursor: e.cursor,
+        time: Some(convert::timestamp(e.time)),
+        kind: e.kind.name().to_string(),
+        workspace: e.workspace,
+        connector_id: e.connector_id,
+        connector: e.connector,
+        user_id: e.user_id,
+        class: e.class,
+        reason: e.reason,
+    }
+}
+
+/// A WatchEvents stream's items.
+fn event_stream(watch: crate::events::Watch) -> EventStream {
+    Box::pin(futures::stream::unfold(watch, async |mut watch| {
+        let item = match watch.next().await? {
+            Ok(event) => Ok(lifecycle_event(event)),
+            Err(e) => Err(Status::from(ApiError::from(e))),
+        };
+        Some((item, watch))
+    }))
+}
+
 pub type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
@@ -222,6 +277,7 @@ fn audit_record(rec: AuditRecord) -> proto::AuditRecord {
 #[tonic::async_trait]
 impl Admin for AdminApi {
     type BackupStream = BackupStream;
+    type WatchEventsStream = EventStream;
 
     async fn rotate_key(
         &self,
@@ -325,6 +381,12 @@ impl Admin for AdminApi {
             s.through_of(call, &c).await?;
             if c.destinations_at == Some(c.updated_at) {
                 audit_moved(s, call, &moved).await?;
+                let (kind, why) = (
+                    crate::events::EventKind::DestinationChanged,
+                    moved.describe(),
+                );
+                let detail = crate::events::Detail::new("destination_changed", &why);
+                s.registry.events().emit(kind, &c, "", detail).await;
             }
             Ok(convert::connector(&c))
         })
@@ -357,10 +419,16 @@ impl Admin for AdminApi {
         s.handle(Rpc::DeleteConnector, req, async |call, r| {
             call.connector = r.connector.clone();
             let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
+            let c = s.registry.find_connector(&workspace, &r.connector).await?;
             let removed = s
                 .registry
                 .delete_connector(&workspace, &r.connector)
                 .await?;
+            let gone = crate::events::EventKind::ConnectorDeleted;
+            s.registry
+                .events()
+                .emit(gone, &c, "", Default::default())
+                .await;
             Ok(proto::DeleteConnectorResponse {
                 connections_removed: removed as u32,
             })
@@ -546,6 +614,18 @@ impl Admin for AdminApi {
                     .map(|cp| cp.to_line())
                     .unwrap_or_default(),
             })
+        })
+        .await
+    }
+
+    async fn watch_events(
+        &self,
+        req: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let s = &self.0;
+        s.handle(Rpc::WatchEvents, req, async |call, r| {
+            let query = watch_query(s, call, r)?;
+            Ok(event_stream(s.registry.events().watch(query).await?))
         })
         .await
     }

@@ -218,27 +218,172 @@ impl Broker for BrokerApi {
     ) -> Result<Response<proto::CallResponse>, Status> {
         let s = &self.0;
         s.handle_on(Rpc::Call, req, async |call, target, r| {
-            let prepared = s
-                .proxy
-                .prepare(&target.connector, convert::call_request(r))?;
-            let mut exchange = prepared.exchange.clone();
-            call.detail = exchange.to_string();
-            let c = &target.connector;
-            s.policy
-                .current()
-                .check_call(
-                    &call.caller,
-                    &c.workspace,
-                    (&c.name, &c.id),
-                    &target.on_behalf_of,
-                    prepared.method.as_str(),
-                    &prepared.path,
-                )
-                .map_err(ApiError::Denied)?;
+            let (prepared, mut exchange) = admitted_call(s, call, &target, r)?;
             let sent = s.proxy.send(&target, &prepared, &mut exchange).await;
             call.detail = exchange.to_string();
             Ok(convert::call_response(sent?))
         })
         .await
+    }
+
+    type CallStreamStream = ChunkStream;
+
+    /// Admitted as Call is; audited when the answer's head arrives (the stream opens) and
+    /// again when the stream ends, with the bytes handed on and how it ended.
+    async fn call_stream(
+        &self,
+        req: Request<proto::CallRequest>,
+    ) -> Result<Response<Self::CallStreamStream>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::CallStream, req, async |call, target, r| {
+            let (prepared, mut exchange) = admitted_call(s, call, &target, r)?;
+            let opened = s.proxy.open(&target, &prepared, &mut exchange).await;
+            call.detail = exchange.to_string();
+            let download = opened?;
+            // The body's bytes are the end record's.
+            call.detail.push_str("; the body follows in the stream");
+            let (tx, rx) = tokio::sync::mpsc::channel(CALL_STREAM_BUFFER);
+            let head = proto::CallChunk {
+                status: download.status.into(),
+                headers: convert::http_headers(download.headers.clone()),
+                data: Vec::new(),
+            };
+            // A new channel has room for its first message.
+            let _ = tx.try_send(Ok(head));
+            let end = (s.clone(), call.clone(), exchange);
+            tokio::spawn(stream_body(end, download, tx));
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ChunkStream)
+        })
+        .await
+    }
+
+    async fn list_folders(
+        &self,
+        req: Request<proto::ListFoldersRequest>,
+    ) -> Result<Response<proto::ListFoldersResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::ListFolders, req, async |_, target, _| {
+            Ok(convert::folders(s.mail.list_folders(&target).await?))
+        })
+        .await
+    }
+
+    async fn move_messages(
+        &self,
+        req: Request<proto::MoveMessagesRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::MoveMessages, req, async |call, target, r| {
+            self.organize(call, &target, convert::move_request(r)?)
+                .await
+        })
+        .await
+    }
+
+    async fn set_flags(
+        &self,
+        req: Request<proto::SetFlagsRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::SetFlags, req, async |call, target, r| {
+            self.organize(call, &target, convert::flags_request(r)?)
+                .await
+        })
+        .await
+    }
+
+    async fn delete_messages(
+        &self,
+        req: Request<proto::DeleteMessagesRequest>,
+    ) -> Result<Response<proto::OrganizeMailResponse>, Status> {
+        let s = &self.0;
+        s.handle_on(Rpc::DeleteMessages, req, async |call, target, r| {
+            self.organize(call, &target, convert::delete_request(r)?)
+                .await
+        })
+        .await
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::CallChunk, Status>> + Send>>;
+
+/// Body pieces (of at most [`crate::proxy::STREAM_PIECE_BYTES`]) a CallStream holds for a
+/// caller that has not taken them yet: the most it buffers.
+const CALL_STREAM_BUFFER: usize = 4;
+
+/// A Call's request checked against the API base and admitted to its method and path (the
+/// grant's `calls`), before anything is sent; the call's audit detail says what it is.
+fn admitted_call(
+    s: &Services,
+    call: &mut Call,
+    target: &crate::model::Target,
+    r: proto::CallRequest,
+) -> Result<(crate::proxy::Prepared, crate::proxy::Exchange), ApiError> {
+    let prepared = s
+        .proxy
+        .prepare(&target.connector, convert::call_request(r))?;
+    let exchange = prepared.exchange.clone();
+    call.detail = exchange.to_string();
+    let c = &target.connector;
+    s.policy
+        .current()
+        .check_call(
+            &call.caller,
+            &c.workspace,
+            (&c.name, &c.id),
+            &target.on_behalf_of,
+            prepared.method.as_str(),
+            &prepared.path,
+        )
+        .map_err(ApiError::Denied)?;
+    Ok((prepared, exchange))
+}
+
+/// Hands a CallStream's body on, then audits how it ended under the call's request id (an
+/// error before the caller sees it), with the bytes handed on in the detail.
+async fn stream_body(
+    (s, mut call, mut exchange): (Arc<Services>, Call, crate::proxy::Exchange),
+    download: crate::proxy::Download,
+    tx: tokio::sync::mpsc::Sender<Result<proto::CallChunk, Status>>,
+) {
+    let (ending, sent) = download
+        .pump(&tx, |data| {
+            Ok(proto::CallChunk {
+                data,
+                ..Default::default()
+            })
+        })
+        .await;
+    exchange.bytes_in = usize::try_from(sent).unwrap_or(usize::MAX);
+    call.detail = exchange.to_string();
+    let why = format!("stream ended: {ending}; {sent} body bytes handed on");
+    let (outcome, failure) = match ending {
+        crate::proxy::Ending::Failed(e) => {
+            let e = ApiError::from(e);
+            (audited_outcome(&e).0, Some(e))
+        }
+        _ => (Outcome::Ok, None),
+    };
+    let request_id = call.request_id.clone();
+    if let Err(e) = s.audit.record(call.into_audit_event(outcome, why)).await {
+        tracing::error!(error = %e, request_id = %request_id, "could not audit the end of a CallStream");
+    }
+    if let Some(e) = failure {
+        let _ = tx.send(Err(Status::from(e))).await;
+    }
+}
+
+impl BrokerApi {
+    /// A mail organisation request; its audit detail says what was asked (never anything of
+    /// the messages).
+    async fn organize(
+        &self,
+        call: &mut Call,
+        target: &crate::model::Target,
+        request: crate::mail::organize::Request,
+    ) -> Result<proto::OrganizeMailResponse, ApiError> {
+        call.detail = request.to_string();
+        let outcome = self.0.mail.organize(target, request).await?;
+        Ok(convert::organized(outcome))
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::proto;
+use crate::mail::organize;
 use crate::model::{Connection, ConnectionStatus, Connector, FieldError, Kind, Mode, Secret};
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -258,11 +259,97 @@ pub fn call_request(r: proto::CallRequest) -> crate::proxy::CallRequest {
 pub fn call_response(r: crate::proxy::CallResponse) -> proto::CallResponse {
     proto::CallResponse {
         status: r.status.into(),
-        headers: r
-            .headers
-            .into_iter()
-            .map(|(name, value)| proto::HttpHeader { name, value })
-            .collect(),
+        headers: http_headers(r.headers),
         body: r.body,
+    }
+}
+
+/// Response headers, as the reply's.
+pub fn http_headers(headers: Vec<(String, String)>) -> Vec<proto::HttpHeader> {
+    headers
+        .into_iter()
+        .map(|(name, value)| proto::HttpHeader { name, value })
+        .collect()
+}
+
+/// The selection of a mail organisation request (required).
+fn selection(s: Option<proto::MailSelection>) -> Result<organize::Selection, FieldError> {
+    let s = s.ok_or_else(|| FieldError::new("selection", "is required"))?;
+    Ok(organize::Selection {
+        mailbox: s.mailbox,
+        uid_validity: s.uid_validity,
+        uids: s.uids,
+    })
+}
+
+fn mail_flags(field: &str, flags: &[i32]) -> Result<Vec<organize::Flag>, FieldError> {
+    flags
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match proto::MailFlag::try_from(*f) {
+            Ok(proto::MailFlag::Seen) => Ok(organize::Flag::Seen),
+            Ok(proto::MailFlag::Flagged) => Ok(organize::Flag::Flagged),
+            Ok(proto::MailFlag::Answered) => Ok(organize::Flag::Answered),
+            Ok(proto::MailFlag::Deleted) => Ok(organize::Flag::Deleted),
+            _ => Err(FieldError::new(
+                format!("{field}[{i}]"),
+                format!("is {f}; must be SEEN, FLAGGED, ANSWERED or DELETED"),
+            )),
+        })
+        .collect()
+}
+
+pub fn move_request(r: proto::MoveMessagesRequest) -> Result<organize::Request, FieldError> {
+    Ok(organize::Request {
+        selection: selection(r.selection)?,
+        action: organize::Action::Move {
+            destination: r.destination,
+        },
+    })
+}
+
+pub fn flags_request(r: proto::SetFlagsRequest) -> Result<organize::Request, FieldError> {
+    Ok(organize::Request {
+        selection: selection(r.selection)?,
+        action: organize::Action::Flags(organize::FlagChange {
+            add: mail_flags("add", &r.add)?,
+            remove: mail_flags("remove", &r.remove)?,
+            add_labels: r.add_labels,
+            remove_labels: r.remove_labels,
+        }),
+    })
+}
+
+pub fn delete_request(r: proto::DeleteMessagesRequest) -> Result<organize::Request, FieldError> {
+    Ok(organize::Request {
+        selection: selection(r.selection)?,
+        action: organize::Action::Delete { expunge: r.expunge },
+    })
+}
+
+pub fn organized(o: organize::Outcome) -> proto::OrganizeMailResponse {
+    proto::OrganizeMailResponse {
+        uids: o.uids,
+        missing: o.missing,
+        destination: o.destination,
+        expunged: o.expunged,
+        destination_uids: o.destination_uids,
+        destination_uid_validity: o.destination_uid_validity,
+    }
+}
+
+pub fn folders(f: organize::Folders) -> proto::ListFoldersResponse {
+    proto::ListFoldersResponse {
+        folders: f
+            .folders
+            .into_iter()
+            .map(|f| proto::MailFolder {
+                name: f.name,
+                delimiter: f.delimiter,
+                attributes: f.attributes,
+            })
+            .collect(),
+        trash: f.trash,
+        labels: f.labels,
     }
 }

@@ -4,7 +4,9 @@
 //! the labels its audit records and metrics carry.
 //!
 //! Invariants: every method of the two services has exactly one row, and every
-//! [`Operation`] is reached by exactly one data-plane RPC (both checked against the compiled
+//! [`Operation`] is reached by exactly one data-plane RPC, except `call` (Call and its
+//! streaming form CallStream), `fetch_mail` (FetchMail and ListFolders: reading) and
+//! `organize_mail` (MoveMessages, SetFlags, DeleteMessages) (both checked against the compiled
 //! descriptors in the tests below). Only the RPCs that carry attachments accept the
 //! configured large size; every other one is refused past a small fixed bound. The labels are
 //! stable: audit queries filter on them and dashboards group by them, so a row's labels never
@@ -114,6 +116,11 @@ rpcs! {
     ListCalendar: Broker(ListCalendar), Small;
     CreateEvent: Broker(CreateEvent), Attachments, acts;
     Call: Broker(Call), Attachments, acts;
+    CallStream: Broker(Call), Attachments, acts;
+    ListFolders: Broker(FetchMail), Small;
+    MoveMessages: Broker(OrganizeMail), Small, acts;
+    SetFlags: Broker(OrganizeMail), Small, acts;
+    DeleteMessages: Broker(OrganizeMail), Small, acts;
     CreateConnector: Admin, Settings;
     GetConnector: Admin, Small;
     ListConnectors: Admin, Small;
@@ -132,6 +139,7 @@ rpcs! {
     Backup: Admin, Small;
     RotateKey: Admin, Small;
     GetStatus: Admin, Small;
+    WatchEvents: Admin, Small;
 }
 
 impl Rpc {
@@ -228,7 +236,10 @@ mod tests {
             .copied()
             .filter(|r| r.max_request_bytes(large) > SETTINGS_REQUEST_BYTES)
             .collect();
-        assert_eq!(big, [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call]);
+        assert_eq!(
+            big,
+            [Rpc::SendEmail, Rpc::CreateEvent, Rpc::Call, Rpc::CallStream]
+        );
         assert_eq!(Rpc::ResolveCredential.max_request_bytes(large), 64 * 1024);
         // A configured size below the fixed bounds lowers them too.
         for &rpc in Rpc::ALL {
@@ -251,6 +262,10 @@ mod tests {
                 Rpc::SendEmail,
                 Rpc::CreateEvent,
                 Rpc::Call,
+                Rpc::CallStream,
+                Rpc::MoveMessages,
+                Rpc::SetFlags,
+                Rpc::DeleteMessages,
                 Rpc::ConnectWithCredentials,
                 Rpc::Disconnect
             ]
@@ -258,15 +273,26 @@ mod tests {
     }
 
     #[test]
-    fn every_operation_is_reached_by_exactly_one_rpc() {
+    fn every_operation_is_reached_by_exactly_one_rpc_but_reading_and_organising_mail() {
         for op in Operation::ALL {
             let rpcs: Vec<Rpc> = Rpc::ALL
                 .iter()
                 .copied()
                 .filter(|r| r.access() == Access::Grant(op))
                 .collect();
-            assert_eq!(rpcs.len(), 1, "{op:?} is reached by {rpcs:?}");
-            assert!(rpcs[0].grpc_path().starts_with("/credbroker.v1.Broker/"));
+            match op {
+                // Call's streaming form is the same operation, granted by the same `calls`.
+                Operation::Call => assert_eq!(rpcs, [Rpc::Call, Rpc::CallStream]),
+                Operation::FetchMail => assert_eq!(rpcs, [Rpc::FetchMail, Rpc::ListFolders]),
+                Operation::OrganizeMail => assert_eq!(
+                    rpcs,
+                    [Rpc::MoveMessages, Rpc::SetFlags, Rpc::DeleteMessages]
+                ),
+                _ => assert_eq!(rpcs.len(), 1, "{op:?} is reached by {rpcs:?}"),
+            }
+            for rpc in rpcs {
+                assert!(rpc.grpc_path().starts_with("/credbroker.v1.Broker/"));
+            }
         }
     }
 }

@@ -50,6 +50,8 @@ pub enum ApiError {
         message: String,
         exhausted: crate::policy::Exhausted,
     },
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
     /// A blocking task of the call panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
@@ -170,6 +172,19 @@ pub fn classify(e: &ApiError) -> Class {
         ApiError::Calendar(c) => calendar(c),
         ApiError::Call(c) => call(c),
         ApiError::Task(_) => plain(Reason::Internal),
+        ApiError::Events(e) => events(e),
+    }
+}
+
+fn events(e: &crate::events::EventsError) -> Class {
+    use crate::events::EventsError;
+    match e {
+        EventsError::Store(_) => plain(Reason::Storage),
+        EventsError::Pruned { .. } => (
+            Reason::InvalidArgument,
+            vec![("field", "after_cursor".to_string())],
+        ),
+        EventsError::TooManyStreams(_) => plain(Reason::TooManyStreams),
     }
 }
 
@@ -240,6 +255,11 @@ fn mail(e: &MailError) -> Class {
         MailError::Rejected { .. } => plain(Reason::MailRejected),
         MailError::NoMailbox { .. } => plain(Reason::MailboxNotFound),
         MailError::TooManyWatchers(_) => plain(Reason::TooManyStreams),
+        MailError::StaleUidValidity { mailbox, .. } => (
+            Reason::FailedPrecondition,
+            vec![("mailbox", mailbox.clone())],
+        ),
+        MailError::Unsupported { .. } => plain(Reason::Unsupported),
         MailError::Denied(_) => plain(Reason::Policy),
         MailError::Egress(e) => upstream(e),
     }
@@ -370,5 +390,34 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "EXPIRED");
         assert_eq!(info.metadata["expired"], "destination_changed");
+    }
+
+    #[test]
+    fn a_stale_uidvalidity_names_its_mailbox_and_a_missing_extension_is_unsupported() {
+        let stale = Status::from(ApiError::from(MailError::StaleUidValidity {
+            mailbox: "Archive".into(),
+            expected: 5,
+            actual: 6,
+        }));
+        assert_eq!(stale.code(), Code::FailedPrecondition);
+        assert!(
+            stale.message().contains("\"Archive\""),
+            "{}",
+            stale.message()
+        );
+        let info = stale.get_details_error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.metadata["mailbox"].as_str()),
+            ("FAILED_PRECONDITION", "Archive")
+        );
+        let labels = Status::from(ApiError::from(MailError::Unsupported {
+            server: "imap.test:993".into(),
+            what: "has no labels".into(),
+        }));
+        assert_eq!(labels.code(), Code::Unimplemented);
+        assert_eq!(
+            labels.get_details_error_info().unwrap().reason,
+            "UNSUPPORTED"
+        );
     }
 }

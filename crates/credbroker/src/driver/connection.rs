@@ -104,10 +104,18 @@ pub async fn expire_refused(
     erase_secrets: bool,
 ) -> Result<Option<ConnectionError>, ModelError> {
     let marked = registry
-        .mark_expired(connector, user, why, erase_secrets)
+        .mark_expired(connector, user, why.clone(), erase_secrets)
         .await?;
     if marked {
         tracing::warn!(connector = %connector.id, "the stored credential was refused: connection marked expired");
+        let (expired, detail) = (
+            crate::events::EventKind::Expired,
+            crate::events::Detail::new("refused", &why),
+        );
+        registry
+            .events()
+            .emit(expired, connector, user, detail)
+            .await;
     }
     Ok(marked.then(|| ConnectionError::expired(connector, user)))
 }

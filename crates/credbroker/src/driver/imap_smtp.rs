@@ -16,8 +16,14 @@ use crate::model::{Check, Connector, FieldError, Secret, TestReport};
 
 pub struct ImapSmtp;
 
-static CONFIG: [&str; 9] = keys(SERVER_SETTINGS, &[OAUTH_CONNECTOR, "description"]);
-static SETTINGS: [&str; 10] = keys(&["email", "username", "aliases"], SERVER_SETTINGS);
+static CONFIG: [&str; 10] = keys(
+    SERVER_SETTINGS,
+    &[OAUTH_CONNECTOR, "description", "trash_mailbox"],
+);
+static SETTINGS: [&str; 11] = keys(
+    &["email", "username", "aliases", "trash_mailbox"],
+    SERVER_SETTINGS,
+);
 
 static SCHEMA: Schema = Schema {
     config: &CONFIG,

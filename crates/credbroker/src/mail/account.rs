@@ -80,6 +80,9 @@ pub struct Account {
     pub email: String,
     pub username: String,
     pub aliases: Vec<String>,
+    /// The folder DeleteMessages moves to when the server marks none SPECIAL-USE \Trash
+    /// (setting `trash_mailbox`; [`super::organize`] falls back to "Trash").
+    pub trash: Option<String>,
     pub imap: Endpoint,
     pub smtp: Endpoint,
     /// Extra CAs (PEM) trusted besides Mozilla's roots for the SMTP server.
@@ -325,6 +328,10 @@ pub fn from_settings(
             aliases.push(parse_address(&format!("{field}[{i}]"), alias)?.to_string());
         }
     }
+    let trash = m
+        .get("trash_mailbox")
+        .map(|(v, field)| super::imap::mailbox_name(&field, v))
+        .transpose()?;
     let ca_error = |e: crate::tls::TlsError| {
         let field = if settings.contains_key("ca_pem") {
             "settings.ca_pem"
@@ -344,6 +351,7 @@ pub fn from_settings(
         email,
         username,
         aliases,
+        trash,
         imap,
         smtp,
         ca_pem,

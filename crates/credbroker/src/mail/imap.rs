@@ -395,7 +395,7 @@ impl Session {
         .await
     }
 
-    fn err(&self, what: &str, e: impl std::fmt::Display) -> MailError {
+    pub(super) fn err(&self, what: &str, e: impl std::fmt::Display) -> MailError {
         MailError::upstream(
             Service::Imap,
             &self.opened.server,

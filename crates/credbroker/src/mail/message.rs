@@ -555,6 +555,7 @@ mod tests {
             email: "alice@x.test".into(),
             username: "alice@x.test".into(),
             aliases: vec!["support@x.test".into()],
+            trash: None,
             imap: ep("i"),
             smtp: ep("s"),
             ca_pem: None,

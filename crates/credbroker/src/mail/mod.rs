@@ -4,6 +4,8 @@
 //! - [`message`]: validating and building outgoing mail, parsing incoming mail (mail-parser);
 //! - [`smtp`]: sending through a pooled lettre transport per connection;
 //! - [`imap`]: reading a mailbox with async-imap over tokio-rustls;
+//! - [`organize`]: ListFolders, MoveMessages, SetFlags and DeleteMessages, by UID with the
+//!   mailbox's UIDVALIDITY checked first;
 //! - [`watch`]: the IMAP IDLE loop behind WatchMail, and [`guard`]: what ends a stream when
 //!   its grant or its connection goes;
 //! - [`test_account`]: the IMAP login + SMTP AUTH check behind ConnectWithCredentials.
@@ -16,6 +18,7 @@ pub mod guard;
 pub mod imap;
 pub mod message;
 mod meter;
+pub mod organize;
 pub mod smtp;
 pub mod watch;
 
@@ -90,6 +93,19 @@ pub enum MailError {
     Expired(Box<MailError>),
     #[error("mailbox {mailbox:?} does not exist or cannot be opened: {message}")]
     NoMailbox { mailbox: String, message: String },
+    /// The mailbox's UIDVALIDITY is not the one a request's UIDs were read under: they may
+    /// name other messages now, so nothing was done.
+    #[error(
+        "mailbox {mailbox:?} has UIDVALIDITY {actual}, not {expected}: its UIDs were renumbered; fetch it again (nothing was changed)"
+    )]
+    StaleUidValidity {
+        mailbox: String,
+        expected: u32,
+        actual: u32,
+    },
+    /// The server lacks an extension a request needs; nothing was changed.
+    #[error("IMAP server {server} {what}")]
+    Unsupported { server: String, what: String },
     #[error("too many WatchMail streams for this caller (at most {0})")]
     TooManyWatchers(usize),
     /// The policy no longer grants the caller what a stream it holds needs ([`guard`]).
@@ -200,11 +216,7 @@ impl Mail {
         let account = self.account(target).await?;
         let outgoing = message::build(&account, request)?;
         let result = self.smtp.send(&account, &outgoing, self.timeout).await;
-        let result = self.on_auth_refused(target, &account, result).await;
-        if result.is_ok() {
-            self.record_use(target).await;
-        }
-        result
+        self.settle(target, &account, result).await
     }
 
     /// Reads messages from a mailbox.
@@ -216,7 +228,18 @@ impl Mail {
         query.validate()?;
         let account = self.account(target).await?;
         let result = imap::fetch(&account, &query, self.timeout, self.caps).await;
-        let result = self.on_auth_refused(target, &account, result).await;
+        self.settle(target, &account, result).await
+    }
+
+    /// What a call on the account's server ends with: a refused password expires the
+    /// connection ([`Mail::on_auth_refused`]), a success records its use.
+    async fn settle<T>(
+        &self,
+        target: &Target,
+        account: &Account,
+        result: Result<T, MailError>,
+    ) -> Result<T, MailError> {
+        let result = self.on_auth_refused(target, account, result).await;
         if result.is_ok() {
             self.record_use(target).await;
         }
@@ -240,8 +263,7 @@ impl Mail {
         let account = self.account(target).await?;
         let first =
             imap::Session::open(&account, &query.mailbox, false, self.timeout, self.caps).await;
-        let first = self.on_auth_refused(target, &account, first).await?;
-        self.record_use(target).await;
+        let first = self.settle(target, &account, first).await?;
         Ok(watch::spawn(self.clone(), guard, query, first, slot))
     }
 

@@ -106,6 +106,8 @@ pub struct Registry {
     rules: &'static dyn ConnectorRules,
     /// Serialises the changes that must check-then-write a name (create, rename, delete).
     names: tokio::sync::Mutex<()>,
+    /// The lifecycle events journal, on the same store.
+    events: Arc<crate::events::Events>,
 }
 
 /// A connector to create, as an admin describes it.
@@ -184,10 +186,16 @@ async fn count_connections(
 impl Registry {
     pub fn new(store: Arc<Store>, rules: &'static dyn ConnectorRules) -> Self {
         Self {
+            events: Arc::new(crate::events::Events::new(store.clone())),
             store,
             rules,
             names: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The lifecycle events journal ([`crate::events`]).
+    pub fn events(&self) -> &Arc<crate::events::Events> {
+        &self.events
     }
 
     pub async fn create_connector(&self, mut new: NewConnector) -> Result<Connector, ModelError> {

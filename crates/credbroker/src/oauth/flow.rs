@@ -403,11 +403,9 @@ impl OAuth {
         (access, account_label): (Secret, String),
     ) -> Result<Connection, OAuthError> {
         let now = Utc::now();
-        let mut connection = self
-            .registry
-            .connection(connector, user)
-            .await?
-            .unwrap_or_else(|| Connection::new(&connector.id, user));
+        let previous = self.registry.connection(connector, user).await?;
+        let kind = crate::events::EventKind::on_connect(previous.as_ref());
+        let mut connection = previous.unwrap_or_else(|| Connection::new(&connector.id, user));
         connection.status = ConnectionStatus::Connected;
         connection.account_label = account_label;
         connection.connected_at = Some(now);
@@ -430,6 +428,10 @@ impl OAuth {
             .save_connection(&connection, Some(&secrets))
             .await?;
         self.backoff_clear(&crate::model::connection_path(&connector.id, user));
+        let events = self.registry.events();
+        events
+            .emit(kind, connector, user, crate::events::Detail::NONE)
+            .await;
         Ok(connection)
     }
 
@@ -453,6 +455,12 @@ impl OAuth {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&connector.id);
         self.backoff_clear(&crate::model::connection_path(&connector.id, user));
+        let gone = crate::events::EventKind::Disconnected;
+        let detail = crate::events::Detail::new(if revoked { "revoked" } else { "" }, "");
+        self.registry
+            .events()
+            .emit(gone, connector, user, detail)
+            .await;
         Ok((Connection::new(&connector.id, user), revoked))
     }
 

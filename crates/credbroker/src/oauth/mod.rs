@@ -27,6 +27,7 @@ use oauth2::{
 };
 
 use crate::driver::{ConnectionError, expire_refused, usable_connection};
+use crate::events::Detail;
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
     Registry, Secret,
@@ -200,15 +201,19 @@ impl OAuth {
 
     /// Refreshes the access token now because an API refused `rejected` (Broker.Call's one
     /// retry), unless the stored token is already another one (someone refreshed since).
-    /// True when there is a new token to try; client-credentials tokens are not replaced.
+    /// True when there is a new token to try (for a client-credentials connector, a new one
+    /// asked for in its place).
     pub async fn replace_rejected(
         &self,
         connector: &Connector,
         user: &str,
         rejected: &Secret,
     ) -> Result<bool, OAuthError> {
-        if connector.kind != Kind::Oauth2 || Grant::of(connector)? == Grant::ClientCredentials {
+        if connector.kind != Kind::Oauth2 {
             return Ok(false);
+        }
+        if Grant::of(connector)? == Grant::ClientCredentials {
+            return self.replace_client_token(connector, rejected).await;
         }
         let key = crate::model::connection_path(&connector.id, user);
         let flight = self.flight(&key);
@@ -219,6 +224,30 @@ impl OAuth {
         }
         let token = self
             .refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .await?;
+        Ok(&token.token != rejected)
+    }
+
+    /// A new client-credentials token in place of `rejected`, unless the cached one is
+    /// already another (asked for since); true when there is a new token to try.
+    async fn replace_client_token(
+        &self,
+        connector: &Connector,
+        rejected: &Secret,
+    ) -> Result<bool, OAuthError> {
+        let flight = self.flight(&connector.id);
+        let _turn = flight.lock().await;
+        let cached = self
+            .client_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&connector.id)
+            .map(|t| t.token.clone());
+        if cached.is_some_and(|t| &t != rejected) {
+            return Ok(true);
+        }
+        let token = self
+            .request_client_token(connector, &Endpoints::of(connector)?)
             .await?;
         Ok(&token.token != rejected)
     }
@@ -336,10 +365,16 @@ impl OAuth {
         });
         match response {
             Ok(response) => {
+                let was = connection.status;
                 let token = self
                     .store_refreshed(&mut connection, &mut secrets, &response)
                     .await?;
                 self.backoff_clear(key);
+                let kind = crate::events::EventKind::after_refresh(was);
+                self.registry
+                    .events()
+                    .emit(kind, connector, user, Detail::NONE)
+                    .await;
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
@@ -358,6 +393,12 @@ impl OAuth {
                     connection.status = ConnectionStatus::Error;
                     connection.last_error = why.clone();
                     self.registry.save_connection(&connection, None).await?;
+                    let failed = crate::events::EventKind::RefreshFailed;
+                    let detail = Detail::new(failure_class(&e), &why);
+                    self.registry
+                        .events()
+                        .emit(failed, connector, user, detail)
+                        .await;
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
@@ -515,6 +556,11 @@ impl OAuth {
         connection.account_label = client_id.to_string();
         connection.last_error.clear();
         self.registry.save_connection(&connection, None).await?;
+        let connected = crate::events::EventKind::Connected;
+        self.registry
+            .events()
+            .emit(connected, connector, "", Detail::NONE)
+            .await;
         Ok(())
     }
 
@@ -608,6 +654,19 @@ fn unavailable<RE: oauth2::ErrorResponse + 'static>(
     match e {
         RequestTokenError::Request(h) => OAuthError::from(h),
         other => OAuthError::Unavailable(describe(&other)),
+    }
+}
+
+/// A token-endpoint failure's class, as a `refresh_failed` event names it.
+fn failure_class<RE: oauth2::ErrorResponse + 'static>(
+    e: &RequestTokenError<http::HttpError, RE>,
+) -> &'static str {
+    match e {
+        RequestTokenError::ServerResponse(_) => "provider_error",
+        RequestTokenError::Request(h) if crate::upstream::refusal(h).is_some() => "egress",
+        RequestTokenError::Request(_) => "unreachable",
+        RequestTokenError::Parse(_, _) => "bad_response",
+        RequestTokenError::Other(_) => "other",
     }
 }
 

@@ -14,6 +14,11 @@
 //! operations = ["resolve", "send_email", "fetch_mail", "watch_mail", "list_calendar", "create_event"]
 //! users = ["*"]                        # end users it may act for; [] = shared connectors only
 //!
+//! [[callers.grants]]                  # mail organisation: move, flag, delete (and labels)
+//! workspace = "default"
+//! connectors = ["Gmail"]
+//! operations = ["organize_mail"]      # ListFolders needs only fetch_mail
+//!
 //! [[callers.grants]]                  # Broker.Call: which requests, by method and path
 //! workspace = "default"
 //! connectors = ["Drive"]
@@ -52,10 +57,13 @@ pub enum Operation {
     ListCalendar,
     CreateEvent,
     Call,
+    /// MoveMessages, SetFlags and DeleteMessages: changing a mailbox, which `fetch_mail`
+    /// (reading it, and ListFolders) does not allow.
+    OrganizeMail,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 7] = [
+    pub const ALL: [Operation; 8] = [
         Operation::Resolve,
         Operation::SendEmail,
         Operation::FetchMail,
@@ -63,6 +71,7 @@ impl Operation {
         Operation::ListCalendar,
         Operation::CreateEvent,
         Operation::Call,
+        Operation::OrganizeMail,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +83,7 @@ impl Operation {
             Operation::ListCalendar => "list_calendar",
             Operation::CreateEvent => "create_event",
             Operation::Call => "call",
+            Operation::OrganizeMail => "organize_mail",
         }
     }
 }
@@ -567,6 +577,23 @@ users = ["u1"]
             let err = grant("\"call\"", &format!("calls = [{bad:?}]")).unwrap_err();
             assert!(err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn reading_mail_does_not_grant_organising_it() {
+        let p = Policy::parse(
+            "[[callers]]\nid = \"reader\"\n[[callers.grants]]\nworkspace = \"w\"\n\
+             connectors = [\"Mail\"]\noperations = [\"fetch_mail\"]\n\n\
+             [[callers]]\nid = \"organizer\"\n[[callers.grants]]\nworkspace = \"w\"\n\
+             connectors = [\"Mail\"]\noperations = [\"fetch_mail\", \"organize_mail\"]",
+        )
+        .unwrap();
+        let check = |caller, op| p.check(caller, op, "w", "Mail", "cn_1", "");
+        assert!(check("reader", Operation::FetchMail).is_ok());
+        let refused = check("reader", Operation::OrganizeMail).unwrap_err();
+        assert!(refused.contains("organize_mail"), "{refused}");
+        assert!(p.may_call("reader", Some(Operation::OrganizeMail)).is_err());
+        assert!(check("organizer", Operation::OrganizeMail).is_ok());
     }
 
     #[test]
