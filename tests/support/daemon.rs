@@ -182,6 +182,10 @@ impl Daemon {
             &format!("[store]\n{store_lines}"),
             1,
         );
+        // Small audit segments, so a test daemon does not zero-fill the default 32 MiB twice.
+        if !extra_config.contains("[audit]") {
+            config.push_str("[audit]\nsegment_bytes = 262144\n");
+        }
         // A test that writes its own [egress] gets only that, not the loopback allowance.
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);
