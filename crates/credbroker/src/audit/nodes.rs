@@ -149,7 +149,7 @@ mod tests {
             let dir = tmp.path().join(format!("audit-{node}"));
             let mut log = Appender::open(&dir, store.vault(), Some(node), 1 << 20).unwrap();
             for i in 0..=n {
-                log.append(store.vault(), vec![event(i)]).unwrap();
+                log.append(store.vault(), &[event(i)]).unwrap();
             }
             dirs.push(dir);
         }
