@@ -92,6 +92,8 @@ pub struct BenchOptions {
     pub dir: PathBuf,
     /// `--backend postgres`: the server; `None`: sled.
     pub postgres: Option<PostgresTarget>,
+    /// `--replicas N` (with PostgreSQL): the peak rows again over N brokers on one store.
+    pub replicas: usize,
 }
 
 /// The PostgreSQL server a `--backend postgres` run keeps its store in.
@@ -669,6 +671,10 @@ pub async fn run(
     if options.stored > 0 {
         measure_stored(&mut broker, options, &one[0], &single, &mut report).await?;
     }
+    if options.replicas > 1 {
+        let replicas = Replicas::start(&broker, options.replicas)?;
+        replica_rows(&mut report, &broker, &replicas, options, duration).await?;
+    }
     if let Some(pg) = &options.postgres {
         let _ = broker.child.kill();
         let _ = broker.child.wait();
@@ -698,6 +704,74 @@ async fn peak_rows(
         );
     }
     peak
+}
+
+/// `--replicas N`: N − 1 more `credbroker serve` on the broker's PostgreSQL store, each with
+/// its own ports, audit folder and node id; stopped when dropped.
+struct Replicas {
+    children: Vec<Child>,
+    addrs: Vec<String>,
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Replicas {
+    fn start(broker: &Broker, n: usize) -> Result<Replicas, BenchError> {
+        let text =
+            std::fs::read_to_string(&broker.config_path).map_err(io("read the bench config"))?;
+        let mut replicas = Replicas {
+            children: Vec::new(),
+            addrs: vec![broker.addr.clone()],
+        };
+        for i in 1..n {
+            let path = broker.dir.join(format!("credbroker-replica-{i}.toml"));
+            let audit = broker.dir.join(format!("audit-replica-{i}"));
+            let own = format!(
+                "{text}\n[audit]\npath = {:?}\nnode = \"bench-replica-{i}\"\n",
+                audit.display().to_string()
+            );
+            std::fs::write(&path, own).map_err(io("write a replica's config"))?;
+            let (child, addr) = spawn_daemon(&broker.dir, &path, &broker.certs)?;
+            replicas.children.push(child);
+            replicas.addrs.push(addr);
+        }
+        Ok(replicas)
+    }
+}
+
+/// Echo and both resolves at the peak again, the connections spread over every replica.
+async fn replica_rows(
+    report: &mut Report<'_>,
+    broker: &Broker,
+    replicas: &Replicas,
+    options: &BenchOptions,
+    duration: Duration,
+) -> Result<(), BenchError> {
+    let mut channels = Vec::new();
+    for addr in &replicas.addrs {
+        for _ in 0..options.connections.max(1) {
+            channels.push(channel(addr, &broker.tls()).await?);
+        }
+    }
+    let (n, r) = (options.in_flight, replicas.addrs.len());
+    let peak = closed_loop(&channels, n, duration, echo).await;
+    let peak = report.add(format!("echo, {n} in flight, {r} replicas"), peak, None);
+    for (label, connector) in [
+        ("api key", KEY_CONNECTOR),
+        ("cached oauth", OAUTH_CONNECTOR),
+    ] {
+        let stats = closed_loop(&channels, n, duration, resolve_call(connector, 0)).await;
+        let row = format!("resolve {label}, {n} in flight, {r} replicas");
+        report.add(row, stats, Some(&peak));
+    }
+    Ok(())
 }
 
 /// Echo, then both resolves, one call in flight on one channel; returns Echo's figures.

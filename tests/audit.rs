@@ -11,6 +11,7 @@ use std::time::Duration;
 use credbroker::api::proto;
 use credbroker::audit::Checkpoint;
 use support::daemon::{Daemon, new_connector};
+use support::https::serve_https;
 use support::wait;
 
 /// Where a segment's first frame starts, and a frame's clear prefix (see audit/segment.rs).
@@ -74,6 +75,17 @@ fn admin_cli(daemon: &Daemon, args: &[&str]) -> String {
     out
 }
 
+/// The audit checkpoint key `credbroker status` prints.
+fn status_key(daemon: &Daemon) -> String {
+    let status = admin_cli(daemon, &["status"]);
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("audit checkpoint key (Ed25519): "))
+        .unwrap_or_else(|| panic!("status prints no audit key:\n{status}"))
+        .trim()
+        .to_string()
+}
+
 async fn connectors(daemon: &Daemon, prefix: &str, n: usize) {
     let mut admin = daemon.admin().await;
     for i in 0..n {
@@ -127,13 +139,7 @@ async fn a_witness_holds_checkpoints_that_catch_a_rollback() {
         "[audit]\nwitness_file = \"witness.jsonl\"\ncheckpoint_records = 4\ncheckpoint_secs = 1\n",
     );
     connectors(&daemon, "early", 10).await;
-    let status = admin_cli(&daemon, &["status"]);
-    let key = status
-        .lines()
-        .find_map(|l| l.strip_prefix("audit checkpoint key (Ed25519): "))
-        .unwrap_or_else(|| panic!("status prints no audit key:\n{status}"))
-        .trim()
-        .to_string();
+    let key = status_key(&daemon);
     let witness = daemon.path("witness.jsonl");
     let held = wait::until(Duration::from_secs(20), async || {
         let text = std::fs::read_to_string(&witness).ok()?;
@@ -173,6 +179,59 @@ async fn a_witness_holds_checkpoints_that_catch_a_rollback() {
     assert!(ok, "alone, the rolled-back log looks whole: {out}{err}");
     let (ok, _, err) = verify(&daemon, &["--checkpoint", "witness.jsonl"]);
     assert!(!ok && err.contains("rolled back"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_url_receives_checkpoints_that_verify_with_the_status_key() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    // The witness: an HTTPS receiver standing for another host, with a CA of its own. It
+    // refuses the first POST, so a delivery proves the sink retried.
+    let ca = credbroker_devpki::CertAuthority::generate("witness CA").unwrap();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused = Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new().route(
+        "/checkpoints",
+        axum::routing::post({
+            let (received, refused) = (received.clone(), refused.clone());
+            async move |body: String| {
+                if !refused.swap(true, Ordering::SeqCst) {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                received.lock().unwrap().push(body);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let addr = serve_https(&ca, app).await;
+    let held_dir = tempfile::tempdir().unwrap();
+    let ca_file = held_dir.path().join("witness-ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let mut daemon = Daemon::start_with_config(&format!(
+        "[audit]\nwitness_url = \"https://{addr}/checkpoints\"\nwitness_ca_file = \"{}\"\n\
+         checkpoint_records = 4\ncheckpoint_secs = 1\nsegment_bytes = 262144\n",
+        ca_file.display()
+    ));
+    connectors(&daemon, "w", 10).await;
+    let key = status_key(&daemon);
+    let held = wait::until(Duration::from_secs(20), async || {
+        let text = received.lock().unwrap().join("\n");
+        let cps = Checkpoint::parse_lines(&text).ok()?;
+        cps.iter().any(|c| c.seq >= 10).then_some(cps)
+    })
+    .await
+    .expect("the witness URL received no checkpoint of the first ten records");
+    assert!(
+        refused.load(Ordering::SeqCst),
+        "the first POST was not refused"
+    );
+    assert!(held.iter().all(|c| c.signed_by(&key)), "{held:?}");
+    // What the witness holds, the log still extends.
+    let file = held_dir.path().join("held.jsonl");
+    std::fs::write(&file, received.lock().unwrap().join("\n")).unwrap();
+    daemon.stop();
+    let (ok, out, err) = verify(&daemon, &["--checkpoint", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

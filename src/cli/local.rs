@@ -46,6 +46,10 @@ pub struct VerifyArgs {
     /// must extend every one of them.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// The log folder of one replica (repeat for each): the logs are verified together, with
+    /// the checkpoints, each against its own node.
+    #[arg(long = "node-log")]
+    node_logs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -112,6 +116,10 @@ pub struct BenchArgs {
     /// For --backend postgres: the CA of the server's certificate.
     #[arg(long)]
     pg_ca_file: Option<PathBuf>,
+    /// For --backend postgres: also measure the peak over this many brokers on the one store
+    /// (the connections spread over them).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 /// A passphrase typed at the terminal, asked twice when `confirm`.
@@ -206,6 +214,22 @@ pub async fn audit_verify(args: VerifyArgs) -> Result<(), Error> {
                 .map_err(|e| format!("{}: {e}", path.display()))?
         }
     };
+    if !args.node_logs.is_empty() {
+        let nodes = credbroker::audit::verify_nodes(&store, &args.node_logs, &checkpoints).await?;
+        for node in &nodes {
+            println!(
+                "node {:?} ({}): audit chain intact: {} records, head {} (record {}); {} checkpoint(s) on the chain",
+                node.node,
+                node.dir.display(),
+                node.summary.records,
+                node.summary.head,
+                node.summary.last,
+                node.summary.checkpoints
+            );
+        }
+        println!("{} node logs verified together", nodes.len());
+        return Ok(());
+    }
     let dir = config.audit.dir(&config.store);
     let summary = credbroker::audit::verify_against(&store, &dir, &checkpoints).await?;
     println!(
@@ -332,7 +356,13 @@ pub async fn bench(args: BenchArgs) -> Result<(), Error> {
         stored: args.stored,
         dir: std::env::temp_dir().join(format!("credbroker-bench-{}", std::process::id())),
         postgres: bench_postgres(&args)?,
+        replicas: args.replicas,
     };
+    if options.replicas > 1 && options.postgres.is_none() {
+        return Err(
+            "--replicas needs --backend postgres (replicas share a PostgreSQL store)".into(),
+        );
+    }
     println!("{}", crate::bench::header());
     let rows = crate::bench::run(&options, |row| {
         println!("{}", crate::bench::format_row(row))

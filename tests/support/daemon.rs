@@ -136,6 +136,35 @@ impl Daemon {
         extra_config: &str,
         serve_args: &[&str],
     ) -> Daemon {
+        let mut daemon = Self::prepare(policy, extra_config, store_lines, serve_args);
+        daemon.init_and_spawn();
+        daemon
+    }
+
+    /// `n` replicas sharing one store: `store_lines` (`[store]` lines, e.g. a PostgreSQL
+    /// server's) and the first replica's key file; each has its own folder, certificates,
+    /// ports and audit log (`[audit] node = "replica-{i}"`). The first runs `credbroker init`.
+    pub fn start_replicas(n: usize, store_lines: &str, extra_config: &str) -> Vec<Daemon> {
+        let mut replicas: Vec<Daemon> = Vec::with_capacity(n);
+        for i in 0..n {
+            let extra = format!("{extra_config}\n[audit]\nnode = \"replica-{i}\"\n");
+            let mut daemon = Self::prepare(OPEN_POLICY, &extra, store_lines, &[]);
+            match replicas.first() {
+                None => daemon.init_and_spawn(),
+                Some(first) => {
+                    std::fs::copy(first.path("store.key"), daemon.path("store.key"))
+                        .expect("copy the key file");
+                    daemon.spawn();
+                }
+            }
+            replicas.push(daemon);
+        }
+        replicas
+    }
+
+    /// The folder, PKI, policy and configuration (`store_lines` added to `[store]`), nothing
+    /// run yet.
+    fn prepare(policy: &str, extra_config: &str, store_lines: &str, serve_args: &[&str]) -> Daemon {
         credbroker::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = CertAuthority::generate("credbroker test CA").unwrap();
@@ -153,6 +182,10 @@ impl Daemon {
             &format!("[store]\n{store_lines}"),
             1,
         );
+        // Small audit segments, so a test daemon does not zero-fill the default 32 MiB twice.
+        if !extra_config.contains("[audit]") {
+            config.push_str("[audit]\nsegment_bytes = 262144\n");
+        }
         // A test that writes its own [egress] gets only that, not the loopback allowance.
         if extra_config.contains("[egress]") {
             config = config.replacen(LOOPBACK_EGRESS, "", 1);
@@ -163,7 +196,7 @@ impl Daemon {
             config.push_str("\n[refresh]\nahead = false\nkeepalive = false\n");
         }
         write(&dir.path().join("credbroker.toml"), &config);
-        let mut daemon = Daemon {
+        let daemon = Daemon {
             dir,
             ca,
             grpc: "127.0.0.1:0".parse().unwrap(),
@@ -174,14 +207,17 @@ impl Daemon {
         };
         daemon.issue(ADMIN, "admin");
         daemon.issue(AGENT, "agent");
-        let init = daemon.cli(&["init", "--config", daemon.config().to_str().unwrap()]);
+        daemon
+    }
+
+    fn init_and_spawn(&mut self) {
+        let init = self.cli(&["init", "--config", self.config().to_str().unwrap()]);
         assert!(
             init.status.success(),
             "init failed: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        daemon.spawn();
-        daemon
+        self.spawn();
     }
 
     pub fn path(&self, file: &str) -> PathBuf {

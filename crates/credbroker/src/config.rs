@@ -52,6 +52,8 @@
 //! checkpoint_records = 1000         # a signed checkpoint every this many records…
 //! checkpoint_secs = 10              # …or this many seconds, whichever comes first
 //! witness_file = "/elsewhere/ckpt"  # each checkpoint appended here as a JSON line
+//! witness_url = "https://witness.example/ckpt" # …and/or POSTed here (retried; `[egress]` applies)
+//! witness_ca_file = "witness-ca.pem" # extra CA for the witness' certificate (optional)
 //! retain_days = 365                 # segments older than this are exported and pruned…
 //! retain_bytes = 10737418240        # …and the oldest while the log is larger than this
 //! archive = "store/audit-archive"   # where pruned segments are exported (JSON lines)
@@ -208,7 +210,9 @@ impl RefreshConfig {
 pub struct AuditConfig {
     /// The log's folder; `None`: `audit` inside the store's folder.
     pub path: Option<PathBuf>,
-    /// This node's id; `None`: the one the log was created with, else the hostname.
+    /// This node's id; `None`: the one the log was created with, else the hostname. Replicas
+    /// sharing a store each need their own (`node_id` is the same setting).
+    #[serde(alias = "node_id")]
     pub node: Option<String>,
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
@@ -217,6 +221,10 @@ pub struct AuditConfig {
     #[serde(default = "default_checkpoint_secs")]
     pub checkpoint_secs: u64,
     pub witness_file: Option<PathBuf>,
+    /// An HTTPS URL on another host each checkpoint is POSTed to, as JSON.
+    pub witness_url: Option<String>,
+    /// A PEM CA trusted for `witness_url` beside the system roots.
+    pub witness_ca_file: Option<PathBuf>,
     pub retain_days: Option<u64>,
     pub retain_bytes: Option<u64>,
     /// Where pruned segments are exported; `None`: `audit-archive` beside the log's folder.
@@ -232,6 +240,8 @@ impl Default for AuditConfig {
             checkpoint_records: default_checkpoint_records(),
             checkpoint_secs: default_checkpoint_secs(),
             witness_file: None,
+            witness_url: None,
+            witness_ca_file: None,
             retain_days: None,
             retain_bytes: None,
             archive: None,
@@ -582,6 +592,7 @@ impl Config {
         for p in [
             &mut self.audit.path,
             &mut self.audit.witness_file,
+            &mut self.audit.witness_ca_file,
             &mut self.audit.archive,
         ]
         .into_iter()

@@ -2,7 +2,7 @@
 //! one `fdatasync`), rolling segments, and reading records back.
 //!
 //! Invariants:
-//! - only the writer thread appends, at the end of the newest segment; a batch is acknowledged
+//! - only the group commit's writer thread appends, at the end of the newest segment; a batch is acknowledged
 //!   only after its `fdatasync` returned, and a failed write or sync poisons the log (a later
 //!   sync could not prove the lost bytes reached the disk); a roll that fails (no room for the
 //!   next segment) writes nothing, fails its batch, and is tried again by the next one;
@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 
 use super::checkpoint::Checkpoint;
 use super::segment::{
-    BatchBody, HEADER_SPACE, Next, SegmentHeader, SegmentReader, decode_hash, encode_frame,
+    HEADER_SPACE, Next, SegmentHeader, SegmentReader, decode_hash, encode_body, encode_frame,
     list_segments, preallocate, segment_name, sync_dir,
 };
 use super::{AuditError, AuditEvent, AuditHead, AuditRecord, GENESIS, chain_hash};
@@ -30,6 +30,8 @@ use crate::vault::{SegmentSealer, Vault};
 
 /// A zero-filled segment made ahead of the next roll.
 pub(crate) const SPARE: &str = "spare.zero";
+/// The pause after each MiB of the spare reaches the disk (see [`preallocate`]).
+const SPARE_PACE: std::time::Duration = std::time::Duration::from_millis(2);
 /// A segment being headed and named (removed on open if a crash left it).
 const CLAIM: &str = "claim.tmp";
 pub(crate) const CHECKPOINT_FILE: &str = "checkpoint.json";
@@ -204,14 +206,10 @@ impl Appender {
     }
 
     /// Appends one batch durably; the sequence of its first record and the new head.
-    pub fn append(&mut self, vault: &Vault, events: Vec<AuditEvent>) -> Result<u64, AuditError> {
+    pub fn append(&mut self, vault: &Vault, events: &[AuditEvent]) -> Result<u64, AuditError> {
         if let Some(why) = &self.poisoned {
             return Err(AuditError::Write(why.clone()));
         }
-        self.append_inner(vault, events)
-    }
-
-    fn append_inner(&mut self, vault: &Vault, events: Vec<AuditEvent>) -> Result<u64, AuditError> {
         self.append_at(vault, events, Utc::now())
     }
 
@@ -219,25 +217,24 @@ impl Appender {
     pub fn append_at(
         &mut self,
         vault: &Vault,
-        events: Vec<AuditEvent>,
+        events: &[AuditEvent],
         time: DateTime<Utc>,
     ) -> Result<u64, AuditError> {
         let first = self.tail.seq + 1;
-        let next = extend(&self.tail, time, &self.node, &events);
-        let body = BatchBody {
-            time,
-            prev: hex::encode(self.tail.hash),
-            events,
-            head: hex::encode(next.hash),
+        let plain = encode_body(&time, &self.tail.hash, &self.node, first, events);
+        let next = Tail {
+            seq: self.tail.seq + events.len() as u64,
+            hash: plain.head,
+            time: Some(time),
         };
-        let mut frame = encode_frame(&self.active.sealer, &self.node, first, &body)
+        let mut frame = encode_frame(&self.active.sealer, &self.node, first, &plain)
             .map_err(AuditError::Keys)?;
         let full = self.active.offset + frame.len() as u64 > self.segment_bytes;
         if full && self.active.offset > HEADER_SPACE {
             self.active =
                 new_segment(&self.dir, vault, &self.node, &self.tail, self.segment_bytes)?;
             self.rolled = true;
-            frame = encode_frame(&self.active.sealer, &self.node, first, &body)
+            frame = encode_frame(&self.active.sealer, &self.node, first, &plain)
                 .map_err(AuditError::Keys)?;
         }
         let active = &self.active;
@@ -267,7 +264,7 @@ impl Appender {
         }
         let tmp = dir.join("spare.tmp");
         let _ = std::fs::remove_file(&tmp);
-        preallocate(&tmp, segment_bytes.max(2 * HEADER_SPACE))
+        preallocate(&tmp, segment_bytes.max(2 * HEADER_SPACE), Some(SPARE_PACE))
             .and_then(|()| std::fs::rename(&tmp, &spare))
             .and_then(|()| sync_dir(dir))
             .map_err(|e| AuditError::io(&spare, e))
@@ -361,7 +358,7 @@ fn new_segment(
     match std::fs::rename(dir.join(SPARE), &claim) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            preallocate(&claim, segment_bytes).map_err(|e| AuditError::io(&claim, e))?
+            preallocate(&claim, segment_bytes, None).map_err(|e| AuditError::io(&claim, e))?
         }
         Err(e) => return Err(AuditError::io(&claim, e)),
     }

@@ -76,8 +76,8 @@ pub async fn migrate(store: &Store, dir: &Path, node: Option<&str>) -> Result<u6
                 .map_err(|e| AuditError::Damaged(format!("an old audit record: {e}")))?;
             records.sort_by_key(|r| r.seq);
             for same_time in records.chunk_by(|a, b| a.time == b.time) {
-                let events = same_time.iter().map(|r| r.event.clone()).collect();
-                appender.append_at(store.vault(), events, same_time[0].time)?;
+                let events: Vec<_> = same_time.iter().map(|r| r.event.clone()).collect();
+                appender.append_at(store.vault(), &events, same_time[0].time)?;
             }
         }
     }

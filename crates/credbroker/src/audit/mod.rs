@@ -2,9 +2,9 @@
 //! (`h_n = SHA-256(h_{n-1} ‖ record)`), kept in an append-only segment log of its own beside the
 //! store (`[audit] path`), outside the storage engine.
 //!
-//! One writer thread takes whatever is queued — what arrived while its previous sync ran — seals
-//! it as one batch and appends it with one `write` and one `fdatasync` (group commit; see
-//! [`log`] for the files' invariants). [`AuditLog::record`] returns only once its record is on
+//! Records are written in batches with one `write` and one `fdatasync` each: callers queue, and
+//! one writer thread takes whatever queued while its previous sync ran as the next batch (group
+//! commit, [`commit`]; see [`log`] for the files' invariants). [`AuditLog::record`] returns only once its record is on
 //! disk; if it cannot be written the caller fails the request (fail closed). Records never
 //! contain a secret; they may name users, so batches are sealed with a key from the vault.
 //!
@@ -13,16 +13,20 @@
 //! log's folder and appended to the witness file), and prunes old segments ([`retention`]).
 
 mod checkpoint;
+mod commit;
 mod log;
 mod migrate;
+mod nodes;
 mod retention;
 mod segment;
 #[cfg(test)]
 mod tests;
 mod verify;
+mod witness;
 
 pub use checkpoint::{Checkpoint, Kind as CheckpointKind};
 pub use migrate::{migrate, old_records};
+pub use nodes::{NodeSummary, NodesError, node_of, verify_nodes};
 pub use verify::{VerifyError, VerifySummary, export, verify, verify_against};
 
 use std::ops::ControlFlow;
@@ -33,17 +37,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use crate::vault::VaultError;
+use commit::GroupCommit;
 use log::{Appender, CHECKPOINT_FILE};
-
-/// Most records one batch carries.
-const MAX_BATCH: usize = 4096;
-/// Queue depth before callers wait for room (back-pressure, not loss).
-const QUEUE: usize = 65536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -140,6 +139,8 @@ pub enum AuditError {
         "the audit log ends at record {last}, but its latest signed checkpoint covers record {checkpoint}: acknowledged records are gone (restore the log, or see `credbroker audit verify`)"
     )]
     Lost { checkpoint: u64, last: u64 },
+    #[error("[audit] witness_url {0}")]
+    Witness(String),
     #[error("the audit keys: {0}")]
     Keys(VaultError),
     #[error(
@@ -159,14 +160,15 @@ impl AuditError {
 
 pub(crate) const GENESIS: [u8; 32] = [0; 32];
 
-/// `SHA-256(prev ‖ canonical JSON of the record without its hash)`.
-pub(crate) fn chain_hash(
-    prev: &[u8; 32],
+/// Appends the canonical JSON of a record without its hash (the bytes its chain hash covers)
+/// to `out`. Field order is the hashing order.
+pub(crate) fn write_canonical(
+    out: &mut Vec<u8>,
     seq: u64,
     time: &DateTime<Utc>,
     node: &str,
     event: &AuditEvent,
-) -> [u8; 32] {
+) {
     #[derive(Serialize)]
     struct Canonical<'a> {
         seq: u64,
@@ -175,17 +177,37 @@ pub(crate) fn chain_hash(
         #[serde(flatten)]
         event: &'a AuditEvent,
     }
-    let body = serde_json::to_vec(&Canonical {
-        seq,
-        time,
-        node,
-        event,
-    })
+    serde_json::to_writer(
+        out,
+        &Canonical {
+            seq,
+            time,
+            node,
+            event,
+        },
+    )
     .expect("audit record serializes");
+}
+
+/// `SHA-256(prev ‖ canonical)`: one link of the chain.
+pub(crate) fn chain_step(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(prev);
-    hasher.update(&body);
+    hasher.update(canonical);
     hasher.finalize().into()
+}
+
+/// `SHA-256(prev ‖ canonical JSON of the record without its hash)`.
+pub(crate) fn chain_hash(
+    prev: &[u8; 32],
+    seq: u64,
+    time: &DateTime<Utc>,
+    node: &str,
+    event: &AuditEvent,
+) -> [u8; 32] {
+    let mut body = Vec::with_capacity(256);
+    write_canonical(&mut body, seq, time, node, event);
+    chain_step(prev, &body)
 }
 
 /// Where the log lives and how it checkpoints and prunes (`[audit]`, resolved).
@@ -197,6 +219,9 @@ pub struct LogSettings {
     pub checkpoint_records: u64,
     pub checkpoint_every: Duration,
     pub witness_file: Option<PathBuf>,
+    /// Where each checkpoint is POSTed ([`witness`]), and a CA file trusted for it.
+    pub witness_url: Option<String>,
+    pub witness_ca_file: Option<PathBuf>,
     pub retention: retention::Retention,
 }
 
@@ -213,6 +238,8 @@ impl LogSettings {
             checkpoint_records: defaults.checkpoint_records,
             checkpoint_every: Duration::from_secs(defaults.checkpoint_secs),
             witness_file: None,
+            witness_url: None,
+            witness_ca_file: None,
             retention: Retention::default(),
         }
     }
@@ -226,6 +253,8 @@ impl LogSettings {
             checkpoint_records: audit.checkpoint_records.max(1),
             checkpoint_every: Duration::from_secs(audit.checkpoint_secs.max(1)),
             witness_file: audit.witness_file.clone(),
+            witness_url: audit.witness_url.clone(),
+            witness_ca_file: audit.witness_ca_file.clone(),
             retention: Retention {
                 max_age: audit.retain_days.map(|d| Duration::from_secs(d * 86_400)),
                 max_bytes: audit.retain_bytes,
@@ -235,7 +264,17 @@ impl LogSettings {
     }
 }
 
-type Pending = (AuditEvent, oneshot::Sender<Result<u64, Arc<str>>>);
+/// The sink for `[audit] witness_url`, if set (its CA file read now).
+fn witness_sink(settings: &LogSettings) -> Result<Option<witness::Handoff>, AuditError> {
+    let Some(url) = &settings.witness_url else {
+        return Ok(None);
+    };
+    let ca = match &settings.witness_ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| AuditError::io(path, e))?),
+        None => None,
+    };
+    witness::start(url, ca.as_deref()).map(Some)
+}
 
 /// Signs and keeps checkpoints; shared by the maintenance thread and [`AuditLog::checkpoint_now`].
 struct Checkpointer {
@@ -245,6 +284,8 @@ struct Checkpointer {
     head: Arc<Mutex<AuditHead>>,
     /// The latest checkpoint; held while one is signed, stored and witnessed.
     latest: Mutex<Option<Checkpoint>>,
+    /// The witness URL's sink, if one is configured.
+    witness_url: Option<witness::Handoff>,
 }
 
 impl Checkpointer {
@@ -265,6 +306,9 @@ impl Checkpointer {
         )?;
         cp.store(&self.settings.dir.join(CHECKPOINT_FILE))?;
         *latest = Some(cp.clone());
+        if let Some(sink) = &self.witness_url {
+            sink.send_replace(Some(cp.clone()));
+        }
         if let Some(witness) = &self.settings.witness_file {
             cp.witness(witness)?;
         }
@@ -286,7 +330,7 @@ impl Checkpointer {
 }
 
 pub struct AuditLog {
-    queue: mpsc::Sender<Pending>,
+    commit: Arc<GroupCommit>,
     head: Arc<Mutex<AuditHead>>,
     store: Arc<Store>,
     checkpoints: Arc<Checkpointer>,
@@ -322,22 +366,23 @@ impl AuditLog {
             node: node.clone(),
             head: head.clone(),
             latest: Mutex::new(latest),
+            witness_url: witness_sink(&settings)?,
         });
-        let (queue, rx) = mpsc::channel(QUEUE);
         let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
-        let (writer_store, writer_head) = (store.clone(), head.clone());
-        let every = settings.checkpoint_records;
-        std::thread::Builder::new()
-            .name("credbroker-audit".into())
-            .spawn(move || writer(writer_store, appender, writer_head, rx, nudge, every))
-            .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
+        let commit = GroupCommit::start(
+            store.clone(),
+            appender,
+            head.clone(),
+            nudge,
+            settings.checkpoint_records,
+        )?;
         let maintained = checkpoints.clone();
         std::thread::Builder::new()
             .name("credbroker-audit-maint".into())
             .spawn(move || maintain(maintained, nudges))
             .map_err(|e| AuditError::Write(format!("cannot start the audit maintenance: {e}")))?;
         Ok(AuditLog {
-            queue,
+            commit,
             head,
             store,
             checkpoints,
@@ -348,12 +393,9 @@ impl AuditLog {
 
     /// Appends `event`; returns its sequence number once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .send((event, tx))
+        let written = self.commit.submit(event)?;
+        written
             .await
-            .map_err(|_| AuditError::Stopped)?;
-        rx.await
             .map_err(|_| AuditError::Stopped)?
             .map_err(|e| AuditError::Write(e.to_string()))
     }
@@ -429,47 +471,13 @@ impl AuditLog {
 
     /// How many events wait to be written.
     pub fn queue_depth(&self) -> usize {
-        QUEUE - self.queue.capacity()
+        self.commit.depth()
     }
 }
 
-/// Runs until every [`AuditLog`] (and so every sender) is gone.
-fn writer(
-    store: Arc<Store>,
-    mut appender: Appender,
-    head: Arc<Mutex<AuditHead>>,
-    mut rx: mpsc::Receiver<Pending>,
-    nudge: std::sync::mpsc::SyncSender<()>,
-    checkpoint_records: u64,
-) {
-    let mut pending: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    let mut nudged_at = appender.tail.seq;
-    while rx.blocking_recv_many(&mut pending, MAX_BATCH) > 0 {
-        let (events, replies): (Vec<AuditEvent>, Vec<_>) = pending.drain(..).unzip();
-        let count = events.len();
-        let started = std::time::Instant::now();
-        let appended = appender.append(store.vault(), events);
-        crate::metrics::audit_flush(count, started.elapsed());
-        match appended {
-            Ok(first) => {
-                *head.lock().unwrap_or_else(|p| p.into_inner()) = appender.tail.head();
-                for (i, reply) in replies.into_iter().enumerate() {
-                    let _ = reply.send(Ok(first + i as u64));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "audit write failed; failing the requests it covers");
-                let why: Arc<str> = Arc::from(e.to_string());
-                for reply in replies {
-                    let _ = reply.send(Err(why.clone()));
-                }
-            }
-        }
-        let rolled = std::mem::take(&mut appender.rolled);
-        if rolled || appender.tail.seq - nudged_at >= checkpoint_records {
-            nudged_at = appender.tail.seq;
-            let _ = nudge.try_send(());
-        }
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.commit.close();
     }
 }
 

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -130,20 +131,62 @@ pub(crate) fn decode_hash(hex_hash: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-/// The bytes of one frame holding `body`, records from `first`.
+/// A batch's plaintext, built once: each record is serialised once, in its canonical form, and
+/// those bytes are both hashed into the chain and kept in the batch (a [`BatchBody`] whose
+/// events carry their `seq`, `time` and `node` beside the event's fields, which a reader
+/// ignores and recomputes).
+pub(crate) struct Plain {
+    bytes: zeroize::Zeroizing<Vec<u8>>,
+    /// The chain hash after the batch's last record.
+    pub head: [u8; 32],
+    pub count: u32,
+}
+
+/// Builds the plaintext of the batch holding `events` as records from `first`, after `prev`.
+pub(crate) fn encode_body(
+    time: &DateTime<Utc>,
+    prev: &[u8; 32],
+    node: &str,
+    first: u64,
+    events: &[AuditEvent],
+) -> Plain {
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(160 + 320 * events.len()));
+    out.extend_from_slice(b"{\"time\":");
+    serde_json::to_writer(&mut *out, time).expect("a time serializes");
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(hex::encode(prev).as_bytes());
+    out.extend_from_slice(b"\",\"events\":[");
+    let mut head = *prev;
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let start = out.len();
+        super::write_canonical(&mut out, first + i as u64, time, node, event);
+        head = super::chain_step(&head, &out[start..]);
+    }
+    out.extend_from_slice(b"],\"head\":\"");
+    out.extend_from_slice(hex::encode(head).as_bytes());
+    out.extend_from_slice(b"\"}");
+    Plain {
+        bytes: out,
+        head,
+        count: events.len() as u32,
+    }
+}
+
+/// The bytes of one frame sealing `plain`, records from `first`.
 pub(crate) fn encode_frame(
     sealer: &SegmentSealer,
     node: &str,
     first: u64,
-    body: &BatchBody,
+    plain: &Plain,
 ) -> Result<Vec<u8>, VaultError> {
-    let count = body.events.len() as u32;
-    let plain = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("batch serializes"));
-    let sealed = sealer.seal(&aad(node, first, count), &plain)?;
+    let sealed = sealer.seal(&aad(node, first, plain.count), &plain.bytes)?;
     let mut out = Vec::with_capacity(FRAME_HEAD as usize + sealed.len());
     out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
     out.extend_from_slice(&first.to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&plain.count.to_le_bytes());
     out.extend_from_slice(&sealed);
     Ok(out)
 }
@@ -260,8 +303,10 @@ fn zeros_from(file: &File, mut from: u64, len: u64) -> io::Result<bool> {
 /// Creates `path` as `size` bytes of zeros, allocated and synced, so that writes into it later
 /// change no metadata. Blocks are reserved with `fallocate` first (a full disk fails here, not
 /// on a batch), then written: extents fallocate leaves "unwritten" would each cost a metadata
-/// update on first write.
-pub(crate) fn preallocate(path: &Path, size: u64) -> io::Result<()> {
+/// update on first write. With `pace`, each MiB is synced on its own and followed by that
+/// pause, so the zeros reach the disk in small pieces a batch's sync need not queue behind
+/// (the spare, made while the log is in use); without, they are written at once.
+pub(crate) fn preallocate(path: &Path, size: u64, pace: Option<Duration>) -> io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -277,6 +322,10 @@ pub(crate) fn preallocate(path: &Path, size: u64) -> io::Result<()> {
         let n = ((size - at) as usize).min(zeros.len());
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
+        if let Some(pause) = pace {
+            file.sync_data()?;
+            std::thread::sleep(pause);
+        }
     }
     file.sync_all()
 }

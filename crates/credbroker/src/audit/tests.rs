@@ -67,8 +67,8 @@ impl Env {
     fn fill(&self, segment_bytes: u64, batches: usize, per: usize) -> Appender {
         let mut log = self.appender(segment_bytes);
         for b in 0..batches {
-            let events = (0..per).map(|i| event(b * per + i)).collect();
-            log.append(self.store.vault(), events).unwrap();
+            let events: Vec<_> = (0..per).map(|i| event(b * per + i)).collect();
+            log.append(self.store.vault(), &events).unwrap();
         }
         log
     }
@@ -135,7 +135,7 @@ fn zero(path: &Path, from: u64, len: u64) {
     file.write_all_at(&vec![0u8; len as usize], from).unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_records_share_batches_and_read_back_in_order() {
     let env = env().await;
     let log = Arc::new(
@@ -225,7 +225,7 @@ async fn a_torn_tail_is_cut_and_no_acknowledged_record_is_lost() {
     let (_, path) = env.segments()[0].clone();
     // A sixth batch whose write was torn: only its first half reached the disk, and its sync
     // never returned, so nobody was answered.
-    log.append(env.store.vault(), vec![event(90), event(91)])
+    log.append(env.store.vault(), &[event(90), event(91)])
         .unwrap();
     drop(log);
     let (at, len) = *frames(&path).last().unwrap();
@@ -236,7 +236,7 @@ async fn a_torn_tail_is_cut_and_no_acknowledged_record_is_lost() {
 
     let mut log = env.appender(1 << 20);
     assert_eq!(log.tail.seq, 10);
-    assert_eq!(log.append(env.store.vault(), vec![event(7)]).unwrap(), 11);
+    assert_eq!(log.append(env.store.vault(), &[event(7)]).unwrap(), 11);
     drop(log);
     let summary = env.verify().await.unwrap();
     assert_eq!((summary.records, summary.torn_tail), (11, false));
@@ -244,7 +244,7 @@ async fn a_torn_tail_is_cut_and_no_acknowledged_record_is_lost() {
     // Torn in its length prefix: the same.
     let mut log = env.appender(1 << 20);
     let end = frames(&path).last().map(|(a, l)| a + l).unwrap();
-    log.append(env.store.vault(), vec![event(8)]).unwrap();
+    log.append(env.store.vault(), &[event(8)]).unwrap();
     drop(log);
     zero(&path, end + 2, 4096);
     assert_eq!(env.appender(1 << 20).tail.seq, 11);
@@ -266,7 +266,7 @@ async fn a_crash_mid_roll_leaves_a_log_that_opens_where_it_was() {
     // Cut right after a roll named the new segment, before its first batch.
     let before = env.segments().len();
     while env.segments().len() == before {
-        log.append(env.store.vault(), vec![event(1)]).unwrap();
+        log.append(env.store.vault(), &[event(1)]).unwrap();
     }
     let (_, newest) = env.segments().last().unwrap().clone();
     let file = std::fs::OpenOptions::new()
@@ -374,8 +374,7 @@ async fn checkpoints_catch_a_rollback_and_a_rewrite() {
     // Rewritten: someone holding the store key re-chains records 41.. with other content.
     let mut log = env.appender(8192);
     for i in 0..40 {
-        log.append(env.store.vault(), vec![event(1000 + i)])
-            .unwrap();
+        log.append(env.store.vault(), &[event(1000 + i)]).unwrap();
     }
     drop(log);
     assert_eq!(env.verify().await.unwrap().last, 80);
@@ -463,7 +462,7 @@ async fn pruning_exports_whole_segments_and_verify_stays_green() {
     assert_eq!(archived, (1..=summary.pruned_through).collect::<Vec<_>>());
     // The log goes on after the anchor, and verify with the old checkpoint still passes.
     let mut log = env.appender(8192);
-    assert_eq!(log.append(env.store.vault(), vec![event(1)]).unwrap(), 181);
+    assert_eq!(log.append(env.store.vault(), &[event(1)]).unwrap(), 181);
     drop(log);
     verify_against(&env.store, &env.dir, &[latest])
         .await
@@ -526,4 +525,20 @@ async fn an_old_in_store_log_is_refused_until_migrated() {
     assert_eq!(ops, ["op1", "op2", "op3"]);
     assert!(back.iter().all(|r| r.time == time), "times are kept");
     assert_eq!(log.record(event(4)).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn a_witness_url_that_is_not_https_is_refused_by_name() {
+    let env = env().await;
+    let mut settings = env.settings(1 << 20);
+    settings.witness_url = Some("http://witness.example/checkpoints".into());
+    let err = AuditLog::start(env.store.clone(), settings)
+        .await
+        .err()
+        .expect("a plain-HTTP witness was accepted");
+    assert!(
+        matches!(err, AuditError::Witness(_)) && err.to_string().contains("https://"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("witness.example"), "{err}");
 }

@@ -30,6 +30,8 @@ const CONNECTIONS: Table = Table::cached("connections");
 const CONNECTION_SECRETS: Table = Table::cached("connection_secrets");
 /// `{state}` → pending OAuth authorization (read once: never cached)
 const OAUTH_STATES: Table = Table::uncached("oauth_states");
+/// The store job under which names are checked and written, across replicas.
+const NAMES_JOB: &str = "connector-names";
 
 /// How often `last_used_at` is written for a busy connection: it is a hint for people, not a
 /// counter, so it must not add a write to every call.
@@ -104,7 +106,8 @@ impl Moved {
 pub struct Registry {
     store: Arc<Store>,
     rules: &'static dyn ConnectorRules,
-    /// Serialises the changes that must check-then-write a name (create, rename, delete).
+    /// Serialises the changes that must check-then-write a name (create, rename, delete); the
+    /// store job [`NAMES_JOB`] does across replicas.
     names: tokio::sync::Mutex<()>,
     /// The lifecycle events journal, on the same store.
     events: Arc<crate::events::Events>,
@@ -211,6 +214,7 @@ impl Registry {
         self.pin_through(&workspace, new.kind, &mut new.config, None)
             .await?;
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         self.name_free(&workspace, &new.name).await?;
         let now = Utc::now();
         let connector = Connector {
@@ -538,6 +542,7 @@ impl Registry {
     ) -> Result<Connector, ModelError> {
         validate_connector_name("new_name", new_name)?;
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         let mut connector = self.find_connector(workspace, name_or_id).await?;
         let ws = connector.workspace.clone();
         let taken = self
@@ -568,6 +573,7 @@ impl Registry {
         name_or_id: &str,
     ) -> Result<usize, ModelError> {
         let _guard = self.names.lock().await;
+        let _across = self.store.job(NAMES_JOB, true).await?;
         let connector = self.find_connector(workspace, name_or_id).await?;
         let ws = &connector.workspace;
         // The connector goes first: from this commit on, callers get NOT_FOUND.
@@ -680,6 +686,35 @@ impl Registry {
         Ok(())
     }
 
+    /// As [`Registry::save_connection`], only while `lease` (a refresh lease) is still the
+    /// latest: false, and nothing written, if another replica took it over.
+    pub async fn save_connection_fenced(
+        &self,
+        connection: &Connection,
+        secrets: &ConnectionSecrets,
+        lease: &crate::store::Lease,
+    ) -> Result<bool, ModelError> {
+        let path = connection_path(&connection.connector_id, &connection.user_id);
+        let mut batch = Batch::new();
+        batch
+            .put(CONNECTIONS, path.clone(), connection)
+            .put(CONNECTION_SECRETS, path, secrets);
+        Ok(self.store.commit_fenced(batch, lease).await?)
+    }
+
+    /// Drops a connection and its secrets from this replica's read cache: the next read sees
+    /// what another replica wrote last.
+    pub fn forget_connection(&self, connector: &Connector, user_id: &str) {
+        let path = connection_path(&connector.id, user_id);
+        self.store.forget(CONNECTIONS, &path);
+        self.store.forget(CONNECTION_SECRETS, &path);
+    }
+
+    /// The store (leases and jobs shared by every replica).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Changes whenever a connection is written (see [`Store::generation`]).
     pub fn connections_generation(&self) -> u64 {
         self.store.generation(CONNECTIONS)
@@ -732,9 +767,14 @@ impl Registry {
         Ok(self.store.get::<T>(OAUTH_STATES, state).await?)
     }
 
-    /// Removes and returns the pending authorization kept under `state`, if any. The caller
-    /// serialises takes of one state, so that it is handed out once.
+    /// Removes and returns the pending authorization kept under `state`, if any: once, across
+    /// every replica (the take runs as a store job, so two callbacks of one state on two
+    /// replicas cannot both get it).
     pub async fn take_oauth_state<T: Record>(&self, state: &str) -> Result<Option<T>, ModelError> {
+        let _once = self
+            .store
+            .job(&format!("oauth-state/{state}"), true)
+            .await?;
         let Some(pending) = self.store.get::<T>(OAUTH_STATES, state).await? else {
             return Ok(None);
         };

@@ -9,11 +9,13 @@
 //! - a transient failure backs off per connection and serves the stored token while it is valid;
 //! - the background refresher ([`refresher`]) refreshes through the same lock and the same
 //!   [`OAuth::refresh`] as callers ([`OAuth::refresh_ahead`]): one refresh per token.
+//! - one refresh per connection across every replica sharing the store ([`lease`]).
 
 pub mod binding;
 pub mod catalog;
 mod flow;
 mod http;
+mod lease;
 pub mod refresher;
 
 pub use flow::{Completed, Opened, PendingConnect, ReturnOrigins, Started};
@@ -391,12 +393,33 @@ impl OAuth {
         }))
     }
 
+    /// Refreshes under the connection's lease across replicas ([`lease`]), or takes the token
+    /// another replica's refresh stored meanwhile.
     async fn refresh(
         &self,
         connector: &Connector,
         user: &str,
         endpoints: &Endpoints,
         key: &str,
+    ) -> Result<AccessToken, OAuthError> {
+        let lease = match self.refresh_turn(connector, user, key).await? {
+            lease::Turn::Ours(lease) => lease,
+            lease::Turn::Refreshed(token) => return Ok(token),
+        };
+        let refreshed = self
+            .refresh_leased(connector, user, endpoints, key, &lease)
+            .await;
+        self.release_turn(&lease).await;
+        refreshed
+    }
+
+    async fn refresh_leased(
+        &self,
+        connector: &Connector,
+        user: &str,
+        endpoints: &Endpoints,
+        key: &str,
+        lease: &crate::store::Lease,
     ) -> Result<AccessToken, OAuthError> {
         let mut connection =
             usable_connection::<OAuthError>(&self.registry, connector, user).await?;
@@ -437,7 +460,7 @@ impl OAuth {
             Ok(response) => {
                 let was = connection.status;
                 let token = self
-                    .store_refreshed(connector, &mut connection, &mut secrets, &response)
+                    .store_refreshed(connector, &mut connection, &mut secrets, &response, lease)
                     .await?;
                 self.backoff_clear(key);
                 let kind = crate::events::EventKind::after_refresh(was);
@@ -448,6 +471,9 @@ impl OAuth {
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
+                if let Some(token) = self.superseded(connector, user, &refresh_token).await? {
+                    return Ok(token);
+                }
                 self.expire(
                     connector,
                     user,
@@ -485,6 +511,7 @@ impl OAuth {
         connection: &mut Connection,
         secrets: &mut ConnectionSecrets,
         response: &oauth2::basic::BasicTokenResponse,
+        lease: &crate::store::Lease,
     ) -> Result<AccessToken, OAuthError> {
         let now = Utc::now();
         let access = Secret::new(response.access_token().secret().clone());
@@ -504,9 +531,15 @@ impl OAuth {
         connection.last_refreshed_at = Some(now);
         connection.next_refresh_at = self.refresh.policy.keepalive_next(connector, now);
         connection.last_error.clear();
-        self.registry
-            .save_connection(connection, Some(secrets))
+        let saved = self
+            .registry
+            .save_connection_fenced(connection, secrets, lease)
             .await?;
+        if !saved {
+            return Err(OAuthError::Unavailable(
+                "another replica took this connection's refresh over; try again".into(),
+            ));
+        }
         Ok(AccessToken {
             token: access,
             expires_at,

@@ -20,17 +20,21 @@
 mod backend;
 mod backup;
 mod cache;
+mod coord;
 mod group_commit;
+pub(crate) mod pg_coord;
 pub mod postgres_backend;
 mod rotation;
 mod sled_backend;
 
 pub use backend::{BACKENDS, Backend, Intent, RawEntry, RawOp, open_backend};
 pub use backup::{BackupError, Snapshot, restore, write_backup_file};
+pub use coord::{Change, Coordinator, JobGuard, Lease, LocalCoordinator, open_coordinator};
 pub use postgres_backend::{PgBackend, PgUrl};
 pub use rotation::{RewrapState, RewrapStep, change_key};
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -187,6 +191,9 @@ pub async fn run_blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Backend(format!("a store task failed: {e}")))
 }
 
+/// A batch's sealed ops, and the cached keys it touches.
+type Sealed = (Vec<RawOp>, Vec<(Table, Vec<u8>)>);
+
 /// One write of a batch, before sealing: a put (Some) or delete (None).
 struct Op {
     table: Table,
@@ -253,7 +260,11 @@ pub struct Store {
     /// Held shared by every write (seal + apply), exclusively by a snapshot or a key
     /// rotation: these see no half-applied batch and no envelope sealed under a stale term.
     gate: tokio::sync::RwLock<()>,
-    cache: cache::ReadCache,
+    cache: Arc<cache::ReadCache>,
+    /// What replicas sharing the store agree through (leases, counters, jobs, changes).
+    coord: Arc<dyn Coordinator>,
+    /// Set when another replica persisted a keyring: the next write takes it first.
+    keyring_moved: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -266,10 +277,6 @@ impl std::fmt::Debug for Store {
 }
 
 const HEADER_KEY: &str = "header";
-
-fn reservation_key(term: u32) -> String {
-    format!("reserved/{term}")
-}
 
 /// The store's header, as `backend` holds it.
 async fn read_header(backend: &dyn Backend) -> Result<Header, StoreError> {
@@ -307,16 +314,22 @@ impl Store {
         // The header is the last thing written: a store without one is not a store yet.
         write_header(backend.as_ref(), &header).await?;
         // The same handle goes on: reopening would race the engine's release of its lock.
-        Self::unlock(backend, source).await
+        let coord = open_coordinator(config, backend.clone()).await?;
+        Self::unlock(backend, coord, source).await
     }
 
     /// Opens an existing store, reporting a wrong key, a damaged header or a newer format.
     pub async fn open(config: &StoreConfig, source: &KeySource) -> Result<Store, StoreError> {
         let backend = open_backend(config, Intent::Existing).await?;
-        Self::unlock(backend, source).await
+        let coord = open_coordinator(config, backend.clone()).await?;
+        Self::unlock(backend, coord, source).await
     }
 
-    async fn unlock(backend: Arc<dyn Backend>, source: &KeySource) -> Result<Store, StoreError> {
+    async fn unlock(
+        backend: Arc<dyn Backend>,
+        coord: Arc<dyn Coordinator>,
+        source: &KeySource,
+    ) -> Result<Store, StoreError> {
         let mut header = read_header(backend.as_ref()).await?;
         let (kek, mut keyring) = header.unlock_with_kek(source)?;
         if keyring.ensure_audit_keys() {
@@ -325,26 +338,26 @@ impl Store {
             header = header.with_keyring_kek(&kek, &keyring);
             write_header(backend.as_ref(), &header).await?;
         }
-        let term = keyring.current_term();
-        let reserved = backend
-            .meta_get(&reservation_key(term))
-            .await?
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        let sink_backend = backend.clone();
-        let vault = Vault::new(
+        let reserved = coord.reserve(keyring.current_term(), 0).await?;
+        let sink = coord.clone();
+        let vault = Vault::with_ranges(
             keyring,
             reserved,
-            Box::new(move |term, n| {
-                wait_inline(async {
-                    sink_backend
-                        .meta_put(&reservation_key(term), &n.to_be_bytes())
-                        .await?;
-                    sink_backend.sync().await
-                })
-                .map_err(|e| e.to_string())
+            Box::new(move |term, count| {
+                wait_inline(sink.reserve(term, count)).map_err(|e| e.to_string())
             }),
         );
+        let keyring_moved = Arc::new(AtomicBool::new(false));
+        let changes = coord.changes();
+        // With other replicas, nothing is cached before their changes are followed.
+        let cache = Arc::new(cache::ReadCache::new(changes.is_some()));
+        if let Some(changes) = changes {
+            tokio::spawn(replicas::follow_changes(
+                changes,
+                cache.clone(),
+                keyring_moved.clone(),
+            ));
+        }
         Ok(Store {
             commits: GroupCommit::start(backend.clone()),
             backend,
@@ -352,7 +365,9 @@ impl Store {
             header: RwLock::new(header),
             kek,
             gate: tokio::sync::RwLock::new(()),
-            cache: cache::ReadCache::default(),
+            cache,
+            coord,
+            keyring_moved,
             rotation: tokio::sync::Mutex::new(()),
             rewrap_wanted: tokio::sync::Notify::new(),
         })
@@ -440,7 +455,14 @@ impl Store {
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
-        Self::parse(key, &self.vault.open(key, sealed)?)
+        match self.vault.open(key, sealed) {
+            Ok(plain) => Self::parse(key, &plain),
+            // Sealed under a term another replica added: its keyring is in the header.
+            Err(VaultError::UnknownTerm { .. }) if self.follow_keyring_now()? => {
+                Self::parse(key, &self.vault.open(key, sealed)?)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn parse<T: DeserializeOwned>(key: &[u8], plain: &[u8]) -> Result<T, StoreError> {
@@ -490,7 +512,18 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        self.take_moved_keyring().await?;
         let _writing = self.gate.read().await;
+        let (ops, touched) = self.seal_batch(batch)?;
+        let keys = || touched.iter().map(|(t, k)| (*t, k.as_slice()));
+        self.cache.invalidate(keys());
+        let applied = self.backend.apply(ops).await;
+        self.cache.invalidate(keys());
+        applied
+    }
+
+    /// Seals every op of `batch`; also returns the cached keys it touches.
+    fn seal_batch(&self, batch: Batch) -> Result<Sealed, StoreError> {
         let mut ops = Vec::with_capacity(batch.ops.len());
         let mut touched = Vec::new();
         for Op { table, path, value } in batch.ops {
@@ -504,11 +537,7 @@ impl Store {
             }
             ops.push((key, sealed));
         }
-        let keys = || touched.iter().map(|(t, k)| (*t, k.as_slice()));
-        self.cache.invalidate(keys());
-        let applied = self.backend.apply(ops).await;
-        self.cache.invalidate(keys());
-        applied
+        Ok((ops, touched))
     }
 
     /// Test and forensics hook: the raw envelope of a record, as the backend holds it.
@@ -532,6 +561,7 @@ impl Store {
     }
 }
 
+mod replicas;
 #[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]
 pub mod tests;

@@ -9,6 +9,12 @@
 //!   A pass that reaches the end is followed by a check of every record; only when none is left
 //!   on an older term are those terms retired (their data keys leave the keyring).
 //! - [`change_key`] rewraps the keyring under a new passphrase or key file: one header write.
+//!
+//! Across replicas sharing a store, each of these runs under the coordinator's `keyring` job
+//! (one replica at a time) and first takes the keyring as the header holds it, so that no
+//! replica persists a keyring missing another's term; the rewrap's position is in the store, so
+//! any replica resumes it. Older terms are retired only once every replica has had the
+//! coordinator's adoption grace to take the new one (no envelope under a retired term lands).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +24,8 @@ use crate::config::StoreConfig;
 use crate::vault::{KeySource, Keyring, Vault};
 
 const REWRAP_KEY: &str = "rewrap";
+/// The coordinator job every keyring change and rewrap step runs under.
+const KEYRING_JOB: &str = "keyring";
 
 /// Where the rewrap after the latest rotation stands (persisted in the store's metadata).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +66,7 @@ impl Store {
     /// Adds a key term; new writes use it at once; a rewrap of older records is scheduled.
     pub async fn rotate_key(&self) -> Result<u32, StoreError> {
         let _one = self.rotation.lock().await;
+        let _job = self.coord.job(KEYRING_JOB, true).await?;
         self.rotate_locked().await
     }
 
@@ -66,6 +75,8 @@ impl Store {
         let total = self.record_count().await?;
         // No write is between sealing and applying while the term changes.
         let _quiet = self.gate.write().await;
+        // Another replica's rotation first: the new term comes after every term there is.
+        self.follow_keyring().await?;
         let term = self.vault.rotate(|keyring| {
             let state = RewrapState {
                 to_term: keyring.current_term(),
@@ -102,6 +113,9 @@ impl Store {
         let Ok(_one) = self.rotation.try_lock() else {
             return Ok(()); // someone is rotating already
         };
+        let Some(_job) = self.coord.job(KEYRING_JOB, false).await? else {
+            return Ok(()); // another replica is
+        };
         if !self.vault.needs_rotation() {
             return Ok(());
         }
@@ -137,12 +151,21 @@ impl Store {
 
     /// Re-seals up to `batch` records under the current term and persists the position.
     pub async fn rewrap_step(&self, batch: usize) -> Result<RewrapStep, StoreError> {
-        let Some(mut state) = self.rewrap_state().await? else {
+        let Some(state) = self.rewrap_state().await? else {
             return Ok(RewrapStep::Idle);
         };
         if state.finished {
             return Ok(RewrapStep::Idle);
         }
+        // One replica steps at a time; another resumes from the stored position.
+        let Some(_job) = self.coord.job(KEYRING_JOB, true).await? else {
+            return Ok(RewrapStep::Idle);
+        };
+        self.follow_keyring().await?;
+        // Reread under the job: the last holder may have moved it.
+        let Some(mut state) = self.rewrap_state().await?.filter(|s| !s.finished) else {
+            return Ok(RewrapStep::Idle);
+        };
         let after = match &state.after {
             Some(hex_key) => Some(hex::decode(hex_key).map_err(|e| StoreError::Decode {
                 record: REWRAP_KEY.into(),
@@ -185,6 +208,17 @@ impl Store {
         let _one = self.rotation.lock().await;
         let current = self.vault.current_term();
         state.to_term = current;
+        // Every replica takes the rotation within the grace: only then can the check below
+        // be the last word (no envelope under an older term is still on its way).
+        let since = state.started_at.map_or(Default::default(), |at| {
+            Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .unwrap_or_default()
+        });
+        if let Some(left) = self.coord.adoption_grace().checked_sub(since) {
+            tokio::time::sleep(left).await;
+        }
         if self.records_below(current).await? > 0 {
             // Written under an older term before the rotation but after this pass went by, or
             // a later rotation: another pass.

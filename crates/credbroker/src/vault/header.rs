@@ -190,7 +190,9 @@ impl Header {
         self.open_keyring(&kek)
     }
 
-    fn open_keyring(&self, kek: &Kek) -> Result<Keyring, VaultError> {
+    /// The keyring this header wraps, under an already unlocked KEK (a replica taking a
+    /// rotation another one persisted).
+    pub fn open_keyring(&self, kek: &Kek) -> Result<Keyring, VaultError> {
         let bytes = open(
             kek,
             format!("credbroker/keyring/{}", self.store_id).as_bytes(),

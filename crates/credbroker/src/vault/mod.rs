@@ -7,7 +7,9 @@
 //! - every envelope is bound to its record's full key and its term (AAD), so a ciphertext moved
 //!   to another record, or re-labelled with another term, fails to open;
 //! - encryptions under one term are counted and refused past [`keyring::TERM_LIMIT`], well before
-//!   GCM's 2^32 random-nonce bound.
+//!   GCM's 2^32 random-nonce bound — counted across every process sharing the store: each
+//!   reserves ranges of the count from one shared counter ([`Vault::with_ranges`]), so the
+//!   bound on random 96-bit nonces under one key holds for all replicas together.
 
 mod audit_keys;
 mod envelope;
@@ -78,8 +80,20 @@ pub enum VaultError {
 }
 
 /// Persists how many encryptions of a term may be used, before they are used, so that a crash
-/// never lets the counter go back (see [`Vault::seal`]).
+/// never lets the counter go back (see [`Vault::seal`]): called with the absolute count.
 pub type ReservationSink = Box<dyn Fn(u32, u64) -> Result<(), String> + Send + Sync>;
+
+/// Reserves `count` more encryptions of a term, atomically across every process sharing the
+/// store, and returns the new total: this vault may then use the range `total - count ..
+/// total`, which no other process ever gets.
+pub type RangeSink = Box<dyn Fn(u32, u64) -> Result<u64, String> + Send + Sync>;
+
+/// The range of the current term's encryption count this vault may use: `next + 1 ..= end`.
+#[derive(Default)]
+struct Range {
+    next: u64,
+    end: u64,
+}
 
 /// How many encryptions one reservation covers: one durable header write per 64 Ki writes.
 const RESERVATION_BLOCK: u64 = 1 << 16;
@@ -93,11 +107,12 @@ pub struct Vault {
     keyring: RwLock<Keyring>,
     /// Encryptions under the current term that call for a rotation ([`Vault::needs_rotation`]).
     rotate_at: AtomicU64,
-    /// Encryptions done under the current term (persisted as reservations, not exactly).
+    /// The highest encryption number this vault used under the current term: every process's
+    /// encryptions count, since ranges are handed out in order across processes.
     used: AtomicU64,
-    /// Encryptions persisted as reserved; `used` may not pass it without a new reservation.
-    reserved: Mutex<u64>,
-    sink: ReservationSink,
+    /// The range reserved and not used up yet; a seal past its end reserves another first.
+    reserved: Mutex<Range>,
+    sink: RangeSink,
 }
 
 impl std::fmt::Debug for Vault {
@@ -111,13 +126,34 @@ impl std::fmt::Debug for Vault {
 
 impl Vault {
     /// `reserved` is the last persisted reservation of the current term: counting restarts there,
-    /// so encryptions done before a crash are never counted twice as unused.
+    /// so encryptions done before a crash are never counted twice as unused. For a vault alone
+    /// on its store: `sink` persists absolute counts this vault alone computes.
     pub fn new(keyring: Keyring, reserved: u64, sink: ReservationSink) -> Self {
+        let counted = Mutex::new((keyring.current_term(), reserved));
+        Self::with_ranges(
+            keyring,
+            reserved,
+            Box::new(move |term, count| {
+                let mut counted = counted.lock().unwrap_or_else(|p| p.into_inner());
+                if counted.0 != term {
+                    *counted = (term, 0);
+                }
+                let total = counted.1.saturating_add(count);
+                sink(term, total)?;
+                counted.1 = total;
+                Ok(total)
+            }),
+        )
+    }
+
+    /// A vault whose encryptions are counted by `sink` across every process sharing the store;
+    /// `reserved` is the term's count when it opened (where [`Vault::encryptions`] starts).
+    pub fn with_ranges(keyring: Keyring, reserved: u64, sink: RangeSink) -> Self {
         Self {
             keyring: RwLock::new(keyring),
             rotate_at: AtomicU64::new(AUTO_ROTATE_AT),
             used: AtomicU64::new(reserved),
-            reserved: Mutex::new(reserved),
+            reserved: Mutex::new(Range::default()),
             sink,
         }
     }
@@ -154,11 +190,28 @@ impl Vault {
         let term = next.add_term();
         persist(&next)?;
         *keyring = next;
-        // Counting restarts for the new term; its reservations start at zero.
-        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        *reserved = 0;
-        self.used.store(0, Ordering::Relaxed);
+        self.restart_count();
         Ok(term)
+    }
+
+    /// Counting restarts for a new term; its reservations start at zero (another process's
+    /// first reservation of the term included).
+    fn restart_count(&self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        *reserved = Range::default();
+        self.used.store(0, Ordering::Relaxed);
+    }
+
+    /// Takes `keyring` as another process persisted it (a rotation or a retirement there).
+    /// Returns whether the current term changed.
+    pub fn adopt(&self, keyring: Keyring) -> bool {
+        let mut held = self.keyring.write().unwrap_or_else(|p| p.into_inner());
+        let moved = held.current_term() != keyring.current_term();
+        *held = keyring;
+        if moved {
+            self.restart_count();
+        }
+        moved
     }
 
     /// Forgets `terms` (never the current one) once `persist` has made the smaller keyring
@@ -188,11 +241,10 @@ impl Vault {
     pub fn seal(&self, record_key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
         let keyring = self.keyring();
         let term = keyring.current_term();
-        let n = self.used.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.take_number(term)?;
         if n > TERM_LIMIT {
             return Err(VaultError::TermExhausted { term });
         }
-        self.ensure_reserved(term, n)?;
         Envelope::seal(
             term,
             keyring.key(term).expect("current term is held"),
@@ -225,15 +277,23 @@ impl Vault {
             .ok_or_else(|| VaultError::Tampered { record: record() })
     }
 
-    fn ensure_reserved(&self, term: u32, n: u64) -> Result<(), VaultError> {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        if n <= *reserved {
-            return Ok(());
+    /// The number of this encryption under `term`, counted across every process: the next of
+    /// this vault's reserved range, reserving another range (durably) when it is used up.
+    fn take_number(&self, term: u32) -> Result<u64, VaultError> {
+        let mut range = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        if range.next >= range.end {
+            if range.end >= TERM_LIMIT {
+                return Err(VaultError::TermExhausted { term });
+            }
+            let end = (self.sink)(term, RESERVATION_BLOCK).map_err(VaultError::Reservation)?;
+            *range = Range {
+                next: end.saturating_sub(RESERVATION_BLOCK),
+                end,
+            };
         }
-        let next = (n + RESERVATION_BLOCK).min(TERM_LIMIT);
-        (self.sink)(term, next).map_err(VaultError::Reservation)?;
-        *reserved = next;
-        Ok(())
+        range.next += 1;
+        self.used.fetch_max(range.next, Ordering::Relaxed);
+        Ok(range.next)
     }
 }
 
@@ -292,12 +352,42 @@ mod tests {
             vault.seal(b"t\0k", b"x").unwrap();
         }
         let log = log.lock().unwrap();
-        assert_eq!(
-            log.as_slice(),
-            &[
-                1 + RESERVATION_BLOCK,
-                RESERVATION_BLOCK + 2 + RESERVATION_BLOCK
-            ]
+        assert_eq!(log.as_slice(), &[RESERVATION_BLOCK, 2 * RESERVATION_BLOCK]);
+    }
+
+    /// Three vaults on one shared counter (as three replicas on one database): the numbers they
+    /// use never meet, and each one's count includes the others' reservations.
+    #[test]
+    fn vaults_sharing_a_counter_use_disjoint_ranges() {
+        let total = Arc::new(Mutex::new(0u64));
+        let keyring = Keyring::generate();
+        let vaults: Vec<Vault> = (0..3)
+            .map(|_| {
+                let total = total.clone();
+                Vault::with_ranges(
+                    keyring.clone(),
+                    0,
+                    Box::new(move |_, count| {
+                        let mut total = total.lock().unwrap();
+                        *total += count;
+                        Ok(*total)
+                    }),
+                )
+            })
+            .collect();
+        let term = keyring.current_term();
+        let mut seen = std::collections::HashSet::new();
+        for round in 0..(RESERVATION_BLOCK + 10) {
+            for vault in &vaults {
+                let n = vault.take_number(term).unwrap();
+                assert!(seen.insert(n), "number {n} used twice (round {round})");
+            }
+        }
+        assert_eq!(*total.lock().unwrap(), 6 * RESERVATION_BLOCK);
+        assert!(
+            vaults
+                .iter()
+                .any(|v| v.encryptions() > 4 * RESERVATION_BLOCK)
         );
     }
 

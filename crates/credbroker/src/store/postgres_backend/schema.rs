@@ -19,6 +19,8 @@ pub const MIGRATIONS: &[&str] = &[
     // (text in byte order: the "C" collation).
     "CREATE TABLE {s}.records (key bytea PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE {s}.meta (key text COLLATE \"C\" PRIMARY KEY, value bytea NOT NULL);",
+    // 2: what replicas agree through (leases, counters, change notifications).
+    crate::store::pg_coord::MIGRATION,
 ];
 
 /// Whether `name` may name the schema: a plain lower-case SQL identifier (never quoted).
