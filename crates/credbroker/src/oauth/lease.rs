@@ -51,8 +51,8 @@ impl OAuth {
         connector: &Connector,
         user: &str,
         key: &str,
+        seen: Option<DateTime<Utc>>,
     ) -> Result<Turn, OAuthError> {
-        let seen = self.last_refreshed(connector, user).await?;
         let ttl = lease_ttl(self.timeout);
         let give_up = tokio::time::Instant::now() + ttl + POLL * 10;
         let store = self.registry.store();
@@ -86,7 +86,7 @@ impl OAuth {
     }
 
     /// When the connection was last refreshed, as the store holds it now.
-    async fn last_refreshed(
+    pub(super) async fn last_refreshed(
         &self,
         connector: &Connector,
         user: &str,

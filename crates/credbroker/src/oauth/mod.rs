@@ -267,12 +267,13 @@ impl OAuth {
         let key = crate::model::connection_path(&connector.id, user);
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
+        let seen = self.last_refreshed(connector, user).await?;
         let stored = self.registry.connection_secrets(connector, user).await?;
         if stored.get("access_token").is_some_and(|t| t != rejected) {
             return Ok(true);
         }
         let token = self
-            .refresh(connector, user, &Endpoints::of(connector)?, &key)
+            .refresh(connector, user, &Endpoints::of(connector)?, &key, seen)
             .await?;
         Ok(&token.token != rejected)
     }
@@ -326,15 +327,17 @@ impl OAuth {
         crate::metrics::token_wait();
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
-        // Whoever held the lock before us may have refreshed: a token refreshed since we asked
-        // is as fresh as the provider makes them, whatever its lifetime.
+        // Whoever held the lock before us, here or on another replica, may have refreshed: read
+        // past the cache (another replica's write may not have been announced yet). A token
+        // refreshed since we asked is as fresh as the provider makes them, whatever its lifetime.
+        let seen = self.last_refreshed(connector, user).await?;
         if let Some(token) = self
             .stored_token(connector, user, min_ttl, Some(asked_at))
             .await?
         {
             return Ok(token);
         }
-        self.refresh(connector, user, &Endpoints::of(connector)?, &key)
+        self.refresh(connector, user, &Endpoints::of(connector)?, &key, seen)
             .await
     }
 
@@ -354,7 +357,8 @@ impl OAuth {
         if connection.access_expires_at != planned || self.backing_off(&key).is_some() {
             return Ok(false);
         }
-        self.refresh(connector, user, &Endpoints::of(connector)?, &key)
+        let seen = connection.last_refreshed_at;
+        self.refresh(connector, user, &Endpoints::of(connector)?, &key, seen)
             .await?;
         Ok(true)
     }
@@ -394,15 +398,17 @@ impl OAuth {
     }
 
     /// Refreshes under the connection's lease across replicas ([`lease`]), or takes the token
-    /// another replica's refresh stored meanwhile.
+    /// another replica's refresh stored meanwhile. `seen` is the `last_refreshed_at` the decision
+    /// to refresh was made on: a refresh stored after it, by anyone, is taken instead.
     async fn refresh(
         &self,
         connector: &Connector,
         user: &str,
         endpoints: &Endpoints,
         key: &str,
+        seen: Option<DateTime<Utc>>,
     ) -> Result<AccessToken, OAuthError> {
-        let lease = match self.refresh_turn(connector, user, key).await? {
+        let lease = match self.refresh_turn(connector, user, key, seen).await? {
             lease::Turn::Ours(lease) => lease,
             lease::Turn::Refreshed(token) => return Ok(token),
         };
