@@ -22,7 +22,6 @@
 //! notifications stop arriving because the connection failed, the other replica stops caching
 //! within [`CHANGE_BOUND`] (heartbeat + its timeout).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::coord::{Change, Coordinator, JobGuard, Lease};
-use super::postgres_backend::{PgBackend, Shared, pg_error};
+use super::postgres_backend::{PgBackend, Shared, pg_error, split};
 use super::{Backend, RawOp, StoreError};
 
 /// How often the listening connection proves it is alive.
@@ -241,25 +240,6 @@ fn decode<'a>(payloads: impl Iterator<Item = &'a str>) -> Vec<Change> {
         changes.insert(0, Change::Keys(keys));
     }
     changes
-}
-
-/// Keys put, their values, and keys deleted.
-type Split = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>);
-
-/// Puts and deletes, folded as the backend folds them (a later op on a key wins).
-fn split(ops: Vec<RawOp>) -> Split {
-    let folded: BTreeMap<Vec<u8>, Option<Vec<u8>>> = ops.into_iter().collect();
-    let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-    for (key, value) in folded {
-        match value {
-            Some(value) => {
-                keys.push(key);
-                values.push(value);
-            }
-            None => gone.push(key),
-        }
-    }
-    (keys, values, gone)
 }
 
 /// The fenced write: lock the lease row, check its token, write, commit.

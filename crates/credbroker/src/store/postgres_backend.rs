@@ -510,17 +510,7 @@ impl Backend for PgBackend {
 
     async fn apply(&self, ops: Vec<RawOp>) -> Result<(), StoreError> {
         // The later op on a key wins; then one statement does it all.
-        let folded: BTreeMap<Vec<u8>, Option<Vec<u8>>> = ops.into_iter().collect();
-        let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, value) in folded {
-            match value {
-                Some(value) => {
-                    keys.push(key);
-                    values.push(value);
-                }
-                None => gone.push(key),
-            }
-        }
+        let (keys, values, gone) = split(ops);
         self.run(move |s| async move {
             let params: Params = &[
                 (&keys, Type::BYTEA_ARRAY),
@@ -578,6 +568,26 @@ impl Backend for PgBackend {
         })
         .await
     }
+}
+
+/// Keys put, their values, and keys deleted.
+pub(super) type Split = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+/// A batch's puts and deletes, folded so that a later op on a key wins (invariant 1), as the
+/// one `apply` statement and the coordinator's fenced write take them.
+pub(super) fn split(ops: Vec<RawOp>) -> Split {
+    let folded: BTreeMap<Vec<u8>, Option<Vec<u8>>> = ops.into_iter().collect();
+    let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, value) in folded {
+        match value {
+            Some(value) => {
+                keys.push(key);
+                values.push(value);
+            }
+            None => gone.push(key),
+        }
+    }
+    (keys, values, gone)
 }
 
 #[cfg(test)]
