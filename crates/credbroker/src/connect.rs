@@ -102,7 +102,12 @@ impl Connect {
     /// of a connection made before its connector moved where they go.
     async fn stored(&self, target: &Target) -> Result<Option<Candidate>, ConnectError> {
         let (connector, user) = (&target.connector, target.connection_user.as_str());
-        let Some(connection) = self.registry().connection(connector, user).await? else {
+        // The settings and the secrets given with them, as of one moment.
+        let (connection, secrets) = self
+            .registry()
+            .connection_with_secrets(connector, user)
+            .await?;
+        let Some(connection) = connection else {
             return Ok(None);
         };
         if connector.moved_since(connection.connected_at) {
@@ -111,10 +116,7 @@ impl Connect {
         let secrets = if driver(connector.kind).credential_on_connector(connector.mode) {
             self.registry().connector_secrets(connector).await?.slots
         } else {
-            self.registry()
-                .connection_secrets(connector, user)
-                .await?
-                .slots
+            secrets.slots
         };
         Ok(Some(Candidate {
             settings: connection.settings,

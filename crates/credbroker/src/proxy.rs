@@ -1020,6 +1020,7 @@ mod tests {
             account_label: String::new(),
             header_name: "X-Api-Key".into(),
             header_prefix: String::new(),
+            connection: None,
         };
         let query = vec![("q".to_string(), "a b".to_string())];
         let run = |config: &[(&str, &str)]| {

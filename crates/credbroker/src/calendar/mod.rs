@@ -16,7 +16,6 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::driver::{
     ConnectionError, CredentialError, Credentials, Service, driver, expire_refused,
-    usable_connection,
 };
 use crate::model::{FieldError, ModelError, Stage, Target};
 use ical::{Moment, Zone};
@@ -542,16 +541,13 @@ impl Calendars<'_> {
                 "CalDAV over OAuth (oauth_connector) is not available in this build".into(),
             ));
         }
-        let registry = self.credentials.registry();
-        let connection =
-            usable_connection::<CalendarError>(registry, connector, &target.connection_user)
-                .await?;
-        let password = self
-            .credentials
-            .credential(target, self.timeout)
-            .await?
-            .secret;
-        let settings = caldav::Settings::new(connector, &connection.settings, Some(password))?;
+        // The server the password was given for: the settings read with it.
+        let credential = self.credentials.credential(target, self.timeout).await?;
+        let connection = credential
+            .connection
+            .ok_or_else(|| ConnectionError::not_connected(connector, &target.connection_user))?;
+        let settings =
+            caldav::Settings::new(connector, &connection.settings, Some(credential.secret))?;
         Ok(Backend::Caldav(caldav::Account::new(
             settings,
             self.timeout,

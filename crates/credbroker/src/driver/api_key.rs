@@ -124,9 +124,10 @@ impl ConnectorDriver for ApiKey {
                 secret: key,
                 expires_at: None,
                 scopes: Vec::new(),
-                account_label: connection.account_label,
+                account_label: connection.account_label.clone(),
                 header_name: name.to_string(),
                 header_prefix: prefix.to_string(),
+                connection: Some(connection),
             })
         }
         .boxed()

@@ -10,7 +10,9 @@
 //! - a stored password or grant the server refuses expires the connection ([`expire_refused`]):
 //!   the user must reconnect, and every later use says EXPIRED without trying the server again.
 
-use crate::model::{Connection, ConnectionStatus, Connector, Expiry, ModelError, Registry};
+use crate::model::{
+    Connection, ConnectionSecrets, ConnectionStatus, Connector, Expiry, ModelError, Registry,
+};
 
 /// Why a connection cannot be used: the one pair every module reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,21 +75,39 @@ pub async fn usable_connection<E: From<ConnectionError> + From<ModelError>>(
     connector: &Connector,
     user: &str,
 ) -> Result<Connection, E> {
-    let connection = registry
-        .connection(connector, user)
-        .await?
-        .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
-    let moved = || Err(ConnectionError::destination_changed(connector, user).into());
+    Ok(usable(
+        connector,
+        user,
+        registry.connection(connector, user).await?,
+    )?)
+}
+
+/// [`usable_connection`] with its secrets, both as of one moment
+/// ([`Registry::connection_with_secrets`]): what a caller that uses both must read.
+pub async fn usable_connection_with_secrets<E: From<ConnectionError> + From<ModelError>>(
+    registry: &Registry,
+    connector: &Connector,
+    user: &str,
+) -> Result<(Connection, ConnectionSecrets), E> {
+    let (connection, secrets) = registry.connection_with_secrets(connector, user).await?;
+    Ok((usable(connector, user, connection)?, secrets))
+}
+
+fn usable(
+    connector: &Connector,
+    user: &str,
+    connection: Option<Connection>,
+) -> Result<Connection, ConnectionError> {
+    let connection = connection.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
+    let moved = || Err(ConnectionError::destination_changed(connector, user));
     match connection.status {
-        ConnectionStatus::NotConnected => {
-            Err(ConnectionError::not_connected(connector, user).into())
-        }
+        ConnectionStatus::NotConnected => Err(ConnectionError::not_connected(connector, user)),
         ConnectionStatus::Expired
             if connection.expired_reason == Some(Expiry::DestinationChanged) =>
         {
             moved()
         }
-        ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user).into()),
+        ConnectionStatus::Expired => Err(ConnectionError::expired(connector, user)),
         _ if connector.moved_since(connection.connected_at) => moved(),
         ConnectionStatus::Connected | ConnectionStatus::Error => Ok(connection),
     }

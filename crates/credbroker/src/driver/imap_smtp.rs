@@ -113,8 +113,11 @@ impl ConnectorDriver for ImapSmtp {
                 return stored_password(at).await;
             };
             let registry = at.credentials.registry();
-            usable_connection::<CredentialError>(registry, connector, user).await?;
-            at.credentials.through(at.target, oauth, at.min_ttl).await
+            let connection =
+                usable_connection::<CredentialError>(registry, connector, user).await?;
+            let mut token = at.credentials.through(at.target, oauth, at.min_ttl).await?;
+            token.connection = Some(connection);
+            Ok(token)
         }
         .boxed()
     }

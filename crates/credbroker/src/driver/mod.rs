@@ -19,7 +19,9 @@ mod connection;
 mod imap_smtp;
 mod oauth2;
 
-pub use connection::{ConnectionError, expire_refused, for_user, usable_connection};
+pub use connection::{
+    ConnectionError, expire_refused, for_user, usable_connection, usable_connection_with_secrets,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -125,6 +127,10 @@ pub struct Credential {
     pub account_label: String,
     pub header_name: String,
     pub header_prefix: String,
+    /// The connection the secret was read with (None for OAuth tokens): a driver whose
+    /// destination is in the connection's settings (a user's own IMAP or CalDAV server) takes
+    /// them from here, never from a second read that a reconnect could land between.
+    pub connection: Option<Connection>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -409,20 +415,14 @@ async fn stored_secret(
 ) -> Result<(Connection, Secret), CredentialError> {
     let (connector, user) = (&target.connector, target.connection_user.as_str());
     let registry = credentials.registry();
-    let connection = usable_connection::<CredentialError>(registry, connector, user).await?;
-    let secret = if on_connector {
-        registry
-            .connector_secrets(connector)
-            .await?
-            .slots
-            .get(slot)
-            .cloned()
+    let (connection, secret) = if on_connector {
+        let connection = usable_connection::<CredentialError>(registry, connector, user).await?;
+        let secrets = registry.connector_secrets(connector).await?;
+        (connection, secrets.slots.get(slot).cloned())
     } else {
-        registry
-            .connection_secrets(connector, user)
-            .await?
-            .get(slot)
-            .cloned()
+        let (connection, secrets) =
+            usable_connection_with_secrets::<CredentialError>(registry, connector, user).await?;
+        (connection, secrets.get(slot).cloned())
     };
     let secret = secret.ok_or_else(|| ConnectionError::not_connected(connector, user))?;
     Ok((connection, secret))
@@ -448,9 +448,10 @@ async fn stored_password(at: Lookup<'_>) -> Result<Credential, CredentialError> 
         secret,
         expires_at: None,
         scopes: Vec::new(),
-        account_label: connection.account_label,
+        account_label: connection.account_label.clone(),
         header_name: String::new(),
         header_prefix: String::new(),
+        connection: Some(connection),
     })
 }
 

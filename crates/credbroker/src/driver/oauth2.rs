@@ -150,6 +150,7 @@ impl ConnectorDriver for OAuth2 {
                 account_label: token.account_label,
                 header_name: AUTHORIZATION.into(),
                 header_prefix: BEARER_PREFIX.into(),
+                connection: None,
             })
         }
         .boxed()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::MailError;
-use crate::driver::{Credentials, Form, Service, driver, usable_connection};
+use crate::driver::{ConnectionError, Credentials, Form, Service, driver};
 use crate::model::{Connector, FieldError, Secret, Target};
 
 /// How a connection to a server is encrypted. There is deliberately no plaintext mode.
@@ -389,11 +389,15 @@ pub async fn load(
     hash.update(user.as_bytes());
     hash.update([0]);
     hash.update(connector.updated_at.to_rfc3339().as_bytes());
+    let mut credential = credentials.credential(target, min_ttl).await?;
+    // The servers the password was given for: the connection read with it.
     let connection = if kind.schema().settings.is_empty() {
         None
     } else {
-        let connection =
-            usable_connection::<MailError>(credentials.registry(), connector, user).await?;
+        let connection = credential
+            .connection
+            .take()
+            .ok_or_else(|| ConnectionError::not_connected(connector, user))?;
         hash.update(
             connection
                 .connected_at
@@ -403,7 +407,6 @@ pub async fn load(
         );
         Some(connection)
     };
-    let credential = credentials.credential(target, min_ttl).await?;
     hash.update(format!("{:?}", credential.expires_at).as_bytes());
     let settings = match connection {
         Some(connection) => connection.settings,

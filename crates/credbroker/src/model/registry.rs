@@ -658,6 +658,22 @@ impl Registry {
             .await?)
     }
 
+    /// A connection and its secrets (empty if none are stored) as of one moment
+    /// ([`Store::get_pair`]): never a connection another replica just rewrote joined to the
+    /// secrets its write replaced.
+    pub async fn connection_with_secrets(
+        &self,
+        connector: &Connector,
+        user_id: &str,
+    ) -> Result<(Option<Connection>, ConnectionSecrets), ModelError> {
+        let path = connection_path(&connector.id, user_id);
+        let (connection, secrets) = self
+            .store
+            .get_pair((CONNECTIONS, CONNECTION_SECRETS), &path)
+            .await?;
+        Ok((connection, secrets.unwrap_or_default()))
+    }
+
     pub async fn connection_secrets(
         &self,
         connector: &Connector,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{AccessToken, OAuth, OAuthError, still_valid};
-use crate::driver::usable_connection;
+use crate::driver::{usable_connection, usable_connection_with_secrets};
 use crate::model::{Connector, Secret};
 use crate::store::Lease;
 
@@ -117,8 +117,8 @@ impl OAuth {
         user: &str,
     ) -> Result<Option<AccessToken>, OAuthError> {
         self.registry.forget_connection(connector, user);
-        let connection = usable_connection::<OAuthError>(&self.registry, connector, user).await?;
-        let secrets = self.registry.connection_secrets(connector, user).await?;
+        let (connection, secrets) =
+            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
         Ok(still_valid(&connection, &secrets))
     }
 
@@ -131,13 +131,14 @@ impl OAuth {
         sent: &Secret,
     ) -> Result<Option<AccessToken>, OAuthError> {
         self.registry.forget_connection(connector, user);
-        let secrets = self.registry.connection_secrets(connector, user).await?;
+        let (connection, secrets) =
+            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
         if secrets
             .get("refresh_token")
             .is_none_or(|stored| stored == sent)
         {
             return Ok(None);
         }
-        self.stored_valid(connector, user).await
+        Ok(still_valid(&connection, &secrets))
     }
 }

@@ -31,7 +31,9 @@ use oauth2::{
     Scope, TokenResponse, TokenUrl,
 };
 
-use crate::driver::{ConnectionError, expire_refused, usable_connection};
+use crate::driver::{
+    ConnectionError, expire_refused, usable_connection, usable_connection_with_secrets,
+};
 use crate::events::Detail;
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
@@ -371,14 +373,13 @@ impl OAuth {
         min_ttl: Duration,
         refreshed_since: Option<DateTime<Utc>>,
     ) -> Result<Option<AccessToken>, OAuthError> {
-        let connection = usable_connection::<OAuthError>(&self.registry, connector, user).await?;
+        // The token and the expiry it is judged by, from one moment (a replica's refresh writes
+        // both at once; read apart, a new expiry could vouch for the old token).
+        let (connection, secrets) =
+            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
         let (Some(expires_at), Some(token)) = (
             connection.access_expires_at,
-            self.registry
-                .connection_secrets(connector, user)
-                .await?
-                .get("access_token")
-                .cloned(),
+            secrets.get("access_token").cloned(),
         ) else {
             return Ok(None);
         };
@@ -427,9 +428,11 @@ impl OAuth {
         key: &str,
         lease: &crate::store::Lease,
     ) -> Result<AccessToken, OAuthError> {
-        let mut connection =
-            usable_connection::<OAuthError>(&self.registry, connector, user).await?;
-        let mut secrets = self.registry.connection_secrets(connector, user).await?;
+        // Under the lease, the stored refresh token is the latest (the last holder's write was
+        // durable before it let go): read it past the cache, which may not have heard of it.
+        self.registry.forget_connection(connector, user);
+        let (mut connection, mut secrets) =
+            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
         if let Some(wait) = self.backing_off(key) {
             return still_valid(&connection, &secrets).ok_or_else(|| {
                 OAuthError::Unavailable(format!(

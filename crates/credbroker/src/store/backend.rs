@@ -70,6 +70,8 @@ pub async fn open_backend(
 ///    byte-for-byte `old`, atomically with that check; a key deleted meanwhile stays deleted.
 /// 6. **Metadata apart.** Metadata (`meta_*`: the header, counter reservations, rewrap state)
 ///    lives in its own key space, never returned by record scans, and is not sealed.
+/// 7. **One moment for several keys.** [`Backend::get_many`] returns every key's value as of one
+///    moment: of a batch that wrote several of them, it sees all or none (two `get`s need not).
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Where this backend keeps its data, for messages (never a credential).
@@ -80,6 +82,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The record stored under `key`, if any.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The records stored under `keys`, in their order, all as of one moment (invariant 7).
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
 
     /// Up to `limit` entries whose key starts with `prefix` and sorts after `after` (strictly),
     /// in ascending key order.

@@ -11,6 +11,12 @@
 //! table's generation did not move while it read. Another replica's write, reported by the
 //! coordinator, drops its key and bumps an epoch every generation includes; while changes may
 //! be missed ([`ReadCache::suspend`]) nothing is served or kept.
+//!
+//! Invariant: records read as a pair ([`ReadCache::get_pair`]: a connection and its secrets)
+//! are served from the cache only as they were read together, from one backend snapshot. Each
+//! key alone may lag another replica's write until its notification arrives, and the two keys'
+//! notifications may arrive apart: a pair taken key by key could join a new connection to old
+//! secrets (an expired token served as fresh).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -24,9 +30,25 @@ const CAPACITY: usize = 16_384;
 /// A parsed record, of whatever type its reader asked for.
 type Value = Arc<dyn Any + Send + Sync>;
 
+struct Entry {
+    value: Value,
+    /// Shared by the two entries of a pair filled together; 0 for an entry filled alone.
+    pair: u64,
+}
+
+/// What a reader read from the backend, to keep if no write began since `generation`.
+pub struct Fill<T> {
+    pub table: Table,
+    pub generation: u64,
+    pub key: Vec<u8>,
+    pub value: T,
+}
+
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<Vec<u8>, Value>,
+    entries: HashMap<Vec<u8>, Entry>,
+    /// The last pair id handed out.
+    pairs: u64,
     /// Per table name: bumped by every write to the table.
     generations: HashMap<&'static str, u64>,
     /// Bumped by every change reported from another replica: part of every generation.
@@ -55,7 +77,27 @@ impl ReadCache {
     /// A copy of the cached value, if one is cached as a `T` (a reader asking for another
     /// type reads the backend instead).
     pub fn get<T: Clone + 'static>(&self, key: &[u8]) -> Option<T> {
-        self.lock().entries.get(key)?.downcast_ref::<T>().cloned()
+        self.lock()
+            .entries
+            .get(key)?
+            .value
+            .downcast_ref::<T>()
+            .cloned()
+    }
+
+    /// Copies of a pair's values, only if they were kept together ([`ReadCache::put_pair`]).
+    pub fn get_pair<A: Clone + 'static, B: Clone + 'static>(
+        &self,
+        a: &[u8],
+        b: &[u8],
+    ) -> Option<(A, B)> {
+        let inner = self.lock();
+        let (a, b) = (inner.entries.get(a)?, inner.entries.get(b)?);
+        if a.pair == 0 || a.pair != b.pair {
+            return None;
+        }
+        let a = a.value.downcast_ref::<A>()?.clone();
+        Some((a, b.value.downcast_ref::<B>()?.clone()))
     }
 
     /// The table's generation, taken before reading the backend.
@@ -63,25 +105,27 @@ impl ReadCache {
         self.lock().generation(table)
     }
 
-    /// Keeps what a reader read, unless a write to the table began since `generation`.
-    pub fn put<T: Send + Sync + 'static>(
-        &self,
-        table: Table,
-        generation: u64,
-        key: Vec<u8>,
-        value: T,
-    ) {
-        if !table.is_cached() {
-            return;
-        }
+    /// Keeps what a reader read, unless a write to its table began since it started.
+    pub fn put<T: Send + Sync + 'static>(&self, fill: Fill<T>) {
         let mut inner = self.lock();
-        if inner.suspended || inner.generation(table) != generation {
-            return;
+        if inner.keeps(&fill) {
+            inner.insert(fill, 0);
         }
-        if inner.entries.len() >= CAPACITY {
-            inner.entries.clear();
+    }
+
+    /// Keeps two records read from one backend snapshot as a pair, or neither.
+    pub fn put_pair<A: Send + Sync + 'static, B: Send + Sync + 'static>(
+        &self,
+        a: Fill<A>,
+        b: Fill<B>,
+    ) {
+        let mut inner = self.lock();
+        if inner.keeps(&a) && inner.keeps(&b) {
+            inner.pairs += 1;
+            let pair = inner.pairs;
+            inner.insert(a, pair);
+            inner.insert(b, pair);
         }
-        inner.entries.insert(key, Arc::new(value));
     }
 
     /// Called before and after a write reaches the backend, with the keys it touches.
@@ -125,6 +169,18 @@ impl Inner {
         let own = self.generations.get(table.name()).copied().unwrap_or(0);
         own.wrapping_add(self.epoch)
     }
+
+    fn keeps<T>(&self, fill: &Fill<T>) -> bool {
+        fill.table.is_cached() && !self.suspended && self.generation(fill.table) == fill.generation
+    }
+
+    fn insert<T: Send + Sync + 'static>(&mut self, fill: Fill<T>, pair: u64) {
+        if self.entries.len() >= CAPACITY {
+            self.entries.clear();
+        }
+        let value = Arc::new(fill.value);
+        self.entries.insert(fill.key, Entry { value, pair });
+    }
 }
 
 #[cfg(test)]
@@ -132,22 +188,36 @@ mod tests {
     use super::*;
 
     const CONNECTIONS: Table = Table::cached("connections");
+    const SECRETS: Table = Table::cached("secrets");
     const AUDIT: Table = Table::uncached("audit");
+
+    fn put(cache: &ReadCache, table: Table, generation: u64, key: &[u8], value: &str) {
+        cache.put(fill(table, generation, key, value));
+    }
+
+    fn fill(table: Table, generation: u64, key: &[u8], value: &str) -> Fill<String> {
+        Fill {
+            table,
+            generation,
+            key: key.to_vec(),
+            value: value.to_string(),
+        }
+    }
 
     #[test]
     fn a_read_that_raced_a_write_is_not_kept() {
         let cache = ReadCache::default();
         let before = cache.generation(CONNECTIONS);
         cache.invalidate([(CONNECTIONS, b"k".as_slice())]);
-        cache.put(CONNECTIONS, before, b"k".to_vec(), "old".to_string());
+        put(&cache, CONNECTIONS, before, b"k", "old");
         assert!(cache.get::<String>(b"k").is_none());
         let now = cache.generation(CONNECTIONS);
-        cache.put(CONNECTIONS, now, b"k".to_vec(), "new".to_string());
+        put(&cache, CONNECTIONS, now, b"k", "new");
         assert_eq!(cache.get::<String>(b"k").as_deref(), Some("new"));
         assert!(cache.get::<u32>(b"k").is_none(), "another type is a miss");
         // Audit records are never kept.
         let audit = cache.generation(AUDIT);
-        cache.put(AUDIT, audit, b"a".to_vec(), "x".to_string());
+        put(&cache, AUDIT, audit, b"a", "x");
         assert!(cache.get::<String>(b"a").is_none());
     }
 
@@ -155,28 +225,78 @@ mod tests {
     fn another_replicas_write_drops_the_key_and_a_lost_feed_keeps_nothing() {
         let cache = ReadCache::default();
         let now = cache.generation(CONNECTIONS);
-        cache.put(CONNECTIONS, now, b"k".to_vec(), "v".to_string());
+        put(&cache, CONNECTIONS, now, b"k", "v");
         // A read that began before the remote write is not kept.
         let before = cache.generation(CONNECTIONS);
         cache.invalidate_remote(&[b"k".to_vec()]);
         assert!(cache.get::<String>(b"k").is_none());
-        cache.put(CONNECTIONS, before, b"k".to_vec(), "old".to_string());
+        put(&cache, CONNECTIONS, before, b"k", "old");
         assert!(cache.get::<String>(b"k").is_none());
         cache.suspend();
         let during = cache.generation(CONNECTIONS);
-        cache.put(CONNECTIONS, during, b"k".to_vec(), "v".to_string());
+        put(&cache, CONNECTIONS, during, b"k", "v");
         assert!(
             cache.get::<String>(b"k").is_none(),
             "nothing kept while suspended"
         );
         cache.resume();
-        cache.put(CONNECTIONS, during, b"k".to_vec(), "v".to_string());
+        put(&cache, CONNECTIONS, during, b"k", "v");
         assert!(
             cache.get::<String>(b"k").is_none(),
             "a read from before the resume"
         );
         let after = cache.generation(CONNECTIONS);
-        cache.put(CONNECTIONS, after, b"k".to_vec(), "v".to_string());
+        put(&cache, CONNECTIONS, after, b"k", "v");
         assert_eq!(cache.get::<String>(b"k").as_deref(), Some("v"));
+    }
+
+    /// The defect of issue 19 in miniature: another replica refreshed a token, writing the
+    /// connection (new expiry) and its secrets (new token) in one batch; the notification of the
+    /// connection's key arrives, the secrets' has not yet. Read key by key, a reader would join
+    /// the connection it rereads to the old token still cached; read as a pair, it misses.
+    #[test]
+    fn a_pair_is_served_only_as_it_was_read_together() {
+        let cache = ReadCache::default();
+        let (c, s) = (cache.generation(CONNECTIONS), cache.generation(SECRETS));
+        cache.put_pair(
+            fill(CONNECTIONS, c, b"c", "expires 10:00"),
+            fill(SECRETS, s, b"s", "token 1"),
+        );
+        let pair = cache.get_pair::<String, String>(b"c", b"s");
+        assert_eq!(pair, Some(("expires 10:00".into(), "token 1".into())));
+
+        cache.invalidate_remote(&[b"c".to_vec()]);
+        let now = cache.generation(CONNECTIONS);
+        put(&cache, CONNECTIONS, now, b"c", "expires 11:00");
+        assert_eq!(
+            cache.get::<String>(b"s").as_deref(),
+            Some("token 1"),
+            "the old token"
+        );
+        assert_eq!(cache.get_pair::<String, String>(b"c", b"s"), None);
+
+        // Filled again from one snapshot, the pair is served; a write to either breaks it.
+        let (c, s) = (cache.generation(CONNECTIONS), cache.generation(SECRETS));
+        cache.put_pair(
+            fill(CONNECTIONS, c, b"c", "expires 11:00"),
+            fill(SECRETS, s, b"s", "token 2"),
+        );
+        let pair = cache.get_pair::<String, String>(b"c", b"s");
+        assert_eq!(pair, Some(("expires 11:00".into(), "token 2".into())));
+        let stale = cache.generation(SECRETS);
+        cache.invalidate([(SECRETS, b"s".as_slice())]);
+        assert_eq!(cache.get_pair::<String, String>(b"c", b"s"), None);
+        // A pair whose read raced a write to either table is not kept.
+        cache.put_pair(
+            fill(
+                CONNECTIONS,
+                cache.generation(CONNECTIONS),
+                b"c",
+                "expires 11:00",
+            ),
+            fill(SECRETS, stale, b"s", "token 2"),
+        );
+        assert_eq!(cache.get_pair::<String, String>(b"c", b"s"), None);
+        assert!(cache.get::<String>(b"s").is_none(), "neither half kept");
     }
 }

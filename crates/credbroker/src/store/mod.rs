@@ -414,10 +414,59 @@ impl Store {
             None => Ok(None),
             Some(sealed) => {
                 let value: T = self.decode(&key, &sealed)?;
-                self.cache.put(table, generation, key, value.clone());
+                self.cache.put(cache::Fill {
+                    table,
+                    generation,
+                    key,
+                    value: value.clone(),
+                });
                 Ok(Some(value))
             }
         }
+    }
+
+    /// Reads the records of one path in two cached tables as of one moment (a connection and
+    /// its secrets): both from the cache if they were kept together, else both from one backend
+    /// snapshot. Never one written by a batch joined to the other from before it.
+    pub async fn get_pair<A: Record, B: Record>(
+        &self,
+        tables: (Table, Table),
+        path: &str,
+    ) -> Result<(Option<A>, Option<B>), StoreError> {
+        let keys = [tables.0.key(path), tables.1.key(path)];
+        if let Some((a, b)) = self.cache.get_pair::<A, B>(&keys[0], &keys[1]) {
+            return Ok((Some(a), Some(b)));
+        }
+        let generations = (
+            self.cache.generation(tables.0),
+            self.cache.generation(tables.1),
+        );
+        let [a, b]: [Option<Vec<u8>>; 2] = self
+            .backend
+            .get_many(&keys)
+            .await?
+            .try_into()
+            .map_err(|_| StoreError::Backend("get_many answered another count".into()))?;
+        let [key_a, key_b] = keys;
+        let a: Option<A> = a.map(|sealed| self.decode(&key_a, &sealed)).transpose()?;
+        let b: Option<B> = b.map(|sealed| self.decode(&key_b, &sealed)).transpose()?;
+        if let (Some(a), Some(b)) = (&a, &b) {
+            self.cache.put_pair(
+                cache::Fill {
+                    table: tables.0,
+                    generation: generations.0,
+                    key: key_a,
+                    value: a.clone(),
+                },
+                cache::Fill {
+                    table: tables.1,
+                    generation: generations.1,
+                    key: key_b,
+                    value: b.clone(),
+                },
+            );
+        }
+        Ok((a, b))
     }
 
     /// Reads up to `limit` records whose path starts with `prefix`, after path `after`.

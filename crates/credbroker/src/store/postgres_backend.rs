@@ -103,6 +103,7 @@ pub(crate) fn pg_error(location: &str, e: tokio_postgres::Error) -> StoreError {
 /// The statements, with the schema written in (a checked identifier, [`schema`]).
 struct Sql {
     get: String,
+    get_many: String,
     scan: String,
     last: String,
     apply: String,
@@ -116,6 +117,8 @@ impl Sql {
     fn new(s: &str) -> Self {
         Self {
             get: format!("SELECT value FROM {s}.records WHERE key = $1"),
+            // One statement sees one snapshot, even under READ COMMITTED (invariant 7).
+            get_many: format!("SELECT key, value FROM {s}.records WHERE key = ANY($1)"),
             scan: format!(
                 "SELECT key, value FROM {s}.records WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) ORDER BY key LIMIT $3"
             ),
@@ -457,6 +460,19 @@ impl Backend for PgBackend {
         self.run(move |s| async move {
             let rows = s.query(&s.sql.get, &[(&key, Type::BYTEA)]).await?;
             Ok(rows.first().map(|row| row.get(0)))
+        })
+        .await
+    }
+
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let keys = keys.to_vec();
+        self.run(move |s| async move {
+            let rows = s
+                .query(&s.sql.get_many, &[(&keys, Type::BYTEA_ARRAY)])
+                .await?;
+            let found: std::collections::HashMap<Vec<u8>, Vec<u8>> =
+                rows.iter().map(entry).collect();
+            Ok(keys.iter().map(|key| found.get(key).cloned()).collect())
         })
         .await
     }

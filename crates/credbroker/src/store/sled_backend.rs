@@ -209,6 +209,17 @@ impl Backend for SledBackend {
             .map(|v| v.to_vec()))
     }
 
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        // A transaction: sled checks at its end that no batch wrote what it read, and reruns it
+        // if one did, so the values are of one moment (each `get` alone is only atomic).
+        self.records
+            .transaction(|tx| {
+                let values = keys.iter().map(|key| Ok(tx.get(key)?.map(|v| v.to_vec())));
+                values.collect::<Result<Vec<_>, sled::transaction::ConflictableTransactionError>>()
+            })
+            .map_err(|e: sled::transaction::TransactionError| StoreError::Backend(e.to_string()))
+    }
+
     async fn scan_prefix(
         &self,
         prefix: &[u8],
