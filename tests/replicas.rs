@@ -158,6 +158,56 @@ async fn two_hundred_resolves_over_three_replicas_cause_one_refresh() {
     assert_eq!(refreshes, 1.0, "one replica refreshed, once");
 }
 
+/// Replicas keep one event journal: every event gets a cursor of its own whichever replica
+/// appends it (none overwrites another's), and a live stream on one replica follows the
+/// events the other appends.
+#[tokio::test]
+async fn replicas_append_to_one_event_journal() {
+    let replicas = Daemon::start_replicas(2, &store_toml(postgres()), "");
+    let mut admins = [replicas[0].admin().await, replicas[1].admin().await];
+    create_keys(&mut admins[0]).await;
+    let watch = |backlog_only| proto::WatchEventsRequest {
+        kinds: vec!["connected".into()],
+        backlog_only,
+        ..Default::default()
+    };
+    let mut live = admins[1]
+        .watch_events(watch(false))
+        .await
+        .unwrap()
+        .into_inner();
+    // The last on replica 0: replica 1's stream must wake for it with no append of its own.
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    for (i, user) in users.iter().enumerate() {
+        save_key(&mut admins[i % 2], user, "k").await.unwrap();
+    }
+    let mut backlog = admins[0]
+        .watch_events(watch(true))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut journal = Vec::new();
+    while let Some(event) = backlog.message().await.unwrap() {
+        journal.push((event.cursor, event.user_id));
+    }
+    let appended: Vec<_> = journal.iter().map(|(_, u)| u.as_str()).collect();
+    assert_eq!(appended, users, "the journal, in cursor order: {journal:?}");
+    assert!(
+        journal.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "cursors grow by one: {journal:?}"
+    );
+    let mut followed = Vec::new();
+    while followed.len() < users.len() {
+        let next = tokio::time::timeout(DEADLINE, live.message()).await;
+        let event = next
+            .unwrap_or_else(|_| panic!("replica 1's stream stopped after {followed:?}"))
+            .unwrap()
+            .unwrap();
+        followed.push(event.user_id);
+    }
+    assert_eq!(followed, users, "replica 1 followed every event, in order");
+}
+
 /// Replica B has the key cached (it just served it); replica A writes. How long until B serves
 /// the new value (or, for a delete, refuses)? Counted over 1,000 trials; the distribution is
 /// printed. Only convergence is asserted: every trial must see the write.

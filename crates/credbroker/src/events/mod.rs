@@ -8,6 +8,9 @@
 //! - cursors increase by one per event, in commit order: an event is appended under one lock,
 //!   durably, before it is announced, so a reader that resumes after cursor `n` misses nothing
 //!   committed after `n`; retention never removes the newest event, so a cursor is never reused;
+//! - with replicas sharing the store, that lock is one job across all of them and the next
+//!   cursor is read from the store under it, so no replica reuses another's cursor; readers
+//!   wake on other replicas' appends too ([`Store::remote_writes`]);
 //! - an event and its webhook deliveries (one outbox row per webhook whose filter matches) are
 //!   one atomic batch: a delivery is never lost once its event exists;
 //! - an event names a connection and a class of failure, never a secret: it is built from
@@ -35,6 +38,9 @@ pub use webhook::{Webhook, WebhookError};
 const EVENTS: Table = Table::uncached("events");
 /// `{webhook key}/{cursor:020}` → [`Event`] still to be delivered to that webhook.
 const OUTBOX: Table = Table::uncached("event_outbox");
+
+/// The job that appends to the journal, across replicas sharing the store.
+const APPEND_JOB: &str = "events/append";
 
 /// Events removed per retention batch.
 const PRUNE_CHUNK: usize = 1000;
@@ -238,7 +244,8 @@ impl Route {
 /// The journal: appends events, announces them, reads them back after a cursor, prunes.
 pub struct Events {
     store: Arc<Store>,
-    /// The next cursor, once read from the store; held across an append's commit.
+    /// The next cursor, once read from the store (never kept when other replicas append
+    /// too); held across an append's commit.
     next: tokio::sync::Mutex<Option<u64>>,
     /// The newest cursor committed (0 before the first), for readers waiting on news.
     head: tokio::sync::watch::Sender<u64>,
@@ -319,9 +326,13 @@ impl Events {
         detail: Detail<'_>,
     ) -> Result<Event, EventsError> {
         let mut next = self.next.lock().await;
+        let _across = match self.store.is_shared() {
+            true => self.store.job(APPEND_JOB, true).await?,
+            false => None,
+        };
         let cursor = match *next {
-            Some(n) => n,
-            None => self.newest().await? + 1,
+            Some(n) if !self.store.is_shared() => n,
+            _ => self.newest().await? + 1,
         };
         let event = Event {
             id: crate::model::new_id("ev_"),
@@ -370,8 +381,8 @@ impl Events {
     pub async fn head(&self) -> Result<u64, StoreError> {
         let next = self.next.lock().await;
         match *next {
-            Some(n) => Ok(n - 1),
-            None => self.newest().await,
+            Some(n) if !self.store.is_shared() => Ok(n - 1),
+            _ => self.newest().await,
         }
     }
 
@@ -385,9 +396,12 @@ impl Events {
         Ok(rows.into_iter().map(|(_, e)| e).collect())
     }
 
-    /// A receiver of the newest committed cursor, for readers waiting on news.
-    fn announcements(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.head.subscribe()
+    /// Wakes a reader of the journal when an event may have been appended.
+    fn announcements(&self) -> News {
+        News {
+            local: self.head.subscribe(),
+            remote: self.store.remote_writes(EVENTS),
+        }
     }
 
     /// Removes the events retention no longer keeps: older than `retain_days`, and beyond the
@@ -512,6 +526,26 @@ pub fn spawn_retention(events: Arc<Events>, config: EventsConfig, every: Duratio
             tokio::time::sleep(every).await;
         }
     });
+}
+
+/// What wakes a reader of the journal: this replica's appends (announced once durable) and,
+/// with replicas sharing the store, the writes another reports.
+struct News {
+    local: tokio::sync::watch::Receiver<u64>,
+    remote: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl News {
+    /// Returns when there may be news: false once the journal is gone.
+    async fn changed(&mut self) -> bool {
+        match &mut self.remote {
+            None => self.local.changed().await.is_ok(),
+            Some(remote) => tokio::select! {
+                local = self.local.changed() => local.is_ok(),
+                remote = remote.changed() => remote.is_ok(),
+            },
+        }
+    }
 }
 
 #[cfg(test)]

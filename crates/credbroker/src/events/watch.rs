@@ -97,7 +97,7 @@ impl Events {
         &self,
         query: WatchQuery,
         until: Option<u64>,
-        mut news: tokio::sync::watch::Receiver<u64>,
+        mut news: super::News,
         tx: &mpsc::Sender<Result<Event, EventsError>>,
     ) -> Result<(), EventsError> {
         let mut cursor = query.after;
@@ -108,7 +108,7 @@ impl Events {
             let batch = self.after(cursor, BATCH).await?;
             if batch.is_empty() {
                 tokio::select! {
-                    changed = news.changed() => if changed.is_err() { return Ok(()) },
+                    changed = news.changed() => if !changed { return Ok(()) },
                     () = tx.closed() => return Ok(()),
                 }
                 continue;

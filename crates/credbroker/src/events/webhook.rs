@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Event, EventKind, Events, EventsConfig, WebhookConfig};
 use crate::model::Secret;
+use crate::store::{JobGuard, StoreError};
 
 pub const SIGNATURE_HEADER: &str = "credbroker-signature";
 pub const EVENT_ID_HEADER: &str = "credbroker-event-id";
@@ -273,6 +274,9 @@ pub fn spawn(
 impl Deliverer {
     async fn run(self) {
         let mut news = self.events.announcements();
+        // With replicas, one of them delivers each webhook (one in flight, oldest first); the
+        // others wait for its job, which frees when that replica stops or dies.
+        let _turn = self.turn().await;
         loop {
             let pending = match self.events.outbox(&self.hook.key, OUTBOX_BATCH).await {
                 Ok(pending) => pending,
@@ -289,6 +293,26 @@ impl Deliverer {
             }
             for event in pending {
                 self.deliver(&event).await;
+            }
+        }
+    }
+
+    /// This webhook's delivery job across the replicas sharing the store (None without any).
+    async fn turn(&self) -> Option<JobGuard> {
+        let store = &self.events.store;
+        if !store.is_shared() {
+            return None;
+        }
+        let job = format!("webhook/{}", self.hook.key);
+        loop {
+            match store.job(&job, true).await {
+                Ok(turn) => return turn,
+                // Another replica delivers meanwhile; a store error passes too.
+                Err(StoreError::Timeout { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(webhook = %self.hook.host(), error = %e, "cannot take the webhook's delivery job; retrying");
+                    tokio::time::sleep(self.max.min(Duration::from_secs(5))).await;
+                }
             }
         }
     }

@@ -265,6 +265,8 @@ pub struct Store {
     coord: Arc<dyn Coordinator>,
     /// Set when another replica persisted a keyring: the next write takes it first.
     keyring_moved: Arc<AtomicBool>,
+    /// With other replicas: the followers of their writes, table by table.
+    remote: Option<Arc<replicas::RemoteWrites>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -351,13 +353,16 @@ impl Store {
         let changes = coord.changes();
         // With other replicas, nothing is cached before their changes are followed.
         let cache = Arc::new(cache::ReadCache::new(changes.is_some()));
-        if let Some(changes) = changes {
+        let remote = changes.map(|changes| {
+            let remote = Arc::new(replicas::RemoteWrites::default());
             tokio::spawn(replicas::follow_changes(
                 changes,
                 cache.clone(),
                 keyring_moved.clone(),
+                remote.clone(),
             ));
-        }
+            remote
+        });
         Ok(Store {
             commits: GroupCommit::start(backend.clone()),
             backend,
@@ -368,6 +373,7 @@ impl Store {
             cache,
             coord,
             keyring_moved,
+            remote,
             rotation: tokio::sync::Mutex::new(()),
             rewrap_wanted: tokio::sync::Notify::new(),
         })

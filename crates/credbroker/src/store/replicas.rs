@@ -8,28 +8,66 @@
 //! - a keyring another replica persisted is taken before this replica's next write (it was told
 //!   of it) or as soon as a record sealed under an unknown term is read;
 //! - a fenced commit writes nothing once its lease was taken over, and is durable when it
-//!   reports success.
+//!   reports success;
+//! - a follower of a table's remote writes ([`Store::remote_writes`]) is woken by every
+//!   reported write to it, and by every resumed feed (writes may have gone unreported).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::cache::ReadCache;
 use super::{
     Batch, Change, HEADER_KEY, JobGuard, Lease, Store, StoreError, Table, read_header, wait_inline,
 };
 
+/// The tables whose writes by other replicas someone follows, each with its wake-up count.
+#[derive(Default)]
+pub(super) struct RemoteWrites {
+    watched: Mutex<Vec<(Vec<u8>, watch::Sender<u64>)>>,
+}
+
+impl RemoteWrites {
+    fn watched(&self) -> std::sync::MutexGuard<'_, Vec<(Vec<u8>, watch::Sender<u64>)>> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn subscribe(&self, table: Table) -> watch::Receiver<u64> {
+        let prefix = table.key("");
+        let mut watched = self.watched();
+        if let Some((_, tx)) = watched.iter().find(|(p, _)| *p == prefix) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(0);
+        watched.push((prefix, tx));
+        rx
+    }
+
+    /// Wakes the followers of the tables `keys` belong to (all of them for `None`).
+    fn report(&self, keys: Option<&[Vec<u8>]>) {
+        for (prefix, tx) in self.watched().iter() {
+            if keys.is_none_or(|keys| keys.iter().any(|k| k.starts_with(prefix))) {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    }
+}
+
 /// Applies the coordinator's reports of other replicas' changes, for as long as it sends them.
 pub(super) async fn follow_changes(
     mut changes: mpsc::UnboundedReceiver<Change>,
     cache: Arc<ReadCache>,
     keyring_moved: Arc<AtomicBool>,
+    remote: Arc<RemoteWrites>,
 ) {
     while let Some(change) = changes.recv().await {
         match change {
-            Change::Keys(keys) => cache.invalidate_remote(&keys),
+            Change::Keys(keys) => {
+                cache.invalidate_remote(&keys);
+                remote.report(Some(&keys));
+            }
             Change::Meta(key) if key == HEADER_KEY => keyring_moved.store(true, Ordering::SeqCst),
             Change::Meta(_) => {}
             Change::Lost => {
@@ -42,6 +80,7 @@ pub(super) async fn follow_changes(
                 // A rotation elsewhere may have gone unreported too.
                 keyring_moved.store(true, Ordering::SeqCst);
                 cache.resume();
+                remote.report(None);
             }
         }
     }
@@ -84,6 +123,17 @@ impl Store {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Wakes on every write another replica makes to `table`; None when no other replica
+    /// shares the store (this process makes every write, and knows of it).
+    pub fn remote_writes(&self, table: Table) -> Option<watch::Receiver<u64>> {
+        Some(self.remote.as_ref()?.subscribe(table))
+    }
+
+    /// Whether other replicas may write to the store too.
+    pub fn is_shared(&self) -> bool {
+        self.remote.is_some()
     }
 
     /// Takes lease `name` for `ttl` unless a live holder (in any replica) has it.
