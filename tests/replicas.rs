@@ -17,6 +17,7 @@ use support::daemon::{Daemon, conn, metric, new_connector, reason, secrets};
 use support::oauth::{connect, create_connector};
 use support::peers::{self, peers};
 use support::postgres::{Postgres, postgres};
+use support::webhook::{Receiver, assert_signed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -206,6 +207,45 @@ async fn replicas_append_to_one_event_journal() {
         followed.push(event.user_id);
     }
     assert_eq!(followed, users, "replica 1 followed every event, in order");
+}
+
+/// With replicas, one of them delivers each webhook: every event once and in cursor order (one
+/// delivery in flight), whichever replica appended it.
+#[tokio::test]
+async fn one_replica_delivers_each_webhook() {
+    let receiver = Receiver::start().await;
+    let replicas = Daemon::start_replicas(2, &store_toml(postgres()), &receiver.config(""));
+    let mut admins = [replicas[0].admin().await, replicas[1].admin().await];
+    create_keys(&mut admins[0]).await;
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    for (i, user) in users.iter().enumerate() {
+        save_key(&mut admins[i % 2], user, "k").await.unwrap();
+    }
+    receiver
+        .wait_for("a delivery of every event", |d| d.len() >= users.len())
+        .await;
+    // Time for a second deliverer's copies, if there were one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = receiver.deliveries();
+    got.iter().for_each(assert_signed);
+    let delivered: Vec<_> = got
+        .iter()
+        .map(|d| {
+            (
+                d.json()["cursor"].as_u64().unwrap(),
+                d.json()["user_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got.len(),
+        users.len(),
+        "each event delivered once: {delivered:?}"
+    );
+    assert!(
+        delivered.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "in cursor order: {delivered:?}"
+    );
 }
 
 /// Replica B has the key cached (it just served it); replica A writes. How long until B serves
