@@ -265,7 +265,7 @@ async fn populate(config: &credbroker::config::Config, stored: u64) -> Result<St
         .slots
         .insert("access_token".into(), Secret::new("bench-access-token"));
     registry
-        .save_connection(&connection, Some(&secrets))
+        .save_connection(&connection, Some(&secrets), None)
         .await?;
 
     let personal = registry

@@ -2,7 +2,8 @@
 //! token refreshes, and the audit record of every call — a hundred times. After each kill the
 //! audit chain verifies on the closed store (a torn last batch allowed: it was never
 //! acknowledged), and after each restart every write the daemon acknowledged before the kill is
-//! there. The audit log's segments are small, so kills also land mid-roll.
+//! there, and each connection saved has its lifecycle event (the connect in flight: both or
+//! neither). The audit log's segments are small, so kills also land mid-roll.
 //!
 //! The pauses before the kills come from a seeded generator. The test prints its seed first
 //! (`crash test seed: N`, shown with the output of a failing test); to replay a failing run,
@@ -149,6 +150,59 @@ async fn assert_acked_kept(
     }
 }
 
+/// A connection and its `connected` event are one write: after the kill, every acknowledged
+/// key has its event, and the connect that was in flight left both or neither. Returns the
+/// newest cursor read, to read on from.
+async fn assert_events_match(
+    admin: &mut AdminClient<Channel>,
+    agent: &mut BrokerClient<Channel>,
+    round: usize,
+    acked: &Acked,
+    after: u64,
+) -> u64 {
+    let mut stream = admin
+        .watch_events(proto::WatchEventsRequest {
+            after_cursor: after,
+            kinds: vec!["connected".into()],
+            backlog_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut newest, mut users) = (after, std::collections::BTreeSet::new());
+    while let Some(event) = stream.message().await.unwrap() {
+        newest = event.cursor;
+        if event.connector == KEYS {
+            users.insert(event.user_id);
+        }
+    }
+    for (user, _) in &acked.keys {
+        assert!(
+            users.contains(user),
+            "round {round}: {user} connected without its event"
+        );
+    }
+    let in_flight = format!("r{round}-u{}", acked.keys.len());
+    let stored = agent
+        .resolve_credential(proto::ResolveCredentialRequest {
+            connection: conn(KEYS, &in_flight),
+            ..Default::default()
+        })
+        .await
+        .is_ok();
+    assert_eq!(
+        stored,
+        users.contains(&in_flight),
+        "round {round}: the connect in flight at the kill stored its connection ({stored}) but not its event, or the reverse"
+    );
+    assert!(
+        users.len() <= acked.keys.len() + 1,
+        "round {round}: events of connections never made: {users:?}"
+    );
+    newest
+}
+
 /// Every acknowledged call was answered only after its audit record was durable: the log
 /// holds at least as many records as calls were acknowledged.
 async fn assert_audit_covers(admin: &mut AdminClient<Channel>, round: usize, acked_calls: u64) {
@@ -216,6 +270,7 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
     let config = daemon.config();
     let mut rotations_lost = 0;
     let mut acked_total = (0, 0, 0);
+    let mut events_read = 0;
     for round in 0..KILLS {
         let acked = Arc::new(Mutex::new(Acked::default()));
         let load = spawn_load(&daemon, round, &acked).await;
@@ -235,6 +290,7 @@ async fn a_hundred_sigkills_under_write_load_lose_no_acknowledged_write() {
         let acked = std::mem::take(&mut *acked.lock().unwrap());
         let (mut admin, mut agent) = (daemon.admin().await, daemon.agent().await);
         assert_acked_kept(&mut admin, &mut agent, round, &acked).await;
+        events_read = assert_events_match(&mut admin, &mut agent, round, &acked, events_read).await;
         acked_total.0 += acked.connectors.len();
         acked_total.1 += acked.keys.len();
         acked_total.2 += acked.refreshes;

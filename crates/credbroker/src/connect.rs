@@ -16,7 +16,7 @@ pub use crate::driver::Candidate;
 use crate::driver::{
     ConnectionError, Credentials, check_candidate, driver, expire_refused, for_user,
 };
-use crate::events::Detail;
+use crate::events::{Detail, Occurred};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Mode, ModelError,
     Registry, Target, TestReport,
@@ -179,15 +179,12 @@ impl Connect {
         let secrets = ConnectionSecrets {
             slots: candidate.secrets,
         };
-        self.registry()
-            .save_connection(&connection, Some(&secrets))
-            .await?;
         let (user, why) = (&target.connection_user, &connection.last_error);
         let detail = Detail::new(if report.ok() { "" } else { "test_failed" }, why);
+        let event = Occurred::new(kind, connector, user, detail);
         self.registry()
-            .events()
-            .emit(kind, connector, user, detail)
-            .await;
+            .save_connection(&connection, Some(&secrets), Some(event))
+            .await?;
         Ok(Connected {
             connection,
             report,
@@ -218,17 +215,14 @@ impl Connect {
             }
             .into());
         }
-        self.registry()
-            .delete_connection(connector, &target.connection_user)
-            .await?;
         let (gone, user) = (
             crate::events::EventKind::Disconnected,
             &target.connection_user,
         );
+        let event = Occurred::new(gone, connector, user, Detail::NONE);
         self.registry()
-            .events()
-            .emit(gone, connector, user, Detail::NONE)
-            .await;
+            .delete_connection(connector, user, Some(event))
+            .await?;
         Ok(Connection::new(&connector.id, &target.connection_user))
     }
 

@@ -419,16 +419,10 @@ impl Admin for AdminApi {
         s.handle(Rpc::DeleteConnector, req, async |call, r| {
             call.connector = r.connector.clone();
             let workspace = s.admin_workspace(call, "workspace", &r.workspace)?;
-            let c = s.registry.find_connector(&workspace, &r.connector).await?;
             let removed = s
                 .registry
                 .delete_connector(&workspace, &r.connector)
                 .await?;
-            let gone = crate::events::EventKind::ConnectorDeleted;
-            s.registry
-                .events()
-                .emit(gone, &c, "", Default::default())
-                .await;
             Ok(proto::DeleteConnectorResponse {
                 connections_removed: removed as u32,
             })

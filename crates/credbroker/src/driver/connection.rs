@@ -123,19 +123,16 @@ pub async fn expire_refused(
     why: String,
     erase_secrets: bool,
 ) -> Result<Option<ConnectionError>, ModelError> {
+    let (expired, detail) = (
+        crate::events::EventKind::Expired,
+        crate::events::Detail::new("refused", &why),
+    );
+    let event = crate::events::Occurred::new(expired, connector, user, detail);
     let marked = registry
-        .mark_expired(connector, user, why.clone(), erase_secrets)
+        .mark_expired(connector, user, why.clone(), erase_secrets, Some(event))
         .await?;
     if marked {
         tracing::warn!(connector = %connector.id, "the stored credential was refused: connection marked expired");
-        let (expired, detail) = (
-            crate::events::EventKind::Expired,
-            crate::events::Detail::new("refused", &why),
-        );
-        registry
-            .events()
-            .emit(expired, connector, user, detail)
-            .await;
     }
     Ok(marked.then(|| ConnectionError::expired(connector, user)))
 }

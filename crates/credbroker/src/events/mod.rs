@@ -13,9 +13,12 @@
 //!   wake on other replicas' appends too ([`Store::remote_writes`]);
 //! - an event and its webhook deliveries (one outbox row per webhook whose filter matches) are
 //!   one atomic batch: a delivery is never lost once its event exists;
+//! - an event reporting a write (a connection saved, refreshed, expired or removed) is in that
+//!   write's batch ([`Events::commit_with`]): a crash keeps both or neither;
 //! - an event names a connection and a class of failure, never a secret: it is built from
 //!   names, ids and error descriptions that never carry a token (a canary test checks);
-//! - emitting never fails the work that emits: a store error is logged, and the work goes on.
+//! - an event with no write of its own ([`Events::emit`]) never fails the work that emits: a
+//!   store error is logged, and the work goes on.
 
 mod watch;
 pub mod webhook;
@@ -167,6 +170,48 @@ impl<'a> Detail<'a> {
     }
 }
 
+/// An event not yet in the journal: its cursor is taken when it is committed, with the write
+/// it reports ([`Events::commit_with`]).
+#[derive(Debug, Clone)]
+pub struct Occurred {
+    kind: EventKind,
+    workspace: String,
+    connector_id: String,
+    connector: String,
+    user_id: String,
+    class: String,
+    reason: String,
+}
+
+impl Occurred {
+    pub fn new(kind: EventKind, connector: &Connector, user: &str, detail: Detail<'_>) -> Self {
+        Occurred {
+            kind,
+            workspace: connector.workspace.clone(),
+            connector_id: connector.id.clone(),
+            connector: connector.name.clone(),
+            user_id: user.to_string(),
+            class: detail.class.to_string(),
+            reason: detail.reason.to_string(),
+        }
+    }
+
+    fn into_event(self, cursor: u64) -> Event {
+        Event {
+            id: crate::model::new_id("ev_"),
+            cursor,
+            time: Utc::now(),
+            kind: self.kind,
+            workspace: self.workspace,
+            connector_id: self.connector_id,
+            connector: self.connector,
+            user_id: self.user_id,
+            class: self.class,
+            reason: self.reason,
+        }
+    }
+}
+
 /// `[events]`: retention, stream and webhook retry bounds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -303,8 +348,9 @@ impl Events {
         *max = config.max_streams;
     }
 
-    /// Records that `kind` happened to `connector` (and `user`'s connection, if not empty).
-    /// Never fails the caller: a store error is logged.
+    /// Records that `kind` happened to `connector` (and `user`'s connection, if not empty),
+    /// for what has no write of its own to ride on. Never fails the caller: a store error is
+    /// logged. A write that has one records its event with it ([`Events::commit_with`]).
     pub async fn emit(
         &self,
         kind: EventKind,
@@ -325,6 +371,26 @@ impl Events {
         user: &str,
         detail: Detail<'_>,
     ) -> Result<Event, EventsError> {
+        let occurred = Occurred::new(kind, connector, user, detail);
+        let write = |batch| async move { self.store.commit(batch).await.map(|()| true) };
+        let event = self.commit_with(Batch::new(), occurred, write).await?;
+        Ok(event.expect("a plain commit writes"))
+    }
+
+    /// Writes `batch` through `write` (a plain or a fenced commit) with the event appended to
+    /// it, in the one batch: a crash keeps the change and its event, or neither. The event is
+    /// announced once durable. `write` answering false (a fenced commit that lost its lease)
+    /// wrote nothing, and there is no event (None).
+    pub async fn commit_with<F, Fut>(
+        &self,
+        mut batch: Batch,
+        occurred: Occurred,
+        write: F,
+    ) -> Result<Option<Event>, StoreError>
+    where
+        F: FnOnce(Batch) -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
         let mut next = self.next.lock().await;
         let _across = match self.store.is_shared() {
             true => self.store.job(APPEND_JOB, true).await?,
@@ -334,28 +400,18 @@ impl Events {
             Some(n) if !self.store.is_shared() => n,
             _ => self.newest().await? + 1,
         };
-        let event = Event {
-            id: crate::model::new_id("ev_"),
-            cursor,
-            time: Utc::now(),
-            kind,
-            workspace: connector.workspace.clone(),
-            connector_id: connector.id.clone(),
-            connector: connector.name.clone(),
-            user_id: user.to_string(),
-            class: detail.class.to_string(),
-            reason: detail.reason.to_string(),
-        };
-        let mut batch = Batch::new();
+        let event = occurred.into_event(cursor);
         batch.put(EVENTS, cursor_path(cursor), &event);
-        for route in self.routes().iter().filter(|r| r.takes(kind)) {
+        for route in self.routes().iter().filter(|r| r.takes(event.kind)) {
             batch.put(OUTBOX, outbox_path(&route.key, cursor), &event);
         }
-        self.store.commit(batch).await?;
+        if !write(batch).await? {
+            return Ok(None);
+        }
         *next = Some(cursor + 1);
         self.head.send_replace(cursor);
-        tracing::info!(kind = kind.name(), cursor, connector = %connector.id, class = detail.class, "lifecycle event");
-        Ok(event)
+        tracing::info!(kind = event.kind.name(), cursor, connector = %event.connector_id, class = %event.class, "lifecycle event");
+        Ok(Some(event))
     }
 
     fn routes(&self) -> Vec<Route> {

@@ -418,7 +418,7 @@ async fn a_transient_refresh_failure_is_one_refresh_failed_event() {
         .slots
         .insert("refresh_token".into(), Secret::new(canary));
     registry
-        .save_connection(&connection, Some(&secrets))
+        .save_connection(&connection, Some(&secrets), None)
         .await
         .unwrap();
     let oauth = crate::oauth::OAuth::new(registry.clone(), String::new(), Duration::from_secs(2));

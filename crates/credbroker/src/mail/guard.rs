@@ -235,7 +235,10 @@ users = ["*"]
         let mut connection = Connection::new(&connector.id, "");
         connection.status = ConnectionStatus::Connected;
         connection.connected_at = Some(Utc::now());
-        registry.save_connection(&connection, None).await.unwrap();
+        registry
+            .save_connection(&connection, None, None)
+            .await
+            .unwrap();
         std::fs::write(dir.path().join("policy.toml"), GRANTED).unwrap();
         let policy = Arc::new(PolicyHandle::load(&dir.path().join("policy.toml")).unwrap());
         let target = Target {
@@ -303,7 +306,7 @@ users = ["*"]
 
         let mut used = w.connection().await;
         used.last_used_at = Some(Utc::now());
-        w.registry.save_connection(&used, None).await.unwrap();
+        w.registry.save_connection(&used, None, None).await.unwrap();
         tokio::time::timeout(RECHECK * 3, guard.changed(&w.registry))
             .await
             .expect("a write wakes the guard");
@@ -314,14 +317,20 @@ users = ["*"]
 
         let mut renewed = w.connection().await;
         renewed.connected_at = Some(Utc::now() + chrono::TimeDelta::seconds(1));
-        w.registry.save_connection(&renewed, None).await.unwrap();
+        w.registry
+            .save_connection(&renewed, None, None)
+            .await
+            .unwrap();
         assert!(guard.recheck(&w.registry).await.unwrap(), "new credentials");
         assert!(!guard.take_new_account(), "the same account");
         let mut moved = w.connection().await;
         moved
             .settings
             .insert("imap_host".into(), "elsewhere.test".into());
-        w.registry.save_connection(&moved, None).await.unwrap();
+        w.registry
+            .save_connection(&moved, None, None)
+            .await
+            .unwrap();
         assert!(guard.recheck(&w.registry).await.unwrap(), "new servers");
         assert!(guard.take_new_account());
         assert!(!guard.take_new_account(), "told once");
@@ -331,13 +340,19 @@ users = ["*"]
             other => panic!("{other:?}"),
         };
         w.registry
-            .mark_expired(&w.target.connector, "", "destination_changed".into(), true)
+            .mark_expired(
+                &w.target.connector,
+                "",
+                "destination_changed".into(),
+                true,
+                None,
+            )
             .await
             .unwrap();
         let expired = ended(&mut guard).await;
         assert!(matches!(expired, ConnectionError::Expired { .. }));
         w.registry
-            .delete_connection(&w.target.connector, "")
+            .delete_connection(&w.target.connector, "", None)
             .await
             .unwrap();
         let gone = ended(&mut guard).await;

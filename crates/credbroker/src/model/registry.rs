@@ -16,6 +16,7 @@ use super::{
 };
 use serde::Serialize;
 
+use crate::events::Occurred;
 use crate::store::{Batch, Record, RewrapState, Store, Table};
 
 /// `{workspace}/{connector_id}` → Connector
@@ -582,7 +583,9 @@ impl Registry {
             .delete(CONNECTORS, connector_path(ws, &connector.id))
             .delete(CONNECTOR_NAMES, name_path(ws, &connector.name))
             .delete(CONNECTOR_SECRETS, connector.id.clone());
-        self.store.commit(batch).await?;
+        let gone = crate::events::EventKind::ConnectorDeleted;
+        let event = Occurred::new(gone, &connector, "", crate::events::Detail::NONE);
+        self.commit(batch, Some(event)).await?;
         self.delete_connections_of(&connector.id).await
     }
 
@@ -686,11 +689,13 @@ impl Registry {
             .unwrap_or_default())
     }
 
-    /// Saves a connection and, when given, replaces its secrets, in one durable batch.
+    /// Saves a connection and, when given, replaces its secrets, in one durable batch, with
+    /// the lifecycle event it makes, if any.
     pub async fn save_connection(
         &self,
         connection: &Connection,
         secrets: Option<&ConnectionSecrets>,
+        event: Option<Occurred>,
     ) -> Result<(), ModelError> {
         let path = connection_path(&connection.connector_id, &connection.user_id);
         let mut batch = Batch::new();
@@ -698,24 +703,38 @@ impl Registry {
         if let Some(secrets) = secrets {
             batch.put(CONNECTION_SECRETS, path, secrets);
         }
-        self.store.commit(batch).await?;
-        Ok(())
+        self.commit(batch, event).await
     }
 
     /// As [`Registry::save_connection`], only while `lease` (a refresh lease) is still the
-    /// latest: false, and nothing written, if another replica took it over.
+    /// latest: false, and nothing written (no event either), if another replica took it over.
     pub async fn save_connection_fenced(
         &self,
         connection: &Connection,
         secrets: &ConnectionSecrets,
         lease: &crate::store::Lease,
+        event: Occurred,
     ) -> Result<bool, ModelError> {
         let path = connection_path(&connection.connector_id, &connection.user_id);
         let mut batch = Batch::new();
         batch
             .put(CONNECTIONS, path.clone(), connection)
             .put(CONNECTION_SECRETS, path, secrets);
-        Ok(self.store.commit_fenced(batch, lease).await?)
+        let write = |batch| self.store.commit_fenced(batch, lease);
+        let event = self.events.commit_with(batch, event, write).await?;
+        Ok(event.is_some())
+    }
+
+    /// Commits `batch` with `event` in it (see [`crate::events::Events::commit_with`]).
+    async fn commit(&self, batch: Batch, event: Option<Occurred>) -> Result<(), ModelError> {
+        match event {
+            None => self.store.commit(batch).await?,
+            Some(event) => {
+                let write = |batch| async move { self.store.commit(batch).await.map(|()| true) };
+                self.events.commit_with(batch, event, write).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops a connection and its secrets from this replica's read cache: the next read sees
@@ -873,6 +892,7 @@ impl Registry {
         user_id: &str,
         why: String,
         erase_secrets: bool,
+        event: Option<Occurred>,
     ) -> Result<bool, ModelError> {
         let Some(mut connection) = self.connection(connector, user_id).await? else {
             return Ok(false);
@@ -886,7 +906,7 @@ impl Registry {
         if erase_secrets {
             connection.access_expires_at = None;
         }
-        self.save_connection(&connection, erase_secrets.then_some(&erased))
+        self.save_connection(&connection, erase_secrets.then_some(&erased), event)
             .await?;
         Ok(true)
     }
@@ -941,19 +961,19 @@ impl Registry {
         Ok(self.store.scan(CONNECTIONS, "", after, limit).await?)
     }
 
-    /// Removes a connection's record and secrets.
+    /// Removes a connection's record and secrets, with the lifecycle event it makes, if any.
     pub async fn delete_connection(
         &self,
         connector: &Connector,
         user_id: &str,
+        event: Option<Occurred>,
     ) -> Result<(), ModelError> {
         let path = connection_path(&connector.id, user_id);
         let mut batch = Batch::new();
         batch
             .delete(CONNECTIONS, path.clone())
             .delete(CONNECTION_SECRETS, path);
-        self.store.commit(batch).await?;
-        Ok(())
+        self.commit(batch, event).await
     }
 }
 
@@ -1024,7 +1044,10 @@ mod tests {
             .unwrap();
         let mut connection = Connection::new(&connector.id, "u1");
         connection.status = ConnectionStatus::Connected;
-        registry.save_connection(&connection, None).await.unwrap();
+        registry
+            .save_connection(&connection, None, None)
+            .await
+            .unwrap();
         let last_used = async |registry: &Registry| {
             registry
                 .connection(&connector, "u1")
@@ -1088,7 +1111,7 @@ mod tests {
             slots: [("t".to_string(), Secret::new("t1"))].into(),
         };
         registry
-            .save_connection(&connection, Some(&secrets))
+            .save_connection(&connection, Some(&secrets), None)
             .await
             .unwrap();
         let update = async |config: &[(&str, Option<&str>)], secret: Option<&str>| {

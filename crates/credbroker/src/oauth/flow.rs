@@ -22,6 +22,7 @@ use super::binding::{self, CALLBACK_PATH, START_PATH};
 use super::catalog::{Endpoints, Grant, label_at};
 use super::http::{self, Identity};
 use super::{OAuth, OAuthError, describe, expiry, unavailable};
+use crate::events::{Detail, Occurred};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Secret, Target,
 };
@@ -430,14 +431,11 @@ impl OAuth {
                 Secret::new(refresh.secret().clone()),
             );
         }
+        let event = Occurred::new(kind, connector, user, Detail::NONE);
         self.registry
-            .save_connection(&connection, Some(&secrets))
+            .save_connection(&connection, Some(&secrets), Some(event))
             .await?;
         self.backoff_clear(&crate::model::connection_path(&connector.id, user));
-        let events = self.registry.events();
-        events
-            .emit(kind, connector, user, crate::events::Detail::NONE)
-            .await;
         Ok(connection)
     }
 
@@ -455,18 +453,17 @@ impl OAuth {
             return Err(crate::driver::ConnectionError::not_connected(connector, user).into());
         }
         let revoked = self.revoke(connector, user).await?;
-        self.registry.delete_connection(connector, user).await?;
+        let gone = crate::events::EventKind::Disconnected;
+        let detail = Detail::new(if revoked { "revoked" } else { "" }, "");
+        let event = Occurred::new(gone, connector, user, detail);
+        self.registry
+            .delete_connection(connector, user, Some(event))
+            .await?;
         self.client_tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&connector.id);
         self.backoff_clear(&crate::model::connection_path(&connector.id, user));
-        let gone = crate::events::EventKind::Disconnected;
-        let detail = crate::events::Detail::new(if revoked { "revoked" } else { "" }, "");
-        self.registry
-            .events()
-            .emit(gone, connector, user, detail)
-            .await;
         Ok((Connection::new(&connector.id, user), revoked))
     }
 

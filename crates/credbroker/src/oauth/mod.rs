@@ -34,7 +34,7 @@ use oauth2::{
 use crate::driver::{
     ConnectionError, expire_refused, usable_connection, usable_connection_with_secrets,
 };
-use crate::events::Detail;
+use crate::events::{Detail, Occurred};
 use crate::model::{
     Connection, ConnectionSecrets, ConnectionStatus, Connector, FieldError, Kind, Mode, ModelError,
     Registry, Secret,
@@ -467,16 +467,19 @@ impl OAuth {
         });
         match response {
             Ok(response) => {
-                let was = connection.status;
+                let kind = crate::events::EventKind::after_refresh(connection.status);
+                let event = Occurred::new(kind, connector, user, Detail::NONE);
                 let token = self
-                    .store_refreshed(connector, &mut connection, &mut secrets, &response, lease)
+                    .store_refreshed(
+                        connector,
+                        &mut connection,
+                        &mut secrets,
+                        &response,
+                        lease,
+                        event,
+                    )
                     .await?;
                 self.backoff_clear(key);
-                let kind = crate::events::EventKind::after_refresh(was);
-                self.registry
-                    .events()
-                    .emit(kind, connector, user, Detail::NONE)
-                    .await;
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
@@ -499,13 +502,12 @@ impl OAuth {
                     connection.last_error = why.clone();
                     connection.last_error_class = failure_class(&e).into();
                     connection.last_error_at = Some(Utc::now());
-                    self.registry.save_connection(&connection, None).await?;
                     let failed = crate::events::EventKind::RefreshFailed;
                     let detail = Detail::new(failure_class(&e), &why);
+                    let event = Occurred::new(failed, connector, user, detail);
                     self.registry
-                        .events()
-                        .emit(failed, connector, user, detail)
-                        .await;
+                        .save_connection(&connection, None, Some(event))
+                        .await?;
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
@@ -521,6 +523,7 @@ impl OAuth {
         secrets: &mut ConnectionSecrets,
         response: &oauth2::basic::BasicTokenResponse,
         lease: &crate::store::Lease,
+        event: Occurred,
     ) -> Result<AccessToken, OAuthError> {
         let now = Utc::now();
         let access = Secret::new(response.access_token().secret().clone());
@@ -542,7 +545,7 @@ impl OAuth {
         connection.last_error.clear();
         let saved = self
             .registry
-            .save_connection_fenced(connection, secrets, lease)
+            .save_connection_fenced(connection, secrets, lease, event)
             .await?;
         if !saved {
             return Err(OAuthError::Unavailable(
@@ -671,12 +674,11 @@ impl OAuth {
         connection.connected_at = Some(Utc::now());
         connection.account_label = client_id.to_string();
         connection.last_error.clear();
-        self.registry.save_connection(&connection, None).await?;
         let connected = crate::events::EventKind::Connected;
+        let event = Occurred::new(connected, connector, "", Detail::NONE);
         self.registry
-            .events()
-            .emit(connected, connector, "", Detail::NONE)
-            .await;
+            .save_connection(&connection, None, Some(event))
+            .await?;
         Ok(())
     }
 
