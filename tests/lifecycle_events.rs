@@ -16,9 +16,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use credbroker::api::proto::{self, admin_client::AdminClient};
-use support::daemon::{Daemon, assert_refused, conn, new_connector, secrets};
+use support::daemon::{Daemon, assert_refused, conn, metric, new_connector, secrets};
 use support::oauth::{connect, with_connection};
 use support::peers::{self, OAUTH_CLIENT_SECRET, peers};
+use support::wait;
 use support::webhook::{Delivery, HOOK_SECRET, Receiver, assert_signed};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -218,9 +219,33 @@ async fn a_receiver_down_for_30s_across_a_broker_restart_gets_every_event_once_b
     }
     assert_eq!(recorded.len(), 10);
     assert_every_event_delivered(&daemon, &got, &recorded);
+    assert_delivery_metrics(&daemon, &got).await;
     assert_tail_shows(&daemon, &recorded);
     // The Python client: the same events, and a receiver's check of a delivery.
     python_sees(&daemon, &got[0], &recorded[9].id);
+}
+
+/// The restarted daemon's delivery counters agree with what the receiver answered (it was down
+/// until after the restart, so every answer went to this process).
+async fn assert_delivery_metrics(daemon: &Daemon, got: &[Delivery]) {
+    let accepted = got.iter().filter(|d| d.status == 204).count() as f64;
+    let series =
+        |outcome: &str| format!("credbroker_webhook_deliveries_total{{outcome=\"{outcome}\"}}");
+    // The receiver records a request before answering it; the broker counts on the answer.
+    let counted = wait::until(Duration::from_secs(10), async || {
+        let (_, body) = daemon.http_get("/metrics").await;
+        (metric(&body, &series("delivered")) >= accepted).then_some(body)
+    })
+    .await
+    .unwrap_or_else(|| panic!("fewer than {accepted} deliveries counted"));
+    assert_eq!(metric(&counted, &series("delivered")), accepted);
+    let refused = got.iter().filter(|d| d.status != 204).count() as f64;
+    assert!(refused >= 1.0, "the receiver refused one");
+    assert!(
+        metric(&counted, &series("failed")) >= refused,
+        "the refused attempt and the attempts while the receiver was down are counted"
+    );
+    assert_eq!(metric(&counted, &series("dropped")), 0.0);
 }
 
 /// Every recorded event was accepted once at least, in cursor order, signed; every attempt at

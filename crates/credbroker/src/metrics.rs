@@ -4,7 +4,7 @@
 //!
 //! Invariant: every label value comes from a closed set chosen here or in the RPC table
 //! ([`crate::api::Rpc::metric_label`]): RPC method names, gRPC codes, refresh outcomes,
-//! upstream kinds, connection statuses. No label ever carries a user
+//! upstream kinds, connection statuses, webhook delivery outcomes. No label ever carries a user
 //! id, a connector name, a caller identity or anything derived from a secret.
 
 use std::collections::BTreeMap;
@@ -91,6 +91,17 @@ pub enum Background {
     KeepAlive,
 }
 
+/// How one webhook delivery attempt ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Webhook {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The attempt failed (unreachable, refused, not 2xx): it is retried.
+    Failed,
+    /// Given up: still failing past `webhook_max_age_hours`.
+    Dropped,
+}
+
 /// The upstream services the daemon calls. Mail and calendar code call [`upstream`] with theirs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Upstream {
@@ -121,6 +132,8 @@ struct Registry {
     background_refreshes: [AtomicU64; 2],
     /// OAuth token uses that found no fresh stored token and waited on a refresh.
     token_waits: AtomicU64,
+    /// Webhook delivery attempts by outcome ([`Webhook`]).
+    webhook_deliveries: [AtomicU64; 3],
     upstream: Mutex<BTreeMap<Upstream, &'static Histogram>>,
     audit_flush: Histogram,
     audit_batch_records: AtomicU64,
@@ -170,6 +183,11 @@ pub fn background_refresh(trigger: Background) {
 /// One use of an OAuth token (a resolve, mail, calendar) that waited on the token endpoint.
 pub fn token_wait() {
     REGISTRY.token_waits.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One webhook delivery attempt (or the end of its retries).
+pub fn webhook(outcome: Webhook) {
+    REGISTRY.webhook_deliveries[outcome as usize].fetch_add(1, Ordering::Relaxed);
 }
 
 /// One call to an upstream server, however it ended.
@@ -300,6 +318,12 @@ fn render_calls(out: &mut Exposition) {
         "counter",
         "OAuth token uses (resolve, mail, calendar) that found no fresh token and waited on a refresh.",
         r.token_waits.load(Ordering::Relaxed),
+    );
+    out.counters(
+        "credbroker_webhook_deliveries_total",
+        "Webhook delivery attempts by outcome (dropped: given up past webhook_max_age_hours).",
+        ("outcome", &["delivered", "failed", "dropped"]),
+        &r.webhook_deliveries,
     );
     let name = "credbroker_upstream_duration_seconds";
     out.help(

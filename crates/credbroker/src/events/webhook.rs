@@ -323,10 +323,15 @@ impl Deliverer {
         loop {
             attempt += 1;
             let why = match self.post(event).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    crate::metrics::webhook(crate::metrics::Webhook::Delivered);
+                    break;
+                }
                 Err(why) => why,
             };
+            crate::metrics::webhook(crate::metrics::Webhook::Failed);
             if Utc::now() - event.time > self.max_age {
+                crate::metrics::webhook(crate::metrics::Webhook::Dropped);
                 tracing::error!(webhook = %self.hook.host(), event = %event.id, cursor = event.cursor, attempts = attempt, error = %why, "webhook delivery given up: older than webhook_max_age_hours");
                 break;
             }
