@@ -1,7 +1,8 @@
 //! The background refresher against the real authorization server (oidc-provider, 5-second
 //! access tokens): refresh ahead under 50 callers resolving continuously (no caller waits on the
 //! token endpoint, one refresh per token), a grant revoked at the provider shown as needing
-//! attention before any caller asks, keep-alive across a restart, and scopes: a resolve that
+//! attention before any caller asks, a client-credentials token renewed ahead, keep-alive across
+//! a restart, and scopes: a resolve that
 //! requires a scope the grant lacks, and BeginConnect asking for more.
 //!
 //! The tests share the server's counters, so they run one at a time ([`SERIAL`]).
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use credbroker::api::proto::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use support::daemon::{Daemon, assert_refused, conn, get_connection, metric, reason};
-use support::oauth::{Browser, RETURN_URL, callback_url, connect, with_connection};
+use support::oauth::{Browser, RETURN_URL, callback_url, connect, with_connection, with_connector};
 use support::peers::{self, peers};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -144,6 +145,58 @@ async fn fifty_callers_never_wait_on_the_token_endpoint_and_each_token_is_refres
     assert!(
         at_server >= secs / peers::ACCESS_TTL_SECS && at_server <= secs + 1,
         "{at_server} refreshes in {secs} s"
+    );
+}
+
+/// A shared connector's client-credentials token is renewed ahead too: resolved every 50 ms for
+/// three token lifetimes, it is never handed out expired, and the refresher, not a caller, asks
+/// the server for each new one.
+#[tokio::test]
+async fn a_client_credentials_token_is_renewed_ahead_by_the_refresher() {
+    let _serial = SERIAL.lock().await;
+    let client_credentials = [
+        ("grant_type", "client_credentials"),
+        ("scopes", "mail.read"),
+    ];
+    let daemon = Daemon::start_with_config(AHEAD);
+    let (daemon, _admin, mut agent) = with_connector(daemon, CONNECTOR, &client_credentials).await;
+    resolve(&mut agent, "", &[]).await.unwrap();
+    let before = (peers().oauth_stats().await, metrics(&daemon).await);
+    let until = Instant::now() + Duration::from_secs(3 * peers::ACCESS_TTL_SECS);
+    let (mut tokens, mut expired, mut resolves) = (HashSet::new(), 0, 0);
+    while Instant::now() < until {
+        let token = resolve(&mut agent, "", &[]).await.unwrap();
+        if token.expires_at.expect("an expiry").seconds <= chrono::Utc::now().timestamp() {
+            expired += 1;
+        }
+        tokens.insert(token.secret);
+        resolves += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = (peers().oauth_stats().await, metrics(&daemon).await);
+    let ahead = metric(
+        &after.1,
+        "credbroker_token_refresh_background_total{trigger=\"ahead\"}",
+    ) - metric(
+        &before.1,
+        "credbroker_token_refresh_background_total{trigger=\"ahead\"}",
+    );
+    let at_server = after.0.client_credentials - before.0.client_credentials;
+    eprintln!(
+        "client credentials, {resolves} resolves over {} s: {} distinct tokens, {at_server} token \
+         requests at the server, {ahead} of them the refresher's",
+        3 * peers::ACCESS_TTL_SECS,
+        tokens.len()
+    );
+    assert_eq!(expired, 0, "a token handed out after its expiry");
+    assert!(
+        ahead >= 2.0,
+        "{ahead} renewals ahead over three 5-second lifetimes"
+    );
+    // A caller asks only if the refresher was late (a loaded machine): at most once here.
+    assert!(
+        at_server as f64 - ahead <= 1.0,
+        "{at_server} requests at the server, {ahead} of them ahead"
     );
 }
 

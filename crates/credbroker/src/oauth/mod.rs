@@ -352,6 +352,9 @@ impl OAuth {
         user: &str,
         planned: Option<DateTime<Utc>>,
     ) -> Result<bool, OAuthError> {
+        if Grant::of(connector)? == Grant::ClientCredentials {
+            return self.client_token_ahead(connector, planned).await;
+        }
         let key = crate::model::connection_path(&connector.id, user);
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
@@ -363,6 +366,38 @@ impl OAuth {
         self.refresh(connector, user, &Endpoints::of(connector)?, &key, seen)
             .await?;
         Ok(true)
+    }
+
+    /// [`OAuth::refresh_ahead`] of a client-credentials token: a new one is asked for, under the
+    /// connector's one lock, only if the cached one is still the one expiring at `planned`.
+    async fn client_token_ahead(
+        &self,
+        connector: &Connector,
+        planned: Option<DateTime<Utc>>,
+    ) -> Result<bool, OAuthError> {
+        let flight = self.flight(&connector.id);
+        let _turn = flight.lock().await;
+        if self
+            .client_token_times(connector)
+            .map(|(_, expires)| expires)
+            != planned
+        {
+            return Ok(false);
+        }
+        self.request_client_token(connector, &Endpoints::of(connector)?)
+            .await?;
+        Ok(true)
+    }
+
+    /// When the cached client-credentials token of `connector` was issued and when it expires
+    /// (None when none is cached): what the refresher plans its renewal from.
+    pub(crate) fn client_token_times(
+        &self,
+        connector: &Connector,
+    ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let tokens = self.client_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let token = tokens.get(&connector.id)?;
+        Some((token.issued_at, token.expires_at))
     }
 
     /// The stored access token if it is fresh enough; errors if there is no usable connection.
@@ -607,6 +642,9 @@ impl OAuth {
                 }
             }
         };
+        // Noted once a token (and the connection it marks) exists: the refresher plans from it.
+        let key = crate::model::connection_path(&connector.id, "");
+        self.refresh.recent.touch(connector, "", &key, Utc::now());
         Ok(AccessToken {
             token: hit.token,
             expires_at: hit.expires_at,

@@ -1,5 +1,6 @@
 //! The background refresher of OAuth tokens (`[refresh]`): **refresh ahead** renews the access
-//! token of a recently used connection before it expires, so that a caller almost never waits on
+//! token of a recently used connection (or the client-credentials token of a recently used
+//! shared connector) before it expires, so that a caller almost never waits on
 //! the provider; **keep-alive** refreshes an idle connection's grant on its provider's schedule
 //! (`keepalive_days` in `providers.toml`, overridable), before the provider lets an unused
 //! refresh token lapse.
@@ -427,10 +428,21 @@ fn provider_key(connector: &Connector) -> String {
         .unwrap_or_default()
 }
 
-/// Whether the background refresher may renew this connection (a user's grant it can refresh).
+/// Whether the keep-alive may refresh this connection: a usable grant with a refresh token.
 fn refreshable(connector: &Connector, connection: &Connection) -> bool {
+    usable_oauth(connector, connection, Grant::AuthorizationCode)
+}
+
+/// Whether refresh ahead may renew this connection's token: a refreshable grant's, or the
+/// client-credentials token of a shared connector (which has no grant to keep alive).
+fn renewable_ahead(connector: &Connector, connection: &Connection) -> bool {
+    refreshable(connector, connection)
+        || usable_oauth(connector, connection, Grant::ClientCredentials)
+}
+
+fn usable_oauth(connector: &Connector, connection: &Connection, grant: Grant) -> bool {
     connector.kind == Kind::Oauth2
-        && Grant::of(connector).is_ok_and(|g| g == Grant::AuthorizationCode)
+        && Grant::of(connector).is_ok_and(|g| g == grant)
         && matches!(
             connection.status,
             ConnectionStatus::Connected | ConnectionStatus::Error
@@ -615,7 +627,7 @@ async fn run_job(inner: &Inner, job: Job) {
 /// Reads the connection's token expiry and plans its next refresh ahead (or ignores it).
 async fn plan(inner: &Inner, oauth: &OAuth, connector: &Connector, user: &str, key: &str) {
     let connection = match oauth.registry.connection(connector, user).await {
-        Ok(Some(c)) if refreshable(connector, &c) => c,
+        Ok(Some(c)) if renewable_ahead(connector, &c) => c,
         Ok(_) => return inner.recent.ignore(key, inner.clock.now()),
         Err(e) => {
             tracing::debug!(error = %e, "refresher: could not read a connection");
@@ -633,11 +645,16 @@ async fn plan(inner: &Inner, oauth: &OAuth, connector: &Connector, user: &str, k
         }
     };
     let now = inner.clock.now();
-    let expires = connection.access_expires_at;
+    // A client-credentials token lives in memory, not in the connection.
+    let (issued, expires) = match Grant::of(connector) {
+        Ok(Grant::ClientCredentials) => match oauth.client_token_times(connector) {
+            Some((issued, expires)) => (Some(issued), Some(expires)),
+            None => (None, None),
+        },
+        _ => (connection.last_refreshed_at, connection.access_expires_at),
+    };
     let due = match expires {
-        Some(at) => inner
-            .policy
-            .due_ahead(connection.last_refreshed_at, at, jitter_draw()),
+        Some(at) => inner.policy.due_ahead(issued, at, jitter_draw()),
         None => now + inner.policy.window,
     };
     // A refresh that did not change the token (backing off, failed): not again at once.
