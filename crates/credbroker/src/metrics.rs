@@ -96,7 +96,8 @@ pub enum Background {
 pub enum Webhook {
     /// The receiver answered 2xx.
     Delivered,
-    /// The attempt failed (unreachable, refused, not 2xx): it is retried.
+    /// The attempt failed (unreachable, refused, not 2xx): it is retried, unless it was the
+    /// last (then [`Webhook::Dropped`] follows).
     Failed,
     /// Given up: still failing past `webhook_max_age_hours`.
     Dropped,

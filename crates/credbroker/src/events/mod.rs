@@ -13,8 +13,11 @@
 //!   wake on other replicas' appends too ([`Store::remote_writes`]);
 //! - an event and its webhook deliveries (one outbox row per webhook whose filter matches) are
 //!   one atomic batch: a delivery is never lost once its event exists;
-//! - an event reporting a write (a connection saved, refreshed, expired or removed) is in that
-//!   write's batch ([`Events::commit_with`]): a crash keeps both or neither;
+//! - an event reporting a write (a connection saved, expired or removed, a connector deleted) is
+//!   in that write's batch ([`Events::commit_with`]): a crash keeps both or neither. A refresh's
+//!   events (refreshed, recovered, refresh_failed) follow its fenced write instead, which holds
+//!   a lease with a deadline and must not wait on the journal's lock: a crash between the two
+//!   loses that event only;
 //! - an event names a connection and a class of failure, never a secret: it is built from
 //!   names, ids and error descriptions that never carry a token (a canary test checks);
 //! - an event with no write of its own ([`Events::emit`]) never fails the work that emits: a
@@ -289,8 +292,8 @@ impl Route {
 /// The journal: appends events, announces them, reads them back after a cursor, prunes.
 pub struct Events {
     store: Arc<Store>,
-    /// The next cursor, once read from the store (never kept when other replicas append
-    /// too); held across an append's commit.
+    /// The next cursor, once read from the store (with other replicas it is read again under
+    /// the job at every append); held across an append's commit.
     next: tokio::sync::Mutex<Option<u64>>,
     /// The newest cursor committed (0 before the first), for readers waiting on news.
     head: tokio::sync::watch::Sender<u64>,
@@ -372,25 +375,20 @@ impl Events {
         detail: Detail<'_>,
     ) -> Result<Event, EventsError> {
         let occurred = Occurred::new(kind, connector, user, detail);
-        let write = |batch| async move { self.store.commit(batch).await.map(|()| true) };
-        let event = self.commit_with(Batch::new(), occurred, write).await?;
-        Ok(event.expect("a plain commit writes"))
+        Ok(self.commit_with(Batch::new(), occurred).await?)
     }
 
-    /// Writes `batch` through `write` (a plain or a fenced commit) with the event appended to
-    /// it, in the one batch: a crash keeps the change and its event, or neither. The event is
-    /// announced once durable. `write` answering false (a fenced commit that lost its lease)
-    /// wrote nothing, and there is no event (None).
-    pub async fn commit_with<F, Fut>(
+    /// Commits `batch` with the event appended to it, in the one batch: a crash keeps the
+    /// change and its event, or neither. The event is announced once durable.
+    ///
+    /// The commit waits for the journal's lock (across replicas, its job): a write that must
+    /// not wait on it (a refresh's fenced write, under a lease with a deadline) commits first
+    /// and [`Events::emit`]s after.
+    pub async fn commit_with(
         &self,
         mut batch: Batch,
         occurred: Occurred,
-        write: F,
-    ) -> Result<Option<Event>, StoreError>
-    where
-        F: FnOnce(Batch) -> Fut,
-        Fut: std::future::Future<Output = Result<bool, StoreError>>,
-    {
+    ) -> Result<Event, StoreError> {
         let mut next = self.next.lock().await;
         let _across = match self.store.is_shared() {
             true => self.store.job(APPEND_JOB, true).await?,
@@ -405,13 +403,15 @@ impl Events {
         for route in self.routes().iter().filter(|r| r.takes(event.kind)) {
             batch.put(OUTBOX, outbox_path(&route.key, cursor), &event);
         }
-        if !write(batch).await? {
-            return Ok(None);
+        if let Err(e) = self.store.commit(batch).await {
+            // The batch may have landed all the same (a failed sync): read the cursor again.
+            *next = None;
+            return Err(e);
         }
         *next = Some(cursor + 1);
         self.head.send_replace(cursor);
         tracing::info!(kind = event.kind.name(), cursor, connector = %event.connector_id, class = %event.class, "lifecycle event");
-        Ok(Some(event))
+        Ok(event)
     }
 
     fn routes(&self) -> Vec<Route> {

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Event, EventKind, Events, EventsConfig, WebhookConfig};
 use crate::model::Secret;
-use crate::store::{JobGuard, StoreError};
+use crate::store::JobGuard;
 
 pub const SIGNATURE_HEADER: &str = "credbroker-signature";
 pub const EVENT_ID_HEADER: &str = "credbroker-event-id";
@@ -246,6 +246,9 @@ struct Deliverer {
     max_age: chrono::TimeDelta,
 }
 
+/// How often a replica asks for a webhook's delivery job another replica holds.
+const TAKEOVER_POLL: Duration = Duration::from_secs(5);
+
 /// Starts delivering `hook`'s outbox, for as long as the daemon runs.
 pub fn spawn(
     events: Arc<Events>,
@@ -305,15 +308,15 @@ impl Deliverer {
         }
         let job = format!("webhook/{}", self.hook.key);
         loop {
-            match store.job(&job, true).await {
-                Ok(turn) => return turn,
-                // Another replica delivers meanwhile; a store error passes too.
-                Err(StoreError::Timeout { .. }) => {}
+            match store.job(&job, false).await {
+                Ok(Some(turn)) => return Some(turn),
+                // Another replica delivers: asked again, to take over when it stops.
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(webhook = %self.hook.host(), error = %e, "cannot take the webhook's delivery job; retrying");
-                    tokio::time::sleep(self.max.min(Duration::from_secs(5))).await;
                 }
             }
+            tokio::time::sleep(TAKEOVER_POLL).await;
         }
     }
 

@@ -707,31 +707,28 @@ impl Registry {
     }
 
     /// As [`Registry::save_connection`], only while `lease` (a refresh lease) is still the
-    /// latest: false, and nothing written (no event either), if another replica took it over.
+    /// latest: false, and nothing written, if another replica took it over. It carries no
+    /// event: it must not wait on the journal's lock (see [`crate::events::Events::commit_with`]).
     pub async fn save_connection_fenced(
         &self,
         connection: &Connection,
         secrets: &ConnectionSecrets,
         lease: &crate::store::Lease,
-        event: Occurred,
     ) -> Result<bool, ModelError> {
         let path = connection_path(&connection.connector_id, &connection.user_id);
         let mut batch = Batch::new();
         batch
             .put(CONNECTIONS, path.clone(), connection)
             .put(CONNECTION_SECRETS, path, secrets);
-        let write = |batch| self.store.commit_fenced(batch, lease);
-        let event = self.events.commit_with(batch, event, write).await?;
-        Ok(event.is_some())
+        Ok(self.store.commit_fenced(batch, lease).await?)
     }
 
-    /// Commits `batch` with `event` in it (see [`crate::events::Events::commit_with`]).
+    /// Commits `batch`, with `event` in it if given (see [`crate::events::Events::commit_with`]).
     async fn commit(&self, batch: Batch, event: Option<Occurred>) -> Result<(), ModelError> {
         match event {
             None => self.store.commit(batch).await?,
             Some(event) => {
-                let write = |batch| async move { self.store.commit(batch).await.map(|()| true) };
-                self.events.commit_with(batch, event, write).await?;
+                self.events.commit_with(batch, event).await?;
             }
         }
         Ok(())

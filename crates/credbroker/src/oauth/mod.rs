@@ -503,18 +503,14 @@ impl OAuth {
         match response {
             Ok(response) => {
                 let kind = crate::events::EventKind::after_refresh(connection.status);
-                let event = Occurred::new(kind, connector, user, Detail::NONE);
                 let token = self
-                    .store_refreshed(
-                        connector,
-                        &mut connection,
-                        &mut secrets,
-                        &response,
-                        lease,
-                        event,
-                    )
+                    .store_refreshed(connector, &mut connection, &mut secrets, &response, lease)
                     .await?;
                 self.backoff_clear(key);
+                self.registry
+                    .events()
+                    .emit(kind, connector, user, Detail::NONE)
+                    .await;
                 Ok(token)
             }
             Err(e) if invalid_grant(&e) => {
@@ -537,12 +533,20 @@ impl OAuth {
                     connection.last_error = why.clone();
                     connection.last_error_class = failure_class(&e).into();
                     connection.last_error_at = Some(Utc::now());
-                    let failed = crate::events::EventKind::RefreshFailed;
-                    let detail = Detail::new(failure_class(&e), &why);
-                    let event = Occurred::new(failed, connector, user, detail);
-                    self.registry
-                        .save_connection(&connection, None, Some(event))
+                    // Fenced: a holder whose lease was taken over must not write its failure
+                    // over the refresh the next holder stored.
+                    let saved = self
+                        .registry
+                        .save_connection_fenced(&connection, &secrets, lease)
                         .await?;
+                    if saved {
+                        let failed = crate::events::EventKind::RefreshFailed;
+                        let detail = Detail::new(failure_class(&e), &why);
+                        self.registry
+                            .events()
+                            .emit(failed, connector, user, detail)
+                            .await;
+                    }
                 }
                 still_valid(&connection, &secrets).ok_or(OAuthError::Unavailable(why))
             }
@@ -558,7 +562,6 @@ impl OAuth {
         secrets: &mut ConnectionSecrets,
         response: &oauth2::basic::BasicTokenResponse,
         lease: &crate::store::Lease,
-        event: Occurred,
     ) -> Result<AccessToken, OAuthError> {
         let now = Utc::now();
         let access = Secret::new(response.access_token().secret().clone());
@@ -580,7 +583,7 @@ impl OAuth {
         connection.last_error.clear();
         let saved = self
             .registry
-            .save_connection_fenced(connection, secrets, lease, event)
+            .save_connection_fenced(connection, secrets, lease)
             .await?;
         if !saved {
             return Err(OAuthError::Unavailable(

@@ -11,8 +11,11 @@
 //!   atomically and durably and returns the new total: the ranges two callers get never
 //!   overlap, whichever replicas they run in, and their sum counts every replica's encryptions.
 //! - **Jobs.** [`Coordinator::job`] runs one key-management step (a rotation, a rewrap step, a
-//!   retirement) or one OAuth state take at a time across every replica; progress lives in the
-//!   store, so any replica resumes where another stopped (a dead holder's job lock goes with it).
+//!   retirement), one OAuth state take, one connector name change or one event append at a time
+//!   across every replica, and one webhook's deliveries for as long as its holder runs; progress
+//!   lives in the store, so any replica resumes where another stopped (a dead holder's job lock
+//!   goes with it). On PostgreSQL a job is a session advisory lock on a connection of its own:
+//!   if that connection drops, the lock goes and the holder is not told.
 //! - **Changes.** [`Coordinator::changes`] reports the record keys other replicas wrote, so that
 //!   the read cache drops them ([`Change`]); an engine with one process (sled) reports none.
 //!

@@ -7,7 +7,9 @@
 //!   header and the vault's counter reservations (nothing secret) are stored in the clear;
 //! - a commit returns only after the backend has synced it; concurrent commits share one sync
 //!   ([`group_commit`]);
-//! - the store is schema-blind: the layers above declare their [`Table`]s.
+//! - the store is schema-blind: the layers above declare their [`Table`]s;
+//! - [`Store::get_pair`] returns two records of one path as of one moment (from the cache only
+//!   if they were kept together, else from one backend snapshot).
 //!
 //! Reads are async because a backend's reads may be network calls. They are plain `async fn`s
 //! (not boxed), so a read-cache hit never reaches the backend and allocates no future; only a

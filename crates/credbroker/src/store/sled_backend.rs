@@ -15,8 +15,8 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 
@@ -42,6 +42,9 @@ pub struct SledBackend {
     /// Set by the first failed sync. Linux reports a failed writeback once and then forgets
     /// it, so a later sync could succeed over lost data: after one failure, none succeeds.
     sync_failed: AtomicBool,
+    /// Held exclusively by each batch's apply, shared by each `get_many`: sled makes each get
+    /// atomic with a batch but not two, so this is what makes several keys one moment.
+    batches: RwLock<()>,
 }
 
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -109,6 +112,7 @@ impl SledBackend {
             blobs: path.join("blobs"),
             synced_blobs: Mutex::new(HashSet::new()),
             sync_failed: AtomicBool::new(false),
+            batches: RwLock::new(()),
         };
         // Whatever an earlier process left unsynced is synced before anything is acknowledged,
         // and so are the directory entries of a store just created.
@@ -210,14 +214,16 @@ impl Backend for SledBackend {
     }
 
     async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        // A transaction: sled checks at its end that no batch wrote what it read, and reruns it
-        // if one did, so the values are of one moment (each `get` alone is only atomic).
-        self.records
-            .transaction(|tx| {
-                let values = keys.iter().map(|key| Ok(tx.get(key)?.map(|v| v.to_vec())));
-                values.collect::<Result<Vec<_>, sled::transaction::ConflictableTransactionError>>()
+        let _no_batch = self.batches.read().unwrap_or_else(|p| p.into_inner());
+        keys.iter()
+            .map(|key| {
+                Ok(self
+                    .records
+                    .get(key)
+                    .map_err(backend_error)?
+                    .map(|v| v.to_vec()))
             })
-            .map_err(|e: sled::transaction::TransactionError| StoreError::Backend(e.to_string()))
+            .collect()
     }
 
     async fn scan_prefix(
@@ -269,6 +275,7 @@ impl Backend for SledBackend {
                 None => batch.remove(key),
             }
         }
+        let _alone = self.batches.write().unwrap_or_else(|p| p.into_inner());
         self.records.apply_batch(batch).map_err(backend_error)
     }
 
