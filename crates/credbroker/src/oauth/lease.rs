@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 
 use super::{AccessToken, OAuth, OAuthError, still_valid};
 use crate::driver::{usable_connection, usable_connection_with_secrets};
-use crate::model::{Connector, Secret};
+use crate::model::{Connection, ConnectionSecrets, Connector, Secret};
 use crate::store::Lease;
 
 /// How often a replica waiting on another's lease rereads the stored connection.
@@ -110,15 +110,24 @@ impl OAuth {
         self.stored_valid(connector, user).await
     }
 
+    /// The usable connection and its secrets as the store holds them now, past this
+    /// replica's cache (which may not have heard of another replica's refresh yet).
+    pub(super) async fn stored_past_cache(
+        &self,
+        connector: &Connector,
+        user: &str,
+    ) -> Result<(Connection, ConnectionSecrets), OAuthError> {
+        self.registry.forget_connection(connector, user);
+        usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await
+    }
+
     /// The stored access token while valid, read past the cache.
     async fn stored_valid(
         &self,
         connector: &Connector,
         user: &str,
     ) -> Result<Option<AccessToken>, OAuthError> {
-        self.registry.forget_connection(connector, user);
-        let (connection, secrets) =
-            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
+        let (connection, secrets) = self.stored_past_cache(connector, user).await?;
         Ok(still_valid(&connection, &secrets))
     }
 
@@ -130,9 +139,7 @@ impl OAuth {
         user: &str,
         sent: &Secret,
     ) -> Result<Option<AccessToken>, OAuthError> {
-        self.registry.forget_connection(connector, user);
-        let (connection, secrets) =
-            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
+        let (connection, secrets) = self.stored_past_cache(connector, user).await?;
         if secrets
             .get("refresh_token")
             .is_none_or(|stored| stored == sent)

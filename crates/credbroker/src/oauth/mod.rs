@@ -269,8 +269,9 @@ impl OAuth {
         let key = crate::model::connection_path(&connector.id, user);
         let flight = self.flight(&key);
         let _turn = flight.lock().await;
-        let seen = self.last_refreshed(connector, user).await?;
-        let stored = self.registry.connection_secrets(connector, user).await?;
+        // The decision's baseline and the stored token, of one moment, past the cache.
+        let (connection, stored) = self.stored_past_cache(connector, user).await?;
+        let seen = connection.last_refreshed_at;
         if stored.get("access_token").is_some_and(|t| t != rejected) {
             return Ok(true);
         }
@@ -465,9 +466,7 @@ impl OAuth {
     ) -> Result<AccessToken, OAuthError> {
         // Under the lease, the stored refresh token is the latest (the last holder's write was
         // durable before it let go): read it past the cache, which may not have heard of it.
-        self.registry.forget_connection(connector, user);
-        let (mut connection, mut secrets) =
-            usable_connection_with_secrets::<OAuthError>(&self.registry, connector, user).await?;
+        let (mut connection, mut secrets) = self.stored_past_cache(connector, user).await?;
         if let Some(wait) = self.backing_off(key) {
             return still_valid(&connection, &secrets).ok_or_else(|| {
                 OAuthError::Unavailable(format!(
